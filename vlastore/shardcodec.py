@@ -1,0 +1,189 @@
+"""Encode and decode one shard file of the zarr v3 ``sharding_indexed`` codec.
+
+The arrays vlastore writes are sharded along axis 0 only, with one stored row
+per inner chunk, inner codecs ``bytes`` (+ ``zstd``) + ``crc32c`` and the index
+(``bytes`` + ``crc32c``) at the end. A shard file is therefore::
+
+    chunk_0 crc_0 chunk_1 crc_1 ...   index[(offset, nbytes) uint64 LE] * R   index_crc
+
+with ``(2**64-1, 2**64-1)`` for a chunk that is absent. zarr-python reads these
+files as written here (tests/test_shardcodec.py holds us to that), and writing
+them directly is what makes the writer as fast as ``np.save``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from crc32c import crc32c as _crc32c
+
+__all__ = ["ShardIndex", "RawShardBuilder", "encode_shard", "decode_index", "index_nbytes", "ChecksumError", "crc32c"]
+
+MISSING = np.uint64(0xFFFF_FFFF_FFFF_FFFF)
+_CRC_BYTES = 4
+
+
+class ChecksumError(ValueError):
+    """Stored bytes do not match their crc32c."""
+
+
+def crc32c(data: bytes | memoryview | np.ndarray) -> int:
+    """crc32c of a bytes-like object or of a C-contiguous array's bytes (no copy)."""
+    return _crc32c(data)
+
+
+def index_nbytes(chunks_per_shard: int) -> int:
+    return chunks_per_shard * 16 + _CRC_BYTES
+
+
+def _zstd(level: int = 3):  # numcodecs is heavy to import; only compressed families pay for it
+    from numcodecs import Zstd
+
+    return Zstd(level=level)
+
+
+def encode_shard(
+    rows: np.ndarray,
+    present: np.ndarray,
+    chunks_per_shard: int,
+    compression: str | None = None,
+) -> np.ndarray:
+    """Bytes of one shard file.
+
+    Args:
+        rows: ``[n_present, ...]`` stored rows, in chunk order, any dtype (its
+            bytes are written little-endian as they are).
+        present: sorted chunk numbers (``0 <= c < chunks_per_shard``) of ``rows``.
+        chunks_per_shard: inner chunks the shard's index describes.
+        compression: ``None`` or ``"zstd"``.
+
+    Returns:
+        A uint8 array holding the whole file.
+    """
+    present = np.asarray(present, dtype=np.int64)
+    n = len(present)
+    assert rows.shape[0] == n, "one row per present chunk"
+    payload = np.ascontiguousarray(rows).view(np.uint8).reshape(n, -1)
+    if compression is None:
+        span = int(present[-1]) + 1 if n else 0
+        builder = RawShardBuilder(chunks_per_shard, span, payload.shape[1])
+        builder.payload[present] = payload
+        mask = np.zeros(span, dtype=bool)
+        mask[present] = True
+        return builder.finish(mask)
+    offsets = np.full(chunks_per_shard, MISSING, dtype="<u8")
+    nbytes = np.full(chunks_per_shard, MISSING, dtype="<u8")
+    codec = _zstd()
+    parts = []
+    pos = 0
+    for c, r in zip(present.tolist(), payload):
+        blob = bytes(codec.encode(r))
+        blob += crc32c(blob).to_bytes(_CRC_BYTES, "little")
+        parts.append(blob)
+        offsets[c] = pos
+        nbytes[c] = len(blob)
+        pos += len(blob)
+    out = np.empty(pos + index_nbytes(chunks_per_shard), dtype=np.uint8)
+    out[:pos] = np.frombuffer(b"".join(parts), dtype=np.uint8)
+    _put_index(out, pos, offsets, nbytes)
+    return out
+
+
+class RawShardBuilder:
+    """An uncompressed shard assembled in place: rows are copied once, into the file's bytes.
+
+    Fill ``payload[c]`` (uint8, one row of chunk ``c``), then :meth:`finish`.
+    """
+
+    def __init__(self, chunks_per_shard: int, n_chunks: int, chunk_nbytes: int) -> None:
+        self.chunks_per_shard = chunks_per_shard
+        self.n_chunks = n_chunks
+        self.chunk_nbytes = chunk_nbytes
+        self.stride = chunk_nbytes + _CRC_BYTES
+        self._out = np.empty(n_chunks * self.stride + index_nbytes(chunks_per_shard), dtype=np.uint8)
+        body = self._out[: n_chunks * self.stride].reshape(n_chunks, self.stride)
+        self.payload = body[:, :chunk_nbytes]
+        self._crc = body[:, chunk_nbytes:]
+
+    def finish(self, present: np.ndarray) -> np.ndarray:
+        """The shard file's bytes; chunks where ``present`` (bool per chunk) is False are left out."""
+        present = np.asarray(present, dtype=bool)
+        n = int(present.sum())
+        if n == self.n_chunks:
+            out = self._out
+        else:  # a shard with holes (rows skipped): compact the present chunks to the front
+            out = np.empty(n * self.stride + index_nbytes(self.chunks_per_shard), dtype=np.uint8)
+            body = out[: n * self.stride].reshape(n, self.stride)
+            body[:, : self.chunk_nbytes] = self.payload[present]
+            self.payload = body[:, : self.chunk_nbytes]
+            self._crc = body[:, self.chunk_nbytes :]
+        crcs = np.fromiter((crc32c(r) for r in self.payload[:n]), dtype="<u4", count=n)
+        self._crc[:n] = crcs.view(np.uint8).reshape(n, _CRC_BYTES)
+        offsets = np.full(self.chunks_per_shard, MISSING, dtype="<u8")
+        nbytes = np.full(self.chunks_per_shard, MISSING, dtype="<u8")
+        chunks = np.flatnonzero(present)
+        offsets[chunks] = np.arange(n, dtype=np.uint64) * np.uint64(self.stride)
+        nbytes[chunks] = self.stride
+        _put_index(out, n * self.stride, offsets, nbytes)
+        return out
+
+
+def _put_index(out: np.ndarray, data_end: int, offsets: np.ndarray, nbytes: np.ndarray) -> None:
+    index = np.stack([offsets, nbytes], axis=1).view(np.uint8).reshape(-1)
+    out[data_end : data_end + index.size] = index
+    out[data_end + index.size :] = np.frombuffer(
+        crc32c(index).to_bytes(_CRC_BYTES, "little"), dtype=np.uint8
+    )
+
+
+@dataclass(frozen=True)
+class ShardIndex:
+    """Parsed index of one shard file."""
+
+    offsets: np.ndarray
+    nbytes: np.ndarray
+    present: np.ndarray
+    """bool per chunk."""
+    stride: int
+    """Bytes per chunk when every present chunk has the same size and they sit
+    back to back in chunk order from offset 0 (what vlastore writes for raw
+    families); 0 otherwise."""
+
+    def chunk_bytes(self, buf: np.ndarray | memoryview, chunk: int, compression: str | None) -> np.ndarray:
+        """Payload of one chunk (crc checked, decompressed), as uint8."""
+        if not self.present[chunk]:
+            raise KeyError(chunk)
+        off, nb = int(self.offsets[chunk]), int(self.nbytes[chunk])
+        raw = np.frombuffer(buf, dtype=np.uint8, count=nb, offset=off)
+        body = raw[:-_CRC_BYTES]
+        if crc32c(body) != int.from_bytes(raw[-_CRC_BYTES:].tobytes(), "little"):
+            raise ChecksumError(f"chunk {chunk}: crc32c mismatch")
+        if compression is not None:
+            return np.frombuffer(_zstd().decode(body.tobytes()), dtype=np.uint8)
+        return body
+
+
+def decode_index(tail: bytes | memoryview | np.ndarray, chunks_per_shard: int) -> ShardIndex:
+    """Parse the index from the last :func:`index_nbytes` bytes of a shard file.
+
+    Raises:
+        ChecksumError: the index bytes fail their crc32c.
+    """
+    raw = np.frombuffer(tail, dtype=np.uint8)[-index_nbytes(chunks_per_shard) :]
+    if raw.size != index_nbytes(chunks_per_shard):
+        raise ChecksumError(f"shard too short for an index of {chunks_per_shard} chunks")
+    index = raw[:-_CRC_BYTES]
+    if crc32c(index) != int.from_bytes(raw[-_CRC_BYTES:].tobytes(), "little"):
+        raise ChecksumError("shard index: crc32c mismatch")
+    pairs = index.view("<u8").reshape(chunks_per_shard, 2)
+    offsets, nbytes = pairs[:, 0].copy(), pairs[:, 1].copy()
+    present = offsets != MISSING
+    stride = 0
+    if present.any():
+        nb = nbytes[present]
+        if (nb == nb[0]).all():
+            expected = np.arange(int(present.sum()), dtype=np.uint64) * nb[0]
+            if np.array_equal(offsets[present], expected):
+                stride = int(nb[0])
+    return ShardIndex(offsets=offsets, nbytes=nbytes, present=present, stride=stride)

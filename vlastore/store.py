@@ -1,0 +1,539 @@
+"""A vlastore store: catalog, robot series and feature families in one zarr v3 group."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from zarr.abc.store import Store
+
+from . import __version__
+from .catalog import Catalog
+from .format import (
+    FORMAT_VERSION,
+    GENERATION_KEY,
+    MANIFEST_KEY,
+    FamilyEntry,
+    FamilySpec,
+    FormatError,
+    GenerationInfo,
+    Manifest,
+    Producer,
+    SeriesInfo,
+    episodes_path,
+    family_path,
+    generation_path,
+    series_path,
+    shard_key,
+    validate_name,
+)
+from .layout import FamilyLayout, vlm_items
+from .shardcodec import ChecksumError, ShardIndex, decode_index, index_nbytes
+from .storage import Storage
+
+if TYPE_CHECKING:
+    import torch
+
+    from .writer import FamilyWriter
+
+__all__ = ["VLAStore", "EpisodeData", "utc_now"]
+
+Location = str | os.PathLike[str] | Store
+
+
+def utc_now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class EpisodeData:
+    """One episode to put in a new store: its name and its robot series.
+
+    ``series`` maps a key (``"state"``, ``"action"``, ...) to ``[steps, columns]``
+    float arrays (1-D arrays are one column). ``steps`` is taken from the
+    series; give it when the episode has none.
+    """
+
+    name: str
+    series: dict[str, np.ndarray] = field(default_factory=dict)
+    steps: int | None = None
+
+    def step_count(self) -> int:
+        lengths = {k: len(v) for k, v in self.series.items()}
+        if self.steps is not None:
+            lengths.setdefault("steps=", self.steps)
+        if not lengths:
+            raise FormatError(f"episode {self.name!r}: give steps= or at least one series")
+        if len(set(lengths.values())) != 1:
+            raise FormatError(
+                f"episode {self.name!r}: series have different lengths {lengths}; every series "
+                "of an episode needs one row per step"
+            )
+        return next(iter(lengths.values()))
+
+
+def _check_finite(values: np.ndarray, where: str, columns: Sequence[str] | None = None) -> None:
+    bad = ~np.isfinite(values)
+    if bad.any():
+        row, *rest = np.argwhere(bad)[0].tolist()
+        col = rest[0] if rest else 0
+        col_name = f" column {columns[col]!r}" if columns and col < len(columns) else f" column {col}"
+        raise FormatError(
+            f"{where}: row {row}{col_name} is {values[tuple([row, *rest])]}; "
+            "NaN/Inf are not stored unless allowed (allow_nonfinite=True)"
+        )
+
+
+class VLAStore:
+    """A store on disk (or any zarr store). Create with :meth:`create`, open with :meth:`open`."""
+
+    def __init__(self, storage: Storage, writable: bool) -> None:
+        self.storage = storage
+        self.writable = writable
+        self.manifest = Manifest.from_dict(storage.attrs[MANIFEST_KEY], where=storage.location)
+        self.catalog = Catalog(
+            [str(n) for n in storage.read_small_array(episodes_path("name")).tolist()],
+            storage.read_small_array(episodes_path("steps")),
+        )
+        self._generations: dict[tuple[str, int], GenerationInfo] = {}
+        self._layouts: dict[tuple[str, int], FamilyLayout] = {}
+        self._readers: dict[tuple[str, int], Any] = {}
+
+    # -------------------------------------------------------------- creation
+
+    @classmethod
+    def create(
+        cls,
+        location: Location,
+        episodes: Sequence[EpisodeData],
+        columns: Mapping[str, Sequence[str]] | None = None,
+        allow_nonfinite: bool = False,
+    ) -> VLAStore:
+        """Create a store holding the catalog and robot series of ``episodes``.
+
+        Args:
+            location: a new (or empty) folder, a URL, or a zarr ``Store``.
+            episodes: in store order; names must be unique.
+            columns: column names per series key; default ``<key>_0..``.
+            allow_nonfinite: store NaN/Inf in series instead of refusing them.
+
+        Raises:
+            FormatError: bad names, duplicate names, inconsistent series; nothing is written.
+            FileExistsError: ``location`` exists and is not empty.
+        """
+        episodes = list(episodes)
+        catalog = Catalog([e.name for e in episodes], [e.step_count() for e in episodes])
+        keys = sorted({k for e in episodes for k in e.series})
+        series_info: dict[str, SeriesInfo] = {}
+        stacked: dict[str, np.ndarray] = {}
+        for key in keys:
+            validate_name(key, "series key")
+            parts = []
+            for e in episodes:
+                if key not in e.series:
+                    raise FormatError(f"episode {e.name!r} has no series {key!r}; every episode needs every series")
+                arr = np.asarray(e.series[key])
+                arr = arr.reshape(len(arr), -1) if arr.ndim != 2 else arr
+                if arr.dtype.kind != "f":
+                    arr = arr.astype(np.float64 if arr.dtype.itemsize > 4 else np.float32)
+                parts.append(arr)
+            widths = {p.shape[1] for p in parts}
+            if len(widths) != 1:
+                raise FormatError(f"series {key!r} has different column counts across episodes: {sorted(widths)}")
+            width = widths.pop()
+            cols = tuple(columns[key]) if columns and key in columns else tuple(f"{key}_{i}" for i in range(width))
+            if len(cols) != width:
+                raise FormatError(f"series {key!r}: {len(cols)} column names for {width} columns")
+            dtype = np.result_type(*[p.dtype for p in parts]) if parts else np.dtype(np.float32)
+            if not allow_nonfinite:
+                for e, p in zip(episodes, parts):
+                    _check_finite(p, f"episode {e.name!r} series {key!r}", cols)
+            stacked[key] = np.concatenate(parts).astype(dtype) if parts else np.zeros((0, width), dtype)
+            series_info[key] = SeriesInfo(cols, str(dtype))
+
+        manifest = Manifest(
+            format_version=FORMAT_VERSION,
+            vlastore_version=__version__,
+            created=utc_now(),
+            episodes=len(catalog),
+            steps=catalog.total_steps,
+            series=series_info,
+        )
+        # the manifest goes last: a crash before it leaves a folder that opens as "not a store"
+        storage = Storage.create(location, attributes={})
+        storage.write_small_array(episodes_path("name"), np.asarray(catalog.names, dtype=str))
+        storage.write_small_array(episodes_path("steps"), catalog.steps)
+        storage.write_small_array(episodes_path("step_offsets"), catalog.step_offsets)
+        storage.create_group("series")
+        storage.create_group("features")
+        for key, data in stacked.items():
+            storage.write_small_array(series_path(key), data)
+        storage.set_root_attribute(MANIFEST_KEY, manifest.to_dict())
+        return cls(storage, writable=True)
+
+    @classmethod
+    def open(cls, location: Location, writable: bool = False) -> VLAStore:
+        """Open an existing store (read-only unless ``writable``).
+
+        Raises:
+            StoreNotFoundError: no store there. FormatError: written by a newer format.
+        """
+        return cls(Storage.open(location, writable=writable), writable=writable)
+
+    def reload(self) -> None:
+        """Re-read the manifest (after another process added a family or switched a generation)."""
+        self.storage.refresh()
+        self.manifest = Manifest.from_dict(self.storage.attrs[MANIFEST_KEY], where=self.location)
+
+    def _require_writable(self) -> None:
+        if not self.writable:
+            raise PermissionError(
+                f"{self.location} is open read-only; use VLAStore.open(path, writable=True) to change it"
+            )
+
+    def _save_manifest(self, manifest: Manifest) -> None:
+        self.storage.set_root_attribute(MANIFEST_KEY, manifest.to_dict())
+        self.manifest = manifest
+
+    # ------------------------------------------------------------ properties
+
+    @property
+    def location(self) -> str:
+        return self.storage.location
+
+    @property
+    def datasets(self) -> tuple[str, ...]:
+        return self.catalog.names
+
+    @property
+    def families(self) -> tuple[str, ...]:
+        return tuple(self.manifest.families)
+
+    @property
+    def series_keys(self) -> tuple[str, ...]:
+        return tuple(self.manifest.series)
+
+    def __repr__(self) -> str:
+        return (
+            f"VLAStore({self.location!r}: {len(self.catalog)} episodes, {self.catalog.total_steps} steps, "
+            f"series {list(self.series_keys)}, families {list(self.families)})"
+        )
+
+    # ---------------------------------------------------------------- series
+
+    def series(self, key: str, dataset: str | int, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Steps ``start:stop`` of one episode's robot series ``key`` (``[n, columns]``)."""
+        if key not in self.manifest.series:
+            raise KeyError(f"unknown series {key!r}; the store has {list(self.manifest.series)}")
+        lo, hi = self.catalog.step_range(dataset)
+        n = hi - lo
+        stop = n if stop is None else stop
+        if not (0 <= start <= stop <= n):
+            raise IndexError(f"steps {start}:{stop} out of range for episode {dataset!r} with {n} steps")
+        return np.asarray(self.storage.open_array(series_path(key))[lo + start : lo + stop])
+
+    def series_all(self, key: str) -> np.ndarray:
+        """One robot series for all episodes, concatenated along time (small: robot states)."""
+        if key not in self.manifest.series:
+            raise KeyError(f"unknown series {key!r}; the store has {list(self.manifest.series)}")
+        return self.storage.read_small_array(series_path(key))
+
+    def columns(self, key: str) -> tuple[str, ...]:
+        return self.manifest.series[key].columns
+
+    # -------------------------------------------------------------- families
+
+    def _entry(self, family: str) -> FamilyEntry:
+        try:
+            return self.manifest.families[family]
+        except KeyError:
+            raise KeyError(f"unknown feature family {family!r}; the store has {list(self.families)}") from None
+
+    def generation(self, family: str, generation: int | None = None) -> GenerationInfo:
+        """Manifest of one generation of a family (the current one by default)."""
+        entry = self._entry(family)
+        gen = entry.current_generation if generation is None else generation
+        if gen not in entry.generations:
+            raise KeyError(f"family {family!r} has no generation {gen}; it has {list(entry.generations)}")
+        key = (family, gen)
+        if key not in self._generations:
+            attrs = self.storage.node_attrs(generation_path(family, gen))
+            self._generations[key] = GenerationInfo.from_dict(attrs[GENERATION_KEY])
+        return self._generations[key]
+
+    def spec(self, family: str) -> FamilySpec:
+        return self.generation(family).spec
+
+    def layout(self, family: str, generation: int | None = None) -> FamilyLayout:
+        info = self.generation(family, generation)
+        key = (family, info.generation)
+        if key not in self._layouts:
+            base = generation_path(family, info.generation)
+            rows = self.storage.read_small_array(f"{base}/episode_rows")
+            if info.spec.ragged:
+                self._layouts[key] = FamilyLayout(
+                    info.spec,
+                    rows,
+                    self.storage.read_small_array(f"{base}/starts"),
+                    self.storage.read_small_array(f"{base}/lengths"),
+                )
+            else:
+                self._layouts[key] = FamilyLayout(info.spec, rows)
+        return self._layouts[key]
+
+    def add_family(
+        self,
+        family: str,
+        spec: FamilySpec,
+        items_per_episode: Sequence[int] | np.ndarray | None = None,
+        lengths: Sequence[int] | np.ndarray | None = None,
+        producer: Producer | None = None,
+        keys: Sequence[str] | None = None,
+    ) -> GenerationInfo:
+        """Plan a feature family (its generation 1): every row's place, before any is written.
+
+        Args:
+            family: the family's name, e.g. ``"qwen_vl"``.
+            spec: row shape, dtype, ragged or not, ...
+            items_per_episode: rows per episode in catalog order; by default
+                ``ceil(steps / spec.vlm_reuse_count)``.
+            lengths: for ragged families, the length of every row.
+            producer: model id, revision, fingerprint and parameters.
+            keys: one string per row (e.g. image path) when ``spec.has_keys``.
+
+        Calling it again with the same plan returns the existing generation, so a
+        resumed ingestion can call it unconditionally. A different plan raises.
+        """
+        self._require_writable()
+        validate_name(family, "family name")
+        producer = producer or Producer()
+        items = self._items(spec, items_per_episode)
+        if family in self.manifest.families:
+            existing = self.generation(family, self.manifest.families[family].generations[0])
+            layout = self.layout(family, existing.generation)
+            same = (
+                existing.spec == spec
+                and np.array_equal(np.diff(layout.episode_rows), items)
+                and (not spec.ragged or np.array_equal(layout.lengths, np.asarray(lengths)))
+            )
+            if not same:
+                raise FormatError(
+                    f"family {family!r} already exists in {self.location} with a different plan "
+                    f"(spec or rows per episode differ); use another family name, or "
+                    f"new_generation() to rebuild it"
+                )
+            return self.generation(family)
+        info = self._write_generation(family, 1, spec, items, lengths, producer, keys)
+        families = dict(self.manifest.families)
+        families[family] = FamilyEntry(current_generation=1, generations=(1,))
+        self._save_manifest(_replace_families(self.manifest, families))
+        return info
+
+    def new_generation(
+        self,
+        family: str,
+        producer: Producer,
+        lengths: Sequence[int] | np.ndarray | None = None,
+    ) -> GenerationInfo:
+        """Plan a new generation of ``family`` beside the current one (same rows per episode).
+
+        Readers keep using the current generation until :meth:`switch_generation`.
+        """
+        self._require_writable()
+        self.reload()
+        entry = self._entry(family)
+        current = self.generation(family)
+        layout = self.layout(family)
+        gen = max(entry.generations) + 1
+        keys = None
+        if current.spec.has_keys:
+            keys = [str(k) for k in self.storage.read_small_array(
+                f"{generation_path(family, current.generation)}/keys").tolist()]
+        info = self._write_generation(
+            family, gen, current.spec, np.diff(layout.episode_rows), lengths, producer, keys
+        )
+        families = dict(self.manifest.families)
+        families[family] = FamilyEntry(entry.current_generation, (*entry.generations, gen))
+        self._save_manifest(_replace_families(self.manifest, families))
+        return info
+
+    def switch_generation(self, family: str, generation: int, remove_old: bool = True) -> None:
+        """Point readers at ``generation`` (one atomic manifest write), then drop older ones.
+
+        A reader that already memory-mapped old shards keeps reading them until it reopens.
+        """
+        self._require_writable()
+        self.reload()
+        entry = self._entry(family)
+        if generation not in entry.generations:
+            raise KeyError(f"family {family!r} has no generation {generation}")
+        keep = tuple(g for g in entry.generations if g >= generation) if remove_old else entry.generations
+        families = dict(self.manifest.families)
+        families[family] = FamilyEntry(generation, keep)
+        self._save_manifest(_replace_families(self.manifest, families))
+        for old in entry.generations:
+            if old not in keep:
+                self.storage.delete(generation_path(family, old))
+                self._generations.pop((family, old), None)
+                self._layouts.pop((family, old), None)
+
+    def _items(self, spec: FamilySpec, items_per_episode: Sequence[int] | np.ndarray | None) -> np.ndarray:
+        if items_per_episode is None:
+            if spec.vlm_reuse_count is None:
+                raise FormatError("give items_per_episode, or a spec with vlm_reuse_count to derive it")
+            return vlm_items(self.catalog.steps, spec.vlm_reuse_count)
+        items = np.asarray(items_per_episode, dtype=np.int64)
+        if items.shape != (len(self.catalog),):
+            raise FormatError(
+                f"items_per_episode has {items.size} entries; the store has {len(self.catalog)} episodes"
+            )
+        return items
+
+    def _write_generation(
+        self,
+        family: str,
+        gen: int,
+        spec: FamilySpec,
+        items: np.ndarray,
+        lengths: Sequence[int] | np.ndarray | None,
+        producer: Producer,
+        keys: Sequence[str] | None,
+    ) -> GenerationInfo:
+        layout = FamilyLayout.plan(spec, items, lengths)
+        if spec.has_keys != (keys is not None):
+            raise FormatError(
+                f"family {family!r}: spec.has_keys={spec.has_keys} but keys were "
+                f"{'given' if keys is not None else 'not given'}"
+            )
+        if keys is not None and len(keys) != layout.rows:
+            raise FormatError(f"family {family!r}: {len(keys)} keys for {layout.rows} rows; give one per row")
+        info = GenerationInfo(gen, spec, producer, layout.rows, layout.capacity, utc_now())
+        base = generation_path(family, gen)
+        if self.storage.exists(base):  # an earlier, interrupted plan of this generation
+            self.storage.delete(base)
+        self.storage.create_group(family_path(family))
+        self.storage.write_small_array(f"{base}/episode_rows", layout.episode_rows)
+        if spec.ragged:
+            self.storage.write_small_array(f"{base}/starts", layout.starts)
+            self.storage.write_small_array(f"{base}/lengths", layout.lengths)
+        if keys is not None:
+            self.storage.write_small_array(f"{base}/keys", np.asarray(list(keys), dtype=str))
+        self.storage.create_sharded_array(
+            f"{base}/values",
+            layout.capacity,
+            spec.row_shape,
+            spec.storage_dtype,
+            spec.rows_per_shard,
+            spec.compression,
+            attributes={"true_dtype": spec.dtype},
+        )
+        # the generation's attributes go last: they mark the plan as complete
+        self.storage.group[base].attrs[GENERATION_KEY] = info.to_dict()
+        self._generations[(family, gen)] = info
+        self._layouts[(family, gen)] = layout
+        return info
+
+    # ---------------------------------------------------------- shard access
+
+    def values_path(self, family: str, generation: int | None = None) -> str:
+        return f"{generation_path(family, self.generation(family, generation).generation)}/values"
+
+    def shard_key(self, family: str, shard: int, generation: int | None = None) -> str:
+        ndim = 1 + len(self.generation(family, generation).spec.row_shape)
+        return shard_key(self.values_path(family, generation), shard, ndim)
+
+    def shard_index(self, family: str, shard: int, generation: int | None = None) -> ShardIndex | None:
+        """Parsed index of a shard, or None when the shard was not written yet.
+
+        Raises:
+            ChecksumError: the index is corrupt.
+        """
+        layout = self.layout(family, generation)
+        key = self.shard_key(family, shard, generation)
+        path = self.storage.file_path(key)
+        if path is not None:
+            try:
+                with open(path, "rb") as f:
+                    size = f.seek(0, os.SEEK_END)
+                    n = index_nbytes(layout.rows_per_shard)
+                    f.seek(max(0, size - n))
+                    tail = f.read()
+            except FileNotFoundError:
+                return None
+        else:
+            data = self.storage.read_bytes(key)
+            if data is None:
+                return None
+            tail = data
+        return decode_index(tail, layout.rows_per_shard)
+
+    def written_shards(self, family: str, generation: int | None = None) -> np.ndarray:
+        """Shard numbers whose files exist (complete: shards are written atomically)."""
+        values = self.values_path(family, generation)
+        shards = set()
+        for key in self.storage.list_keys(f"{values}/c"):
+            parts = key[len(values) + 3 :].split("/")
+            if parts and parts[0].isdigit():
+                shards.add(int(parts[0]))
+        return np.array(sorted(shards), dtype=np.int64)
+
+    def coverage(self, family: str, generation: int | None = None) -> np.ndarray:
+        """Bool per row: is it stored? (A row is stored when its first chunk is.)"""
+        layout = self.layout(family, generation)
+        present = np.zeros(layout.rows, dtype=bool)
+        for shard in self.written_shards(family, generation).tolist():
+            try:
+                index = self.shard_index(family, shard, generation)
+            except ChecksumError:
+                continue
+            if index is None:
+                continue
+            rows = layout.shard_rows(shard)
+            first_chunk = layout.starts[rows] - shard * layout.rows_per_shard
+            present[rows] = index.present[first_chunk]
+        return present
+
+    # ------------------------------------------------------------------ reads
+
+    def row(self, family: str, dataset: str | int, index: int, generation: int | None = None) -> int:
+        """Row number of ``(dataset, index)`` in a family (``index`` is e.g. ``vlm_idx``)."""
+        e = self.catalog.resolve(dataset)
+        return self.layout(family, generation).row(e, int(index))
+
+    def reader(self, family: str, generation: int | None = None) -> Any:
+        """A :class:`vlastore.reader.FeatureReader` for one generation (cached)."""
+        from .reader import FeatureReader
+
+        gen = self.generation(family, generation).generation
+        key = (family, gen)
+        if key not in self._readers:
+            self._readers[key] = FeatureReader(self, family, gen)
+        return self._readers[key]
+
+    def feature(
+        self, family: str, dataset: str | int, index: int, generation: int | None = None
+    ) -> torch.Tensor:
+        """One feature row as a torch tensor of the family's dtype (bfloat16 bit-exact).
+
+        Raises:
+            KeyError: unknown family or dataset. IndexError: ``index`` out of range.
+            MissingRowError: the row was not written. ChecksumError: it is corrupt.
+        """
+        row = self.row(family, dataset, index, generation)
+        return self.reader(family, generation).tensor(row)
+
+    def writer(self, family: str, rank: int = 0, world_size: int = 1, generation: int | None = None,
+               **kwargs: Any) -> FamilyWriter:
+        """A :class:`vlastore.writer.FamilyWriter` owning shards ``s % world_size == rank``."""
+        from .writer import FamilyWriter
+
+        return FamilyWriter(self, family, rank=rank, world_size=world_size, generation=generation, **kwargs)
+
+
+def _replace_families(manifest: Manifest, families: dict[str, FamilyEntry]) -> Manifest:
+    return dataclasses.replace(manifest, families=families)
