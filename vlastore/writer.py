@@ -47,7 +47,9 @@ def as_storage_array(value: Any, true_dtype: str) -> np.ndarray:
             tensor = tensor.cpu()
         name = str(tensor.dtype).removeprefix("torch.")
         if name != true_dtype:
-            raise FormatError(f"got a torch.{name} tensor for a {true_dtype} family; convert it first (.to(torch.{true_dtype}))")
+            raise FormatError(
+                f"got a torch.{name} tensor for a {true_dtype} family; convert it first (.to(torch.{true_dtype}))"
+            )
         if name == "bfloat16":
             return tensor.contiguous().view(torch.int16).numpy().view(np.uint16)
         return tensor.contiguous().numpy()
@@ -72,7 +74,9 @@ class _Pending:
 
     __slots__ = ("builder", "received", "first_row", "compressed_rows")
 
-    def __init__(self, builder: RawShardBuilder | None, n_rows: int, first_row: int, n_chunks: int, row_bytes: int) -> None:
+    def __init__(
+        self, builder: RawShardBuilder | None, n_rows: int, first_row: int, n_chunks: int, row_bytes: int
+    ) -> None:
         self.builder = builder
         self.received = np.zeros(n_rows, dtype=bool)
         self.first_row = first_row
