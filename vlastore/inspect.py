@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .layout import FamilyLayout
 from .report import store_info
 from .shardcodec import ChecksumError
 from .store import VLAStore
@@ -70,7 +71,8 @@ STORE_ENV = "VLASTORE_STORE"
 DEFAULT_MAX_ROWS = 2000
 """Rows sampled per family for statistics, projections and drift."""
 
-_READ_BATCH = 256
+_BATCH_VALUES = 1 << 24
+"""Values (float32) read at once: 64 MiB, whatever the row size (ragged rows can be 1,000 tokens of 2,048)."""
 _ARRAY_KEYS = ("norms", "hist_counts", "hist_edges")
 
 
@@ -306,6 +308,19 @@ def row_vectors(values: Sequence[np.ndarray], ragged: bool) -> np.ndarray:
     return np.stack([v.reshape(-1) for v in values])
 
 
+def _batches(layout: FamilyLayout, rows: np.ndarray, budget: int | None = None) -> Iterator[np.ndarray]:
+    """``rows`` cut into consecutive batches of at most ``budget`` values each (or one row, if bigger)."""
+    budget = _BATCH_VALUES if budget is None else budget
+    width = int(np.prod(layout.spec.row_shape))
+    ends = np.cumsum(layout.lengths[rows] * width)
+    start = 0
+    while start < rows.size:
+        base = ends[start - 1] if start else 0
+        stop = max(start + 1, int(np.searchsorted(ends, base + budget, side="right")))
+        yield rows[start:stop]
+        start = stop
+
+
 def _readable(
     store: VLAStore, family: str, rows: np.ndarray, generation: int | None
 ) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -359,8 +374,7 @@ def family_stats(
     total = total_sq = 0.0
     low, high = np.inf, -np.inf
     norms, kept_values = [], []
-    for start in range(0, rows.size, _READ_BATCH):
-        batch = rows[start : start + _READ_BATCH]
+    for batch in _batches(layout, rows):
         kept, values = _readable(store, family, batch, info.generation)
         unreadable += batch.size - kept.size
         if not values:
@@ -458,8 +472,13 @@ def project_rows(
     """
     pd = _pandas()
     layout = store.layout(family, generation)
-    rows, values = _readable(store, family, sample_rows(store.coverage(family, generation), max_rows, seed), generation)
-    vectors = row_vectors(values, layout.spec.ragged)
+    kept, pooled = [], []
+    for batch in _batches(layout, sample_rows(store.coverage(family, generation), max_rows, seed)):
+        rows, values = _readable(store, family, batch, generation)
+        kept.append(rows)
+        pooled.append(row_vectors(values, layout.spec.ragged).astype(np.float64))
+    rows = np.concatenate(kept) if kept else np.zeros(0, dtype=np.int64)
+    vectors = np.concatenate([v for v in pooled if v.size]) if rows.size else np.zeros((0, 0))
     finite = np.isfinite(vectors).all(axis=1) if vectors.size else np.ones(rows.size, dtype=bool)
     rows, vectors = rows[finite], vectors[finite]
     coords, ratio = pca(vectors, components)
@@ -524,7 +543,8 @@ def generation_drift(
     Compares the rows stored in both: cosine similarity and relative L2
     ``|new - old| / |old|``. Ragged rows whose lengths changed are compared by
     their mean over token rows (``pooled``). Columns: row, episode, the item,
-    cosine, rel_l2, pooled.
+    cosine, rel_l2, pooled; rows corrupt in either generation get NaN (counted in
+    ``attrs["unreadable"]``).
 
     Raises:
         ValueError: the family has fewer than two generations.
@@ -546,11 +566,16 @@ def generation_drift(
     cosine = np.full(rows.size, np.nan)
     rel_l2 = np.full(rows.size, np.nan)
     pooled = np.zeros(rows.size, dtype=bool)
-    for start in range(0, rows.size, _READ_BATCH):
-        batch = rows[start : start + _READ_BATCH]
-        new = load_rows(store, family, batch, generation)
-        old = load_rows(store, family, batch, previous)
-        for i, (a, b) in enumerate(zip(new, old, strict=True), start=start):
+    unreadable = 0
+    start = 0
+    for batch in _batches(layout, rows, _BATCH_VALUES // 2):
+        new = dict(zip(*_readable(store, family, batch, generation), strict=True))
+        old = dict(zip(*_readable(store, family, batch, previous), strict=True))
+        for i, row in enumerate(batch.tolist(), start=start):
+            if row not in new or row not in old:  # corrupt in one of them: NaN, counted
+                unreadable += 1
+                continue
+            a, b = new[row], old[row]
             if a.shape != b.shape:
                 a, b, pooled[i] = a.reshape(len(a), -1).mean(0), b.reshape(len(b), -1).mean(0), True
             a64, b64 = a.reshape(-1).astype(np.float64), b.reshape(-1).astype(np.float64)
@@ -558,6 +583,7 @@ def generation_drift(
             with np.errstate(invalid="ignore", divide="ignore"):
                 cosine[i] = float(a64 @ b64) / (norm_a * norm_b)
                 rel_l2[i] = np.linalg.norm(a64 - b64) / norm_b
+        start += batch.size
     episodes = layout.episode_of_rows(rows)
     table = pd.DataFrame(
         {
@@ -570,7 +596,12 @@ def generation_drift(
         }
     )
     table.attrs.update(
-        family=family, generation=generation, previous=previous, rows_in_both=int(both.sum()), rows=layout.rows
+        family=family,
+        generation=generation,
+        previous=previous,
+        rows_in_both=int(both.sum()),
+        rows=layout.rows,
+        unreadable=unreadable,
     )
     return table
 
