@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 __all__ = [
     "STORE_ENV",
     "DEFAULT_MAX_ROWS",
+    "EXACT_PCA_LIMIT",
     "open_store",
     "resolve_store_path",
     "store_summary",
@@ -70,6 +71,9 @@ STORE_ENV = "VLASTORE_STORE"
 
 DEFAULT_MAX_ROWS = 2000
 """Rows sampled per family for statistics, projections and drift."""
+
+EXACT_PCA_LIMIT = 512
+"""Largest ``min(rows, columns)`` that :func:`pca` decomposes exactly (above: randomized SVD)."""
 
 _BATCH_VALUES = 1 << 24
 """Values (float32) read at once: 64 MiB, whatever the row size (ragged rows can be 1,000 tokens of 2,048)."""
@@ -380,17 +384,24 @@ def family_stats(
         if not values:
             continue
         flat = np.concatenate([v.reshape(-1, width) for v in values])
+        squares = np.einsum("ij,ij->i", flat, flat)  # per (token) row; NaN/Inf propagate
+        norms.append(np.sqrt(squares))
         finite_mask = np.isfinite(flat)
-        nan += int(np.isnan(flat).sum())
-        inf += int(np.isinf(flat).sum())
-        norms.append(np.linalg.norm(flat, axis=1))
-        finite = flat[finite_mask].astype(np.float64)
+        if finite_mask.all():  # the common case: no masked copy
+            finite = flat.reshape(-1)
+            total_sq += float(squares.sum(dtype=np.float64))
+        else:
+            nan += int(np.isnan(flat).sum())
+            inf += int(np.isinf(flat).sum())
+            finite = flat[finite_mask]
+            total_sq += float(np.square(finite, dtype=np.float64).sum())
         if finite.size:
             count += finite.size
-            total += float(finite.sum())
-            total_sq += float(np.square(finite).sum())
+            total += float(finite.sum(dtype=np.float64))
             low, high = min(low, float(finite.min())), max(high, float(finite.max()))
-            kept_values.append(finite if keep_fraction >= 1 else finite[rng.random(finite.size) < keep_fraction])
+            if keep_fraction < 1:  # the histogram sees a uniform sample of the values
+                finite = finite[rng.integers(0, finite.size, size=rng.binomial(finite.size, keep_fraction))]
+            kept_values.append(finite)
     norm_array = np.concatenate(norms) if norms else np.zeros(0)
     sampled_values = np.concatenate(kept_values) if kept_values else np.zeros(0)
     counts, edges = (
@@ -435,26 +446,61 @@ def stats_table(stats: Sequence[dict[str, Any]]) -> pd.DataFrame:
 # ------------------------------------------------------------------ projection
 
 
-def pca(x: np.ndarray, components: int = 2) -> tuple[np.ndarray, np.ndarray]:
-    """Principal-component coordinates of the rows of ``x`` (numpy SVD) and explained-variance ratios.
+def pca(x: np.ndarray, components: int = 2, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Principal-component coordinates of the rows of ``x`` and their explained-variance ratios.
 
-    Signs are fixed (largest loading positive) so the same data gives the same picture.
+    numpy only: while rows or columns number at most :data:`EXACT_PCA_LIMIT`, an
+    exact eigendecomposition of the smaller Gram/covariance matrix; above, a
+    seeded randomized SVD (range finder with power iterations) that finds the
+    leading components at a fraction of the cost of a full SVD. Signs are fixed
+    (largest loading positive) so the same data gives the same picture.
     """
     x = np.asarray(x, dtype=np.float64)
     n = x.shape[0]
-    if n < 2:
-        return np.zeros((n, components)), np.zeros(components)
-    centred = x - x.mean(axis=0)
-    u, s, vt = np.linalg.svd(centred, full_matrices=False)
-    k = min(components, s.size)
-    signs = np.sign(vt[np.arange(k), np.argmax(np.abs(vt[:k]), axis=1)])
-    signs[signs == 0] = 1
     coords = np.zeros((n, components))
-    coords[:, :k] = u[:, :k] * s[:k] * signs
-    variance = s**2
     ratio = np.zeros(components)
-    ratio[:k] = variance[:k] / variance.sum() if variance.sum() > 0 else 0.0
+    if n < 2 or x.size == 0:
+        return coords, ratio
+    centred = x - x.mean(axis=0)
+    k = min(components, *centred.shape)
+    if min(centred.shape) <= EXACT_PCA_LIMIT:
+        u, s, vt = _eigen_svd(centred, k)
+    else:
+        u, s, vt = _randomized_svd(centred, k, seed)
+    signs = np.sign(vt[np.arange(k), np.argmax(np.abs(vt), axis=1)])
+    signs[signs == 0] = 1
+    coords[:, :k] = u * s * signs
+    total = float(np.square(centred).sum())
+    if total > 0:
+        ratio[:k] = s**2 / total
     return coords, ratio
+
+
+def _eigen_svd(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Leading ``k`` singular triplets of ``x`` from the eigenvectors of its smaller Gram matrix."""
+    small_side_columns = x.shape[1] <= x.shape[0]
+    values, vectors = np.linalg.eigh(x.T @ x if small_side_columns else x @ x.T)
+    order = np.argsort(values)[::-1][:k]
+    s = np.sqrt(np.maximum(values[order], 0.0))
+    safe = np.where(s > 0, s, 1.0)
+    if small_side_columns:
+        vt = vectors[:, order].T
+        return (x @ vt.T) / safe, s, vt
+    u = vectors[:, order]
+    return u, s, (u.T @ x) / safe[:, None]
+
+
+def _randomized_svd(
+    x: np.ndarray, k: int, seed: int, oversample: int = 10, power_iterations: int = 7
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Leading ``k`` singular triplets of ``x`` (Halko, Martinsson & Tropp 2011, algorithm 4.4)."""
+    rng = np.random.default_rng(seed)
+    basis, _ = np.linalg.qr(x @ rng.normal(size=(x.shape[1], k + oversample)))
+    for _ in range(power_iterations):
+        basis, _ = np.linalg.qr(x.T @ basis)
+        basis, _ = np.linalg.qr(x @ basis)
+    u_small, s, vt = np.linalg.svd(basis.T @ x, full_matrices=False)
+    return basis @ u_small[:, :k], s[:k], vt[:k]
 
 
 def project_rows(
@@ -481,7 +527,7 @@ def project_rows(
     vectors = np.concatenate([v for v in pooled if v.size]) if rows.size else np.zeros((0, 0))
     finite = np.isfinite(vectors).all(axis=1) if vectors.size else np.ones(rows.size, dtype=bool)
     rows, vectors = rows[finite], vectors[finite]
-    coords, ratio = pca(vectors, components)
+    coords, ratio = pca(vectors, components, seed)
     episodes = layout.episode_of_rows(rows)
     table = pd.DataFrame(
         {
