@@ -708,7 +708,8 @@ def plot_histogram(stats: dict[str, Any], ax: Axes | None = None) -> Axes:
     """The value histogram of a :func:`family_stats` result (log counts)."""
     ax = _axes(ax)
     ax.stairs(stats["hist_counts"], stats["hist_edges"], fill=True, color="tab:orange")
-    ax.set_yscale("log")
+    if np.any(stats["hist_counts"]):  # an empty sample has nothing to put on a log scale
+        ax.set_yscale("log")
     ax.set_xlabel(f"value ({stats['dtype']})")
     ax.set_ylabel("count")
     ax.set_title(f"{stats['family']}: values (NaN {stats['nan']:,}, Inf {stats['inf']:,})")
