@@ -197,14 +197,23 @@ def test_vlm_alignment_and_boundaries(store: VLAStore) -> None:
     assert list(series.columns) == ["x", "y"] and series.index.name == "step" and len(series) == 5
 
 
-def test_alignment_refuses_a_family_without_vlm_reuse_count(tmp_path: Path) -> None:
+def test_a_planned_per_image_family_with_nothing_written(tmp_path: Path) -> None:
     store = VLAStore.create(tmp_path / "s.vla", [EpisodeData("e", steps=4)])
     store.add_family("images", FamilySpec((2,), "float32", index_name="image"), items_per_episode=[2])
     with pytest.raises(ValueError, match="no vlm_reuse_count"):
         vi.vlm_alignment(store, "images")
     with pytest.raises(ValueError, match="no vlm_reuse_count"):
         vi.vlm_boundaries(store, "images", "e")
-    assert vi.missing_rows(store, "images").columns.tolist() == ["row", "episode", "image"]
+    assert vi.missing_rows(store, "images").to_dict(orient="list") == {
+        "row": [0, 1],
+        "episode": ["e", "e"],
+        "image": [0, 1],
+    }
+    stats = vi.family_stats(store, "images")
+    assert (stats["rows"], stats["rows_present"], stats["rows_sampled"], stats["token_rows"]) == (2, 0, 0, 0)
+    assert np.isnan(stats["mean"]) and stats["hist_counts"].sum() == 0
+    assert len(vi.project_rows(store, "images")) == 0
+    assert vi.coverage_table(store)["fraction"].tolist() == [0.0]
 
 
 # ---------------------------------------------------------------- statistics and projection
