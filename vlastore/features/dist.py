@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["rank_world", "barrier", "broadcast_object", "all_gather_objects", "all_sum"]
+__all__ = ["rank_world", "barrier", "broadcast_object", "all_gather_objects", "all_sum", "init_from_env", "shutdown"]
 
 
 def _initialized() -> bool:
@@ -55,3 +55,31 @@ def all_gather_objects(value: Any) -> list[Any]:
 
 def all_sum(value: int) -> int:
     return sum(all_gather_objects(int(value)))
+
+
+def init_from_env(backend: str | None = None) -> bool:
+    """Join the process group ``torchrun`` describes (``WORLD_SIZE`` > 1) if not done yet.
+
+    Uses NCCL when CUDA is available, else gloo. Returns True when this call
+    created the group (the caller then destroys it with :func:`shutdown`).
+    """
+    import os
+
+    if _initialized() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    import torch
+    import torch.distributed as dist
+
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend=backend)
+    return True
+
+
+def shutdown() -> None:
+    if _initialized():
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
