@@ -1,9 +1,11 @@
 """Fixtures for the feature tests: a tiny random Qwen2-VL saved to disk, and small episodes with images."""
 
+
 from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,7 @@ pytest.importorskip("PIL", reason="pip install vlastore[transformers]")
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # features_plugins, dist_worker
 
 
 @pytest.fixture(scope="session")

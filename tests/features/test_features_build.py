@@ -21,7 +21,6 @@ from vlastore.store import VLAStore
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
 
 
 def _rows(store_path: Path, family: str = "qwen_vl") -> list[np.ndarray]:
