@@ -97,6 +97,8 @@ def make_tiny_qwen2vl(
     tokenizer = _tokenizer()
     vocab_size = len(tokenizer)
     ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in SPECIAL_TOKENS}
+    half = hidden // 4 // 2  # rotary half-dimension of a head (4 heads), split over time/height/width
+    mrope = [half // 4, (half - half // 4) // 2, half - half // 4 - (half - half // 4) // 2]
     config = Qwen2VLConfig(
         text_config={
             "vocab_size": vocab_size,
@@ -106,7 +108,7 @@ def make_tiny_qwen2vl(
             "num_attention_heads": 4,
             "num_key_value_heads": 2,
             "max_position_embeddings": 4096,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]},
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope},
             "bos_token_id": ids["<|endoftext|>"],
             "eos_token_id": ids["<|im_end|>"],
             "pad_token_id": ids["<|endoftext|>"],
