@@ -184,7 +184,8 @@ def compute_rows(
     items = source.items(store, family, rows, writer.generation)
     stats = BuildStats(rank=rank, world_size=world_size, generation=writer.generation, batch_size=batch_size)
     stats.rows_skipped = int(len(writer.owned_rows()) - len(rows))
-    bar = _progress_bar(all_sum(len(rows)) if progress else len(rows), rank, world_size, progress, family)
+    total_rows = all_sum(len(rows)) if world_size > 1 else len(rows)  # a collective: every rank calls it
+    bar = _progress_bar(total_rows, rank, world_size, progress, family)
     prefetcher = _Prefetcher(extractor, items, batch_size, depth=prefetch)
     try:
         waited = time.perf_counter()

@@ -16,7 +16,7 @@ import os
 from ..format import GenerationInfo
 from ..store import VLAStore
 from .build import BuildStats, FeatureMismatchError, compute_rows, open_writable, plan_lengths
-from .dist import all_gather_objects, barrier, broadcast_object, rank_world
+from .dist import barrier, broadcast_object, rank_world
 from .registry import FeatureExtractor
 from .source import DataFolder
 
@@ -104,7 +104,8 @@ def rebuild_features(
     store.reload()
     stats = compute_rows(store, family, extractor, source, generation, batch_size, rank, world_size, progress)
     stats.fingerprint = fingerprint
-    missing = all_gather_objects(int((~store.coverage(family, generation)).sum()) if rank == 0 else 0)[0]
+    barrier()  # every rank's shards are on disk before rank 0 counts them
+    missing = broadcast_object(int((~store.coverage(family, generation)).sum()) if rank == 0 else 0)
     if missing:
         raise RuntimeError(
             f"family {family!r} generation {generation}: {missing} rows were not written; not switching. "
