@@ -44,7 +44,7 @@ def serial_pt(extractor, source, store, out: Path, batch_size: int) -> dict:
         t = time.perf_counter()
         values = extractor.compute(prepared)
         forward += time.perf_counter() - t
-        for item, value in zip(batch, values):
+        for item, value in zip(batch, values, strict=True):
             torch.save(value.clone(), out / f"{item.dataset}_vlm{item.index}.pt")
     total = time.perf_counter() - start
     return {"rows": len(items), "total": total, "forward": forward}
@@ -101,15 +101,18 @@ def main(argv: list[str] | None = None) -> int:
 
     def line(name: str, rows: int, total: float, forward: float) -> str:
         outside = max(0.0, 1 - forward / total)
-        return f"{name:<16} {rows:>6} rows  {total:7.2f} s  {rows / total:8.1f} rows/s  outside forward {100 * outside:5.1f}%"
+        return (f"{name:<16} {rows:>6} rows  {total:7.2f} s  {rows / total:8.1f} rows/s  "
+                f"outside forward {100 * outside:5.1f}%")
 
     print()
     print(line("serial + .pt", baseline["rows"], baseline["total"], baseline["forward"]))
     print(line("vlastore", stats.rows, stats.seconds_total, stats.seconds_forward))
-    print(f"  vlastore: waiting for inputs {stats.seconds_wait_inputs:.3f} s, writing rows {stats.seconds_write:.3f} s, "
-          f"other {stats.seconds_total - stats.seconds_forward - stats.seconds_wait_inputs - stats.seconds_write:.3f} s")
+    other = stats.seconds_total - stats.seconds_forward - stats.seconds_wait_inputs - stats.seconds_write
+    print(f"  vlastore: waiting for inputs {stats.seconds_wait_inputs:.3f} s, "
+          f"writing rows {stats.seconds_write:.3f} s, other {other:.3f} s")
     base_outside = 1 - baseline["forward"] / baseline["total"]
-    print(f"ratios vs serial + .pt: rows/s x{(stats.rows / stats.seconds_total) / (baseline['rows'] / baseline['total']):.2f}, "
+    speedup = (stats.rows / stats.seconds_total) / (baseline["rows"] / baseline["total"])
+    print(f"ratios vs serial + .pt: rows/s x{speedup:.2f}, "
           f"time outside forward x{stats.outside_forward_fraction / base_outside:.2f}")
     print(f"target outside forward <= 5%: {'MET' if stats.outside_forward_fraction <= 0.05 else 'NOT MET'} "
           f"({100 * stats.outside_forward_fraction:.1f}%)")

@@ -136,8 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
         "Resumable: run it again after a crash. See docs/features.md.",
     )
     p.add_argument("store", help="path of the store (its catalog names the episodes)")
-    p.add_argument("--data-root", required=True, help="folder with one sub-folder per episode (images, instruction)")
-    p.add_argument("--model", default="Qwen/Qwen2.5-VL-3B-Instruct", help="hub id or local folder (default: %(default)s)")
+    p.add_argument("--data-root", required=True,
+                   help="folder with one sub-folder per episode (images, instruction)")
+    p.add_argument("--model", default="Qwen/Qwen2.5-VL-3B-Instruct",
+                   help="hub id or local folder (default: %(default)s)")
     p.add_argument("--adapter", help="PEFT/LoRA adapter folder applied to --model (needs peft)")
     p.add_argument("--extractor", default="transformers-vl",
                    help="registered extractor id or module:function (default: %(default)s)")
@@ -150,17 +152,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stored dtype (default: bfloat16 on GPU, float32 on CPU)")
     p.add_argument("--device", help="torch device (default: cuda:LOCAL_RANK when available, else cpu)")
     p.add_argument("--vlm-reuse-count", type=int, default=3, help="steps served by one row (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=8, help="items per forward; halved on out-of-memory (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="items per forward; halved on out-of-memory (default: %(default)s)")
     p.add_argument("--image-pattern", default="{camera}/{step:06d}.png",
                    help="image path inside an episode folder (default: %(default)s)")
     p.add_argument("--cameras", help="comma-separated camera folders, in model order (default: all, sorted)")
-    p.add_argument("--instruction-file", default="instruction.txt", help="per-episode instruction file, .txt or .json (default: %(default)s)")
+    p.add_argument("--instruction-file", default="instruction.txt",
+                   help="per-episode instruction file, .txt or .json (default: %(default)s)")
     p.add_argument("--instruction", help="one instruction for every episode (instead of the file)")
-    p.add_argument("--rows-per-shard", type=int, default=0, help="rows per shard file for a new family (default: auto)")
-    p.add_argument("--compression", choices=["zstd"], help="compress a new family's shards (default: raw, memory-mapped)")
+    p.add_argument("--rows-per-shard", type=int, default=0,
+                   help="rows per shard file for a new family (default: auto)")
+    p.add_argument("--compression", choices=["zstd"],
+                   help="compress a new family's shards (default: raw, memory-mapped)")
     p.add_argument("--rebuild", action="store_true",
                    help="write a new generation with the current weights, then switch readers to it")
-    p.add_argument("--keep-previous", type=int, default=1, help="replaced generations kept after --rebuild (default: %(default)s)")
+    p.add_argument("--keep-previous", type=int, default=1,
+                   help="replaced generations kept after --rebuild (default: %(default)s)")
     p.add_argument("--keep-all", action="store_true", help="keep every old generation after --rebuild")
     p.add_argument("--stats-json", help="write this rank's timing stats here ({rank} is replaced)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")

@@ -120,7 +120,7 @@ def test_two_ranks_under_torchrun_equal_one_process_exactly_then_rebuild(
     assert changed.fingerprint() == rebuilt[0]["fingerprint"]
     rebuild_single = rebuild_features(single, "qwen_vl", changed, DataFolder(data), batch_size=4, progress=False)
     assert rebuild_single.generation == 2
-    for a, b in zip(_rows(store_path), _rows(single)):
+    for a, b in zip(_rows(store_path), _rows(single), strict=True):
         np.testing.assert_array_equal(a, b)
     assert not np.array_equal(_rows(store_path)[0], first[0])
 
@@ -153,7 +153,7 @@ def test_a_run_killed_with_sigkill_resumes_where_it_stopped(episodes, tmp_path):
     assert stats.rows_skipped == written and stats.rows == rows - written
     build_features(clean, get_extractor("features_plugins:slow_patch_colors"), DataFolder(data), rows_per_shard=2,
                    progress=False)
-    for a, b in zip(_rows(store_path), _rows(clean)):
+    for a, b in zip(_rows(store_path), _rows(clean), strict=True):
         np.testing.assert_array_equal(a, b)
     assert features_plugins.patch_colors is not None
 

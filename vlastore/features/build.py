@@ -10,6 +10,7 @@ tokenisation; :class:`BuildStats` measures how much it still does.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -64,7 +65,8 @@ class BuildStats:
     def summary(self) -> str:
         rate = self.rows / self.seconds_total if self.seconds_total else 0.0
         return (
-            f"rank {self.rank}/{self.world_size}: {self.rows:,} rows in {self.seconds_total:.1f}s ({rate:,.1f} rows/s), "
+            f"rank {self.rank}/{self.world_size}: {self.rows:,} rows in {self.seconds_total:.1f}s "
+            f"({rate:,.1f} rows/s), "
             f"{self.shards_written} shards, batch size {self.batch_size}; outside forward "
             f"{100 * self.outside_forward_fraction:.1f}% (inputs {self.seconds_wait_inputs:.2f}s, "
             f"write {self.seconds_write:.2f}s)"
@@ -126,11 +128,9 @@ class _Prefetcher:
 
     def close(self) -> None:
         self.stop.set()
-        while self.thread.is_alive():
-            try:
+        while self.thread.is_alive():  # unblock a producer waiting on a full queue
+            with contextlib.suppress(queue.Empty):
                 self.queue.get(timeout=0.05)
-            except queue.Empty:
-                pass
 
 
 def _compute_with_backoff(
@@ -269,7 +269,8 @@ def check_producer(store: VLAStore, family: str, extractor: FeatureExtractor, fi
             f"{' ragged' if spec.ragged else ''}; write to another --family"
         )
     old = current.producer
-    if (old.fingerprint and fingerprint and old.fingerprint != fingerprint) or (old.params and old.params != extractor.params()):
+    other_weights = bool(old.fingerprint and fingerprint and old.fingerprint != fingerprint)
+    if other_weights or (old.params and old.params != extractor.params()):
         raise FeatureMismatchError(
             f"family {family!r} generation {current.generation} was made by {old.model} "
             f"(fingerprint {old.fingerprint}, params {old.params}); this model has fingerprint {fingerprint} "
@@ -322,7 +323,9 @@ def _plan_family(store: VLAStore, family: str, spec: FamilySpec, extractor: Feat
     from ..layout import vlm_items
 
     items = vlm_items(store.catalog.steps, spec.vlm_reuse_count or 1)
-    lengths = plan_lengths(store, extractor, source, items, spec.vlm_reuse_count or 1, batch_size) if spec.ragged else None
+    lengths = None
+    if spec.ragged:
+        lengths = plan_lengths(store, extractor, source, items, spec.vlm_reuse_count or 1, batch_size)
     error = None
     if rank == 0:
         try:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 
-
 from ..format import GenerationInfo
 from ..store import VLAStore
 from .build import BuildStats, FeatureMismatchError, compute_rows, open_writable, plan_lengths

@@ -147,7 +147,7 @@ class FunctionExtractor(FeatureExtractor):
 
     def compute(self, prepared: Any) -> Any:
         rows = [_as_numpy(self.function(images, item.instruction))
-                for item, images in zip(prepared["items"], prepared["images"])]
+                for item, images in zip(prepared["items"], prepared["images"], strict=True)]
         return rows
 
 

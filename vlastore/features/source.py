@@ -13,7 +13,6 @@ Default layout (docs/features.md has the full story)::
 from __future__ import annotations
 
 import json
-
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -137,5 +136,5 @@ def items_for_rows(folder: DataFolder, names: Sequence[str], episode_rows: np.nd
     episodes = np.searchsorted(episode_rows, rows, side="right") - 1
     return [
         folder.item(names[e], r - int(episode_rows[e]), (r - int(episode_rows[e])) * vlm_reuse_count)
-        for r, e in zip(rows.tolist(), episodes.tolist())
+        for r, e in zip(rows.tolist(), episodes.tolist(), strict=True)
     ]
