@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 from .build import BuildStats, build_features
@@ -81,7 +82,7 @@ def run_build_features(
     created_group = init_from_env()
     try:
         kwargs = dict(options or {})
-        source = DataFolder(data_root, image_pattern=image_pattern, cameras=tuple(cameras) if cameras else None,
+        source = DataFolder(Path(data_root), image_pattern=image_pattern, cameras=tuple(cameras) if cameras else None,
                             instruction_file=instruction_file, instruction=instruction)
         made = get_extractor(extractor, **kwargs)
         if rebuild:

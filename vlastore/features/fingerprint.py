@@ -10,6 +10,8 @@ the manifest tells "same base, new adapter" apart from "new base".
 from __future__ import annotations
 
 import hashlib
+import os
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -34,13 +36,13 @@ def tensor_digest(tensor: Any, chunk_bytes: int = CHUNK_BYTES) -> bytes:
         return h.digest()
     raw = flat.view(torch.uint8) if flat.element_size() > 0 else flat
     if raw.device.type == "cpu":
-        h.update(memoryview(raw.numpy()))
+        h.update(raw.numpy().data)
         return h.digest()
     buffer = torch.empty(min(chunk_bytes, raw.numel()), dtype=torch.uint8, pin_memory=True)
     for start in range(0, raw.numel(), chunk_bytes):
         part = raw[start : start + chunk_bytes]
         buffer[: part.numel()].copy_(part)
-        h.update(memoryview(buffer[: part.numel()].numpy()))
+        h.update(buffer[: part.numel()].numpy().data)
     return h.digest()
 
 
@@ -62,20 +64,26 @@ def _is_adapter(name: str) -> bool:
 
 
 def state_dict_fingerprint(
-    state: Mapping[str, Any] | Iterable[tuple[str, Any]], rank: int = 0, world_size: int = 1, group: Any = None
+    state: Mapping[str, Any] | Iterable[tuple[str, Any]], rank: int = 0, world_size: int = 1, group: Any = None,
+    threads: int | None = None,
 ) -> Fingerprint:
     """Fingerprint of a state dict.
 
     With ``world_size > 1`` (call it on every rank of an initialised process
     group) each rank hashes every ``world_size``-th tensor and the digests are
     gathered: the result is identical to the single-process one, in a
-    ``1/world_size`` of the time.
+    ``1/world_size`` of the time. Within a rank, ``threads`` (default: one per
+    core, at most 8) hash tensors in parallel.
     """
     items = sorted(dict(state).items())
-    digests: dict[str, bytes] = {}
-    for i, (name, tensor) in enumerate(items):
-        if i % world_size == rank:
-            digests[name] = tensor_digest(tensor)
+    mine = [(name, tensor) for i, (name, tensor) in enumerate(items) if i % world_size == rank]
+    # hashlib releases the GIL on big buffers: CPU tensors hash in parallel threads
+    workers = max(1, min(threads or min(8, os.cpu_count() or 1), len(mine)))
+    if workers > 1:
+        with ThreadPoolExecutor(workers) as pool:
+            digests = dict(zip([n for n, _ in mine], pool.map(lambda nt: tensor_digest(nt[1]), mine), strict=True))
+    else:
+        digests = {name: tensor_digest(tensor) for name, tensor in mine}
     if world_size > 1:
         import torch.distributed as dist
 

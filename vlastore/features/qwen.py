@@ -175,7 +175,7 @@ class TransformersVLExtractor(FeatureExtractor):
         on_gpu = torch.device(device).type == "cuda"
         dtype = dtype or ("bfloat16" if on_gpu else "float32")
         extra = {"revision": revision} if revision else {}
-        proc_kwargs = dict(extra)
+        proc_kwargs: dict[str, Any] = dict(extra)
         if min_pixels is not None:
             proc_kwargs["min_pixels"] = min_pixels
         if max_pixels is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 __all__ = ["make_tiny_qwen2vl", "make_tiny_episodes", "TINY_HIDDEN", "TINY_CHAT_TEMPLATE"]
 
@@ -32,7 +33,7 @@ TINY_CHAT_TEMPLATE = (
 )
 
 
-def _tokenizer(words: int = 200) -> object:
+def _tokenizer(words: int = 200) -> Any:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
