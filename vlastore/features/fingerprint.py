@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 __all__ = ["tensor_digest", "state_dict_fingerprint", "model_fingerprint", "Fingerprint", "ADAPTER_MARKERS"]
