@@ -225,3 +225,20 @@ def test_data_folder_convention_errors_name_the_file(episodes, tmp_path):
 def test_get_extractor_loads_by_id(tiny_model_dir):
     extractor = get_extractor("qwen-vl", model=str(tiny_model_dir), pooling="last", device="cpu")
     assert extractor.row_shape == (32,) and extractor.dtype == "float32" and extractor.pooling == "last"
+
+
+def test_cli_builds_then_rebuilds_a_new_generation(episodes, tiny_model_dir, capsys):
+    from vlastore.cli import main
+
+    store_path, data = episodes
+    common = ["--data-root", str(data), "--model", str(tiny_model_dir), "--pooling", "last", "-q"]
+    assert main(["build-features", str(store_path), *common]) == 0
+    first = _rows(store_path)
+    assert main(["build-features", str(store_path), *common, "--pooling", "mean"]) == 2  # other params: refused
+    assert "--rebuild" in capsys.readouterr().err
+    assert main(["build-features", str(store_path), *common, "--rebuild"]) == 0
+    store = VLAStore.open(store_path)
+    assert store.manifest.families["qwen_vl"].current_generation == 2
+    assert store.manifest.families["qwen_vl"].generations == (1, 2)
+    for a, b in zip(first, _rows(store_path), strict=True):
+        np.testing.assert_array_equal(a, b)  # same weights, same rows
