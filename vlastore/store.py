@@ -362,17 +362,26 @@ class VLAStore:
         self._save_manifest(_replace_families(self.manifest, families))
         return info
 
-    def switch_generation(self, family: str, generation: int, remove_old: bool = True) -> None:
+    def switch_generation(
+        self, family: str, generation: int, remove_old: bool = True, keep_previous: int = 0
+    ) -> None:
         """Point readers at ``generation`` (one atomic manifest write), then drop older ones.
 
         A reader that already memory-mapped old shards keeps reading them until it reopens.
+        ``keep_previous`` older generations (the newest ones) survive ``remove_old``, so that
+        readers still on them keep working until they reopen.
         """
         self._require_writable()
         self.reload()
         entry = self._entry(family)
         if generation not in entry.generations:
             raise KeyError(f"family {family!r} has no generation {generation}")
-        keep = tuple(g for g in entry.generations if g >= generation) if remove_old else entry.generations
+        older = sorted(g for g in entry.generations if g < generation)
+        kept_older = older[len(older) - keep_previous:] if keep_previous > 0 else []
+        keep = (
+            tuple(g for g in entry.generations if g >= generation or g in kept_older)
+            if remove_old else entry.generations
+        )
         families = dict(self.manifest.families)
         families[family] = FamilyEntry(generation, keep)
         self._save_manifest(_replace_families(self.manifest, families))
