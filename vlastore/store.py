@@ -527,9 +527,13 @@ class VLAStore:
         row = self.row(family, dataset, index, generation)
         return self.reader(family, generation).tensor(row)
 
-    def writer(self, family: str, rank: int = 0, world_size: int = 1, generation: int | None = None,
-               **kwargs: Any) -> FamilyWriter:
-        """A :class:`vlastore.writer.FamilyWriter` owning shards ``s % world_size == rank``."""
+    def writer(self, family: str, rank: int | None = None, world_size: int | None = None,
+               generation: int | None = None, **kwargs: Any) -> FamilyWriter:
+        """A :class:`vlastore.writer.FamilyWriter` owning shards ``s % world_size == rank``.
+
+        ``rank``/``world_size`` default to torch.distributed's when a process group
+        is initialised, else to a single writer (0 of 1).
+        """
         from .writer import FamilyWriter
 
         return FamilyWriter(self, family, rank=rank, world_size=world_size, generation=generation, **kwargs)

@@ -10,6 +10,7 @@ are done": a rerun after a crash skips those shards and writes the rest.
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -100,11 +101,16 @@ class FamilyWriter:
         self,
         store: VLAStore,
         family: str,
-        rank: int = 0,
-        world_size: int = 1,
+        rank: int | None = None,
+        world_size: int | None = None,
         generation: int | None = None,
         fsync: bool = False,
     ) -> None:
+        if rank is None or world_size is None:
+            # every process of a torchrun job can call store.writer(family) unchanged
+            dist_rank, dist_world = _dist_rank()
+            rank = dist_rank if rank is None else rank
+            world_size = dist_world if world_size is None else world_size
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} / world_size {world_size}: need 0 <= rank < world_size")
         if not store.writable:
@@ -121,6 +127,9 @@ class FamilyWriter:
         self.owned = np.arange(rank, self.layout.n_shards, world_size, dtype=np.int64)
         done = np.intersect1d(store.written_shards(family, self.generation), self.owned)
         self._done: set[int] = set(done.tolist())
+        # temporary files of shards this rank owns can only be left over from a killed run of this rank
+        for shard in self.pending_shards().tolist():
+            store.storage.remove_partials(store.shard_key(family, shard, self.generation))
         self._pending: dict[int, _Pending] = {}
         self.rows_written = 0
         self.rows_skipped = 0
@@ -182,17 +191,15 @@ class FamilyWriter:
         if rows.size and (rows.min() < 0 or rows.max() >= self.layout.rows):
             bad = int(rows[(rows < 0) | (rows >= self.layout.rows)][0])
             raise IndexError(f"row {bad} out of range: family {self.family!r} has {self.layout.rows} rows")
-        if self.spec.ragged:
+        if self.spec.ragged or isinstance(values, (list, tuple)):
             if len(values) != len(rows):
                 raise FormatError(f"{len(values)} values for {len(rows)} rows")
-            for row, value in zip(rows.tolist(), values):
-                self._put(row, self._check(row, as_storage_array(value, self.spec.dtype)))
-            return
-        if isinstance(values, (list, tuple)):
-            if len(values) != len(rows):
-                raise FormatError(f"{len(values)} values for {len(rows)} rows")
-            for row, value in zip(rows.tolist(), values):
-                self._put(row, self._check(row, as_storage_array(value, self.spec.dtype)))
+            # check every value and every owner before buffering any, so a bad batch leaves no trace
+            checked = [self._check(row, as_storage_array(value, self.spec.dtype))
+                       for row, value in zip(rows.tolist(), values)]
+            self._check_rows(rows)
+            for row, value in zip(rows.tolist(), checked):
+                self._put(row, value)
             return
         batch = as_storage_array(values, self.spec.dtype)
         if batch.shape != (len(rows), *self.spec.row_shape):
@@ -201,10 +208,21 @@ class FamilyWriter:
                 f"expected {(len(rows), *self.spec.row_shape)}"
             )
         self._check_finite(rows, batch)
+        self._check_rows(rows)
         shards = self.layout.row_shards[rows]
         for shard in np.unique(shards).tolist():
             sel = np.flatnonzero(shards == shard)
             self._put_many(shard, rows[sel], batch[sel])
+
+    def _check_rows(self, rows: np.ndarray) -> None:
+        """Raise before anything is buffered: rows of another rank, or a row given twice."""
+        shards = np.unique(self.layout.row_shards[rows])
+        foreign = shards[shards % self.world_size != self.rank]
+        if foreign.size:
+            self._pending_for(int(foreign[0]))  # raises OwnershipError naming the shard
+        uniq, counts = np.unique(rows, return_counts=True)
+        if (counts > 1).any():
+            raise FormatError(f"family {self.family!r}: row {self._describe(int(uniq[counts > 1][0]))} was given twice")
 
     def _check(self, row: int, value: np.ndarray) -> np.ndarray:
         expected = (
@@ -341,9 +359,9 @@ class FamilyWriter:
 
 
 def _dist_rank() -> tuple[int, int]:
-    try:
-        import torch.distributed as dist
-    except ImportError:  # pragma: no cover - torch is a dependency
+    # a process that never imported torch.distributed has no process group: skip the costly import
+    dist = sys.modules.get("torch.distributed")
+    if dist is None:
         return 0, 1
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()

@@ -1,0 +1,83 @@
+"""Data builders shared by the tests (imported as ``helpers``; fixtures live in conftest.py)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vlastore.format import FamilySpec
+from vlastore.store import EpisodeData, VLAStore
+
+__all__ = ["episodes", "random_rows", "ragged_rows", "snapshot", "to_bits", "fill_family", "TORCH_DTYPES"]
+
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def episodes(steps: tuple[int, ...] = (7, 5, 9, 3), seed: int = 0, prefix: str = "episode") -> list[EpisodeData]:
+    """Episodes with a 3-column float32 ``state`` and a 2-column float64 ``action``."""
+    rng = np.random.default_rng(seed)
+    return [
+        EpisodeData(
+            f"{prefix}_{i:03d}",
+            {
+                "state": rng.normal(size=(n, 3)).astype(np.float32),
+                "action": rng.normal(size=(n, 2)),
+            },
+        )
+        for i, n in enumerate(steps)
+    ]
+
+
+def random_rows(shape: tuple[int, ...], dtype: str, seed: int = 0) -> np.ndarray:
+    """Finite values of ``dtype`` in their storage form (bfloat16 as uint16 bits, any finite pattern)."""
+    rng = np.random.default_rng(seed)
+    if dtype == "bfloat16":
+        bits = rng.integers(0, 1 << 16, size=shape, dtype=np.uint16)
+        # exponent all ones is Inf/NaN: move those to the largest finite exponent
+        return np.where((bits & 0x7F80) == 0x7F80, bits & 0xFF7F, bits).astype(np.uint16)
+    return rng.normal(size=shape).astype(dtype)
+
+
+def ragged_rows(lengths: np.ndarray, row_shape: tuple[int, ...], dtype: str, seed: int = 0) -> list[np.ndarray]:
+    return [random_rows((int(n), *row_shape), dtype, seed=seed * 100_003 + i) for i, n in enumerate(lengths)]
+
+
+def to_bits(tensor: torch.Tensor) -> np.ndarray:
+    """A tensor's storage form as numpy (bfloat16 -> uint16 bits)."""
+    if tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.int16).numpy().view(np.uint16)
+    return tensor.numpy()
+
+
+def as_value(rows: np.ndarray, dtype: str) -> np.ndarray | torch.Tensor:
+    """What a user hands the writer: bfloat16 as a torch tensor, the rest as numpy."""
+    if dtype == "bfloat16":
+        return torch.from_numpy(rows.view(np.int16).copy()).view(torch.bfloat16)
+    return rows
+
+
+def fill_family(store: VLAStore, family: str, values: np.ndarray | list[np.ndarray], rank: int = 0,
+                world_size: int = 1) -> None:
+    """Write every row ``rank`` owns from ``values`` (all rows, storage form)."""
+    spec = store.spec(family)
+    with store.writer(family, rank=rank, world_size=world_size) as writer:
+        rows = writer.pending_rows()
+        if spec.ragged:
+            writer.write_rows(rows, [as_value(values[r], spec.dtype) for r in rows.tolist()])
+        elif rows.size:
+            writer.write_rows(rows, as_value(values[rows], spec.dtype))
+
+
+def snapshot(path: str | os.PathLike[str]) -> dict[str, bytes]:
+    """Every file under ``path`` with its bytes: compare before/after to prove nothing changed."""
+    root = Path(path)
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def spec_for(dtype: str, ragged: bool = False, compression: str | None = None, rows_per_shard: int = 4,
+             row_shape: tuple[int, ...] = (8,)) -> FamilySpec:
+    return FamilySpec(row_shape, dtype, ragged=ragged, compression=compression, rows_per_shard=rows_per_shard,
+                      vlm_reuse_count=3)
