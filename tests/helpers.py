@@ -8,10 +8,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from zarr.abc.store import Store
+from zarr.core.buffer import cpu, default_buffer_prototype
+from zarr.core.sync import sync
+
 from vlastore.format import FamilySpec
 from vlastore.store import EpisodeData, VLAStore
 
-__all__ = ["episodes", "random_rows", "ragged_rows", "snapshot", "to_bits", "fill_family", "TORCH_DTYPES"]
+__all__ = ["episodes", "random_rows", "ragged_rows", "snapshot", "store_snapshot", "to_bits", "fill_family",
+           "build_full_store", "flip_byte", "TORCH_DTYPES"]
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -81,3 +86,51 @@ def spec_for(dtype: str, ragged: bool = False, compression: str | None = None, r
              row_shape: tuple[int, ...] = (8,)) -> FamilySpec:
     return FamilySpec(row_shape, dtype, ragged=ragged, compression=compression, rows_per_shard=rows_per_shard,
                       vlm_reuse_count=3)
+
+
+def build_full_store(location: str | os.PathLike[str] | Store) -> tuple[VLAStore, dict[str, object]]:
+    """Four episodes (7, 5, 9, 3 steps, 9 rows at vlm_reuse_count 3) and three complete families.
+
+    ``fixed`` [8] bfloat16 raw, 4 rows per shard; ``tokens`` ragged [L, 4] float16 raw,
+    6 token rows per shard; ``packed`` [8] float32 zstd, 3 rows per shard.
+    Returns the store and the values written (storage form).
+    """
+    store = VLAStore.create(location, episodes(), columns={"state": ["x", "y", "z"]})
+    store.add_family("fixed", spec_for("bfloat16"))
+    rows = store.layout("fixed").rows
+    fixed = random_rows((rows, 8), "bfloat16", seed=1)
+    fill_family(store, "fixed", fixed)
+    lengths = np.random.default_rng(2).integers(1, 5, size=rows)
+    store.add_family("tokens", spec_for("float16", ragged=True, rows_per_shard=6, row_shape=(4,)), lengths=lengths)
+    tokens = ragged_rows(lengths, (4,), "float16", seed=3)
+    fill_family(store, "tokens", tokens)
+    store.add_family("packed", spec_for("float32", compression="zstd", rows_per_shard=3))
+    packed = random_rows((rows, 8), "float32", seed=4)
+    fill_family(store, "packed", packed)
+    return store, {"fixed": fixed, "tokens": tokens, "packed": packed}
+
+
+def store_snapshot(store: Store) -> dict[str, bytes]:
+    """Every key of a zarr store with its bytes (any store kind)."""
+
+    async def keys() -> list[str]:
+        return [k async for k in store.list()]
+
+    out = {}
+    for key in sorted(sync(keys())):
+        buf = sync(store.get(key, prototype=default_buffer_prototype()))
+        if buf is not None:
+            out[key] = buf.to_bytes()
+    return out
+
+
+def flip_byte(store: Store, key: str, offset: int) -> None:
+    """Flip one bit of the object at ``key`` (simulated disk corruption)."""
+    data = bytearray(sync(store.get(key, prototype=default_buffer_prototype())).to_bytes())
+    data[offset] ^= 0x10
+    if hasattr(store, "root"):  # LocalStore: rewrite in place, as a bad disk would
+        with open(os.path.join(store.root, key), "r+b") as f:
+            f.seek(offset)
+            f.write(bytes([data[offset]]))
+        return
+    sync(store.set(key, cpu.Buffer.from_bytes(bytes(data))))

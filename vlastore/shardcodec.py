@@ -64,7 +64,8 @@ def encode_shard(
     present = np.asarray(present, dtype=np.int64)
     n = len(present)
     assert rows.shape[0] == n, "one row per present chunk"
-    payload = np.ascontiguousarray(rows).view(np.uint8).reshape(n, -1)
+    row_bytes = int(np.prod(rows.shape[1:], dtype=np.int64)) * rows.dtype.itemsize
+    payload = np.ascontiguousarray(rows).view(np.uint8).reshape(n, row_bytes)  # n may be 0: an empty shard
     if compression is None:
         span = int(present[-1]) + 1 if n else 0
         builder = RawShardBuilder(chunks_per_shard, span, payload.shape[1])
