@@ -16,7 +16,8 @@ from vlastore.format import FamilySpec
 from vlastore.store import EpisodeData, VLAStore
 
 __all__ = ["episodes", "random_rows", "ragged_rows", "snapshot", "store_snapshot", "to_bits", "fill_family",
-           "build_full_store", "flip_byte", "TORCH_DTYPES"]
+           "build_full_store", "flip_byte", "TORCH_DTYPES", "as_value", "plan_writer_store",
+           "expected_values", "WRITER_STEPS"]
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -134,3 +135,27 @@ def flip_byte(store: Store, key: str, offset: int) -> None:
             f.write(bytes([data[offset]]))
         return
     sync(store.set(key, cpu.Buffer.from_bytes(bytes(data))))
+
+
+WRITER_STEPS = (30, 20, 25, 12)
+"""Episodes of the multi-process writer tests: 10 + 7 + 9 + 4 = 30 rows at vlm_reuse_count 3."""
+
+
+def plan_writer_store(location: str | os.PathLike[str]) -> VLAStore:
+    """A store with ``fixed`` (bfloat16 [8], 4 rows per shard: 8 shards) and ``tokens``
+    (ragged float16 [L, 4], zstd, 10 token rows per shard) planned, nothing written."""
+    store = VLAStore.create(location, episodes(WRITER_STEPS))
+    store.add_family("fixed", spec_for("bfloat16"))
+    lengths = np.random.default_rng(5).integers(1, 6, size=store.layout("fixed").rows)
+    store.add_family("tokens", spec_for("float16", ragged=True, compression="zstd", rows_per_shard=10,
+                                        row_shape=(4,)), lengths=lengths)
+    return store
+
+
+def expected_values(store: VLAStore) -> dict[str, object]:
+    """The values every writer process of a :func:`plan_writer_store` store writes (deterministic)."""
+    rows = store.layout("fixed").rows
+    return {
+        "fixed": random_rows((rows, 8), "bfloat16", seed=11),
+        "tokens": ragged_rows(store.layout("tokens").lengths, (4,), "float16", seed=12),
+    }
