@@ -128,6 +128,7 @@ def store_snapshot(store: Store) -> dict[str, bytes]:
 def flip_byte(store: Store, key: str, offset: int) -> None:
     """Flip one bit of the object at ``key`` (simulated disk corruption)."""
     data = bytearray(sync(store.get(key, prototype=default_buffer_prototype())).to_bytes())
+    offset %= len(data)  # negative offsets count from the end
     data[offset] ^= 0x10
     if hasattr(store, "root"):  # LocalStore: rewrite in place, as a bad disk would
         with open(os.path.join(store.root, key), "r+b") as f:

@@ -195,7 +195,7 @@ class StoreContract:
             (lambda s: s.writer("fixed").write("episode_999", 0, np.zeros(8, np.uint16)), KeyError,
              "unknown dataset 'episode_999'"),
             (lambda s: s.writer("fixed").write("episode_001", 2, np.zeros(8, np.uint16)), IndexError,
-             r"vlm_idx=2 out of range.*\(vlm_idx 0..1\)"),
+             r"family 'fixed', dataset 'episode_001': vlm_idx=2 out of range.*\(vlm_idx 0..1\)"),
             (lambda s: s.feature("fixed", "episode_001", 5), IndexError, "vlm_idx=5 out of range"),
             (lambda s: s.feature("nope", "episode_001", 0), KeyError, "unknown feature family 'nope'"),
             (lambda s: s.writer("fixed").write_rows([99], np.zeros((1, 8), np.uint16)), IndexError,

@@ -503,7 +503,11 @@ class VLAStore:
     def row(self, family: str, dataset: str | int, index: int, generation: int | None = None) -> int:
         """Row number of ``(dataset, index)`` in a family (``index`` is e.g. ``vlm_idx``)."""
         e = self.catalog.resolve(dataset)
-        return self.layout(family, generation).row(e, int(index))
+        layout = self.layout(family, generation)
+        try:
+            return layout.row(e, int(index))
+        except IndexError as exc:  # say which family and episode, not just "this episode"
+            raise IndexError(f"family {family!r}, dataset {self.catalog.names[e]!r}: {exc}") from None
 
     def reader(self, family: str, generation: int | None = None) -> Any:
         """A :class:`vlastore.reader.FeatureReader` for one generation (cached)."""
