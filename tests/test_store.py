@@ -108,15 +108,27 @@ class StoreContract:
         with store.writer("f") as writer:
             assert writer.pending_rows().tolist() == [4, 5, 6, 7]
 
-    def test_two_writers_on_one_shard(self, location) -> None:
+    @pytest.mark.parametrize("write_behind", [False, True])
+    def test_two_writers_on_one_shard(self, location, write_behind: bool) -> None:
         store = VLAStore.create(location, episodes())
         store.add_family("f", spec_for("float32"))
         first = random_rows((4, 8), "float32", seed=1)
-        a = store.writer("f", rank=0, world_size=1)
-        b = store.writer("f", rank=0, world_size=1)  # a second process wrongly given the same rank
+        a = store.writer("f", rank=0, world_size=1, write_behind=write_behind)
+        b = store.writer("f", rank=0, world_size=1, write_behind=write_behind)  # wrongly given the same rank
         a.write_rows([0, 1, 2, 3], first)
-        with pytest.raises(OwnershipError, match="two writers own the same shard.*Nothing was overwritten"):
+        a.close()
+        says = "two writers own the same shard.*Nothing was overwritten"
+        if write_behind:  # the complete shard is written in the background: the error comes at the next call
             b.write_rows([0, 1, 2, 3], random_rows((4, 8), "float32", seed=2))
+            with pytest.raises(OwnershipError, match=says):
+                b.wait()
+            with pytest.raises(OwnershipError, match=says):  # and again at every later call
+                b.write_rows([8], random_rows((1, 8), "float32"))
+            with pytest.raises(OwnershipError, match=says):
+                b.close()
+        else:
+            with pytest.raises(OwnershipError, match=says):
+                b.write_rows([0, 1, 2, 3], random_rows((4, 8), "float32", seed=2))
         np.testing.assert_array_equal(store.reader("f").rows([0, 1, 2, 3]), first)
 
     def test_writing_a_row_of_another_rank(self, location) -> None:

@@ -89,9 +89,12 @@ def test_a_shard_is_written_once_complete(store_path: Path) -> None:
     values = random_rows((9, 8), "float32")
     writer = store.writer("f")
     writer.write_rows([0, 1, 2], values[:3])
+    writer.wait()
     assert store.written_shards("f").size == 0  # still buffered: no half shard on disk
     writer.write_rows([3], values[3:4])
-    assert store.written_shards("f").tolist() == [0]  # complete: written at once
+    assert writer.pending_shards().tolist() == [1, 2]  # complete: on its way to disk, in one piece
+    writer.wait()
+    assert store.written_shards("f").tolist() == [0] and writer.shards_written == 1
     with pytest.raises(FormatError, match=r"row \('episode_002', vlm_idx=0\) was given twice"):
         writer.write_rows([5, 5], values[5:7])
     writer.write_rows([4], values[4:5])

@@ -48,6 +48,8 @@ def crash_main(store_path: str, ready: Connection) -> None:
     layout = store.layout("tokens")
     rows = [*layout.shard_rows(0).tolist(), *layout.shard_rows(1).tolist(), *layout.shard_rows(2).tolist()[:1]]
     tokens.write_rows(rows, [values["tokens"][r] for r in rows])  # two shards complete, one begun
+    writer.wait()  # complete shards reach the disk (write-behind); the half-filled one stays in memory
+    tokens.wait()
     ready.send(("READY", writer.shards_written))
     time.sleep(120)
 

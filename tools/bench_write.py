@@ -1,0 +1,149 @@
+"""Write benchmark: vlastore's parallel-region writer against np.save of the same bytes.
+
+    python tools/bench_write.py [--rows 100000] [--dim 2048] [--batch 1024] [--repeat 3]
+
+Builds ``rows`` random bfloat16 rows in memory (finite values), then, in one
+process and on the same disk, alternately:
+
+* ``np.save``: the whole ``[rows, dim]`` uint16 array to one ``.npy`` file (the
+  fastest way to put those bytes in a file; no checksums, no index);
+* ``vlastore``: ``FamilyWriter.write_rows`` fed torch bfloat16 batches of
+  ``--batch`` rows, into a fresh store (crc32c per row, shard index, atomic
+  write-once shard files).
+
+Prints the best time of each, throughput, the ratio vlastore / np.save, bytes
+on disk against the raw payload, and rows per file. Targets (issue #2): bytes on
+disk <= 1.05x payload, at most one file per 4,096 rows, throughput >= 50% of np.save.
+Nothing is fsynced by either contender (page cache speed, like training jobs see);
+``--fsync`` syncs both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from vlastore.format import FamilySpec  # noqa: E402
+from vlastore.store import EpisodeData, VLAStore  # noqa: E402
+
+
+def make_rows(rows: int, dim: int, seed: int = 0) -> np.ndarray:
+    """Random bfloat16 bits with the exponent's top bit cleared: finite, |x| < 2."""
+    rng = np.random.default_rng(seed)
+    bits = rng.integers(0, 1 << 16, size=(rows, dim), dtype=np.uint16)
+    bits &= 0xBFFF
+    return bits
+
+
+def bench_npsave(bits: np.ndarray, folder: Path, fsync: bool) -> float:
+    path = folder / "rows.npy"
+    start = time.perf_counter()
+    with open(path, "wb") as f:
+        np.save(f, bits)
+        if fsync:
+            f.flush()
+            os.fsync(f.fileno())
+    elapsed = time.perf_counter() - start
+    path.unlink()
+    return elapsed
+
+
+def plan_store(folder: Path, rows: int, dim: int, episode_rows: int = 500) -> VLAStore:
+    """A store whose episodes hold ``episode_rows`` vlm rows each (3 steps per row)."""
+    n_episodes = -(-rows // episode_rows)
+    sizes = [episode_rows] * (n_episodes - 1) + [rows - episode_rows * (n_episodes - 1)]
+    store = VLAStore.create(folder / "bench.vla", [EpisodeData(f"episode_{i:06d}", steps=3 * n)
+                                                    for i, n in enumerate(sizes)])
+    store.add_family("qwen_vl", FamilySpec((dim,), "bfloat16", vlm_reuse_count=3))
+    return store
+
+
+def bench_vlastore(bits: np.ndarray, folder: Path, batch: int, fsync: bool) -> tuple[float, VLAStore]:
+    import torch
+
+    store = plan_store(folder, len(bits), bits.shape[1])
+    os.sync()  # the plan's small files are not part of the timed write
+    tensor = torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16)  # what an extractor hands over
+    start = time.perf_counter()
+    with store.writer("qwen_vl", rank=0, world_size=1, fsync=fsync) as writer:
+        for lo in range(0, len(bits), batch):
+            rows = np.arange(lo, min(lo + batch, len(bits)))
+            writer.write_rows(rows, tensor[lo : lo + len(rows)])
+    return time.perf_counter() - start, store
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=100_000, help="rows to write (default: %(default)s)")
+    parser.add_argument("--dim", type=int, default=2048, help="bfloat16 values per row (default: %(default)s)")
+    parser.add_argument("--batch", type=int, default=1024, help="rows per write_rows call (default: %(default)s)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each contender; best is kept (default: 3)")
+    parser.add_argument("--dir", default=None, help="folder to write in (default: a temporary folder)")
+    parser.add_argument("--fsync", action="store_true", help="fsync every file (both contenders)")
+    args = parser.parse_args()
+
+    bits = make_rows(args.rows, args.dim)
+    payload = bits.nbytes
+    base = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="vlastore-bench-"))
+    base.mkdir(parents=True, exist_ok=True)
+    print(f"{args.rows:,} rows of {args.dim} bfloat16 = {payload / 2**20:,.1f} MiB payload, in {base}")
+    times: dict[str, list[float]] = {"np.save": [], "vlastore": []}
+    report = None
+    try:
+        for i in range(args.repeat):
+            run = base / f"run{i}"
+            run.mkdir()
+            # each run starts with no dirty pages (os.sync, untimed) and the order alternates, so
+            # neither contender pays for the other's writeback
+            for name in (("np.save", "vlastore") if i % 2 == 0 else ("vlastore", "np.save")):
+                os.sync()
+                if name == "np.save":
+                    times[name].append(bench_npsave(bits, base, args.fsync))
+                else:
+                    elapsed, store = bench_vlastore(bits, run, args.batch, args.fsync)
+                    times[name].append(elapsed)
+            if report is None:  # check the first store fully, then drop it
+                again = VLAStore.open(store.location)
+                assert again.coverage("qwen_vl").all()
+                for row in (0, args.rows // 2, args.rows - 1):
+                    assert np.array_equal(again.reader("qwen_vl").row(row), bits[row])
+                values = Path(store.location) / "features" / "qwen_vl"
+                files = [p for p in values.rglob("*") if p.is_file()]
+                shard_files = [p for p in files if "/values/c/" in str(p)]
+                report = {
+                    "family_bytes": sum(p.stat().st_size for p in files),
+                    "family_files": len(files),
+                    "shard_files": len(shard_files),
+                    "store_bytes": sum(p.stat().st_size for p in Path(store.location).rglob("*") if p.is_file()),
+                    "store_files": sum(1 for p in Path(store.location).rglob("*") if p.is_file()),
+                }
+            shutil.rmtree(run)
+    finally:
+        if not args.dir:
+            shutil.rmtree(base, ignore_errors=True)
+    assert report is not None
+    best = {k: min(v) for k, v in times.items()}
+    print(f"\n{'contender':<10} {'best s':>8} {'MiB/s':>8}   all runs (s)")
+    for name, t in best.items():
+        runs = ", ".join(f"{x:.2f}" for x in times[name])
+        print(f"{name:<10} {t:>8.2f} {payload / 2**20 / t:>8.0f}   {runs}")
+    ratio = best["np.save"] / best["vlastore"]
+    disk = report["store_bytes"] / payload
+    max_shard_files = -(-args.rows // 4096)
+    fixed_files = report["store_files"] - report["shard_files"]
+    print(f"\nthroughput vlastore / np.save      {ratio:.2f}   (target >= 0.50)")
+    print(f"bytes on disk / payload (store)    {disk:.4f}   (target <= 1.05; {report['store_bytes']:,} bytes)")
+    print(f"shard files                        {report['shard_files']}      (target <= ceil(rows / 4096) = "
+          f"{max_shard_files}; plus {fixed_files} metadata files whatever the size)")
+
+if __name__ == "__main__":
+    main()
