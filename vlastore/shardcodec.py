@@ -97,12 +97,16 @@ class RawShardBuilder:
     Fill ``payload[c]`` (uint8, one row of chunk ``c``), then :meth:`finish`.
     """
 
-    def __init__(self, chunks_per_shard: int, n_chunks: int, chunk_nbytes: int) -> None:
+    def __init__(self, chunks_per_shard: int, n_chunks: int, chunk_nbytes: int,
+                 buffer: np.ndarray | None = None) -> None:
         self.chunks_per_shard = chunks_per_shard
         self.n_chunks = n_chunks
         self.chunk_nbytes = chunk_nbytes
         self.stride = chunk_nbytes + _CRC_BYTES
-        self._out = np.empty(n_chunks * self.stride + index_nbytes(chunks_per_shard), dtype=np.uint8)
+        size = n_chunks * self.stride + index_nbytes(chunks_per_shard)
+        # a reused buffer (see nbytes_for) spares the page faults of a fresh allocation per shard
+        self.buffer = buffer if buffer is not None and buffer.size >= size else np.empty(size, dtype=np.uint8)
+        self._out = self.buffer[:size]
         body = self._out[: n_chunks * self.stride].reshape(n_chunks, self.stride)
         self.payload = body[:, :chunk_nbytes]
         self._crc = body[:, chunk_nbytes:]

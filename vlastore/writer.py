@@ -109,7 +109,7 @@ class FamilyWriter:
         world_size: int | None = None,
         generation: int | None = None,
         fsync: bool = False,
-        write_behind: bool = True,
+        write_behind: bool = False,
     ) -> None:
         if rank is None or world_size is None:
             # every process of a torchrun job can call store.writer(family) unchanged
@@ -129,11 +129,12 @@ class FamilyWriter:
         self.rank = rank
         self.world_size = world_size
         self.fsync = fsync
-        # write-behind: a complete shard is checksummed and written by one background thread while
-        # the caller fills the next one (file writes release the GIL); at most _MAX_IN_FLIGHT shards wait
+        # write-behind (opt-in): a complete shard is checksummed and written by one background thread
+        # while the caller fills the next one; at most _MAX_IN_FLIGHT shards wait. On the 2-core
+        # machines it was measured on it did not beat writing inline (tools/bench_write.py shows both)
         self.write_behind = write_behind
         self._executor: ThreadPoolExecutor | None = None
-        self._in_flight: deque[tuple[int, Future[None]]] = deque()
+        self._in_flight: deque[tuple[int, Future[None], _Pending]] = deque()
         self.owned = np.arange(rank, self.layout.n_shards, world_size, dtype=np.int64)
         done = np.intersect1d(store.written_shards(family, self.generation), self.owned)
         self._done: set[int] = set(done.tolist())
@@ -147,6 +148,7 @@ class FamilyWriter:
         self._closed = False
         self._failed: BaseException | None = None
         self._scratch: np.ndarray | None = None
+        self._spare_buffers: list[np.ndarray] = []  # shard buffers whose file is written, for reuse
 
     @classmethod
     def open(
@@ -303,7 +305,8 @@ class FamilyWriter:
             n_chunks = self.layout.shard_nrows(shard)
             builder = None
             if self.spec.compression is None:
-                builder = RawShardBuilder(self.layout.rows_per_shard, n_chunks, self.spec.row_nbytes)
+                spare = self._spare_buffers.pop() if self._spare_buffers else None
+                builder = RawShardBuilder(self.layout.rows_per_shard, n_chunks, self.spec.row_nbytes, spare)
             pending = _Pending(builder, len(rows), int(rows[0]) if len(rows) else 0, n_chunks, self.spec.row_nbytes)
             self._pending[shard] = pending
         return pending
@@ -363,13 +366,19 @@ class FamilyWriter:
         self._done.add(shard)
         if not self.write_behind:
             self._encode_and_write(shard, pending, present)
+            self._recycle(pending)
             self.shards_written += 1
             return
         while len(self._in_flight) >= _MAX_IN_FLIGHT:
             self._wait_oldest()
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlastore-writer")
-        self._in_flight.append((shard, self._executor.submit(self._encode_and_write, shard, pending, present)))
+        future = self._executor.submit(self._encode_and_write, shard, pending, present)
+        self._in_flight.append((shard, future, pending))
+
+    def _recycle(self, pending: _Pending) -> None:
+        if pending.builder is not None and len(self._spare_buffers) <= _MAX_IN_FLIGHT:
+            self._spare_buffers.append(pending.builder.buffer)
 
     def _encode_and_write(self, shard: int, pending: _Pending, present: np.ndarray) -> None:
         if pending.builder is not None:
@@ -388,12 +397,13 @@ class FamilyWriter:
             ) from None
 
     def _wait_oldest(self) -> None:
-        shard, future = self._in_flight.popleft()
+        shard, future, pending = self._in_flight.popleft()
         try:
             future.result()
         except BaseException as exc:
             self._failed = exc  # every later call re-raises it: no write is silently lost
             raise
+        self._recycle(pending)
         self.shards_written += 1
 
     def wait(self) -> None:
