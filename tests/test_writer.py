@@ -223,3 +223,21 @@ def test_ownership_error_names_the_owner(store_path: Path) -> None:
     assert writer.owned.tolist() == [0, 2]
     with pytest.raises(OwnershipError, match="shard 1 .* belongs to rank 1.*pending_rows"):
         writer.write("episode_002", 0, np.zeros(8, np.float32))  # row 5: shard 1
+
+
+def test_bfloat16_nan_inf_check_is_exact_over_all_bit_patterns(store_path: Path) -> None:
+    store = VLAStore.create(store_path, episodes())
+    store.add_family("f", FamilySpec((256,), "bfloat16", rows_per_shard=256), items_per_episode=[255, 1, 0, 0])
+    patterns = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    nonfinite = (patterns & 0x7F80) == 0x7F80
+    finite = patterns[~nonfinite].reshape(255, 256)  # every finite pattern: subnormals, -0, +-max
+    writer = store.writer("f")
+    writer.write_rows(np.arange(255), finite)
+    for bad in patterns[nonfinite].tolist():  # +-Inf and every NaN payload, each alone among zeros
+        row = np.zeros((1, 256), np.uint16)
+        row[0, bad % 256] = bad
+        with pytest.raises(FormatError, match="holds NaN or Inf"):
+            writer.write_rows([255], row)
+    writer.close()
+    np.testing.assert_array_equal(np.stack(store.reader("f").rows(range(255))), finite)
+    assert store.coverage("f").tolist() == [True] * 255 + [False]

@@ -147,7 +147,6 @@ class FamilyWriter:
         self.shards_written = 0
         self._closed = False
         self._failed: BaseException | None = None
-        self._scratch: np.ndarray | None = None
         self._spare_buffers: list[np.ndarray] = []  # shard buffers whose file is written, for reuse
 
     @classmethod
@@ -270,12 +269,9 @@ class FamilyWriter:
             return
         # one fast pass over the batch; the per-row search below runs only when something is wrong
         if self.spec.dtype == "bfloat16":
-            scratch = self._scratch
-            if scratch is None or scratch.size < batch.size:
-                scratch = self._scratch = np.empty(batch.size, dtype=np.uint16)  # reused: no page faults per batch
-            masked = scratch[: batch.size].reshape(batch.shape)
-            np.bitwise_and(batch, 0x7FFF, out=masked)
-            if int(masked.max()) < 0x7F80:
+            # bfloat16 bits with all exponent bits set (NaN/Inf) are exactly those >= 0xFF80 as uint16
+            # (negative) or >= 0x7F80 as int16 (positive): two read-only max passes, no temporary
+            if int(batch.max()) < 0xFF80 and int(batch.view(np.int16).max()) < 0x7F80:
                 return
         elif np.isfinite(batch).all():
             return
