@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from helpers import flip_byte
 
+from vlastore.report import verify_store
 from vlastore.store import VLAStore
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -93,7 +94,7 @@ def test_demo_makes_a_store_that_verifies(tmp_path: Path) -> None:
     out = vlastore("demo", "--out", str(tmp_path / "demo.vla"))
     assert out.returncode == 0, out.stderr
     assert "read back: qwen_vl" in out.stdout
-    assert vlastore("verify", "-q", str(tmp_path / "demo.vla")).returncode == 0
+    assert verify_store(VLAStore.open(tmp_path / "demo.vla")).ok
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     refused = vlastore("demo", "--out", str(tmp_path / "mine"))

@@ -7,13 +7,13 @@ import pytest
 
 from vlastore.format import (
     FORMAT_VERSION,
+    FamilyEntry,
     FamilySpec,
     FormatError,
     GenerationInfo,
     Manifest,
     Producer,
     SeriesInfo,
-    FamilyEntry,
     default_rows_per_shard,
     generation_path,
     shard_key,

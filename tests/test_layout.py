@@ -19,7 +19,7 @@ def test_pack_ragged_never_crosses_a_shard_and_wastes_only_at_shard_ends(case: t
     ends = starts + lengths
     assert np.all(starts // capacity == (ends - 1) // capacity)  # no row crosses a shard boundary
     assert np.all(starts[1:] >= ends[:-1])  # in order, no overlap
-    for prev_end, start, n in zip(ends[:-1].tolist(), starts[1:].tolist(), lengths[1:].tolist()):
+    for prev_end, start, n in zip(ends[:-1].tolist(), starts[1:].tolist(), lengths[1:].tolist(), strict=False):
         # a gap only when the row did not fit in the rest of the shard
         if start != prev_end:
             assert start % capacity == 0 and prev_end // capacity != (prev_end + n - 1) // capacity
@@ -59,7 +59,7 @@ def test_every_row_has_one_home(items: list[int], rows_per_shard: int, ragged: b
     for s, rows in enumerate(by_shard):
         for r in rows.tolist():
             lo = int(layout.starts[r]) - s * rows_per_shard
-            assert 0 <= lo and lo + int(layout.lengths[r]) <= layout.shard_nrows(s)
+            assert lo >= 0 and lo + int(layout.lengths[r]) <= layout.shard_nrows(s)
             chunks = np.arange(lo, lo + int(layout.lengths[r]))
             assert np.all(layout.rows_of_chunks(s, chunks) == r)
     assert layout.n_shards * rows_per_shard >= layout.capacity

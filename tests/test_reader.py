@@ -39,7 +39,7 @@ def test_ragged_rows_have_their_planned_length(full_store) -> None:
         assert got.shape == expected.shape == (int(store.layout("tokens").lengths[row]), 4)
         np.testing.assert_array_equal(got, expected)
     batch = reader.rows([8, 0, 3])
-    for got, row in zip(batch, [8, 0, 3]):
+    for got, row in zip(batch, [8, 0, 3], strict=False):
         np.testing.assert_array_equal(got, values["tokens"][row])
 
 

@@ -80,7 +80,8 @@ class StoreContract:
         assert group.attrs["vlastore"]["format_version"] == 1
         assert list(group["episodes/name"][...]) == list(store.datasets)
         np.testing.assert_array_equal(group["episodes/steps"][...], [7, 5, 9, 3])
-        np.testing.assert_array_equal(group["series/state"][...], np.concatenate([e.series["state"] for e in episodes()]))
+        state = np.concatenate([e.series["state"] for e in episodes()])
+        np.testing.assert_array_equal(group["series/state"][...], state)
         fixed = group["features/fixed/gen-0001/values"]
         assert fixed.dtype == np.uint16 and fixed.attrs["true_dtype"] == "bfloat16"
         np.testing.assert_array_equal(fixed[...], values["fixed"])

@@ -42,8 +42,8 @@ def crash_main(store_path: str, ready: Connection) -> None:
     rows_per_shard = store.spec("fixed").rows_per_shard
     done = 3 * rows_per_shard + rows_per_shard // 2
     for row in range(done):  # one row at a time, as a feature extractor would
-        writer.write("episode_%03d" % store.layout("fixed").address(row)[0], store.layout("fixed").address(row)[1],
-                     as_value(values["fixed"][row], "bfloat16"))
+        episode, vlm_idx = store.layout("fixed").address(row)
+        writer.write(f"episode_{episode:03d}", vlm_idx, as_value(values["fixed"][row], "bfloat16"))
     tokens = store.writer("tokens", rank=0, world_size=1)
     layout = store.layout("tokens")
     rows = [*layout.shard_rows(0).tolist(), *layout.shard_rows(1).tolist(), *layout.shard_rows(2).tolist()[:1]]

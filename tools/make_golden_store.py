@@ -55,7 +55,9 @@ def expected() -> dict[str, object]:
         "vlm@2": _bf16_bits(_grid((rows, 16), salt=21)),
         "tokens": [_grid((n, 4), salt=30 + r).astype(np.float16) for r, n in enumerate(TOKEN_LENGTHS)],
         "geom": _grid((sum(IMAGES_PER_EPISODE), 2, 3), salt=40),
-        "geom_keys": [f"{name}/cam0/{i:06d}.jpg" for name, n in zip(NAMES, IMAGES_PER_EPISODE) for i in range(n)],
+        "geom_keys": [
+            f"{name}/cam0/{i:06d}.jpg" for name, n in zip(NAMES, IMAGES_PER_EPISODE, strict=True) for i in range(n)
+        ],
     }
 
 
@@ -69,7 +71,10 @@ def make_golden_store(out: str | Path = DEFAULT_OUT) -> VLAStore:
         shutil.rmtree(out)
     store = VLAStore.create(
         out,
-        [EpisodeData(n, {"state": s, "action": a}) for n, s, a in zip(NAMES, values["state"], values["action"])],
+        [
+            EpisodeData(n, {"state": s, "action": a})
+            for n, s, a in zip(NAMES, values["state"], values["action"], strict=True)
+        ],
         columns={"state": ["x", "y", "gripper"], "action": ["dx", "dy"]},
     )
     producer = Producer("golden/model", "rev1", "fp-0001", {"pooling": "mean"})

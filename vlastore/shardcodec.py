@@ -78,7 +78,7 @@ def encode_shard(
     codec = _zstd()
     parts = []
     pos = 0
-    for c, r in zip(present.tolist(), payload):
+    for c, r in zip(present.tolist(), payload, strict=False):
         blob = bytes(codec.encode(r))
         blob += crc32c(blob).to_bytes(_CRC_BYTES, "little")
         parts.append(blob)

@@ -22,7 +22,7 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
-from .format import MANIFEST_KEY, FormatError
+from .format import MANIFEST_KEY
 
 __all__ = ["Storage", "StoreNotFoundError"]
 

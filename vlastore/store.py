@@ -47,7 +47,7 @@ Location = str | os.PathLike[str] | Store
 
 
 def utc_now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
 
 @dataclass
@@ -151,7 +151,7 @@ class VLAStore:
                 raise FormatError(f"series {key!r}: {len(cols)} column names for {width} columns")
             dtype = np.result_type(*[p.dtype for p in parts]) if parts else np.dtype(np.float32)
             if not allow_nonfinite:
-                for e, p in zip(episodes, parts):
+                for e, p in zip(episodes, parts, strict=False):
                     _check_finite(p, f"episode {e.name!r} series {key!r}", cols)
             stacked[key] = np.concatenate(parts).astype(dtype) if parts else np.zeros((0, width), dtype)
             series_info[key] = SeriesInfo(cols, str(dtype))

@@ -12,8 +12,8 @@ from __future__ import annotations
 import logging
 import sys
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -52,7 +52,9 @@ def as_storage_array(value: Any, true_dtype: str) -> np.ndarray:
             tensor = tensor.cpu()
         name = str(tensor.dtype).removeprefix("torch.")
         if name != true_dtype:
-            raise FormatError(f"got a torch.{name} tensor for a {true_dtype} family; convert it first (.to(torch.{true_dtype}))")
+            raise FormatError(
+                f"got a torch.{name} tensor for a {true_dtype} family; convert it first (.to(torch.{true_dtype}))"
+            )
         if name == "bfloat16":
             return tensor.contiguous().view(torch.int16).numpy().view(np.uint16)
         return tensor.contiguous().numpy()
@@ -77,7 +79,9 @@ class _Pending:
 
     __slots__ = ("builder", "received", "first_row", "compressed_rows")
 
-    def __init__(self, builder: RawShardBuilder | None, n_rows: int, first_row: int, n_chunks: int, row_bytes: int) -> None:
+    def __init__(
+        self, builder: RawShardBuilder | None, n_rows: int, first_row: int, n_chunks: int, row_bytes: int
+    ) -> None:
         self.builder = builder
         self.received = np.zeros(n_rows, dtype=bool)
         self.first_row = first_row
@@ -209,9 +213,9 @@ class FamilyWriter:
                 raise FormatError(f"{len(values)} values for {len(rows)} rows")
             # check every value and every owner before buffering any, so a bad batch leaves no trace
             checked = [self._check(row, as_storage_array(value, self.spec.dtype))
-                       for row, value in zip(rows.tolist(), values)]
+                       for row, value in zip(rows.tolist(), values, strict=False)]
             self._check_rows(rows)
-            for row, value in zip(rows.tolist(), checked):
+            for row, value in zip(rows.tolist(), checked, strict=False):
                 self._put(row, value)
             return
         batch = as_storage_array(values, self.spec.dtype)
@@ -227,7 +231,7 @@ class FamilyWriter:
             return
         if ascending:  # the usual case: each shard's rows are one slice of the batch
             cuts = np.flatnonzero(np.diff(shards)) + 1
-            for lo, hi in zip([0, *cuts.tolist()], [*cuts.tolist(), len(rows)]):
+            for lo, hi in zip([0, *cuts.tolist()], [*cuts.tolist(), len(rows)], strict=False):
                 self._put_many(int(shards[lo]), rows[lo:hi], batch[lo:hi])
             return
         for shard in np.unique(shards).tolist():
@@ -355,7 +359,8 @@ class FamilyWriter:
         if not self.spec.ragged:
             present[rows - base] = True
         else:
-            for start, length in zip(self.layout.starts[rows].tolist(), self.layout.lengths[rows].tolist()):
+            starts, lengths = self.layout.starts[rows].tolist(), self.layout.lengths[rows].tolist()
+            for start, length in zip(starts, lengths, strict=True):
                 present[start - base : start - base + length] = True
         # counted as done from here on: pending_rows() leaves it out and rows given again are skipped;
         # should its write fail, the error is sticky (see wait())
