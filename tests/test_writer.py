@@ -240,3 +240,34 @@ def test_bfloat16_nan_inf_check_is_exact_over_all_bit_patterns(store_path: Path)
     writer.close()
     np.testing.assert_array_equal(np.stack(store.reader("f").rows(range(255))), finite)
     assert store.coverage("f").tolist() == [True] * 255 + [False]
+
+
+def test_write_behind_writes_the_same_bytes(tmp_path: Path) -> None:
+    def shard_files(root: Path) -> dict[str, bytes]:
+        return {k: v for k, v in snapshot(root).items() if "/values/c/" in k}
+
+    results = []
+    for write_behind in (False, True):
+        store = plan_writer_store(tmp_path / f"wb-{write_behind}.vla")
+        values = expected_values(store)
+        for family, dtype in (("fixed", "bfloat16"), ("tokens", "float16")):
+            with store.writer(family, write_behind=write_behind) as writer:
+                for lo in range(0, store.layout(family).rows, 5):  # several shards in flight
+                    rows = np.arange(lo, min(lo + 5, store.layout(family).rows))
+                    writer.write_rows(rows, [as_value(values[family][r], dtype) for r in rows.tolist()])
+            assert writer.shards_written == store.layout(family).n_shards
+        results.append(shard_files(Path(store.location)))
+    assert results[0] == results[1] and len(results[0]) == 18
+
+
+def test_write_behind_abort_keeps_complete_shards_only(store_path: Path) -> None:
+    store = VLAStore.create(store_path, episodes())
+    store.add_family("f", spec_for("float32"))
+    values = random_rows((9, 8), "float32")
+    with pytest.raises(ZeroDivisionError), store.writer("f", write_behind=True) as writer:
+        writer.write_rows(np.arange(6), values[:6])  # shard 0 complete (in flight), shard 1 half full
+        raise ZeroDivisionError("the feature extractor failed")
+    assert store.written_shards("f").tolist() == [0]
+    assert store.coverage("f").tolist() == [True] * 4 + [False] * 5
+    with store.writer("f", write_behind=True) as writer:
+        assert writer.pending_rows().tolist() == [4, 5, 6, 7, 8]
