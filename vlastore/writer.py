@@ -103,6 +103,18 @@ class FamilyWriter:
         with store.writer("qwen_vl", rank=rank, world_size=world) as w:
             for row in w.pending_rows():
                 w.write_rows([row], compute(row))
+
+    Args:
+        store: a store opened with ``writable=True``.
+        family: the family to write (planned with :meth:`VLAStore.add_family`).
+        rank, world_size: this writer owns shards ``s % world_size == rank``;
+            both default to torch.distributed's when a process group is
+            initialised, else to 0 and 1.
+        generation: the generation to write (default: the current one).
+        fsync: fsync every shard file before linking it into place.
+        write_behind: checksum and write complete shards in a background
+            thread; errors (e.g. :class:`OwnershipError`) then surface at the
+            next call, :meth:`wait` or :meth:`close`.
     """
 
     def __init__(
@@ -134,8 +146,9 @@ class FamilyWriter:
         self.world_size = world_size
         self.fsync = fsync
         # write-behind (opt-in): a complete shard is checksummed and written by one background thread
-        # while the caller fills the next one; at most _MAX_IN_FLIGHT shards wait. On the 2-core
-        # machines it was measured on it did not beat writing inline (tools/bench_write.py shows both)
+        # while the caller fills the next one; at most _MAX_IN_FLIGHT shards wait. tools/bench_write.py:
+        # 10-25% faster on a quiet 2-core machine, no gain under load; opt-in because a failed shard
+        # write then surfaces at the next call instead of the one that completed the shard
         self.write_behind = write_behind
         self._executor: ThreadPoolExecutor | None = None
         self._in_flight: deque[tuple[int, Future[None], _Pending]] = deque()
