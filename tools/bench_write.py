@@ -59,6 +59,25 @@ def bench_npsave(bits: np.ndarray, folder: Path, fsync: bool) -> float:
     return elapsed
 
 
+def bench_floor(bits: np.ndarray) -> dict[str, float]:
+    """Seconds of the work any writer of this format must add to np.save, measured alone.
+
+    One crc32c call per stored row (the format checksums every inner chunk) and
+    the NaN/Inf check of every value (the writer refuses them by default).
+    """
+    from crc32c import crc32c
+
+    start = time.perf_counter()
+    for lo in range(0, len(bits), 4096):
+        np.fromiter(map(crc32c, bits[lo : lo + 4096]), dtype="<u4")
+    crc = time.perf_counter() - start
+    start = time.perf_counter()
+    for lo in range(0, len(bits), 1024):
+        batch = bits[lo : lo + 1024]
+        _ = int(batch.max()) < 0xFF80 and int(batch.view(np.int16).max()) < 0x7F80
+    return {"crc32c per row": crc, "NaN/Inf check": time.perf_counter() - start}
+
+
 def plan_store(folder: Path, rows: int, dim: int, episode_rows: int = 500) -> VLAStore:
     """A store whose episodes hold ``episode_rows`` vlm rows each (3 steps per row)."""
     n_episodes = -(-rows // episode_rows)
@@ -121,6 +140,7 @@ def main() -> None:
         if not args.dir:
             shutil.rmtree(base, ignore_errors=True)
     assert report is not None
+    floor = {k: min(bench_floor(bits)[k] for _ in range(2)) for k in ("crc32c per row", "NaN/Inf check")}
     best = {k: min(v) for k, v in times.items()}
     median = {k: float(np.median(v)) for k, v in times.items()}
     print(f"\n{'contender':<12} {'best s':>7} {'median s':>9} {'MiB/s':>7}   all runs (s)")
@@ -133,6 +153,10 @@ def main() -> None:
     print("  with write_behind=True           "
           f"{best['np.save'] / best['vlastore+wb']:.2f} best vs best, "
           f"{median['np.save'] / median['vlastore+wb']:.2f} median vs median")
+    bound = best["np.save"] + sum(floor.values())
+    print("  floor: " + ", ".join(f"{k} {v:.2f} s" for k, v in floor.items())
+          + f"; np.save + these = {bound:.2f} s, so a writer of this format reaches at most "
+          f"{best['np.save'] / bound:.2f} of np.save here")
     disk = report["store_bytes"] / payload
     max_shard_files = -(-args.rows // 4096)
     fixed_files = report["store_files"] - report["shard_files"]
