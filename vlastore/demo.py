@@ -67,7 +67,7 @@ def make_demo_store(
         writer.write_rows(rows, torch.from_numpy(values).to(torch.bfloat16))
     with store.writer("qwen_vl_tokens") as writer:
         token_centres = centres[:, :token_hidden]
-        for row, (length, e) in enumerate(zip(lengths.tolist(), episode.tolist())):
+        for row, (length, e) in enumerate(zip(lengths.tolist(), episode.tolist(), strict=False)):
             tokens = token_centres[e] + 0.5 * rng.normal(size=(length, token_hidden))
             writer.write_rows([row], [tokens.astype(np.float16)])
     return store

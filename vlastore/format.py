@@ -89,7 +89,7 @@ def validate_name(name: object, what: str = "name") -> str:
     if not name:
         raise FormatError(f"{what} is empty; give every {what} a non-empty name")
     if name in (".", "..") or ".." in name:
-        raise FormatError(f"{what} {name!r} contains '..'; names may not walk the store's folders")
+        raise FormatError(f"{what} {name!r} is '.' or contains '..'; names may not walk the store's folders")
     if "/" in name or "\\" in name:
         raise FormatError(f"{what} {name!r} contains a path separator ('/' or '\\'); use '_' instead")
     if any(ord(c) < 32 or ord(c) == 127 for c in name):

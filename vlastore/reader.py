@@ -34,6 +34,8 @@ def to_tensor(array: np.ndarray, true_dtype: str) -> torch.Tensor:
     """A torch tensor sharing memory with ``array``, reinterpreted as ``true_dtype``."""
     import torch
 
+    if not array.flags.writeable:  # decompressed or fetched bytes: torch wants writable memory
+        array = array.copy()
     tensor = torch.from_numpy(array)
     if true_dtype == "bfloat16":
         return tensor.view(torch.bfloat16)

@@ -118,10 +118,12 @@ class Corruption:
     dataset: str | None = None
     index: int | None = None
     reason: str = ""
+    index_name: str = "index"
+    """What ``index`` counts, e.g. ``vlm_idx``."""
 
     def __str__(self) -> str:
         if self.family is not None and self.dataset is not None:
-            return f"{self.family}: ({self.dataset!r}, {self.index}) {self.reason} [{self.where}]"
+            return f"{self.family}: ({self.dataset!r}, {self.index_name}={self.index}) {self.reason} [{self.where}]"
         return f"{self.where}: {self.reason}"
 
 
@@ -150,6 +152,7 @@ def _verify_family(store: VLAStore, family: str, generation: int, report: Verify
     layout = store.layout(family, generation)
     reader = FeatureReader(store, family, generation)
     names = store.catalog.names
+    index_name = layout.spec.index_name
     present_rows = np.zeros(layout.rows, dtype=bool)
     for shard in store.written_shards(family, generation).tolist():
         key = store.shard_key(family, shard, generation)
@@ -164,7 +167,8 @@ def _verify_family(store: VLAStore, family: str, generation: int, report: Verify
         except ChecksumError as exc:
             for row in rows.tolist():
                 e, item = layout.address(row)
-                report.corrupt.append(Corruption(key, family, names[e], item, f"shard index unreadable ({exc})"))
+                report.corrupt.append(Corruption(key, family, names[e], item, f"shard index unreadable ({exc})",
+                                                 index_name))
             continue
         bad_rows: set[int] = set()
         for chunk in np.flatnonzero(index.present).tolist():
@@ -179,7 +183,7 @@ def _verify_family(store: VLAStore, family: str, generation: int, report: Verify
         present_rows[rows] = index.present[first_chunk]
         for row in sorted(bad_rows):
             e, item = layout.address(row)
-            report.corrupt.append(Corruption(key, family, names[e], item, "crc32c mismatch"))
+            report.corrupt.append(Corruption(key, family, names[e], item, "crc32c mismatch", index_name))
     reader.close()
     report.coverage[family if generation == store.generation(family).generation else f"{family}@{generation}"] = (
         int(present_rows.sum()), layout.rows)

@@ -64,7 +64,8 @@ def encode_shard(
     present = np.asarray(present, dtype=np.int64)
     n = len(present)
     assert rows.shape[0] == n, "one row per present chunk"
-    payload = np.ascontiguousarray(rows).view(np.uint8).reshape(n, -1)
+    row_bytes = int(np.prod(rows.shape[1:], dtype=np.int64)) * rows.dtype.itemsize
+    payload = np.ascontiguousarray(rows).view(np.uint8).reshape(n, row_bytes)  # n may be 0: an empty shard
     if compression is None:
         span = int(present[-1]) + 1 if n else 0
         builder = RawShardBuilder(chunks_per_shard, span, payload.shape[1])
@@ -77,7 +78,7 @@ def encode_shard(
     codec = _zstd()
     parts = []
     pos = 0
-    for c, r in zip(present.tolist(), payload):
+    for c, r in zip(present.tolist(), payload, strict=False):
         blob = bytes(codec.encode(r))
         blob += crc32c(blob).to_bytes(_CRC_BYTES, "little")
         parts.append(blob)
@@ -96,12 +97,16 @@ class RawShardBuilder:
     Fill ``payload[c]`` (uint8, one row of chunk ``c``), then :meth:`finish`.
     """
 
-    def __init__(self, chunks_per_shard: int, n_chunks: int, chunk_nbytes: int) -> None:
+    def __init__(self, chunks_per_shard: int, n_chunks: int, chunk_nbytes: int,
+                 buffer: np.ndarray | None = None) -> None:
         self.chunks_per_shard = chunks_per_shard
         self.n_chunks = n_chunks
         self.chunk_nbytes = chunk_nbytes
         self.stride = chunk_nbytes + _CRC_BYTES
-        self._out = np.empty(n_chunks * self.stride + index_nbytes(chunks_per_shard), dtype=np.uint8)
+        size = n_chunks * self.stride + index_nbytes(chunks_per_shard)
+        # a reused buffer (see nbytes_for) spares the page faults of a fresh allocation per shard
+        self.buffer = buffer if buffer is not None and buffer.size >= size else np.empty(size, dtype=np.uint8)
+        self._out = self.buffer[:size]
         body = self._out[: n_chunks * self.stride].reshape(n_chunks, self.stride)
         self.payload = body[:, :chunk_nbytes]
         self._crc = body[:, chunk_nbytes:]
@@ -118,7 +123,7 @@ class RawShardBuilder:
             body[:, : self.chunk_nbytes] = self.payload[present]
             self.payload = body[:, : self.chunk_nbytes]
             self._crc = body[:, self.chunk_nbytes :]
-        crcs = np.fromiter((crc32c(r) for r in self.payload[:n]), dtype="<u4", count=n)
+        crcs = np.fromiter(map(_crc32c, self.payload[:n]), dtype="<u4", count=n)  # no wrapper: 1 call per row
         self._crc[:n] = crcs.view(np.uint8).reshape(n, _CRC_BYTES)
         offsets = np.full(self.chunks_per_shard, MISSING, dtype="<u8")
         nbytes = np.full(self.chunks_per_shard, MISSING, dtype="<u8")

@@ -253,6 +253,14 @@ class Storage:
         finally:
             tmp.unlink(missing_ok=True)
 
+    def remove_partials(self, key: str) -> None:
+        """Delete temporary files a killed :meth:`write_once` of ``key`` left behind (local stores)."""
+        path = self.file_path(key)
+        if path is None or not path.parent.is_dir():
+            return
+        for stale in path.parent.glob(f".{path.name}.*.partial"):
+            stale.unlink(missing_ok=True)
+
     def list_keys(self, prefix: str) -> Iterator[str]:
         """Keys under ``prefix``, relative to the group (temporary files skipped)."""
         root = self.file_path(prefix)

@@ -151,7 +151,7 @@ class VLAStore:
                 raise FormatError(f"series {key!r}: {len(cols)} column names for {width} columns")
             dtype = np.result_type(*[p.dtype for p in parts]) if parts else np.dtype(np.float32)
             if not allow_nonfinite:
-                for e, p in zip(episodes, parts):
+                for e, p in zip(episodes, parts, strict=False):
                     _check_finite(p, f"episode {e.name!r} series {key!r}", cols)
             stacked[key] = np.concatenate(parts).astype(dtype) if parts else np.zeros((0, width), dtype)
             series_info[key] = SeriesInfo(cols, str(dtype))
@@ -512,7 +512,11 @@ class VLAStore:
     def row(self, family: str, dataset: str | int, index: int, generation: int | None = None) -> int:
         """Row number of ``(dataset, index)`` in a family (``index`` is e.g. ``vlm_idx``)."""
         e = self.catalog.resolve(dataset)
-        return self.layout(family, generation).row(e, int(index))
+        layout = self.layout(family, generation)
+        try:
+            return layout.row(e, int(index))
+        except IndexError as exc:  # say which family and episode, not just "this episode"
+            raise IndexError(f"family {family!r}, dataset {self.catalog.names[e]!r}: {exc}") from None
 
     def reader(self, family: str, generation: int | None = None) -> Any:
         """A :class:`vlastore.reader.FeatureReader` for one generation (cached)."""
@@ -536,9 +540,13 @@ class VLAStore:
         row = self.row(family, dataset, index, generation)
         return self.reader(family, generation).tensor(row)
 
-    def writer(self, family: str, rank: int = 0, world_size: int = 1, generation: int | None = None,
-               **kwargs: Any) -> FamilyWriter:
-        """A :class:`vlastore.writer.FamilyWriter` owning shards ``s % world_size == rank``."""
+    def writer(self, family: str, rank: int | None = None, world_size: int | None = None,
+               generation: int | None = None, **kwargs: Any) -> FamilyWriter:
+        """A :class:`vlastore.writer.FamilyWriter` owning shards ``s % world_size == rank``.
+
+        ``rank``/``world_size`` default to torch.distributed's when a process group
+        is initialised, else to a single writer (0 of 1).
+        """
         from .writer import FamilyWriter
 
         return FamilyWriter(self, family, rank=rank, world_size=world_size, generation=generation, **kwargs)
