@@ -17,6 +17,8 @@ EXAMPLES = """examples:
   vlastore demo                       make ./vlastore-demo.vla, show it, read a batch
   vlastore info STORE [--json]        what a store holds
   vlastore verify STORE               check every checksum; exit 1 on corruption
+  vlastore ingest robot|pt-cache|vggt SRC --out/--into STORE
+                                      one-shot ingestion (see vlastore ingest --help)
 """
 
 
@@ -76,6 +78,12 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _cmd_ingest(args: argparse.Namespace) -> int:
+    from .ingest.commands import run_ingest
+
+    return run_ingest(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vlastore",
@@ -103,11 +111,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_verify)
+
+    from .ingest.commands import add_ingest_parser
+
+    add_ingest_parser(sub).set_defaults(func=_cmd_ingest)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     from .format import FormatError
+    from .ingest.report import IngestError
     from .reader import MissingRowError
     from .shardcodec import ChecksumError
     from .storage import StoreNotFoundError
@@ -118,6 +131,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                    PermissionError, KeyError, IndexError, MissingRowError, OwnershipError, ChecksumError)
     try:
         return int(args.func(args))
+    except IngestError as exc:
+        print(f"vlastore {args.command}: error: {exc}", file=sys.stderr)
+        for problem in exc.problems[:20]:
+            print(f"  {problem}", file=sys.stderr)
+        if len(exc.problems) > 20:
+            print(f"  ... {len(exc.problems) - 20} more", file=sys.stderr)
+        return 1
     except user_errors as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"vlastore {args.command}: error: {message}", file=sys.stderr)

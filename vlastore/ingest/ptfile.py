@@ -30,7 +30,7 @@ import pickle
 import struct
 import sys
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -86,6 +86,8 @@ class RawTensor:
 
     array: np.ndarray
     dtype: str
+    origin: tuple[str, int] | None = field(default=None, repr=False, compare=False)
+    """``(storage record, element offset)`` of a contiguous tensor; lets a file layout be reused."""
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -114,7 +116,8 @@ def read_bytes(path: str | os.PathLike[str]) -> bytes:
         os.close(fd)
 
 
-def _zip_records(buf: bytes, where: str) -> dict[str, memoryview] | None:
+def _zip_records(buf: bytes, where: str, layout: list[tuple[str, int, int, int]] | None = None
+                 ) -> dict[str, memoryview] | None:
     """Record name (without the archive folder) -> its bytes; None for zips this parser leaves to zipfile."""
     if len(buf) < 22:
         raise PtFileError("truncated" if buf[:4] == _LOCAL else "not-zip", f"{where}: {len(buf)} bytes, not a zip archive")
@@ -132,6 +135,7 @@ def _zip_records(buf: bytes, where: str) -> dict[str, memoryview] | None:
     records: dict[str, memoryview] = {}
     pos = cd_offset
     for _ in range(count):
+        entry_pos = pos
         (sig, method, crc, csize, usize, nlen, xlen, clen, local) = _CDIR_ENTRY.unpack_from(buf, pos)
         if sig != _CDIR:
             raise PtFileError("corrupt", f"{where}: bad zip central directory entry at byte {pos}")
@@ -155,6 +159,8 @@ def _zip_records(buf: bytes, where: str) -> dict[str, memoryview] | None:
         if zlib.crc32(data) != crc:
             raise PtFileError("corrupt", f"{where}: record {name!r} fails its CRC-32 check (damaged file)")
         records[short] = data
+        if layout is not None and method == 0:
+            layout.append((short, entry_pos, local, start))
     return records
 
 
@@ -188,6 +194,7 @@ class _Storage:
     data: memoryview
     dtype: str
     np_dtype: np.dtype
+    record: str = ""
 
 
 def _rebuild_tensor(storage: _Storage, offset: int, size: tuple[int, ...], stride: tuple[int, ...], *_: Any) -> RawTensor:
@@ -198,7 +205,7 @@ def _rebuild_tensor(storage: _Storage, offset: int, size: tuple[int, ...], strid
     numel = math.prod(size)
     contiguous = tuple(stride) == _contiguous_strides(size)
     if contiguous and offset + numel <= flat.size:
-        array = flat[offset : offset + numel].reshape(size)
+        return RawTensor(flat[offset : offset + numel].reshape(size), storage.dtype, (storage.record, offset))
     else:
         if numel and offset + sum((n - 1) * s for n, s in zip(size, stride)) >= flat.size:
             raise pickle.UnpicklingError("tensor view reaches past its storage")
@@ -277,7 +284,7 @@ class _SafeUnpickler(pickle.Unpickler):
             raise PtFileError("corrupt", f"the file has no storage record data/{key}")
         if self._swap:
             data = memoryview(np.frombuffer(data, storage_type.np_dtype).byteswap().tobytes())
-        return _Storage(data, storage_type.dtype, storage_type.np_dtype)
+        return _Storage(data, storage_type.dtype, storage_type.np_dtype, f"data/{key}")
 
 
 def parse_pt(buf: bytes, where: str = "<bytes>") -> Any:
@@ -288,7 +295,14 @@ def parse_pt(buf: bytes, where: str = "<bytes>") -> Any:
     """
     if buf[:1] == b"\x80":  # a bare pickle: the pre-1.6 format
         return _torch_fallback(buf, where, "a pre-torch-1.6 (not zip) file")
-    records = _zip_records(buf, where)
+    tkey = _template_key(buf)
+    template = _TEMPLATES.get(tkey) if tkey else None
+    if template is not None:
+        obj = template.apply(buf)
+        if obj is not None:
+            return obj
+    layout: list[tuple[str, int, int, int]] = []
+    records = _zip_records(buf, where, layout)
     if records is None:
         records = _zipfile_records(buf, where)
     pkl = records.get("data.pkl")
@@ -296,13 +310,120 @@ def parse_pt(buf: bytes, where: str = "<bytes>") -> Any:
         raise PtFileError("not-zip", f"{where}: a zip archive without data.pkl, not written by torch.save")
     swap = bytes(records.get("byteorder", b"little")).strip() == b"big" and sys.byteorder == "little"
     try:
-        return _SafeUnpickler(pkl, records, swap).load()
+        obj = _SafeUnpickler(pkl, records, swap).load()
+        if tkey and not swap:
+            _remember(tkey, buf, layout, records, obj)
+        return obj
     except _UnsafeGlobal as exc:
         return _torch_fallback(buf, where, f"global {exc}")
     except PtFileError as exc:
         raise PtFileError(exc.reason, f"{where}: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - any malformed pickle is a bad file, never a crash
         raise PtFileError("corrupt", f"{where}: data.pkl does not unpickle ({type(exc).__name__}: {exc})") from None
+
+
+# ------------------------------------------------------------------ layout templates
+#
+# Files of one cache share their layout: same size, same records at the same
+# offsets, the same data.pkl (a bare tensor or a dict of tensors). The first
+# such file is parsed in full; later ones are checked against its layout
+# (signatures, record sizes, name lengths, data.pkl bytes, CRC-32 of every
+# record used) and rebuilt without walking the zip or running the unpickler.
+
+
+class _Template:
+    __slots__ = ("records", "pkl", "byteorder", "recipe")
+
+    def __init__(self, records: list[tuple[str, int, int, int, int, int]], pkl: bytes, byteorder: bytes | None,
+                 recipe: Any) -> None:
+        self.records = records  # (short name, central entry pos, local pos, data start, size, name length)
+        self.pkl = pkl
+        self.byteorder = byteorder
+        self.recipe = recipe
+
+    def apply(self, buf: bytes) -> Any:
+        view = memoryview(buf)
+        data: dict[str, memoryview] = {}
+        for short, entry_pos, local, start, size, nlen in self.records:
+            (sig, method, crc, csize, usize, n, _, _, loc) = _CDIR_ENTRY.unpack_from(buf, entry_pos)
+            if sig != _CDIR or method or csize != size or usize != size or n != nlen or loc != local:
+                return None
+            if buf[local : local + 4] != _LOCAL or not buf.endswith(short.encode(), 0, entry_pos + 46 + nlen):
+                return None
+            (_, lnlen, lxlen) = _LOCAL_HEADER.unpack_from(buf, local)
+            if local + 30 + lnlen + lxlen != start:
+                return None
+            record = view[start : start + size]
+            if zlib.crc32(record) != crc:
+                return None  # the full parse reports it
+            data[short] = record
+        if data.get("data.pkl") != self.pkl or (self.byteorder is not None and data.get("byteorder") != self.byteorder):
+            return None
+        return _build(self.recipe, data)
+
+
+_TEMPLATES: dict[tuple[int, int, int], _Template] = {}
+
+
+def _template_key(buf: bytes) -> tuple[int, int, int] | None:
+    if len(buf) < 22 or buf[-22:-18] != _EOCD:
+        return None
+    (_, _, _, count, _, cd_offset, _) = struct.unpack_from("<HHHHIIH", buf, len(buf) - 18)
+    return (len(buf), cd_offset, count)
+
+
+def _recipe(obj: Any) -> Any:
+    """The object with each tensor replaced by how to rebuild it; None when it has other things in it."""
+    if isinstance(obj, RawTensor):
+        if obj.origin is None:
+            return None
+        return ("tensor", obj.origin[0], obj.origin[1], obj.array.shape, obj.array.dtype, obj.dtype)
+    if isinstance(obj, dict):
+        parts = {k: _recipe(v) if isinstance(v, RawTensor) else ("value", v) for k, v in obj.items()}
+        if any(p is None or (p[0] == "value" and not isinstance(p[1], (str, int, float, bool, type(None))))
+               for p in parts.values()):
+            return None
+        return ("dict", type(obj), parts)
+    return None
+
+
+def _build(recipe: Any, data: dict[str, memoryview]) -> Any:
+    kind = recipe[0]
+    if kind == "tensor":
+        _, record, offset, shape, np_dtype, dtype = recipe
+        count = math.prod(shape)
+        flat = np.frombuffer(data[record], dtype=np_dtype, count=count, offset=offset * np_dtype.itemsize)
+        return RawTensor(flat.reshape(shape), dtype, (record, offset))
+    if kind == "dict":
+        return recipe[1]((k, _build(v, data) if v[0] != "value" else v[1]) for k, v in recipe[2].items())
+    return recipe[1]
+
+
+def _remember(tkey: tuple[int, int, int], buf: bytes, layout: list[tuple[str, int, int, int]],
+              records: dict[str, memoryview], obj: Any) -> None:
+    recipe = _recipe(obj)
+    if recipe is None:
+        return
+    used = {"data.pkl", "byteorder"} | _records_of(recipe)
+    rows = []
+    for short, entry_pos, local, start in layout:
+        if short in used:
+            nlen = struct.unpack_from("<H", buf, entry_pos + 28)[0]
+            rows.append((short, entry_pos, local, start, len(records[short]), nlen))
+    if {r[0] for r in rows} != used & set(records):
+        return
+    if len(_TEMPLATES) >= 256:
+        _TEMPLATES.clear()
+    byteorder = bytes(records["byteorder"]) if "byteorder" in records else None
+    _TEMPLATES[tkey] = _Template(rows, bytes(records["data.pkl"]), byteorder, recipe)
+
+
+def _records_of(recipe: Any) -> set[str]:
+    if recipe[0] == "tensor":
+        return {recipe[1]}
+    if recipe[0] == "dict":
+        return set().union(*(_records_of(v) for v in recipe[2].values() if v[0] != "value"))
+    return set()
 
 
 def read_pt(path: str | os.PathLike[str]) -> Any:
