@@ -24,7 +24,7 @@ from ..layout import vlm_items
 from ..shardcodec import index_nbytes
 from .report import Problem
 
-__all__ = ["ScannedFile", "Item", "FamilyPlan", "CatalogPlan", "plan_families", "core_shape", "estimate_size"]
+__all__ = ["ONLY_TENSOR", "pick_entry", "ScannedFile", "Item", "FamilyPlan", "CatalogPlan", "plan_families", "core_shape", "estimate_size"]
 
 
 @dataclass
@@ -95,6 +95,17 @@ class FamilyPlan:
             "rows_per_shard": self.spec.rows_per_shard,
             "has_keys": self.spec.has_keys,
         }
+
+
+ONLY_TENSOR = "*"
+"""Entry name meaning "the file's one tensor" (bare, or the single tensor of a dict)."""
+
+
+def pick_entry(tensors: dict[str, Any], entry: str) -> Any:
+    """``tensors[entry]``; for :data:`ONLY_TENSOR` the single value (None when absent or ambiguous)."""
+    if entry == ONLY_TENSOR:
+        return next(iter(tensors.values())) if len(tensors) == 1 else None
+    return tensors.get(entry)
 
 
 def core_shape(shape: Sequence[int]) -> tuple[int, ...]:
@@ -217,6 +228,8 @@ def plan_families(
     rows = int(episode_rows[-1])
 
     entries = sorted({entry for _, item in placed.values() for entry in files[item.file].tensors})
+    if all(len(files[item.file].tensors) <= 1 for _, item in placed.values()) and entries:
+        entries = [ONLY_TENSOR]  # one tensor per file: one family, whatever the dict key (or a bare tensor)
     for _, item in placed.values():
         if not files[item.file].tensors:
             sf = files[item.file]
@@ -226,18 +239,20 @@ def plan_families(
     for entry in entries:
         name = family if len(entries) == 1 else f"{family}_{entry}"
         validate_name(name, "family name")
-        members = [(row, item) for row, (_, item) in sorted(placed.items()) if entry in files[item.file].tensors]
-        cores = [core_shape(files[item.file].tensors[entry][0]) for _, item in members]
-        dtypes = [files[item.file].tensors[entry][1] for _, item in members]
+        members = [(row, item) for row, (_, item) in sorted(placed.items())
+                   if pick_entry(files[item.file].tensors, entry) is not None]
+        infos = [pick_entry(files[item.file].tensors, entry) for _, item in members]
+        cores = [core_shape(info[0]) for info in infos]  # type: ignore[index]
+        dtypes = [info[1] for info in infos]  # type: ignore[index]
         row_shape, ragged = _family_shape(cores, layout)
         dtype = _mode(dtypes)
         row_file = np.full(rows, -1, dtype=np.int64)
         lengths = np.ones(rows, dtype=np.int64) if ragged else None
         what = f"[L, {', '.join(map(str, row_shape))}]" if ragged else str(list(row_shape))
-        for (row, item), core, dt in zip(members, cores, dtypes):
+        for (row, item), info, core, dt in zip(members, infos, cores, dtypes):
             sf = files[item.file]
-            shape, _, finite = sf.tensors[entry]
-            label = f"{sf.path}" + (f" entry {entry!r}" if entry else "")
+            shape, _, finite = info  # type: ignore[misc]
+            label = f"{sf.path}" + (f" entry {entry!r}" if entry != ONLY_TENSOR else "")
             n = _fits(core, row_shape, ragged)
             if not n:
                 problems.append(Problem(sf.path, "wrong-shape", f"{label}: shape {list(shape)}, but family {name!r} "

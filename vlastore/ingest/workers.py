@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from ..format import FamilySpec
-from .plan import core_shape
+from .plan import core_shape, pick_entry
 from .ptfile import PtFileError, read_pt, tensor_entries
 from .report import IngestError, Problem
 from .scan import values_finite
@@ -99,7 +99,7 @@ def load_value(path: str, entry: str, spec: FamilySpec, length: int) -> tuple[np
         return None, Problem(path, "changed", f"{path}: changed since the scan: {exc}")
     except OSError as exc:
         return None, Problem(path, "changed", f"{path}: changed since the scan: {exc}")
-    tensor = tensors.get(entry)
+    tensor = pick_entry(tensors, entry)
     if tensor is None:
         return None, Problem(path, "changed", f"{path}: changed since the scan: entry {entry!r} is gone")
     core = core_shape(tensor.shape)
