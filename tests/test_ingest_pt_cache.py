@@ -115,7 +115,8 @@ def test_dry_run_writes_nothing_and_reports_the_plan(tmp_path: Path, capsys: pyt
     assert main(["ingest", "pt-cache", str(cache), "--out", str(tmp_path / "s.vla"), "--dry-run", "-q"]) == 0
     assert tree_hashes(tmp_path) == before
     text = capsys.readouterr().out
-    assert "DRY RUN" in text and "13 rows of [16] bfloat16, 12 with a source file" in text and "estimated store size" in text
+    assert "DRY RUN" in text and "estimated store size" in text
+    assert "13 rows of [16] bfloat16, 12 with a source file" in text
     assert "[truncated]" in text
 
 
@@ -135,3 +136,16 @@ def test_features_into_a_robot_store(tmp_path: Path) -> None:
     assert torch.equal(store.feature("vl_features", "ep_b", 2), values[("ep_b", 2)][0])
     problems = json.loads((tmp_path / "r.json").read_text())["problems"]
     assert [p["reason"] for p in problems] == ["index-out-of-range"]
+
+
+def test_verify_catches_a_source_that_no_longer_matches(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    make_pt_cache(cache, {"ep_a": 4})
+    args = ["ingest", "pt-cache", str(cache), "--out", str(tmp_path / "s.vla"), "-q", "--workers", "1"]
+    assert main([*args, "--verify"]) == 0
+    torch.save(torch.randn(1, 16).bfloat16(), cache / "ep_a_vlm2.pt")  # same shape, other values
+    report = tmp_path / "r.json"
+    assert main([*args, "--verify", "--report-json", str(report)]) == 1  # rerun: nothing to write, verify fails
+    data = json.loads(report.read_text())
+    assert data["rows_written"] == 0 and data["rows_already_done"] == 4
+    assert len(data["verify"]["mismatches"]) == 1 and "vlm_idx=2" in data["verify"]["mismatches"][0]

@@ -27,7 +27,7 @@ def _common(p: argparse.ArgumentParser, features: bool) -> None:
         where.add_argument("--into", metavar="STORE", help="add the features to this existing store (e.g. made by "
                                                            "`vlastore ingest robot`); episodes come from it")
     p.add_argument("--workers", type=int, default=0, metavar="N",
-                   help="worker processes (default: one per CPU core, here %d)" % (os.cpu_count() or 1))
+                   help=f"worker processes (default: one per CPU core, here {os.cpu_count() or 1})")
     p.add_argument("--dry-run", action="store_true", help="scan and plan only: print episodes, rows, families, "
                    "shapes, dtypes, problems and the estimated store size; write nothing")
     p.add_argument("--strict", action="store_true", help="stop (exit 1) on any bad file instead of skipping it")

@@ -15,8 +15,8 @@ import numpy as np
 from tqdm import tqdm
 
 from ..format import FormatError, Producer
-from ..store import EpisodeData, VLAStore
 from ..storage import StoreNotFoundError
+from ..store import EpisodeData, VLAStore
 from .plan import CatalogPlan, FamilyPlan, Item, ScannedFile, estimate_size, plan_catalog, plan_families
 from .report import IngestError, IngestReport, Problem
 from .scan import (
@@ -276,7 +276,7 @@ def _ingest(source: str, kind: str, paths: list[str], place: Placer, options: In
 def _prepare_store(options: IngestOptions, catalog: CatalogPlan) -> VLAStore:
     if options.into:
         return VLAStore.open(options.into, writable=True)
-    episodes = [EpisodeData(n, steps=int(s)) for n, s in zip(catalog.names, catalog.steps.tolist())]
+    episodes = [EpisodeData(n, steps=int(s)) for n, s in zip(catalog.names, catalog.steps.tolist(), strict=True)]
     store, _ = open_or_create_store(str(options.out), episodes)
     return store
 

@@ -24,7 +24,18 @@ from ..layout import vlm_items
 from ..shardcodec import index_nbytes
 from .report import Problem
 
-__all__ = ["ONLY_TENSOR", "pick_entry", "ScannedFile", "Item", "FamilyPlan", "CatalogPlan", "plan_families", "core_shape", "estimate_size"]
+__all__ = [
+    "ONLY_TENSOR",
+    "pick_entry",
+    "ScannedFile",
+    "Item",
+    "FamilyPlan",
+    "CatalogPlan",
+    "plan_catalog",
+    "plan_families",
+    "core_shape",
+    "estimate_size",
+]
 
 
 @dataclass
@@ -249,7 +260,7 @@ def plan_families(
         row_file = np.full(rows, -1, dtype=np.int64)
         lengths = np.ones(rows, dtype=np.int64) if ragged else None
         what = f"[L, {', '.join(map(str, row_shape))}]" if ragged else str(list(row_shape))
-        for (row, item), info, core, dt in zip(members, infos, cores, dtypes):
+        for (row, item), info, core, dt in zip(members, infos, cores, dtypes, strict=True):
             sf = files[item.file]
             shape, _, finite = info  # type: ignore[misc]
             label = f"{sf.path}" + (f" entry {entry!r}" if entry != ONLY_TENSOR else "")

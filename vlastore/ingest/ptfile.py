@@ -120,7 +120,8 @@ def _zip_records(buf: bytes, where: str, layout: list[tuple[str, int, int, int]]
                  ) -> dict[str, memoryview] | None:
     """Record name (without the archive folder) -> its bytes; None for zips this parser leaves to zipfile."""
     if len(buf) < 22:
-        raise PtFileError("truncated" if buf[:4] == _LOCAL else "not-zip", f"{where}: {len(buf)} bytes, not a zip archive")
+        reason = "truncated" if buf[:4] == _LOCAL else "not-zip"
+        raise PtFileError(reason, f"{where}: {len(buf)} bytes, not a zip archive")
     end = buf.rfind(_EOCD, max(0, len(buf) - 65557))
     if end < 0:
         if buf[:4] == _LOCAL:
@@ -197,7 +198,8 @@ class _Storage:
     record: str = ""
 
 
-def _rebuild_tensor(storage: _Storage, offset: int, size: tuple[int, ...], stride: tuple[int, ...], *_: Any) -> RawTensor:
+def _rebuild_tensor(storage: _Storage, offset: int, size: tuple[int, ...], stride: tuple[int, ...],
+                    *_: Any) -> RawTensor:
     if not isinstance(storage, _Storage):
         raise pickle.UnpicklingError("tensor rebuilt from something that is not a storage")
     flat = np.frombuffer(storage.data, dtype=storage.np_dtype)
@@ -207,7 +209,7 @@ def _rebuild_tensor(storage: _Storage, offset: int, size: tuple[int, ...], strid
     if contiguous and offset + numel <= flat.size:
         return RawTensor(flat[offset : offset + numel].reshape(size), storage.dtype, (storage.record, offset))
     else:
-        if numel and offset + sum((n - 1) * s for n, s in zip(size, stride)) >= flat.size:
+        if numel and offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True)) >= flat.size:
             raise pickle.UnpicklingError("tensor view reaches past its storage")
         array = np.lib.stride_tricks.as_strided(
             flat[offset:], shape=size, strides=[s * flat.itemsize for s in stride]

@@ -67,7 +67,7 @@ def parse_series_spec(specs: list[str] | None) -> list[tuple[str, list[str]]]:
 
 def _group(names: list[str], table: np.ndarray, series: list[tuple[str, list[str]]],
            dtype: str | None) -> tuple[dict[str, tuple[list[str], np.ndarray]], list[str]]:
-    """Split named columns into series by pattern (first match wins); the rest go to ``data`` when no pattern is given."""
+    """Split named columns into series by pattern (first match wins); all go to ``data`` without patterns."""
     if not series:
         groups = {DEFAULT_SERIES: list(range(len(names)))}
     else:
@@ -104,7 +104,8 @@ def read_csv_episode(path: str, series: list[tuple[str, list[str]]] | None = Non
     header, body = [h.strip() for h in rows[0]], [r for r in rows[1:] if r]
     if any(len(r) != len(header) for r in body):
         bad = next(i for i, r in enumerate(body) if len(r) != len(header))
-        episode.problem = ("bad-series", f"{path} line {bad + 2}: {len(body[bad])} fields, the header has {len(header)}")
+        episode.problem = ("bad-series", f"{path} line {bad + 2}: {len(body[bad])} fields, the header has "
+                                         f"{len(header)}")
         return episode
     numeric, names, dropped = [], [], []
     for j, col in enumerate(header):

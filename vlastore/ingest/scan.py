@@ -152,7 +152,8 @@ def place_pt_cache(
                                     "match the pattern and it holds no dataset/vlm_idx metadata"))
         else:
             problems.append(Problem(sf.path, "unmatched-name", f"{sf.path}: name does not match {pattern!r} and the "
-                                    "file holds no dataset/vlm_idx metadata; give --mapping CSV (file,dataset,vlm_idx)"))
+                                    "file holds no dataset/vlm_idx metadata; give --mapping CSV "
+                                    "(file,dataset,vlm_idx)"))
     return items, problems
 
 
@@ -163,7 +164,7 @@ def list_vggt_files(root: str | os.PathLike[str]) -> list[str]:
     """Every ``*.vggt_cache.pt`` under ``root``, sorted."""
     if not os.path.isdir(root):
         raise FileNotFoundError(f"{root}: no such folder; give the data root that holds one folder per episode")
-    out = []
+    out: list[str] = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
         out.extend(os.path.join(dirpath, n) for n in filenames if n.endswith(VGGT_SUFFIX))

@@ -128,7 +128,7 @@ def _write_family(store: Any, work: FamilyWork, paths: list[str], rank: int, wor
         done = 0
         if spec.ragged:
             ok_rows, values = [], []
-            for row, f in zip(rows.tolist(), sources.tolist()):
+            for row, f in zip(rows.tolist(), sources.tolist(), strict=True):
                 value, problem = load_value(paths[f], work.entry, spec, int(layout.lengths[row]))
                 if problem:
                     problems.append(problem)
@@ -184,7 +184,7 @@ def _verify_family(store: Any, work: FamilyWork, paths: list[str], rank: int, wo
             checked += 1
             if problem is not None:
                 mismatches.append(f"{work.name} row {reader.describe(row)}: {problem.message}")
-            elif source.shape != stored.shape or np.ascontiguousarray(source).tobytes() != \
+            elif source is None or source.shape != stored.shape or np.ascontiguousarray(source).tobytes() != \
                     np.ascontiguousarray(stored).tobytes():
                 mismatches.append(f"{work.name} row {reader.describe(row)}: stored bytes differ from {path}")
         send(("verified", checked, missing, mismatches))
