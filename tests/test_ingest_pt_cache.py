@@ -149,3 +149,27 @@ def test_verify_catches_a_source_that_no_longer_matches(tmp_path: Path) -> None:
     data = json.loads(report.read_text())
     assert data["rows_written"] == 0 and data["rows_already_done"] == 4
     assert len(data["verify"]["mismatches"]) == 1 and "vlm_idx=2" in data["verify"]["mismatches"][0]
+
+
+@pytest.mark.parametrize("full_scan", [False, True])
+def test_named_bad_files_found_by_fast_and_full_scan_alike(tmp_path: Path, full_scan: bool) -> None:
+    cache = tmp_path / "cache"
+    values = make_pt_cache(cache, {"ep_a": 40})
+    full = (cache / "ep_a_vlm0.pt").read_bytes()
+    (cache / "ep_a_vlm1.pt").write_bytes(full[:100])
+    (cache / "ep_a_vlm2.pt").write_bytes(b"garbage" * 50)
+    torch.save(torch.randn(1, 17).bfloat16(), cache / "ep_a_vlm3.pt")
+    torch.save(torch.randn(1, 16).half(), cache / "ep_a_vlm4.pt")
+    torch.save(torch.full((1, 16), float("inf")).bfloat16(), cache / "ep_a_vlm5.pt")
+    report = tmp_path / "r.json"
+    args = ["ingest", "pt-cache", str(cache), "--out", str(tmp_path / "s.vla"), "--workers", "2", "-q",
+            "--rows-per-shard", "8", "--report-json", str(report)]
+    assert main(args + (["--full-scan"] if full_scan else [])) == 0
+    data = json.loads(report.read_text())
+    assert any("fast scan" in n for n in data["notes"]) != full_scan
+    reasons = sorted((os.path.basename(p["path"]), p["reason"]) for p in data["problems"])
+    assert reasons == [("ep_a_vlm1.pt", "truncated"), ("ep_a_vlm2.pt", "not-zip"), ("ep_a_vlm3.pt", "wrong-shape"),
+                       ("ep_a_vlm4.pt", "wrong-dtype"), ("ep_a_vlm5.pt", "nonfinite")]
+    store = VLAStore.open(tmp_path / "s.vla")
+    assert store.coverage("vl_features").tolist() == [True] + [False] * 5 + [True] * 34
+    assert torch.equal(store.feature("vl_features", "ep_a", 39), values[("ep_a", 39)][0])

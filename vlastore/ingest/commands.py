@@ -34,6 +34,10 @@ def _common(p: argparse.ArgumentParser, features: bool) -> None:
     p.add_argument("--verify", action="store_true", help="after ingesting, compare every stored value bit-exactly "
                    "with its source file")
     p.add_argument("--allow-nonfinite", action="store_true", help="store NaN/Inf values instead of skipping the file")
+    if features:
+        p.add_argument("--full-scan", action="store_true", help="read and check every file before writing anything "
+                       "(implied by --dry-run and --strict); by default, when file names give every key, a sample "
+                       "of files fixes shape and dtype and each file is checked as it is written")
     p.add_argument("--report-json", metavar="PATH", help="also write the final report as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
@@ -120,6 +124,7 @@ def run_ingest(args: argparse.Namespace) -> int:
         report = ingest_robot(args.path, options, fmt=args.format, series=args.series, dtype=args.dtype)
     else:
         options.layout = args.layout
+        options.full_scan = args.full_scan
         options.compression = None if args.compression == "none" else args.compression
         options.rows_per_shard = args.rows_per_shard
         options.producer = Producer(args.model, args.revision, args.fingerprint,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from collections import Counter
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,7 +18,16 @@ from tqdm import tqdm
 from ..format import FormatError, Producer
 from ..storage import StoreNotFoundError
 from ..store import EpisodeData, VLAStore
-from .plan import CatalogPlan, FamilyPlan, Item, ScannedFile, estimate_size, plan_catalog, plan_families
+from .plan import (
+    CatalogPlan,
+    FamilyPlan,
+    Item,
+    ScannedFile,
+    core_shape,
+    estimate_size,
+    plan_catalog,
+    plan_families,
+)
 from .report import IngestError, IngestReport, Problem
 from .scan import (
     MANIFEST_NAMES,
@@ -58,6 +68,8 @@ class IngestOptions:
     rows_per_shard: int = 0
     producer: Producer = field(default_factory=Producer)
     progress: bool = True
+    full_scan: bool = False
+    """Read every file before writing (implied by ``dry_run`` and ``strict``); else names and a sample plan."""
 
     @property
     def target(self) -> str:
@@ -202,12 +214,17 @@ def _ingest(source: str, kind: str, paths: list[str], place: Placer, options: In
     report = IngestReport(source=source, store=target, kind=kind, dry_run=options.dry_run, notes=notes)
     report.store_before = store_usage(target)
 
-    with tqdm(total=len(paths), unit="file", desc="scan", disable=not options.progress or None) as bar:
-        files = list(parallel_map(inspect_pt, paths, workers, bar.update))
+    fast = None if options.full_scan or options.dry_run or options.strict else _fast_scan(paths, place)
+    if fast is not None:
+        files, items, row_keys, problems = fast
+        report.notes.append("fast scan: keys from file names, shape and dtype from a sample of files; each file "
+                            "is fully checked while it is written (--full-scan checks all before writing)")
+    else:
+        with tqdm(total=len(paths), unit="file", desc="scan", disable=not options.progress or None) as bar:
+            files = list(parallel_map(inspect_pt, paths, workers, bar.update))
+        items, row_keys, problems = place(files)
     report.files_found = len(files)
     report.source_bytes = sum(f.nbytes for f in files)
-
-    items, row_keys, problems = place(files)
     store_catalog = None
     if options.into:
         existing = VLAStore.open(options.into)
@@ -271,6 +288,34 @@ def _ingest(source: str, kind: str, paths: list[str], place: Placer, options: In
     if options.strict and write_problems:
         raise IngestError(f"--strict: {len(write_problems)} file(s) changed during ingestion", write_problems)
     return report
+
+
+def _fast_scan(paths: list[str], place: Placer, samples: int = 64
+               ) -> tuple[list[ScannedFile], list[Item], dict[tuple[str, int], str], list[Problem]] | None:
+    """Plan without reading every file, when file names give every key and a sample agrees on one shape.
+
+    Returns None when a full scan is needed: a name gives no key (the key is
+    inside the file), or the sampled files hold several tensors or fewer than
+    3 in 4 share one shape and dtype (a ragged family needs every row's length
+    before writing). Files that differ from the sample's shape are skipped
+    while writing, with the same reasons a full scan gives.
+    """
+    files = [ScannedFile(p, os.stat(p).st_size) for p in paths]
+    items, row_keys, problems = place(files)
+    if problems or not items:
+        return None
+    picks = sorted({int(i) for i in np.linspace(0, len(items) - 1, min(samples, len(items)))})
+    seen = [inspect_pt(files[items[i].file].path) for i in picks]
+    good = [s for s in seen if s.problem is None]
+    if not good or any(len(s.tensors) != 1 for s in good):
+        return None
+    kinds = Counter((core_shape(shape), dtype) for s in good for shape, dtype, _ in s.tensors.values())
+    (shape, dtype), count = kinds.most_common(1)[0]
+    if count * 4 < len(good) * 3:  # no clear fixed shape: maybe ragged, which needs every length
+        return None
+    for sf in files:
+        sf.tensors = {"": (shape, dtype, True)}  # checked for real while writing
+    return files, items, row_keys, problems
 
 
 def _prepare_store(options: IngestOptions, catalog: CatalogPlan) -> VLAStore:

@@ -12,6 +12,7 @@ and a rerun never races a leftover worker.
 
 from __future__ import annotations
 
+import math
 import multiprocessing as mp
 import os
 import queue as queue_mod
@@ -25,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from ..format import FamilySpec
-from .plan import core_shape, pick_entry
+from .plan import ONLY_TENSOR, core_shape, pick_entry
 from .ptfile import PtFileError, read_pt, tensor_entries
 from .report import IngestError, Problem
 from .scan import values_finite
@@ -92,23 +93,31 @@ def parallel_map(func: Callable[[Any], Any], items: list[Any], workers: int,
 
 
 def load_value(path: str, entry: str, spec: FamilySpec, length: int) -> tuple[np.ndarray | None, Problem | None]:
-    """The row stored for ``entry`` of ``path``, in storage dtype and row shape; or why it cannot be."""
+    """The row stored for ``entry`` of ``path``, in storage dtype and row shape; or why it cannot be.
+
+    Every check of the scan is made again here, so a file that went bad after
+    the scan (or was never read by a fast scan) is skipped with its reason.
+    """
     try:
         tensors, _ = tensor_entries(read_pt(path))
     except PtFileError as exc:
-        return None, Problem(path, "changed", f"{path}: changed since the scan: {exc}")
+        return None, Problem(path, exc.reason, str(exc))
     except OSError as exc:
-        return None, Problem(path, "changed", f"{path}: changed since the scan: {exc}")
+        return None, Problem(path, "unreadable", f"{path}: {exc.strerror or exc}")
     tensor = pick_entry(tensors, entry)
+    label = path if entry == ONLY_TENSOR else f"{path} entry {entry!r}"
     if tensor is None:
-        return None, Problem(path, "changed", f"{path}: changed since the scan: entry {entry!r} is gone")
-    core = core_shape(tensor.shape)
+        what = "no float tensor" if not tensors else f"tensors {sorted(tensors)}"
+        return None, Problem(path, "no-tensor", f"{label}: holds {what}")
     shape = (length, *spec.row_shape) if spec.ragged else spec.row_shape
-    if tensor.dtype != spec.dtype or core_shape(shape) != core:
-        return None, Problem(path, "changed", f"{path}: changed since the scan: now {list(tensor.shape)} "
-                             f"{tensor.dtype}, the family holds {list(shape)} {spec.dtype}")
+    if tensor.array.size != math.prod(shape) or core_shape(tensor.shape) != core_shape(shape):
+        return None, Problem(path, "wrong-shape", f"{label}: shape {list(tensor.shape)}, but the family holds "
+                             f"{list(shape)} rows here")
+    if tensor.dtype != spec.dtype:
+        return None, Problem(path, "wrong-dtype", f"{label}: dtype {tensor.dtype}, but the family is {spec.dtype}")
     if not spec.allow_nonfinite and not values_finite(tensor.array, tensor.dtype):
-        return None, Problem(path, "changed", f"{path}: changed since the scan: now holds NaN/Inf")
+        return None, Problem(path, "nonfinite", f"{label}: holds NaN or Inf; fix the source or pass "
+                             "--allow-nonfinite")
     return tensor.array.reshape(shape), None
 
 
