@@ -115,7 +115,7 @@ def test_dry_run_writes_nothing_and_reports_the_plan(tmp_path: Path, capsys: pyt
     assert main(["ingest", "pt-cache", str(cache), "--out", str(tmp_path / "s.vla"), "--dry-run", "-q"]) == 0
     assert tree_hashes(tmp_path) == before
     text = capsys.readouterr().out
-    assert "DRY RUN" in text and "estimated store size" in text
+    assert "DRY RUN" in text and "estimated size of the new store" in text
     assert "13 rows of [16] bfloat16, 12 with a source file" in text
     assert "[truncated]" in text
 

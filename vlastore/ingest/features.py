@@ -253,9 +253,12 @@ def _ingest(source: str, kind: str, paths: list[str], place: Placer, options: In
 
     store = _prepare_store(options, catalog)
     for p in plans:
+        existed = p.name in store.families
         try:
             store.add_family(p.name, p.spec, p.items_per_episode, p.lengths, options.producer, p.keys)
         except FormatError as exc:
+            if not existed:
+                raise IngestError(f"family {p.name!r}: {exc}") from None
             raise IngestError(
                 f"{exc}. The plan of this run differs from the earlier run that created the family: the source "
                 "files or the options (--layout, --rows-per-shard, --vlm-reuse-count) changed. Rerun with the "
@@ -313,8 +316,9 @@ def _fast_scan(paths: list[str], place: Placer, samples: int = 64
     (shape, dtype), count = kinds.most_common(1)[0]
     if count * 4 < len(good) * 3:  # no clear fixed shape: maybe ragged, which needs every length
         return None
+    assumed = {"": (shape, dtype, True)}  # one shared dict: a million files cost no more
     for sf in files:
-        sf.tensors = {"": (shape, dtype, True)}  # checked for real while writing
+        sf.tensors = assumed  # checked for real while writing
     return files, items, row_keys, problems
 
 

@@ -38,7 +38,7 @@ __all__ = [
 ]
 
 
-@dataclass
+@dataclass(slots=True)
 class ScannedFile:
     """What the scan learned about one source file (small and picklable)."""
 
@@ -51,7 +51,7 @@ class ScannedFile:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Item:
     """A source file placed at ``(episode, index)``; ``priority`` breaks duplicate keys (lower wins)."""
 

@@ -110,7 +110,7 @@ class IngestReport:
         """Human-readable report (plan for a dry run, results otherwise)."""
         lines = [f"{'DRY RUN: nothing written. ' if self.dry_run else ''}{self.kind} ingest of {self.source}"
                  f" -> {self.store}"]
-        lines.append(f"  source files: {self.files_found:,} ({human_bytes(self.source_bytes)} on disk)")
+        lines.append(f"  source files: {self.files_found:,} ({human_bytes(self.source_bytes)})")
         lines.append(f"  episodes: {self.episodes:,}, steps: {self.steps:,}")
         for key, columns in self.series.items():
             shown = ", ".join(columns[:8]) + (f", ... ({len(columns)} columns)" if len(columns) > 8 else "")
@@ -124,12 +124,16 @@ class IngestReport:
                 line += f", {fam['rows_present']:,} stored ({fam['coverage']:.1%} coverage)"
             lines.append(line)
         if self.dry_run:
-            lines.append(f"  estimated store size: {human_bytes(self.estimated_bytes)} in about "
+            what = "added to the store" if self.store_before["files"] else "of the new store"
+            lines.append(f"  estimated size {what}: {human_bytes(self.estimated_bytes)} in about "
                          f"{self.estimated_files:,} files")
         else:
             rate = self.files_ingested / self.seconds if self.seconds else 0.0
-            lines.append(f"  files ingested: {self.files_ingested:,}, skipped: {self.files_skipped:,}; rows written "
-                         f"now: {self.rows_written:,}, already done by an earlier run: {self.rows_already_done:,}")
+            line = f"  files ingested: {self.files_ingested:,}, skipped: {self.files_skipped:,}"
+            if self.families:
+                line += (f"; rows written now: {self.rows_written:,}, already done by an earlier run: "
+                         f"{self.rows_already_done:,}")
+            lines.append(line)
             lines.append(f"  store before: {human_bytes(self.store_before['bytes'])} in {self.store_before['files']:,} "
                          f"files; after: {human_bytes(self.store_after['bytes'])} in "
                          f"{self.store_after['files']:,} files")
