@@ -95,3 +95,11 @@ def test_legacy_format_goes_through_torch_weights_only(tmp_path: Path) -> None:
     torch.save(t, path, _use_new_zipfile_serialization=False)
     got = read_pt(path)
     assert np.array_equal(got.array, t.numpy())
+
+
+def test_expanded_view_is_refused_rather_than_copied_without_bound(tmp_path: Path) -> None:
+    path = tmp_path / "expanded.pt"
+    torch.save(torch.randn(1, 4).expand(100_000, 4), path)  # 4 stored values claiming 400,000
+    with pytest.raises(PtFileError) as err:
+        read_pt(path)
+    assert err.value.reason == "corrupt" and "expanded" in str(err.value)

@@ -151,12 +151,9 @@ def _zip_records(buf: bytes, where: str, layout: list[tuple[str, int, int, int]]
         start = local + 30 + lnlen + lxlen
         if start + csize > len(buf):
             raise PtFileError("truncated", f"{where}: record {name!r} ends past the end of the file (truncated copy?)")
-        if method == 0:
-            data: Any = view[start : start + usize]
-        elif method == 8:
-            data = memoryview(zlib.decompress(view[start : start + csize], -15))
-        else:
-            return None
+        if method != 0:  # torch.save stores records uncompressed; never inflate untrusted data
+            raise PtFileError("corrupt", f"{where}: record {name!r} is compressed, which torch.save never does")
+        data: Any = view[start : start + usize]
         if zlib.crc32(data) != crc:
             raise PtFileError("corrupt", f"{where}: record {name!r} fails its CRC-32 check (damaged file)")
         records[short] = data
@@ -203,18 +200,21 @@ def _rebuild_tensor(storage: _Storage, offset: int, size: tuple[int, ...], strid
     if not isinstance(storage, _Storage):
         raise pickle.UnpicklingError("tensor rebuilt from something that is not a storage")
     flat = np.frombuffer(storage.data, dtype=storage.np_dtype)
-    size = tuple(int(s) for s in size)
+    # every number comes from the (untrusted) pickle: check them before numpy sees them
+    if not (isinstance(offset, int) and all(isinstance(v, int) for v in (*size, *stride))):
+        raise pickle.UnpicklingError("tensor size, stride and offset must be integers")
+    if offset < 0 or min((*size, *stride), default=0) < 0 or len(size) != len(stride):
+        raise pickle.UnpicklingError("negative tensor size, stride or offset")
+    size, stride = tuple(size), tuple(stride)
     numel = math.prod(size)
-    contiguous = tuple(stride) == _contiguous_strides(size)
-    if contiguous and offset + numel <= flat.size:
+    if numel and offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True)) >= flat.size:
+        raise pickle.UnpicklingError("tensor view reaches past its storage")
+    if stride == _contiguous_strides(size):
         return RawTensor(flat[offset : offset + numel].reshape(size), storage.dtype, (storage.record, offset))
-    else:
-        if numel and offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True)) >= flat.size:
-            raise pickle.UnpicklingError("tensor view reaches past its storage")
-        array = np.lib.stride_tricks.as_strided(
-            flat[offset:], shape=size, strides=[s * flat.itemsize for s in stride]
-        ).copy()
-    return RawTensor(array, storage.dtype)
+    if numel > flat.size:  # an expanded view: copying it could take any amount of memory
+        raise pickle.UnpicklingError("tensor view has more elements than its storage (expanded tensor)")
+    array = np.lib.stride_tricks.as_strided(flat[offset:], shape=size, strides=[s * flat.itemsize for s in stride])
+    return RawTensor(array.copy(), storage.dtype)
 
 
 @functools.lru_cache(maxsize=256)
