@@ -81,8 +81,11 @@ def test_bad_files_are_skipped_with_reasons_and_the_rest_ingests(tmp_path: Path)
     assert torch.equal(store.feature("vl_features", "ep_b", 2), values[("ep_b", 2)][0])
     assert data["verify"]["ok"]
     # --strict: the same problems are fatal and nothing new is written
-    code = main(["ingest", "pt-cache", str(cache), "--out", str(tmp_path / "strict.vla"), "--strict", "-q"])
+    strict_report = tmp_path / "strict.json"
+    code = main(["ingest", "pt-cache", str(cache), "--out", str(tmp_path / "strict.vla"), "--strict", "-q",
+                 "--report-json", str(strict_report)])
     assert code == 1 and not (tmp_path / "strict.vla").exists()
+    assert json.loads(strict_report.read_text())["skipped_by_reason"] == data["skipped_by_reason"]
 
 
 def test_hash_named_files_with_mapping_csv_and_metadata(tmp_path: Path) -> None:

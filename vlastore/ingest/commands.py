@@ -111,7 +111,22 @@ def add_ingest_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run_ingest(args: argparse.Namespace) -> int:
-    """Run the ingestion ``args`` describe, print the report; exit status 0 (1 when verification fails)."""
+    """Run the ingestion ``args`` describe, print the report; exit status 0 (1 when verification fails).
+
+    Raises:
+        IngestError: ``--strict`` with problems, or a failed run (its report is still written to ``--report-json``).
+    """
+    from .report import IngestError
+
+    try:
+        return _run(args)
+    except IngestError as exc:
+        if args.report_json and exc.report is not None:
+            exc.report.write_json(args.report_json)
+        raise
+
+
+def _run(args: argparse.Namespace) -> int:
     from ..format import Producer
     from .features import IngestOptions, ingest_pt_cache, ingest_vggt
     from .robot import ingest_robot

@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from collections import Counter
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -236,6 +236,7 @@ def _ingest(source: str, kind: str, paths: list[str], place: Placer, options: In
         rows_per_shard=options.rows_per_shard, keyed=keyed, row_keys=row_keys)
     report.problems = problems + family_problems
     report.episodes, report.steps = len(catalog.names), int(catalog.steps.sum())
+    report.episode_rows = {n: int(r) for n, r in zip(catalog.names, catalog.items.tolist(), strict=True)}
     report.families = {p.name: p.summary() for p in plans}
     for p in plans:
         nbytes, nfiles = estimate_size(p)
@@ -246,7 +247,8 @@ def _ingest(source: str, kind: str, paths: list[str], place: Placer, options: In
     if not plans:
         report.notes.append("no usable tensor found: nothing to write")
     if options.strict and report.problems:
-        raise IngestError(f"--strict: {len(report.problems)} problem(s) in {source}; nothing written", report.problems)
+        raise IngestError(f"--strict: {len(report.problems)} problem(s) in {source}; nothing written",
+                          report.problems, report)
     if options.dry_run or not plans:
         report.seconds = time.perf_counter() - started
         return report
@@ -289,7 +291,8 @@ def _ingest(source: str, kind: str, paths: list[str], place: Placer, options: In
         report.verify = _verify(job, workers, options.progress, sum(p.rows_with_source for p in plans))
     report.seconds = time.perf_counter() - started
     if options.strict and write_problems:
-        raise IngestError(f"--strict: {len(write_problems)} file(s) changed during ingestion", write_problems)
+        raise IngestError(f"--strict: {len(write_problems)} file(s) changed during ingestion", write_problems,
+                          report)
     return report
 
 

@@ -47,9 +47,12 @@ class Problem:
 class IngestError(RuntimeError):
     """Ingestion stopped: ``--strict`` with problems, a plan that disagrees with the store, a failed worker."""
 
-    def __init__(self, message: str, problems: list[Problem] | None = None) -> None:
+    def __init__(self, message: str, problems: list[Problem] | None = None,
+                 report: IngestReport | None = None) -> None:
         super().__init__(message)
         self.problems = problems or []
+        self.report = report
+        """The report so far (e.g. the plan that ``--strict`` refused), for ``--report-json``."""
 
 
 def human_bytes(n: float) -> str:
@@ -73,6 +76,8 @@ class IngestReport:
     source_bytes: int = 0
     episodes: int = 0
     steps: int = 0
+    episode_rows: dict[str, int] = field(default_factory=dict)
+    """Episode -> rows of the ingested family (steps, for robot data)."""
     families: dict[str, dict[str, Any]] = field(default_factory=dict)
     series: dict[str, list[str]] = field(default_factory=dict)
     problems: list[Problem] = field(default_factory=list)
@@ -112,6 +117,11 @@ class IngestReport:
                  f" -> {self.store}"]
         lines.append(f"  source files: {self.files_found:,} ({human_bytes(self.source_bytes)})")
         lines.append(f"  episodes: {self.episodes:,}, steps: {self.steps:,}")
+        if self.episode_rows:
+            what = "steps" if self.kind == "robot" else "rows"
+            shown = ", ".join(f"{name} ({n:,} {what})" for name, n in list(self.episode_rows.items())[:4])
+            more = f", ... ({len(self.episode_rows) - 4:,} more)" if len(self.episode_rows) > 4 else ""
+            lines.append(f"    {shown}{more}")
         for key, columns in self.series.items():
             shown = ", ".join(columns[:8]) + (f", ... ({len(columns)} columns)" if len(columns) > 8 else "")
             lines.append(f"  series {key}: {shown}")

@@ -303,11 +303,13 @@ def ingest_robot(
         report.notes.append("columns not stored (text, or claimed by no --series pattern): "
                             + ", ".join(f"{c} ({n} files)" for c, n in dropped.most_common(10)))
     if options.strict and report.problems:
-        raise IngestError(f"--strict: {len(report.problems)} problem(s) in {source}; nothing written", report.problems)
+        raise IngestError(f"--strict: {len(report.problems)} problem(s) in {source}; nothing written",
+                          report.problems, report)
     if kept:
         report.series = {k: list(c) for k, (c, _) in sorted(kept[0].columns.items())}
     report.episodes = len(kept)
     steps = [len(next(iter(e.columns.values()))[1]) for e in kept]
+    report.episode_rows = {e.name: n for e, n in zip(kept, steps, strict=True)}
     report.steps = sum(steps)
     data = [EpisodeData(e.name, {k: a for k, (_, a) in e.columns.items()}) for e in kept]
     columns = {k: c for k, c in report.series.items()}
