@@ -176,3 +176,17 @@ def test_named_bad_files_found_by_fast_and_full_scan_alike(tmp_path: Path, full_
     store = VLAStore.open(tmp_path / "s.vla")
     assert store.coverage("vl_features").tolist() == [True] + [False] * 5 + [True] * 34
     assert torch.equal(store.feature("vl_features", "ep_a", 39), values[("ep_a", 39)][0])
+
+
+def test_rerun_of_a_finished_ingest_reports_the_same_skips(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    make_pt_cache(cache, {"ep_a": 10})
+    (cache / "ep_a_vlm4.pt").write_bytes(b"garbage" * 40)
+    args = ["ingest", "pt-cache", str(cache), "--out", str(tmp_path / "s.vla"), "-q", "--workers", "1"]
+    first, second = tmp_path / "1.json", tmp_path / "2.json"
+    assert main([*args, "--report-json", str(first)]) == 0
+    assert main([*args, "--report-json", str(second)]) == 0
+    a, b = json.loads(first.read_text()), json.loads(second.read_text())
+    assert a["problems"] == b["problems"] and [p["reason"] for p in b["problems"]] == ["not-zip"]
+    assert (a["rows_written"], a["rows_already_done"]) == (9, 0)
+    assert (b["rows_written"], b["rows_already_done"], b["files_ingested"]) == (0, 9, 9)

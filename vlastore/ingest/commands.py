@@ -19,6 +19,12 @@ Source files are only read, never changed; pickled code in .pt files is never ru
 """
 
 
+def _cores() -> int:
+    from .features import cpu_cores
+
+    return cpu_cores()
+
+
 def _common(p: argparse.ArgumentParser, features: bool) -> None:
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--out", metavar="STORE", help="create this store (or finish the one an earlier run "
@@ -27,7 +33,7 @@ def _common(p: argparse.ArgumentParser, features: bool) -> None:
         where.add_argument("--into", metavar="STORE", help="add the features to this existing store (e.g. made by "
                                                            "`vlastore ingest robot`); episodes come from it")
     p.add_argument("--workers", type=int, default=0, metavar="N",
-                   help=f"worker processes (default: one per CPU core, here {os.cpu_count() or 1})")
+                   help=f"worker processes (default: one per CPU core, here {_cores()})")
     p.add_argument("--dry-run", action="store_true", help="scan and plan only: print episodes, rows, families, "
                    "shapes, dtypes, problems and the estimated store size; write nothing")
     p.add_argument("--strict", action="store_true", help="stop (exit 1) on any bad file instead of skipping it")

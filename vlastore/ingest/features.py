@@ -40,7 +40,7 @@ from .scan import (
     read_manifest,
     read_mapping,
 )
-from .workers import FamilyWork, WriteJob, parallel_map, run_workers
+from .workers import FamilyWork, WriteJob, load_value, parallel_map, run_workers
 
 __all__ = ["IngestOptions", "ingest_pt_cache", "ingest_vggt", "open_or_create_store", "store_usage"]
 
@@ -79,7 +79,15 @@ class IngestOptions:
 
     @property
     def n_workers(self) -> int:
-        return self.workers if self.workers > 0 else (os.cpu_count() or 1)
+        return self.workers if self.workers > 0 else cpu_cores()
+
+
+def cpu_cores() -> int:
+    """Cores this process may run on (the affinity mask, which containers and taskset narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def store_usage(path: str | os.PathLike[str]) -> dict[str, int]:
@@ -274,7 +282,7 @@ def _ingest(source: str, kind: str, paths: list[str], place: Placer, options: In
         written = np.zeros(layout.n_shards, dtype=bool)
         written[store.written_shards(p.name)] = True
         in_done = written[layout.row_shards] & (p.row_file >= 0)
-        report.rows_already_done += int(in_done.sum())
+        report.rows_already_done += int((in_done & store.coverage(p.name)).sum())
         pending += p.rows_with_source - int(in_done.sum())
     write_problems: list[Problem] = []
 
@@ -286,7 +294,7 @@ def _ingest(source: str, kind: str, paths: list[str], place: Placer, options: In
         run_workers(job, workers, "write", on_write)
     report.problems.extend(write_problems)
     report.rows_written = pending - len(write_problems)
-    _finish_report(report, store, plans)
+    _finish_report(report, store, plans, job.paths)
     if options.verify:
         report.verify = _verify(job, workers, options.progress, sum(p.rows_with_source for p in plans))
     report.seconds = time.perf_counter() - started
@@ -341,14 +349,26 @@ def _remove_partials(store: VLAStore, family: str) -> None:
             stale.unlink(missing_ok=True)
 
 
-def _finish_report(report: IngestReport, store: VLAStore, plans: list[FamilyPlan]) -> None:
+def _finish_report(report: IngestReport, store: VLAStore, plans: list[FamilyPlan], paths: list[str]) -> None:
     ingested: set[int] = set()
+    reported = {p.path for p in report.problems}
     for p in plans:
         present = store.coverage(p.name)
         fam = report.families[p.name]
         fam["rows_present"] = int(present.sum())
         fam["coverage"] = float(present.mean()) if present.size else 1.0
         ingested.update(p.row_file[present & (p.row_file >= 0)].tolist())
+        layout = store.layout(p.name)
+        # rows an earlier run skipped (their shards are finished): say why again, by reading those few files
+        for row in np.flatnonzero(~present & (p.row_file >= 0)).tolist():
+            path = paths[int(p.row_file[row])]
+            if path in reported:
+                continue
+            _, problem = load_value(path, p.entry, p.spec, int(layout.lengths[row]))
+            report.problems.append(problem or Problem(
+                path, "changed", f"{path}: was skipped when its shard was written by an earlier run and reads "
+                "fine now; a finished shard is not rewritten: ingest into a new --family to include it"))
+            reported.add(path)
     report.files_ingested = len(ingested)
     report.store_after = store_usage(store.location)
 

@@ -27,7 +27,7 @@ REASONS: dict[str, str] = {
     "index-out-of-range": "index beyond the episode's rows",
     "bad-name": "episode name not usable as a store name",
     "bad-series": "robot data file that cannot be parsed or is inconsistent",
-    "changed": "file changed between the scan and the write",
+    "changed": "file changed between the scan and the write, or since an earlier run skipped it",
 }
 """Reason code -> what it means; every skipped file carries one."""
 
