@@ -20,9 +20,8 @@ Source files are only read, never changed; pickled code in .pt files is never ru
 
 
 def _cores() -> int:
-    from .features import cpu_cores
-
-    return cpu_cores()
+    # what IngestOptions.n_workers picks, without importing the library for --help
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def _common(p: argparse.ArgumentParser, features: bool) -> None:
