@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from ingest_helpers import bits, make_pt_cache, robot_csvs, tree_hashes
+from ingest_helpers import RunsCode, bits, make_pt_cache, robot_csvs, tree_hashes
 
 from vlastore.cli import main
 from vlastore.store import VLAStore
@@ -58,6 +58,8 @@ def test_bad_files_are_skipped_with_reasons_and_the_rest_ingests(tmp_path: Path)
     _write(cache / "ep_b_vlm1.pt", nan)  # NaN
     _write(cache / "0a1b2c3d4e5f60718293a4b5.pt", {"features": good, "dataset": "ep_b", "vlm_idx": 2})  # duplicate
     _write(cache / "ffffeeee0000111122223333.pt", good)  # hash name, no metadata, no mapping
+    marker = tmp_path / "PWNED"
+    _write(cache / "ep_b_vlm4.pt", {"features": good, "payload": RunsCode(str(marker))})  # pickled code
     (cache / "notes.txt").write_text("ignored")
     before = tree_hashes(cache)
     report = tmp_path / "r.json"
@@ -72,19 +74,21 @@ def test_bad_files_are_skipped_with_reasons_and_the_rest_ingests(tmp_path: Path)
         "ep_a_vlm3.pt": "wrong-shape",
         "ep_a_vlm4.pt": "wrong-dtype",
         "ep_b_vlm1.pt": "nonfinite",
+        "ep_b_vlm4.pt": "unsafe-pickle",
         "0a1b2c3d4e5f60718293a4b5.pt": "duplicate-key",
         "ffffeeee0000111122223333.pt": "unmatched-name",
     }
     store = VLAStore.open(tmp_path / "s.vla")
     present = store.coverage("vl_features")
-    assert present.sum() == 12 - 5 and data["files_ingested"] == 7
+    assert not marker.exists()
+    assert present.sum() == 12 - 6 and data["files_ingested"] == 6
     assert torch.equal(store.feature("vl_features", "ep_b", 2), values[("ep_b", 2)][0])
     assert data["verify"]["ok"]
     # --strict: the same problems are fatal and nothing new is written
     strict_report = tmp_path / "strict.json"
     code = main(["ingest", "pt-cache", str(cache), "--out", str(tmp_path / "strict.vla"), "--strict", "-q",
                  "--report-json", str(strict_report)])
-    assert code == 1 and not (tmp_path / "strict.vla").exists()
+    assert code == 1 and not (tmp_path / "strict.vla").exists() and not marker.exists()
     assert json.loads(strict_report.read_text())["skipped_by_reason"] == data["skipped_by_reason"]
 
 
@@ -164,6 +168,8 @@ def test_named_bad_files_found_by_fast_and_full_scan_alike(tmp_path: Path, full_
     torch.save(torch.randn(1, 17).bfloat16(), cache / "ep_a_vlm3.pt")
     torch.save(torch.randn(1, 16).half(), cache / "ep_a_vlm4.pt")
     torch.save(torch.full((1, 16), float("inf")).bfloat16(), cache / "ep_a_vlm5.pt")
+    marker = tmp_path / "PWNED"
+    torch.save(RunsCode(str(marker)), cache / "ep_a_vlm6.pt")
     report = tmp_path / "r.json"
     args = ["ingest", "pt-cache", str(cache), "--out", str(tmp_path / "s.vla"), "--workers", "2", "-q",
             "--rows-per-shard", "8", "--report-json", str(report)]
@@ -172,9 +178,11 @@ def test_named_bad_files_found_by_fast_and_full_scan_alike(tmp_path: Path, full_
     assert any("fast scan" in n for n in data["notes"]) != full_scan
     reasons = sorted((os.path.basename(p["path"]), p["reason"]) for p in data["problems"])
     assert reasons == [("ep_a_vlm1.pt", "truncated"), ("ep_a_vlm2.pt", "not-zip"), ("ep_a_vlm3.pt", "wrong-shape"),
-                       ("ep_a_vlm4.pt", "wrong-dtype"), ("ep_a_vlm5.pt", "nonfinite")]
+                       ("ep_a_vlm4.pt", "wrong-dtype"), ("ep_a_vlm5.pt", "nonfinite"),
+                       ("ep_a_vlm6.pt", "unsafe-pickle")]
+    assert not marker.exists()
     store = VLAStore.open(tmp_path / "s.vla")
-    assert store.coverage("vl_features").tolist() == [True] + [False] * 5 + [True] * 34
+    assert store.coverage("vl_features").tolist() == [True] + [False] * 6 + [True] * 33
     assert torch.equal(store.feature("vl_features", "ep_a", 39), values[("ep_a", 39)][0])
 
 

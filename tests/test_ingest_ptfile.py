@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import io
-import os
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from ingest_helpers import DTYPES, bits
+from ingest_helpers import DTYPES, RunsCode, bits
 
 from vlastore.ingest.ptfile import PtFileError, RawTensor, read_pt, tensor_entries
 
@@ -47,18 +46,10 @@ def test_same_size_file_with_other_content_is_not_confused_by_layout_cache(tmp_p
     assert np.array_equal(read_pt(tmp_path / "b_vlm2.pt").array, bits(b))
 
 
-class _RunsCode:
-    def __init__(self, marker: str) -> None:
-        self.marker = marker
-
-    def __reduce__(self):  # what a malicious or careless pickle looks like
-        return (os.system, (f"touch {self.marker}",))
-
-
 def test_pickled_code_is_refused_and_never_runs(tmp_path: Path) -> None:
     marker = tmp_path / "PWNED"
     path = tmp_path / "evil_vlm0.pt"
-    torch.save({"features": torch.zeros(4), "x": _RunsCode(str(marker))}, path)
+    torch.save({"features": torch.zeros(4), "x": RunsCode(str(marker))}, path)
     with pytest.raises(PtFileError) as err:
         read_pt(path)
     assert err.value.reason == "unsafe-pickle"
