@@ -56,3 +56,12 @@ def test_duplicates_keep_the_higher_priority_then_first_path() -> None:
     assert plan.row_file.tolist() == [0]
     assert sorted(p.path for p in problems) == ["/c/f1.pt", "/c/f2.pt"]
     assert {p.reason for p in problems} == {"duplicate-key"}
+
+
+def test_unusable_episode_names_are_problems_not_crashes() -> None:
+    files = _files([(8,)] * 2)
+    items = [Item(0, "good_ep", 0), Item(1, "bad ep/x", 0)]
+    catalog = plan_catalog(items, None, 1, rows_by_count=False)
+    assert catalog.names == ["good_ep"]
+    (plan,), problems = plan_families(files, items, catalog, "f")
+    assert plan.row_file.tolist() == [0] and [p.reason for p in problems] == ["bad-name"]

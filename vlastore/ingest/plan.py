@@ -169,7 +169,8 @@ def plan_catalog(items: list[Item], store_catalog: tuple[list[str], np.ndarray] 
     """
     by_episode: dict[str, int] = defaultdict(lambda: 0)
     for item in items:
-        by_episode[item.episode] = max(by_episode[item.episode], item.index + 1)
+        if _usable_name(item.episode):
+            by_episode[item.episode] = max(by_episode[item.episode], item.index + 1)
     if store_catalog is not None:
         names, steps = store_catalog
         if rows_by_count:
@@ -180,6 +181,14 @@ def plan_catalog(items: list[Item], store_catalog: tuple[list[str], np.ndarray] 
     names = sorted(by_episode)
     rows = np.array([by_episode[n] for n in names], dtype=np.int64)
     return CatalogPlan(names, rows * (vlm_reuse_count or 1), rows, False)
+
+
+def _usable_name(name: str) -> bool:
+    try:
+        validate_name(name, "episode name")
+    except FormatError:
+        return False
+    return True
 
 
 def plan_families(
@@ -219,6 +228,10 @@ def plan_families(
             problems.append(Problem(sf.path, *sf.problem))
             continue
         e = episode_pos.get(item.episode)
+        if e is None and not _usable_name(item.episode):
+            problems.append(Problem(sf.path, "bad-name", f"{sf.path}: episode name {item.episode!r} is not usable "
+                                    "in a store (letters, digits and ._-+=@,:~ only); rename it or fix --pattern"))
+            continue
         if e is None:
             problems.append(Problem(sf.path, "unknown-episode", f"{sf.path}: episode {item.episode!r} is not in the "
                                     f"store's catalog; ingest its robot data first or leave the file out"))
