@@ -58,8 +58,11 @@ def _context() -> Any:
     return mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
 
 
-def die_with_parent() -> None:
-    """Make this (worker) process exit when its parent dies, even by SIGKILL."""
+def die_with_parent(parent: int) -> None:
+    """Make this worker process exit when its parent (pid ``parent``) dies, even by SIGKILL.
+
+    Call it in child processes only.
+    """
     if sys.platform.startswith("linux"):
         try:
             import ctypes
@@ -68,7 +71,7 @@ def die_with_parent() -> None:
             libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
         except (OSError, AttributeError):
             pass
-    if os.getppid() == 1:  # the parent is already gone
+    if os.getppid() != parent:  # the parent died before the line above took effect
         os._exit(1)
 
 
@@ -82,7 +85,7 @@ def parallel_map(func: Callable[[Any], Any], items: list[Any], workers: int,
                 progress(1)
         return
     chunk = max(1, min(256, len(items) // (workers * 16)))
-    with _context().Pool(workers, initializer=die_with_parent) as pool:
+    with _context().Pool(workers, initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
         for result in pool.imap(func, items, chunksize=chunk):
             yield result
             if progress:
@@ -199,8 +202,12 @@ def _verify_family(store: Any, work: FamilyWork, paths: list[str], rank: int, wo
         send(("verified", checked, missing, mismatches))
 
 
+def _child_main(parent: int, rank: int, world: int, job: WriteJob, mode: str, out: Any) -> None:
+    die_with_parent(parent)
+    _worker_main(rank, world, job, mode, out)
+
+
 def _worker_main(rank: int, world: int, job: WriteJob, mode: str, out: Any) -> None:
-    die_with_parent()
     try:
         from ..store import VLAStore
 
@@ -211,6 +218,8 @@ def _worker_main(rank: int, world: int, job: WriteJob, mode: str, out: Any) -> N
             else:
                 _verify_family(store, work, job.paths, rank, world, out.put)
         out.put(("done", rank))
+    except KeyboardInterrupt:
+        raise
     except BaseException:  # noqa: BLE001 - reported to the parent, which fails the run
         out.put(("error", rank, traceback.format_exc()))
         raise SystemExit(1) from None
@@ -240,7 +249,7 @@ def run_workers(job: WriteJob, workers: int, mode: str, on_message: Callable[[tu
         return
     ctx = _context()
     out = ctx.Queue()
-    procs = [ctx.Process(target=_worker_main, args=(rank, workers, job, mode, out), daemon=True)
+    procs = [ctx.Process(target=_child_main, args=(os.getpid(), rank, workers, job, mode, out), daemon=True)
              for rank in range(workers)]
     for p in procs:
         p.start()
