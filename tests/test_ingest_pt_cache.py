@@ -198,3 +198,15 @@ def test_rerun_of_a_finished_ingest_reports_the_same_skips(tmp_path: Path) -> No
     assert a["problems"] == b["problems"] and [p["reason"] for p in b["problems"]] == ["not-zip"]
     assert (a["rows_written"], a["rows_already_done"]) == (9, 0)
     assert (b["rows_written"], b["rows_already_done"], b["files_ingested"]) == (0, 9, 9)
+
+
+def test_zstd_family_round_trip(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    values = make_pt_cache(cache, {"ep_a": 9}, shape=(1, 64), dtype="float16")
+    out = tmp_path / "s.vla"
+    assert main(["ingest", "pt-cache", str(cache), "--out", str(out), "--compression", "zstd", "--workers", "2",
+                 "--rows-per-shard", "4", "--verify", "-q"]) == 0
+    store = VLAStore.open(out)
+    assert store.spec("vl_features").compression == "zstd"
+    for (name, idx), t in values.items():
+        assert torch.equal(store.feature("vl_features", name, idx), t[0])
