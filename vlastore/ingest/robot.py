@@ -211,6 +211,16 @@ def _read_one(args: tuple[str, str, list[tuple[str, list[str]]], str | None]) ->
     return read_csv_episode(path, series, dtype) if fmt == "csv" else read_npz_episode(path, series, dtype)
 
 
+def _read_source(source: str, kind: str, groups: list[tuple[str, list[str]]], dtype: str | None,
+                 options: IngestOptions, what: str) -> tuple[list[RobotEpisode], list[str]]:
+    if kind == "hdf5":
+        return read_robomimic(source, dtype)
+    paths = sorted(os.path.join(source, n) for n in os.listdir(source) if n.endswith(f".{kind}"))
+    with tqdm(total=len(paths), unit="file", desc=what, disable=not options.progress or None) as bar:
+        return list(parallel_map(_read_one, [(p, kind, groups, dtype) for p in paths], options.n_workers,
+                                 bar.update)), []
+
+
 def _detect(source: str, fmt: str) -> str:
     if fmt != "auto":
         return fmt
@@ -285,18 +295,10 @@ def ingest_robot(
     report.store_before = store_usage(target)
     kind = _detect(source, fmt)
     groups = parse_series_spec(series)
-    if kind == "hdf5":
-        episodes, notes = read_robomimic(source, dtype)
-        report.notes += notes
-        report.source_bytes = _size(source)
-        report.files_found = 1
-    else:
-        paths = sorted(os.path.join(source, n) for n in os.listdir(source) if n.endswith(f".{kind}"))
-        with tqdm(total=len(paths), unit="file", desc="read", disable=not options.progress or None) as bar:
-            episodes = list(parallel_map(_read_one, [(p, kind, groups, dtype) for p in paths],
-                                         options.n_workers, bar.update))
-        report.files_found = len(paths)
-        report.source_bytes = sum(e.nbytes for e in episodes)
+    episodes, notes = _read_source(source, kind, groups, dtype, options, "read")
+    report.notes += notes
+    report.files_found = 1 if kind == "hdf5" else len(episodes)
+    report.source_bytes = _size(source) if kind == "hdf5" else sum(e.nbytes for e in episodes)
     kept, report.problems = _check(episodes, options.allow_nonfinite)
     dropped = Counter(c for e in kept for c in e.dropped)
     if dropped:
@@ -325,8 +327,11 @@ def ingest_robot(
         report.notes.append("the store already holds exactly this robot data (an earlier run finished): nothing to do")
     report.files_ingested = len(kept) if kind != "hdf5" else 1
     report.store_after = store_usage(target)
-    if options.verify:
-        report.verify = _verify_series(store, data)
+    if options.verify:  # against a fresh read of the source files, not the copy in memory
+        again, _ = _read_source(source, kind, groups, dtype, options, "verify")
+        by_name = {e.name: e for e in again}
+        fresh = [EpisodeData(e.name, {k: a for k, (_, a) in by_name[e.name].columns.items()}) for e in kept]
+        report.verify = _verify_series(store, fresh)
     report.seconds = time.perf_counter() - started
     return report
 
