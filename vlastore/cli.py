@@ -19,6 +19,8 @@ EXAMPLES = """examples:
   vlastore verify STORE               check every checksum; exit 1 on corruption
   vlastore build-features STORE --data-root DATA [--model Qwen/Qwen2.5-VL-3B-Instruct]
                                       compute a VLM feature family (torchrun --nproc_per_node=N -m vlastore ...)
+  vlastore ingest robot|pt-cache|vggt SRC --out/--into STORE
+                                      one-shot ingestion (see vlastore ingest --help)
 """
 
 
@@ -99,6 +101,12 @@ def _cmd_build_features(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_ingest(args: argparse.Namespace) -> int:
+    from .ingest.commands import run_ingest
+
+    return run_ingest(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vlastore",
@@ -172,20 +180,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stats-json", help="write this rank's timing stats here ({rank} is replaced)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     p.set_defaults(func=_cmd_build_features)
+    from .ingest.commands import add_ingest_parser
+
+    add_ingest_parser(sub).set_defaults(func=_cmd_ingest)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .features.registry import ExtractorError
     from .format import FormatError
+    from .ingest.report import IngestError
     from .reader import MissingRowError
     from .shardcodec import ChecksumError
     from .storage import StoreNotFoundError
     from .writer import OwnershipError
-
-    try:
-        from .features.registry import ExtractorError
-    except ImportError:  # pragma: no cover
-        ExtractorError = UserError  # noqa: N806
 
     args = build_parser().parse_args(argv)
     user_errors = (UserError, FormatError, StoreNotFoundError, FileExistsError, FileNotFoundError,
@@ -193,6 +201,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                    ExtractorError)
     try:
         return int(args.func(args))
+    except IngestError as exc:
+        print(f"vlastore {args.command}: error: {exc}", file=sys.stderr)
+        for problem in exc.problems[:20]:
+            print(f"  {problem}", file=sys.stderr)
+        if len(exc.problems) > 20:
+            print(f"  ... {len(exc.problems) - 20} more", file=sys.stderr)
+        return 1
     except user_errors as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"vlastore {args.command}: error: {message}", file=sys.stderr)

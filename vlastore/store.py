@@ -103,6 +103,8 @@ class VLAStore:
         self._generations: dict[tuple[str, int], GenerationInfo] = {}
         self._layouts: dict[tuple[str, int], FamilyLayout] = {}
         self._readers: dict[tuple[str, int], Any] = {}
+        self._keys: dict[tuple[str, int], tuple[str, ...]] = {}
+        self._key_index: dict[tuple[str, int], dict[str, int]] = {}
 
     # -------------------------------------------------------------- creation
 
@@ -517,6 +519,35 @@ class VLAStore:
             return layout.row(e, int(index))
         except IndexError as exc:  # say which family and episode, not just "this episode"
             raise IndexError(f"family {family!r}, dataset {self.catalog.names[e]!r}: {exc}") from None
+
+    def keys(self, family: str, generation: int | None = None) -> tuple[str, ...]:
+        """The string key of every row of a family created with ``FamilySpec(has_keys=True)``."""
+        info = self.generation(family, generation)
+        if not info.spec.has_keys:
+            raise KeyError(f"family {family!r} has no row keys (it was created without has_keys=True)")
+        cache_key = (family, info.generation)
+        if cache_key not in self._keys:
+            path = f"{generation_path(family, info.generation)}/keys"
+            self._keys[cache_key] = tuple(str(k) for k in self.storage.read_small_array(path).tolist())
+        return self._keys[cache_key]
+
+    def row_by_key(self, family: str, key: str, generation: int | None = None) -> int:
+        """Row number of the row whose key is ``key`` (e.g. an image path relative to the data root)."""
+        info = self.generation(family, generation)
+        cache_key = (family, info.generation)
+        index = self._key_index.get(cache_key)
+        if index is None:
+            index = {k: r for r, k in enumerate(self.keys(family, generation)) if k}
+            self._key_index[cache_key] = index
+        try:
+            return index[key]
+        except KeyError:
+            sample = ", ".join(repr(k) for k in list(index)[:3])
+            raise KeyError(f"family {family!r} has no row with key {key!r}; keys look like {sample}") from None
+
+    def feature_by_key(self, family: str, key: str, generation: int | None = None) -> torch.Tensor:
+        """One feature row looked up by its key (see :meth:`row_by_key`), as :meth:`feature` returns it."""
+        return self.reader(family, generation).tensor(self.row_by_key(family, key, generation))
 
     def reader(self, family: str, generation: int | None = None) -> Any:
         """A :class:`vlastore.reader.FeatureReader` for one generation (cached)."""

@@ -433,6 +433,17 @@ class FamilyWriter:
         while self._in_flight:
             self._wait_oldest()
 
+    def finish_shard(self, shard: int) -> None:
+        """Write shard ``shard`` now with the rows received so far; rows never given stay missing.
+
+        For callers that know some planned rows will never arrive (an ingestion
+        skipping bad source files), so a shard need not wait for :meth:`close`.
+        A shard already written (by this or an earlier run) is left alone.
+        """
+        self._require_open()
+        if self._pending_for(int(shard)) is not None:
+            self._flush(int(shard))
+
     # ---------------------------------------------------------------- closing
 
     def _require_open(self) -> None:

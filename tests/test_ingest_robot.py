@@ -1,0 +1,102 @@
+"""`vlastore ingest robot`: CSV, NPZ and robomimic HDF5 round trips with column names kept."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from ingest_helpers import robot_csvs, tree_hashes
+
+from vlastore.cli import main
+from vlastore.store import VLAStore
+
+EPISODES = {"episode_20251030_025119": 11, "episode_20251030_031502": 8}
+
+
+def test_csv_round_trip_keeps_column_names(tmp_path: Path) -> None:
+    tables = robot_csvs(tmp_path / "csv", EPISODES)
+    before = tree_hashes(tmp_path / "csv")
+    out = tmp_path / "s.vla"
+    report = tmp_path / "r.json"
+    args = ["ingest", "robot", str(tmp_path / "csv"), "--out", str(out), "--series", "state=joint_*,gripper",
+            "--series", "action=action_*", "-q"]
+    assert main([*args, "--verify", "--report-json", str(report)]) == 0
+    assert tree_hashes(tmp_path / "csv") == before
+    store = VLAStore.open(out)
+    assert store.datasets == tuple(EPISODES) and store.catalog.steps.tolist() == list(EPISODES.values())
+    assert store.columns("state") == ("joint_0", "joint_1", "joint_2", "gripper")
+    assert store.columns("action") == ("action_0", "action_1")
+    for name, table in tables.items():
+        assert store.series("state", name).tobytes() == table[:, :4].tobytes()  # float64, bit-exact
+        assert store.series("action", name).tobytes() == table[:, 4:].tobytes()
+    data = json.loads(report.read_text())
+    assert data["verify"]["ok"] and any("time_str" in n for n in data["notes"])
+    # the same command again: the store already holds exactly this, nothing to do
+    assert main(args) == 0
+    # other series grouping into the same --out: refused, nothing overwritten
+    assert main(["ingest", "robot", str(tmp_path / "csv"), "--out", str(out), "-q"]) == 1
+    assert VLAStore.open(out).series_keys == ("action", "state")
+
+
+def test_npz_round_trip_and_bad_episodes(tmp_path: Path) -> None:
+    folder = tmp_path / "npz"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    good = {}
+    for name, steps in EPISODES.items():
+        arrays = {"joint_0": rng.normal(size=steps).astype(np.float32), "gripper": rng.normal(size=steps)
+                  .astype(np.float32), "action": rng.normal(size=(steps, 3)).astype(np.float32)}
+        np.savez(folder / f"{name}.npz", **arrays)
+        good[name] = arrays
+    np.savez(folder / "nan_episode.npz", joint_0=np.array([1.0, np.nan], np.float32),
+             gripper=np.zeros(2, np.float32), action=np.zeros((2, 3), np.float32))
+    np.savez(folder / "other_columns.npz", x=np.zeros(4, np.float32))
+    (folder / "broken.npz").write_bytes(b"not an npz")
+    report = tmp_path / "r.json"
+    assert main(["ingest", "robot", str(folder), "--out", str(tmp_path / "s.vla"), "--series", "state=*",
+                 "--verify", "-q", "--report-json", str(report)]) == 0
+    store = VLAStore.open(tmp_path / "s.vla")
+    assert store.datasets == tuple(sorted(EPISODES))
+    assert store.columns("state") == ("joint_0", "gripper")
+    for name, arrays in good.items():
+        assert np.array_equal(store.series("action", name), arrays["action"])
+        assert np.array_equal(store.series("state", name)[:, 1], arrays["gripper"])
+    reasons = sorted((Path(p["path"]).name, p["reason"]) for p in json.loads(report.read_text())["problems"])
+    assert reasons == [("broken.npz", "bad-series"), ("nan_episode.npz", "nonfinite"),
+                       ("other_columns.npz", "bad-series")]
+
+
+def test_robomimic_hdf5_round_trip(tmp_path: Path) -> None:
+    h5py = pytest.importorskip("h5py", reason="pip install vlastore[hdf5]")
+    path = tmp_path / "demo.hdf5"
+    rng = np.random.default_rng(2)
+    expected = {}
+    with h5py.File(path, "w") as f:
+        for n, steps in [(10, 6), (2, 5), (0, 7)]:
+            g = f.create_group(f"data/demo_{n}")
+            arrays = {"actions": rng.normal(size=(steps, 7)), "states": rng.normal(size=(steps, 32)),
+                      "obs.eef_pos": rng.normal(size=(steps, 3)).astype(np.float32)}
+            g["actions"], g["states"] = arrays["actions"], arrays["states"]
+            g["obs/eef_pos"] = arrays["obs.eef_pos"]
+            g["obs/agentview_image"] = np.zeros((steps, 8, 8, 3), np.uint8)
+            expected[f"demo_{n}"] = arrays
+    before = tree_hashes(tmp_path)
+    out = tmp_path / "s.vla"
+    assert main(["ingest", "robot", str(path), "--out", str(out), "--verify", "-q"]) == 0
+    assert {k: v for k, v in tree_hashes(tmp_path).items() if "s.vla" not in k} == before
+    store = VLAStore.open(out)
+    assert store.datasets == ("demo_0", "demo_2", "demo_10")
+    assert store.columns("obs.eef_pos") == ("obs.eef_pos_0", "obs.eef_pos_1", "obs.eef_pos_2")
+    assert "obs.agentview_image" not in store.series_keys
+    for name, arrays in expected.items():
+        for key, arr in arrays.items():
+            assert store.series(key, name).tobytes() == arr.tobytes()
+
+
+def test_robot_dry_run_writes_nothing(tmp_path: Path) -> None:
+    robot_csvs(tmp_path / "csv", EPISODES)
+    before = tree_hashes(tmp_path)
+    assert main(["ingest", "robot", str(tmp_path / "csv"), "--out", str(tmp_path / "s.vla"), "--dry-run", "-q"]) == 0
+    assert tree_hashes(tmp_path) == before

@@ -1,0 +1,388 @@
+"""Ingest feature caches (``.pt`` files) into a store: scan, plan, parallel write, report, verify."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from ..format import FormatError, Producer
+from ..storage import StoreNotFoundError
+from ..store import EpisodeData, VLAStore
+from .plan import (
+    CatalogPlan,
+    FamilyPlan,
+    Item,
+    ScannedFile,
+    core_shape,
+    estimate_size,
+    plan_catalog,
+    plan_families,
+)
+from .report import IngestError, IngestReport, Problem
+from .scan import (
+    MANIFEST_NAMES,
+    NAME_PATTERN,
+    inspect_pt,
+    list_pt_files,
+    list_vggt_files,
+    place_pt_cache,
+    place_vggt,
+    read_manifest,
+    read_mapping,
+)
+from .workers import FamilyWork, WriteJob, load_value, parallel_map, run_workers
+
+__all__ = ["IngestOptions", "ingest_pt_cache", "ingest_vggt", "open_or_create_store", "store_usage"]
+
+Placer = Callable[[list[ScannedFile]], tuple[list[Item], dict[tuple[str, int], str], list[Problem]]]
+
+
+@dataclass
+class IngestOptions:
+    """Options every ``vlastore ingest`` source shares.
+
+    Exactly one of ``out`` (a new store, or one this same command started
+    before) and ``into`` (an existing store, e.g. made by ``ingest robot``) is given.
+    """
+
+    out: str | None = None
+    into: str | None = None
+    workers: int = 0
+    """Worker processes; 0 means one per CPU core."""
+    dry_run: bool = False
+    strict: bool = False
+    verify: bool = False
+    allow_nonfinite: bool = False
+    layout: str = "auto"
+    compression: str | None = None
+    rows_per_shard: int = 0
+    producer: Producer = field(default_factory=Producer)
+    progress: bool = True
+    full_scan: bool = False
+    """Read every file before writing (implied by ``dry_run`` and ``strict``); else names and a sample plan."""
+
+    @property
+    def target(self) -> str:
+        if (self.out is None) == (self.into is None):
+            raise IngestError("give exactly one of --out STORE (create) and --into STORE (add to an existing store)")
+        return str(self.out or self.into)
+
+    @property
+    def n_workers(self) -> int:
+        return self.workers if self.workers > 0 else cpu_cores()
+
+
+def cpu_cores() -> int:
+    """Cores this process may run on (the affinity mask, which containers and taskset narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def store_usage(path: str | os.PathLike[str]) -> dict[str, int]:
+    """``{"bytes", "files"}`` of a store (zeros when there is none yet)."""
+    try:
+        nbytes, files = VLAStore.open(path).storage.disk_usage()
+    except (StoreNotFoundError, FormatError, FileNotFoundError):
+        return {"bytes": 0, "files": 0}
+    return {"bytes": nbytes, "files": files}
+
+
+def open_or_create_store(out: str, episodes: list[EpisodeData], columns: dict[str, Any] | None = None,
+                         same: Callable[[VLAStore], bool] | None = None) -> tuple[VLAStore, bool]:
+    """Open ``out`` if an earlier run of the same ingestion made it, else create it atomically.
+
+    The store is built in a hidden sibling folder and renamed into place, so a
+    run killed while creating it leaves no half-made store behind.
+
+    Returns:
+        ``(store, created)``.
+
+    Raises:
+        IngestError: ``out`` holds another store (different episodes) or a non-store folder.
+    """
+    path = Path(out)
+    occupied = (path.is_dir() and any(path.iterdir())) or (path.exists() and not path.is_dir())
+    if occupied:
+        try:
+            store = VLAStore.open(path, writable=True)
+        except (StoreNotFoundError, FormatError):
+            raise IngestError(f"{out} exists and is not a vlastore store; pick a new --out") from None
+        names = tuple(e.name for e in episodes)
+        steps = [e.step_count() for e in episodes]
+        if store.catalog.names != names or store.catalog.steps.tolist() != steps or (same and not same(store)):
+            raise IngestError(
+                f"{out} is a store with other episodes or data than this source gives ({len(store.datasets)} vs "
+                f"{len(names)} episodes); to add features to it use --into {out}, else pick a new --out")
+        return store, False
+    for stale in path.parent.glob(f".{path.name}.creating-*"):
+        shutil.rmtree(stale, ignore_errors=True)  # left by a killed run of ours
+    tmp = path.parent / f".{path.name}.creating-{uuid.uuid4().hex[:8]}"
+    try:
+        VLAStore.create(tmp, episodes, columns=columns)
+        if path.is_dir():
+            path.rmdir()  # an empty folder the user made
+        os.rename(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return VLAStore.open(path, writable=True), True
+
+
+# ----------------------------------------------------------------- sources
+
+
+def ingest_pt_cache(
+    folder: str | os.PathLike[str],
+    options: IngestOptions,
+    family: str = "vl_features",
+    vlm_reuse_count: int = 3,
+    pattern: str = NAME_PATTERN,
+    mapping: str | os.PathLike[str] | None = None,
+) -> IngestReport:
+    """Ingest a legacy VL feature cache: one ``.pt`` per ``(dataset, vlm_idx)`` in one folder.
+
+    Args:
+        folder: the cache folder (``{dataset}_vlm{vlm_idx}.pt`` or hash-named files).
+        options: target store, workers, dry run, strictness, verification.
+        family: family name (``<family>_<entry>`` when files hold several tensors).
+        vlm_reuse_count: steps served by one row.
+        pattern: file-name regex with groups ``dataset`` and ``index``.
+        mapping: CSV ``file,dataset,vlm_idx`` for files whose name holds no key.
+    """
+    paths, others = list_pt_files(folder)
+    mapping_rows = read_mapping(mapping) if mapping else None
+    notes = [f"{others:,} entries that are not .pt files were ignored"] if others else []
+
+    def place(files: list[ScannedFile]) -> tuple[list[Item], dict[tuple[str, int], str], list[Problem]]:
+        items, problems = place_pt_cache(files, pattern, mapping_rows)
+        return items, {}, problems
+
+    return _ingest(str(folder), "pt-cache", paths, place, options, family, "vlm_idx", vlm_reuse_count,
+                   keyed=False, notes=notes)
+
+
+def ingest_vggt(
+    root: str | os.PathLike[str],
+    options: IngestOptions,
+    family: str = "vggt",
+    manifest: str | os.PathLike[str] | None = "auto",
+) -> IngestReport:
+    """Ingest VGGT caches stored next to images (``<image>.vggt_cache.pt`` holding ``{"features": tensor}``).
+
+    Episodes are the folders under ``root``; rows are numbered by image order
+    (name order, or the manifest's) and keyed by the image path relative to
+    ``root``, so a reader finds a feature by ``(episode, image_idx)`` or by path
+    (:meth:`VLAStore.feature_by_key`).
+
+    Args:
+        manifest: ``"auto"`` (use ``manifest.json/.jsonl/.csv`` at the root if present),
+            a path, or None to ignore any manifest.
+    """
+    root = str(root)
+    paths = list_vggt_files(root)
+    notes: list[str] = []
+    manifest_path = None
+    if manifest == "auto":
+        manifest_path = next((os.path.join(root, n) for n in MANIFEST_NAMES if os.path.isfile(os.path.join(root, n))),
+                             None)
+    elif manifest is not None:
+        manifest_path = str(manifest)
+    listing = read_manifest(manifest_path) if manifest_path else None
+    if manifest_path:
+        notes.append(f"image order and episodes from the manifest {manifest_path}")
+
+    def place(files: list[ScannedFile]) -> tuple[list[Item], dict[tuple[str, int], str], list[Problem]]:
+        return place_vggt(files, root, listing)
+
+    return _ingest(root, "vggt", paths, place, options, family, "image_idx", None, keyed=True, notes=notes,
+                   rows_by_count=True)
+
+
+# ----------------------------------------------------------------- engine
+
+
+def _ingest(source: str, kind: str, paths: list[str], place: Placer, options: IngestOptions, family: str,
+            index_name: str, vlm_reuse_count: int | None, keyed: bool, notes: list[str],
+            rows_by_count: bool = False) -> IngestReport:
+    started = time.perf_counter()
+    target = options.target
+    workers = options.n_workers
+    report = IngestReport(source=source, store=target, kind=kind, dry_run=options.dry_run, notes=notes)
+    report.store_before = store_usage(target)
+
+    fast = None if options.full_scan or options.dry_run or options.strict else _fast_scan(paths, place)
+    if fast is not None:
+        files, items, row_keys, problems = fast
+        report.notes.append("fast scan: keys from file names, shape and dtype from a sample of files; each file "
+                            "is fully checked while it is written (--full-scan checks all before writing)")
+    else:
+        with tqdm(total=len(paths), unit="file", desc="scan", disable=not options.progress or None) as bar:
+            files = list(parallel_map(inspect_pt, paths, workers, bar.update))
+        items, row_keys, problems = place(files)
+    report.files_found = len(files)
+    report.source_bytes = sum(f.nbytes for f in files)
+    store_catalog = None
+    if options.into:
+        existing = VLAStore.open(options.into)
+        store_catalog = (list(existing.catalog.names), existing.catalog.steps)
+    catalog = plan_catalog(items, store_catalog, vlm_reuse_count, rows_by_count)
+    plans, family_problems = plan_families(
+        files, items, catalog, family, index_name=index_name, vlm_reuse_count=vlm_reuse_count,
+        layout=options.layout, allow_nonfinite=options.allow_nonfinite, compression=options.compression,
+        rows_per_shard=options.rows_per_shard, keyed=keyed, row_keys=row_keys)
+    report.problems = problems + family_problems
+    report.episodes, report.steps = len(catalog.names), int(catalog.steps.sum())
+    report.episode_rows = {n: int(r) for n, r in zip(catalog.names, catalog.items.tolist(), strict=True)}
+    report.families = {p.name: p.summary() for p in plans}
+    for p in plans:
+        nbytes, nfiles = estimate_size(p)
+        report.estimated_bytes += nbytes
+        report.estimated_files += nfiles
+    if not options.into:
+        report.estimated_files += 8  # catalog arrays and group metadata
+    if not plans:
+        report.notes.append("no usable tensor found: nothing to write")
+    if options.strict and report.problems:
+        raise IngestError(f"--strict: {len(report.problems)} problem(s) in {source}; nothing written",
+                          report.problems, report)
+    if options.dry_run or not plans:
+        report.seconds = time.perf_counter() - started
+        return report
+
+    store = _prepare_store(options, catalog)
+    for p in plans:
+        existed = p.name in store.families
+        try:
+            store.add_family(p.name, p.spec, p.items_per_episode, p.lengths, options.producer, p.keys)
+        except FormatError as exc:
+            if not existed:
+                raise IngestError(f"family {p.name!r}: {exc}") from None
+            raise IngestError(
+                f"{exc}. The plan of this run differs from the earlier run that created the family: the source "
+                "files or the options (--layout, --rows-per-shard, --vlm-reuse-count) changed. Rerun with the "
+                "same ones, or use --family NEW_NAME") from None
+        _remove_partials(store, p.name)
+    job = WriteJob(store.location, [f.path for f in files],
+                   [FamilyWork(p.name, p.entry, p.spec, p.row_file, p.lengths) for p in plans])
+    pending = 0
+    for p in plans:
+        layout = store.layout(p.name)
+        written = np.zeros(layout.n_shards, dtype=bool)
+        written[store.written_shards(p.name)] = True
+        in_done = written[layout.row_shards] & (p.row_file >= 0)
+        report.rows_already_done += int((in_done & store.coverage(p.name)).sum())
+        pending += p.rows_with_source - int(in_done.sum())
+    write_problems: list[Problem] = []
+
+    def on_write(msg: tuple) -> None:
+        bar.update(msg[1])
+        write_problems.extend(msg[2])
+
+    with tqdm(total=pending, unit="file", desc="write", disable=not options.progress or None) as bar:
+        run_workers(job, workers, "write", on_write)
+    report.problems.extend(write_problems)
+    report.rows_written = pending - len(write_problems)
+    _finish_report(report, store, plans, job.paths)
+    if options.verify:
+        report.verify = _verify(job, workers, options.progress, sum(p.rows_with_source for p in plans))
+    report.seconds = time.perf_counter() - started
+    if options.strict and write_problems:
+        raise IngestError(f"--strict: {len(write_problems)} file(s) changed during ingestion", write_problems,
+                          report)
+    return report
+
+
+def _fast_scan(paths: list[str], place: Placer, samples: int = 64
+               ) -> tuple[list[ScannedFile], list[Item], dict[tuple[str, int], str], list[Problem]] | None:
+    """Plan without reading every file, when file names give every key and a sample agrees on one shape.
+
+    Returns None when a full scan is needed: a name gives no key (the key is
+    inside the file), or the sampled files hold several tensors or fewer than
+    3 in 4 share one shape and dtype (a ragged family needs every row's length
+    before writing). Files that differ from the sample's shape are skipped
+    while writing, with the same reasons a full scan gives.
+    """
+    files = [ScannedFile(p, os.stat(p).st_size) for p in paths]
+    items, row_keys, problems = place(files)
+    if problems or not items:
+        return None
+    picks = sorted({int(i) for i in np.linspace(0, len(items) - 1, min(samples, len(items)))})
+    seen = [inspect_pt(files[items[i].file].path) for i in picks]
+    good = [s for s in seen if s.problem is None]
+    if not good or any(len(s.tensors) != 1 for s in good):
+        return None
+    kinds = Counter((core_shape(shape), dtype) for s in good for shape, dtype, _ in s.tensors.values())
+    (shape, dtype), count = kinds.most_common(1)[0]
+    if count * 4 < len(good) * 3:  # no clear fixed shape: maybe ragged, which needs every length
+        return None
+    assumed = {"": (shape, dtype, True)}  # one shared dict: a million files cost no more
+    for sf in files:
+        sf.tensors = assumed  # checked for real while writing
+    return files, items, row_keys, problems
+
+
+def _prepare_store(options: IngestOptions, catalog: CatalogPlan) -> VLAStore:
+    if options.into:
+        return VLAStore.open(options.into, writable=True)
+    episodes = [EpisodeData(n, steps=int(s)) for n, s in zip(catalog.names, catalog.steps.tolist(), strict=True)]
+    store, _ = open_or_create_store(str(options.out), episodes)
+    return store
+
+
+def _remove_partials(store: VLAStore, family: str) -> None:
+    """Temporary shard files a killed run left behind (only this command writes the family now)."""
+    root = store.storage.file_path(store.values_path(family))
+    if root is not None and root.exists():
+        for stale in root.rglob(".*.partial"):
+            stale.unlink(missing_ok=True)
+
+
+def _finish_report(report: IngestReport, store: VLAStore, plans: list[FamilyPlan], paths: list[str]) -> None:
+    ingested: set[int] = set()
+    reported = {p.path for p in report.problems}
+    for p in plans:
+        present = store.coverage(p.name)
+        fam = report.families[p.name]
+        fam["rows_present"] = int(present.sum())
+        fam["coverage"] = float(present.mean()) if present.size else 1.0
+        ingested.update(p.row_file[present & (p.row_file >= 0)].tolist())
+        layout = store.layout(p.name)
+        # rows an earlier run skipped (their shards are finished): say why again, by reading those few files
+        for row in np.flatnonzero(~present & (p.row_file >= 0)).tolist():
+            path = paths[int(p.row_file[row])]
+            if path in reported:
+                continue
+            _, problem = load_value(path, p.entry, p.spec, int(layout.lengths[row]))
+            report.problems.append(problem or Problem(
+                path, "changed", f"{path}: was skipped when its shard was written by an earlier run and reads "
+                "fine now; a finished shard is not rewritten: ingest into a new --family to include it"))
+            reported.add(path)
+    report.files_ingested = len(ingested)
+    report.store_after = store_usage(store.location)
+
+
+def _verify(job: WriteJob, workers: int, progress: bool, total: int) -> dict[str, Any]:
+    result: dict[str, Any] = {"rows_checked": 0, "rows_missing": 0, "mismatches": []}
+
+    def on_verify(msg: tuple) -> None:
+        result["rows_checked"] += msg[1]
+        result["rows_missing"] += msg[2]
+        result["mismatches"].extend(msg[3])
+        bar.update(msg[1] + msg[2])
+
+    with tqdm(total=total, unit="file", desc="verify", disable=not progress or None) as bar:
+        run_workers(job, workers, "verify", on_verify)
+    result["ok"] = not result["mismatches"]
+    return result
