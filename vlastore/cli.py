@@ -80,27 +80,6 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
-def _cmd_build_features(args: argparse.Namespace) -> int:
-    from .features.command import extractor_options, run_build_features
-
-    try:
-        options = extractor_options(args.extractor, model=args.model, adapter=args.adapter, pooling=args.pooling,
-                                    layer=args.layer, dtype=args.dtype, device=args.device, extra=args.option)
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
-    stats = run_build_features(
-        args.store, args.data_root, extractor=args.extractor, options=options, family=args.family,
-        vlm_reuse_count=args.vlm_reuse_count, batch_size=args.batch_size, image_pattern=args.image_pattern,
-        cameras=args.cameras.split(",") if args.cameras else None, instruction_file=args.instruction_file,
-        instruction=args.instruction, rows_per_shard=args.rows_per_shard, compression=args.compression,
-        rebuild=args.rebuild, keep_previous=None if args.keep_all else args.keep_previous,
-        progress=not args.quiet, stats_json=args.stats_json,
-    )
-    if not args.quiet:
-        print(stats.summary(), file=sys.stderr)
-    return 0
-
-
 def _cmd_ingest(args: argparse.Namespace) -> int:
     from .ingest.commands import run_ingest
 
@@ -135,51 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_verify)
 
-    p = sub.add_parser(
-        "build-features",
-        help="compute a feature family with a vision-language model (one process per GPU under torchrun)",
-        description="Compute one feature row per (dataset, vlm_idx) from the images at step vlm_idx * "
-        "vlm_reuse_count and the episode's instruction. Run as one process (CPU or one GPU) or under "
-        "`torchrun --nproc_per_node=N -m vlastore build-features ...`: every rank writes its own shards. "
-        "Resumable: run it again after a crash. See docs/features.md.",
-    )
-    p.add_argument("store", help="path of the store (its catalog names the episodes)")
-    p.add_argument("--data-root", required=True,
-                   help="folder with one sub-folder per episode (images, instruction)")
-    p.add_argument("--model", default="Qwen/Qwen2.5-VL-3B-Instruct",
-                   help="hub id or local folder (default: %(default)s)")
-    p.add_argument("--adapter", help="PEFT/LoRA adapter folder applied to --model (needs peft)")
-    p.add_argument("--extractor", default="transformers-vl",
-                   help="registered extractor id or module:function (default: %(default)s)")
-    p.add_argument("--option", action="append", metavar="KEY=VALUE", help="extra extractor option (repeatable)")
-    p.add_argument("--family", default="qwen_vl", help="feature family to write (default: %(default)s)")
-    p.add_argument("--pooling", choices=["mean", "last", "all"], default="mean",
-                   help="mean over tokens, last token, or all tokens as variable-length rows (default: %(default)s)")
-    p.add_argument("--layer", type=int, default=-1, help="hidden-state layer; -1 = last (default: %(default)s)")
-    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
-                   help="stored dtype (default: bfloat16 on GPU, float32 on CPU)")
-    p.add_argument("--device", help="torch device (default: cuda:LOCAL_RANK when available, else cpu)")
-    p.add_argument("--vlm-reuse-count", type=int, default=3, help="steps served by one row (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=8,
-                   help="items per forward; halved on out-of-memory (default: %(default)s)")
-    p.add_argument("--image-pattern", default="{camera}/{step:06d}.png",
-                   help="image path inside an episode folder (default: %(default)s)")
-    p.add_argument("--cameras", help="comma-separated camera folders, in model order (default: all, sorted)")
-    p.add_argument("--instruction-file", default="instruction.txt",
-                   help="per-episode instruction file, .txt or .json (default: %(default)s)")
-    p.add_argument("--instruction", help="one instruction for every episode (instead of the file)")
-    p.add_argument("--rows-per-shard", type=int, default=0,
-                   help="rows per shard file for a new family (default: auto)")
-    p.add_argument("--compression", choices=["zstd"],
-                   help="compress a new family's shards (default: raw, memory-mapped)")
-    p.add_argument("--rebuild", action="store_true",
-                   help="write a new generation with the current weights, then switch readers to it")
-    p.add_argument("--keep-previous", type=int, default=1,
-                   help="replaced generations kept after --rebuild (default: %(default)s)")
-    p.add_argument("--keep-all", action="store_true", help="keep every old generation after --rebuild")
-    p.add_argument("--stats-json", help="write this rank's timing stats here ({rank} is replaced)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
-    p.set_defaults(func=_cmd_build_features)
+    from .features.command import add_build_features_parser
+
+    add_build_features_parser(sub)
     from .ingest.commands import add_ingest_parser
 
     add_ingest_parser(sub).set_defaults(func=_cmd_ingest)
