@@ -26,7 +26,7 @@ from .reader import FeatureReader, MissingRowError, to_tensor
 from .store import VLAStore
 from .windows import action_deltas, feature_rows, obs_deltas, sample_table, split_episodes, window_indices
 
-__all__ = ["VLADataset", "BatchedSamples", "collate", "FingerprintMismatchError", "MissingFeaturesError"]
+__all__ = ["VLADataset", "Batch", "BatchedSamples", "collate", "FingerprintMismatchError", "MissingFeaturesError"]
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,46 @@ class MissingFeaturesError(MissingRowError):
     """Rows the dataset needs have not been written."""
 
 
+PIPE_LIMIT_BYTES = 16 << 20
+"""Batches up to this size leave a DataLoader worker as plain bytes (see :class:`Batch`)."""
+
+
+def _as_numpy(tensor: torch.Tensor) -> tuple[np.ndarray, str]:
+    name = str(tensor.dtype).removeprefix("torch.")
+    if tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.int16).numpy(), name
+    return tensor.numpy(), name
+
+
+def _rebuild_batch(items: dict[str, Any], packed: dict[str, tuple[np.ndarray, str]]) -> Batch:
+    batch = Batch(items)
+    for key, (array, name) in packed.items():
+        tensor = torch.from_numpy(array)
+        batch[key] = tensor.view(torch.bfloat16) if name == "bfloat16" else tensor
+    return batch
+
+
+class Batch(dict):
+    """A collated batch: ``{key: tensor or list}``.
+
+    A plain dict, except how it crosses from a DataLoader worker to the main
+    process: PyTorch moves every tensor into its own shared-memory segment,
+    which costs more than the copy for batches of a few hundred KB (measured:
+    ~2.4 ms vs ~0.75 ms per 300 KB batch). Batches up to
+    :data:`PIPE_LIMIT_BYTES` are therefore pickled as plain bytes through the
+    worker's pipe and rebuilt as tensors on arrival; larger ones use shared
+    memory as usual.
+    """
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        tensors = {k: v for k, v in self.items() if isinstance(v, torch.Tensor) and v.device.type == "cpu"}
+        if sum(t.numel() * t.element_size() for t in tensors.values()) > PIPE_LIMIT_BYTES:
+            return (Batch, (dict(self),))
+        packed = {k: _as_numpy(v) for k, v in tensors.items()}
+        items = {k: v for k, v in self.items() if k not in packed}
+        return (_rebuild_batch, (items, packed))
+
+
 class BatchedSamples(Sequence):
     """What :meth:`VLADataset.__getitems__` returns: the batch, already stacked.
 
@@ -48,7 +88,7 @@ class BatchedSamples(Sequence):
     sees a sequence of per-sample dicts (views into the batch, made on demand).
     """
 
-    def __init__(self, batch: dict[str, Any], ragged: Sequence[str]) -> None:
+    def __init__(self, batch: Batch, ragged: Sequence[str]) -> None:
         self.batch = batch
         self.ragged = tuple(ragged)
 
@@ -70,7 +110,7 @@ class BatchedSamples(Sequence):
         return sample
 
 
-def collate(samples: BatchedSamples | Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+def collate(samples: BatchedSamples | Sequence[Mapping[str, Any]]) -> Batch:
     """Collate for :class:`VLADataset`: pass a prebatched batch through, or stack samples.
 
     Ragged features (a sample carries ``<key>_length``) are zero-padded to the
@@ -81,7 +121,7 @@ def collate(samples: BatchedSamples | Sequence[Mapping[str, Any]]) -> dict[str, 
     if not samples:
         raise ValueError("collate got an empty batch")
     first = samples[0]
-    out: dict[str, Any] = {}
+    out = Batch()
     for key in first:
         values = [s[key] for s in samples]
         if f"{key}_length" in first:
@@ -380,12 +420,12 @@ class VLADataset(Dataset):
         cand = self._candidates(indices)
         episodes = self._cand_episode[cand]
         n = len(self._samples)
-        batch: dict[str, Any] = {
+        batch = Batch({
             "index": torch.from_numpy(np.asarray(indices, dtype=np.int64) % max(n, 1)),
             "episode": [self.store.catalog.names[e] for e in episodes.tolist()],
             "episode_index": torch.from_numpy(episodes.copy()),
             "step": torch.from_numpy(self._cand_step[cand].copy()),
-        }
+        })
         ragged = []
         for family, reader in self._readers.items():
             rows = self._rows[family][cand]

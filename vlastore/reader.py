@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from . import arena as _arena
 from .shardcodec import ChecksumError, ShardIndex, crc32c, decode_index, index_nbytes
 
 if TYPE_CHECKING:
@@ -64,14 +65,16 @@ def to_tensor(array: np.ndarray, true_dtype: str) -> torch.Tensor:
 class _Shard:
     """One opened shard: its index and the way to reach its chunks."""
 
-    __slots__ = ("index", "buf", "payload", "crcs", "pos", "verified", "where")
+    __slots__ = ("index", "buf", "payload", "records", "crcs", "pos", "verified", "where")
 
     def __init__(self, index: ShardIndex, buf: np.ndarray | None, where: str) -> None:
         self.index = index
         self.buf = buf  # the mapped file (local) or None (remote: ranged reads)
         self.where = where
-        self.verified = np.zeros(len(index.present), dtype=bool)  # per chunk, for verify="once"
+        # checked and intact, for verify="once": per position on the strided path, else per chunk
+        self.verified = np.zeros(len(index.present), dtype=bool)
         self.payload: np.ndarray | None = None
+        self.records: np.ndarray | None = None
         self.crcs: np.ndarray | None = None
         self.pos: np.ndarray | None = None
 
@@ -83,10 +86,23 @@ class _Shard:
         body = self.buf[: n * stride].reshape(n, stride)
         self.payload = body[:, : stride - _CRC_BYTES]
         self.crcs = body[:, stride - _CRC_BYTES :].view("<u4")[:, 0]
+        # each payload as one opaque element: numpy gathers those with one memcpy per row
+        self.records = np.ndarray((n,), dtype=np.dtype((np.void, stride - _CRC_BYTES)), buffer=self.buf,
+                                  strides=(stride,))
         # present chunks sit back to back in chunk order, so a chunk's position is offset // stride
         pos = np.full(len(self.index.present), -1, dtype=np.int64)
         pos[self.index.present] = (self.index.offsets[self.index.present] // np.uint64(stride)).astype(np.int64)
         self.pos = pos
+
+    def verify_all(self) -> None:
+        """crc32c of every chunk at once (verify="once"); corrupt chunks stay unverified."""
+        assert self.buf is not None and self.crcs is not None
+        stride = self.index.stride
+        nbytes = stride - _CRC_BYTES
+        view = memoryview(self.buf)
+        stored = self.crcs.tolist()
+        ok = [crc32c(view[p * stride : p * stride + nbytes]) == c for p, c in enumerate(stored)]
+        self.verified[: len(ok)] = ok
 
 
 class FeatureReader:
@@ -118,17 +134,27 @@ class FeatureReader:
         self.row_nbytes = self.spec.row_nbytes
         self.verify = verify
         self.local = store.storage.local_root is not None
+        self.stride = self.row_nbytes + _CRC_BYTES
+        # local raw families map all their shards into one address range (see arena.py)
+        self.use_arena = self.local and self.spec.compression is None and _arena.available()
+        self._reset()
+
+    def _reset(self) -> None:
         self._shards: dict[int, _Shard] = {}
+        self._arena: _arena.ShardArena | None = None
+        self._arena_failed = False
+        self._gpos: np.ndarray | None = None  # fixed families: row -> record in the arena, -1 = not mapped
         self._pid = os.getpid()
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_shards"] = {}
+        for key in ("_shards", "_arena", "_gpos"):
+            state.pop(key, None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._pid = os.getpid()
+        self._reset()
 
     def __repr__(self) -> str:
         path = "mmap" if self.local and self.spec.compression is None else "general"
@@ -137,14 +163,32 @@ class FeatureReader:
 
     def close(self) -> None:
         """Drop the maps of this reader (views handed out keep theirs alive)."""
-        self._shards.clear()
+        self._reset()
+
+    def _check_pid(self) -> None:
+        if self._pid != os.getpid():  # forked: the parent's maps are not ours to keep
+            self._reset()
+
+    def _get_arena(self) -> _arena.ShardArena | None:
+        if self._arena is None and self.use_arena and not self._arena_failed:
+            rps = self.layout.rows_per_shard
+            try:
+                self._arena = _arena.ShardArena(self.layout.n_shards, rps * self.stride + index_nbytes(rps),
+                                                self.stride)
+            except OSError:
+                self._arena_failed = True
+                return None
+            if not self.spec.ragged:
+                self._records = self._arena.records(self.row_nbytes)
+                self._gpos = np.full(self.layout.rows, len(self._records), dtype=np.int64)
+                self._record_crcs = self._arena.crcs(self.row_nbytes)
+                self._record_mv = memoryview(self._arena.buf)
+        return self._arena
 
     # ------------------------------------------------------------------ shards
 
     def _shard(self, shard: int) -> _Shard:
-        if self._pid != os.getpid():  # forked: the parent's maps are not ours to keep
-            self._shards = {}
-            self._pid = os.getpid()
+        self._check_pid()
         cached = self._shards.get(shard)
         if cached is not None:
             return cached
@@ -157,7 +201,16 @@ class FeatureReader:
         path = self.store.storage.file_path(key)
         n_index = index_nbytes(self.layout.rows_per_shard)
         buf: np.ndarray | None = None
-        if path is not None:
+        arena = self._get_arena() if path is not None else None
+        in_arena = False
+        if arena is not None and path is not None:
+            where = str(path)
+            try:
+                buf = arena.map(shard, path)
+                in_arena = True
+            except (OSError, ValueError):  # e.g. a shard not written by vlastore: map it on its own below
+                buf = None
+        if path is not None and not in_arena:
             where = str(path)
             try:
                 with open(path, "rb") as f:
@@ -166,6 +219,7 @@ class FeatureReader:
                     buf = np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY), dtype=np.uint8)
             except (FileNotFoundError, ValueError):  # ValueError: an empty file cannot be mapped
                 buf = None
+        if path is not None:
             tail = None if buf is None else buf[-n_index:]
         else:
             where = f"{self.store.location}/{key}"
@@ -183,6 +237,17 @@ class FeatureReader:
         entry = _Shard(index, buf, where)
         if buf is not None and index.stride and self.spec.compression is None:
             entry.make_strided()
+            if self.verify == "once":
+                # a whole shard in one pass costs less than row by row; then reads need no check at all
+                entry.verify_all()
+            if in_arena and self._gpos is not None and index.stride == self.stride:
+                assert arena is not None and entry.pos is not None
+                rows = self.layout.shard_rows(shard)
+                pos = entry.pos[rows - shard * self.layout.rows_per_shard]
+                usable = pos >= 0
+                if self.verify == "once":  # corrupt rows go the slow way, which reports them
+                    usable &= entry.verified[np.maximum(pos, 0)]
+                self._gpos[rows] = np.where(usable, shard * arena.records_per_slot + pos, len(self._records))
         return entry
 
     def _describe_shard(self, shard: int) -> str:
@@ -313,23 +378,43 @@ class FeatureReader:
     def gather(self, rows: Sequence[int] | np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """Rows of a fixed-shape family stacked as ``[len(rows), *row_shape]`` (storage dtype).
 
-        Rows are grouped by shard; on the fast path each shard costs one numpy
-        fancy index, the only copy made.
+        On the fast path (local raw store, Linux) all shards are mapped into one
+        address range and the batch is one numpy fancy index, the only copy
+        made; otherwise rows are grouped by shard. As in numpy, negative rows
+        may count from the end on the fast path.
 
         Raises:
             ValueError: the family is ragged (use :meth:`gather_padded`).
             IndexError, MissingRowError, ChecksumError: as :meth:`row`.
         """
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if self._gpos is not None and out is None and self._pid == os.getpid() and len(rows):
+            # hot path once the rows' shards are mapped: a handful of numpy calls, whatever the shard count
+            # rows not mapped (yet) point one past the last record, so the fancy index raises: no extra check
+            try:
+                records = self._gpos[rows]
+                result = self._records[records]
+            except IndexError:
+                result = None
+            if result is not None:
+                if self.verify != "never":
+                    self._verify_records(rows, records)
+                return result.view(self.dtype).reshape(len(rows), *self.row_shape)
         if self.spec.ragged:
             raise ValueError(f"family {self.family!r} is ragged; use gather_padded(rows)")
-        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
         self._check_range(rows)
         n = len(rows)
-        if out is None:
-            out = np.empty((n, *self.row_shape), dtype=self.dtype)
-        flat = out.reshape(n, -1).view(np.uint8)
         if n == 0:
-            return out
+            return np.empty((0, *self.row_shape), dtype=self.dtype) if out is None else out
+        self._check_pid()
+        if self._get_arena() is not None and self._gpos is not None:
+            records = self._gather_arena(rows)
+            if records is not None:
+                result = records.view(self.dtype).reshape(n, *self.row_shape)
+                if out is None:
+                    return result
+                out[...] = result
+                return out
         rps = self.layout.rows_per_shard
         shards = rows // rps  # fixed families: stored row == row
         chunks = rows - shards * rps
@@ -339,22 +424,58 @@ class FeatureReader:
             order = np.argsort(shards, kind="stable")
             cuts = np.flatnonzero(np.diff(shards[order])) + 1
             groups = [(int(shards[g[0]]), g) for g in np.split(order, cuts)]
+        record = np.dtype((np.void, self.row_nbytes))
+        records: np.ndarray | None = None
+        if out is not None:
+            records = out.reshape(n, -1).view(np.uint8).view(record).reshape(n)
         for shard, sel in groups:
             entry = self._shard(shard)
-            if entry.pos is None:
+            if entry.records is None:
+                if records is None:
+                    records = np.empty(n, dtype=record)
                 for i in sel.tolist():
-                    flat[i] = self._row_bytes(int(rows[i]))[0]
+                    records[i] = self._row_bytes(int(rows[i]))[0].view(record)[0]
                 continue
-            assert entry.payload is not None
-            positions = entry.pos[chunks[sel]]
+            positions = entry.pos[chunks[sel]]  # type: ignore[index]
             if (positions < 0).any():
                 raise self._missing(int(rows[sel[np.argmax(positions < 0)]]), shard)
             self._verify_positions(entry, positions, rows[sel])
-            if len(sel) == n:
-                np.take(entry.payload, positions, axis=0, out=flat)
+            if records is None and len(sel) == n:
+                records = entry.records[positions]  # the one copy, already in order
             else:
-                flat[sel] = entry.payload[positions]
-        return out
+                if records is None:
+                    records = np.empty(n, dtype=record)
+                records[sel] = entry.records[positions]
+        assert records is not None
+        return out if out is not None else records.view(self.dtype).reshape(n, *self.row_shape)
+
+    def _gather_arena(self, rows: np.ndarray) -> np.ndarray | None:
+        """Rows as void records in one fancy index over the arena; None when a row is not mapped there."""
+        assert self._gpos is not None
+        records = self._gpos[rows]
+        unmapped = len(self._records)
+        if records.max() >= unmapped:
+            rps = self.layout.rows_per_shard
+            for shard in np.unique(rows[records >= unmapped] // rps).tolist():
+                self._shard(shard)
+            records = self._gpos[rows]
+            if records.max() >= unmapped:  # missing rows or shards outside the arena: the per-shard path reports
+                return None
+        if self.verify != "never":
+            self._verify_records(rows, records)
+        return self._records[records]
+
+    def _verify_records(self, rows: np.ndarray, records: np.ndarray) -> None:
+        """crc32c of arena records (verify="once": those not checked yet in this process)."""
+        if self.verify == "once":
+            return  # rows reach the arena's hot path only after their shard passed verify_all()
+        todo = range(len(rows))
+        mv, crcs, nb, stride = self._record_mv, self._record_crcs, self.row_nbytes, self.stride
+        for i in todo:
+            g = int(records[i])
+            if crc32c(mv[g * stride : g * stride + nb]) != int(crcs[g]):
+                row = int(rows[i])
+                raise self._corrupt(row, self._shard(row // self.layout.rows_per_shard))
 
     def gather_padded(self, rows: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Ragged rows zero-padded to the longest: ``([len(rows), L_max, *row_shape], lengths)``."""
