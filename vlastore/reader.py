@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 __all__ = ["FeatureReader", "MissingRowError", "VERIFY_MODES", "to_tensor"]
 
 VERIFY_MODES = ("always", "once", "never")
+_PROCESS_LOCAL = ("_shards", "_arena", "_gpos", "_records", "_record_crcs", "_record_mv")
 _CRC_BYTES = 4
 
 
@@ -143,12 +144,15 @@ class FeatureReader:
         self._shards: dict[int, _Shard] = {}
         self._arena: _arena.ShardArena | None = None
         self._arena_failed = False
-        self._gpos: np.ndarray | None = None  # fixed families: row -> record in the arena, -1 = not mapped
+        self._gpos: np.ndarray | None = None  # fixed families: row -> record in the arena (past the end: unmapped)
+        self._records: np.ndarray | None = None
+        self._record_crcs: np.ndarray | None = None
+        self._record_mv: memoryview | None = None
         self._pid = os.getpid()
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        for key in ("_shards", "_arena", "_gpos"):
+        for key in _PROCESS_LOCAL:  # maps and views of them belong to this process only
             state.pop(key, None)
         return state
 
