@@ -336,7 +336,7 @@ class FeatureReader:
             data = self.store.storage.read_range(key, off, nb)
             if data is None:  # the shard vanished since its index was read (generation removed)
                 raise self._missing(row, int(self.layout.row_shards[row]))
-            raw = np.frombuffer(data, dtype=np.uint8)
+            raw = np.frombuffer(bytearray(data), dtype=np.uint8)  # writable, so torch.from_numpy takes it as is
         body = raw[:-_CRC_BYTES]
         if raw.size != nb or nb < _CRC_BYTES:
             raise self._corrupt(row, entry)
@@ -347,7 +347,7 @@ class FeatureReader:
         if self.spec.compression is not None:
             from .shardcodec import _zstd
 
-            body = np.frombuffer(_zstd().decode(body.tobytes()), dtype=np.uint8)
+            body = np.frombuffer(bytearray(_zstd().decode(body.tobytes())), dtype=np.uint8)
         if body.size != self.row_nbytes:
             raise self._corrupt(row, entry)
         return body
