@@ -33,9 +33,17 @@ class KnownStore:
     """family -> [rows, ...] array (fixed) or list of arrays (ragged), storage dtype."""
 
 
-def make_store(location: Any, seed: int = 0, rows_per_shard: int = 5, families: tuple[str, ...] = ("fixed", "ragged"),
-               compression: str | None = None) -> KnownStore:
-    """Episodes of uneven length; families ``fixed_<dtype>`` [2, 3] and ``ragged_<dtype>`` [L, 4], several shards each."""
+def make_store(
+    location: Any,
+    seed: int = 0,
+    rows_per_shard: int = 5,
+    families: tuple[str, ...] = ("fixed", "ragged"),
+    compression: str | None = None,
+) -> KnownStore:
+    """Episodes of uneven length; families ``fixed_<dtype>`` [2, 3] and ``ragged_<dtype>`` [L, 4].
+
+    Every family spans several shards (``rows_per_shard`` is small).
+    """
     rng = np.random.default_rng(seed)
     series = {
         "state": [rng.standard_normal((n, 3)).astype(np.float32) for n in STEPS],

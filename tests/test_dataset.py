@@ -109,7 +109,7 @@ def _all_batches(ds: VLADataset, **kwargs) -> list[dict]:
 
 def _same(batches_a: list[dict], batches_b: list[dict]) -> None:
     assert len(batches_a) == len(batches_b)
-    for a, b in zip(batches_a, batches_b):
+    for a, b in zip(batches_a, batches_b, strict=True):
         assert a.keys() == b.keys()
         for key in a:
             if isinstance(a[key], torch.Tensor):

@@ -56,7 +56,7 @@ def test_gather_and_row_return_the_written_values(known, mapping, dtype, verify)
         assert not padded[i, lengths[i] :].any()
     for row, value in enumerate(values):
         np.testing.assert_array_equal(ragged.row(row), value)
-    for got, row in zip(ragged.rows(rows), rows.tolist()):
+    for got, row in zip(ragged.rows(rows), rows.tolist(), strict=True):
         np.testing.assert_array_equal(got, values[row])
 
 

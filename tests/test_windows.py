@@ -60,7 +60,7 @@ def test_sample_table_lists_every_step_of_chosen_episodes(steps: list[int], data
     chosen = data.draw(st.lists(st.integers(0, len(steps) - 1), unique=True))
     episodes, step_of = sample_table(np.asarray(steps), chosen)
     expected = [(e, t) for e in chosen for t in range(steps[e])]
-    assert list(zip(episodes.tolist(), step_of.tolist())) == expected
+    assert list(zip(episodes.tolist(), step_of.tolist(), strict=True)) == expected
 
 
 @given(steps=st.lists(st.integers(1, 30), min_size=1, max_size=10), reuse=st.integers(1, 5))
@@ -69,7 +69,7 @@ def test_feature_rows_use_step_floor_div_reuse(steps: list[int], reuse: int) -> 
     episode_rows = np.concatenate([[0], np.cumsum(items)]).astype(np.int64)
     episodes, step_of = sample_table(np.asarray(steps), np.arange(len(steps)))
     rows, vlm_idx = feature_rows(episode_rows, episodes, step_of, reuse)
-    for e, t, row, v in zip(episodes.tolist(), step_of.tolist(), rows.tolist(), vlm_idx.tolist()):
+    for e, t, row, v in zip(episodes.tolist(), step_of.tolist(), rows.tolist(), vlm_idx.tolist(), strict=True):
         assert v == t // reuse
         assert row == sum(items[:e]) + t // reuse
 

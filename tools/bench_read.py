@@ -59,7 +59,7 @@ def build(root: Path, rows: int, dim: int, reuse: int, rows_per_episode: int, se
         block = torch.from_numpy(rng.standard_normal((min(8192, rows - lo), dim), dtype=np.float32))
         values[lo : lo + len(block)] = block.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
     episodes = []
-    for name, n in zip(names, steps.tolist()):
+    for name, n in zip(names, steps.tolist(), strict=True):
         state = rng.standard_normal((n, 7)).astype(np.float32)
         episodes.append(EpisodeData(name, {"state": state, "action": rng.standard_normal((n, 7)).astype(np.float32)}))
 
@@ -116,7 +116,7 @@ def interleaved(contenders: dict, batches: list[np.ndarray], seconds: float, rou
     best round (as ``timeit`` reports) is the least disturbed one.
     """
     best: dict[str, float] = {}
-    for name, fn in contenders.items():
+    for fn in contenders.values():
         fn(batches[0])  # warm: open files, parse indexes
     for r in range(rounds):
         for name, fn in contenders.items():
@@ -130,7 +130,7 @@ def random_reads(root: Path, data: dict, batch: int, seconds: float, seed: int) 
     rng = np.random.default_rng(seed + 1)
     batches = [rng.integers(0, rows, size=batch) for _ in range(int(seconds * 400_000 / batch) + 10)]
     paths = []
-    for name, n in zip(data["names"], data["items"].tolist()):
+    for name, n in zip(data["names"], data["items"].tolist(), strict=True):
         paths.extend(str(root / "legacy" / f"{name}_vlm{i}.pt") for i in range(n))
     contenders = {}
     contenders["torch.load per file"] = lambda b: torch.stack(
@@ -259,7 +259,8 @@ def ragged_bench(root: Path, n_rows: int, dim: int, seconds: float, seed: int) -
     results = {k: v / 1e6 for k, v in mb.items()}
     check = batches[0]
     got = FeatureReader(store, "tokens", verify="always").rows(check)
-    assert all(np.array_equal(g, packed[offsets[r] : offsets[r + 1]]) for g, r in zip(got, check.tolist()))
+    for value, r in zip(got, check.tolist(), strict=True):
+        assert np.array_equal(value, packed[offsets[r] : offsets[r + 1]])
     return results
 
 

@@ -89,7 +89,7 @@ class ShardArena:
         addr = _LIBC.mmap(None, self.size, 0, flags, -1, 0)  # PROT_NONE: address space only
         if addr in (None, _MAP_FAILED):
             raise OSError(ctypes.get_errno(), f"cannot reserve {self.size} bytes of address space")
-        region = _region_type(self.size).from_address(addr)
+        region = _region_type(self.size).from_address(addr)  # type: ignore[attr-defined]
         region._addr, region._size = addr, self.size
         self.addr = addr
         self.buf = np.frombuffer(region, dtype=np.uint8)  # keeps the region (and its mapping) alive

@@ -100,7 +100,7 @@ class _Shard:
         assert self.buf is not None and self.crcs is not None
         stride = self.index.stride
         nbytes = stride - _CRC_BYTES
-        view = memoryview(self.buf)
+        view = self.buf.data
         stored = self.crcs.tolist()
         ok = [crc32c(view[p * stride : p * stride + nbytes]) == c for p, c in enumerate(stored)]
         self.verified[: len(ok)] = ok
@@ -186,7 +186,7 @@ class FeatureReader:
                 self._records = self._arena.records(self.row_nbytes)
                 self._gpos = np.full(self.layout.rows, len(self._records), dtype=np.int64)
                 self._record_crcs = self._arena.crcs(self.row_nbytes)
-                self._record_mv = memoryview(self._arena.buf)
+                self._record_mv = self._arena.buf.data
         return self._arena
 
     # ------------------------------------------------------------------ shards
@@ -245,7 +245,7 @@ class FeatureReader:
                 # a whole shard in one pass costs less than row by row; then reads need no check at all
                 entry.verify_all()
             if in_arena and self._gpos is not None and index.stride == self.stride:
-                assert arena is not None and entry.pos is not None
+                assert arena is not None and entry.pos is not None and self._records is not None
                 rows = self.layout.shard_rows(shard)
                 pos = entry.pos[rows - shard * self.layout.rows_per_shard]
                 usable = pos >= 0
@@ -392,29 +392,23 @@ class FeatureReader:
             IndexError, MissingRowError, ChecksumError: as :meth:`row`.
         """
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
-        if self._gpos is not None and out is None and self._pid == os.getpid() and len(rows):
-            # hot path once the rows' shards are mapped: a handful of numpy calls, whatever the shard count
-            # rows not mapped (yet) point one past the last record, so the fancy index raises: no extra check
-            try:
-                records = self._gpos[rows]
-                result = self._records[records]
-            except IndexError:
-                result = None
-            if result is not None:
-                if self.verify != "never":
-                    self._verify_records(rows, records)
-                return result.view(self.dtype).reshape(len(rows), *self.row_shape)
+        if out is None and len(rows) and self._pid == os.getpid():
+            hot = self._gather_mapped(rows)
+            if hot is not None:
+                return hot
         if self.spec.ragged:
             raise ValueError(f"family {self.family!r} is ragged; use gather_padded(rows)")
+        if len(rows) and rows.min() < 0:  # as numpy (and the hot path) do: count from the end
+            rows = np.where(rows < 0, rows + self.layout.rows, rows)
         self._check_range(rows)
         n = len(rows)
         if n == 0:
             return np.empty((0, *self.row_shape), dtype=self.dtype) if out is None else out
         self._check_pid()
         if self._get_arena() is not None and self._gpos is not None:
-            records = self._gather_arena(rows)
-            if records is not None:
-                result = records.view(self.dtype).reshape(n, *self.row_shape)
+            mapped = self._gather_arena(rows)
+            if mapped is not None:
+                result = mapped.view(self.dtype).reshape(n, *self.row_shape)
                 if out is None:
                     return result
                 out[...] = result
@@ -453,9 +447,27 @@ class FeatureReader:
         assert records is not None
         return out if out is not None else records.view(self.dtype).reshape(n, *self.row_shape)
 
+    def _gather_mapped(self, rows: np.ndarray) -> np.ndarray | None:
+        """The hot path once the rows' shards are in the arena: a handful of numpy calls, whatever the shards.
+
+        Rows not mapped (yet), missing or corrupt point one past the last record, so the
+        fancy index raises IndexError (None: take the slow path) and needs no extra check.
+        """
+        gpos, records_view = self._gpos, self._records
+        if gpos is None or records_view is None:
+            return None
+        try:
+            records = gpos[rows]
+            result = records_view[records]
+        except IndexError:
+            return None
+        if self.verify == "always":
+            self._verify_records(rows, records)
+        return result.view(self.dtype).reshape(len(rows), *self.row_shape)
+
     def _gather_arena(self, rows: np.ndarray) -> np.ndarray | None:
         """Rows as void records in one fancy index over the arena; None when a row is not mapped there."""
-        assert self._gpos is not None
+        assert self._gpos is not None and self._records is not None
         records = self._gpos[rows]
         unmapped = len(self._records)
         if records.max() >= unmapped:
@@ -465,17 +477,19 @@ class FeatureReader:
             records = self._gpos[rows]
             if records.max() >= unmapped:  # missing rows or shards outside the arena: the per-shard path reports
                 return None
-        if self.verify != "never":
+        if self.verify == "always":
             self._verify_records(rows, records)
         return self._records[records]
 
     def _verify_records(self, rows: np.ndarray, records: np.ndarray) -> None:
-        """crc32c of arena records (verify="once": those not checked yet in this process)."""
-        if self.verify == "once":
-            return  # rows reach the arena's hot path only after their shard passed verify_all()
-        todo = range(len(rows))
+        """crc32c of arena records, for verify="always".
+
+        verify="once" needs none: a row reaches the arena only after its shard passed
+        :meth:`_Shard.verify_all`, and corrupt rows never do.
+        """
         mv, crcs, nb, stride = self._record_mv, self._record_crcs, self.row_nbytes, self.stride
-        for i in todo:
+        assert mv is not None and crcs is not None
+        for i in range(len(rows)):
             g = int(records[i])
             if crc32c(mv[g * stride : g * stride + nb]) != int(crcs[g]):
                 row = int(rows[i])
