@@ -96,33 +96,32 @@ def build(root: Path, rows: int, dim: int, reuse: int, rows_per_episode: int, se
 # ------------------------------------------------------------ random reads
 
 
-def timed(fn, batches: list[np.ndarray], seconds: float, size=len) -> float:
-    """Items/s (or ``size`` units/s) of ``fn(batch)`` over the batches that fit in ``seconds`` (at least 3)."""
-    done = 0
-    t0 = time.perf_counter()
-    for i, batch in enumerate(batches):
-        fn(batch)
-        done += size(batch)
-        if i >= 2 and time.perf_counter() - t0 > seconds:
-            break
-    return done / (time.perf_counter() - t0)
+def interleaved(contenders: dict, batches: list[np.ndarray], seconds: float, size=len,
+                slice_seconds: float = 0.1) -> dict[str, float]:
+    """Rate of each contender, contenders taking turns in slices of ``slice_seconds``.
 
-
-def interleaved(contenders: dict, batches: list[np.ndarray], seconds: float, rounds: int = 3,
-                size=len) -> dict[str, float]:
-    """Best rate of each contender over ``rounds`` rounds, contenders taking turns.
-
-    These machines are shared: taking turns spreads a noisy moment over everyone, and the
-    best round (as ``timeit`` reports) is the least disturbed one.
+    These machines are shared and their speed drifts within seconds: short turns give every
+    contender the same mix of quiet and busy moments. Each turn reads other batches, so no
+    contender finds rows left in the CPU caches by the one before.
     """
-    best: dict[str, float] = {}
     for fn in contenders.values():
         fn(batches[0])  # warm: open files, parse indexes
-    for r in range(rounds):
+    done = {name: 0 for name in contenders}
+    spent = {name: 0.0 for name in contenders}
+    cursor = 1
+    t_end = time.perf_counter() + seconds * len(contenders)
+    while time.perf_counter() < t_end or min(done.values()) == 0:
         for name, fn in contenders.items():
-            part = batches[(r * len(batches)) // rounds :]
-            best[name] = max(best.get(name, 0.0), timed(fn, part, seconds / rounds, size))
-    return best
+            t0 = time.perf_counter()
+            while True:
+                batch = batches[cursor % len(batches)]
+                cursor += 1
+                fn(batch)
+                done[name] += size(batch)
+                if time.perf_counter() - t0 > slice_seconds:
+                    break
+            spent[name] += time.perf_counter() - t0
+    return {name: done[name] / spent[name] for name in contenders}
 
 
 def random_reads(root: Path, data: dict, batch: int, seconds: float, seed: int) -> dict[str, float]:

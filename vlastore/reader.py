@@ -42,6 +42,18 @@ if TYPE_CHECKING:
 __all__ = ["FeatureReader", "MissingRowError", "VERIFY_MODES", "to_tensor"]
 
 VERIFY_MODES = ("always", "once", "never")
+_FORKS = [0]
+"""Bumped in every forked child: a reader made before the fork sees it and drops its maps.
+(Cheaper than comparing ``os.getpid()`` on every read, which is a system call.)"""
+
+
+def _forked() -> None:
+    _FORKS[0] += 1
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forked)
+
 _PROCESS_LOCAL = ("_shards", "_arena", "_gpos", "_records", "_record_crcs", "_record_mv")
 _CRC_BYTES = 4
 
@@ -149,6 +161,7 @@ class FeatureReader:
         self._record_crcs: np.ndarray | None = None
         self._record_mv: memoryview | None = None
         self._pid = os.getpid()
+        self._fork = _FORKS[0]
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -170,7 +183,7 @@ class FeatureReader:
         self._reset()
 
     def _check_pid(self) -> None:
-        if self._pid != os.getpid():  # forked: the parent's maps are not ours to keep
+        if self._fork != _FORKS[0] or self._pid != os.getpid():  # forked: the parent's maps are not ours
             self._reset()
 
     def _get_arena(self) -> _arena.ShardArena | None:
@@ -391,8 +404,9 @@ class FeatureReader:
             ValueError: the family is ragged (use :meth:`gather_padded`).
             IndexError, MissingRowError, ChecksumError: as :meth:`row`.
         """
-        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
-        if out is None and len(rows) and self._pid == os.getpid():
+        if type(rows) is not np.ndarray or rows.dtype != np.int64 or rows.ndim != 1:
+            rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if out is None and len(rows) and self._fork == _FORKS[0]:
             hot = self._gather_mapped(rows)
             if hot is not None:
                 return hot
