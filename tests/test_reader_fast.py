@@ -201,3 +201,14 @@ def test_a_forked_child_maps_its_own_shards(known, mapping) -> None:
     child.join(timeout=60)
     assert child.exitcode == 0 and fresh
     np.testing.assert_array_equal(values, expected)
+
+
+def test_the_shard_range_refuses_strides_that_would_waste_address_space() -> None:
+    if not arena.available():
+        pytest.skip("no shared mapping range on this platform")
+    fine = arena.ShardArena(10, 4096 * 4100 + 65540, 4100)  # 2048 bf16 + crc, 4096 rows per shard
+    assert fine.slot_nbytes % 4100 == 0 and fine.slot_nbytes % 4096 == 0
+    assert fine.slot_nbytes < 2 * (4096 * 4100 + 65540)
+    stride = 5 * 2**20 + 4  # 5 MB rows: aligned slots would be 5 GiB each; the reader maps per shard instead
+    with pytest.raises(OSError, match="address space"):
+        arena.ShardArena(10, 12 * stride + 200, stride)

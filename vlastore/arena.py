@@ -31,6 +31,7 @@ __all__ = ["ShardArena", "available"]
 _MAP_FIXED = 0x10
 _MAP_NORESERVE = 0x4000
 _MAP_FAILED = ctypes.c_void_p(-1).value
+_MAX_RESERVE = 1 << 44  # 16 TiB of the 128 TiB a 64-bit Linux process can address
 
 
 def _libc() -> ctypes.CDLL | None:
@@ -85,6 +86,9 @@ class ShardArena:
         self.slot_nbytes = -(-shard_nbytes // unit) * unit
         self.records_per_slot = self.slot_nbytes // stride
         self.size = max(1, n_shards) * self.slot_nbytes
+        if self.slot_nbytes > 2 * shard_nbytes + page or self.size > _MAX_RESERVE:
+            # strides with few factors of two (e.g. 5 MB rows + crc) need huge aligned slots
+            raise OSError(f"a shard range for stride {stride} would need {self.size:,} bytes of address space")
         flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE
         addr = _LIBC.mmap(None, self.size, 0, flags, -1, 0)  # PROT_NONE: address space only
         if addr in (None, _MAP_FAILED):
