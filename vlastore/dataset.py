@@ -236,6 +236,8 @@ class VLADataset(Dataset):
         # main process reaches persistent workers: [counter, generation of each family].
         self._sync = torch.zeros(1 + len(self.features), dtype=torch.int64).share_memory_()
         self._keep = torch.ones(len(self._cand_episode), dtype=torch.bool).share_memory_()
+        self._sync_np = self._sync.numpy()  # the same memory; reading it costs ~100x less than a tensor index
+        self._names = np.asarray(catalog.names, dtype=object)
         self._seen = -1
         self._readers: dict[str, FeatureReader] = {}
         self._refresh_local(None, check=True)
@@ -346,9 +348,18 @@ class VLADataset(Dataset):
 
     reload = refresh
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        del state["_sync_np"]  # rebuilt over the (shared) tensor on arrival
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._sync_np = self._sync.numpy()
+
     def _follow(self) -> None:
         """In a worker: adopt the generations the main process switched to in refresh()."""
-        seen = int(self._sync[0])
+        seen = int(self._sync_np[0])
         if seen == self._seen:
             return
         self.store.reload()
@@ -366,12 +377,14 @@ class VLADataset(Dataset):
     def __len__(self) -> int:
         return len(self._samples)
 
-    def _candidates(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
+    def _candidates(self, indices: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(index, candidate)`` of each requested sample (negative indices count from the end)."""
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
-        n = len(self._samples)
-        if idx.size and (idx.min() < -n or idx.max() >= n):
-            raise IndexError(f"sample index out of range: the dataset has {n} samples")
-        return self._samples[idx]
+        try:
+            cand = self._samples[idx]
+        except IndexError:
+            raise IndexError(f"sample index out of range: the dataset has {len(self._samples)} samples") from None
+        return idx % max(len(self._samples), 1), cand
 
     def _windows(self, cand: np.ndarray) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -395,11 +408,11 @@ class VLADataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         """One sample: features (zero-copy views on local raw stores), windows, pad masks, ids."""
         self._follow()
-        cand = self._candidates([index])
+        idx, cand = self._candidates([index])
         c = int(cand[0])
         e = int(self._cand_episode[c])
         sample: dict[str, Any] = {
-            "index": int(index) % len(self._samples),
+            "index": int(idx[0]),
             "episode": self.store.catalog.names[e],
             "episode_index": e,
             "step": int(self._cand_step[c]),
@@ -417,12 +430,11 @@ class VLADataset(Dataset):
     def __getitems__(self, indices: Sequence[int]) -> BatchedSamples:
         """A batch in one go: feature rows gathered per shard, windows in one numpy pass."""
         self._follow()
-        cand = self._candidates(indices)
+        idx, cand = self._candidates(indices)
         episodes = self._cand_episode[cand]
-        n = len(self._samples)
         batch = Batch({
-            "index": torch.from_numpy(np.asarray(indices, dtype=np.int64) % max(n, 1)),
-            "episode": [self.store.catalog.names[e] for e in episodes.tolist()],
+            "index": torch.from_numpy(idx),
+            "episode": self._names[episodes].tolist(),
             "episode_index": torch.from_numpy(episodes.copy()),
             "step": torch.from_numpy(self._cand_step[cand].copy()),
         })
