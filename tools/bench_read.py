@@ -196,32 +196,41 @@ class LegacyDataset(torch.utils.data.Dataset):
         }
 
 
-def loader_rate(loader: torch.utils.data.DataLoader, seconds: float, skip: int = 4) -> float:
-    """Samples/s after the first ``skip`` batches (worker start-up excluded)."""
-    it = iter(loader)
-    for _ in range(skip):
-        next(it)
-    done = 0
-    t0 = time.perf_counter()
-    for batch in it:
-        done += len(batch["step"])
-        if time.perf_counter() - t0 > seconds:
-            break
-    rate = done / (time.perf_counter() - t0)
-    del it
-    return rate
+def loader_rates(loaders: dict, seconds: float, rounds: int = 4) -> dict[str, float]:
+    """Samples/s of each loader, loaders taking turns (``rounds`` turns each, ``seconds`` in all).
+
+    Worker start-up is left out (a few batches are read first). A paused loader's workers
+    prefetch a few batches, which flatters the slower loader a little: the ratios are conservative.
+    """
+    iterators = {name: iter(loader) for name, loader in loaders.items()}
+    for it in iterators.values():
+        for _ in range(4):
+            next(it)
+    done = {name: 0 for name in loaders}
+    spent = {name: 0.0 for name in loaders}
+    for _ in range(rounds):
+        for name, it in iterators.items():
+            t0 = time.perf_counter()
+            while time.perf_counter() - t0 < seconds / rounds:
+                done[name] += len(next(it)["step"])
+            spent[name] += time.perf_counter() - t0
+    return {name: done[name] / spent[name] for name in loaders}
 
 
 def dataloader_bench(root: Path, data: dict, reuse: int, batch: int, seconds: float) -> dict[str, float]:
     legacy = LegacyDataset(root / "legacy", data["names"], data["steps"], reuse)
-    out = {}
-    gen = torch.Generator().manual_seed(0)
-    out["legacy .pt + .npz"] = loader_rate(torch.utils.data.DataLoader(
-        legacy, batch_size=batch, shuffle=True, num_workers=2, generator=gen), seconds)
     ds = VLADataset(root / "store.vla", features=["qwen_vl"], n_obs_steps=N_OBS, horizon=HORIZON)
-    out["VLADataset"] = loader_rate(ds.dataloader(batch_size=batch, shuffle=True, num_workers=2, generator=gen),
-                                    seconds)
-    return out
+
+    def sampler(dataset: torch.utils.data.Dataset) -> torch.utils.data.Sampler:
+        return torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=10**9,
+                                              generator=torch.Generator().manual_seed(0))
+
+    loaders = {
+        "legacy .pt + .npz": torch.utils.data.DataLoader(legacy, batch_size=batch, sampler=sampler(legacy),
+                                                         num_workers=2),
+        "VLADataset": ds.dataloader(batch_size=batch, sampler=sampler(ds), num_workers=2),
+    }
+    return loader_rates(loaders, seconds)
 
 
 # ------------------------------------------------------------------ ragged

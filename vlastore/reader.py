@@ -327,15 +327,18 @@ class FeatureReader:
     def _row_bytes(self, row: int) -> np.ndarray:
         """One row as uint8 ``(length, row_nbytes)`` (a view on the fast path)."""
         entry, shard, first, length = self._locate(row)
-        index = entry.index
-        if not index.present[first : first + length].all():
-            raise self._missing(row, shard)
         if entry.pos is not None:
             assert entry.payload is not None
-            p0 = int(entry.pos[first])  # a row's chunks are consecutive and present, so are their positions
-            positions = np.arange(p0, p0 + length)
-            self._verify_positions(entry, positions, np.full(length, row))
+            # present chunks are packed in chunk order: the row is whole iff its first and last
+            # chunks are present and exactly length - 1 positions apart
+            p0, p_last = int(entry.pos[first]), int(entry.pos[first + length - 1])
+            if p0 < 0 or p_last - p0 != length - 1:
+                raise self._missing(row, shard)
+            if self.verify == "always" or (self.verify == "once" and not entry.verified[p0 : p0 + length].all()):
+                self._verify_positions(entry, np.arange(p0, p0 + length), np.full(length, row))
             return entry.payload[p0 : p0 + length]
+        if not entry.index.present[first : first + length].all():
+            raise self._missing(row, shard)
         parts = [self._chunk(entry, c, row) for c in range(first, first + length)]
         return np.stack(parts) if length > 1 else parts[0][None]
 
@@ -377,7 +380,8 @@ class FeatureReader:
             ChecksumError: the stored bytes are corrupt.
         """
         row = int(row)
-        self._check_range(np.asarray([row]))
+        if not 0 <= row < self.layout.rows:
+            raise IndexError(f"row {row} out of range: family {self.family!r} has {self.layout.rows} rows")
         data = self._row_bytes(row)
         if self.spec.ragged:
             return data.view(self.dtype).reshape(len(data), *self.row_shape)
