@@ -54,7 +54,7 @@ def _forked() -> None:
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forked)
 
-_PROCESS_LOCAL = ("_shards", "_arena", "_gpos", "_records", "_record_crcs", "_record_mv")
+_PROCESS_LOCAL = ("_shards", "_arena", "_gpos", "_row_ok", "_records", "_record_crcs", "_record_mv")
 _CRC_BYTES = 4
 
 
@@ -107,16 +107,6 @@ class _Shard:
         pos[self.index.present] = (self.index.offsets[self.index.present] // np.uint64(stride)).astype(np.int64)
         self.pos = pos
 
-    def verify_all(self) -> None:
-        """crc32c of every chunk at once (verify="once"); corrupt chunks stay unverified."""
-        assert self.buf is not None and self.crcs is not None
-        stride = self.index.stride
-        nbytes = stride - _CRC_BYTES
-        view = self.buf.data
-        stored = self.crcs.tolist()
-        ok = [crc32c(view[p * stride : p * stride + nbytes]) == c for p, c in enumerate(stored)]
-        self.verified[: len(ok)] = ok
-
 
 class FeatureReader:
     """Rows of one generation of one family.
@@ -157,6 +147,7 @@ class FeatureReader:
         self._arena: _arena.ShardArena | None = None
         self._arena_failed = False
         self._gpos: np.ndarray | None = None  # fixed families: row -> record in the arena (past the end: unmapped)
+        self._row_ok: np.ndarray | None = None  # fixed families in the arena, verify="once": checked rows
         self._records: np.ndarray | None = None
         self._record_crcs: np.ndarray | None = None
         self._record_mv: memoryview | None = None
@@ -198,6 +189,7 @@ class FeatureReader:
             if not self.spec.ragged:
                 self._records = self._arena.records(self.row_nbytes)
                 self._gpos = np.full(self.layout.rows, len(self._records), dtype=np.int64)
+                self._row_ok = np.zeros(self.layout.rows, dtype=bool)
                 self._record_crcs = self._arena.crcs(self.row_nbytes)
                 self._record_mv = self._arena.buf.data
         return self._arena
@@ -254,17 +246,11 @@ class FeatureReader:
         entry = _Shard(index, buf, where)
         if buf is not None and index.stride and self.spec.compression is None:
             entry.make_strided()
-            if self.verify == "once":
-                # a whole shard in one pass costs less than row by row; then reads need no check at all
-                entry.verify_all()
             if in_arena and self._gpos is not None and index.stride == self.stride:
                 assert arena is not None and entry.pos is not None and self._records is not None
                 rows = self.layout.shard_rows(shard)
                 pos = entry.pos[rows - shard * self.layout.rows_per_shard]
-                usable = pos >= 0
-                if self.verify == "once":  # corrupt rows go the slow way, which reports them
-                    usable &= entry.verified[np.maximum(pos, 0)]
-                self._gpos[rows] = np.where(usable, shard * arena.records_per_slot + pos, len(self._records))
+                self._gpos[rows] = np.where(pos >= 0, shard * arena.records_per_slot + pos, len(self._records))
         return entry
 
     def _describe_shard(self, shard: int) -> str:
@@ -479,7 +465,7 @@ class FeatureReader:
             result = records_view[records]
         except IndexError:
             return None
-        if self.verify == "always":
+        if self.verify != "never":
             self._verify_records(rows, records)
         return result.view(self.dtype).reshape(len(rows), *self.row_shape)
 
@@ -495,23 +481,27 @@ class FeatureReader:
             records = self._gpos[rows]
             if records.max() >= unmapped:  # missing rows or shards outside the arena: the per-shard path reports
                 return None
-        if self.verify == "always":
+        if self.verify != "never":
             self._verify_records(rows, records)
         return self._records[records]
 
     def _verify_records(self, rows: np.ndarray, records: np.ndarray) -> None:
-        """crc32c of arena records, for verify="always".
-
-        verify="once" needs none: a row reaches the arena only after its shard passed
-        :meth:`_Shard.verify_all`, and corrupt rows never do.
-        """
+        """crc32c of arena records (verify="once": only rows this process has not checked yet)."""
         mv, crcs, nb, stride = self._record_mv, self._record_crcs, self.row_nbytes, self.stride
-        assert mv is not None and crcs is not None
-        for i in range(len(rows)):
+        assert mv is not None and crcs is not None and self._row_ok is not None
+        todo: Any = range(len(rows))
+        if self.verify == "once":
+            ok = self._row_ok[rows]
+            if ok.all():
+                return
+            todo = np.flatnonzero(~ok).tolist()
+        for i in todo:
             g = int(records[i])
             if crc32c(mv[g * stride : g * stride + nb]) != int(crcs[g]):
                 row = int(rows[i])
                 raise self._corrupt(row, self._shard(row // self.layout.rows_per_shard))
+        if self.verify == "once":
+            self._row_ok[rows[todo]] = True
 
     def gather_padded(self, rows: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Ragged rows zero-padded to the longest: ``([len(rows), L_max, *row_shape], lengths)``."""
