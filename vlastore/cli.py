@@ -29,7 +29,7 @@ class UserError(Exception):
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import make_demo_store
+    from .demo import demo_batch, describe_batch, make_demo_store
     from .report import format_info, store_info
 
     path = Path(args.out)
@@ -48,6 +48,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
           f"first values {feature[:4].float().tolist()}")
     print(f"           qwen_vl_tokens[({name!r}, vlm_idx=0)] -> {tuple(tokens.shape)} {tokens.dtype}")
     print(f"           state[{name!r}, steps 0:3] -> {state.shape} {state.dtype}")
+    dataset, batch = demo_batch(store)
+    print(f"\ntraining batch: {dataset!r}\n  DataLoader(batch_size=4, collate_fn=vlastore.dataset.collate) ->")
+    print("\n".join(f"    {line}" for line in describe_batch(batch)))
     print(f"\nnext: vlastore info {path}   |   vlastore verify {path}")
     return 0
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -11,7 +12,7 @@ from .format import FamilySpec, Producer
 from .layout import vlm_items
 from .store import EpisodeData, VLAStore
 
-__all__ = ["make_demo_store", "DEMO_PATH"]
+__all__ = ["make_demo_store", "demo_batch", "describe_batch", "DEMO_PATH"]
 
 DEMO_PATH = Path("vlastore-demo.vla")
 JOINTS = [f"joint_{i}" for i in range(6)] + ["gripper"]
@@ -71,3 +72,25 @@ def make_demo_store(
             tokens = token_centres[e] + 0.5 * rng.normal(size=(length, token_hidden))
             writer.write_rows([row], [tokens.astype(np.float16)])
     return store
+
+
+def demo_batch(store: VLAStore, batch_size: int = 4, seed: int = 0) -> tuple[Any, dict[str, Any]]:
+    """A ``VLADataset`` over the demo store and one shuffled batch read through a ``DataLoader``."""
+    import torch
+
+    from .dataset import VLADataset
+
+    dataset = VLADataset(store, features=["qwen_vl", "qwen_vl_tokens"], n_obs_steps=2, horizon=8)
+    loader = dataset.dataloader(batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
+    return dataset, next(iter(loader))
+
+
+def describe_batch(batch: dict[str, Any]) -> list[str]:
+    """One line per key: shape and dtype of tensors, the first items of lists."""
+    lines = []
+    for key, value in batch.items():
+        if hasattr(value, "shape"):
+            lines.append(f"{key}: {tuple(value.shape)} {value.dtype}")
+        else:
+            lines.append(f"{key}: {len(value)} x {type(value[0]).__name__}, e.g. {value[0]!r}")
+    return lines

@@ -211,6 +211,37 @@ class Storage:
         buf = sync(self.store.get(self._name(key), prototype=default_buffer_prototype()))
         return None if buf is None else buf.to_bytes()
 
+    def read_range(self, key: str, start: int, length: int | None = None) -> bytes | None:
+        """``length`` bytes of ``key`` from ``start`` (``start < 0``: the last ``-start`` bytes).
+
+        Remote stores fetch only those bytes (one ranged GET). Returns None when absent.
+        """
+        from zarr.abc.store import RangeByteRequest, SuffixByteRequest
+
+        path = self.file_path(key)
+        if path is not None:
+            try:
+                with open(path, "rb") as f:
+                    if start < 0:
+                        size = f.seek(0, os.SEEK_END)
+                        f.seek(max(0, size + start))
+                        return f.read()
+                    f.seek(start)
+                    return f.read(-1 if length is None else length)
+            except FileNotFoundError:
+                return None
+        request: Any
+        if start < 0:
+            request = SuffixByteRequest(-start)
+        else:
+            request = RangeByteRequest(start, start + length) if length is not None else None
+            if request is None and start:
+                from zarr.abc.store import OffsetByteRequest
+
+                request = OffsetByteRequest(start)
+        buf = sync(self.store.get(self._name(key), prototype=default_buffer_prototype(), byte_range=request))
+        return None if buf is None else buf.to_bytes()
+
     def key_exists(self, key: str) -> bool:
         path = self.file_path(key)
         if path is not None:

@@ -1,0 +1,138 @@
+"""One virtual address range holding every shard of a family, memory-mapped.
+
+A batch of random rows spans many shards; gathering them shard by shard costs
+a few numpy calls per shard, more than the copy itself. Here the shard files
+of one family generation are mapped side by side into one reserved range, each
+at a slot whose size is a multiple of both the page size (``mmap`` needs
+aligned addresses) and the chunk stride. Every chunk of every shard then sits
+at ``record * stride`` in one buffer, and a batch is one numpy fancy index.
+
+Linux only (``mmap`` with ``MAP_FIXED`` through ctypes); :func:`available`
+says whether it can be used, and the reader falls back to one map per shard
+otherwise. Mappings are private and copy-on-write (like ``mmap.ACCESS_COPY``):
+arrays over them are writable, so ``torch.from_numpy`` needs no copy, and no
+write reaches a file. The range is unmapped when the last array over it is
+garbage-collected, never while a view handed out is alive.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import mmap
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["ShardArena", "available"]
+
+_MAP_FIXED = 0x10
+_MAP_NORESERVE = 0x4000
+_MAP_FAILED = ctypes.c_void_p(-1).value
+_MAX_RESERVE = 1 << 44  # 16 TiB of the 128 TiB a 64-bit Linux process can address
+
+
+def _libc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                              ctypes.c_long]
+        libc.munmap.restype = ctypes.c_int
+        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+_LIBC = _libc()
+
+
+def available() -> bool:
+    """Whether this platform supports the shared range (else: one map per shard)."""
+    return _LIBC is not None and os.environ.get("VLASTORE_NO_ARENA", "") in ("", "0")
+
+
+def _region_type(size: int) -> type:
+    class _Region(ctypes.c_char * size):  # type: ignore[misc, valid-type]
+        """Owns the reserved range: unmapped when the last numpy view over it goes away."""
+
+        def __del__(self) -> None:
+            if _LIBC is not None and getattr(self, "_addr", None):
+                _LIBC.munmap(self._addr, self._size)
+
+    return _Region
+
+
+class ShardArena:
+    """Reserved address range with one slot per shard of ``stride``-byte chunks.
+
+    Args:
+        n_shards: slots to reserve.
+        shard_nbytes: the largest a shard file can be.
+        stride: bytes per chunk (payload + crc32c).
+    """
+
+    def __init__(self, n_shards: int, shard_nbytes: int, stride: int) -> None:
+        if _LIBC is None:
+            raise OSError("no shared mapping range on this platform")
+        page = mmap.PAGESIZE
+        unit = page * stride // math.gcd(page, stride)
+        self.stride = stride
+        self.slot_nbytes = -(-shard_nbytes // unit) * unit
+        self.records_per_slot = self.slot_nbytes // stride
+        self.size = max(1, n_shards) * self.slot_nbytes
+        if self.slot_nbytes > 2 * shard_nbytes + page or self.size > _MAX_RESERVE:
+            # strides with few factors of two (e.g. 5 MB rows + crc) need huge aligned slots
+            raise OSError(f"a shard range for stride {stride} would need {self.size:,} bytes of address space")
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE
+        addr = _LIBC.mmap(None, self.size, 0, flags, -1, 0)  # PROT_NONE: address space only
+        if addr in (None, _MAP_FAILED):
+            raise OSError(ctypes.get_errno(), f"cannot reserve {self.size} bytes of address space")
+        region = _region_type(self.size).from_address(addr)  # type: ignore[attr-defined]
+        region._addr, region._size = addr, self.size
+        self.addr = addr
+        self.buf = np.frombuffer(region, dtype=np.uint8)  # keeps the region (and its mapping) alive
+        self.mapped: dict[int, int] = {}
+
+    def map(self, shard: int, path: Path) -> np.ndarray | None:
+        """Map a shard file into its slot; its bytes as a uint8 view, or None when the file is absent/empty."""
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            size = os.fstat(fd).st_size
+            if size == 0:
+                return None
+            if size > self.slot_nbytes:
+                raise ValueError(f"{path} is {size} bytes, larger than a shard of this family can be")
+            start = self.addr + shard * self.slot_nbytes
+            prot = mmap.PROT_READ | mmap.PROT_WRITE  # private: writes stay in this process
+            got = _LIBC.mmap(start, size, prot, mmap.MAP_PRIVATE | _MAP_FIXED, fd, 0)  # type: ignore[union-attr]
+            if got != start:
+                raise OSError(ctypes.get_errno(), f"mmap of {path} into the shard range failed")
+        finally:
+            os.close(fd)
+        self.mapped[shard] = size
+        lo = shard * self.slot_nbytes
+        return self.buf[lo : lo + size]
+
+    def records(self, nbytes: int) -> np.ndarray:
+        """All chunk slots as opaque ``nbytes`` records: record ``shard * records_per_slot + position``."""
+        n = len(self.buf) // self.stride
+        return np.ndarray((n,), dtype=np.dtype((np.void, nbytes)), buffer=self.buf, strides=(self.stride,))
+
+    def record_bytes(self, nbytes: int) -> np.ndarray:
+        """The same slots as a ``(records, nbytes)`` uint8 matrix."""
+        n = len(self.buf) // self.stride
+        return np.ndarray((n, nbytes), dtype=np.uint8, buffer=self.buf, strides=(self.stride, 1))
+
+    def crcs(self, nbytes: int) -> np.ndarray:
+        """The crc32c stored after each record's payload, as ``<u4``."""
+        n = len(self.buf) // self.stride
+        return np.ndarray((n,), dtype="<u4", buffer=self.buf, offset=nbytes, strides=(self.stride,))
