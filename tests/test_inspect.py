@@ -15,6 +15,8 @@ import pytest
 from vlastore import inspect as vi
 from vlastore.cli import main as cli_main
 from vlastore.format import FamilySpec, Producer
+from vlastore.inspect import _common as inspect_common
+from vlastore.inspect import values as inspect_values
 from vlastore.report import store_info
 from vlastore.storage import StoreNotFoundError
 from vlastore.store import EpisodeData, VLAStore
@@ -285,11 +287,11 @@ def test_a_corrupt_row_is_left_out_and_counted(store_path: Path, tmp_path: Path)
 def test_small_read_batches_give_the_same_figures(store: VLAStore, monkeypatch: pytest.MonkeyPatch) -> None:
     layout = store.layout("tokens")
     rows = np.arange(8)
-    batches = list(vi._batches(layout, rows, budget=6))  # 2 values per token row, 1-4 token rows per row
+    batches = list(inspect_values._batches(layout, rows, budget=6))  # 2 values per token row, 1-4 token rows per row
     assert np.array_equal(np.concatenate(batches), rows)
     assert all(b.size == 1 or layout.lengths[b].sum() * 2 <= 6 for b in batches) and len(batches) > 3
     whole = (vi.family_stats(store, "tokens"), vi.project_rows(store, "tokens"), vi.generation_drift(store, "fixed"))
-    monkeypatch.setattr(vi, "_BATCH_VALUES", 4)
+    monkeypatch.setattr(inspect_common, "_BATCH_VALUES", 4)  # read at call time by values and drift
     small = (vi.family_stats(store, "tokens"), vi.project_rows(store, "tokens"), vi.generation_drift(store, "fixed"))
     for key in ("token_rows", "nan", "inf", "min", "max", "mean", "std", "hist_counts", "norms"):
         np.testing.assert_allclose(small[0][key], whole[0][key], rtol=1e-6, err_msg=key)
