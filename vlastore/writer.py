@@ -113,8 +113,10 @@ class FamilyWriter:
         generation: the generation to write (default: the current one).
         fsync: fsync every shard file before linking it into place.
         write_behind: checksum and write complete shards in a background
-            thread; errors (e.g. :class:`OwnershipError`) then surface at the
-            next call, :meth:`wait` or :meth:`close`.
+            thread (the default: it overlaps the file write with the next
+            rows, 0.41 vs 0.27 of ``np.save``'s speed in tools/bench_write.py);
+            errors (e.g. :class:`OwnershipError`) then surface at the next
+            call, :meth:`wait` or :meth:`close`, and again at every call after.
     """
 
     def __init__(
@@ -125,7 +127,7 @@ class FamilyWriter:
         world_size: int | None = None,
         generation: int | None = None,
         fsync: bool = False,
-        write_behind: bool = False,
+        write_behind: bool = True,
     ) -> None:
         if rank is None or world_size is None:
             # every process of a torchrun job can call store.writer(family) unchanged
