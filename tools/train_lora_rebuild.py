@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -29,9 +28,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from vlastore.dataset import VLADataset
 from vlastore.features import DataFolder, build_features, rebuild_features
 from vlastore.features.dist import barrier, broadcast_object, init_from_env, rank_world, shutdown
-from vlastore.reader import to_tensor
 from vlastore.store import VLAStore
 
 
@@ -59,39 +58,6 @@ def add_lora(model: nn.Module, targets: tuple[str, ...] = ("q_proj", "v_proj"), 
             if child_name in targets and isinstance(child, nn.Linear) and "visual" not in name:
                 setattr(module, child_name, LoRALinear(child, rank=rank).to(child.weight.device))
     return [p for n, p in model.named_parameters() if "lora_" in n]
-
-
-class CachedFeatures(torch.utils.data.Dataset):
-    """(feature of vlm_idx = step // vlm_reuse_count, action at step) for every step of every episode.
-
-    ``refresh()`` re-reads the manifest and reopens the reader at the current
-    generation: call it at an epoch boundary (``vlastore.dataset.VLADataset.refresh``
-    does the same for the full training Dataset).
-    """
-
-    def __init__(self, store_path: str | os.PathLike[str], family: str) -> None:
-        self.store = VLAStore.open(store_path)
-        self.family = family
-        self.actions = torch.from_numpy(self.store.series_all("action")).float()
-        self.refresh()
-
-    def refresh(self) -> int:
-        self.store.reload()
-        self.reader = self.store.reader(self.family)
-        self.layout = self.store.layout(self.family)
-        self.reuse = self.store.spec(self.family).vlm_reuse_count or 1
-        return self.reader.generation
-
-    def __len__(self) -> int:
-        return self.store.catalog.total_steps
-
-    def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        offsets = self.store.catalog.step_offsets
-        e = int(torch.searchsorted(torch.from_numpy(offsets), torch.tensor(step), right=True)) - 1
-        local = step - int(offsets[e])
-        row = self.layout.row(e, local // self.reuse)
-        feature = to_tensor(self.reader.row(row), self.reader.spec.dtype).float()
-        return feature, self.actions[step]
 
 
 def average_gradients(params: list[nn.Parameter]) -> None:
@@ -148,24 +114,26 @@ def main(argv: list[str] | None = None) -> int:
     build_features(args.store, extractor, source, family=args.family, batch_size=args.feature_batch_size)
     barrier()
 
-    data = CachedFeatures(args.store, args.family)
-    hidden = data.reader.spec.row_shape[-1]
-    head = nn.Linear(hidden, data.actions.shape[1])
+    # one sample per (episode, step): the feature row of vlm_idx = step // vlm_reuse_count and the action at step
+    data = VLADataset(args.store, features=[args.family], obs_keys=(), n_obs_steps=1, horizon=1)
+    actions = torch.from_numpy(data.store.series_all("action")).float()
+    hidden = data.store.spec(args.family).row_shape[-1]
+    head = nn.Linear(hidden, actions.shape[1])
     if world > 1:
         head = nn.parallel.DistributedDataParallel(head)
     sampler = torch.utils.data.DistributedSampler(data, num_replicas=world, rank=rank, shuffle=True, seed=0)
-    loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size, sampler=sampler)
+    loader = data.dataloader(batch_size=args.batch_size, sampler=sampler)
     head_opt = torch.optim.AdamW(head.parameters(), lr=1e-2)
     lora_opt = torch.optim.AdamW(lora_params, lr=1e-2)
     store = VLAStore.open(args.store)
     items = source.items(store, args.family, range(store.layout(args.family).rows))
 
     for epoch in range(args.epochs):
-        generation = data.refresh()  # epoch boundary: pick up a switched generation
+        generation, _rows = data.refresh()[args.family]  # epoch boundary: pick up a switched generation
         sampler.set_epoch(epoch)
         total = 0.0
-        for features, actions in loader:
-            loss = nn.functional.mse_loss(head(features), actions)
+        for batch in loader:
+            loss = nn.functional.mse_loss(head(batch[args.family].float()), batch["action"][:, 0])
             head_opt.zero_grad()
             loss.backward()
             head_opt.step()
@@ -179,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         mask = inputs["attention_mask"].unsqueeze(-1).float()
         pooled = (out.last_hidden_state.float() * mask).sum(1) / mask.sum(1)
         module = head.module if isinstance(head, nn.parallel.DistributedDataParallel) else head
-        target = torch.stack([data.actions[int(store.catalog.step_offsets[store.catalog.index(it.dataset)]) + it.step]
+        target = torch.stack([actions[int(store.catalog.step_offsets[store.catalog.index(it.dataset)]) + it.step]
                               for it in picked])
         lora_loss = nn.functional.mse_loss(module(pooled), target)
         lora_opt.zero_grad()
