@@ -74,7 +74,7 @@ def store_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     rebuilt = [r for r in written if r != GEN2_MISSING_ROW]
     with store.writer("fixed", generation=info.generation) as writer:
         writer.write_rows(rebuilt, _bf16_bits(GEN2[rebuilt]))
-    store.switch_generation("fixed", info.generation, remove_old=False)
+    store.switch_generation("fixed", info.generation, keep_previous=None)
     return path
 
 

@@ -61,7 +61,7 @@ def _store_with_two_generations(path: Path) -> VLAStore:
     with store.writer("qwen_vl", generation=info.generation) as writer:
         values = torch.stack([old.tensor(int(r)).float() for r in kept])
         writer.write_rows(kept, (values * 1.1 + 0.05).to(torch.bfloat16))
-    store.switch_generation("qwen_vl", info.generation, remove_old=False)
+    store.switch_generation("qwen_vl", info.generation, keep_previous=None)
     return VLAStore.open(path)
 
 

@@ -50,7 +50,7 @@ def build(path: Path, rows: int, ragged_rows: int, tokens: int, episodes: int, s
     with store.writer("tok") as writer:
         for row, n in enumerate(lengths.tolist()):
             writer.write_rows([row], [rng.normal(size=(n, 256)).astype(np.float16)])
-    store.switch_generation("vlm", 2, remove_old=False)
+    store.switch_generation("vlm", 2, keep_previous=None)
     return VLAStore.open(path)
 
 

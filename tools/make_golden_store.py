@@ -85,7 +85,7 @@ def make_golden_store(out: str | Path = DEFAULT_OUT) -> VLAStore:
     store.new_generation("vlm", Producer("golden/model", "rev2", "fp-0002", {"pooling": "mean"}))
     with store.writer("vlm", generation=2) as writer:
         writer.write_rows(np.arange(len(values["vlm@2"])), values["vlm@2"])
-    store.switch_generation("vlm", 2, remove_old=False)
+    store.switch_generation("vlm", 2, keep_previous=None)
     store.add_family(
         "tokens",
         FamilySpec((4,), "float16", ragged=True, vlm_reuse_count=3, compression="zstd", rows_per_shard=8),

@@ -9,7 +9,6 @@ from typing import Any
 import numpy as np
 
 from .format import FEATURES_GROUP, family_path
-from .reader import FeatureReader
 from .shardcodec import ChecksumError, crc32c, decode_index, index_nbytes
 from .store import VLAStore
 
@@ -150,7 +149,6 @@ class VerifyReport:
 def _verify_family(store: VLAStore, family: str, generation: int, report: VerifyReport,
                    progress: Callable[[int], None]) -> None:
     layout = store.layout(family, generation)
-    reader = FeatureReader(store, family, generation)
     names = store.catalog.names
     index_name = layout.spec.index_name
     present_rows = np.zeros(layout.rows, dtype=bool)
@@ -184,7 +182,6 @@ def _verify_family(store: VLAStore, family: str, generation: int, report: Verify
         for row in sorted(bad_rows):
             e, item = layout.address(row)
             report.corrupt.append(Corruption(key, family, names[e], item, "crc32c mismatch", index_name))
-    reader.close()
     report.coverage[family if generation == store.generation(family).generation else f"{family}@{generation}"] = (
         int(present_rows.sum()), layout.rows)
 

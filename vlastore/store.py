@@ -352,10 +352,7 @@ class VLAStore:
         current = self.generation(family)
         layout = self.layout(family)
         gen = max(entry.generations) + 1
-        keys = None
-        if current.spec.has_keys:
-            keys = [str(k) for k in self.storage.read_small_array(
-                f"{generation_path(family, current.generation)}/keys").tolist()]
+        keys = self.keys(family, current.generation) if current.spec.has_keys else None
         info = self._write_generation(
             family, gen, current.spec, np.diff(layout.episode_rows), lengths, producer, keys
         )
@@ -364,14 +361,16 @@ class VLAStore:
         self._save_manifest(_replace_families(self.manifest, families))
         return info
 
-    def switch_generation(
-        self, family: str, generation: int, remove_old: bool = True, keep_previous: int = 0
-    ) -> None:
+    def switch_generation(self, family: str, generation: int, keep_previous: int | None = 0) -> None:
         """Point readers at ``generation`` (one atomic manifest write), then drop older ones.
 
-        A reader that already memory-mapped old shards keeps reading them until it reopens.
-        ``keep_previous`` older generations (the newest ones) survive ``remove_old``, so that
-        readers still on them keep working until they reopen.
+        Args:
+            family: the family.
+            generation: the generation readers use from now on.
+            keep_previous: how many of the older generations (the newest of them)
+                to keep, so that readers still on them keep working until they
+                reopen; ``None`` keeps them all. A reader keeps the shards it
+                already memory-mapped in any case.
         """
         self._require_writable()
         self.reload()
@@ -379,19 +378,16 @@ class VLAStore:
         if generation not in entry.generations:
             raise KeyError(f"family {family!r} has no generation {generation}")
         older = sorted(g for g in entry.generations if g < generation)
-        kept_older = older[len(older) - keep_previous:] if keep_previous > 0 else []
-        keep = (
-            tuple(g for g in entry.generations if g >= generation or g in kept_older)
-            if remove_old else entry.generations
-        )
+        dropped = set() if keep_previous is None else set(older[: max(0, len(older) - keep_previous)])
+        keep = tuple(g for g in entry.generations if g not in dropped)
         families = dict(self.manifest.families)
         families[family] = FamilyEntry(generation, keep)
         self._save_manifest(_replace_families(self.manifest, families))
         for old in entry.generations:
             if old not in keep:
                 self.storage.delete(generation_path(family, old))
-                self._generations.pop((family, old), None)
-                self._layouts.pop((family, old), None)
+                for cache in (self._generations, self._layouts, self._readers, self._keys, self._key_index):
+                    cache.pop((family, old), None)
 
     def _items(self, spec: FamilySpec, items_per_episode: Sequence[int] | np.ndarray | None) -> np.ndarray:
         if items_per_episode is None:
@@ -466,22 +462,8 @@ class VLAStore:
         """
         layout = self.layout(family, generation)
         key = self.shard_key(family, shard, generation)
-        path = self.storage.file_path(key)
-        if path is not None:
-            try:
-                with open(path, "rb") as f:
-                    size = f.seek(0, os.SEEK_END)
-                    n = index_nbytes(layout.rows_per_shard)
-                    f.seek(max(0, size - n))
-                    tail = f.read()
-            except FileNotFoundError:
-                return None
-        else:
-            data = self.storage.read_bytes(key)
-            if data is None:
-                return None
-            tail = data
-        return decode_index(tail, layout.rows_per_shard)
+        tail = self.storage.read_range(key, -index_nbytes(layout.rows_per_shard))
+        return None if tail is None else decode_index(tail, layout.rows_per_shard)
 
     def written_shards(self, family: str, generation: int | None = None) -> np.ndarray:
         """Shard numbers whose files exist (complete: shards are written atomically)."""

@@ -147,10 +147,8 @@ class FamilyWriter:
         self.rank = rank
         self.world_size = world_size
         self.fsync = fsync
-        # write-behind (opt-in): a complete shard is checksummed and written by one background thread
-        # while the caller fills the next one; at most _MAX_IN_FLIGHT shards wait. tools/bench_write.py:
-        # 10-25% faster on a quiet 2-core machine, no gain under load; opt-in because a failed shard
-        # write then surfaces at the next call instead of the one that completed the shard
+        # write-behind: a complete shard is checksummed and written by one background thread while the
+        # caller fills the next one; at most _MAX_IN_FLIGHT shards wait (tools/bench_write.py measures it)
         self.write_behind = write_behind
         self._executor: ThreadPoolExecutor | None = None
         self._in_flight: deque[tuple[int, Future[None], _Pending]] = deque()
@@ -175,8 +173,6 @@ class FamilyWriter:
         """Open a store and a writer; rank/world_size default to torch.distributed's when initialised."""
         from .store import VLAStore
 
-        if rank is None or world_size is None:
-            rank, world_size = _dist_rank()
         return cls(VLAStore.open(location, writable=True), family, rank=rank, world_size=world_size, **kwargs)
 
     # ------------------------------------------------------------------ plan

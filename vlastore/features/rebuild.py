@@ -111,8 +111,7 @@ def rebuild_features(
             "Run the rebuild again to finish it"
         )
     if rank == 0:
-        store.switch_generation(family, generation, remove_old=keep_previous is not None,
-                                keep_previous=keep_previous or 0)
+        store.switch_generation(family, generation, keep_previous=keep_previous)
     barrier()
     store.reload()
     return RebuildResult(store.generation(family, generation), stats, current.generation)

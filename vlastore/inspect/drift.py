@@ -51,7 +51,7 @@ def generation_drift(
         if not older:
             raise ValueError(
                 f"family {family!r} has generations {generations}: nothing older than {generation} to compare; "
-                "rebuild it with store.new_generation(...) and keep the old one (switch_generation(remove_old=False))"
+                "rebuild it with store.new_generation(...) and keep the old one (switch_generation(keep_previous=None))"
             )
         previous = older[-1]
     layout = store.layout(family, generation)
