@@ -14,51 +14,15 @@ families are sampled (``max_rows`` rows, drawn with a seeded RNG).
 
 from __future__ import annotations
 
-from ._common import DEFAULT_MAX_ROWS, EXACT_PCA_LIMIT, STORE_ENV
-from .drift import drift_summary, families_with_generations, generation_drift
-from .episodes import episode_series, vlm_boundaries
-from .plots import plot_coverage, plot_drift, plot_histogram, plot_norms, plot_projection, plot_series
-from .tables import (
-    coverage_table,
-    episode_table,
-    manifest_table,
-    missing_rows,
-    open_store,
-    resolve_store_path,
-    store_summary,
-    vlm_alignment,
-)
-from .values import family_stats, load_rows, pca, project_rows, row_vectors, sample_rows, stats_table, to_float32
+# each module lists its public names once, in its own __all__
+from . import _common, drift, episodes, plots, tables, values
+from ._common import *  # noqa: F403
+from .drift import *  # noqa: F403
+from .episodes import *  # noqa: F403
+from .plots import *  # noqa: F403
+from .tables import *  # noqa: F403
+from .values import *  # noqa: F403
 
 __all__ = [
-    "STORE_ENV",
-    "DEFAULT_MAX_ROWS",
-    "EXACT_PCA_LIMIT",
-    "open_store",
-    "resolve_store_path",
-    "store_summary",
-    "manifest_table",
-    "episode_table",
-    "coverage_table",
-    "missing_rows",
-    "vlm_alignment",
-    "to_float32",
-    "sample_rows",
-    "load_rows",
-    "row_vectors",
-    "family_stats",
-    "stats_table",
-    "pca",
-    "project_rows",
-    "episode_series",
-    "vlm_boundaries",
-    "families_with_generations",
-    "generation_drift",
-    "drift_summary",
-    "plot_coverage",
-    "plot_norms",
-    "plot_histogram",
-    "plot_projection",
-    "plot_series",
-    "plot_drift",
+    *_common.__all__, *tables.__all__, *values.__all__, *episodes.__all__, *drift.__all__, *plots.__all__
 ]
