@@ -387,7 +387,7 @@ def test_plot_helpers_draw_on_the_given_axes(store: VLAStore) -> None:
     assert image.shape == (3, 2) and image[1, 0] == 0.5  # ep_b x fixed
     stats = vi.family_stats(store, "tokens")
     assert vi.plot_norms(stats, ax=ax[1]) is ax[1]
-    assert sum(p.get_height() for p in ax[1].patches) == sum(TOKEN_LENGTHS) - 2  # the NaN and Inf rows left out
+    assert ax[1].patches[0].get_data().values.sum() == sum(TOKEN_LENGTHS) - 2  # the NaN and Inf rows left out
     assert vi.plot_histogram(stats, ax=ax[2]) is ax[2] and "NaN 1, Inf 1" in ax[2].get_title()
     projection = vi.project_rows(store, "fixed")
     assert vi.plot_projection(projection, ax=ax[3]) is ax[3]
@@ -396,7 +396,67 @@ def test_plot_helpers_draw_on_the_given_axes(store: VLAStore) -> None:
     assert vi.plot_series(store, "ep_c", "state", family="fixed", ax=ax[4]) is ax[4]
     assert len(ax[4].lines) == 2 and len(ax[4].collections[0].get_segments()) == 3  # x, y; vlm_idx 0, 1, 2
     assert vi.plot_drift(vi.generation_drift(store, "fixed"), ax=ax[5]) is ax[5]
-    assert sum(p.get_height() for p in ax[5].patches) == 6
+    assert ax[5].patches[0].get_data().values.sum() == 6
     created = vi.plot_norms(stats)  # no ax: a new figure
     assert created.figure is not fig
     plt.close("all")
+
+
+def _rebuilt_store(path: Path, steps: tuple[int, ...], values, write: bool = True) -> VLAStore:
+    """A family with two generations holding the same values: a rebuild that changed nothing."""
+    store = VLAStore.create(path, [EpisodeData(f"e{i}", {"state": np.zeros((n, 2), np.float32)})
+                                   for i, n in enumerate(steps)])
+    store.add_family("f", FamilySpec((4,), "float32", vlm_reuse_count=1), producer=Producer("m", fingerprint="a"))
+    second = store.new_generation("f", Producer("m", fingerprint="b"))
+    rows = store.layout("f").rows
+    for generation in (1, second.generation):
+        with store.writer("f", generation=generation) as writer:
+            if write and rows:
+                writer.write_rows(np.arange(rows), values(rows))
+    store.switch_generation("f", second.generation, keep_previous=None)
+    return store
+
+
+@pytest.mark.parametrize(
+    "steps, values, write",
+    [
+        # a rebuild that changed nothing: cosines of 1 +- 1 ulp
+        ((200, 200), lambda n: np.random.default_rng(0).normal(size=(n, 4)).astype(np.float32), True),
+        ((5, 5), lambda n: np.ones((n, 4), np.float32), True),  # constant
+        ((5,), lambda n: np.full((n, 4), 1e-30, np.float32), True),  # tiny and constant
+        ((1,), lambda n: np.arange(4 * n, dtype=np.float32).reshape(n, 4), True),  # one row
+        ((3,), None, False),  # planned, nothing written
+        ((0,), None, False),  # an episode without steps: no rows at all
+    ],
+    ids=["unchanged-rebuild", "constant", "tiny-constant", "one-row", "empty", "no-rows"],
+)
+def test_every_helper_works_on_degenerate_data(tmp_path: Path, steps, values, write) -> None:
+    plt = pytest.importorskip("matplotlib.pyplot")
+    store = _rebuilt_store(tmp_path / "s.vla", steps, values, write)
+    stats = vi.family_stats(store, "f")
+    assert stats["hist_counts"].sum() == (stats["values"] if write else 0)
+    drift = vi.generation_drift(store, "f")
+    if write:
+        assert np.allclose(drift["rel_l2"], 0) and np.allclose(drift["cosine"][np.isfinite(drift["cosine"])], 1)
+    vi.drift_summary(drift)
+    for draw in (
+        lambda ax: vi.plot_drift(drift, ax=ax),
+        lambda ax: vi.plot_drift(drift, ax=ax, metric="cosine"),
+        lambda ax: vi.plot_norms(stats, ax=ax),
+        lambda ax: vi.plot_histogram(stats, ax=ax),
+        lambda ax: vi.plot_projection(vi.project_rows(store, "f"), ax=ax),
+        lambda ax: vi.plot_coverage(vi.coverage_table(store), ax=ax),
+        lambda ax: vi.plot_series(store, 0, "state", family="f", ax=ax),
+    ):
+        figure, ax = plt.subplots()
+        assert draw(ax) is ax
+        plt.close(figure)
+
+
+def test_histogram_counts_every_finite_value_whatever_its_range() -> None:
+    for values in ([], [np.nan], [1.0], [1.0, np.nextafter(1.0, 2.0)], [0.0, 1e-300], [-1.0, 3.0, np.inf]):
+        counts, edges = vi.histogram(np.asarray(values), 40)
+        finite = np.asarray(values, dtype=float)
+        finite = finite[np.isfinite(finite)]
+        assert counts.sum() == finite.size and len(edges) == 41 and np.all(np.diff(edges) > 0)
+        assert all(edges[0] <= v <= edges[-1] for v in finite)

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..store import VLAStore
-from ._common import _axes
+from ._common import _axes, histogram
 from .episodes import episode_series, vlm_boundaries
 
 __all__ = ["plot_coverage", "plot_norms", "plot_histogram", "plot_projection", "plot_series", "plot_drift"]
@@ -39,8 +39,8 @@ def plot_coverage(coverage: pd.DataFrame, ax: Axes | None = None) -> Axes:
 def plot_norms(stats: dict[str, Any], ax: Axes | None = None, bins: int = 50) -> Axes:
     """Histogram of the row (token row) L2 norms of a :func:`family_stats` result."""
     ax = _axes(ax)
-    norms = stats["norms"][np.isfinite(stats["norms"])]
-    ax.hist(norms, bins=bins, color="tab:blue")
+    counts, edges = histogram(stats["norms"], bins)
+    ax.stairs(counts, edges, fill=True, color="tab:blue")
     ax.set_xlabel("L2 norm per token row" if stats["ragged"] else "L2 norm per row")
     ax.set_ylabel("rows")
     ax.set_title(f"{stats['family']}: row norms ({stats['rows_sampled']:,} rows sampled)")
@@ -102,8 +102,8 @@ def plot_series(
 def plot_drift(drift: pd.DataFrame, ax: Axes | None = None, metric: str = "rel_l2", bins: int = 40) -> Axes:
     """Histogram of one column (``rel_l2`` or ``cosine``) of a :func:`generation_drift` table."""
     ax = _axes(ax)
-    values = drift[metric].to_numpy(dtype=float)
-    ax.hist(values[np.isfinite(values)], bins=bins, color="tab:red")
+    counts, edges = histogram(drift[metric].to_numpy(dtype=float), bins)
+    ax.stairs(counts, edges, fill=True, color="tab:red")
     ax.locator_params(axis="x", nbins=5)
     ax.set_xlabel("relative L2 |new - old| / |old|" if metric == "rel_l2" else "cosine similarity")
     ax.set_ylabel("rows")

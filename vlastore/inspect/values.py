@@ -11,7 +11,7 @@ from ..layout import FamilyLayout
 from ..shardcodec import ChecksumError
 from ..store import VLAStore
 from . import _common
-from ._common import _ARRAY_KEYS, DEFAULT_MAX_ROWS, EXACT_PCA_LIMIT, _pandas
+from ._common import _ARRAY_KEYS, DEFAULT_MAX_ROWS, EXACT_PCA_LIMIT, _pandas, histogram
 
 __all__ = [
     "to_float32",
@@ -159,11 +159,7 @@ def family_stats(
             kept_values.append(finite)
     norm_array = np.concatenate(norms) if norms else np.zeros(0)
     sampled_values = np.concatenate(kept_values) if kept_values else np.zeros(0)
-    counts, edges = (
-        np.histogram(sampled_values, bins=bins)
-        if sampled_values.size
-        else (np.zeros(bins, np.int64), np.linspace(0, 1, bins + 1))
-    )
+    counts, edges = histogram(sampled_values, bins)
     mean = total / count if count else float("nan")
     finite_norms = norm_array[np.isfinite(norm_array)]
     return {
