@@ -282,6 +282,8 @@ class VLADataset(Dataset):
     def _window_plan(self, n_obs_steps: int, horizon: int) -> WindowPlan:
         steps: dict[str, Any] = {}
         for key in self.window_keys:
+            if key in self.delta_timestamps:
+                continue
             if key in self.delta_steps:
                 steps[key] = self.delta_steps[key]
             elif key in self.obs_keys:

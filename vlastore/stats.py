@@ -189,8 +189,10 @@ class SeriesStats:
     """Statistics of one robot series over a set of episodes, per column.
 
     ``std`` is the population standard deviation (``ddof=0``, as ``np.std``
-    and LeRobot). ``quantiles[q]`` equals ``np.quantile(data, q, axis=0,
-    method=method)`` on the concatenated data, bit for bit; ``min``/``max``
+    and LeRobot). ``quantiles[q]`` equals ``np.quantile(data, [q, ...],
+    axis=0, method=method)`` on the concatenated data, bit for bit (numpy
+    interpolates in float64 for a list of probabilities; given one Python
+    float on float32 data it rounds the result to float32); ``min``/``max``
     are exact; ``mean``/``std`` are float64 sums merged per episode.
     """
 

@@ -104,7 +104,7 @@ def seconds_to_steps(
     bad_rate = ~np.isfinite(rates) | (rates <= 0)
     if bad_rate.any():
         where = "" if rates.ndim == 0 else f" (episode #{int(np.flatnonzero(bad_rate)[0])})"
-        raise ValueError(f"fps must be a positive number, got {rates[bad_rate].reshape(-1)[0]}{where}; "
+        raise ValueError(f"fps must be a positive number, got {float(rates[bad_rate].reshape(-1)[0])}{where}; "
                          "pass fps= for episodes whose store does not record it")
     if not np.isfinite(deltas).all():
         raise ValueError(f"delta_timestamps must be finite numbers of seconds, got {deltas.tolist()}")
@@ -116,8 +116,8 @@ def seconds_to_steps(
         rate = float(rates.reshape(-1)[e])
         where = "" if rates.ndim == 0 else f" in episode #{e}"
         raise ValueError(
-            f"delta {deltas[w]!r} s is not a multiple of 1/fps = 1/{rate:g} s within tolerance_s={tolerance_s:g}"
-            f"{where} (nearest: {int(steps[e, w])} steps = {steps[e, w] / rate!r} s); use multiples of "
+            f"delta {float(deltas[w])!r} s is not a multiple of 1/fps = 1/{rate:g} s within tolerance_s={tolerance_s:g}"
+            f"{where} (nearest: {int(steps[e, w])} steps = {float(steps[e, w]) / rate:.6g} s); use multiples of "
             f"1/{rate:g} s, step offsets (delta_steps=), or a larger tolerance_s"
         )
     out = steps.astype(np.int64)
@@ -337,7 +337,7 @@ class WindowPlan:
                 episode = names[int(e[i])] if names is not None else f"#{int(e[i])}"
                 raise ValueError(
                     f"{int(off.sum()):,} windows ask for times with no step within tolerance_s={self.tolerance_s:g}, "
-                    f"e.g. key {key!r} delta {self.time_table[w]!r} s at episode {episode} step {int(t[i])}: "
+                    f"e.g. key {key!r} delta {float(self.time_table[w])!r} s at episode {episode} step {int(t[i])}: "
                     "the recording has a gap there; use delta_steps=, a larger tolerance_s, or drop the episode"
                 )
 
