@@ -83,6 +83,9 @@ def _column(values: np.ndarray, rows: np.ndarray | None, c: int) -> np.ndarray:
 
 def _segment_moments(col: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, ...]:
     """``(mean, m2, min, max)`` of consecutive segments of ``col`` (all counts > 0), two-pass in float64."""
+    if not len(counts):
+        empty = np.zeros(0)
+        return empty, empty, empty, empty
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     col64 = col.astype(np.float64)
     mean = np.add.reduceat(col64, starts) / counts
@@ -251,7 +254,7 @@ def summarize(
             for, a probability outside ``[0, 1]``, or values of the wrong shape.
     """
     step_offsets = np.asarray(step_offsets, dtype=np.int64)
-    qs = tuple(float(q) for q in quantiles)
+    qs = tuple(dict.fromkeys(float(q) for q in quantiles))  # each once, in the order given
     if any(not 0.0 <= q <= 1.0 for q in qs):
         raise ValueError(f"quantiles must be probabilities in [0, 1], got {list(qs)}")
     chosen = None if episodes is None else np.asarray(episodes, dtype=np.int64)
