@@ -126,15 +126,14 @@ class ResumableSampler(Sampler[list[int]]):
             raise ValueError(f"tail={tail!r}: use one of {TAILS}")
         if not isinstance(seed, (int, np.integer)) or seed < 0:
             raise ValueError(f"seed must be an int >= 0, got {seed!r}")
-        self.num_samples = data_source if isinstance(data_source, int) else len(data_source)
+        self.num_samples = int(data_source) if isinstance(data_source, (int, np.integer)) else len(data_source)
         self.batch_size = int(batch_size)
         self.shuffle = bool(shuffle)
         self.seed = int(seed)
         self.rank, self.world_size = _world(rank, world_size)
         self.tail = tail
         self.epoch = 0
-        self.position = 0
-        """Samples of this epoch's order the training loop has received, all ranks together."""
+        self._position = 0
         self._counted_by_loader = False
         self._pass = 0  # id of the pass being iterated; bumped to retire older iterators
         self._active = False
@@ -163,6 +162,20 @@ class ResumableSampler(Sampler[list[int]]):
         mine = max(0, -(-(remaining - self.rank) // self.world_size))
         return -(-mine // self.batch_size)
 
+    @property
+    def position(self) -> int:
+        """Samples of this epoch's order the training loop has received, all ranks together."""
+        if self._active:  # counted cheaply per batch, turned into samples only when asked
+            step = self.world_size * self.batch_size
+            return min(self._pass_start + self._delivered * step, self.num_samples)
+        return self._position
+
+    @position.setter
+    def position(self, value: int) -> None:
+        self._position = int(value)
+        self._pass += 1
+        self._active = False
+
     def __len__(self) -> int:
         """Batches this rank yields in the pass under way (or the next one)."""
         return self._pass_batches if self._active else self._batches_from(self.position)
@@ -170,9 +183,10 @@ class ResumableSampler(Sampler[list[int]]):
     # ------------------------------------------------------------ the passes
 
     def _begin(self) -> int:
+        self._position = self.position
         self._pass += 1
         self._active = True
-        self._pass_start = self.position
+        self._pass_start = self._position
         self._delivered = 0
         self._pass_batches = self._batches_from(self.position)
         remaining = self.num_samples - self.position
@@ -185,23 +199,17 @@ class ResumableSampler(Sampler[list[int]]):
             )
         return self._pass
 
-    def _check(self, token: int) -> None:
-        if token != self._pass or not self._active:
-            raise RuntimeError(
-                "this iterator is stale: a newer iter(loader), load_state_dict() or set_epoch() started over; "
-                "iterate the loader again"
-            )
-
-    def _deliver(self, token: int) -> None:
-        self._check(token)
-        self._delivered += 1
-        self.position = min(self._pass_start + self._delivered * self.world_size * self.batch_size,
-                            self.num_samples)
+    @staticmethod
+    def _stale() -> RuntimeError:
+        return RuntimeError(
+            "this iterator is stale: a newer iter(loader), load_state_dict() or set_epoch() started over; "
+            "iterate the loader again"
+        )
 
     def _finish(self, token: int) -> None:
         if token == self._pass and self._active:
             self.epoch += 1
-            self.position = 0
+            self._position = 0
             self._active = False
 
     def __iter__(self) -> Iterator[list[int]]:
@@ -210,7 +218,9 @@ class ResumableSampler(Sampler[list[int]]):
         step = self.batch_size
         for lo in range(0, len(mine), step):
             if not self._counted_by_loader:
-                self._deliver(token)
+                if token != self._pass:
+                    raise self._stale()
+                self._delivered += 1
             yield mine[lo : lo + step].tolist()
         if not self._counted_by_loader:
             self._finish(token)
@@ -222,8 +232,6 @@ class ResumableSampler(Sampler[list[int]]):
         if epoch != self.epoch:
             self.epoch = int(epoch)
             self.position = 0
-            self._pass += 1
-            self._active = False
 
     def _where(self) -> tuple[int, int]:
         ended = self._active and self._delivered >= self._pass_batches
@@ -278,8 +286,6 @@ class ResumableSampler(Sampler[list[int]]):
                     "the numpy version of that run, or from the start of an epoch"
                 )
         self.epoch, self.position = epoch, position
-        self._pass += 1
-        self._active = False
 
 
 class _CountingIterator(Iterator[Any]):
@@ -297,13 +303,15 @@ class _CountingIterator(Iterator[Any]):
         return self._sampler._pass_batches
 
     def __next__(self) -> Any:
-        self._sampler._check(self._token)
+        sampler = self._sampler
+        if sampler._pass != self._token:
+            raise sampler._stale()
         try:
             batch = next(self._inner)
         except StopIteration:
-            self._sampler._finish(self._token)
+            sampler._finish(self._token)
             raise
-        self._sampler._deliver(self._token)
+        sampler._delivered += 1  # the whole per-batch cost of resumability (position is derived on demand)
         return batch
 
 
