@@ -265,8 +265,10 @@ def summarize(
             raise ValueError(f"values have {len(values)} steps but the catalog has {int(step_offsets[-1])}")
     elif moments is None or qs:
         raise ValueError("summarize needs values (or moments and no quantiles)")
-    rows = None if all_in_order else _episode_rows(step_offsets, chosen)
-    counts = np.diff(step_offsets) if all_in_order else step_offsets[chosen + 1] - step_offsets[chosen]
+    if all_in_order or chosen is None:
+        rows, counts = None, np.diff(step_offsets)
+    else:
+        rows, counts = _episode_rows(step_offsets, chosen), step_offsets[chosen + 1] - step_offsets[chosen]
     n = int(counts.sum())
     if qs and n == 0:
         raise ValueError("the chosen episodes have no steps: there is nothing to take quantiles of")
@@ -283,7 +285,7 @@ def summarize(
             if qs:
                 # np.quantile itself on the subset's values: a partition at the needed order
                 # statistics (no sort), and bit-identical to np.quantile on the concatenated data.
-                result = np.quantile(col, qs, method=method, overwrite_input=True)
+                result = np.quantile(col, qs, method=method, overwrite_input=True)  # type: ignore[call-overload]
                 for q, value in zip(qs, np.atleast_1d(result)):
                     found[q].append(value)
     if need_moments:
