@@ -262,3 +262,94 @@ def test_demo_command_reads_a_batch_through_the_dataloader(tmp_path, capsys) -> 
     assert main(["demo", "--out", str(tmp_path / "demo.vla")]) == 0
     out = capsys.readouterr().out
     assert "VLADataset" in out and "qwen_vl: (4, 2048) torch.bfloat16" in out and "action_is_pad" in out
+
+
+# ---------------------------------------------------------------- delta windows, stats, resumable loader
+
+
+def _check_windows(known, ds: VLADataset, deltas: dict[str, list[int]]) -> None:
+    for batch in (collate(ds.__getitems__(range(len(ds)))), None):
+        for i in range(len(ds)):
+            sample = ds[i] if batch is None else {k: v[i] for k, v in batch.items() if k != "episode"}
+            e, t = int(sample["episode_index"]), int(sample["step"])
+            for key, offsets in deltas.items():
+                values, pads = expected_window(known, e, t, key, offsets)
+                np.testing.assert_array_equal(sample[key].numpy(), values)
+                np.testing.assert_array_equal(sample[f"{key}_is_pad"].numpy(), pads)
+
+
+def test_delta_steps_read_any_offsets_per_key(known) -> None:
+    deltas = {"state": [-4, -2, 0], "action": [0, 1, 5, 9]}
+    ds = VLADataset(known.store, features=[], delta_steps=deltas)
+    _check_windows(known, ds, deltas)
+    assert ds[0]["state"].shape == (3, 3) and ds[0]["action_is_pad"].shape == (4,)
+    # a key outside obs_keys/action_keys is read too; the others keep the short form
+    only = VLADataset(known.store, features=[], obs_keys=(), n_obs_steps=1, horizon=2, delta_steps={"state": [3]})
+    _check_windows(known, only, {"state": [3], "action": [0, 1]})
+
+
+def test_delta_timestamps_at_an_fps_or_through_timestamps_equal_their_step_offsets(known) -> None:
+    steps = {"state": [-2, 0], "action": [0, 3, 6]}
+    seconds = {"state": [-0.2, 0.0], "action": [0.0, 0.3, 0.6]}
+    by_fps = VLADataset(known.store, features=[], delta_timestamps=seconds, fps=10)
+    _check_windows(known, by_fps, steps)
+    per_episode = VLADataset(known.store, features=[], delta_timestamps=seconds, fps=[10.0] * len(STEPS))
+    _check_windows(known, per_episode, steps)
+    _, step_of = sample_table_of(known)
+    ts = step_of / 10.0 + 0.00003  # recorded times, slightly off the grid
+    by_time = VLADataset(known.store, features=[], delta_timestamps=seconds, timestamps=ts)
+    _check_windows(known, by_time, steps)
+    sub = by_time.subset(["episode_003"])  # subsets keep the windows
+    _check_windows(known, sub, steps)
+    assert len(sub) == STEPS[3]
+
+
+def sample_table_of(known):
+    from vlastore.windows import sample_table
+
+    return sample_table(known.store.catalog.steps, np.arange(len(STEPS)))
+
+
+def test_bad_time_offsets_are_refused_at_construction(known) -> None:
+    with pytest.raises(ValueError, match=r"delta 0\.05 s is not a multiple of 1/fps = 1/30 s"):
+        VLADataset(known.store, features=[], delta_timestamps={"action": [0.0, 0.05]}, fps=30)
+    with pytest.raises(ValueError, match="fps= "):
+        VLADataset(known.store, features=[], delta_timestamps={"action": [0.1]})
+    with pytest.raises(ValueError, match="one per catalog episode"):
+        VLADataset(known.store, features=[], delta_timestamps={"action": [0.1]}, fps=[10, 10])
+    _, step_of = sample_table_of(known)
+    ts = step_of / 10.0
+    ts[sum(STEPS[:3]) + 5 :] += 0.05  # episode_003 has a 0.15 s gap after its step 4
+    with pytest.raises(ValueError, match=r"episode episode_003 step \d+: the recording has a gap"):
+        VLADataset(known.store, features=[], delta_timestamps={"action": [0.0, 0.1]}, timestamps=ts)
+    with pytest.raises(KeyError, match="unknown series 'nope'"):
+        VLADataset(known.store, features=[], delta_steps={"nope": [0]})
+
+
+def test_stats_of_a_dataset_are_those_of_its_episodes_exactly(known) -> None:
+    ds = VLADataset(known.store, features=["fixed_float32"])
+    train, val = ds.split(val_fraction=0.34, seed=2)
+    for part in (ds, train, val, ds.subset(["episode_004", "episode_000"])):
+        rows = np.concatenate([np.arange(*known.store.catalog.step_range(e)) for e in part.episode_names])
+        for key in ("state", "action"):
+            data = known.series[key][rows]
+            stats = part.stats[key]
+            assert stats.count == len(rows)
+            q01, q99 = np.quantile(data, [0.01, 0.99], axis=0)
+            np.testing.assert_array_equal(stats["q01"], q01)
+            np.testing.assert_array_equal(stats["q99"], q99)
+            np.testing.assert_array_equal(stats.min, data.min(axis=0))
+            np.testing.assert_array_equal(stats.max, data.max(axis=0))
+            np.testing.assert_allclose(stats.mean, data.astype(np.float64).mean(axis=0), rtol=1e-12, atol=1e-12)
+            np.testing.assert_allclose(stats.std, data.astype(np.float64).std(axis=0), rtol=1e-10)
+    assert set(ds.stats) == {"state", "action"}
+    median = ds.series_stats("action", quantiles=[0.5])
+    np.testing.assert_array_equal(median["q50"], np.quantile(known.series["action"], [0.5], axis=0)[0])
+
+
+def test_the_resumable_loader_keeps_what_dataloader_does(known) -> None:
+    ds = VLADataset(known.store, features=["fixed_bfloat16", "ragged_float16"], horizon=3)
+    plain = _all_batches(ds)
+    resumable = list(ds.dataloader(batch_size=7, resumable=True, num_workers=2, multiprocessing_context="fork"))
+    _same(plain, resumable)
+    assert ds.dataloader(batch_size=7, resumable=True, shuffle=True).epoch == 0

@@ -2,10 +2,13 @@
 
 Each sample holds the requested feature families at ``vlm_idx = step //
 vlm_reuse_count``, a robot-state window of ``n_obs_steps`` past steps, an
-action chunk of ``horizon`` steps and ``<key>_is_pad`` masks at episode edges::
+action chunk of ``horizon`` steps (or any step/second offsets per key:
+``delta_steps=``, ``delta_timestamps=``) and ``<key>_is_pad`` masks at episode
+edges::
 
     ds = VLADataset("data.vla", features=["qwen_vl"], n_obs_steps=2, horizon=8)
-    loader = ds.dataloader(batch_size=64, shuffle=True, num_workers=4)
+    loader = ds.dataloader(batch_size=64, shuffle=True, num_workers=4, resumable=True)
+    ds.stats["state"].mean, ds.stats["action"]["q99"]   # exact, over this dataset's episodes
 
 Batches go through :meth:`VLADataset.__getitems__` (one gather per shard) and
 :func:`collate`. docs/reading.md has the details.
@@ -23,8 +26,18 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .reader import FeatureReader, MissingRowError, to_tensor
+from .sampler import ResumableDataLoader, ResumableSampler
+from .stats import DEFAULT_QUANTILES, SeriesStats, summarize
 from .store import VLAStore
-from .windows import action_deltas, feature_rows, obs_deltas, sample_table, split_episodes, window_indices
+from .windows import (
+    DEFAULT_TOLERANCE_S,
+    WindowPlan,
+    action_deltas,
+    feature_rows,
+    obs_deltas,
+    sample_table,
+    split_episodes,
+)
 
 __all__ = ["VLADataset", "Batch", "BatchedSamples", "collate", "FingerprintMismatchError", "MissingFeaturesError"]
 
@@ -162,6 +175,17 @@ class VLADataset(Dataset):
         action_keys: robot series read as a chunk of ``horizon`` steps from ``step``.
         n_obs_steps: length of the observation window (ends at ``step``).
         horizon: length of the action chunk (starts at ``step``).
+        delta_steps: ``{key: step offsets}`` read around ``step`` (any ints,
+            e.g. ``[-4, -2, 0]``), overriding the short form for that key; a
+            key not in ``obs_keys``/``action_keys`` is read too.
+        delta_timestamps: ``{key: offsets in seconds}`` as LeRobot's, through
+            ``timestamps`` when given, else ``fps``.
+        fps: frame rate of every episode, or one per catalog episode (until
+            the store records it).
+        timestamps: per-step times in seconds: the name of a one-column
+            series, or an array ``[total_steps]``.
+        tolerance_s: how far a delta may be from a multiple of ``1/fps`` (or a
+            step's time from the time asked for), as LeRobot's.
         vlm_reuse_count: override of the families' manifest value: an int for
             all, or ``{family: int}``.
         episodes: episode names or positions to use (default: all).
@@ -194,6 +218,11 @@ class VLADataset(Dataset):
         expect_fingerprint: str | Mapping[str, str] | None = None,
         series_in_ram: bool = True,
         verify: str = "once",
+        delta_steps: Mapping[str, Sequence[int]] | None = None,
+        delta_timestamps: Mapping[str, Sequence[float]] | None = None,
+        fps: float | Sequence[float] | None = None,
+        timestamps: str | np.ndarray | None = None,
+        tolerance_s: float = DEFAULT_TOLERANCE_S,
     ) -> None:
         self.store = store if isinstance(store, VLAStore) else VLAStore.open(store)
         if on_missing not in ON_MISSING:
@@ -208,16 +237,21 @@ class VLADataset(Dataset):
         clash = set(self.obs_keys) & set(self.action_keys)
         if clash:
             raise ValueError(f"series {sorted(clash)} are both obs_keys and action_keys; a key can be only one")
-        for key in (*self.obs_keys, *self.action_keys):
+        self.delta_steps = {k: list(v) for k, v in (delta_steps or {}).items()}
+        self.delta_timestamps = {k: list(v) for k, v in (delta_timestamps or {}).items()}
+        self.window_keys = tuple(dict.fromkeys([*self.obs_keys, *self.action_keys, *self.delta_steps,
+                                                *self.delta_timestamps]))
+        for key in self.window_keys:
             if key not in self.store.manifest.series:
                 raise KeyError(
                     f"unknown series {key!r}; the store has {list(self.store.series_keys)} "
-                    "(set obs_keys=/action_keys= to the ones you need, or () for none)"
+                    "(set obs_keys=/action_keys=/delta_steps= to the ones you need, or () for none)"
                 )
         self.n_obs_steps = n_obs_steps
         self.horizon = horizon
-        self._obs_deltas = obs_deltas(n_obs_steps)
-        self._action_deltas = action_deltas(horizon)
+        self.fps = fps
+        self.timestamps = timestamps
+        self.tolerance_s = tolerance_s
         self.on_missing = on_missing
         self.series_in_ram = series_in_ram
         self.verify = verify
@@ -227,8 +261,10 @@ class VLADataset(Dataset):
         chosen = range(len(catalog)) if episodes is None else [catalog.resolve(e) for e in episodes]
         self.episode_ids = np.asarray(list(chosen), dtype=np.int64)
         self._cand_episode, self._cand_step = sample_table(catalog.steps, self.episode_ids)
+        self._plan = self._window_plan(n_obs_steps, horizon)
+        self._stats: dict[tuple[str, tuple[float, ...], str], SeriesStats] = {}
         self._series: dict[str, Any] = {}
-        for key in (*self.obs_keys, *self.action_keys):
+        for key in self.window_keys:
             self._series[key] = (
                 self.store.series_all(key) if series_in_ram else self.store.storage.open_array(f"series/{key}")
             )
@@ -242,6 +278,42 @@ class VLADataset(Dataset):
         self._readers: dict[str, FeatureReader] = {}
         self._refresh_local(None, check=True)
         self._seen = int(self._sync[0])
+
+    def _window_plan(self, n_obs_steps: int, horizon: int) -> WindowPlan:
+        steps: dict[str, Any] = {}
+        for key in self.window_keys:
+            if key in self.delta_timestamps:
+                continue
+            if key in self.delta_steps:
+                steps[key] = self.delta_steps[key]
+            elif key in self.obs_keys:
+                steps[key] = obs_deltas(n_obs_steps)
+            elif key in self.action_keys:
+                steps[key] = action_deltas(horizon)
+        times = None
+        if self.timestamps is not None and self.delta_timestamps:
+            times = self._timestamps_array(self.timestamps)
+        fps = self.fps
+        if fps is not None and not np.isscalar(fps) and len(fps) != len(self.store.catalog):  # type: ignore[arg-type]
+            raise ValueError(f"fps has {len(fps)} values but the store has {len(self.store.catalog)} "  # type: ignore[arg-type]
+                             "episodes; give one fps, or one per catalog episode")
+        plan = WindowPlan.build(steps, self.delta_timestamps, fps=fps, timestamps=times,
+                                tolerance_s=self.tolerance_s, episodes=self.episode_ids)
+        plan.check_grid(self.store.catalog.step_offsets, self._cand_episode, self._cand_step, self.store.catalog.names)
+        return plan
+
+    def _timestamps_array(self, timestamps: str | np.ndarray) -> np.ndarray:
+        total = self.store.catalog.total_steps
+        if isinstance(timestamps, str):
+            values = np.asarray(self.store.series_all(timestamps))
+            if values.ndim == 2 and values.shape[1] != 1:
+                raise ValueError(f"timestamps={timestamps!r} has {values.shape[1]} columns; name a one-column series")
+            values = values.reshape(-1)
+        else:
+            values = np.asarray(timestamps, dtype=np.float64).reshape(-1)
+        if len(values) != total:
+            raise ValueError(f"timestamps has {len(values)} values but the store has {total} steps; give one per step")
+        return values.astype(np.float64)
 
     # ------------------------------------------------------------ generations
 
@@ -388,21 +460,19 @@ class VLADataset(Dataset):
 
     def _windows(self, cand: np.ndarray) -> dict[str, Any]:
         out: dict[str, Any] = {}
-        offsets = self.store.catalog.step_offsets
-        episodes, steps = self._cand_episode[cand], self._cand_step[cand]
-        for keys, deltas in ((self.obs_keys, self._obs_deltas), (self.action_keys, self._action_deltas)):
-            if not keys:
-                continue
-            index, is_pad = window_indices(offsets, episodes, steps, deltas)
-            for key in keys:
-                series = self._series[key]
-                if self.series_in_ram:
-                    values = series[index]
-                else:
-                    flat, inverse = np.unique(index, return_inverse=True)
-                    values = np.asarray(series.oindex[flat, :])[inverse.reshape(index.shape)]
-                out[key] = torch.from_numpy(np.ascontiguousarray(values))
-                out[f"{key}_is_pad"] = torch.from_numpy(is_pad)
+        if not self.window_keys:
+            return out
+        windows = self._plan.indices(self.store.catalog.step_offsets, self._cand_episode[cand], self._cand_step[cand])
+        for key in self.window_keys:
+            index, is_pad = windows[key]
+            series = self._series[key]
+            if self.series_in_ram:
+                values = series[index]
+            else:
+                flat, inverse = np.unique(index, return_inverse=True)
+                values = np.asarray(series.oindex[flat, :])[inverse.reshape(index.shape)]
+            out[key] = torch.from_numpy(np.ascontiguousarray(values))
+            out[f"{key}_is_pad"] = torch.from_numpy(np.ascontiguousarray(is_pad))
         return out
 
     def __getitem__(self, index: int) -> dict[str, Any]:
@@ -465,6 +535,8 @@ class VLADataset(Dataset):
             "n_obs_steps": self.n_obs_steps, "horizon": self.horizon, "on_missing": self.on_missing,
             "vlm_reuse_count": dict(self._reuse_override), "series_in_ram": self.series_in_ram,
             "expect_fingerprint": dict(self.expect_fingerprint), "verify": self.verify,
+            "delta_steps": self.delta_steps, "delta_timestamps": self.delta_timestamps, "fps": self.fps,
+            "timestamps": self.timestamps, "tolerance_s": self.tolerance_s,
         }
 
     def subset(self, episodes: Sequence[str | int]) -> VLADataset:
@@ -480,13 +552,70 @@ class VLADataset(Dataset):
     def episode_names(self) -> list[str]:
         return [self.store.catalog.names[e] for e in self.episode_ids.tolist()]
 
-    def dataloader(self, batch_size: int = 32, **kwargs: Any) -> DataLoader:
-        """A ``torch.utils.data.DataLoader`` with :func:`collate` (other arguments as DataLoader's)."""
+    # -------------------------------------------------------------- statistics
+
+    @property
+    def stats(self) -> Mapping[str, SeriesStats]:
+        """Exact statistics of every robot series over this dataset's episodes: ``ds.stats["state"].mean``.
+
+        Computed on first access per key (count, mean, std, min, max, q01,
+        q99; see :mod:`vlastore.stats`) and kept. Other quantiles:
+        :meth:`series_stats`.
+        """
+        return _StatsView(self)
+
+    def series_stats(self, key: str, quantiles: Sequence[float] = DEFAULT_QUANTILES,
+                     method: str = "linear") -> SeriesStats:
+        """Exact statistics of series ``key`` over this dataset's episodes (quantiles as ``np.quantile``'s)."""
+        if key not in self.store.manifest.series:
+            raise KeyError(f"unknown series {key!r}; the store has {list(self.store.series_keys)}")
+        cache_key = (key, tuple(float(q) for q in quantiles), method)
+        if cache_key not in self._stats:
+            values = self._series.get(key) if self.series_in_ram else None
+            if values is None:
+                values = self.store.series_all(key)
+            self._stats[cache_key] = summarize(values, self.store.catalog.step_offsets, self.episode_ids,
+                                               quantiles, method, columns=self.store.columns(key))
+        return self._stats[cache_key]
+
+    def dataloader(self, batch_size: int = 32, resumable: bool = False, **kwargs: Any) -> DataLoader:
+        """A ``torch.utils.data.DataLoader`` with :func:`collate` (other arguments as DataLoader's).
+
+        ``resumable=True`` (or a :class:`~vlastore.sampler.ResumableSampler`
+        as ``batch_sampler``) returns a
+        :class:`~vlastore.sampler.ResumableDataLoader`: the order depends only
+        on ``seed`` (default 0) and the epoch, ``state_dict()`` /
+        ``load_state_dict()`` resume mid-epoch sample-exactly, under torchrun
+        too (``tail=`` says how the last step of an epoch is split over ranks).
+        """
         kwargs.setdefault("collate_fn", collate)
+        if resumable or isinstance(kwargs.get("batch_sampler"), ResumableSampler):
+            if "batch_sampler" not in kwargs:
+                kwargs["batch_size"] = batch_size
+            return ResumableDataLoader(self, **kwargs)
         return DataLoader(self, batch_size=batch_size, **kwargs)
 
     def __repr__(self) -> str:
         gens = ", ".join(f"{f}@gen{g}" for f, g in self.generations.items())
+        windows = ", ".join(f"{k} x{self._plan.deltas(k).shape[-1]}" for k in self.window_keys)
         return (f"VLADataset({self.store.location!r}: {len(self):,} samples from {len(self.episode_ids)} episodes, "
-                f"features [{gens}], obs {list(self.obs_keys)} x{self.n_obs_steps}, "
-                f"action {list(self.action_keys)} x{self.horizon})")
+                f"features [{gens}], windows [{windows}])")
+
+
+class _StatsView(Mapping):
+    """``ds.stats``: series key -> :class:`~vlastore.stats.SeriesStats`, computed on first access."""
+
+    def __init__(self, dataset: VLADataset) -> None:
+        self._dataset = dataset
+
+    def __getitem__(self, key: str) -> SeriesStats:
+        return self._dataset.series_stats(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._dataset.store.series_keys)
+
+    def __len__(self) -> int:
+        return len(self._dataset.store.series_keys)
+
+    def __repr__(self) -> str:
+        return f"<stats of {list(self)} over {len(self._dataset.episode_ids)} episodes>"

@@ -248,6 +248,12 @@ class VLAStore:
     def columns(self, key: str) -> tuple[str, ...]:
         return self.manifest.series[key].columns
 
+    def stats(self, key: str, episodes: Sequence[str | int] | None = None, **kwargs: Any) -> Any:
+        """Exact statistics of series ``key`` (see :func:`vlastore.stats.series_stats`)."""
+        from .stats import series_stats
+
+        return series_stats(self, key, episodes, **kwargs)
+
     # -------------------------------------------------------------- families
 
     def _entry(self, family: str) -> FamilyEntry:

@@ -1,20 +1,40 @@
 """Which steps a training sample reads: pure numpy functions, no I/O.
 
-A sample is one ``(episode, step)``. Around it a robot-state window of
-``n_obs_steps`` past steps (ending at ``step``) and an action chunk of
-``horizon`` steps (starting at ``step``) are read. Near an episode's edges the
-window is padded by repeating the first/last step, and a boolean ``is_pad``
-marks the padded entries (LeRobot's ``<key>_is_pad`` convention; Diffusion
-Policy's ``SequenceSampler`` pads the same way).
+A sample is one ``(episode, step)``. Around it each windowed robot series is
+read at a list of offsets (LeRobot's ``delta_timestamps``): step offsets, or
+seconds converted to steps through the episode's fps, or seconds resolved
+against per-step timestamps (nearest step within ``tolerance_s``). Near an
+episode's edges a window is padded by repeating the first/last step, and a
+boolean ``is_pad`` marks the padded entries (LeRobot's ``<key>_is_pad``
+convention; Diffusion Policy's ``SequenceSampler`` pads the same way).
+
+``n_obs_steps``/``horizon`` are the short form: :func:`obs_deltas` and
+:func:`action_deltas`. :class:`WindowPlan` concatenates the offsets of every
+key into one table so that the windows of a whole batch, all keys together,
+come out of one numpy pass.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["obs_deltas", "action_deltas", "window_indices", "sample_table", "feature_rows", "split_episodes"]
+__all__ = [
+    "obs_deltas",
+    "action_deltas",
+    "window_indices",
+    "seconds_to_steps",
+    "timestamp_window_indices",
+    "WindowPlan",
+    "sample_table",
+    "feature_rows",
+    "split_episodes",
+]
+
+DEFAULT_TOLERANCE_S = 1e-4
+"""LeRobot's default ``tolerance_s``."""
 
 
 def obs_deltas(n_obs_steps: int) -> np.ndarray:
@@ -41,7 +61,9 @@ def window_indices(
             arrays (``Catalog.step_offsets``).
         episodes: ``[B]`` episode position of each sample.
         steps: ``[B]`` step of each sample within its episode.
-        deltas: ``[W]`` step offsets to read (e.g. :func:`obs_deltas`).
+        deltas: ``[W]`` step offsets to read (e.g. :func:`obs_deltas`), or
+            ``[E, W]`` offsets per episode (seconds converted at each
+            episode's own fps, see :func:`seconds_to_steps`).
 
     Returns:
         ``(index, is_pad)``, both ``[B, W]``: ``index`` is clamped into the
@@ -53,10 +75,271 @@ def window_indices(
     deltas = np.asarray(deltas, dtype=np.int64)
     first = step_offsets[episodes]
     count = step_offsets[episodes + 1] - first
-    wanted = steps[:, None] + deltas[None, :]
+    wanted = steps[:, None] + (deltas[episodes] if deltas.ndim == 2 else deltas[None, :])
     is_pad = (wanted < 0) | (wanted >= count[:, None])
     clamped = np.clip(wanted, 0, np.maximum(count[:, None] - 1, 0))
     return first[:, None] + clamped, is_pad
+
+
+def seconds_to_steps(
+    deltas_s: Sequence[float] | np.ndarray, fps: float | Sequence[float] | np.ndarray,
+    tolerance_s: float = DEFAULT_TOLERANCE_S,
+) -> np.ndarray:
+    """Step offsets of time offsets at a frame rate: ``round(delta * fps)``, checked like LeRobot.
+
+    Args:
+        deltas_s: ``[W]`` offsets in seconds.
+        fps: one frame rate, or ``[E]`` one per episode.
+        tolerance_s: how far (seconds) a delta may be from a multiple of ``1/fps``.
+
+    Returns:
+        ``[W]`` int64 offsets for one fps, ``[E, W]`` for one fps per episode.
+
+    Raises:
+        ValueError: an fps that is not a positive number, or a delta that is
+            not a multiple of ``1/fps`` within ``tolerance_s``.
+    """
+    deltas = np.asarray(deltas_s, dtype=np.float64).reshape(-1)
+    rates = np.asarray(fps, dtype=np.float64)
+    bad_rate = ~np.isfinite(rates) | (rates <= 0)
+    if bad_rate.any():
+        where = "" if rates.ndim == 0 else f" (episode #{int(np.flatnonzero(bad_rate)[0])})"
+        raise ValueError(f"fps must be a positive number, got {float(rates[bad_rate].reshape(-1)[0])}{where}; "
+                         "pass fps= for episodes whose store does not record it")
+    if not np.isfinite(deltas).all():
+        raise ValueError(f"delta_timestamps must be finite numbers of seconds, got {deltas.tolist()}")
+    steps = np.rint(deltas[None, :] * rates.reshape(-1, 1))
+    error = np.abs(deltas[None, :] - steps / rates.reshape(-1, 1))
+    bad = np.argwhere(error > tolerance_s)
+    if bad.size:
+        e, w = (int(i) for i in bad[0])
+        rate = float(rates.reshape(-1)[e])
+        where = "" if rates.ndim == 0 else f" in episode #{e}"
+        raise ValueError(
+            f"delta {float(deltas[w])!r} s is not a multiple of 1/fps = 1/{rate:g} s within tolerance_s={tolerance_s:g}"
+            f"{where} (nearest: {int(steps[e, w])} steps = {float(steps[e, w]) / rate:.6g} s); use multiples of "
+            f"1/{rate:g} s, step offsets (delta_steps=), or a larger tolerance_s"
+        )
+    out = steps.astype(np.int64)
+    return out[0] if rates.ndim == 0 else out
+
+
+def timestamp_window_indices(
+    step_offsets: np.ndarray, timestamps: np.ndarray, episodes: np.ndarray, steps: np.ndarray,
+    deltas_s: np.ndarray, tolerance_s: float = DEFAULT_TOLERANCE_S,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Nearest step to ``timestamp[step] + delta`` for every ``(sample, delta)``, within the episode.
+
+    Args:
+        step_offsets: ``[E + 1]`` as in :func:`window_indices`.
+        timestamps: ``[total_steps]`` time of every step in seconds,
+            non-decreasing within each episode.
+        episodes, steps: ``[B]`` the samples.
+        deltas_s: ``[W]`` offsets in seconds.
+        tolerance_s: how far the nearest step may be from the time asked for.
+
+    Returns:
+        ``(index, is_pad, off_grid)``, all ``[B, W]``: ``index`` the global
+        step nearest in time (the earlier one on a tie); ``is_pad`` True where
+        the time lies more than ``tolerance_s`` before the episode's first or
+        after its last step (``index`` is then that edge step); ``off_grid``
+        True where the time lies inside the episode but no step is within
+        ``tolerance_s`` of it (a gap in the recording).
+    """
+    episodes = np.asarray(episodes, dtype=np.int64)
+    steps = np.asarray(steps, dtype=np.int64)
+    deltas = np.asarray(deltas_s, dtype=np.float64)
+    ts = np.asarray(timestamps, dtype=np.float64)
+    first = step_offsets[episodes][:, None]
+    last = step_offsets[episodes + 1][:, None] - 1
+    query = ts[step_offsets[episodes] + steps][:, None] + deltas[None, :]
+    # A binary search per (sample, delta) inside its own episode, all at once: exact (no global
+    # time axis built by adding offsets to the timestamps) and log2(episode length) numpy passes.
+    lo = np.broadcast_to(first, query.shape).copy()
+    hi = np.broadcast_to(last + 1, query.shape).copy()
+    while True:
+        open_ = lo < hi
+        if not open_.any():
+            break
+        mid = (lo + hi) // 2
+        below = open_ & (ts[np.minimum(mid, last)] < query)
+        lo = np.where(below, mid + 1, lo)
+        hi = np.where(open_ & ~below, mid, hi)
+    after = np.minimum(lo, last)  # first step at or after the query (the last if none)
+    before = np.maximum(lo - 1, first)
+    take_before = np.abs(ts[before] - query) <= np.abs(ts[after] - query)
+    index = np.where(take_before, before, after)
+    is_pad = (query < ts[first] - tolerance_s) | (query > ts[last] + tolerance_s)
+    off_grid = ~is_pad & (np.abs(ts[index] - query) > tolerance_s)
+    return index, is_pad, off_grid
+
+
+@dataclass(frozen=True)
+class WindowPlan:
+    """The offsets of every windowed key, fused into one table per kind.
+
+    Keys with the same offsets share columns. ``step_table`` holds step
+    offsets (``[W]``, or ``[E, W]`` when seconds were converted at one fps per
+    episode); ``time_table`` holds offsets in seconds resolved against
+    ``timestamps`` per batch. ``columns[key] = (kind, slice)`` with kind
+    ``"steps"`` or ``"time"``. Build it with :meth:`build`.
+    """
+
+    keys: tuple[str, ...]
+    columns: Mapping[str, tuple[str, slice]]
+    step_table: np.ndarray
+    time_table: np.ndarray
+    timestamps: np.ndarray | None = None
+    tolerance_s: float = DEFAULT_TOLERANCE_S
+
+    @classmethod
+    def build(
+        cls,
+        delta_steps: Mapping[str, Sequence[int] | np.ndarray],
+        delta_timestamps: Mapping[str, Sequence[float] | np.ndarray] | None = None,
+        fps: float | Sequence[float] | np.ndarray | None = None,
+        timestamps: np.ndarray | None = None,
+        tolerance_s: float = DEFAULT_TOLERANCE_S,
+        episodes: Sequence[int] | np.ndarray | None = None,
+    ) -> WindowPlan:
+        """Fuse per-key offsets.
+
+        Args:
+            delta_steps: ``{key: step offsets}`` (any ints: negative, zero,
+                positive, with gaps, repeated).
+            delta_timestamps: ``{key: offsets in seconds}``. Resolved through
+                ``timestamps`` when given, else converted with ``fps``.
+            fps: one frame rate, or ``[E]`` one per catalog episode.
+            timestamps: ``[total_steps]`` seconds of every step.
+            tolerance_s: as LeRobot's: how far a delta may be from a multiple
+                of ``1/fps``, or a step's time from the time asked for.
+            episodes: the episodes that will be sampled (default all); only
+                their fps is checked (and converted) when fps is per episode.
+
+        Raises:
+            ValueError: a key given twice, an empty offset list, non-integer
+                step offsets, seconds without fps or timestamps, or a delta
+                that is not a multiple of ``1/fps`` (see :func:`seconds_to_steps`).
+        """
+        delta_timestamps = dict(delta_timestamps or {})
+        both = sorted(set(delta_steps) & set(delta_timestamps))
+        if both:
+            raise ValueError(f"keys {both} are in both delta_steps and delta_timestamps; give each key once")
+        step_lists: dict[str, np.ndarray] = {}
+        for key, deltas in delta_steps.items():
+            raw = np.asarray(deltas).reshape(-1)
+            if raw.size and not np.issubdtype(raw.dtype, np.integer):
+                as_int = np.rint(raw.astype(np.float64))
+                if not np.array_equal(as_int, raw):
+                    raise ValueError(f"delta_steps[{key!r}] must be whole steps, got {raw.tolist()}; "
+                                     "give offsets in seconds as delta_timestamps=")
+            step_lists[key] = raw.astype(np.int64)
+        time_lists = {k: np.asarray(v, dtype=np.float64).reshape(-1) for k, v in delta_timestamps.items()}
+        for key, deltas in (*step_lists.items(), *time_lists.items()):
+            if deltas.size == 0:
+                raise ValueError(f"the offsets of {key!r} are empty; give at least one (0 is the sample's own step)")
+        if time_lists and timestamps is None and fps is None:
+            raise ValueError(
+                f"delta_timestamps for {sorted(time_lists)} need the episodes' fps or timestamps; pass fps= "
+                "(or timestamps=), or give step offsets as delta_steps="
+            )
+        per_episode = False
+        if time_lists and timestamps is None:
+            rates = np.asarray(fps, dtype=np.float64)
+            if rates.ndim == 0:
+                converted = {k: seconds_to_steps(v, float(rates), tolerance_s) for k, v in time_lists.items()}
+            else:
+                per_episode = True
+                used = np.arange(len(rates)) if episodes is None else np.unique(np.asarray(episodes, np.int64))
+                converted = {}
+                for key, deltas in time_lists.items():
+                    table = np.zeros((len(rates), len(deltas)), dtype=np.int64)
+                    if used.size:
+                        try:
+                            table[used] = seconds_to_steps(deltas, rates[used], tolerance_s)
+                        except ValueError as err:
+                            raise ValueError(f"delta_timestamps[{key!r}]: {err}") from None
+                    converted[key] = table
+            step_lists.update(converted)
+            time_lists = {}
+        n_episodes = next((len(v) for v in step_lists.values() if v.ndim == 2), 0)
+
+        def fuse(lists: dict[str, np.ndarray], kind: str) -> tuple[np.ndarray, dict[str, tuple[str, slice]]]:
+            blocks: list[np.ndarray] = []
+            placed: dict[bytes, slice] = {}
+            columns: dict[str, tuple[str, slice]] = {}
+            width = 0
+            for key, deltas in lists.items():
+                if per_episode and kind == "steps" and deltas.ndim == 1:
+                    deltas = np.broadcast_to(deltas, (n_episodes, len(deltas)))
+                ident = deltas.tobytes() + str(deltas.shape).encode()
+                if ident not in placed:  # keys with equal offsets share columns: computed once per batch
+                    placed[ident] = slice(width, width + deltas.shape[-1])
+                    blocks.append(deltas)
+                    width += deltas.shape[-1]
+                columns[key] = (kind, placed[ident])
+            dtype = np.int64 if kind == "steps" else np.float64
+            if not blocks:
+                return np.zeros((n_episodes, 0) if per_episode else (0,), dtype), columns
+            return np.concatenate(blocks, axis=-1).astype(dtype), columns
+
+        step_table, step_columns = fuse(step_lists, "steps")
+        time_table, time_columns = fuse(time_lists, "time")
+        ts = None if timestamps is None or not time_lists else np.asarray(timestamps, dtype=np.float64)
+        return cls(
+            keys=tuple([*delta_steps, *delta_timestamps]),
+            columns={**step_columns, **time_columns},
+            step_table=step_table,
+            time_table=time_table,
+            timestamps=ts,
+            tolerance_s=float(tolerance_s),
+        )
+
+    def deltas(self, key: str) -> np.ndarray:
+        """The offsets of ``key`` as given: steps (``[W]`` or ``[E, W]``) or seconds."""
+        kind, cols = self.columns[key]
+        return (self.step_table if kind == "steps" else self.time_table)[..., cols]
+
+    def indices(
+        self, step_offsets: np.ndarray, episodes: np.ndarray, steps: np.ndarray
+    ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """``{key: (index [B, W_key], is_pad [B, W_key])}`` for a batch, every key from one fused pass per kind."""
+        fused: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        if self.step_table.shape[-1]:
+            fused["steps"] = window_indices(step_offsets, episodes, steps, self.step_table)
+        if self.time_table.size:
+            assert self.timestamps is not None
+            index, is_pad, _ = timestamp_window_indices(
+                step_offsets, self.timestamps, episodes, steps, self.time_table, self.tolerance_s
+            )
+            fused["time"] = (index, is_pad)
+        return {key: (fused[kind][0][:, cols], fused[kind][1][:, cols]) for key, (kind, cols) in self.columns.items()}
+
+    def check_grid(
+        self, step_offsets: np.ndarray, episodes: np.ndarray, steps: np.ndarray, names: Sequence[str] | None = None,
+        chunk: int = 1 << 16,
+    ) -> None:
+        """Refuse samples whose time offsets fall in a gap of the timestamps (no step within tolerance).
+
+        Raises:
+            ValueError: naming the first such sample, key and delta.
+        """
+        if not self.time_table.size:
+            return
+        assert self.timestamps is not None
+        for lo in range(0, len(episodes), chunk):
+            e, t = episodes[lo : lo + chunk], steps[lo : lo + chunk]
+            _, _, off = timestamp_window_indices(step_offsets, self.timestamps, e, t, self.time_table, self.tolerance_s)
+            if off.any():
+                i, w = (int(x) for x in np.argwhere(off)[0])
+                key = next(k for k, (kind, cols) in self.columns.items()
+                           if kind == "time" and cols.start <= w < cols.stop)
+                episode = names[int(e[i])] if names is not None else f"#{int(e[i])}"
+                raise ValueError(
+                    f"{int(off.sum()):,} windows ask for times with no step within tolerance_s={self.tolerance_s:g}, "
+                    f"e.g. key {key!r} delta {float(self.time_table[w])!r} s at episode {episode} step {int(t[i])}: "
+                    "the recording has a gap there; use delta_steps=, a larger tolerance_s, or drop the episode"
+                )
 
 
 def sample_table(steps_per_episode: np.ndarray, episodes: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
