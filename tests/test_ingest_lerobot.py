@@ -364,3 +364,18 @@ def test_dry_run_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[st
                    str(tmp_path / "m.json")) == 0
     assert not (tmp_path / "s.vla").exists() and not (tmp_path / "m.json").exists()
     assert "DRY RUN" in capsys.readouterr().out
+
+
+def test_without_pyarrow_the_error_says_what_to_install(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    write_lerobot_dataset(tmp_path / "ds", [3])
+    code = ("import sys; sys.modules['pyarrow'] = None; from vlastore.cli import main; "
+            "sys.exit(main(sys.argv[1:]))")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", code, "ingest", "lerobot", str(tmp_path / "ds"), "--out",
+                           str(tmp_path / "s.vla"), "-q"], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 1 and "pip install 'vlastore[lerobot]'" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
