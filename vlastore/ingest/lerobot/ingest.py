@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from typing import Any
 
@@ -19,7 +20,7 @@ __all__ = ["ingest_lerobot"]
 
 
 def ingest_lerobot(
-    root: str,
+    root: str | os.PathLike[str],
     options: IngestOptions,
     name_pattern: str = DEFAULT_NAME_PATTERN,
     dtype: str | None = None,
@@ -61,10 +62,6 @@ def ingest_lerobot(
     if options.strict and report.problems:
         raise IngestError(f"--strict: {len(report.problems)} problem(s) in {root}; nothing written",
                           report.problems, report)
-    if metadata_json and not options.dry_run:
-        with open(metadata_json, "w") as f:
-            json.dump(imported.metadata(), f, indent=1, default=_json_default)
-            f.write("\n")
     if options.dry_run:
         report.seconds = time.perf_counter() - started
         return report
@@ -77,6 +74,10 @@ def ingest_lerobot(
         raise IngestError(f"{target}: {exc}", report.problems, report) from None
     if not created:
         report.notes.append("the store already holds exactly this dataset (an earlier run finished): nothing to do")
+    if metadata_json:  # only next to a store that holds these episodes
+        with open(metadata_json, "w") as f:
+            json.dump(imported.metadata(), f, indent=1, default=_json_default)
+            f.write("\n")
     report.files_ingested = imported.files_read
     report.store_after = store_usage(target)
     if options.verify:  # against a fresh read of the Parquet files, not the copy in memory
@@ -110,13 +111,15 @@ def _verify(store: VLAStore, data: list[EpisodeData], expected: int | None = Non
     if set(store.series_keys) != ({k for e in data for k in e.series} or set(store.series_keys)):
         return {"rows_checked": 0, "rows_missing": 0, "ok": False,
                 "mismatches": [f"series {sorted(store.series_keys)} differ from the source's"]}
-    names = set(store.datasets)
+    position = {name: i for i, name in enumerate(store.datasets)}
+    stored_all = {key: store.series_all(key) for key in store.series_keys}  # one read per series, not per episode
     for episode in data:
-        if episode.name not in names:
+        if episode.name not in position:
             mismatches.append(f"episode {episode.name!r} is not in the store")
             continue
+        lo, hi = store.catalog.step_range(position[episode.name])
         for key, source in episode.series.items():
-            stored = store.series(key, episode.name)
+            stored = stored_all[key][lo:hi]
             source = np.asarray(source).reshape(len(source), -1)
             if source.dtype != stored.dtype:  # the store widens ints and bools, losslessly
                 source = source.astype(stored.dtype)
