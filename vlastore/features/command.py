@@ -58,7 +58,7 @@ def extractor_options(
 
 def run_build_features(
     store: str | os.PathLike[str],
-    data_root: str | os.PathLike[str],
+    data_root: str | os.PathLike[str] | None,
     extractor: str = "transformers-vl",
     options: dict[str, Any] | None = None,
     family: str = "qwen_vl",
@@ -74,18 +74,33 @@ def run_build_features(
     keep_previous: int | None = 1,
     progress: bool = True,
     stats_json: str | None = None,
+    lerobot_root: str | os.PathLike[str] | None = None,
+    lerobot_name_pattern: str | None = None,
 ) -> BuildStats:
     """Build (or, with ``rebuild``, rebuild as a new generation) one feature family.
 
     Joins the ``torchrun`` process group when started under it. ``options`` are
     extra keyword arguments for the extractor (``pooling``, ``layer``, ``dtype``,
-    ``device``, ...); ``model``/``adapter`` are passed when given.
+    ``device``, ...); ``model``/``adapter`` are passed when given. Images come from
+    ``data_root`` (a :class:`DataFolder`) or, with ``lerobot_root``, from the videos of
+    a LeRobot dataset (:class:`~vlastore.features.video.LeRobotVideoSource`, ``cameras``
+    are its video keys).
     """
     created_group = init_from_env()
     try:
         kwargs = dict(options or {})
-        source = DataFolder(Path(data_root), image_pattern=image_pattern, cameras=tuple(cameras) if cameras else None,
-                            instruction_file=instruction_file, instruction=instruction)
+        source: DataFolder
+        if lerobot_root is not None:
+            from .video import LeRobotVideoSource
+
+            source = LeRobotVideoSource(lerobot_root, cameras=cameras, instruction=instruction,
+                                        name_pattern=lerobot_name_pattern)
+        elif data_root is not None:
+            source = DataFolder(Path(data_root), image_pattern=image_pattern,
+                                cameras=tuple(cameras) if cameras else None, instruction_file=instruction_file,
+                                instruction=instruction)
+        else:
+            raise ExtractorError("give the images: --data-root DATA or --lerobot-root ROOT")
         made = get_extractor(extractor, **kwargs)
         if rebuild:
             result = rebuild_features(store, family, made, source, batch_size=batch_size,
@@ -120,7 +135,8 @@ def _cmd_build_features(args: argparse.Namespace) -> int:
         cameras=args.cameras.split(",") if args.cameras else None, instruction_file=args.instruction_file,
         instruction=args.instruction, rows_per_shard=args.rows_per_shard, compression=args.compression,
         rebuild=args.rebuild, keep_previous=None if args.keep_all else args.keep_previous,
-        progress=not args.quiet, stats_json=args.stats_json,
+        progress=not args.quiet, stats_json=args.stats_json, lerobot_root=args.lerobot_root,
+        lerobot_name_pattern=args.name_pattern,
     )
     if not args.quiet:
         print(stats.summary(), file=sys.stderr)
@@ -138,8 +154,15 @@ def add_build_features_parser(sub: argparse._SubParsersAction) -> argparse.Argum
         "Resumable: run it again after a crash. See docs/features.md.",
     )
     p.add_argument("store", help="path of the store (its catalog names the episodes)")
-    p.add_argument("--data-root", required=True,
-                   help="folder with one sub-folder per episode (images, instruction)")
+    images = p.add_mutually_exclusive_group(required=True)
+    images.add_argument("--data-root", help="folder with one sub-folder per episode (images, instruction)")
+    images.add_argument("--lerobot-root", metavar="ROOT",
+                        help="a LeRobot v3.0 dataset (the one `vlastore ingest lerobot` read): frames from its "
+                             "videos, decoded with PyAV (pip install 'vlastore[video]'), the task of each step as "
+                             "instruction; --cameras picks video keys")
+    p.add_argument("--name-pattern", default=None, metavar="PATTERN",
+                   help="with --lerobot-root: the --name-pattern `ingest lerobot` used (default: "
+                        "episode_{episode_index:06d})")
     p.add_argument("--model", default="Qwen/Qwen2.5-VL-3B-Instruct",
                    help="hub id or local folder (default: %(default)s)")
     p.add_argument("--adapter", help="PEFT/LoRA adapter folder applied to --model (needs peft)")
@@ -158,7 +181,8 @@ def add_build_features_parser(sub: argparse._SubParsersAction) -> argparse.Argum
                    help="items per forward; halved on out-of-memory (default: %(default)s)")
     p.add_argument("--image-pattern", default="{camera}/{step:06d}.png",
                    help="image path inside an episode folder (default: %(default)s)")
-    p.add_argument("--cameras", help="comma-separated camera folders, in model order (default: all, sorted)")
+    p.add_argument("--cameras", help="comma-separated camera folders (or LeRobot video keys), in model order "
+                   "(default: all, sorted; LeRobot: info.json's order)")
     p.add_argument("--instruction-file", default="instruction.txt",
                    help="per-episode instruction file, .txt or .json (default: %(default)s)")
     p.add_argument("--instruction", help="one instruction for every episode (instead of the file)")

@@ -1,4 +1,4 @@
-"""``vlastore ingest robot|pt-cache|vggt``: argument definitions and dispatch (the work is in the library)."""
+"""``vlastore ingest robot|pt-cache|vggt|lerobot``: argument definitions and dispatch (the work is in the library)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ EPILOG = """typical use:
   vlastore ingest pt-cache cache/ --into train.vla --verify       add the VL features, check every value
   vlastore ingest vggt data/ --into train.vla                     add VGGT features, keyed by image path
   vlastore ingest pt-cache cache/ --robot data/csv --out train.vla   both in one command
+  vlastore ingest lerobot ~/lerobot/pusht --out train.vla         a LeRobot v3.0 dataset: catalog + series
 
 Killed or interrupted? Run the same command again: finished shards are kept, the rest is written.
 Source files are only read, never changed; pickled code in .pt files is never run.
@@ -112,6 +113,17 @@ def add_ingest_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParse
     v.add_argument("--no-manifest", action="store_true", help="ignore any manifest: images ordered by name")
     v.add_argument("--robot", metavar="PATH", help="robot data to ingest first into --out")
     _robot_options(v, "robot-")
+
+    lr = sources.add_parser("lerobot", help="a local LeRobot dataset (format v3.0) -> catalog + series",
+                            epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    lr.add_argument("path", help="the dataset folder (it holds meta/info.json, data/, videos/)")
+    _common(lr, features=False)
+    lr.add_argument("--name-pattern", default="episode_{episode_index:06d}", metavar="PATTERN",
+                    help="store name of each episode (default: %(default)s)")
+    lr.add_argument("--dtype", choices=("float32", "float64"), default=None,
+                    help="store series as this dtype (default: as in the dataset)")
+    lr.add_argument("--metadata-json", metavar="PATH", help="also write what the store format cannot hold yet "
+                    "(fps, tasks per episode, video segments, stats) as JSON")
     return p
 
 
@@ -142,6 +154,11 @@ def _run(args: argparse.Namespace) -> int:
         strict=args.strict, verify=args.verify, allow_nonfinite=args.allow_nonfinite, progress=not args.quiet)
     if args.source == "robot":
         report = ingest_robot(args.path, options, fmt=args.format, series=args.series, dtype=args.dtype)
+    elif args.source == "lerobot":
+        from .lerobot import ingest_lerobot
+
+        report = ingest_lerobot(args.path, options, name_pattern=args.name_pattern, dtype=args.dtype,
+                                metadata_json=args.metadata_json)
     else:
         options.layout = args.layout
         options.full_scan = args.full_scan
