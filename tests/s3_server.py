@@ -9,7 +9,8 @@ pytest finds them there. Nothing leaves 127.0.0.1.
   logs every request (method, key, Range, status, bytes sent: the tests count GETs with it) and
   injects faults on a schedule: 500s, connection resets before or after the request reached the
   server, bodies cut short (the connection closes early) and bodies that lie (a shorter
-  Content-Length, as a broken middlebox would send).
+  Content-Length, as a broken middlebox would send), and slow bodies (half, a stall of
+  ``slow_s`` seconds, the rest).
 - ``s3_options`` / ``s3_url``: the storage options and a fresh ``s3://bucket/prefix`` per test.
 """
 
@@ -20,6 +21,7 @@ import os
 import socket
 import struct
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -36,7 +38,7 @@ ACCESS_KEY = "testing"
 SECRET_KEY = "testing"
 REGION = "us-east-1"
 
-FAULTS = ("500", "reset_before", "reset_after", "short", "lie")
+FAULTS = ("500", "reset_before", "reset_after", "short", "lie", "slow")
 
 
 @dataclass
@@ -123,6 +125,7 @@ class FaultProxy:
         self.bucket = bucket
         self.log: list[RequestRecord] = []
         self._rules: list[_Rule] = []
+        self.slow_s = 1.0  # how long a "slow" answer stalls after half its body
         self._lock = threading.Lock()
         proxy = self
 
@@ -224,12 +227,19 @@ class FaultProxy:
                 handler.send_header(name, value)
         handler.send_header("Content-Length", str(declared if method != "HEAD" else _content_length(headers)))
         handler.end_headers()
+        if fault == "slow" and method != "HEAD":
+            handler.wfile.write(send[: len(send) // 2])
+            handler.wfile.flush()
+            time.sleep(self.slow_s)
+            send = send[len(send) // 2 :]
+            record.body_bytes = len(data) - len(send)
         if method != "HEAD":
             handler.wfile.write(send)
-            record.body_bytes = len(send)
-        if fault == "short":
+            record.body_bytes += len(send)
+        if fault == "short":  # close after half the body (FIN, so the client reads what was sent)
             handler.wfile.flush()
-            _reset(handler)
+            handler.close_connection = True
+            handler.connection.shutdown(socket.SHUT_WR)
 
     def _forward(
         self, handler: BaseHTTPRequestHandler, method: str, body: bytes

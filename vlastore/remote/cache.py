@@ -377,15 +377,18 @@ class CachedStorage(Storage):
             )
         if self.verify is None or size == 0:
             return
-        with mmap.mmap(fd, size, access=mmap.ACCESS_READ) as view:
-            data = np.frombuffer(view, dtype=np.uint8)
-            try:
-                self.verify(key, data)
-            except Exception as exc:
-                exc.add_note(f"downloaded from {self.location}/{key} into {self.cache_dir}; the copy was discarded")
-                raise
-            finally:
-                del data
+        view = mmap.mmap(fd, size, access=mmap.ACCESS_READ)
+        data = np.frombuffer(view, dtype=np.uint8)
+        data.flags.writeable = False
+        try:
+            self.verify(key, data)
+        except Exception as exc:
+            exc.add_note(f"downloaded from {self.location}/{key} into {self.cache_dir}; the copy was discarded")
+            raise
+        finally:
+            del data
+            with contextlib.suppress(BufferError):  # a traceback may still hold the array: the GC unmaps it then
+                view.close()
 
     # --------------------------------------------------------------- eviction
 
@@ -431,6 +434,7 @@ class CachedStorage(Storage):
 
     def _make_room(self, need: int, evict_all: bool) -> bool:
         """Under the evict lock: drop dead temp files, then LRU unpinned objects until ``need`` fits."""
+        need = -(-need // 4096) * 4096  # whole blocks, as the files already there are counted
         total = 0
         candidates: list[tuple[float, Path, int]] = []
         for path, st, is_temp in self._files():

@@ -131,6 +131,17 @@ _TOKEN_META = "vlastore-write"  # random token of a conditional write, to recogn
 _MAX_PUT = 5 * 1024**3  # S3's limit for one PUT; shards are far smaller (a few to 64 MiB)
 _BUCKET_OK = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+_SESSIONS: dict[tuple[int, str | None], Any] = {}
+_SESSIONS_LOCK = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    global _SESSIONS_LOCK
+    _SESSIONS_LOCK = threading.Lock()  # a thread of the parent may have held it at fork()
+    _SESSIONS.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 _TRANSIENT_CODES = {"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "RequestTimeTooSkewed",
                     "ConditionalRequestConflict", "OperationAborted", "Throttling", "ThrottlingException"}
 
@@ -362,7 +373,6 @@ class ObjectStorage(Storage):
                 f"{self.location}: object storage needs botocore; pip install 'vlastore[s3]'"
             ) from None
         s = self.settings
-        session = botocore.session.Session(profile=s.profile) if s.profile else botocore.session.get_session()
         config = Config(
             region_name=s.region,
             signature_version=UNSIGNED if s.anonymous else "s3v4",
@@ -376,14 +386,20 @@ class ObjectStorage(Storage):
             response_checksum_validation="when_required",
             tcp_keepalive=True,
         )
-        return session.create_client(
-            "s3",
-            endpoint_url=s.endpoint,
-            aws_access_key_id=s.access_key_id,
-            aws_secret_access_key=s.secret_access_key,
-            aws_session_token=s.session_token,
-            config=config,
-        )
+        with _SESSIONS_LOCK:  # creating clients from one session is not thread-safe
+            key = (os.getpid(), s.profile)
+            session = _SESSIONS.get(key)
+            if session is None:  # a session loads the service models once (about 0.5 s): keep one per process
+                session = botocore.session.Session(profile=s.profile) if s.profile else botocore.session.Session()
+                _SESSIONS[key] = session
+            return session.create_client(
+                "s3",
+                endpoint_url=s.endpoint,
+                aws_access_key_id=s.access_key_id,
+                aws_secret_access_key=s.secret_access_key,
+                aws_session_token=s.session_token,
+                config=config,
+            )
 
     @property
     def _client(self) -> Any:

@@ -1,0 +1,163 @@
+"""The storage seam's contract, written once over a ``storage`` fixture.
+
+A test module subclasses :class:`StorageContract` as ``TestXxxContract`` and
+provides a ``storage`` fixture returning an empty Storage (zarr-python's
+``StoreTests`` pattern). tests/test_remote_objects.py runs it against
+ObjectStorage on moto and tests/test_remote_cache.py against CachedStorage; a
+LocalStorage test module can reuse it the same way.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import zarr
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from vlastore.remote.base import AlreadyExistsError, Storage, VersionMismatchError
+
+__all__ = ["StorageContract"]
+
+PAYLOAD = bytes(range(256)) * 4  # 1 KiB with every byte value
+
+
+class StorageContract:
+    """Behaviour every Storage must have. Subclasses provide the ``storage`` fixture."""
+
+    # ------------------------------------------------------------------ reads
+
+    def test_absent_objects(self, storage: Storage) -> None:
+        assert storage.get("missing/key") is None
+        assert storage.get_range("missing/key", 0, 10) is None
+        assert storage.get_versioned("missing/key") is None
+        assert storage.size("missing/key") is None
+        with pytest.raises(FileNotFoundError):
+            storage.get_ranges("missing/key", [(0, 1)])
+
+    @pytest.mark.parametrize(
+        "data",
+        [b"", b"x", PAYLOAD, bytearray(PAYLOAD), memoryview(PAYLOAD), np.frombuffer(PAYLOAD, dtype=np.uint8),
+         np.arange(64, dtype=np.float32)],
+        ids=["empty", "one", "bytes", "bytearray", "memoryview", "uint8", "float32"],
+    )
+    def test_put_get_round_trip(self, storage: Storage, data: object) -> None:
+        storage.put("a/b.bin", data)  # type: ignore[arg-type]
+        expected = data.tobytes() if isinstance(data, np.ndarray) else bytes(data)  # type: ignore[arg-type]
+        assert storage.get("a/b.bin") == expected
+        assert storage.size("a/b.bin") == len(expected)
+
+    @pytest.mark.parametrize(
+        ("start", "end", "expected"),
+        [(0, 10, PAYLOAD[:10]), (100, 356, PAYLOAD[100:356]), (1000, 5000, PAYLOAD[1000:]),
+         (1024, 2000, b""), (5000, None, b""), (17, None, PAYLOAD[17:]), (-10, None, PAYLOAD[-10:]),
+         (-5000, None, PAYLOAD), (10, 10, b""), (10, 5, b"")],
+    )
+    def test_get_range(self, storage: Storage, start: int, end: int | None, expected: bytes) -> None:
+        storage.put("obj", PAYLOAD)
+        assert storage.get_range("obj", start, end) == expected
+
+    def test_get_ranges_keeps_order_and_overlaps(self, storage: Storage) -> None:
+        storage.put("obj", PAYLOAD)
+        ranges = [(500, 600), (0, 10), (10, 20), (5, 15), (700, 700), (1000, 1024), (900, 1100)]
+        assert storage.get_ranges("obj", ranges) == [PAYLOAD[a:b] for a, b in ranges]
+        assert storage.get_ranges("obj", []) == []
+
+    @settings(  # one contract run by many storage classes: differing executors are the point
+        max_examples=15,
+        deadline=None,
+        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.differing_executors],
+    )
+    @given(ranges=st.lists(st.tuples(st.integers(0, 1100), st.integers(0, 300)), max_size=12))
+    def test_get_ranges_match_slicing(self, storage: Storage, ranges: list[tuple[int, int]]) -> None:
+        storage.put("prop", PAYLOAD)
+        spans = [(a, a + n) for a, n in ranges]
+        assert storage.get_ranges("prop", spans) == [PAYLOAD[a:b] for a, b in spans]
+
+    def test_list(self, storage: Storage) -> None:
+        for key in ("a/x", "a/y/z", "ab/x", "c"):
+            storage.put(key, key.encode())
+        assert sorted(storage.list("")) == [("a/x", 3), ("a/y/z", 5), ("ab/x", 4), ("c", 1)]
+        assert sorted(storage.list("a")) == [("a/x", 3), ("a/y/z", 5)]  # a folder, not a string prefix
+        assert sorted(storage.list("a/")) == [("a/x", 3), ("a/y/z", 5)]
+        assert list(storage.list("nothing")) == []
+
+    # ----------------------------------------------------------------- writes
+
+    def test_put_replaces(self, storage: Storage) -> None:
+        storage.put("k", b"old")
+        storage.put("k", b"new value")
+        assert storage.get("k") == b"new value"
+
+    def test_put_if_absent(self, storage: Storage) -> None:
+        storage.put_if_absent("shard/0", b"first")
+        with pytest.raises(AlreadyExistsError):
+            storage.put_if_absent("shard/0", b"second")
+        assert storage.get("shard/0") == b"first"
+
+    def test_put_if_absent_threads_one_winner(self, storage: Storage) -> None:
+        wins: list[int] = []
+        losses: list[int] = []
+        barrier = threading.Barrier(4)
+
+        def writer(i: int) -> None:
+            barrier.wait()
+            try:
+                storage.put_if_absent("race", str(i).encode())
+                wins.append(i)
+            except AlreadyExistsError:
+                losses.append(i)
+
+        threads = [threading.Thread(target=writer, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(wins) == 1 and len(losses) == 3
+        assert storage.get("race") == str(wins[0]).encode()
+
+    def test_compare_and_swap(self, storage: Storage) -> None:
+        storage.put("manifest", b"v1")
+        found = storage.get_versioned("manifest")
+        assert found is not None and found[0] == b"v1"
+        version = found[1]
+        new_version = storage.put_if_version("manifest", b"v2", version)
+        assert new_version != version
+        with pytest.raises(VersionMismatchError):
+            storage.put_if_version("manifest", b"v3", version)  # stale: another writer got there
+        assert storage.get_versioned("manifest") == (b"v2", new_version)
+        storage.delete("manifest")
+        with pytest.raises(VersionMismatchError):
+            storage.put_if_version("manifest", b"v4", new_version)  # gone
+
+    def test_delete(self, storage: Storage) -> None:
+        storage.put("k", b"1")
+        storage.delete("k")
+        storage.delete("k")  # missing is fine
+        assert storage.get("k") is None
+
+    def test_delete_prefix(self, storage: Storage) -> None:
+        for key in ("gen-0001/a", "gen-0001/b/c", "gen-00010/a", "keep"):
+            storage.put(key, b"1")
+        storage.delete_prefix("gen-0001")
+        assert sorted(k for k, _ in storage.list("")) == ["gen-00010/a", "keep"]
+
+    @pytest.mark.parametrize("key", ["", "/abs", "a//b", "../up", "a/../b", "a/./b", "trailing/", "back\\slash"])
+    def test_bad_keys_are_refused(self, storage: Storage, key: str) -> None:
+        with pytest.raises(ValueError):
+            storage.get(key)
+        with pytest.raises(ValueError):
+            storage.put(key, b"x")
+
+    # ------------------------------------------------------------------- zarr
+
+    def test_zarr_python_reads_and_writes(self, storage: Storage) -> None:
+        values = np.arange(60, dtype=np.int32).reshape(6, 10)
+        array = zarr.create_array(store=storage.zarr_store(), name="small", shape=values.shape, chunks=(4, 10),
+                                  dtype=values.dtype)
+        array[...] = values
+        again = zarr.open_array(store=storage.zarr_store(), path="small", mode="r")
+        np.testing.assert_array_equal(again[...], values)
+        assert storage.get("small/zarr.json") is not None  # the same bytes under the same root
