@@ -37,27 +37,24 @@ class StorageContract:
         with pytest.raises(FileNotFoundError):
             storage.get_ranges("missing/key", [(0, 1)])
 
-    @pytest.mark.parametrize(
-        "data",
-        [b"", b"x", PAYLOAD, bytearray(PAYLOAD), memoryview(PAYLOAD), np.frombuffer(PAYLOAD, dtype=np.uint8),
-         np.arange(64, dtype=np.float32)],
-        ids=["empty", "one", "bytes", "bytearray", "memoryview", "uint8", "float32"],
-    )
-    def test_put_get_round_trip(self, storage: Storage, data: object) -> None:
-        storage.put("a/b.bin", data)  # type: ignore[arg-type]
-        expected = data.tobytes() if isinstance(data, np.ndarray) else bytes(data)  # type: ignore[arg-type]
-        assert storage.get("a/b.bin") == expected
-        assert storage.size("a/b.bin") == len(expected)
+    def test_put_get_round_trip(self, storage: Storage) -> None:
+        kinds = {"empty": b"", "one": b"x", "bytes": PAYLOAD, "bytearray": bytearray(PAYLOAD),
+                 "memoryview": memoryview(PAYLOAD), "uint8": np.frombuffer(PAYLOAD, dtype=np.uint8),
+                 "float32": np.arange(64, dtype=np.float32)}
+        for name, data in kinds.items():
+            storage.put(f"a/{name}.bin", data)  # type: ignore[arg-type]
+        for name, data in kinds.items():
+            expected = data.tobytes() if isinstance(data, np.ndarray) else bytes(data)  # type: ignore[arg-type]
+            assert storage.get(f"a/{name}.bin") == expected, name
+            assert storage.size(f"a/{name}.bin") == len(expected), name
 
-    @pytest.mark.parametrize(
-        ("start", "end", "expected"),
-        [(0, 10, PAYLOAD[:10]), (100, 356, PAYLOAD[100:356]), (1000, 5000, PAYLOAD[1000:]),
-         (1024, 2000, b""), (5000, None, b""), (17, None, PAYLOAD[17:]), (-10, None, PAYLOAD[-10:]),
-         (-5000, None, PAYLOAD), (10, 10, b""), (10, 5, b"")],
-    )
-    def test_get_range(self, storage: Storage, start: int, end: int | None, expected: bytes) -> None:
+    def test_get_range(self, storage: Storage) -> None:
         storage.put("obj", PAYLOAD)
-        assert storage.get_range("obj", start, end) == expected
+        cases = [(0, 10, PAYLOAD[:10]), (100, 356, PAYLOAD[100:356]), (1000, 5000, PAYLOAD[1000:]),
+                 (1024, 2000, b""), (5000, None, b""), (17, None, PAYLOAD[17:]), (-10, None, PAYLOAD[-10:]),
+                 (-5000, None, PAYLOAD), (10, 10, b""), (10, 5, b"")]
+        for start, end, expected in cases:
+            assert storage.get_range("obj", start, end) == expected, (start, end)
 
     def test_get_ranges_keeps_order_and_overlaps(self, storage: Storage) -> None:
         storage.put("obj", PAYLOAD)
@@ -66,7 +63,7 @@ class StorageContract:
         assert storage.get_ranges("obj", []) == []
 
     @settings(  # one contract run by many storage classes: differing executors are the point
-        max_examples=15,
+        max_examples=10,
         deadline=None,
         suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.differing_executors],
     )
@@ -144,12 +141,12 @@ class StorageContract:
         storage.delete_prefix("gen-0001")
         assert sorted(k for k, _ in storage.list("")) == ["gen-00010/a", "keep"]
 
-    @pytest.mark.parametrize("key", ["", "/abs", "a//b", "../up", "a/../b", "a/./b", "trailing/", "back\\slash"])
-    def test_bad_keys_are_refused(self, storage: Storage, key: str) -> None:
-        with pytest.raises(ValueError):
-            storage.get(key)
-        with pytest.raises(ValueError):
-            storage.put(key, b"x")
+    def test_bad_keys_are_refused(self, storage: Storage) -> None:
+        for key in ["", "/abs", "a//b", "../up", "a/../b", "a/./b", "trailing/", "back\\slash"]:
+            with pytest.raises(ValueError):
+                storage.get(key)
+            with pytest.raises(ValueError):
+                storage.put(key, b"x")
 
     # ------------------------------------------------------------------- zarr
 
