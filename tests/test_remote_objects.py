@@ -190,7 +190,7 @@ def test_download_resumes_where_the_connection_broke(
         storage.download("big", out)
     assert (tmp_path / "out").read_bytes() == data
     ranges = [r.range for r in s3_proxy.requests("GET")]
-    assert ranges[0] is None and ranges[1] is not None and ranges[1].startswith("bytes=") and ranges[1] != "bytes=0-"
+    assert ranges[0] == "bytes=0-" and ranges[1] is not None and ranges[1].startswith("bytes=") and ranges[1] != "bytes=0-"
 
 
 def test_persistent_faults_give_a_clear_error(s3_proxy: FaultProxy, proxy_options: dict[str, str], s3_url: str) -> None:

@@ -66,12 +66,13 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 
-from .base import Buffer, Storage, StorageError, check_key
+from .base import Buffer, Storage, StorageError, VersionMismatchError, check_key
 
 if TYPE_CHECKING:
     from zarr.abc.store import Store
@@ -88,6 +89,10 @@ _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEX
 
 class CacheFullError(StorageError):
     """The cache folder has no room for an object and nothing in it can be evicted."""
+
+
+class _NoRoom(Exception):
+    """Raised inside a download when no room can be reserved (the message says why)."""
 
 
 @dataclass(frozen=True)
@@ -250,7 +255,8 @@ class CachedStorage(Storage):
             if mapped is not None:
                 return mapped
             # evicted between download and map: the cache is under pressure; try again
-        return self._full_fallback(key, "it was evicted again each time before it could be mapped")
+        self._full_fallback(key, "it was evicted again each time before it could be mapped")
+        return None
 
     def _map_pinned(self, path: Path, size: int) -> np.ndarray | None:
         try:
@@ -281,6 +287,7 @@ class CachedStorage(Storage):
         return np.frombuffer(mapped, dtype=np.uint8)
 
     def _full_fallback(self, key: str, why: str) -> None:
+        """No room for ``key``: raise (on_full="error") or warn once and let the caller return None."""
         message = (
             f"node cache {self.cache_dir} ({self.max_bytes} bytes) has no room for {self.location}/{key}: {why}; "
             "raise max_bytes, free the disk, or map fewer shards at once"
@@ -297,7 +304,25 @@ class CachedStorage(Storage):
     def _ensure(self, key: str, wait: bool = True) -> tuple[Path | None, _Entry | None]:
         """The cached file of ``key``, downloading it if needed (None, when full or, with wait=False, busy)."""
         self._check_pid()
-        entry = self._entry(key)
+        try:
+            return self._ensure_version(key, wait)
+        except VersionMismatchError:  # replaced between our HEAD and GET: take the new version once
+            self._entries.pop(key, None)
+            return self._ensure_version(key, wait)
+
+    def _ensure_version(self, key: str, wait: bool) -> tuple[Path | None, _Entry | None]:
+        entry = self._entries.get(key)
+        if entry is None and hasattr(self.remote, "download") and not self._local_versions(key):
+            # cold: no copy on this node, so no HEAD either; the GET's headers tell size and version
+            lock_fd = self._lock(key, wait)
+            if lock_fd is None:
+                return None, None
+            try:
+                if not self._local_versions(key):  # nobody finished it while we waited
+                    return self._fetch(key, None)
+            finally:
+                os.close(lock_fd)
+        entry = self._entry(key)  # a copy is here: is it the current version? (one HEAD per key per process)
         if entry is None:
             raise FileNotFoundError(f"{self.location}/{key}: no such object")
         final = self._object_path(key, entry)
@@ -309,20 +334,14 @@ class CachedStorage(Storage):
         try:
             if final.exists():  # another process finished it while we waited
                 return final, entry
-            for attempt in range(2):
-                try:
-                    if self._download(key, entry, final):
-                        return final, entry
-                    return self._full_fallback(key, "everything in it is in use (mapped)"), entry
-                except OSError as exc:
-                    if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-                        raise
-                    if attempt == 1:
-                        return self._full_fallback(key, f"the disk is full ({exc.strerror})"), entry
-                    self._evict(need=entry.size, evict_all=True)
-            raise AssertionError("unreachable")
+            return self._fetch(key, entry)
         finally:
             os.close(lock_fd)
+
+    def _local_versions(self, key: str) -> list[str]:
+        stem = f"{_digest(key)}-"
+        with os.scandir(self.root / "objects") as it:
+            return [item.name for item in it if item.name.startswith(stem)]
 
     def _lock(self, key: str, wait: bool) -> int | None:
         fd = os.open(self._lock_path(key), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o644)
@@ -341,33 +360,74 @@ class CachedStorage(Storage):
             delay = min(0.1, delay * 2)
         return fd
 
-    def _download(self, key: str, entry: _Entry, final: Path) -> bool:
-        """Download, verify and rename into place; False when no room can be made."""
-        tmp_fd = self._reserve(entry.size)
-        if tmp_fd is None:
-            return False
-        fd, tmp = tmp_fd
+    def _fetch(self, key: str, known: _Entry | None) -> tuple[Path | None, _Entry | None]:
+        """Under the key's lock: download into a reserved temp file, verify, rename into place.
+
+        ``known`` is the object's entry from a HEAD, or None to learn it from the GET's headers.
+        Returns (None, entry) when the cache has no room (after the fallback warning or error).
+        """
+        slot: dict[str, Any] = {}
+
+        def out_for(info: Any) -> IO[bytes]:
+            entry = known or _Entry(int(info.size), info.version, info.crc32c)
+            slot["entry"] = entry
+            reserved = self._reserve_room(entry.size)
+            if isinstance(reserved, str):
+                raise _NoRoom(reserved)
+            slot["fd"], slot["tmp"] = reserved
+            slot["file"] = os.fdopen(os.dup(reserved[0]), "r+b")
+            return slot["file"]
+
         try:
-            with os.fdopen(os.dup(fd), "r+b") as out:
-                download = getattr(self.remote, "download", None)
-                if download is not None:
-                    download(key, out, entry.version)
-                else:
-                    data = self.remote.get(key)
-                    if data is None:
-                        raise FileNotFoundError(f"{self.location}/{key}: no such object")
-                    out.write(data)
-                out.truncate()
-            self._verify_file(key, fd, entry)
-            os.rename(tmp, final)
+            download = getattr(self.remote, "download", None)
+            if download is not None:
+                info = download(key, out_for, known.version if known else None)
+                # the final answer's size, version and crc (a first answer that lied was retried)
+                entry = known or _Entry(int(info.size), info.version, info.crc32c)
+            else:
+                data = self.remote.get(key)
+                if data is None:
+                    raise FileNotFoundError(f"{self.location}/{key}: no such object")
+                entry = _Entry(len(data), None, None)
+                out_for(entry).write(data)
+            slot["file"].truncate()
+            slot["file"].close()
+            slot["entry"] = entry
+            self._verify_file(key, slot["fd"], entry)
+            final = self._object_path(key, entry)
+            os.rename(slot["tmp"], final)
             os.utime(final)
-            return True
+            self._entries[key] = entry
+            return final, entry
+        except _NoRoom as full:
+            self._full_fallback(key, str(full))
+            return None, slot.get("entry")
         except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+            if "tmp" in slot:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(slot["tmp"])
             raise
         finally:
-            os.close(fd)  # releases the exclusive lock that marked the temp file as live
+            if "file" in slot:
+                slot["file"].close()
+            if "fd" in slot:
+                os.close(slot["fd"])  # releases the exclusive lock that marked the temp file as live
+
+    def _reserve_room(self, size: int) -> tuple[int, str] | str:
+        """A reserved temp file, or why there is none."""
+        try:
+            reserved = self._reserve(size)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            self._evict(need=size, evict_all=True)  # the disk is fuller than our limit: drop all we can
+            try:
+                reserved = self._reserve(size)
+            except OSError as again:
+                if again.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                return f"the disk is full ({again.strerror})"
+        return reserved if reserved is not None else "everything in it is in use (mapped)"
 
     def _verify_file(self, key: str, fd: int, entry: _Entry) -> None:
         size = os.fstat(fd).st_size
@@ -518,9 +578,12 @@ class CachedStorage(Storage):
                     continue
                 future = self._executor.submit(self._prefetch_one, key)
                 self._pending[key] = future
-                future.add_done_callback(lambda _f, key=key: self._pending.pop(key, None))
+                future.add_done_callback(partial(self._done, key))
                 futures.append(future)
         return futures
+
+    def _done(self, key: str, _future: Future[Any]) -> None:
+        self._pending.pop(key, None)
 
     def _prefetch_one(self, key: str) -> bool:
         try:

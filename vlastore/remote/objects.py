@@ -583,12 +583,17 @@ class ObjectStorage(Storage):
                 return
             token = page["NextContinuationToken"]
 
-    def download(self, key: str, out: IO[bytes], version: str | None = None) -> ObjectInfo:
-        """Stream the whole object into ``out`` (a seekable binary file), resuming after broken connections.
+    def download(
+        self, key: str, out: IO[bytes] | Callable[[ObjectInfo], IO[bytes]], version: str | None = None
+    ) -> ObjectInfo:
+        """Stream the whole object into a file, resuming after broken connections.
 
         Args:
             key: the object.
-            out: written from its current start; truncated and rewritten if the object must be read again.
+            out: a seekable binary file, written from its current position (truncated and rewritten
+                if the object must be read again); or ``out(info)`` returning one, called once when
+                the first answer's headers tell the object's size and version (so a cache can
+                reserve room and name the file without a HEAD first).
             version: the ETag expected (from :meth:`head`); None takes the current one.
 
         Returns:
@@ -600,47 +605,76 @@ class ObjectStorage(Storage):
             StorageError: retries did not get the bytes.
         """
         full = self._full(key)
-        base = out.tell()
+        sink: dict[str, Any] = {"file": None if callable(out) else out}
+        base = 0 if callable(out) else out.tell()
         state: dict[str, Any] = {"written": 0, "crc": 0, "info": None, "version": version}
 
         def restart() -> None:
-            out.seek(base)
-            out.truncate()
-            state.update(written=0, crc=0, info=None)
+            if sink["file"] is not None:
+                sink["file"].seek(base)
+                sink["file"].truncate()
+            state.update(written=0, crc=0, info=None)  # learn size (and crc) again from the next answer
+
+        def sink_for(info: ObjectInfo, response: dict[str, Any] | None) -> IO[bytes]:
+            if sink["file"] is None:
+                try:
+                    sink["file"] = out(info)  # type: ignore[operator]
+                except BaseException:
+                    if response is not None:
+                        response["Body"].close()  # drop the connection rather than read a body nobody wants
+                    raise
+            return sink["file"]  # type: ignore[no-any-return]
 
         def request() -> ObjectInfo:
-            kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": full}
+            # always a Range: the answer's Content-Range then states the object's size apart from the
+            # Content-Length of the body, so a body cut short with a matching Content-Length is caught
+            kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": full, "Range": f"bytes={state['written']}-"}
             if state["version"]:
                 kwargs["IfMatch"] = state["version"]
-            if state["written"]:
-                kwargs["Range"] = f"bytes={state['written']}-"
             try:
                 response = self._client.get_object(**kwargs)
             except Exception as exc:
+                status = _error_status(exc)[0]
                 if _is_missing(exc):
                     raise FileNotFoundError(f"{self._where(key)}: no such object") from None
-                if _error_status(exc)[0] == 412:
+                if status == 412:
                     raise VersionMismatchError(
                         f"{self._where(key)} changed while it was being read (ETag no longer {state['version']})"
                     ) from None
+                if status == 416 and state["written"] == 0:  # bytes=0- of an empty object
+                    return empty_object()
                 raise
+            total, first = _span_of(response, state["written"])
+            if first != state["written"]:  # the server ignored Range: take the whole body from the start
+                restart()
+            crc_text = (response.get("Metadata") or {}).get(_CRC_META)
             if state["info"] is None:
-                crc_text = (response.get("Metadata") or {}).get(_CRC_META)
-                state["info"] = ObjectInfo(
-                    int(response["ContentLength"]), response["ETag"], int(crc_text, 16) if crc_text else None
-                )
+                state["info"] = ObjectInfo(total, response["ETag"], int(crc_text, 16) if crc_text else None)
                 state["version"] = response["ETag"]
             info: ObjectInfo = state["info"]
+            target = sink_for(info, response)
             try:
                 for chunk in response["Body"].iter_chunks(1 << 20):
-                    out.write(chunk)
+                    target.write(chunk)
                     state["crc"] = crc32c(chunk, state["crc"])
                     state["written"] += len(chunk)
             finally:
-                out.flush()
-            if state["written"] != info.size or (info.crc32c is not None and state["crc"] != info.crc32c):
+                target.flush()
+            if total != info.size or state["written"] != info.size or (
+                info.crc32c is not None and state["crc"] != info.crc32c
+            ):
                 restart()  # a lying or damaged answer: nothing of it can be trusted
                 raise _Truncated(f"downloaded bytes do not match the object's size {info.size} or crc32c")
+            return info
+
+        def empty_object() -> ObjectInfo:
+            head = self._head_raw(full)
+            if head is None:
+                raise FileNotFoundError(f"{self._where(key)}: no such object")
+            if int(head["ContentLength"]) != 0:
+                raise _Truncated("416 for bytes=0- of a non-empty object")
+            info = ObjectInfo(0, head["ETag"], None)
+            sink_for(info, None)
             return info
 
         return self._retry("downloading", key, request)
@@ -740,7 +774,7 @@ class ObjectStorage(Storage):
         if batch:
             self._delete_batch(prefix, batch)
 
-    def _delete_batch(self, prefix: str, keys: list[str]) -> None:
+    def _delete_batch(self, prefix: str, keys: Sequence[str]) -> None:
         def request() -> None:
             response = self._client.delete_objects(
                 Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in keys], "Quiet": True}
@@ -819,6 +853,21 @@ def _check_range(content_range: str, body: bytes, start: int, end: int | None) -
         want_last = total - 1 if end is None or start < 0 else min(end, total) - 1
         if (first, last) != (want_first, want_last):
             raise _Truncated(f"asked bytes {want_first}-{want_last}, got {content_range}")
+
+
+def _span_of(response: dict[str, Any], asked_from: int) -> tuple[int, int]:
+    """(object size, first byte) of a ranged GET's answer; a 200 without Content-Range is the whole object."""
+    content_range = response.get("ContentRange")
+    if not content_range:
+        return int(response["ContentLength"]), 0
+    match = _CONTENT_RANGE.match(content_range)
+    if match is None or match.group(3) == "*":
+        raise _Truncated(f"unreadable Content-Range {content_range!r}")
+    first, last, total = int(match.group(1)), int(match.group(2)), int(match.group(3))
+    if last + 1 != total or int(response["ContentLength"]) != last - first + 1 or first != asked_from:
+        raise _Truncated(f"asked bytes {asked_from}- of the object, got {content_range} in "
+                         f"{response['ContentLength']} bytes")
+    return total, first
 
 
 def _describe(exc: BaseException) -> str:
