@@ -24,7 +24,7 @@ pytest_plugins = ["s3_server"]  # the moto server, the proxy and their fixtures
 
 from vlastore.remote import ObjectStorage, StorageError  # noqa: E402
 from vlastore.remote.base import AlreadyExistsError, coalesce_ranges  # noqa: E402
-from vlastore.remote.objects import S3Settings, parse_s3_url  # noqa: E402
+from vlastore.remote.settings import S3Settings, parse_s3_url  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -190,7 +190,8 @@ def test_download_resumes_where_the_connection_broke(
         storage.download("big", out)
     assert (tmp_path / "out").read_bytes() == data
     ranges = [r.range for r in s3_proxy.requests("GET")]
-    assert ranges[0] == "bytes=0-" and ranges[1] is not None and ranges[1].startswith("bytes=") and ranges[1] != "bytes=0-"
+    assert ranges[0] == "bytes=0-"
+    assert ranges[1] is not None and ranges[1].startswith("bytes=") and ranges[1] != "bytes=0-"  # resumed mid-way
 
 
 def test_persistent_faults_give_a_clear_error(s3_proxy: FaultProxy, proxy_options: dict[str, str], s3_url: str) -> None:

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from .base import AlreadyExistsError, Storage, StorageError, VersionMismatchError
 from .cache import CachedStorage, CacheFullError
-from .objects import STORAGE_OPTIONS, ObjectStorage, parse_s3_url
+from .objects import ObjectStorage
+from .settings import STORAGE_OPTIONS, S3Settings, parse_s3_url
 
 __all__ = [
     "Storage",
@@ -23,6 +24,7 @@ __all__ = [
     "VersionMismatchError",
     "ObjectStorage",
     "STORAGE_OPTIONS",
+    "S3Settings",
     "parse_s3_url",
     "CachedStorage",
     "CacheFullError",

@@ -1,30 +1,35 @@
 """The storage seam over S3-compatible object storage (``s3://bucket/prefix``).
 
-Why botocore (measured with ``python tools/bench_remote.py --clients``, moto on
-loopback in its own process, 2-core machine, medians; obstore = 1.0):
+Why botocore. Measured with ``python tools/bench_remote.py --clients`` (moto on
+loopback in its own process, 2-core machine shared with other jobs, medians of
+5-50 requests; two runs, as ratios to obstore in the same run):
 
-====================  ========  =========  ======
-operation             obstore   botocore   s3fs
-====================  ========  =========  ======
-ranged 4 KiB GET      1.0       0.7-1.4    1.9
-GET 32 MiB            1.0       1.3-1.4    3.7
-put-if-absent 1 MiB   1.0       1.5        5.5
-put-if-match (CAS)    1.0       ~1.5       4.0
-forked child after
-the parent used it    hangs     works      works (new instance)
-====================  ========  =========  ======
+=====================  =======  ==========  ==========
+operation              obstore  botocore    s3fs
+=====================  =======  ==========  ==========
+ranged 4 KiB GET       1.0      0.65-1.16   0.82-1.09
+GET 32 MiB             1.0      0.94-1.45   1.10-4.36
+PUT 1 MiB              1.0      0.45-1.31   1.12-1.18
+put-if-absent 1 MiB    1.0      0.31-1.39   0.90-1.08
+put-if-match (CAS)     1.0      0.50-1.65   0.47-1.12
+LIST 500 keys          1.0      1.05-1.24   0.64-0.97
+stale If-Match         Precon-  412 with    OSError(EINVAL),
+                       ditionErr its code   like any bad request
+forked child, after    hangs    works       works (a new
+the parent used it     forever              instance)
+=====================  =======  ==========  ==========
 
-obstore (Rust) is the fastest, and has both conditional writes, but its tokio
-runtime does not survive ``fork()``: once the parent process has made one
-request, every obstore call in a forked child hangs for ever (its maintainers:
-"obstore is not fork safe"). PyTorch DataLoader workers are forked by default,
-and they are exactly the processes that read shards, so obstore would turn a
-training run into a silent hang. s3fs survives fork but is 2-5x slower and can
-only express If-Match through raw keyword arguments, with a 412 surfacing as a
-bare ``OSError(EINVAL)``. botocore (which s3fs runs on) is within 1.5x of
-obstore, thread-safe, has ``IfNoneMatch``/``IfMatch`` on ``PutObject`` and a
-412 with its own error code, and works in a forked child with a client made
-there: this module keeps one client per process id.
+On loopback the three move bytes at about the same speed (the differences are
+within the 2x run-to-run noise, except s3fs's whole-object GET). What decides is
+the last row: obstore's tokio runtime does not survive ``fork()``; once the
+parent has made one request, every obstore call in a forked child hangs (its
+maintainers: "obstore is not fork safe"). PyTorch DataLoader workers are forked
+by default and are exactly the processes that read shards, so obstore would turn
+a training run into a silent hang. s3fs survives fork (with a new instance) but
+reports a lost compare-and-swap as a bare ``OSError(EINVAL)``. botocore (which
+s3fs runs on) is thread-safe, has ``IfNoneMatch``/``IfMatch`` on ``PutObject``
+with a 412 and its error code, streams bodies, and works in a forked child with a
+client made there: this module keeps one client per process id.
 
 zarr-python gets :class:`zarr.storage.FsspecStore` over s3fs (same credentials,
 same botocore underneath): zarr has no botocore store, and ``ObjectStore``
@@ -78,6 +83,7 @@ from .base import (
     check_prefix,
     coalesce_ranges,
 )
+from .settings import STORAGE_OPTIONS, S3Settings, parse_s3_url
 
 if TYPE_CHECKING:
     from zarr.abc.store import Store
@@ -86,50 +92,9 @@ __all__ = ["ObjectStorage", "ObjectInfo", "S3Settings", "STORAGE_OPTIONS", "pars
 
 T = TypeVar("T")
 
-STORAGE_OPTIONS: dict[str, str] = {
-    "endpoint": "endpoint URL, e.g. http://127.0.0.1:9000 (env AWS_ENDPOINT_URL_S3, then AWS_ENDPOINT_URL; "
-    "default: AWS)",
-    "region": "region (env AWS_REGION, then AWS_DEFAULT_REGION; default us-east-1)",
-    "access_key_id": "access key (env AWS_ACCESS_KEY_ID; default: botocore's chain: env, profile, instance role)",
-    "secret_access_key": "secret key (env AWS_SECRET_ACCESS_KEY)",
-    "session_token": "session token of temporary credentials (env AWS_SESSION_TOKEN)",
-    "profile": "profile of ~/.aws/config (env AWS_PROFILE)",
-    "anonymous": "true: unsigned requests (public buckets)",
-    "allow_http": "true/false: allow a plain-HTTP endpoint (env AWS_ALLOW_HTTP; an http:// endpoint allows it "
-    "unless this is false)",
-    "addressing_style": "path | virtual | auto (default: path with a custom endpoint, else auto)",
-    "max_retries": "retries of a failed request (default 5)",
-    "retry_backoff_s": "first backoff in seconds, doubled per retry with jitter, capped at 10 s (default 0.2)",
-    "connect_timeout_s": "seconds to connect (default 10)",
-    "read_timeout_s": "seconds without a byte before a read is retried (default 60)",
-    "max_connections": "parallel requests of one process (default 16)",
-    "coalesce_gap": "bytes: ranges of one get_ranges call this close share a request (default 0: only touching "
-    "or overlapping ranges)",
-}
-"""Keys of the ``options`` argument (the CLI's ``--storage-option KEY=VALUE``): all values may be strings."""
-
-_ALIASES = {
-    "endpoint_url": "endpoint",
-    "aws_endpoint_url": "endpoint",
-    "aws_endpoint_url_s3": "endpoint",
-    "aws_region": "region",
-    "aws_default_region": "region",
-    "region_name": "region",
-    "aws_access_key_id": "access_key_id",
-    "key": "access_key_id",
-    "aws_secret_access_key": "secret_access_key",
-    "secret": "secret_access_key",
-    "aws_session_token": "session_token",
-    "token": "session_token",
-    "aws_profile": "profile",
-    "aws_allow_http": "allow_http",
-    "anon": "anonymous",
-}
-
 _CRC_META = "vlastore-crc32c"  # hex crc32c of the whole object, written by every put of this module
 _TOKEN_META = "vlastore-write"  # random token of a conditional write, to recognise our own lost answer
 _MAX_PUT = 5 * 1024**3  # S3's limit for one PUT; shards are far smaller (a few to 64 MiB)
-_BUCKET_OK = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 _SESSIONS: dict[tuple[int, str | None], Any] = {}
 _SESSIONS_LOCK = threading.Lock()
@@ -144,125 +109,6 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 _TRANSIENT_CODES = {"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "RequestTimeTooSkewed",
                     "ConditionalRequestConflict", "OperationAborted", "Throttling", "ThrottlingException"}
-
-
-def parse_s3_url(url: str) -> tuple[str, str]:
-    """``s3://bucket/prefix`` -> ``(bucket, prefix)`` with the prefix validated as a storage key ('' for the root).
-
-    Raises:
-        ValueError: not an s3:// URL, or a bucket or prefix that S3 would not accept.
-    """
-    if not isinstance(url, str) or not url.startswith("s3://"):
-        raise ValueError(f"{url!r} is not an object storage URL; write s3://bucket/prefix")
-    bucket, _, prefix = url[len("s3://"):].partition("/")
-    if not _BUCKET_OK.match(bucket):
-        raise ValueError(
-            f"{url!r}: bucket name {bucket!r} is not valid (3-63 characters: lower-case letters, digits, '.', '-')"
-        )
-    prefix = prefix.strip("/")
-    if prefix:
-        check_key(prefix)
-    return bucket, prefix
-
-
-def _as_bool(name: str, value: object) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off", ""):
-        return False
-    raise ValueError(f"storage option {name}={value!r} must be true or false")
-
-
-def _as_number(name: str, value: object, kind: type, minimum: float) -> Any:
-    try:
-        number = kind(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"storage option {name}={value!r} must be a {kind.__name__}") from None
-    if number < minimum:
-        raise ValueError(f"storage option {name}={value!r} must be at least {minimum}")
-    return number
-
-
-@dataclass(frozen=True)
-class S3Settings:
-    """Where and how to reach the bucket: options over environment variables over defaults."""
-
-    endpoint: str | None = None
-    region: str = "us-east-1"
-    access_key_id: str | None = None
-    secret_access_key: str | None = None
-    session_token: str | None = None
-    profile: str | None = None
-    anonymous: bool = False
-    addressing_style: str = "auto"
-    max_retries: int = 5
-    retry_backoff_s: float = 0.2
-    connect_timeout_s: float = 10.0
-    read_timeout_s: float = 60.0
-    max_connections: int = 16
-    coalesce_gap: int = 0
-
-    @classmethod
-    def resolve(cls, options: dict[str, Any] | None = None, env: dict[str, str] | None = None) -> S3Settings:
-        """Build settings from ``options`` (any case, aliases such as ``AWS_ENDPOINT_URL`` accepted) and ``env``.
-
-        Raises:
-            ValueError: an unknown option (the message lists the known ones) or a bad value.
-        """
-        env = dict(os.environ if env is None else env)
-        given: dict[str, Any] = {}
-        for raw_key, value in (options or {}).items():
-            key = _ALIASES.get(str(raw_key).lower(), str(raw_key).lower())
-            if key not in STORAGE_OPTIONS:
-                known = ", ".join(sorted(STORAGE_OPTIONS))
-                raise ValueError(f"unknown storage option {raw_key!r}; known options: {known}")
-            given[key] = value
-
-        def pick(key: str, *env_names: str) -> Any:
-            if given.get(key) not in (None, ""):
-                return given[key]
-            for name in env_names:
-                if env.get(name):
-                    return env[name]
-            return None
-
-        endpoint = pick("endpoint", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
-        allow_http = pick("allow_http", "AWS_ALLOW_HTTP")
-        if endpoint is not None:
-            endpoint = str(endpoint).rstrip("/")
-            if not re.match(r"^https?://[^/\s]+$", endpoint):
-                raise ValueError(f"storage endpoint {endpoint!r} must look like http(s)://host[:port]")
-            if endpoint.startswith("http://") and allow_http is not None and not _as_bool("allow_http", allow_http):
-                raise ValueError(
-                    f"endpoint {endpoint} is plain HTTP but allow_http is false; use an https:// endpoint or "
-                    "set allow_http=true"
-                )
-        style = str(given.get("addressing_style") or ("path" if endpoint else "auto")).lower()
-        if style not in ("path", "virtual", "auto"):
-            raise ValueError(f"storage option addressing_style={style!r} must be path, virtual or auto")
-        key_id = pick("access_key_id", "AWS_ACCESS_KEY_ID")
-        secret = pick("secret_access_key", "AWS_SECRET_ACCESS_KEY")
-        if (key_id is None) != (secret is None):
-            raise ValueError("storage credentials need both access_key_id and secret_access_key (or neither)")
-        return cls(
-            endpoint=endpoint,
-            region=str(pick("region", "AWS_REGION", "AWS_DEFAULT_REGION") or "us-east-1"),
-            access_key_id=key_id,
-            secret_access_key=secret,
-            session_token=pick("session_token", "AWS_SESSION_TOKEN") if key_id else None,
-            profile=given.get("profile") or None,
-            anonymous=_as_bool("anonymous", given.get("anonymous", False)),
-            addressing_style=style,
-            max_retries=_as_number("max_retries", given.get("max_retries", 5), int, 0),
-            retry_backoff_s=_as_number("retry_backoff_s", given.get("retry_backoff_s", 0.2), float, 0.0),
-            connect_timeout_s=_as_number("connect_timeout_s", given.get("connect_timeout_s", 10), float, 0.1),
-            read_timeout_s=_as_number("read_timeout_s", given.get("read_timeout_s", 60), float, 0.1),
-            max_connections=_as_number("max_connections", given.get("max_connections", 16), int, 1),
-            coalesce_gap=_as_number("coalesce_gap", given.get("coalesce_gap", 0), int, 0),
-        )
 
 
 @dataclass(frozen=True)
