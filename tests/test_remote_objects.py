@@ -274,9 +274,12 @@ def test_compare_and_swap_counter_from_two_processes(moto_s3: MotoS3, s3_url: st
 
 def test_works_in_a_forked_child_after_the_parent_used_it(s3_url: str, s3_options: dict[str, str]) -> None:
     """DataLoader workers are forked; obstore hangs there, this must not."""
+    import zarr
+
     storage = ObjectStorage(s3_url, s3_options)
     storage.put("k", b"parent")
     assert storage.get_ranges("k", [(0, 2), (4, 6)]) == [b"pa", b"nt"]  # starts the parent's thread pool too
+    zarr.create_array(store=storage.zarr_store(), name="arr", shape=(4,), dtype="int16")[:] = [1, 2, 3, 4]
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child reports through the pipe
@@ -285,6 +288,7 @@ def test_works_in_a_forked_child_after_the_parent_used_it(s3_url: str, s3_option
             signal_alarm = __import__("signal")
             signal_alarm.alarm(30)
             ok = storage.get("k") == b"parent" and storage.get_ranges("k", [(0, 2), (4, 6)]) == [b"pa", b"nt"]
+            ok = ok and zarr.open_array(store=storage.zarr_store(), path="arr", mode="r")[:].tolist() == [1, 2, 3, 4]
             storage.put("child", b"child")
             os.write(write, b"ok" if ok else b"wrong")
             code = 0

@@ -2,22 +2,17 @@
 
 Why botocore. Measured with ``python tools/bench_remote.py --clients`` (moto on
 loopback in its own process, 2-core machine shared with other jobs, medians of
-5-50 requests; two runs, as ratios to obstore in the same run):
+5-50 requests; two runs, as ratios to obstore in the same run)::
 
-=====================  =======  ==========  ==========
-operation              obstore  botocore    s3fs
-=====================  =======  ==========  ==========
-ranged 4 KiB GET       1.0      0.65-1.16   0.82-1.09
-GET 32 MiB             1.0      0.94-1.45   1.10-4.36
-PUT 1 MiB              1.0      0.45-1.31   1.12-1.18
-put-if-absent 1 MiB    1.0      0.31-1.39   0.90-1.08
-put-if-match (CAS)     1.0      0.50-1.65   0.47-1.12
-LIST 500 keys          1.0      1.05-1.24   0.64-0.97
-stale If-Match         Precon-  412 with    OSError(EINVAL),
-                       ditionErr its code   like any bad request
-forked child, after    hangs    works       works (a new
-the parent used it     forever              instance)
-=====================  =======  ==========  ==========
+    operation              obstore            botocore                  s3fs
+    ranged 4 KiB GET       1.0                0.65-1.16                 0.82-1.09
+    GET 32 MiB             1.0                0.94-1.45                 1.10-4.36
+    PUT 1 MiB              1.0                0.45-1.31                 1.12-1.18
+    put-if-absent 1 MiB    1.0                0.31-1.39                 0.90-1.08
+    put-if-match (CAS)     1.0                0.50-1.65                 0.47-1.12
+    LIST 500 keys          1.0                1.05-1.24                 0.64-0.97
+    stale If-Match gives   PreconditionError  412 PreconditionFailed    OSError(EINVAL), as any bad request
+    in a forked child      hangs for ever     works (client per pid)    works (a new instance)
 
 On loopback the three move bytes at about the same speed (the differences are
 within the 2x run-to-run noise, except s3fs's whole-object GET). What decides is
