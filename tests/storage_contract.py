@@ -73,6 +73,49 @@ class StorageContract:
         spans = [(a, a + n) for a, n in ranges]
         assert storage.get_ranges("prop", spans) == [PAYLOAD[a:b] for a, b in spans]
 
+    @settings(  # write paths against a dict model: whatever the order of writes, reads agree with it
+        max_examples=8,
+        deadline=None,
+        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.differing_executors],
+    )
+    @given(ops=st.lists(st.tuples(st.sampled_from(["put", "put_if_absent", "cas", "stale_cas", "delete"]),
+                                  st.sampled_from(["k0", "k1", "d/k2"]), st.binary(max_size=40)), max_size=10))
+    def test_writes_match_a_model(self, storage: Storage, ops: list[tuple[str, str, bytes]]) -> None:
+        storage.delete_prefix("model")
+        model: dict[str, bytes] = {}
+        for op, name, data in ops:
+            key = f"model/{name}"
+            if op == "put":
+                storage.put(key, data)
+                model[key] = data
+            elif op == "put_if_absent":
+                if key in model:
+                    with pytest.raises(AlreadyExistsError):
+                        storage.put_if_absent(key, data)
+                else:
+                    storage.put_if_absent(key, data)
+                    model[key] = data
+            elif op in ("cas", "stale_cas"):
+                found = storage.get_versioned(key)
+                if found is None:
+                    assert key not in model
+                    continue
+                assert found[0] == model[key]
+                if op == "stale_cas":
+                    storage.put(key, model[key] + b"!")  # another writer gets in between
+                    model[key] += b"!"
+                    with pytest.raises(VersionMismatchError):
+                        storage.put_if_version(key, data, found[1])
+                else:
+                    storage.put_if_version(key, data, found[1])
+                    model[key] = data
+            else:
+                storage.delete(key)
+                model.pop(key, None)
+        assert dict(storage.list("model")) == {k: len(v) for k, v in model.items()}
+        for key, data in model.items():
+            assert storage.get(key) == data
+
     def test_list(self, storage: Storage) -> None:
         for key in ("a/x", "a/y/z", "ab/x", "c"):
             storage.put(key, key.encode())
