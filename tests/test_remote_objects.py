@@ -298,3 +298,13 @@ def test_works_in_a_forked_child_after_the_parent_used_it(s3_url: str, s3_option
     _, status = os.waitpid(pid, 0)
     assert os.read(read, 10) == b"ok" and status == 0
     assert storage.get("child") == b"child"
+
+
+def test_listing_skips_names_that_are_not_keys(s3_url: str, s3_options: dict[str, str]) -> None:
+    storage = ObjectStorage(s3_url, s3_options)
+    storage.put("good/a", b"1")
+    for odd in ("good//b", "good/../c", "good/./d"):  # another tool can upload any name
+        storage._client.put_object(Bucket=storage.bucket, Key=storage._root + odd, Body=b"x")
+    assert sorted(storage.list("good")) == [("good/a", 1)]
+    storage.delete_prefix("good")  # deletion still reaches every object under the prefix
+    assert storage._client.list_objects_v2(Bucket=storage.bucket, Prefix=storage._root).get("KeyCount") == 0

@@ -54,6 +54,7 @@ What this module adds over the raw client:
 from __future__ import annotations
 
 import base64
+import logging
 import os
 import random
 import re
@@ -86,6 +87,7 @@ if TYPE_CHECKING:
 __all__ = ["ObjectStorage", "ObjectInfo", "S3Settings", "STORAGE_OPTIONS", "parse_s3_url"]
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 _CRC_META = "vlastore-crc32c"  # hex crc32c of the whole object, written by every put of this module
 _TOKEN_META = "vlastore-write"  # random token of a conditional write, to recognise our own lost answer
@@ -402,8 +404,15 @@ class ObjectStorage(Storage):
         return None if info is None else info.size
 
     def list(self, prefix: str = "") -> Iterator[tuple[str, int]]:
+        """``(key, size)`` under ``prefix``; objects whose names are not valid keys are skipped with a warning."""
         for full, size in self._list_full(prefix):
-            yield full[len(self._root):], size
+            key = full[len(self._root):]
+            try:
+                check_key(key)
+            except ValueError as exc:  # anything can be uploaded to a bucket; callers get only keys they can use
+                log.warning("skipping %s/%s in a listing: %s", self.location, key, exc)
+                continue
+            yield key, size
 
     def _list_full(self, prefix: str) -> Iterator[tuple[str, int]]:
         prefix = check_prefix(prefix)
