@@ -53,6 +53,7 @@ What this module adds over the raw client:
 
 from __future__ import annotations
 
+import atexit
 import base64
 import logging
 import os
@@ -675,7 +676,20 @@ class ObjectStorage(Storage):
             asynchronous=True,
             skip_instance_cache=True,  # fsspec's instance cache would hand a forked child its parent's session
         )
+        atexit.register(_close_s3fs, fs, os.getpid())
         return FsspecStore(fs, read_only=False, path=f"{self.bucket}/{self.prefix}".rstrip("/"))
+
+
+def _close_s3fs(fs: Any, pid: int) -> None:
+    """Close s3fs's HTTP session at exit (else aiohttp prints 'Unclosed client session' to stderr)."""
+    if os.getpid() != pid or getattr(fs, "_s3", None) is None:
+        return
+    try:
+        from zarr.core.sync import sync
+
+        sync(fs._s3.close())
+    except Exception:  # exiting anyway: a session that cannot close is no reason to fail
+        pass
 
 
 def _is_missing(exc: BaseException) -> bool:
