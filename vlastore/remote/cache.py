@@ -34,9 +34,10 @@ kernel's file locks (released when a process dies, so a crash never blocks):
 - **prefetch**: ``prefetch(keys)`` downloads shards in background threads; a
   shard another process is already downloading is skipped.
 - **stale copies**: cached files are named by key and object version (ETag), so a
-  store rewritten at the same URL never serves old bytes; each process asks for
-  the version once per key (one HEAD). After a machine crash (a new boot id) the
-  files, written without fsync, are dropped.
+  store rewritten at the same URL never serves old bytes. A shard with no copy on
+  the node costs one GET (its headers give size and version); a process that
+  finds a copy asks once per key whether it is still current (one HEAD). After a
+  machine crash (a new boot id) the files, written without fsync, are dropped.
 
 Layout of the cache folder (one folder may serve many stores; the size limit is
 for the whole folder)::
