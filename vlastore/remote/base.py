@@ -1,0 +1,208 @@
+"""The storage seam: bytes under one root, as SEAM.md defines it.
+
+Readers, writers and the store move bytes only through :class:`Storage`. This
+module holds the abstract class, its errors and the key rules, so the object
+storage (:mod:`vlastore.remote.objects`) and the node-local shard cache
+(:mod:`vlastore.remote.cache`) are complete on their own; the local
+implementation lives beside it.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from zarr.abc.store import Store
+
+__all__ = [
+    "Storage",
+    "Buffer",
+    "StorageError",
+    "AlreadyExistsError",
+    "VersionMismatchError",
+    "check_key",
+    "check_prefix",
+    "coalesce_ranges",
+]
+
+Buffer: TypeAlias = bytes | bytearray | memoryview | np.ndarray
+"""Bytes to write: anything with the buffer protocol (a C-contiguous numpy array is written as its bytes)."""
+
+
+class StorageError(OSError):
+    """A transfer failed after retries (network, server errors, truncated answers).
+
+    The message says what failed, where, and that rerunning retries: nothing was
+    half-written (every write is atomic), so a rerun picks up where this one stopped.
+    """
+
+
+class AlreadyExistsError(FileExistsError):
+    """``put_if_absent`` found the key already there (another writer was first)."""
+
+
+class VersionMismatchError(RuntimeError):
+    """``put_if_version`` found the object changed (or gone) since its version was read."""
+
+
+def check_key(key: object) -> str:
+    """Validate an object key: '/'-separated, relative, no empty, '.' or '..' parts.
+
+    Raises:
+        ValueError: the key could escape the root or is not a plain relative name.
+    """
+    if not isinstance(key, str) or not key:
+        raise ValueError(f"storage key must be a non-empty string, got {key!r}")
+    if key.startswith("/") or "\\" in key or "\x00" in key:
+        raise ValueError(f"storage key {key!r} must be relative, '/'-separated, without backslashes or NUL")
+    for part in key.split("/"):
+        if part in ("", ".", ".."):
+            raise ValueError(f"storage key {key!r} has an empty, '.' or '..' part; keys name objects under the root")
+    return key
+
+
+def check_prefix(prefix: object) -> str:
+    """Validate a listing/deletion prefix: '' (everything) or a key, with an optional trailing '/'."""
+    if prefix == "":
+        return ""
+    if not isinstance(prefix, str):
+        raise ValueError(f"storage prefix must be a string, got {prefix!r}")
+    return check_key(prefix.rstrip("/")) if prefix.rstrip("/") else check_key(prefix)
+
+
+def coalesce_ranges(ranges: Sequence[tuple[int, int]], gap: int = 0) -> list[tuple[int, int, list[int]]]:
+    """Merge ``[start, end)`` ranges that overlap or touch (or lie at most ``gap`` bytes apart).
+
+    Returns:
+        ``(start, end, members)`` per run, sorted by start, where ``members`` are the
+        indices of the input ranges that the run covers. Empty ranges join no run.
+
+    Raises:
+        ValueError: a range with ``start < 0`` or ``end < start``.
+    """
+    order = []
+    for i, (start, end) in enumerate(ranges):
+        if start < 0 or end < start:
+            raise ValueError(f"range {i} = [{start}, {end}) is not a forward byte range of an object")
+        if end > start:
+            order.append(i)
+    order.sort(key=lambda i: ranges[i][0])
+    runs: list[tuple[int, int, list[int]]] = []
+    for i in order:
+        start, end = ranges[i]
+        if runs and start <= runs[-1][1] + gap:
+            run_start, run_end, members = runs[-1]
+            members.append(i)
+            runs[-1] = (run_start, max(run_end, end), members)
+        else:
+            runs.append((start, end, [i]))
+    return runs
+
+
+class Storage(abc.ABC):
+    """Bytes under one root (a folder, or a bucket prefix).
+
+    Keys are '/'-separated, relative to the root, validated (no '..', no leading
+    '/', no empty parts). Every write is atomic: a reader sees the old object or
+    the new one, never a mix.
+    """
+
+    location: str
+    """For messages: a path or ``s3://bucket/prefix``."""
+    is_local: bool
+    """Files on a POSIX filesystem (memory maps possible)."""
+
+    # ------------------------------------------------------------------ reads
+
+    @abc.abstractmethod
+    def get(self, key: str) -> bytes | None:
+        """The whole object, or None if absent."""
+
+    @abc.abstractmethod
+    def get_range(self, key: str, start: int, end: int | None = None) -> bytes | None:
+        """Bytes ``[start, end)`` (clipped to the object), or None if absent.
+
+        ``start < 0`` with ``end=None`` reads the last ``-start`` bytes (a suffix read).
+        """
+
+    @abc.abstractmethod
+    def get_ranges(self, key: str, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+        """Many ``[start, end)`` ranges of one object, in the order given.
+
+        Adjacent or overlapping ranges are coalesced into one request per run.
+
+        Raises:
+            FileNotFoundError: the object is absent.
+        """
+
+    @abc.abstractmethod
+    def size(self, key: str) -> int | None:
+        """Object size in bytes, or None if absent."""
+
+    @abc.abstractmethod
+    def list(self, prefix: str = "") -> Iterator[tuple[str, int]]:
+        """``(key, size)`` of every object under ``prefix`` (a folder-like prefix), in any order."""
+
+    # ----------------------------------------------------------------- writes
+
+    @abc.abstractmethod
+    def put(self, key: str, data: Buffer) -> None:
+        """Create or replace the object."""
+
+    @abc.abstractmethod
+    def put_if_absent(self, key: str, data: Buffer) -> None:
+        """Create the object only if absent.
+
+        Raises:
+            AlreadyExistsError: the key exists (another writer was first).
+        """
+
+    @abc.abstractmethod
+    def get_versioned(self, key: str) -> tuple[bytes, str] | None:
+        """The object and its version token (S3: the ETag), or None if absent."""
+
+    @abc.abstractmethod
+    def put_if_version(self, key: str, data: Buffer, version: str) -> str:
+        """Compare-and-swap: replace the object only if it still has ``version``.
+
+        Returns:
+            The new version token.
+
+        Raises:
+            VersionMismatchError: the object changed or disappeared since ``version`` was read.
+        """
+
+    @abc.abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove the object; a missing one is fine."""
+
+    @abc.abstractmethod
+    def delete_prefix(self, prefix: str) -> None:
+        """Remove every object under ``prefix``."""
+
+    # -------------------------------------------------------- local fast path
+
+    def local_path(self, key: str) -> Path | None:
+        """A regular file holding the object, where there is one (None otherwise)."""
+        return None
+
+    def open_map(self, key: str) -> np.ndarray | None:
+        """A private (copy-on-write) uint8 memory map of the object, where possible (None otherwise)."""
+        return None
+
+    # ------------------------------------------------------------------ zarr
+
+    @abc.abstractmethod
+    def zarr_store(self) -> Store:
+        """A zarr-python store over the same root (metadata, small arrays, plain zarr compatibility)."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.location!r})"
+
+    def __reduce__(self) -> tuple[Any, ...]:  # pragma: no cover - subclasses that pickle override this
+        raise TypeError(f"{type(self).__name__} cannot be pickled; open it again in the other process")
