@@ -24,6 +24,7 @@ from helpers import (
 from writer_worker import crash_main, dist_main
 
 from vlastore.format import FamilySpec, FormatError
+from vlastore.storage import _host_tag
 from vlastore.store import VLAStore
 from vlastore.writer import OwnershipError
 
@@ -181,8 +182,9 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None
     assert crashed.written_shards("fixed").tolist() == [0, 1, 2]  # the half-filled 4th shard is not on disk
     assert crashed.coverage("fixed").sum() == 12
     assert crashed.written_shards("tokens").tolist() == [0, 1]
-    # a kill inside write_once leaves its temporary file: the resumed writer must clean it
-    stale = Path(crashed.storage.file_path(crashed.shard_key("fixed", 5))).parent / ".0.deadbeef.partial"
+    # a kill inside write_once leaves its temporary file (named with host and pid): the resumed writer cleans it
+    stale = Path(crashed.storage.file_path(crashed.shard_key("fixed", 5))).parent / (
+        f".0.{_host_tag()}.{proc.pid}.deadbeef.partial")
     stale.parent.mkdir(parents=True)
     stale.write_bytes(b"half a shard")
 
