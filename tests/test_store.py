@@ -96,18 +96,25 @@ class StoreContract:
     def test_partial_writes_show_in_coverage(self, location) -> None:
         store = VLAStore.create(location, episodes())
         store.add_family("f", spec_for("float32"))  # 9 rows, shards of 4: [0-3] [4-7] [8]
+        values = random_rows((9, 8), "float32", seed=7)
         with store.writer("f") as writer:
-            writer.write_rows([0, 2], random_rows((2, 8), "float32"))
-            writer.write("episode_003", 0, random_rows((8,), "float32"))  # row 8
+            writer.write_rows([0, 2], values[[0, 2]])
+            writer.write("episode_003", 0, values[8])  # row 8
         assert store.coverage("f").tolist() == [True, False, True, False, False, False, False, False, True]
         assert store.written_shards("f").tolist() == [0, 2]
         with pytest.raises(MissingRowError, match=r"row \('episode_000', vlm_idx=1\) was not written"):
             store.feature("f", "episode_000", 1)
         with pytest.raises(MissingRowError, match=r"shard 1 is not written.*run the writer"):
             store.feature("f", "episode_001", 1)
-        # a rerun finishes only the missing shard; the partly filled shard 0 counts as done
+        # a rerun writes what is missing: the unwritten shard and the holes of shard 0 (replacing it whole)
         with store.writer("f") as writer:
-            assert writer.pending_rows().tolist() == [4, 5, 6, 7]
+            assert writer.pending_rows().tolist() == [1, 3, 4, 5, 6, 7]
+            writer.write_rows(np.arange(9), values)  # rows on disk already are skipped
+            assert (writer.rows_written, writer.rows_skipped) == (6, 3)
+        again = VLAStore.open(store.storage.store)
+        assert again.coverage("f").all()
+        np.testing.assert_array_equal(again.reader("f").gather(np.arange(9)), values)
+        assert store.writer("f").pending_rows().size == 0
 
     @pytest.mark.parametrize("write_behind", [False, True])
     def test_two_writers_on_one_shard(self, location, write_behind: bool) -> None:
@@ -176,7 +183,7 @@ class StoreContract:
             writer.write_rows(writer.pending_rows(), new_values)
         np.testing.assert_array_equal(to_bits(VLAStore.open(store.storage.store).feature("fixed", 0, 0)),
                                       values["fixed"][0])
-        store.switch_generation("fixed", 2)
+        store.switch_generation("fixed", 2, keep_previous=0)
         again = VLAStore.open(store.storage.store)
         assert again.manifest.families["fixed"].generations == (2,)
         assert again.generation("fixed").producer.fingerprint == "abcd"

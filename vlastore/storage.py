@@ -36,11 +36,10 @@ from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
 from .format import MANIFEST_KEY, FormatError
+from .integrity import small_chunk_rows
 
 __all__ = ["Storage", "StoreNotFoundError", "UnsafeFileError", "SafeLocalStore", "open_regular",
            "ShardChangedError", "TemporaryFileLost", "PARTIAL_MAX_AGE_S", "MAX_JSON_BYTES"]
-
-SMALL_CHUNK_ELEMENTS = 1 << 20
 
 PARTIAL_MAX_AGE_S = 7 * 24 * 3600
 """A temporary ``.partial`` file of another host (or of unknown origin) is removed only when older than this."""
@@ -287,8 +286,10 @@ class Storage:
 
     @staticmethod
     def _store(location: str | os.PathLike[str] | Store, read_only: bool) -> tuple[Store, str]:
-        if isinstance(location, LocalStore) and not isinstance(location, SafeLocalStore):
-            return SafeLocalStore(location.root, read_only=location.read_only), str(location.root)
+        if isinstance(location, LocalStore):  # zarr reads a local store only through the checks of SafeLocalStore
+            safe = location if isinstance(location, SafeLocalStore) else SafeLocalStore(
+                location.root, read_only=location.read_only)
+            return safe, str(Path(location.root).absolute())
         if isinstance(location, Store):
             return location, repr(location)
         text = os.fspath(location)
@@ -366,9 +367,7 @@ class Storage:
         data = np.asarray(data)
         if data.dtype.kind in "fiu" and not data.dtype.isnative:  # zarr records native order; values stay equal
             data = data.astype(data.dtype.newbyteorder("="))
-        rows = max(1, data.shape[0]) if data.ndim else 1
-        per_row = int(np.prod(data.shape[1:])) if data.ndim > 1 else 1
-        chunk_rows = max(1, min(rows, SMALL_CHUNK_ELEMENTS // max(1, per_row)))
+        chunk_rows = small_chunk_rows(data.shape)
         dtype: Any = str if data.dtype.kind in "UO" else data.dtype
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", category=UserWarning)  # zarr notes on string dtypes
@@ -533,6 +532,17 @@ class Storage:
             return None
         st = os.fstat(fd)
         return _read_fd(fd), (st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def entry_token(self, key: str) -> Any:
+        """What :meth:`replace` compares: (inode, size, mtime) of a local file (None if absent); None remotely."""
+        path = self.file_path(key)
+        if path is None:
+            return None
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return None
+        return (st.st_ino, st.st_size, st.st_mtime_ns)
 
     def key_exists(self, key: str) -> bool:
         path = self.file_path(key)
