@@ -27,6 +27,7 @@ __all__ = [
     "FamilyEntry",
     "Manifest",
     "FormatError",
+    "NewerFormatError",
     "validate_name",
     "storage_dtype",
     "row_nbytes",
@@ -126,6 +127,10 @@ _NAME_OK = re.compile(r"^[A-Za-z0-9._\-+=@,:~]+$")
 
 class FormatError(ValueError):
     """The store, or a value given for it, breaks the format contract."""
+
+
+class NewerFormatError(FormatError):
+    """The store was written in a newer format version than this vlastore reads: upgrade vlastore."""
 
 
 def validate_name(name: object, what: str = "name") -> str:
@@ -554,7 +559,7 @@ class Manifest:
         if isinstance(version, bool) or not isinstance(version, int):
             raise FormatError(f"{where}: manifest has no integer format_version; not a vlastore store")
         if version > FORMAT_VERSION:
-            raise FormatError(
+            raise NewerFormatError(
                 f"{where} was written in vlastore format version {version} "
                 f"(by vlastore {data.get('vlastore_version', '?')}); this vlastore reads "
                 f"versions up to {FORMAT_VERSION}. Upgrade: pip install -U vlastore"

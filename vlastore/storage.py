@@ -39,7 +39,7 @@ from .format import MANIFEST_KEY, FormatError
 from .integrity import small_chunk_rows
 
 __all__ = ["Storage", "StoreNotFoundError", "UnsafeFileError", "SafeLocalStore", "open_regular",
-           "ShardChangedError", "TemporaryFileLost", "PARTIAL_MAX_AGE_S", "MAX_JSON_BYTES"]
+           "ShardChangedError", "TemporaryFileLost", "remove_store", "PARTIAL_MAX_AGE_S", "MAX_JSON_BYTES"]
 
 PARTIAL_MAX_AGE_S = 7 * 24 * 3600
 """A temporary ``.partial`` file of another host (or of unknown origin) is removed only when older than this."""
@@ -720,6 +720,64 @@ class Storage:
                 total += int(sync(self.store.getsize(self._name(key))))
         return total, files
 
+
+
+_CHUNK_PART = re.compile(r"^\d{1,18}$")
+
+
+def _is_store_file(root: Path, parts: list[str]) -> bool:
+    """Whether a file at ``parts`` (relative to a store root) is one vlastore or zarr writes."""
+    name = parts[-1]
+    if name == "zarr.json":
+        return True
+    if name.endswith(".partial") and (_PARTIAL.match(name) or re.match(r"^zarr\.[0-9a-f]+\.partial$", name)):
+        return True
+    for i in range(len(parts) - 1, -1, -1):  # chunk files: <array>/c/<digits>/.../<digits> under an array node
+        if parts[i] == "c":
+            chunk = parts[i + 1 :]
+            return bool(chunk) and all(_CHUNK_PART.match(p) for p in chunk) and \
+                (root.joinpath(*parts[:i]) / "zarr.json").is_file()
+    return False
+
+
+def remove_store(location: str | os.PathLike[str]) -> int:
+    """Delete a local vlastore store: its files only, and only if it holds nothing else.
+
+    Returns the number of files removed.
+
+    Raises:
+        StoreNotFoundError: ``location`` is not a vlastore store (nothing is deleted).
+        UnsafeFileError: the folder holds anything a store does not (another file,
+            a symlink, a FIFO): nothing is deleted, the message names a few.
+    """
+    root = Path(location).absolute()
+    if root.is_symlink():
+        raise UnsafeFileError(f"{root} is a symbolic link; refusing to delete what it points to")
+    Storage.open(root)  # raises StoreNotFoundError unless it is a vlastore store
+    files: list[Path] = []
+    dirs: list[Path] = []
+    foreign: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames:
+            path = Path(dirpath) / name
+            (foreign.append(str(path.relative_to(root))) if path.is_symlink() else dirs.append(path))
+        for name in filenames:
+            path = Path(dirpath) / name
+            rel = path.relative_to(root)
+            if stat.S_ISREG(os.lstat(path).st_mode) and _is_store_file(root, list(rel.parts)):
+                files.append(path)
+            else:
+                foreign.append(str(rel))
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise UnsafeFileError(f"{root} holds files that are not part of a vlastore store ({shown}); nothing was "
+                              "deleted. Move them away, or choose another path")
+    for path in files:
+        path.unlink()
+    for path in sorted(dirs, key=lambda p: len(p.parts), reverse=True):
+        path.rmdir()  # empty by now; a file added meanwhile makes this fail instead of deleting it
+    root.rmdir()
+    return len(files)
 
 
 class TemporaryFileLost(RuntimeError):

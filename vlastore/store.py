@@ -93,13 +93,28 @@ def _check_finite(values: np.ndarray, where: str, columns: Sequence[str] | None 
 class VLAStore:
     """A store on disk (or any zarr store). Create with :meth:`create`, open with :meth:`open`."""
 
-    def __init__(self, storage: Storage, writable: bool) -> None:
+    def __init__(self, storage: Storage, writable: bool, strict: bool = True) -> None:
         self.storage = storage
         self.writable = writable
         self.manifest = Manifest.from_dict(storage.attrs[MANIFEST_KEY], where=storage.location)
-        self.catalog = self._read_catalog()
+        self.open_problems: list[tuple[str, str]] = []
+        """With ``strict=False`` (vlastore verify): (path, problem) of what failed its check at open."""
+        try:
+            self.catalog = self._read_catalog()
+        except FormatError as exc:
+            if strict:
+                raise
+            self.open_problems.append(("episodes", str(exc)))
+            # stand-in names, so the families can still be checked (verify reports rows by number then)
+            self.catalog = Catalog([f"episode_{i}" for i in range(self.manifest.episodes)],
+                                   np.zeros(self.manifest.episodes, dtype=np.int64))
         for key in self.manifest.series:
-            self._series_meta(key)
+            try:
+                self._series_meta(key)
+            except FormatError as exc:
+                if strict:
+                    raise
+                self.open_problems.append((series_path(key), str(exc)))
         self._generations: dict[tuple[str, int], GenerationInfo] = {}
         self._layouts: dict[tuple[str, int], FamilyLayout] = {}
         self._readers: dict[tuple[str, int], Any] = {}
@@ -335,7 +350,7 @@ class VLAStore:
         values_meta = f"{base}/values/zarr.json"
         check_array_meta(self.storage.read_json(values_meta), sharded_array_meta(info.spec, info.capacity),
                          self.storage.where(values_meta))
-        episode_rows = self._small(f"{base}/episode_rows", (len(self.catalog) + 1,), "int64")
+        episode_rows = self._small(f"{base}/episode_rows", (self.manifest.episodes + 1,), "int64")
         starts = lengths = None
         if info.spec.ragged:
             starts = self._small(f"{base}/starts", (info.rows,), "int64")
