@@ -43,8 +43,8 @@ class DataError(Exception):
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import demo_batch, describe_batch, make_demo_store
-    from .report import format_info, store_info
     from .format import FormatError
+    from .report import format_info, store_info
     from .storage import Storage, StoreNotFoundError, remove_store
 
     path = Path(args.out)
