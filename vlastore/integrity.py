@@ -18,8 +18,8 @@ import numpy as np
 
 from .format import FamilySpec, FormatError, Manifest
 
-__all__ = ["small_array_meta", "sharded_array_meta", "check_array_meta", "check_catalog", "small_chunk_rows",
-           "SMALL_CHUNK_ELEMENTS"]
+__all__ = ["small_array_meta", "sharded_array_meta", "check_array_meta", "check_group_meta", "check_catalog",
+           "small_chunk_rows", "SMALL_CHUNK_ELEMENTS"]
 
 SMALL_CHUNK_ELEMENTS = 1 << 20
 """Elements per chunk of a small array (catalog, row tables, series); see Storage.write_small_array."""
@@ -38,13 +38,12 @@ def small_chunk_rows(shape: tuple[int, ...]) -> int:
     return max(1, min(rows, SMALL_CHUNK_ELEMENTS // max(1, per_row)))
 
 
+_ZSTD = {"name": "zstd", "configuration": {"level": 3, "checksum": False}}
+
+
 def _zstd_ok(codec: Any) -> bool:
-    if not isinstance(codec, dict) or codec.get("name") != "zstd" or set(codec) - {"name", "configuration"}:
-        return False
-    config = codec.get("configuration")
-    return (isinstance(config, dict) and set(config) <= {"level", "checksum"}
-            and isinstance(config.get("level"), int) and not isinstance(config.get("level"), bool)
-            and -131072 <= config["level"] <= 22 and config.get("checksum", False) in (True, False))
+    # exactly what vlastore writes: a flipped level or checksum flag is damage too, even where it reads the same
+    return bool(codec == _ZSTD and type(codec["configuration"]["checksum"]) is bool)
 
 
 def _codecs_ok(actual: Any, expected: list[Any]) -> bool:
@@ -136,6 +135,24 @@ def check_array_meta(actual: dict[str, Any] | None, expected: dict[str, Any], wh
     if actual.get("storage_transformers", []) != [] or actual.get("dimension_names") is not None:
         raise FormatError(f"{where}: storage_transformers/dimension_names are not what vlastore writes; the file is "
                           "damaged")
+
+
+def check_group_meta(actual: dict[str, Any] | None, attribute_keys: set[str], where: str) -> None:
+    """A group's ``zarr.json`` holds exactly what vlastore writes (``attribute_keys``: its attributes' names).
+
+    Raises:
+        FormatError: naming ``where`` and what differs.
+    """
+    if actual is None:
+        raise FormatError(f"{where}: missing; the store is damaged")
+    if set(actual) != {"attributes", "zarr_format", "node_type"} or actual.get("zarr_format") != 3 or \
+            actual.get("node_type") != "group":
+        raise FormatError(f"{where}: not the group metadata vlastore writes (fields {sorted(actual)}); the file is "
+                          "damaged")
+    attrs = actual.get("attributes")
+    if not isinstance(attrs, dict) or set(attrs) != attribute_keys:
+        raise FormatError(f"{where}: attributes {sorted(attrs) if isinstance(attrs, dict) else attrs!r}, expected "
+                          f"{sorted(attribute_keys)}; the file is damaged")
 
 
 def check_catalog(manifest: Manifest, names: list[str], steps: np.ndarray, step_offsets: np.ndarray,

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from .format import CHECKSUM_FIELD, GENERATION_KEY, MANIFEST_KEY, FormatError, family_path, generation_path, series_path
+from .integrity import check_group_meta
 from .layout import FamilyLayout
 from .shardcodec import ChecksumError, ShardIndex, decode_index, index_nbytes
 from .storage import Storage, UnsafeFileError
@@ -287,8 +288,14 @@ def _verify_generation(store: VLAStore, family: str, generation: int, report: Ve
 
 
 def _verify_metadata_files(store: VLAStore, report: VerifyReport) -> None:
-    """Every ``zarr.json`` parses, and no file of the store is a link or special file."""
+    """Every group vlastore writes has its ``zarr.json``, every ``zarr.json`` parses and holds what vlastore
+    writes, and no file of the store is a link or special file."""
     storage = store.storage
+    groups = ["episodes", "series", "features"] + [f"features/{f}" for f in store.families]
+    for group in groups:
+        if not storage.key_exists(f"{group}/zarr.json") and not (
+                storage.file_path(group) is not None and os.path.lexists(storage.file_path(f"{group}/zarr.json"))):
+            report.corrupt.append(Corruption(f"{group}/zarr.json", reason="missing; the store is damaged"))
     if storage.local_root is not None:
         for dirpath, dirs, files in os.walk(storage.local_root):
             for name in [*dirs, *files]:
@@ -303,10 +310,24 @@ def _verify_metadata_files(store: VLAStore, report: VerifyReport) -> None:
     for key in storage.list_keys(""):
         if key.rsplit("/", 1)[-1] != "zarr.json":
             continue
+        node = key[: -len("zarr.json")].rstrip("/")
         try:
             meta = storage.read_json(key)
-            if meta is not None and (meta.get("zarr_format") != 3 or meta.get("node_type") not in ("group", "array")):
-                raise FormatError(f"{storage.where(key)}: not zarr v3 node metadata")
+            if meta is None:
+                continue
+            parts = node.split("/") if node else []
+            group_attrs: set[str] | None = None  # the groups vlastore writes, and their attributes
+            if not parts:
+                group_attrs = {MANIFEST_KEY}
+            elif (len(parts) == 1 and parts[0] in ("episodes", "series", "features")) or (
+                    parts[0] == "features" and len(parts) == 2):
+                group_attrs = set()
+            elif parts[0] == "features" and len(parts) == 3 and parts[2].startswith("gen-"):
+                group_attrs = {GENERATION_KEY}
+            if group_attrs is not None:
+                check_group_meta(meta, group_attrs, storage.where(key))
+            elif meta.get("zarr_format") != 3 or meta.get("node_type") != "array":
+                raise FormatError(f"{storage.where(key)}: not zarr v3 array metadata; the file is damaged")
         except (FormatError, OSError) as exc:
             if not any(c.where == key for c in report.corrupt):  # a FIFO or link is reported once, above
                 report.corrupt.append(Corruption(key, reason=str(exc)))

@@ -199,6 +199,11 @@ class SafeLocalStore(LocalStore):
             return False
 
 
+def _near(key: object, target: str) -> bool:
+    """``key`` is ``target`` or differs from it in one character (a flipped bit in the name)."""
+    return isinstance(key, str) and len(key) == len(target) and sum(a != b for a, b in zip(key, target)) <= 1
+
+
 def _host_tag() -> str:
     return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:63] or "host"
 
@@ -266,19 +271,28 @@ class Storage:
                     f"{where} is not a vlastore store (no zarr.json); make one with `vlastore demo`, "
                     "`vlastore ingest ...` or vlastore.VLAStore.create"
                 )
+        # read the root metadata first: a damaged store (exit 1, "run verify") is told apart from
+        # something that is not a vlastore store at all (a usage mistake)
+        probe = cls(store, None, where)  # type: ignore[arg-type]
+        meta = probe.read_json("zarr.json")  # FormatError when not JSON, UnsafeFileError for a FIFO or link
+        attrs = meta.get("attributes") if meta is not None else None
+        ours = isinstance(attrs, dict) and any(_near(k, MANIFEST_KEY) for k in attrs)
         try:
             group = zarr.open_group(store=store, mode="r+" if writable else "r", zarr_format=3)
-        except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError) as exc:
+        except FormatError:
+            raise
+        except Exception as exc:  # zarr's errors for a missing or damaged zarr.json
+            if ours:
+                raise FormatError(f"{where}/zarr.json: unreadable group metadata ({type(exc).__name__}: {exc}); "
+                                  "the store is damaged, run `vlastore verify`") from None
             raise StoreNotFoundError(
                 f"{where} is not a vlastore store (no zarr v3 group: {exc}); make one with "
                 "`vlastore demo`, `vlastore ingest ...` or vlastore.VLAStore.create"
             ) from None
-        except FormatError:
-            raise
-        except (ValueError, TypeError, KeyError) as exc:  # zarr's own parse errors of a damaged zarr.json
-            raise FormatError(f"{where}/zarr.json: unreadable group metadata ({type(exc).__name__}: {exc}); "
-                              "the store is damaged, run `vlastore verify`") from None
         if MANIFEST_KEY not in group.attrs:
+            if ours:
+                raise FormatError(f"{where}/zarr.json: the '{MANIFEST_KEY}' attribute is damaged (a near miss "
+                                  f"{sorted(attrs)!r}); run `vlastore verify`")  # type: ignore[arg-type]
             raise StoreNotFoundError(
                 f"{where} is a zarr group but not a vlastore store (no '{MANIFEST_KEY}' attribute)"
             )
@@ -479,7 +493,7 @@ class Storage:
             check_inside(local, self.root_real)
 
     def _name(self, path: str) -> str:
-        base = self.group.path
+        base = self.group.path if self.group is not None else ""
         return f"{base}/{path}" if base else path
 
     # ------------------------------------------------------------ shard files

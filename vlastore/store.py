@@ -32,7 +32,7 @@ from .format import (
     shard_key,
     validate_name,
 )
-from .integrity import check_array_meta, check_catalog, sharded_array_meta, small_array_meta
+from .integrity import check_array_meta, check_catalog, sharded_array_meta, small_array_meta, small_chunk_rows
 from .layout import FamilyLayout, vlm_items
 from .shardcodec import ChecksumError, ShardIndex, decode_index, index_nbytes
 from .storage import Storage, UnsafeFileError
@@ -209,11 +209,24 @@ class VLAStore:
 
     # ----------------------------------------------------------- checked reads
 
-    def _small(self, path: str, shape: tuple[int, ...], data_type: str) -> np.ndarray:
-        """A small array whose ``zarr.json`` is first checked against the shape and type the manifest implies."""
+    def _check_small_meta(self, path: str, shape: tuple[int, ...], data_type: str) -> None:
+        """A small array's ``zarr.json`` is what the manifest implies, and every chunk file is there.
+
+        (zarr reads an absent chunk as the fill value: a deleted chunk would read as zeros.)
+        """
         meta_key = f"{path}/zarr.json"
         check_array_meta(self.storage.read_json(meta_key), small_array_meta(shape, data_type),
                          self.storage.where(meta_key))
+        if shape and shape[0]:
+            tail = "/0" * (len(shape) - 1)
+            for chunk in range(-(-shape[0] // small_chunk_rows(shape))):
+                if not self.storage.key_exists(f"{path}/c/{chunk}{tail}"):
+                    raise FormatError(f"{self.storage.where(path)}: chunk file c/{chunk}{tail} is missing; the "
+                                      "store is damaged (run `vlastore verify`)")
+
+    def _small(self, path: str, shape: tuple[int, ...], data_type: str) -> np.ndarray:
+        """A small array whose ``zarr.json`` is first checked against the shape and type the manifest implies."""
+        self._check_small_meta(path, shape, data_type)
         data = self.storage.read_small_array(path)
         if data.shape != shape:
             raise FormatError(f"{self.storage.where(path)}: read shape {data.shape}, expected {shape}")
@@ -232,10 +245,7 @@ class VLAStore:
 
     def _series_meta(self, key: str) -> None:
         info = self.manifest.series[key]
-        meta_key = f"{series_path(key)}/zarr.json"
-        check_array_meta(self.storage.read_json(meta_key),
-                         small_array_meta((self.manifest.steps, len(info.columns)), info.dtype),
-                         self.storage.where(meta_key))
+        self._check_small_meta(series_path(key), (self.manifest.steps, len(info.columns)), info.dtype)
 
     def reload(self) -> None:
         """Re-read the manifest (after another process added a family or switched a generation)."""
