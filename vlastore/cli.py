@@ -106,16 +106,15 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     from .format import FormatError, NewerFormatError
     from .report import total_shards, verify_store
     from .shardcodec import ChecksumError
-    from .storage import Storage
+    from .storage import StoreNotFoundError
     from .store import VLAStore
 
     total: int | None
     try:
         total = total_shards(VLAStore.open(args.store))
-    except NewerFormatError:
+    except (NewerFormatError, StoreNotFoundError):  # usage mistakes (exit 2), not damage
         raise
     except (FormatError, ChecksumError, OSError):  # damaged: verify_store reports it; the bar has no total
-        Storage.open(args.store)  # but a missing store is a usage mistake (exit 2), not a damaged one
         total = None
     with tqdm(total=total, unit="shard", desc="verify", disable=args.quiet or None) as bar:
         report = verify_store(args.store, progress=bar.update)

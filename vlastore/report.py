@@ -15,7 +15,7 @@ from .format import CHECKSUM_FIELD, GENERATION_KEY, MANIFEST_KEY, FormatError, f
 from .integrity import check_group_meta
 from .layout import FamilyLayout
 from .shardcodec import ChecksumError, ShardIndex, decode_index, index_nbytes
-from .storage import Storage, UnsafeFileError
+from .storage import Storage, StoreNotFoundError, UnsafeFileError
 from .store import VLAStore
 
 __all__ = ["store_info", "format_info", "verify_store", "VerifyReport", "Corruption", "Missing", "total_shards"]
@@ -355,7 +355,13 @@ def verify_store(store: VLAStore | str | os.PathLike[str],
     report = VerifyReport()
     tick = progress or (lambda n: None)
     if not isinstance(store, VLAStore):
-        storage = Storage.open(store)
+        try:
+            storage = Storage.open(store)
+        except StoreNotFoundError:
+            raise
+        except (FormatError, OSError) as exc:
+            report.corrupt.append(Corruption("zarr.json", reason=f"root metadata: {exc}"))
+            return report
         try:
             store = VLAStore(storage, writable=False, strict=False)
         except (FormatError, ChecksumError, OSError) as exc:

@@ -267,6 +267,9 @@ class Storage:
             if not root.is_dir():
                 raise StoreNotFoundError(f"{where} is not a folder, so not a vlastore store")
             if not (root / "zarr.json").exists() and not (root / "zarr.json").is_symlink():
+                if (root / "episodes" / "zarr.json").is_file() and (root / "features" / "zarr.json").is_file():
+                    raise FormatError(f"{where}/zarr.json (the root metadata, with the manifest) is missing; the "
+                                      "store is damaged: restore it from a copy")
                 raise StoreNotFoundError(
                     f"{where} is not a vlastore store (no zarr.json); make one with `vlastore demo`, "
                     "`vlastore ingest ...` or vlastore.VLAStore.create"
