@@ -180,7 +180,7 @@ def check_seal(data: dict[str, Any], where: str) -> bool:
 
     Returns:
         True when the dict carries a checksum (and it matches), False when it has
-        none (stores written before vlastore 0.2 have none; they are still read).
+        none (stores written before metadata checksums existed have none; they are still read).
 
     Raises:
         FormatError: the checksum does not match (a flipped bit, or an edit by hand).

@@ -18,8 +18,12 @@ import numpy as np
 
 from .format import FamilySpec, FormatError, Manifest
 
-__all__ = ["small_array_meta", "sharded_array_meta", "check_array_meta", "check_group_meta", "check_catalog",
-           "small_chunk_rows", "SMALL_CHUNK_ELEMENTS"]
+__all__ = ["ALL_CHUNKS_KEY", "small_array_meta", "sharded_array_meta", "check_array_meta", "check_group_meta",
+           "check_catalog", "small_chunk_rows", "SMALL_CHUNK_ELEMENTS"]
+
+ALL_CHUNKS_KEY = "vlastore_chunks"
+"""Attribute of small arrays written with a file for every chunk (``"all"``); zarr omits all-fill-value chunks
+otherwise, so only then is a missing chunk file certainly damage. Arrays of older stores lack it."""
 
 SMALL_CHUNK_ELEMENTS = 1 << 20
 """Elements per chunk of a small array (catalog, row tables, series); see Storage.write_small_array."""
@@ -124,7 +128,7 @@ def check_array_meta(actual: dict[str, Any] | None, expected: dict[str, Any], wh
             ok = _sharding_ok(got, expected) if want and isinstance(want[0], dict) and \
                 want[0].get("name") == "sharding_indexed" else _codecs_ok(got, want)
         elif key == "attributes":
-            ok = isinstance(got, dict) and all(got.get(k) == v for k, v in want.items())
+            ok = isinstance(got, dict) and all(got.get(k) == v for k, v in want.items()) and set(got) == set(want)
         elif key == "fill_value":
             ok = type(got) in (int, float, str) and got == want and (isinstance(got, str) == isinstance(want, str))
         else:
@@ -132,6 +136,9 @@ def check_array_meta(actual: dict[str, Any] | None, expected: dict[str, Any], wh
         if not ok:
             raise FormatError(f"{where}: {key} is {got!r}, expected {want!r} from the manifest; the file is "
                               "damaged (run `vlastore verify`)")
+    if "attributes" not in expected and actual.get("attributes", {}) not in ({}, {ALL_CHUNKS_KEY: "all"}):
+        raise FormatError(f"{where}: attributes {actual.get('attributes')!r} are not what vlastore writes for this "
+                          "array; the file is damaged")
     if actual.get("storage_transformers", []) != [] or actual.get("dimension_names") is not None:
         raise FormatError(f"{where}: storage_transformers/dimension_names are not what vlastore writes; the file is "
                           "damaged")

@@ -371,7 +371,7 @@ def verify_store(store: VLAStore | str | os.PathLike[str],
         store = VLAStore(store.storage, writable=False, strict=False)  # fresh caches: check from the disk
     root_meta = store.storage.attrs.get(MANIFEST_KEY, {})
     if isinstance(root_meta, dict) and CHECKSUM_FIELD not in root_meta:
-        report.notes.append("the root manifest has no checksum (written before vlastore 0.2); it was "
+        report.notes.append("the root manifest has no checksum (written before metadata checksums); it was "
                             "cross-checked against the catalog and arrays instead")
     for path, problem in store.open_problems:
         report.corrupt.append(Corruption(path, reason=problem))
@@ -392,7 +392,7 @@ def verify_store(store: VLAStore | str | os.PathLike[str],
                 attrs = store.storage.node_attrs(generation_path(family, gen)).get(GENERATION_KEY, {})
                 if isinstance(attrs, dict) and CHECKSUM_FIELD not in attrs:
                     report.notes.append(f"{family} generation {gen}: attributes have no checksum (written before "
-                                        "vlastore 0.2); cross-checked against the arrays instead")
+                                        "metadata checksums); cross-checked against the arrays instead")
             except FormatError:
                 pass
     return report

@@ -36,7 +36,7 @@ from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
 from .format import MANIFEST_KEY, FormatError
-from .integrity import small_chunk_rows
+from .integrity import ALL_CHUNKS_KEY, small_chunk_rows
 
 __all__ = ["Storage", "StoreNotFoundError", "UnsafeFileError", "SafeLocalStore", "open_regular",
            "ShardChangedError", "TemporaryFileLost", "remove_store", "PARTIAL_MAX_AGE_S", "MAX_JSON_BYTES"]
@@ -398,6 +398,9 @@ class Storage:
                 fill_value="" if dtype is str else 0,
                 overwrite=True,
                 zarr_format=3,
+                # a file for every chunk, zeros too: then a missing chunk file is damage, not "all zeros"
+                config={"write_empty_chunks": True},
+                attributes={ALL_CHUNKS_KEY: "all"},
             )
         if data.size:
             arr[...] = data

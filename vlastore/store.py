@@ -32,7 +32,14 @@ from .format import (
     shard_key,
     validate_name,
 )
-from .integrity import check_array_meta, check_catalog, sharded_array_meta, small_array_meta, small_chunk_rows
+from .integrity import (
+    ALL_CHUNKS_KEY,
+    check_array_meta,
+    check_catalog,
+    sharded_array_meta,
+    small_array_meta,
+    small_chunk_rows,
+)
 from .layout import FamilyLayout, vlm_items
 from .shardcodec import ChecksumError, ShardIndex, decode_index, index_nbytes
 from .storage import Storage, UnsafeFileError
@@ -212,12 +219,14 @@ class VLAStore:
     def _check_small_meta(self, path: str, shape: tuple[int, ...], data_type: str) -> None:
         """A small array's ``zarr.json`` is what the manifest implies, and every chunk file is there.
 
-        (zarr reads an absent chunk as the fill value: a deleted chunk would read as zeros.)
+        (zarr reads an absent chunk as the fill value: a deleted chunk would read as zeros. Arrays written
+        before every chunk got a file, without the ``vlastore_chunks`` attribute, are read as they are.)
         """
         meta_key = f"{path}/zarr.json"
-        check_array_meta(self.storage.read_json(meta_key), small_array_meta(shape, data_type),
-                         self.storage.where(meta_key))
-        if shape and shape[0]:
+        meta = self.storage.read_json(meta_key)
+        check_array_meta(meta, small_array_meta(shape, data_type), self.storage.where(meta_key))
+        assert meta is not None
+        if shape and shape[0] and meta.get("attributes", {}).get(ALL_CHUNKS_KEY) == "all":
             tail = "/0" * (len(shape) - 1)
             for chunk in range(-(-shape[0] // small_chunk_rows(shape))):
                 if not self.storage.key_exists(f"{path}/c/{chunk}{tail}"):
