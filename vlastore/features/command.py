@@ -126,7 +126,9 @@ def _count(minimum: int) -> Any:
 
 def _cmd_build_features(args: argparse.Namespace) -> int:
     from ..cli import UserError
+    from ..storage import Storage
 
+    Storage.open(args.store)  # a wrong store path is a usage mistake found before any model is loaded
     if not Path(args.data_root).is_dir():
         raise UserError(f"--data-root {args.data_root}: no such folder; give the folder with one sub-folder per "
                         "episode")
