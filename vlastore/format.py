@@ -122,7 +122,7 @@ MAX_GENERATION = 1_000_000
 CHECKSUM_FIELD = "checksum"
 """Field of the manifest and of every generation's attributes holding ``crc32c:<8 hex digits>``."""
 
-_NAME_OK = re.compile(r"^[A-Za-z0-9._\-+=@,:~]+$")
+_NAME_OK = re.compile(r"^[A-Za-z0-9._\-+=@,:~]+\Z")
 
 
 class FormatError(ValueError):
@@ -144,6 +144,8 @@ def validate_name(name: object, what: str = "name") -> str:
     """
     if not isinstance(name, str):
         raise FormatError(f"{what} must be a string, got {type(name).__name__} {name!r}")
+    if _NAME_OK.match(name) and ".." not in name and name != ".":  # the usual case, one regex (catalogs of 1e5)
+        return name
     if not name:
         raise FormatError(f"{what} is empty; give every {what} a non-empty name")
     if name in (".", "..") or ".." in name:

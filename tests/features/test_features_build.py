@@ -277,3 +277,37 @@ def test_cli_builds_then_rebuilds_a_new_generation(episodes, tiny_model_dir, cap
     assert store.manifest.families["qwen_vl"].generations == (1, 2)
     for a, b in zip(first, _rows(store_path), strict=True):
         np.testing.assert_array_equal(a, b)  # same weights, same rows
+
+
+def test_a_rerun_fills_holes_and_repair_rewrites_corrupt_rows(episodes, tmp_path):
+    """Holes left at close() are filled by the next run; --repair recomputes rows that fail their crc32c."""
+    from vlastore.cli import main
+    from vlastore.report import verify_store
+
+    store_path, data = episodes
+    extractor = get_extractor("features_plugins:patch_colors")
+    build_features(store_path, extractor, DataFolder(data), rows_per_shard=4, progress=False)
+    complete = _rows(store_path)
+    store = VLAStore.open(store_path, writable=True)
+    layout = store.layout("qwen_vl")
+    # make holes: rewrite shard 0 with two of its rows left out (as a run that skipped them would)
+    (store_path / store.shard_key("qwen_vl", 0)).unlink()
+    with store.writer("qwen_vl") as writer:
+        writer.write_rows([0, 3], np.stack([complete[0], complete[3]]))
+    # and damage a row of shard 1
+    shard1 = store_path / store.shard_key("qwen_vl", 1)
+    raw = bytearray(shard1.read_bytes())
+    raw[3] ^= 0x20  # row 4's payload
+    shard1.write_bytes(bytes(raw))
+    report = verify_store(store_path)
+    assert report.missing["qwen_vl"].rows == 2 and len(report.corrupt) == 1
+    stats = build_features(store_path, get_extractor("features_plugins:patch_colors"), DataFolder(data),
+                           progress=False)
+    assert stats.rows == 2  # the holes, nothing else
+    assert not verify_store(store_path).missing and len(verify_store(store_path).corrupt) == 1
+    code = main(["build-features", str(store_path), "--data-root", str(data), "--extractor",
+                 "features_plugins:patch_colors", "--repair", "-q"])
+    assert code == 0 and verify_store(store_path).ok
+    for a, b in zip(_rows(store_path), complete, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert layout.rows == len(complete)
