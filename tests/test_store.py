@@ -433,3 +433,27 @@ def test_delete_never_leaves_the_store(full_store, tmp_path: Path) -> None:
     with pytest.raises(FormatError, match="leads outside"):
         writable.storage.delete("features/fixed/gen-0009/sub")
     assert (outside / "keep.txt").read_text() == "precious"
+
+
+def test_a_new_plan_never_inherits_shards_of_a_generation_whose_deletion_was_killed(full_store) -> None:
+    """A killed rmtree can leave shard files without the generation's zarr.json: they must not become rows."""
+    from vlastore.format import FamilyEntry
+    from vlastore.store import _replace_families
+
+    store, values = full_store
+    store.new_generation("fixed", Producer("b"))
+    with store.writer("fixed", generation=2) as writer:
+        writer.write_rows(np.arange(9), values["fixed"])
+    # what a deletion killed midway leaves: the manifest no longer lists it, its zarr.json is gone, shards remain
+    store._save_manifest(_replace_families(store.manifest, {**store.manifest.families,
+                                                            "fixed": FamilyEntry(1, (1,))}))
+    (Path(store.location) / "features/fixed/gen-0002/zarr.json").unlink()
+    assert any(Path(store.location, "features/fixed/gen-0002/values/c").rglob("*"))
+    report = verify_store(store.location)
+    assert report.ok and any("gen-0002: not in the manifest" in note for note in report.notes)
+    again = VLAStore.open(store.location, writable=True)
+    assert again.new_generation("fixed", Producer("c")).generation == 2
+    with again.writer("fixed", generation=2) as writer:
+        assert writer.pending_rows().tolist() == list(range(9))
+    with pytest.raises(MissingRowError):
+        again.reader("fixed", generation=2).row(0)

@@ -307,7 +307,14 @@ def _verify_metadata_files(store: VLAStore, report: VerifyReport) -> None:
                                                                    "links in a store; remove it"))
                 elif not stat.S_ISDIR(st.st_mode) and not stat.S_ISREG(st.st_mode):
                     report.corrupt.append(Corruption(where, reason="not a regular file (a FIFO, socket or device)"))
-    for key in storage.list_keys(""):
+    keys = list(storage.list_keys(""))
+    listed = {f"features/{f}/gen-{g:04d}" for f, e in store.manifest.families.items() for g in e.generations}
+    unlisted = sorted({"/".join(k.split("/")[:3]) for k in keys if k.startswith("features/") and k.count("/") >= 3}
+                      - listed)
+    for node in unlisted:
+        report.notes.append(f"{node}: not in the manifest (an interrupted plan, or a deletion that was killed); "
+                            "ignored by readers, removed by the next plan of that generation")
+    for key in keys:
         if key.rsplit("/", 1)[-1] != "zarr.json":
             continue
         node = key[: -len("zarr.json")].rstrip("/")
@@ -323,6 +330,8 @@ def _verify_metadata_files(store: VLAStore, report: VerifyReport) -> None:
                     parts[0] == "features" and len(parts) == 2):
                 group_attrs = set()
             elif parts[0] == "features" and len(parts) == 3 and parts[2].startswith("gen-"):
+                if node in unlisted:
+                    continue
                 group_attrs = {GENERATION_KEY}
             if group_attrs is not None:
                 check_group_meta(meta, group_attrs, storage.where(key))

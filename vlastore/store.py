@@ -518,7 +518,10 @@ class VLAStore:
             raise FormatError(f"family {family!r}: {len(keys)} keys for {layout.rows} rows; give one per row")
         info = GenerationInfo(gen, spec, producer, layout.rows, layout.capacity, utc_now())
         base = generation_path(family, gen)
-        if self.storage.exists(base):  # an earlier, interrupted plan of this generation
+        # anything left at this path is an interrupted plan or a generation whose deletion was killed midway
+        # (its zarr.json may be gone while shard files remain): remove it all, or old shards would be read
+        # as rows of the new generation
+        if self.storage.exists(base) or next(iter(self.storage.list_keys(base)), None) is not None:
             self.storage.delete(base)
         self.storage.create_group(family_path(family))
         self.storage.write_small_array(f"{base}/episode_rows", layout.episode_rows)
