@@ -124,7 +124,8 @@ def _copy(pristine_path: Path, tmp_path: Path, name: str = "case.vla") -> Path:
 
 FULL_MATRIX = os.environ.get("VLASTORE_FAULTS", "") == "full"
 """VLASTORE_FAULTS=full: five damages per file (flips of the first, last and a random byte, a truncation, a
-deletion; about 270 cases, ~75 s here); by default two per file (a random flip, and a truncation or a deletion)."""
+deletion; about 270 cases, ~75 s here); by default one per file (a flip, a truncation or a deletion, in turn) and
+a flip in every shard file (about 65 cases)."""
 
 
 def _damage_cases(root: Path) -> list[tuple[str, str, object]]:
@@ -138,9 +139,11 @@ def _damage_cases(root: Path) -> list[tuple[str, str, object]]:
             offsets = sorted({0, size - 1, int(rng.integers(0, size))})  # first and last byte, one at random
             cases += [(rel, "flip", (offset, 1 << int(rng.integers(0, 8)))) for offset in offsets]
             cases += [(rel, "truncate", int(rng.integers(0, size))), (rel, "delete", None)]
-        else:
-            cases.append((rel, "flip", (int(rng.integers(0, size)), 1 << int(rng.integers(0, 8)))))
-            cases.append((rel, "truncate", int(rng.integers(0, size))) if i % 2 else (rel, "delete", None))
+        else:  # one damage per file, cycling through the kinds; shard files (rows to name) also get a flip
+            flip = (rel, "flip", (int(rng.integers(0, size)), 1 << int(rng.integers(0, 8))))
+            cases.append([flip, (rel, "truncate", int(rng.integers(0, size))), (rel, "delete", None)][i % 3])
+            if _family_of(rel) is not None and i % 3:
+                cases.append(flip)
     return cases
 
 
