@@ -397,3 +397,12 @@ def test_filling_a_hole_next_to_a_corrupt_row_asks_for_repair(store_path: Path) 
         writer.write_rows([1], values[[1]])
         writer.finish_shard(0)
     assert shard0.read_bytes() == before  # nothing rewritten over the corrupt row
+
+
+def test_giving_only_rows_already_on_disk_rewrites_nothing(store_path: Path) -> None:
+    store, values, kept = _holes(store_path, "float32", False, None)
+    before = snapshot(store_path)
+    with VLAStore.open(store_path, writable=True).writer("f") as writer:
+        writer.write_rows(kept, values[kept])
+        assert (writer.rows_written, writer.rows_skipped, writer.shards_written) == (0, len(kept), 0)
+    assert snapshot(store_path) == before

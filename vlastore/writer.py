@@ -657,7 +657,10 @@ class FamilyWriter:
             return
         try:
             if self._failed is None:
-                for shard in list(self._pending):
+                for shard, pending in list(self._pending.items()):
+                    if pending.existing is not None and pending.new_rows == 0:  # only rows already on disk came
+                        del self._pending[shard]
+                        continue
                     self._flush(shard)
             self.wait()
         finally:
