@@ -24,9 +24,9 @@ from helpers import (
 from writer_worker import crash_main, dist_main
 
 from vlastore.format import FamilySpec, FormatError
+from vlastore.localfiles import host_tag
 from vlastore.report import verify_store
 from vlastore.shardcodec import ChecksumError
-from vlastore.storage import _host_tag
 from vlastore.store import EpisodeData, VLAStore
 from vlastore.writer import OwnershipError
 
@@ -186,7 +186,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None
     assert crashed.written_shards("tokens").tolist() == [0, 1]
     # a kill inside write_once leaves its temporary file (named with host and pid): the resumed writer cleans it
     stale = Path(crashed.storage.file_path(crashed.shard_key("fixed", 5))).parent / (
-        f".0.{_host_tag()}.{proc.pid}.deadbeef.partial")
+        f".0.{host_tag()}.{proc.pid}.deadbeef.partial")
     stale.parent.mkdir(parents=True)
     stale.write_bytes(b"half a shard")
 

@@ -12,31 +12,42 @@ device: :func:`open_regular`), zarr-python itself reads through
 
 from __future__ import annotations
 
-import asyncio
-import errno
 import json
 import os
-import re
 import shutil
-import socket
 import stat
 import time
 import uuid
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zarr
-from zarr.abc.store import ByteRequest, OffsetByteRequest, RangeByteRequest, Store, SuffixByteRequest
+from zarr.abc.store import OffsetByteRequest, RangeByteRequest, Store, SuffixByteRequest
 from zarr.codecs import Crc32cCodec, ZstdCodec
-from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
+from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
 from .format import MANIFEST_KEY, FormatError
 from .integrity import ALL_CHUNKS_KEY, small_chunk_rows
+from .localfiles import (
+    O_CLOEXEC,
+    O_NOFOLLOW,
+    PARTIAL_NAME,
+    SafeLocalStore,
+    UnsafeFileError,
+    check_inside,
+    fsync_dir,
+    host_tag,
+    is_store_file,
+    near_miss,
+    open_regular,
+    pid_alive,
+    read_fd,
+)
 
 __all__ = ["Storage", "StoreNotFoundError", "UnsafeFileError", "SafeLocalStore", "open_regular",
            "ShardChangedError", "TemporaryFileLost", "remove_store", "PARTIAL_MAX_AGE_S", "MAX_JSON_BYTES"]
@@ -47,178 +58,12 @@ PARTIAL_MAX_AGE_S = 7 * 24 * 3600
 MAX_JSON_BYTES = 64 << 20
 """Largest ``zarr.json`` read (the manifest of a store with many series is a few KiB)."""
 
-_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
-_O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
-_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
-
-
 class StoreNotFoundError(FileNotFoundError):
     """The location holds no vlastore store."""
 
 
-class UnsafeFileError(FormatError):
-    """A file of the store is not a regular file inside the store (a symlink, FIFO, device, or a path leading out)."""
-
-
 class ShardChangedError(RuntimeError):
     """A shard file changed between being read and being replaced (another writer touched it)."""
-
-
-def _within(real: str, root_real: str) -> bool:
-    return real == root_real or real.startswith(root_real.rstrip(os.sep) + os.sep)
-
-
-def _kind(mode: int) -> str:
-    for test, name in ((stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "FIFO"), (stat.S_ISLNK, "symbolic link"),
-                       (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device")):
-        if test(mode):
-            return name
-    return "special file"
-
-
-def check_inside(path: str | os.PathLike[str], root_real: str) -> None:
-    """Raise :class:`UnsafeFileError` unless ``path`` (resolved through symlinks) lies inside ``root_real``.
-
-    ``path`` need not exist: its deepest existing ancestor is checked.
-    """
-    probe = os.path.abspath(os.fspath(path))
-    while not os.path.lexists(probe):
-        parent = os.path.dirname(probe)
-        if parent == probe:
-            break
-        probe = parent
-    real = os.path.realpath(probe)
-    if not _within(real, root_real):
-        raise UnsafeFileError(
-            f"{path} leads outside the store ({real} is not inside {root_real}): a symbolic link in the "
-            "store points elsewhere. vlastore never reads, writes or deletes outside a store; remove the link"
-        )
-
-
-def open_regular(path: str | os.PathLike[str], root_real: str | None = None) -> int | None:
-    """A read-only file descriptor of ``path``, or None when it does not exist.
-
-    Opened with ``O_NONBLOCK | O_NOFOLLOW`` and checked with ``fstat``, so a FIFO
-    never blocks and a symlink is never followed.
-
-    Raises:
-        UnsafeFileError: ``path`` is a symlink, not a regular file, or (with
-            ``root_real``) lies outside that folder.
-    """
-    if root_real is not None:
-        check_inside(os.path.dirname(os.path.abspath(os.fspath(path))), root_real)
-    try:
-        fd = os.open(path, os.O_RDONLY | _O_NONBLOCK | _O_NOFOLLOW | _O_CLOEXEC)
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise UnsafeFileError(f"{path} is a symbolic link; vlastore opens only regular files in a store") from None
-        raise
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
-        os.close(fd)
-        raise UnsafeFileError(f"{path} is not a regular file (a {_kind(st.st_mode)}); the store is damaged or "
-                              "was tampered with")
-    return fd
-
-
-def _read_fd(fd: int, start: int = 0, length: int | None = None) -> bytes:
-    """Bytes of an open file: ``length`` from ``start`` (``start < 0``: the last ``-start``); closes ``fd``."""
-    with os.fdopen(fd, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if start < 0:
-            f.seek(max(0, size + start))
-            return f.read()
-        f.seek(min(start, size))
-        return f.read(-1 if length is None else max(0, length))
-
-
-def _safe_get(path: Path, root_real: str, prototype: BufferPrototype, byte_range: ByteRequest | None) -> Buffer | None:
-    fd = open_regular(path, root_real)
-    if fd is None:
-        return None
-    if byte_range is None:
-        data = _read_fd(fd)
-    elif isinstance(byte_range, RangeByteRequest):
-        data = _read_fd(fd, byte_range.start, byte_range.end - byte_range.start)
-    elif isinstance(byte_range, OffsetByteRequest):
-        data = _read_fd(fd, byte_range.offset)
-    elif isinstance(byte_range, SuffixByteRequest):
-        data = _read_fd(fd, -byte_range.suffix) if byte_range.suffix else (os.close(fd) or b"")
-    else:
-        os.close(fd)
-        raise TypeError(f"unexpected byte range {byte_range!r}")
-    return prototype.buffer.from_bytes(data)
-
-
-class SafeLocalStore(LocalStore):
-    """zarr-python's ``LocalStore`` that reads only regular files inside its root and writes nowhere else.
-
-    zarr reads a store's metadata and small arrays through it: a FIFO in place of
-    a ``zarr.json`` or a chunk is refused (:class:`UnsafeFileError`) instead of
-    blocking, and a symlink out of the store is neither read, written nor deleted.
-    """
-
-    @property
-    def root_real(self) -> str:
-        return os.path.realpath(self.root)
-
-    async def get(self, key: str, prototype: BufferPrototype | None = None,
-                  byte_range: ByteRequest | None = None) -> Buffer | None:
-        if prototype is None:
-            prototype = default_buffer_prototype()
-        if not self._is_open:
-            await self._open()
-        return await asyncio.to_thread(_safe_get, self.root / key, self.root_real, prototype, byte_range)
-
-    async def get_partial_values(self, prototype: BufferPrototype,
-                                 key_ranges: Iterable[tuple[str, ByteRequest | None]]) -> list[Buffer | None]:
-        return [await self.get(key, prototype, byte_range) for key, byte_range in key_ranges]
-
-    async def _set(self, key: str, value: Buffer, exclusive: bool = False) -> None:
-        check_inside(self.root / key, self.root_real)
-        await super()._set(key, value, exclusive=exclusive)
-
-    async def delete(self, key: str) -> None:
-        check_inside(self.root / key, self.root_real)
-        await super().delete(key)
-
-    async def delete_dir(self, prefix: str) -> None:
-        path = self.root / prefix
-        check_inside(path, self.root_real)
-        if path.is_symlink():
-            raise UnsafeFileError(f"{path} is a symbolic link; vlastore deletes only the store's own folders")
-        await super().delete_dir(prefix)
-
-    async def exists(self, key: str) -> bool:
-        path = self.root / key
-        try:
-            return stat.S_ISREG(os.lstat(path).st_mode)
-        except OSError:
-            return False
-
-
-def _near(key: object, target: str) -> bool:
-    """``key`` is ``target`` or differs from it in one character (a flipped bit in the name)."""
-    return isinstance(key, str) and len(key) == len(target) and sum(a != b for a, b in zip(key, target)) <= 1
-
-
-def _host_tag() -> str:
-    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:63] or "host"
-
-
-_PARTIAL = re.compile(r"^\.(?P<name>[^.]+)\.(?:(?P<host>[A-Za-z0-9-]+)\.(?P<pid>\d+)\.)?[0-9a-f]+\.partial$")
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # a live process of another user
-        return True
-    return True
 
 
 def _compressors(compression: str | None) -> list[Any]:
@@ -279,7 +124,7 @@ class Storage:
         probe = cls(store, None, where)  # type: ignore[arg-type]
         meta = probe.read_json("zarr.json")  # FormatError when not JSON, UnsafeFileError for a FIFO or link
         attrs = meta.get("attributes") if meta is not None else None
-        ours = isinstance(attrs, dict) and any(_near(k, MANIFEST_KEY) for k in attrs)
+        ours = isinstance(attrs, dict) and any(near_miss(k, MANIFEST_KEY) for k in attrs)
         try:
             group = zarr.open_group(store=store, mode="r+" if writable else "r", zarr_format=3)
         except FormatError:
@@ -530,7 +375,7 @@ class Storage:
         path = self.file_path(key)
         if path is not None:
             fd = self.open_file(key)
-            return None if fd is None else _read_fd(fd, start, length)
+            return None if fd is None else read_fd(fd, start, length)
         request: Any
         if start < 0:
             request = SuffixByteRequest(-start)
@@ -551,7 +396,7 @@ class Storage:
         if fd is None:
             return None
         st = os.fstat(fd)
-        return _read_fd(fd), (st.st_ino, st.st_size, st.st_mtime_ns)
+        return read_fd(fd), (st.st_ino, st.st_size, st.st_mtime_ns)
 
     def entry_token(self, key: str) -> Any:
         """What :meth:`replace` compares: (inode, size, mtime) of a local file (None if absent); None remotely."""
@@ -575,7 +420,7 @@ class Storage:
 
     def _temp_path(self, path: Path) -> Path:
         # host and pid in the name: a resuming writer removes only temporaries of dead processes
-        return path.with_name(f".{path.name}.{_host_tag()}.{os.getpid()}.{uuid.uuid4().hex}.partial")
+        return path.with_name(f".{path.name}.{host_tag()}.{os.getpid()}.{uuid.uuid4().hex}.partial")
 
     def _write_temp(self, path: Path, data: np.ndarray, fsync: bool) -> Path:
         assert self.root_real is not None
@@ -584,7 +429,7 @@ class Storage:
         check_inside(path.parent, self.root_real)
         tmp = self._temp_path(path)
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC, 0o644)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0o644)
             with os.fdopen(fd, "wb") as f:
                 f.write(memoryview(data))
                 if fsync:
@@ -629,7 +474,7 @@ class Storage:
                     raise FileExistsError(str(path)) from None
                 os.replace(tmp, path)
             if fsync:
-                _fsync_dir(path.parent)
+                fsync_dir(path.parent)
         finally:
             tmp.unlink(missing_ok=True)
 
@@ -667,7 +512,7 @@ class Storage:
                 raise TemporaryFileLost(f"the temporary file {tmp} of {path} was removed by another process "
                                         "while this one wrote it") from None
             if fsync:
-                _fsync_dir(path.parent)
+                fsync_dir(path.parent)
         finally:
             tmp.unlink(missing_ok=True)
 
@@ -683,15 +528,15 @@ class Storage:
             return 0
         assert self.root_real is not None
         check_inside(path.parent, self.root_real)
-        host, now, removed = _host_tag(), time.time(), 0
+        host, now, removed = host_tag(), time.time(), 0
         with os.scandir(path.parent) as entries:
             for entry in entries:
-                match = _PARTIAL.match(entry.name)
+                match = PARTIAL_NAME.match(entry.name)
                 if match is None or match.group("name") != path.name or not entry.is_file(follow_symlinks=False):
                     continue
                 pid = match.group("pid")
                 if match.group("host") == host and pid is not None:
-                    stale = int(pid) != os.getpid() and not _pid_alive(int(pid))
+                    stale = int(pid) != os.getpid() and not pid_alive(int(pid))
                 else:
                     try:
                         stale = now - entry.stat(follow_symlinks=False).st_mtime > max_age_s
@@ -742,24 +587,6 @@ class Storage:
 
 
 
-_CHUNK_PART = re.compile(r"^\d{1,18}$")
-
-
-def _is_store_file(root: Path, parts: list[str]) -> bool:
-    """Whether a file at ``parts`` (relative to a store root) is one vlastore or zarr writes."""
-    name = parts[-1]
-    if name == "zarr.json":
-        return True
-    if name.endswith(".partial") and (_PARTIAL.match(name) or re.match(r"^zarr\.[0-9a-f]+\.partial$", name)):
-        return True
-    for i in range(len(parts) - 1, -1, -1):  # chunk files: <array>/c/<digits>/.../<digits> under an array node
-        if parts[i] == "c":
-            chunk = parts[i + 1 :]
-            return bool(chunk) and all(_CHUNK_PART.match(p) for p in chunk) and \
-                (root.joinpath(*parts[:i]) / "zarr.json").is_file()
-    return False
-
-
 def remove_store(location: str | os.PathLike[str]) -> int:
     """Delete a local vlastore store: its files only, and only if it holds nothing else.
 
@@ -784,7 +611,7 @@ def remove_store(location: str | os.PathLike[str]) -> int:
         for name in filenames:
             path = Path(dirpath) / name
             rel = path.relative_to(root)
-            if stat.S_ISREG(os.lstat(path).st_mode) and _is_store_file(root, list(rel.parts)):
+            if stat.S_ISREG(os.lstat(path).st_mode) and is_store_file(root, list(rel.parts)):
                 files.append(path)
             else:
                 foreign.append(str(rel))
@@ -803,15 +630,3 @@ def remove_store(location: str | os.PathLike[str]) -> int:
 class TemporaryFileLost(RuntimeError):
     """A writer's temporary file vanished before it was linked into place (another process removed it)."""
 
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY | _O_CLOEXEC)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
