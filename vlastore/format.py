@@ -452,7 +452,8 @@ class GenerationInfo:
         """
         data = _dict(data, "the generation attributes", where)
         check_seal(data, where)
-        spec = FamilySpec.from_dict(data.get("spec"), where)
+        spec_raw: Any = data.get("spec")
+        spec = FamilySpec.from_dict(spec_raw, where)
         rows = _int(data, "rows", where, 0, MAX_ROWS)
         capacity = _int(data, "capacity", where, 0, MAX_ROWS)
         if not spec.ragged and capacity != rows:

@@ -119,7 +119,7 @@ def _safe_get(path: Path, root_real: str, prototype: BufferPrototype, byte_range
     elif isinstance(byte_range, OffsetByteRequest):
         data = read_fd(fd, byte_range.offset)
     elif isinstance(byte_range, SuffixByteRequest):
-        data = read_fd(fd, -byte_range.suffix) if byte_range.suffix else (os.close(fd) or b"")
+        data = read_fd(fd, -byte_range.suffix) if byte_range.suffix else read_fd(fd, 0, 0)
     else:
         os.close(fd)
         raise TypeError(f"unexpected byte range {byte_range!r}")

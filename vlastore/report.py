@@ -293,8 +293,8 @@ def _verify_metadata_files(store: VLAStore, report: VerifyReport) -> None:
     storage = store.storage
     groups = ["episodes", "series", "features"] + [f"features/{f}" for f in store.families]
     for group in groups:
-        if not storage.key_exists(f"{group}/zarr.json") and not (
-                storage.file_path(group) is not None and os.path.lexists(storage.file_path(f"{group}/zarr.json"))):
+        local = storage.file_path(f"{group}/zarr.json")
+        if not storage.key_exists(f"{group}/zarr.json") and not (local is not None and os.path.lexists(local)):
             report.corrupt.append(Corruption(f"{group}/zarr.json", reason="missing; the store is damaged"))
     if storage.local_root is not None:
         for dirpath, dirs, files in os.walk(storage.local_root):

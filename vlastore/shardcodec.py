@@ -31,7 +31,7 @@ class ChecksumError(ValueError):
 
 def crc32c(data: bytes | memoryview | np.ndarray) -> int:
     """crc32c of a bytes-like object or of a C-contiguous array's bytes (no copy)."""
-    return _crc32c(data)
+    return _crc32c(data)  # type: ignore[arg-type]  # numpy arrays export the buffer protocol
 
 
 def index_nbytes(chunks_per_shard: int) -> int:
@@ -49,7 +49,7 @@ _ZSTD_MAGIC = 0xFD2FB528
 
 def zstd_content_size(frame: bytes | memoryview | np.ndarray) -> int | None:
     """The decompressed size a zstd frame's header declares, or None when it declares none (or is no frame)."""
-    head = bytes(memoryview(frame)[:18])
+    head = bytes(memoryview(frame)[:18])  # type: ignore[arg-type]
     if len(head) < 5 or int.from_bytes(head[:4], "little") != _ZSTD_MAGIC:
         return None
     descriptor = head[4]

@@ -431,7 +431,7 @@ class Storage:
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0o644)
             with os.fdopen(fd, "wb") as f:
-                f.write(memoryview(data))
+                f.write(np.ascontiguousarray(data).data)
                 if fsync:
                     f.flush()
                     os.fsync(f.fileno())

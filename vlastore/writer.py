@@ -241,9 +241,10 @@ class FamilyWriter:
                 chunk_ok = self._chunks_intact(buf, index)
             else:
                 token = storage.entry_token(key)
-                tail = storage.read_range(key, -n_index)
-                if tail is None:
+                read = storage.read_range(key, -n_index)
+                if read is None:
                     return
+                tail = read
                 index = decode_index(tail, rps)
                 chunk_ok = index.present
         except (ChecksumError, UnsafeFileError, OSError) as exc:
