@@ -100,3 +100,72 @@ def test_demo_makes_a_store_that_verifies(tmp_path: Path) -> None:
     refused = vlastore("demo", "--out", str(tmp_path / "mine"))
     assert refused.returncode == 2 and "not a vlastore store" in refused.stderr
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+# ------------------------------------------------------------------ issue 9: exit codes and messages
+
+
+def _run(capsys, *args: str) -> tuple[int, str]:
+    from vlastore.cli import main
+
+    code = main(list(args))
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+def test_demo_force_replaces_only_a_store_and_only_its_files(tmp_path: Path, capsys) -> None:
+    from vlastore.storage import remove_store
+
+    store_path = tmp_path / "demo.vla"
+    VLAStore.create(store_path, [])
+    code, text = _run(capsys, "demo", "--out", str(store_path))
+    assert code == 2 and "--force" in text  # an existing store needs --force
+    (store_path / "notes.txt").write_text("mine")
+    code, text = _run(capsys, "demo", "--out", str(store_path), "--force")
+    assert code == 2 and "notes.txt" in text and "nothing was deleted" in text
+    assert (store_path / "notes.txt").read_text() == "mine" and (store_path / "zarr.json").exists()
+    (store_path / "notes.txt").unlink()
+    assert remove_store(store_path) > 0 and not store_path.exists()
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "zarr.json").write_text("{}")  # what the old check took for a store
+    code, text = _run(capsys, "demo", "--out", str(other), "--force")
+    assert code == 2 and "not a vlastore store" in text and (other / "zarr.json").exists()
+
+
+def test_verify_reports_missing_rows_and_info_a_damaged_store_in_a_few_lines(full_store, capsys) -> None:
+    store, _ = full_store
+    (Path(store.location) / store.shard_key("fixed", 2)).unlink()
+    code, text = _run(capsys, "verify", "-q", store.location)
+    assert code == 1 and "MISSING fixed: 1 of 9 planned rows not stored, e.g. ('episode_003', vlm_idx=0)" in text
+    assert "FAILED: 0 corrupt item(s), 1 missing row(s)" in text
+    (Path(store.location) / "episodes/steps/c/0").write_bytes(b"garbage")
+    code, text = _run(capsys, "info", store.location)
+    assert code == 1 and "is damaged" in text and "vlastore verify" in text and "Traceback" not in text
+    assert len(text.strip().splitlines()) <= 3
+    code, text = _run(capsys, "verify", "-q", store.location)
+    assert code == 1 and "CORRUPT episodes" in text
+
+
+def test_usage_mistakes_exit_2(tmp_path: Path, full_store, capsys) -> None:
+    store, _ = full_store
+    code, text = _run(capsys, "build-features", store.location, "--data-root", str(tmp_path / "nope"))
+    assert code == 2 and "no such folder" in text
+    code, text = _run(capsys, "build-features", str(tmp_path / "missing.vla"), "--data-root", str(tmp_path))
+    assert code == 2 and "no such store" in text
+    with pytest.raises(SystemExit) as exited:
+        _run(capsys, "build-features", store.location, "--data-root", str(tmp_path), "--batch-size", "0")
+    assert exited.value.code == 2
+    with pytest.raises(SystemExit) as exited:
+        _run(capsys, "info")
+    assert exited.value.code == 2
+
+
+def test_unexpected_errors_are_one_line_unless_debugging(full_store, capsys, monkeypatch) -> None:
+    from vlastore.cli import _failure
+
+    code, lines = _failure(RuntimeError("boom"), "info")
+    assert code == 1 and lines == ["internal error: RuntimeError: boom",
+                                   "rerun with VLASTORE_DEBUG=1 for the traceback, and report it"]
+    code, lines = _failure(OSError(28, "No space left on device", "/data/x.vla/c/0"), "ingest")
+    assert code == 1 and lines[0] == "No space left on device (ENOSPC): /data/x.vla/c/0" and "disk is full" in lines[1]

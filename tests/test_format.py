@@ -103,3 +103,43 @@ def test_paths() -> None:
     assert generation_path("qwen_vl", 3) == "features/qwen_vl/gen-0003"
     assert shard_key("features/f/gen-0001/values", 7, 2) == "features/f/gen-0001/values/c/7/0"
     assert shard_key("a/values", 7, 1) == "a/values/c/7"
+
+
+# ------------------------------------------------------------------ issue 9: checksums, validation, limits
+
+
+def test_seal_and_check() -> None:
+    from vlastore.format import check_seal, seal
+
+    sealed = seal({"b": 1, "a": [1, 2], "c": {"é": None}})
+    assert sealed["checksum"].startswith("crc32c:") and len(sealed["checksum"]) == 15
+    assert check_seal(sealed, "x") and not check_seal({"b": 1}, "x")
+    with pytest.raises(FormatError, match="x: metadata checksum mismatch"):
+        check_seal({**sealed, "b": 2}, "x")
+
+
+@pytest.mark.parametrize(("kwargs", "says"), [
+    ({"row_shape": (10**9,), "dtype": "float32"}, "bytes per row, more than"),
+    ({"row_shape": (2,) * 9, "dtype": "float32"}, "more than 8 dimensions"),
+    ({"row_shape": (4,), "dtype": "float32", "rows_per_shard": 1 << 21}, "rows_per_shard must be in"),
+    ({"row_shape": (1 << 20,), "dtype": "float32", "rows_per_shard": 1 << 13}, "shards of more than"),
+])
+def test_sizes_beyond_the_limits_are_refused(kwargs: dict, says: str) -> None:
+    with pytest.raises(FormatError, match=says):
+        FamilySpec(**kwargs)
+
+
+@pytest.mark.parametrize(("change", "says"), [
+    (lambda d: d["spec"].update(row_shape=["8"]), "row_shape"),
+    (lambda d: d["spec"].update(ragged="yes"), "ragged"),
+    (lambda d: d.update(rows=True), "rows"),
+    (lambda d: d.update(rows=10, capacity=9), "capacity 9 != rows 10"),
+    (lambda d: d.update(generation=0), "generation"),
+    (lambda d: d["spec"].update(index_name="../x"), "index_name"),
+])
+def test_generation_attributes_are_validated_field_by_field(change, says: str) -> None:
+    data = GenerationInfo(1, FamilySpec((8,), "float32"), Producer(), rows=10, capacity=10, created="now").to_dict()
+    data.pop("checksum")
+    change(data)
+    with pytest.raises(FormatError, match=says):
+        GenerationInfo.from_dict(data, where="gen-0001/zarr.json")

@@ -8,6 +8,9 @@ import re
 from pathlib import Path
 
 import pytest
+from crc32c import crc32c
+
+from vlastore.format import check_seal
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = (ROOT / "docs" / "FORMAT.md").read_text()
@@ -35,7 +38,8 @@ def fresh(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _without_created(data: dict) -> dict:
-    return {k: v for k, v in data.items() if k not in ("created", "vlastore_version")}
+    # created, version and the checksum over them differ from run to run; the checksum is checked on its own
+    return {k: v for k, v in data.items() if k not in ("created", "vlastore_version", "checksum")}
 
 
 def test_listed_files_are_the_golden_store_and_what_the_code_writes(fresh: Path) -> None:
@@ -55,6 +59,22 @@ def test_json_examples_match_real_metadata(fresh: Path) -> None:
         assert values_meta == real_values
         real_generation = json.loads((root / "features/vlm/gen-0002/zarr.json").read_text())["attributes"]
         assert _without_created(generation) == _without_created(real_generation["vlastore_generation"])
+
+
+def test_checksums_are_computed_as_documented(fresh: Path) -> None:
+    """The documented examples carry the checksum the documented rule gives; today's stores carry one; the
+    golden store (written before checksums) has none and is still read."""
+    manifest, _, generation = _json_blocks()
+    for example in (manifest, generation):
+        body = {k: v for k, v in example.items() if k != "checksum"}
+        canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        assert example["checksum"] == f"crc32c:{crc32c(canonical):08x}"
+        assert check_seal(example, "doc")
+    real_manifest = json.loads((fresh / "zarr.json").read_text())["attributes"]["vlastore"]
+    real_generation = json.loads((fresh / "features/vlm/gen-0002/zarr.json").read_text())["attributes"]
+    assert check_seal(real_manifest, "fresh") and check_seal(real_generation["vlastore_generation"], "fresh")
+    golden_manifest = json.loads((GOLDEN / "zarr.json").read_text())["attributes"]["vlastore"]
+    assert "checksum" not in golden_manifest and not check_seal(golden_manifest, "golden")
 
 
 def test_example_shard_size() -> None:

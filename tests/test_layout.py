@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vlastore.format import FamilySpec, FormatError
-from vlastore.layout import FamilyLayout, pack_ragged, vlm_items
+from vlastore.layout import FamilyLayout, pack_ragged, packing_ok, vlm_items
 
 
 @given(st.integers(1, 64).flatmap(lambda cap: st.tuples(st.just(cap), st.lists(st.integers(1, cap), max_size=60))))
@@ -85,3 +85,44 @@ def test_plan_checks_lengths() -> None:
         FamilyLayout.plan(ragged, [2], [1])
     with pytest.raises(FormatError, match="only for ragged"):
         FamilyLayout.plan(FamilySpec((2,), "float32"), [2], [1, 1])
+
+
+# ------------------------------------------------------------------ issue 9: tables read from disk are checked
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(1, 7), max_size=40), st.integers(7, 12), st.integers(0, 39), st.integers(-3, 3))
+def test_packing_check_accepts_exactly_what_pack_ragged_makes(lengths, capacity, at, delta) -> None:
+    lengths = np.asarray(lengths, dtype=np.int64)
+    starts = pack_ragged(lengths, capacity)
+    assert packing_ok(starts, lengths, capacity)
+    if len(starts) and delta:
+        changed = starts.copy()
+        changed[at % len(starts)] += delta
+        assert not packing_ok(changed, lengths, capacity)
+
+
+def test_a_fixed_layout_of_four_billion_rows_allocates_nothing_per_row() -> None:
+    spec = FamilySpec((8,), "float32", rows_per_shard=4096)
+    layout = FamilyLayout(spec, np.asarray([0, 2**32 - 5, 2**32]))
+    assert layout.rows == 2**32 and layout.n_shards == 2**32 // 4096
+    assert layout.shard_rows(layout.n_shards - 1)[-1] == 2**32 - 1
+    assert layout.lengths.strides == (0,)  # a broadcast view: no memory per row
+
+
+@pytest.mark.parametrize(("episode_rows", "says"), [
+    ([0, 5, 3], "never decrease"), ([1, 5], "start at 0"), ([0, 2**33], "more than vlastore supports"),
+    ([[0, 1]], "1-D")])
+def test_bad_episode_rows_are_refused(episode_rows, says: str) -> None:
+    with pytest.raises(FormatError, match=says):
+        FamilyLayout(FamilySpec((8,), "float32", rows_per_shard=4), np.asarray(episode_rows), where="x/gen-0001")
+
+
+def test_ragged_tables_that_are_not_the_packing_are_refused() -> None:
+    spec = FamilySpec((4,), "float16", ragged=True, rows_per_shard=6)
+    lengths = np.asarray([2, 3, 4])
+    FamilyLayout(spec, np.asarray([0, 3]), pack_ragged(lengths, 6), lengths)
+    with pytest.raises(FormatError, match="not the packing"):
+        FamilyLayout(spec, np.asarray([0, 3]), np.asarray([0, 2, 4]), lengths)
+    with pytest.raises(FormatError, match="one per row"):
+        FamilyLayout(spec, np.asarray([0, 3]), np.asarray([0, 2]), np.asarray([2, 3]))

@@ -212,3 +212,25 @@ def test_the_shard_range_refuses_strides_that_would_waste_address_space() -> Non
     stride = 5 * 2**20 + 4  # 5 MB rows: aligned slots would be 5 GiB each; the reader maps per shard instead
     with pytest.raises(OSError, match="address space"):
         arena.ShardArena(10, 12 * stride + 200, stride)
+
+
+@pytest.mark.parametrize("location", ["local", "memory"])
+def test_negative_row_numbers_raise_on_every_path(known, mapping, location) -> None:
+    """gather([-1]) returned the last row while row(-1) raised: row numbers are identifiers everywhere."""
+    store = known.store if location == "local" else make_store(MemoryStore()).store
+    fixed = FeatureReader(store, "fixed_float32")
+    ragged = FeatureReader(store, "ragged_float16")
+    rows = store.layout("fixed_float32").rows
+    fixed.gather(np.arange(rows))  # every shard mapped: the hot path would serve a wrapped index
+    calls = [lambda: fixed.gather([-1]), lambda: fixed.gather(np.asarray([0, -1])), lambda: fixed.row(-1),
+             lambda: fixed.rows([-1]), lambda: fixed.tensor(-1), lambda: ragged.gather_padded([-1]),
+             lambda: ragged.row(-1), lambda: fixed.gather([rows]), lambda: fixed.gather(np.asarray([-rows]))]
+    for call in calls:
+        with pytest.raises(IndexError, match="out of range"):
+            call()
+    with pytest.raises(TypeError, match="integers"):
+        fixed.gather(np.asarray([0.5]))
+    with pytest.raises(IndexError, match="out of range"):
+        store.feature("fixed_float32", 0, -1)
+    with pytest.raises(IndexError, match="episode #-1 out of range"):
+        store.layout("fixed_float32").row(-1, 0)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 from helpers import flip_byte, random_rows, spec_for
 
 from vlastore.report import format_info, store_info, verify_store
@@ -87,4 +86,6 @@ def test_verify_covers_every_generation(full_store) -> None:
         writer.write_rows([0, 1, 2, 3], values["fixed"][:4])
     report = verify_store(store)
     assert report.coverage["fixed"] == (9, 9) and report.coverage["fixed@2"] == (4, 9)
-    assert np.asarray(report.ok)
+    # an unfinished generation is not OK: its planned rows are reported missing, with examples
+    assert not report.ok and not report.corrupt
+    assert report.missing["fixed@2"].rows == 5 and report.missing["fixed@2"].examples[0] == ("episode_001", 1)

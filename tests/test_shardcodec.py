@@ -92,3 +92,32 @@ def test_flipped_bytes_are_caught() -> None:
     with pytest.raises(KeyError):
         decode_index(encode_shard(np.ones((1, 4), np.float32), np.array([1]), 2), 2).chunk_bytes(out, 0, None)
     assert missing.present.all()
+
+
+# ------------------------------------------------------------------ issue 9: bounded by what is there
+
+
+def test_an_index_pointing_outside_the_shard_is_corrupt() -> None:
+    from vlastore.shardcodec import crc32c
+
+    data = encode_shard(np.zeros((2, 4), np.float32), np.asarray([0, 1]), 4)
+    tail = bytes(data[-index_nbytes(4):])
+    decode_index(tail, 4, data.size - index_nbytes(4))  # the honest index passes
+    pairs = np.frombuffer(tail[:-4], dtype="<u8").copy().reshape(4, 2)
+    pairs[1] = (16, 1 << 40)  # a chunk of 1 TiB, with a valid crc over the index
+    forged = pairs.tobytes() + crc32c(pairs.tobytes()).to_bytes(4, "little")
+    with pytest.raises(ChecksumError, match="outside"):
+        decode_index(forged, 4, data.size - index_nbytes(4))
+
+
+def test_zstd_chunks_are_decoded_into_exactly_one_row() -> None:
+    from numcodecs import Zstd
+
+    from vlastore.shardcodec import zstd_content_size, zstd_decode_exact
+
+    frame = Zstd(level=3).encode(np.arange(64, dtype=np.uint8).tobytes())
+    assert zstd_content_size(frame) == 64
+    np.testing.assert_array_equal(zstd_decode_exact(frame, 64), np.arange(64, dtype=np.uint8))
+    with pytest.raises(ChecksumError, match="declares 64 bytes, a row has 32"):
+        zstd_decode_exact(frame, 32)
+    assert zstd_content_size(b"not zstd") is None

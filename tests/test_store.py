@@ -96,18 +96,25 @@ class StoreContract:
     def test_partial_writes_show_in_coverage(self, location) -> None:
         store = VLAStore.create(location, episodes())
         store.add_family("f", spec_for("float32"))  # 9 rows, shards of 4: [0-3] [4-7] [8]
+        values = random_rows((9, 8), "float32", seed=7)
         with store.writer("f") as writer:
-            writer.write_rows([0, 2], random_rows((2, 8), "float32"))
-            writer.write("episode_003", 0, random_rows((8,), "float32"))  # row 8
+            writer.write_rows([0, 2], values[[0, 2]])
+            writer.write("episode_003", 0, values[8])  # row 8
         assert store.coverage("f").tolist() == [True, False, True, False, False, False, False, False, True]
         assert store.written_shards("f").tolist() == [0, 2]
         with pytest.raises(MissingRowError, match=r"row \('episode_000', vlm_idx=1\) was not written"):
             store.feature("f", "episode_000", 1)
         with pytest.raises(MissingRowError, match=r"shard 1 is not written.*run the writer"):
             store.feature("f", "episode_001", 1)
-        # a rerun finishes only the missing shard; the partly filled shard 0 counts as done
+        # a rerun writes what is missing: the unwritten shard and the holes of shard 0 (replacing it whole)
         with store.writer("f") as writer:
-            assert writer.pending_rows().tolist() == [4, 5, 6, 7]
+            assert writer.pending_rows().tolist() == [1, 3, 4, 5, 6, 7]
+            writer.write_rows(np.arange(9), values)  # rows on disk already are skipped
+            assert (writer.rows_written, writer.rows_skipped) == (6, 3)
+        again = VLAStore.open(store.storage.store)
+        assert again.coverage("f").all()
+        np.testing.assert_array_equal(again.reader("f").gather(np.arange(9)), values)
+        assert store.writer("f").pending_rows().size == 0
 
     @pytest.mark.parametrize("write_behind", [False, True])
     def test_two_writers_on_one_shard(self, location, write_behind: bool) -> None:
@@ -176,7 +183,7 @@ class StoreContract:
             writer.write_rows(writer.pending_rows(), new_values)
         np.testing.assert_array_equal(to_bits(VLAStore.open(store.storage.store).feature("fixed", 0, 0)),
                                       values["fixed"][0])
-        store.switch_generation("fixed", 2)
+        store.switch_generation("fixed", 2, keep_previous=0)
         again = VLAStore.open(store.storage.store)
         assert again.manifest.families["fixed"].generations == (2,)
         assert again.generation("fixed").producer.fingerprint == "abcd"
@@ -334,3 +341,119 @@ def test_a_newer_format_version_is_refused_untouched(full_store) -> None:
         with pytest.raises(FormatError, match="format version 2.*reads versions up to 1.*pip install -U vlastore"):
             VLAStore.open(store.location, writable=writable)
     assert snapshot(store.location) == before
+
+
+# ------------------------------------------------------------------ metadata integrity (issue 9)
+
+
+def _edit_json(path: Path, change) -> None:
+    meta = json.loads(path.read_text())
+    change(meta)
+    path.write_text(json.dumps(meta))
+
+
+def test_a_flipped_series_shape_is_refused_naming_the_file(full_store) -> None:
+    """series/action/zarr.json with shape [N, 2] -> [N, 6] passed verify and gave batches extra zero columns."""
+    store, _ = full_store
+    meta = Path(store.location) / "series/action/zarr.json"
+    _edit_json(meta, lambda m: m["shape"].__setitem__(1, 6))
+    with pytest.raises(FormatError, match=r"series/action/zarr.json: shape is \[24, 6\], expected \[24, 2\]"):
+        VLAStore.open(store.location)
+    report = verify_store(store.location)
+    assert [c.where for c in report.corrupt] == ["series/action"]
+
+
+@pytest.mark.parametrize(("field", "value", "says"), [
+    ("steps", 25, "checksum mismatch"), ("episodes", 5, "checksum mismatch"), ("checksum", "crc32c:00000000",
+                                                                                  "checksum mismatch")])
+def test_a_changed_manifest_fails_its_checksum(full_store, field: str, value: object, says: str) -> None:
+    store, _ = full_store
+    _edit_json(Path(store.location) / "zarr.json", lambda m: m["attributes"]["vlastore"].__setitem__(field, value))
+    with pytest.raises(FormatError, match=says):
+        VLAStore.open(store.location)
+
+
+def test_generation_attributes_are_checksummed_and_checked_against_the_arrays(full_store) -> None:
+    store, _ = full_store
+    gen = Path(store.location) / "features/fixed/gen-0001/zarr.json"
+    _edit_json(gen, lambda m: m["attributes"]["vlastore_generation"]["spec"].__setitem__("row_shape", [10**9]))
+    with pytest.raises(FormatError, match="checksum mismatch"):
+        VLAStore.open(store.location).reader("fixed")
+    report = verify_store(store.location)
+    assert any(c.family == "fixed" and "checksum mismatch" in c.reason for c in report.corrupt)
+
+
+def test_negative_episode_rows_are_refused_naming_the_file(full_store) -> None:
+    store, _ = full_store
+    writable = VLAStore.open(store.location, writable=True)
+    writable.storage.write_small_array("features/fixed/gen-0001/episode_rows", np.asarray([0, 3, -2, 8, 9]))
+    with pytest.raises(FormatError, match=r"gen-0001: episode_rows must start at 0 and never decrease"):
+        VLAStore.open(store.location).layout("fixed")
+
+
+def test_a_deleted_shard_is_missing_not_ok(full_store) -> None:
+    """A deleted shard file passed verify with exit 0 (only coverage dropped)."""
+    store, _ = full_store
+    (Path(store.location) / store.shard_key("fixed", 1)).unlink()
+    report = verify_store(store.location)
+    assert not report.ok and not report.corrupt
+    missing = report.missing["fixed"]
+    assert missing.rows == 4 and missing.examples[0] == ("episode_001", 1)
+
+
+def test_stores_without_checksums_still_read(full_store) -> None:
+    store, values = full_store
+    for path, key in [("zarr.json", "vlastore"), ("features/fixed/gen-0001/zarr.json", "vlastore_generation")]:
+        _edit_json(Path(store.location) / path, lambda m, key=key: m["attributes"][key].pop("checksum"))
+    again = VLAStore.open(store.location)
+    np.testing.assert_array_equal(again.reader("fixed").gather(np.arange(9)), values["fixed"])
+    assert verify_store(store.location).ok and len(verify_store(store.location).notes) == 2
+
+
+def test_switch_generation_keeps_the_previous_one_by_default(full_store) -> None:
+    store, values = full_store
+    store.new_generation("fixed", Producer("b"))
+    with store.writer("fixed", generation=2) as writer:
+        writer.write_rows(np.arange(9), values["fixed"])
+    store.switch_generation("fixed", 2)
+    assert store.manifest.families["fixed"].generations == (1, 2)
+    assert store.storage.exists("features/fixed/gen-0001")
+
+
+def test_delete_never_leaves_the_store(full_store, tmp_path: Path) -> None:
+    store, _ = full_store
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("precious")
+    link = Path(store.location) / "features" / "fixed" / "gen-0009"
+    link.symlink_to(outside, target_is_directory=True)
+    writable = VLAStore.open(store.location, writable=True)
+    with pytest.raises(FormatError, match="symbolic link|leads outside"):
+        writable.storage.delete("features/fixed/gen-0009")
+    with pytest.raises(FormatError, match="leads outside"):
+        writable.storage.delete("features/fixed/gen-0009/sub")
+    assert (outside / "keep.txt").read_text() == "precious"
+
+
+def test_a_new_plan_never_inherits_shards_of_a_generation_whose_deletion_was_killed(full_store) -> None:
+    """A killed rmtree can leave shard files without the generation's zarr.json: they must not become rows."""
+    from vlastore.format import FamilyEntry
+    from vlastore.store import _replace_families
+
+    store, values = full_store
+    store.new_generation("fixed", Producer("b"))
+    with store.writer("fixed", generation=2) as writer:
+        writer.write_rows(np.arange(9), values["fixed"])
+    # what a deletion killed midway leaves: the manifest no longer lists it, its zarr.json is gone, shards remain
+    store._save_manifest(_replace_families(store.manifest, {**store.manifest.families,
+                                                            "fixed": FamilyEntry(1, (1,))}))
+    (Path(store.location) / "features/fixed/gen-0002/zarr.json").unlink()
+    assert any(Path(store.location, "features/fixed/gen-0002/values/c").rglob("*"))
+    report = verify_store(store.location)
+    assert report.ok and any("gen-0002: not in the manifest" in note for note in report.notes)
+    again = VLAStore.open(store.location, writable=True)
+    assert again.new_generation("fixed", Producer("c")).generation == 2
+    with again.writer("fixed", generation=2) as writer:
+        assert writer.pending_rows().tolist() == list(range(9))
+    with pytest.raises(MissingRowError):
+        again.reader("fixed", generation=2).row(0)

@@ -24,7 +24,10 @@ from helpers import (
 from writer_worker import crash_main, dist_main
 
 from vlastore.format import FamilySpec, FormatError
-from vlastore.store import VLAStore
+from vlastore.localfiles import host_tag
+from vlastore.report import verify_store
+from vlastore.shardcodec import ChecksumError
+from vlastore.store import EpisodeData, VLAStore
 from vlastore.writer import OwnershipError
 
 FORK = multiprocessing.get_context("fork")  # children inherit the imported torch: seconds saved per rank
@@ -181,8 +184,9 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None
     assert crashed.written_shards("fixed").tolist() == [0, 1, 2]  # the half-filled 4th shard is not on disk
     assert crashed.coverage("fixed").sum() == 12
     assert crashed.written_shards("tokens").tolist() == [0, 1]
-    # a kill inside write_once leaves its temporary file: the resumed writer must clean it
-    stale = Path(crashed.storage.file_path(crashed.shard_key("fixed", 5))).parent / ".0.deadbeef.partial"
+    # a kill inside write_once leaves its temporary file (named with host and pid): the resumed writer cleans it
+    stale = Path(crashed.storage.file_path(crashed.shard_key("fixed", 5))).parent / (
+        f".0.{host_tag()}.{proc.pid}.deadbeef.partial")
     stale.parent.mkdir(parents=True)
     stale.write_bytes(b"half a shard")
 
@@ -271,3 +275,134 @@ def test_write_behind_abort_keeps_complete_shards_only(store_path: Path) -> None
     assert store.coverage("f").tolist() == [True] * 4 + [False] * 5
     with store.writer("f", write_behind=True) as writer:
         assert writer.pending_rows().tolist() == [4, 5, 6, 7, 8]
+
+
+# ------------------------------------------------------------------ issue 9 regressions
+
+
+@pytest.mark.parametrize("rows_per_shard", [8, 3])
+def test_rows_out_of_order_in_one_call_land_where_they_belong(store_path: Path, rows_per_shard: int) -> None:
+    """write_rows([0,1,2,4,3,5,6,7]) once read row 3 back as row 4 (the block copy only checked the span)."""
+    store = VLAStore.create(store_path, episodes((30,)))
+    store.add_family("f", spec_for("float32", rows_per_shard=rows_per_shard))
+    values = random_rows((10, 8), "float32", seed=3)
+    order = [0, 1, 2, 4, 3, 5, 6, 7, 9, 8]
+    with store.writer("f") as writer:
+        writer.write_rows(order, values[order])
+    np.testing.assert_array_equal(VLAStore.open(store_path).reader("f").gather(np.arange(10)), values)
+
+
+@pytest.mark.parametrize(("dtype", "given"), [("float32", ">f4"), ("float16", ">f2"), ("bfloat16", ">u2")])
+def test_non_native_byte_order_is_stored_as_the_same_values(store_path: Path, dtype: str, given: str) -> None:
+    """A big-endian '>f4' array was stored byte-swapped (4.6e-41 read back for 1.0)."""
+    store = VLAStore.create(store_path, episodes((30,)))
+    store.add_family("f", spec_for(dtype))
+    values = random_rows((10, 8), dtype, seed=4)
+    swapped = values.astype(given)
+    assert swapped.dtype.byteorder == ">" and swapped.tobytes() != values.tobytes()
+    with store.writer("f") as writer:
+        writer.write_rows(np.arange(5), swapped[:5])
+        writer.write_rows(np.arange(5, 10), [row for row in swapped[5:]])
+    got = VLAStore.open(store_path).reader("f").gather(np.arange(10))
+    assert got.dtype.isnative and got.dtype == np.dtype(values.dtype)
+    np.testing.assert_array_equal(got, values)
+
+
+def test_non_native_series_are_stored_as_the_same_values(store_path: Path) -> None:
+    state = np.arange(12, dtype=np.float32).reshape(6, 2)
+    store = VLAStore.create(store_path, [EpisodeData("ep", {"state": state.astype(">f4")})])
+    got = VLAStore.open(store_path).series_all("state")
+    assert got.dtype.isnative and store.manifest.series["state"].dtype == "float32"
+    np.testing.assert_array_equal(got, state)
+
+
+def test_negative_and_fractional_row_numbers_are_refused(store_path: Path) -> None:
+    store = VLAStore.create(store_path, episodes())
+    store.add_family("f", spec_for("float32"))
+    with store.writer("f") as writer:
+        with pytest.raises(IndexError, match="row -1 out of range"):
+            writer.write_rows([-1], random_rows((1, 8), "float32"))
+        with pytest.raises(TypeError, match="must be integers"):
+            writer.write_rows(np.asarray([1.5]), random_rows((1, 8), "float32"))
+        assert writer.rows_written == 0
+
+
+def _holes(store_path: Path, dtype: str, ragged: bool, compression: str | None) -> tuple[VLAStore, object, np.ndarray]:
+    store = VLAStore.create(store_path, episodes())
+    shape = (4,) if ragged else (8,)
+    lengths = np.random.default_rng(1).integers(1, 4, size=9) if ragged else None
+    store.add_family("f", spec_for(dtype, ragged=ragged, compression=compression,
+                                   rows_per_shard=6 if ragged else 4, row_shape=shape), lengths=lengths)
+    values = ragged_rows(lengths, shape, dtype, seed=5) if ragged else random_rows((9, *shape), dtype, seed=5)
+    kept = np.asarray([0, 2, 3, 5, 8])
+    with store.writer("f") as writer:
+        writer.write_rows(kept, [as_value(values[r], dtype) for r in kept.tolist()])
+    return store, values, kept
+
+
+@pytest.mark.parametrize(("dtype", "ragged", "compression"),
+                         [("bfloat16", False, None), ("float32", False, "zstd"), ("float16", True, None),
+                          ("float16", True, "zstd")])
+def test_a_rerun_fills_holes_by_replacing_the_shard_with_a_superset(store_path: Path, dtype: str, ragged: bool,
+                                                                    compression: str | None) -> None:
+    """Holes were permanent: a shard written at close() with missing rows counted as done."""
+    store, values, kept = _holes(store_path, dtype, ragged, compression)
+    reference = VLAStore.create(store_path.with_name("reference.vla"), episodes())
+    reference.add_family("f", store.spec("f"), lengths=store.layout("f").lengths if ragged else None)
+    with reference.writer("f") as writer:
+        writer.write_rows(np.arange(9), [as_value(values[r], dtype) for r in range(9)])
+    again = VLAStore.open(store_path, writable=True)
+    with again.writer("f") as writer:
+        missing = [r for r in range(9) if r not in kept.tolist()]
+        assert writer.pending_rows().tolist() == missing
+        writer.write_rows(np.arange(9), [as_value(values[r], dtype) for r in range(9)])  # on-disk rows skipped
+        assert (writer.rows_written, writer.rows_skipped) == (len(missing), len(kept))
+    assert snapshot(store_path).keys() == snapshot(reference.location).keys()
+    shards = {k: v for k, v in snapshot(store_path).items() if "/values/c/" in k}
+    assert shards == {k: v for k, v in snapshot(reference.location).items() if "/values/c/" in k}
+
+
+def test_repair_rewrites_corrupt_rows_and_unreadable_shards(store_path: Path) -> None:
+    store, values, _ = _holes(store_path, "float32", False, None)
+    with store.writer("f") as writer:
+        writer.write_rows([1, 4, 6, 7], values[[1, 4, 6, 7]])
+    root = Path(store.location)
+    shard0 = root / store.shard_key("f", 0)
+    data = bytearray(shard0.read_bytes())
+    data[(8 * 4 + 4) * 2 + 1] ^= 0x08  # row 2
+    shard0.write_bytes(bytes(data))
+    shard1 = root / store.shard_key("f", 1)
+    data = bytearray(shard1.read_bytes())
+    data[-1] ^= 0x01  # shard 1's index: rows 4-7 unreadable
+    shard1.write_bytes(bytes(data))
+    plain = VLAStore.open(store_path, writable=True).writer("f")
+    assert plain.pending_rows().tolist() == [] and plain.shards_unreadable[0][0] == 1  # left alone without repair
+    plain.close()
+    with VLAStore.open(store_path, writable=True).writer("f", repair=True) as writer:
+        assert writer.pending_rows().tolist() == [2, 4, 5, 6, 7]
+        writer.write_rows(np.arange(9), values)
+    assert verify_store(store_path).ok
+    np.testing.assert_array_equal(VLAStore.open(store_path).reader("f").gather(np.arange(9)), values)
+
+
+def test_filling_a_hole_next_to_a_corrupt_row_asks_for_repair(store_path: Path) -> None:
+    store, values, _ = _holes(store_path, "float32", False, None)
+    shard0 = Path(store.location) / store.shard_key("f", 0)
+    data = bytearray(shard0.read_bytes())
+    data[5] ^= 0x08  # row 0, kept from the old file when the holes of shard 0 are filled
+    shard0.write_bytes(bytes(data))
+    writer = VLAStore.open(store_path, writable=True).writer("f", write_behind=False)
+    before = shard0.read_bytes()
+    with pytest.raises(ChecksumError, match="repair=True"):
+        writer.write_rows([1], values[[1]])
+        writer.finish_shard(0)
+    assert shard0.read_bytes() == before  # nothing rewritten over the corrupt row
+
+
+def test_giving_only_rows_already_on_disk_rewrites_nothing(store_path: Path) -> None:
+    store, values, kept = _holes(store_path, "float32", False, None)
+    before = snapshot(store_path)
+    with VLAStore.open(store_path, writable=True).writer("f") as writer:
+        writer.write_rows(kept, values[kept])
+        assert (writer.rows_written, writer.rows_skipped, writer.shards_written) == (0, len(kept), 0)
+    assert snapshot(store_path) == before

@@ -22,7 +22,6 @@ import math
 import mmap
 import os
 import sys
-from pathlib import Path
 
 import numpy as np
 
@@ -99,25 +98,24 @@ class ShardArena:
         self.buf = np.frombuffer(region, dtype=np.uint8)  # keeps the region (and its mapping) alive
         self.mapped: dict[int, int] = {}
 
-    def map(self, shard: int, path: Path) -> np.ndarray | None:
-        """Map a shard file into its slot; its bytes as a uint8 view, or None when the file is absent/empty."""
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            return None
-        try:
-            size = os.fstat(fd).st_size
-            if size == 0:
-                return None
-            if size > self.slot_nbytes:
-                raise ValueError(f"{path} is {size} bytes, larger than a shard of this family can be")
-            start = self.addr + shard * self.slot_nbytes
-            prot = mmap.PROT_READ | mmap.PROT_WRITE  # private: writes stay in this process
-            got = _LIBC.mmap(start, size, prot, mmap.MAP_PRIVATE | _MAP_FIXED, fd, 0)  # type: ignore[union-attr]
-            if got != start:
-                raise OSError(ctypes.get_errno(), f"mmap of {path} into the shard range failed")
-        finally:
-            os.close(fd)
+    def map(self, shard: int, fd: int, size: int, where: str) -> np.ndarray:
+        """Map an open shard file of ``size`` bytes into its slot; its bytes as a uint8 view.
+
+        The caller opened ``fd`` (a checked regular file) and closes it; the mapping stays valid.
+
+        Raises:
+            ValueError: the file is empty or larger than a shard of this family can be.
+            OSError: the mapping failed.
+        """
+        if size == 0:
+            raise ValueError(f"{where} is empty")
+        if size > self.slot_nbytes:
+            raise ValueError(f"{where} is {size} bytes, larger than a shard of this family can be")
+        start = self.addr + shard * self.slot_nbytes
+        prot = mmap.PROT_READ | mmap.PROT_WRITE  # private: writes stay in this process
+        got = _LIBC.mmap(start, size, prot, mmap.MAP_PRIVATE | _MAP_FIXED, fd, 0)  # type: ignore[union-attr]
+        if got != start:
+            raise OSError(ctypes.get_errno(), f"mmap of {where} into the shard range failed")
         self.mapped[shard] = size
         lo = shard * self.slot_nbytes
         return self.buf[lo : lo + size]

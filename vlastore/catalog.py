@@ -83,6 +83,8 @@ class Catalog:
 
     def resolve(self, episode: str | int) -> int:
         """Episode position from a name or a position (checked)."""
+        if isinstance(episode, (bool, np.bool_)):
+            raise TypeError(f"episode {episode!r}: give a name or a position (int), not a bool")
         if isinstance(episode, (int, np.integer)):
             e = int(episode)
             if not 0 <= e < len(self.names):

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
-import shutil
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tqdm import tqdm
+
+if TYPE_CHECKING:
+    from .store import VLAStore
 
 __all__ = ["main"]
 
@@ -24,19 +29,38 @@ EXAMPLES = """examples:
 """
 
 
+MAX_LISTED = 30
+"""Corrupt items printed by `verify` (all are in --json)."""
+
+
 class UserError(Exception):
     """A mistake in what the user asked for: shown as one line, exit code 2."""
 
 
+class DataError(Exception):
+    """A problem with the data (damaged store, failed check): shown as a few lines, exit code 1."""
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import demo_batch, describe_batch, make_demo_store
+    from .format import FormatError
     from .report import format_info, store_info
+    from .storage import Storage, StoreNotFoundError, remove_store
 
     path = Path(args.out)
-    if path.exists():
-        if not args.force and not (path / "zarr.json").exists():
-            raise UserError(f"{path} exists and is not a vlastore store; pick another --out")
-        shutil.rmtree(path)
+    if path.exists() or path.is_symlink():
+        try:
+            Storage.open(path)
+        except (StoreNotFoundError, FormatError, OSError):
+            raise UserError(f"{path} exists and is not a vlastore store; pick another --out (nothing was "
+                            "changed; --force replaces only a vlastore store)") from None
+        if not args.force:
+            raise UserError(f"{path} already holds a vlastore store; pass --force to replace it, or pick another "
+                            "--out")
+        try:
+            remove_store(path)  # deletes only a store, and only its own files
+        except (StoreNotFoundError, FormatError) as exc:
+            raise UserError(f"--force replaces only a vlastore store and nothing else: {exc}") from None
     store = make_demo_store(path)
     print(format_info(store_info(store)))
     fam = "qwen_vl"
@@ -55,32 +79,67 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_info(args: argparse.Namespace) -> int:
-    from .report import format_info, store_info
+def _open_checked(location: str) -> VLAStore:
+    """The store, or DataError naming what is damaged (exit 1)."""
+    from .format import FormatError, NewerFormatError
+    from .shardcodec import ChecksumError
     from .store import VLAStore
 
-    info = store_info(VLAStore.open(args.store))
+    try:
+        return VLAStore.open(location)
+    except NewerFormatError:
+        raise
+    except (FormatError, ChecksumError) as exc:
+        raise DataError(f"{location} is damaged: {exc}\n  run `vlastore verify {location}` to list everything "
+                        "damaged") from None
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from .report import format_info, store_info
+
+    info = store_info(_open_checked(args.store))
     print(json.dumps(info, indent=2) if args.json else format_info(info))
-    return 0
+    return 1 if any("error" in f for f in info["families"].values()) else 0
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
+    from .format import FormatError, NewerFormatError
     from .report import total_shards, verify_store
+    from .shardcodec import ChecksumError
+    from .storage import StoreNotFoundError
     from .store import VLAStore
 
-    store = VLAStore.open(args.store)
-    with tqdm(total=total_shards(store), unit="shard", desc="verify", disable=args.quiet or None) as bar:
-        report = verify_store(store, progress=bar.update)
+    total: int | None
+    try:
+        total = total_shards(VLAStore.open(args.store))
+    except (NewerFormatError, StoreNotFoundError):  # usage mistakes (exit 2), not damage
+        raise
+    except (FormatError, ChecksumError, OSError):  # damaged: verify_store reports it; the bar has no total
+        total = None
+    with tqdm(total=total, unit="shard", desc="verify", disable=args.quiet or None) as bar:
+        report = verify_store(args.store, progress=bar.update)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
-    else:
-        for family, (present, rows) in report.coverage.items():
-            print(f"{family}: {present:,}/{rows:,} rows present")
-        print(f"checked {report.chunks_checked:,} chunks")
-        for c in report.corrupt:
-            print(f"CORRUPT {c}")
-        print("OK: no corruption found" if report.ok else f"FAILED: {len(report.corrupt)} corrupt item(s)")
-    return 0 if report.ok else 1
+        return 0 if report.ok else 1
+    print(f"store {args.store}")
+    for family, (present, rows) in report.coverage.items():
+        print(f"{family}: {present:,}/{rows:,} rows present")
+    print(f"checked {report.chunks_checked:,} chunks")
+    for note in report.notes:
+        print(f"note: {note}")
+    for family, missing in report.missing.items():
+        print(f"MISSING {family}: {missing}")
+    for c in report.corrupt[:MAX_LISTED]:
+        print(f"CORRUPT {c}")
+    if len(report.corrupt) > MAX_LISTED:
+        print(f"... and {len(report.corrupt) - MAX_LISTED:,} more corrupt item(s) (--json lists all)")
+    if report.ok:
+        print("OK: no corruption found, every planned row is stored")
+        return 0
+    n_missing = sum(m.rows for m in report.missing.values())
+    print(f"FAILED: {len(report.corrupt):,} corrupt item(s), {n_missing:,} missing row(s). Rewrite them: rerun "
+          "the ingestion or `vlastore build-features` (with --repair for corrupt rows)")
+    return 1
 
 
 def _cmd_ingest(args: argparse.Namespace) -> int:
@@ -126,19 +185,59 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+_OS_HINTS = {
+    errno.ENOSPC: "the disk is full: free space (or write elsewhere), then rerun; finished shards are kept",
+    errno.EDQUOT: "the disk quota is exhausted: free space, then rerun; finished shards are kept",
+    errno.EFBIG: "a file grew past the file size limit (ulimit -f): raise it, then rerun",
+    errno.EROFS: "the file system is read-only: write the store on a writable disk",
+    errno.EACCES: "permission denied: check the owner and mode of the store (read-only for this user?)",
+    errno.EPERM: "operation not permitted: check the owner and mode of the store",
+    errno.EIO: "an input/output error from the disk: check the device, then run `vlastore verify`",
+}
+
+
+def _os_error_lines(exc: OSError) -> list[str]:
+    where = exc.filename if exc.filename is not None else ""
+    name = errno.errorcode.get(exc.errno or 0, "") if exc.errno else ""
+    what = exc.strerror or str(exc)
+    first = f"{what}{f' ({name})' if name else ''}{f': {where}' if where else ''}"
+    hint = _OS_HINTS.get(exc.errno or 0)
+    return [first, *([hint] if hint else [])]
+
+
+def _failure(exc: BaseException, command: str) -> tuple[int, list[str]]:
+    """Exit code and lines for an error that ended a command: 2 for usage mistakes, 1 for data problems."""
+    from .features.build import FeatureMismatchError
     from .features.registry import ExtractorError
-    from .format import FormatError
-    from .ingest.report import IngestError
-    from .reader import MissingRowError
+    from .format import FormatError, NewerFormatError
+    from .reader import MissingRowError, StaleGenerationError
     from .shardcodec import ChecksumError
     from .storage import StoreNotFoundError
     from .writer import OwnershipError
 
-    args = build_parser().parse_args(argv)
-    user_errors = (UserError, FormatError, StoreNotFoundError, FileExistsError, FileNotFoundError,
-                   PermissionError, KeyError, IndexError, MissingRowError, OwnershipError, ChecksumError,
-                   ExtractorError)
+    if isinstance(exc, (UserError, StoreNotFoundError, NewerFormatError, FeatureMismatchError, ExtractorError,
+                        FileExistsError)):
+        return 2, [str(exc)]
+    if isinstance(exc, (KeyError, IndexError)) and not isinstance(exc, MissingRowError):
+        return 2, [str(exc.args[0]) if exc.args else repr(exc)]
+    if isinstance(exc, FileNotFoundError) and not exc.filename:  # a path the user gave (message names it)
+        return 2, [str(exc)]
+    if isinstance(exc, DataError):
+        return 1, str(exc).splitlines()
+    if isinstance(exc, (FormatError, ChecksumError, MissingRowError, StaleGenerationError)):
+        return 1, [str(exc), "run `vlastore verify STORE` to list everything damaged or missing"]
+    if isinstance(exc, OwnershipError):
+        return 1, [str(exc)]
+    if isinstance(exc, OSError):
+        return 1, _os_error_lines(exc)
+    return 1, [f"internal error: {type(exc).__name__}: {exc}",
+               "rerun with VLASTORE_DEBUG=1 for the traceback, and report it"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .ingest.report import IngestError
+
+    args = build_parser().parse_args(argv)  # usage mistakes in the arguments: argparse exits 2
     try:
         return int(args.func(args))
     except IngestError as exc:
@@ -148,13 +247,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if len(exc.problems) > 20:
             print(f"  ... {len(exc.problems) - 20} more", file=sys.stderr)
         return 1
-    except user_errors as exc:
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"vlastore {args.command}: error: {message}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"vlastore {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if os.environ.get("VLASTORE_DEBUG", "") not in ("", "0"):
+            raise
+        code, lines = _failure(exc, args.command)
+        print(f"vlastore {args.command}: error: {lines[0]}", file=sys.stderr)
+        for line in lines[1:]:
+            print(f"  {line}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

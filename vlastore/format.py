@@ -7,12 +7,14 @@ a new golden store under ``tests/data/``.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+from crc32c import crc32c as _crc32c
 
 __all__ = [
     "FORMAT_VERSION",
@@ -25,6 +27,7 @@ __all__ = [
     "FamilyEntry",
     "Manifest",
     "FormatError",
+    "NewerFormatError",
     "validate_name",
     "storage_dtype",
     "row_nbytes",
@@ -38,6 +41,19 @@ __all__ = [
     "RAGGED_SHARD_ROWS",
     "SeriesInfo",
     "SHARD_TARGET_BYTES",
+    "CHECKSUM_FIELD",
+    "seal",
+    "check_seal",
+    "canonical_json",
+    "MAX_ROWS",
+    "MAX_EPISODES",
+    "MAX_STEPS",
+    "MAX_ROWS_PER_SHARD",
+    "MAX_ROW_NBYTES",
+    "MAX_SHARD_NBYTES",
+    "MAX_ROW_DIMS",
+    "MAX_SERIES_COLUMNS",
+    "MAX_GENERATION",
 ]
 
 FORMAT_VERSION = 1
@@ -68,11 +84,53 @@ TRUE_DTYPES: dict[str, str] = {"float32": "float32", "float16": "float16", "bflo
 
 COMPRESSIONS = (None, "zstd")
 
-_NAME_OK = re.compile(r"^[A-Za-z0-9._\-+=@,:~]+$")
+SERIES_DTYPES = ("float16", "float32", "float64")
+
+# ---------------------------------------------------------------- limits
+# Sizes read from a store decide how much memory a reader or writer allocates. A store
+# declaring more than these is refused with a FormatError before anything is allocated
+# (docs/FORMAT.md, "Limits"). Each is far above any real store (the largest known feature
+# cache has 1.1e6 rows) and low enough that what it lets a process allocate stays sane.
+
+MAX_ROWS = 1 << 32
+"""Rows (and token rows: ``capacity``) of one family generation."""
+
+MAX_EPISODES = 1 << 28
+"""Episodes of a store (the catalog is read whole at open)."""
+
+MAX_STEPS = 1 << 36
+"""Steps of a store, all episodes together."""
+
+MAX_ROWS_PER_SHARD = 1 << 20
+"""Inner chunks per shard file: the shard index is 16 bytes per chunk (16 MiB at most)."""
+
+MAX_ROW_NBYTES = 1 << 31
+"""Payload bytes of one stored row (one token row for ragged families)."""
+
+MAX_SHARD_NBYTES = 1 << 34
+"""Payload bytes of one shard file (``rows_per_shard * row_nbytes``): a writer holds one in memory."""
+
+MAX_ROW_DIMS = 8
+"""Dimensions of ``row_shape``."""
+
+MAX_SERIES_COLUMNS = 1 << 16
+"""Columns of one robot series."""
+
+MAX_GENERATION = 1_000_000
+"""Largest generation number."""
+
+CHECKSUM_FIELD = "checksum"
+"""Field of the manifest and of every generation's attributes holding ``crc32c:<8 hex digits>``."""
+
+_NAME_OK = re.compile(r"^[A-Za-z0-9._\-+=@,:~]+\Z")
 
 
 class FormatError(ValueError):
     """The store, or a value given for it, breaks the format contract."""
+
+
+class NewerFormatError(FormatError):
+    """The store was written in a newer format version than this vlastore reads: upgrade vlastore."""
 
 
 def validate_name(name: object, what: str = "name") -> str:
@@ -86,6 +144,8 @@ def validate_name(name: object, what: str = "name") -> str:
     """
     if not isinstance(name, str):
         raise FormatError(f"{what} must be a string, got {type(name).__name__} {name!r}")
+    if _NAME_OK.match(name) and ".." not in name and name != ".":  # the usual case, one regex (catalogs of 1e5)
+        return name
     if not name:
         raise FormatError(f"{what} is empty; give every {what} a non-empty name")
     if name in (".", "..") or ".." in name:
@@ -100,6 +160,81 @@ def validate_name(name: object, what: str = "name") -> str:
             "(no spaces); rename it"
         )
     return name
+
+
+def canonical_json(data: dict[str, Any]) -> bytes:
+    """The bytes a metadata checksum covers: JSON with sorted keys, no whitespace, UTF-8."""
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def _checksum(data: dict[str, Any]) -> str:
+    body = {k: v for k, v in data.items() if k != CHECKSUM_FIELD}
+    return f"crc32c:{_crc32c(canonical_json(body)):08x}"
+
+
+def seal(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with its ``checksum`` field set (any previous one replaced)."""
+    return {**{k: v for k, v in data.items() if k != CHECKSUM_FIELD}, CHECKSUM_FIELD: _checksum(data)}
+
+
+def check_seal(data: dict[str, Any], where: str) -> bool:
+    """Verify the ``checksum`` field of a metadata dict.
+
+    Returns:
+        True when the dict carries a checksum (and it matches), False when it has
+        none (stores written before metadata checksums existed have none; they are still read).
+
+    Raises:
+        FormatError: the checksum does not match (a flipped bit, or an edit by hand).
+    """
+    stored = data.get(CHECKSUM_FIELD)
+    if stored is None:
+        return False
+    try:
+        expected = _checksum(data)
+    except (TypeError, ValueError) as exc:  # not JSON-serialisable: certainly not what vlastore wrote
+        raise FormatError(f"{where}: metadata cannot be checksummed ({exc}); the file is damaged") from None
+    if stored != expected:
+        raise FormatError(
+            f"{where}: metadata checksum mismatch (stored {stored!r}, computed {expected!r}): the file was "
+            "damaged or edited by hand. Restore it from a copy; `vlastore verify` lists what else is damaged"
+        )
+    return True
+
+
+def _int(data: dict[str, Any], key: str, where: str, lo: int, hi: int, default: Any = ...) -> int:
+    """``data[key]`` as an int in ``[lo, hi]`` (bools and floats refused), else FormatError."""
+    value = data.get(key, default)
+    if value is ...:
+        raise FormatError(f"{where}: field {key!r} is missing; the metadata is damaged")
+    if value is None and default is None:
+        return None  # type: ignore[return-value]
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise FormatError(f"{where}: field {key!r} is {value!r}, not an integer; the metadata is damaged")
+    if not lo <= int(value) <= hi:
+        raise FormatError(f"{where}: field {key!r} is {value}, outside {lo}..{hi}; the metadata is damaged "
+                          "or declares more than vlastore supports")
+    return int(value)
+
+
+def _dict(value: Any, what: str, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise FormatError(f"{where}: {what} is a {type(value).__name__}, not a JSON object; the metadata is damaged")
+    return value
+
+
+def _str(data: dict[str, Any], key: str, where: str, default: str = "") -> str:
+    value = data.get(key, default)
+    if not isinstance(value, str):
+        raise FormatError(f"{where}: field {key!r} is {value!r}, not a string; the metadata is damaged")
+    return value
+
+
+def _bool(data: dict[str, Any], key: str, where: str) -> bool:
+    value = data.get(key, False)
+    if not isinstance(value, bool):
+        raise FormatError(f"{where}: field {key!r} is {value!r}, not true/false; the metadata is damaged")
+    return value
 
 
 def storage_dtype(true_dtype: str) -> np.dtype:
@@ -173,12 +308,13 @@ class Producer:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Producer:
+    def from_dict(cls, data: dict[str, Any], where: str = "producer") -> Producer:
+        data = _dict(data, "the producer", where)
         return cls(
-            model=str(data.get("model", "")),
-            revision=str(data.get("revision", "")),
-            fingerprint=str(data.get("fingerprint", "")),
-            params=dict(data.get("params", {})),
+            model=_str(data, "model", where),
+            revision=_str(data, "revision", where),
+            fingerprint=_str(data, "fingerprint", where),
+            params=dict(_dict(data.get("params", {}), "producer params", where)),
         )
 
 
@@ -211,6 +347,13 @@ class FamilySpec:
         storage_dtype(self.dtype)
         if any(d < 1 for d in self.row_shape):
             raise FormatError(f"row_shape {self.row_shape} has a dimension < 1")
+        if len(self.row_shape) > MAX_ROW_DIMS:
+            raise FormatError(f"row_shape {self.row_shape} has more than {MAX_ROW_DIMS} dimensions")
+        if self.row_nbytes > MAX_ROW_NBYTES:
+            raise FormatError(
+                f"row_shape {self.row_shape} of {self.dtype} is {self.row_nbytes:,} bytes per row, more than "
+                f"vlastore supports ({MAX_ROW_NBYTES:,}); split the feature into smaller rows"
+            )
         if self.ragged and not self.row_shape:
             raise FormatError("a ragged family needs a row_shape for one token, e.g. (2048,)")
         if self.compression not in COMPRESSIONS:
@@ -222,8 +365,13 @@ class FamilySpec:
             object.__setattr__(
                 self, "rows_per_shard", default_rows_per_shard(self.row_shape, self.dtype, self.ragged)
             )
-        if self.rows_per_shard < 1:
-            raise FormatError(f"rows_per_shard must be >= 1, got {self.rows_per_shard}")
+        if not 1 <= self.rows_per_shard <= MAX_ROWS_PER_SHARD:
+            raise FormatError(f"rows_per_shard must be in 1..{MAX_ROWS_PER_SHARD:,}, got {self.rows_per_shard}")
+        if self.rows_per_shard * self.row_nbytes > MAX_SHARD_NBYTES:
+            raise FormatError(
+                f"rows_per_shard {self.rows_per_shard} x {self.row_nbytes:,} bytes per row makes shards of more "
+                f"than {MAX_SHARD_NBYTES:,} bytes; use a smaller rows_per_shard"
+            )
 
     @property
     def storage_dtype(self) -> np.dtype:
@@ -239,18 +387,37 @@ class FamilySpec:
         return out
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> FamilySpec:
-        return cls(
-            row_shape=tuple(data["row_shape"]),
-            dtype=data["dtype"],
-            ragged=bool(data.get("ragged", False)),
-            index_name=data.get("index_name", "vlm_idx"),
-            vlm_reuse_count=data.get("vlm_reuse_count"),
-            allow_nonfinite=bool(data.get("allow_nonfinite", False)),
-            compression=data.get("compression"),
-            rows_per_shard=int(data["rows_per_shard"]),
-            has_keys=bool(data.get("has_keys", False)),
-        )
+    def from_dict(cls, data: dict[str, Any], where: str = "spec") -> FamilySpec:
+        """Parse and validate a spec read from a store.
+
+        Raises:
+            FormatError: a field of the wrong type, out of range, or a bad name.
+        """
+        data = _dict(data, "the family spec", where)
+        shape = data.get("row_shape")
+        if not isinstance(shape, list) or len(shape) > MAX_ROW_DIMS or any(
+            isinstance(d, bool) or not isinstance(d, int) or not 1 <= d <= MAX_ROW_NBYTES for d in shape
+        ):
+            raise FormatError(f"{where}: row_shape {shape!r} is not a list of up to {MAX_ROW_DIMS} positive "
+                              "integers; the metadata is damaged")
+        compression = data.get("compression")
+        if compression not in COMPRESSIONS:
+            raise FormatError(f"{where}: compression {compression!r} is not one of {COMPRESSIONS}")
+        try:
+            return cls(
+                row_shape=tuple(shape),
+                dtype=_str(data, "dtype", where),
+                ragged=_bool(data, "ragged", where),
+                index_name=_str(data, "index_name", where, "vlm_idx"),
+                vlm_reuse_count=_int(data, "vlm_reuse_count", where, 1, MAX_ROWS, None),
+                allow_nonfinite=_bool(data, "allow_nonfinite", where),
+                compression=compression,
+                rows_per_shard=_int(data, "rows_per_shard", where, 1, MAX_ROWS_PER_SHARD),
+                has_keys=_bool(data, "has_keys", where),
+            )
+        except FormatError as exc:
+            message = str(exc)
+            raise FormatError(message if message.startswith(where) else f"{where}: {message}") from None
 
 
 @dataclass(frozen=True)
@@ -266,24 +433,42 @@ class GenerationInfo:
     created: str
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        """The generation attributes as written, with their ``checksum``."""
+        return seal({
             "generation": self.generation,
             "spec": self.spec.to_dict(),
             "producer": self.producer.to_dict(),
             "rows": self.rows,
             "capacity": self.capacity,
             "created": self.created,
-        }
+        })
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> GenerationInfo:
+    def from_dict(cls, data: dict[str, Any], where: str = "generation attributes") -> GenerationInfo:
+        """Parse, checksum-verify (when a checksum is present) and validate generation attributes.
+
+        Raises:
+            FormatError: naming ``where`` and the damaged field.
+        """
+        data = _dict(data, "the generation attributes", where)
+        check_seal(data, where)
+        spec_raw: Any = data.get("spec")
+        spec = FamilySpec.from_dict(spec_raw, where)
+        rows = _int(data, "rows", where, 0, MAX_ROWS)
+        capacity = _int(data, "capacity", where, 0, MAX_ROWS)
+        if not spec.ragged and capacity != rows:
+            raise FormatError(f"{where}: capacity {capacity} != rows {rows} in a fixed-shape family; the "
+                              "metadata is damaged")
+        if spec.ragged and capacity < rows:
+            raise FormatError(f"{where}: capacity {capacity} < rows {rows} in a ragged family (every row has "
+                              "at least one token row); the metadata is damaged")
         return cls(
-            generation=int(data["generation"]),
-            spec=FamilySpec.from_dict(data["spec"]),
-            producer=Producer.from_dict(data.get("producer", {})),
-            rows=int(data["rows"]),
-            capacity=int(data["capacity"]),
-            created=str(data.get("created", "")),
+            generation=_int(data, "generation", where, 1, MAX_GENERATION),
+            spec=spec,
+            producer=Producer.from_dict(data.get("producer", {}), where),
+            rows=rows,
+            capacity=capacity,
+            created=_str(data, "created", where),
         )
 
 
@@ -298,8 +483,19 @@ class FamilyEntry:
         return {"current_generation": self.current_generation, "generations": list(self.generations)}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> FamilyEntry:
-        return cls(int(data["current_generation"]), tuple(int(g) for g in data["generations"]))
+    def from_dict(cls, data: dict[str, Any], where: str = "family entry") -> FamilyEntry:
+        data = _dict(data, "the family entry", where)
+        current = _int(data, "current_generation", where, 1, MAX_GENERATION)
+        generations = data.get("generations")
+        if not isinstance(generations, list) or not generations or any(
+            isinstance(g, bool) or not isinstance(g, int) or not 1 <= g <= MAX_GENERATION for g in generations
+        ):
+            raise FormatError(f"{where}: generations {generations!r} is not a non-empty list of generation "
+                              f"numbers 1..{MAX_GENERATION}; the manifest is damaged")
+        if len(set(generations)) != len(generations) or current not in generations:
+            raise FormatError(f"{where}: generations {generations} repeat a number or lack the current one "
+                              f"({current}); the manifest is damaged")
+        return cls(current, tuple(generations))
 
 
 @dataclass(frozen=True)
@@ -311,8 +507,18 @@ class SeriesInfo:
         return {"columns": list(self.columns), "dtype": self.dtype}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> SeriesInfo:
-        return cls(tuple(data["columns"]), str(data["dtype"]))
+    def from_dict(cls, data: dict[str, Any], where: str = "series") -> SeriesInfo:
+        data = _dict(data, "the series entry", where)
+        columns = data.get("columns")
+        if not isinstance(columns, list) or not 1 <= len(columns) <= MAX_SERIES_COLUMNS or not all(
+            isinstance(c, str) for c in columns
+        ):
+            raise FormatError(f"{where}: columns must be a list of 1..{MAX_SERIES_COLUMNS} strings; the "
+                              "manifest is damaged")
+        dtype = data.get("dtype")
+        if dtype not in SERIES_DTYPES:
+            raise FormatError(f"{where}: dtype {dtype!r} is not one of {SERIES_DTYPES}; the manifest is damaged")
+        return cls(tuple(columns), dtype)
 
 
 @dataclass(frozen=True)
@@ -328,7 +534,8 @@ class Manifest:
     families: dict[str, FamilyEntry] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        """The manifest as written, with its ``checksum``."""
+        return seal({
             "format_version": self.format_version,
             "vlastore_version": self.vlastore_version,
             "created": self.created,
@@ -336,25 +543,50 @@ class Manifest:
             "steps": self.steps,
             "series": {k: v.to_dict() for k, v in self.series.items()},
             "families": {k: v.to_dict() for k, v in self.families.items()},
-        }
+        })
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "store") -> Manifest:
+        """Parse, checksum-verify (when a checksum is present) and validate a root manifest.
+
+        Every name that becomes a path (series keys, family names) is validated here,
+        before anything uses it.
+
+        Raises:
+            FormatError: naming ``where`` and what is wrong.
+        """
+        if not isinstance(data, dict):
+            raise FormatError(f"{where}: the manifest is a {type(data).__name__}, not a JSON object; not a "
+                              "vlastore store, or a damaged one")
         version = data.get("format_version")
-        if not isinstance(version, int):
+        if isinstance(version, bool) or not isinstance(version, int):
             raise FormatError(f"{where}: manifest has no integer format_version; not a vlastore store")
         if version > FORMAT_VERSION:
-            raise FormatError(
+            raise NewerFormatError(
                 f"{where} was written in vlastore format version {version} "
                 f"(by vlastore {data.get('vlastore_version', '?')}); this vlastore reads "
                 f"versions up to {FORMAT_VERSION}. Upgrade: pip install -U vlastore"
             )
+        if version < 1:
+            raise FormatError(f"{where}: manifest format_version {version} is not a version vlastore wrote")
+        where_manifest = f"{where}: root manifest (zarr.json attributes['{MANIFEST_KEY}'])"
+        check_seal(data, where_manifest)
+        series_raw = _dict(data.get("series", {}), "series", where_manifest)
+        families_raw = _dict(data.get("families", {}), "families", where_manifest)
+        series = {}
+        for key, value in series_raw.items():
+            validate_name(key, f"{where_manifest}: series key")
+            series[key] = SeriesInfo.from_dict(value, f"{where_manifest}: series {key!r}")
+        families = {}
+        for name, value in families_raw.items():
+            validate_name(name, f"{where_manifest}: family name")
+            families[name] = FamilyEntry.from_dict(value, f"{where_manifest}: family {name!r}")
         return cls(
             format_version=version,
-            vlastore_version=str(data.get("vlastore_version", "")),
-            created=str(data.get("created", "")),
-            episodes=int(data["episodes"]),
-            steps=int(data["steps"]),
-            series={k: SeriesInfo.from_dict(v) for k, v in data.get("series", {}).items()},
-            families={k: FamilyEntry.from_dict(v) for k, v in data.get("families", {}).items()},
+            vlastore_version=_str(data, "vlastore_version", where_manifest),
+            created=_str(data, "created", where_manifest),
+            episodes=_int(data, "episodes", where_manifest, 0, MAX_EPISODES),
+            steps=_int(data, "steps", where_manifest, 0, MAX_STEPS),
+            series=series,
+            families=families,
         )

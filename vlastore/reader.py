@@ -32,14 +32,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import arena as _arena
-from .shardcodec import ChecksumError, ShardIndex, crc32c, decode_index, index_nbytes
+from .format import generation_path
+from .layout import as_row_numbers
+from .shardcodec import ChecksumError, ShardIndex, crc32c, decode_index, index_nbytes, zstd_decode_exact
 
 if TYPE_CHECKING:
     import torch
 
     from .store import VLAStore
 
-__all__ = ["FeatureReader", "MissingRowError", "VERIFY_MODES", "to_tensor"]
+__all__ = ["FeatureReader", "MissingRowError", "StaleGenerationError", "VERIFY_MODES", "ARENA_MAX_ROWS", "to_tensor"]
 
 VERIFY_MODES = ("always", "once", "never")
 _FORKS = [0]
@@ -54,6 +56,9 @@ def _forked() -> None:
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forked)
 
+ARENA_MAX_ROWS = 1 << 27
+"""Fixed families with more rows read shard by shard: the shared range's row map costs 9 bytes per row."""
+
 _PROCESS_LOCAL = ("_shards", "_arena", "_gpos", "_row_ok", "_records", "_record_crcs", "_record_mv")
 _CRC_BYTES = 4
 
@@ -63,6 +68,10 @@ class MissingRowError(KeyError):
 
     def __str__(self) -> str:  # KeyError quotes its message; show it plainly
         return str(self.args[0]) if self.args else ""
+
+
+class StaleGenerationError(RuntimeError):
+    """The generation this reader was opened on has been deleted; reload the store and read the current one."""
 
 
 def to_tensor(array: np.ndarray, true_dtype: str) -> torch.Tensor:
@@ -140,8 +149,10 @@ class FeatureReader:
         self.verify = verify
         self.local = store.storage.local_root is not None
         self.stride = self.row_nbytes + _CRC_BYTES
-        # local raw families map all their shards into one address range (see arena.py)
-        self.use_arena = self.local and self.spec.compression is None and _arena.available()
+        # local raw families map all their shards into one address range (see arena.py); its row map is
+        # O(rows), so a family with more rows than ARENA_MAX_ROWS (or a store claiming so) reads shard by shard
+        self.use_arena = (self.local and self.spec.compression is None and _arena.available()
+                          and (self.spec.ragged or self.layout.rows <= ARENA_MAX_ROWS))
         self._reset()
 
     def _reset(self) -> None:
@@ -209,51 +220,69 @@ class FeatureReader:
 
     def _open_shard(self, shard: int) -> _Shard:
         key = self.store.shard_key(self.family, shard, self.generation)
-        path = self.store.storage.file_path(key)
+        storage = self.store.storage
         n_index = index_nbytes(self.layout.rows_per_shard)
         buf: np.ndarray | None = None
-        arena = self._get_arena() if path is not None else None
         in_arena = False
-        if arena is not None and path is not None:
-            where = str(path)
+        data_nbytes: int | None = None
+        where = storage.where(key)
+        if storage.file_path(key) is not None:
+            fd = storage.open_file(key)  # a regular file inside the store, or UnsafeFileError (never blocks)
+            if fd is None:
+                raise self._shard_gone(shard)
             try:
-                buf = arena.map(shard, path)
-                in_arena = True
-            except (OSError, ValueError):  # e.g. a shard not written by vlastore: map it on its own below
-                buf = None
-        if path is not None and not in_arena:
-            where = str(path)
-            try:
-                with open(path, "rb") as f:
+                size = os.fstat(fd).st_size
+                if size < n_index:
+                    raise ChecksumError(f"{where}: {size} bytes, too short for the index of {n_index} bytes; the "
+                                        "shard is corrupt, rewrite it")
+                data_nbytes = size - n_index
+                arena = self._get_arena()
+                if arena is not None:
+                    try:
+                        buf = arena.map(shard, fd, size, where)
+                        in_arena = True
+                    except (OSError, ValueError):  # e.g. a shard not written by vlastore: map it on its own
+                        buf = None
+                if buf is None:
                     # copy-on-write map: pages are shared with the page cache, arrays are writable
                     # (torch.from_numpy needs no copy) and a write never reaches the file
-                    buf = np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY), dtype=np.uint8)
-            except (FileNotFoundError, ValueError):  # ValueError: an empty file cannot be mapped
-                buf = None
-        if path is not None:
-            tail = None if buf is None else buf[-n_index:]
+                    buf = np.frombuffer(mmap.mmap(fd, 0, access=mmap.ACCESS_COPY), dtype=np.uint8)
+            finally:
+                os.close(fd)
+            tail = buf[-n_index:]
         else:
-            where = f"{self.store.location}/{key}"
-            data = self.store.storage.read_range(key, -n_index)
-            tail = None if data is None else np.frombuffer(data, dtype=np.uint8)
-        if tail is None:
-            raise MissingRowError(
-                f"family {self.family!r} generation {self.generation}: shard {shard} is not written "
-                f"(rows {self._describe_shard(shard)}); run the writer/ingestion again to finish it"
-            )
+            data = storage.read_range(key, -n_index)
+            if data is None:
+                raise self._shard_gone(shard)
+            tail = np.frombuffer(data, dtype=np.uint8)
         try:
-            index = decode_index(tail, self.layout.rows_per_shard)
+            index = decode_index(tail, self.layout.rows_per_shard, data_nbytes)
         except ChecksumError as exc:
             raise ChecksumError(f"{where}: {exc}; the shard is corrupt, rewrite it") from None
         entry = _Shard(index, buf, where)
-        if buf is not None and index.stride and self.spec.compression is None:
+        # the strided fast path only for chunks of exactly one raw row each (else: per chunk, sizes checked)
+        if buf is not None and index.stride == self.stride and self.spec.compression is None:
             entry.make_strided()
-            if in_arena and self._gpos is not None and index.stride == self.stride:
+            if in_arena and self._gpos is not None:
+                arena = self._arena
                 assert arena is not None and entry.pos is not None and self._records is not None
                 rows = self.layout.shard_rows(shard)
                 pos = entry.pos[rows - shard * self.layout.rows_per_shard]
                 self._gpos[rows] = np.where(pos >= 0, shard * arena.records_per_slot + pos, len(self._records))
         return entry
+
+    def _shard_gone(self, shard: int) -> Exception:
+        """The error for an absent shard file: not written yet, or its generation was deleted meanwhile."""
+        if not self.store.storage.exists(generation_path(self.family, self.generation)):
+            return StaleGenerationError(
+                f"family {self.family!r} generation {self.generation} was deleted (a newer generation was switched "
+                "in and this one was not kept); this reader was opened before. Call store.reload() and "
+                "store.reader(family) again, or VLADataset.refresh() at the epoch boundary, then read again"
+            )
+        return MissingRowError(
+            f"family {self.family!r} generation {self.generation}: shard {shard} is not written "
+            f"(rows {self._describe_shard(shard)}); run the writer/ingestion again to finish it"
+        )
 
     def _describe_shard(self, shard: int) -> str:
         rows = self.layout.shard_rows(shard)
@@ -307,8 +336,10 @@ class FeatureReader:
     # -------------------------------------------------------------------- rows
 
     def _locate(self, row: int) -> tuple[_Shard, int, int, int]:
-        start = int(self.layout.starts[row])
-        length = int(self.layout.lengths[row])
+        if self.spec.ragged:
+            start, length = int(self.layout.starts[row]), int(self.layout.lengths[row])
+        else:  # stored row == row: no per-row table needed
+            start, length = row, 1
         shard = start // self.layout.rows_per_shard
         return self._shard(shard), shard, start - shard * self.layout.rows_per_shard, length
 
@@ -333,13 +364,17 @@ class FeatureReader:
     def _chunk(self, entry: _Shard, chunk: int, row: int) -> np.ndarray:
         """One chunk's payload through the index (general and remote paths)."""
         off, nb = int(entry.index.offsets[chunk]), int(entry.index.nbytes[chunk])
+        expected = self.row_nbytes + _CRC_BYTES if self.spec.compression is None else None
+        if expected is not None and nb != expected:  # a raw chunk is exactly one row and its crc
+            raise self._corrupt(row, entry)
         if entry.buf is not None:
             raw = entry.buf[off : off + nb]
         else:
-            key = self.store.shard_key(self.family, self.layout.row_shards[row], self.generation)
+            shard = int(self.layout.shard_of(np.asarray([row]))[0])
+            key = self.store.shard_key(self.family, shard, self.generation)
             data = self.store.storage.read_range(key, off, nb)
             if data is None:  # the shard vanished since its index was read (generation removed)
-                raise self._missing(row, int(self.layout.row_shards[row]))
+                raise self._shard_gone(shard)
             raw = np.frombuffer(bytearray(data), dtype=np.uint8)  # writable, so torch.from_numpy takes it as is
         body = raw[:-_CRC_BYTES]
         if raw.size != nb or nb < _CRC_BYTES:
@@ -349,9 +384,10 @@ class FeatureReader:
                 raise self._corrupt(row, entry)
             entry.verified[chunk] = True
         if self.spec.compression is not None:
-            from .shardcodec import _zstd
-
-            body = np.frombuffer(bytearray(_zstd().decode(body.tobytes())), dtype=np.uint8)
+            try:  # the frame's declared size is checked before anything is allocated
+                body = zstd_decode_exact(body.tobytes(), self.row_nbytes)
+            except ChecksumError:
+                raise self._corrupt(row, entry) from None
         if body.size != self.row_nbytes:
             raise self._corrupt(row, entry)
         return body
@@ -367,6 +403,8 @@ class FeatureReader:
             IndexError: no such row. MissingRowError: not written.
             ChecksumError: the stored bytes are corrupt.
         """
+        if isinstance(row, (bool, np.bool_)) or not isinstance(row, (int, np.integer)):
+            raise TypeError(f"a row number must be an integer, got {type(row).__name__} {row!r}")
         row = int(row)
         if not 0 <= row < self.layout.rows:
             raise IndexError(f"row {row} out of range: family {self.family!r} has {self.layout.rows} rows")
@@ -377,7 +415,7 @@ class FeatureReader:
 
     def rows(self, rows: Sequence[int] | np.ndarray) -> list[np.ndarray]:
         """Several rows (each as :meth:`row`), read in shard order."""
-        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        rows = as_row_numbers(rows)
         self._check_range(rows)
         out: list[np.ndarray] = [np.empty(0)] * len(rows)
         for i in np.argsort(rows, kind="stable").tolist():
@@ -389,23 +427,23 @@ class FeatureReader:
 
         On the fast path (local raw store, Linux) all shards are mapped into one
         address range and the batch is one numpy fancy index, the only copy
-        made; otherwise rows are grouped by shard. As in numpy, negative rows
-        may count from the end on the fast path.
+        made; otherwise rows are grouped by shard. Row numbers are identifiers:
+        a negative one raises IndexError, as in :meth:`row` (never counted from the end).
 
         Raises:
             ValueError: the family is ragged (use :meth:`gather_padded`).
             IndexError, MissingRowError, ChecksumError: as :meth:`row`.
+            TypeError: row numbers that are not integers.
         """
         if type(rows) is not np.ndarray or rows.dtype != np.int64 or rows.ndim != 1:
-            rows = np.asarray(rows, dtype=np.int64).reshape(-1)
-        if out is None and len(rows) and self._fork == _FORKS[0]:
+            rows = as_row_numbers(rows)
+        # numpy would count negative indices from the end on the fast path: refuse them first
+        if out is None and len(rows) and self._fork == _FORKS[0] and rows.min() >= 0:
             hot = self._gather_mapped(rows)
             if hot is not None:
                 return hot
         if self.spec.ragged:
             raise ValueError(f"family {self.family!r} is ragged; use gather_padded(rows)")
-        if len(rows) and rows.min() < 0:  # as numpy (and the hot path) do: count from the end
-            rows = np.where(rows < 0, rows + self.layout.rows, rows)
         self._check_range(rows)
         n = len(rows)
         if n == 0:
@@ -509,7 +547,7 @@ class FeatureReader:
         """Ragged rows zero-padded to the longest: ``([len(rows), L_max, *row_shape], lengths)``."""
         if not self.spec.ragged:
             raise ValueError(f"family {self.family!r} has fixed-shape rows; use gather(rows)")
-        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        rows = as_row_numbers(rows)
         self._check_range(rows)
         lengths = self.layout.lengths[rows]
         longest = int(lengths.max()) if len(rows) else 0

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 from crc32c import crc32c as _crc32c
 
-__all__ = ["ShardIndex", "RawShardBuilder", "encode_shard", "decode_index", "index_nbytes", "ChecksumError", "crc32c"]
+__all__ = ["ShardIndex", "RawShardBuilder", "encode_shard", "decode_index", "index_nbytes", "ChecksumError", "crc32c",
+           "zstd_decode_exact", "zstd_content_size"]
 
 MISSING = np.uint64(0xFFFF_FFFF_FFFF_FFFF)
 _CRC_BYTES = 4
@@ -30,7 +31,7 @@ class ChecksumError(ValueError):
 
 def crc32c(data: bytes | memoryview | np.ndarray) -> int:
     """crc32c of a bytes-like object or of a C-contiguous array's bytes (no copy)."""
-    return _crc32c(data)
+    return _crc32c(data)  # type: ignore[arg-type]  # numpy arrays export the buffer protocol
 
 
 def index_nbytes(chunks_per_shard: int) -> int:
@@ -41,6 +42,44 @@ def _zstd(level: int = 3):  # numcodecs is heavy to import; only compressed fami
     from numcodecs import Zstd
 
     return Zstd(level=level)
+
+
+_ZSTD_MAGIC = 0xFD2FB528
+
+
+def zstd_content_size(frame: bytes | memoryview | np.ndarray) -> int | None:
+    """The decompressed size a zstd frame's header declares, or None when it declares none (or is no frame)."""
+    head = bytes(memoryview(frame)[:18])  # type: ignore[arg-type]
+    if len(head) < 5 or int.from_bytes(head[:4], "little") != _ZSTD_MAGIC:
+        return None
+    descriptor = head[4]
+    fcs_flag, single_segment, dict_flag = descriptor >> 6, (descriptor >> 5) & 1, descriptor & 3
+    pos = 5 + (0 if single_segment else 1) + (0, 1, 2, 4)[dict_flag]
+    size = (1 if single_segment else 0, 2, 4, 8)[fcs_flag]
+    if size == 0 or len(head) < pos + size:
+        return None
+    value = int.from_bytes(head[pos : pos + size], "little")
+    return value + 256 if size == 2 else value
+
+
+def zstd_decode_exact(body: bytes | np.ndarray, nbytes: int) -> np.ndarray:
+    """Decompress one chunk that must hold exactly ``nbytes`` bytes, into a buffer of that size.
+
+    The frame's declared size is checked before anything is allocated, so a damaged
+    or crafted chunk cannot make the reader allocate what its header claims.
+
+    Raises:
+        ChecksumError: the frame declares another size, or does not decompress.
+    """
+    declared = zstd_content_size(body if not isinstance(body, np.ndarray) else body[:18].tobytes())
+    if declared != nbytes:
+        raise ChecksumError(f"compressed chunk declares {declared} bytes, a row has {nbytes}")
+    out = np.empty(nbytes, dtype=np.uint8)
+    try:
+        _zstd().decode(body if isinstance(body, bytes) else np.ascontiguousarray(body).tobytes(), out=out)
+    except (ValueError, RuntimeError) as exc:
+        raise ChecksumError(f"compressed chunk does not decompress ({exc})") from None
+    return out
 
 
 def encode_shard(
@@ -155,25 +194,45 @@ class ShardIndex:
     back to back in chunk order from offset 0 (what vlastore writes for raw
     families); 0 otherwise."""
 
-    def chunk_bytes(self, buf: np.ndarray | memoryview, chunk: int, compression: str | None) -> np.ndarray:
-        """Payload of one chunk (crc checked, decompressed), as uint8."""
+    def chunk_bytes(self, buf: np.ndarray | memoryview, chunk: int, compression: str | None,
+                    row_nbytes: int | None = None) -> np.ndarray:
+        """Payload of one chunk (crc checked, decompressed), as uint8.
+
+        Raises:
+            KeyError: the chunk is absent. ChecksumError: outside the buffer, crc
+                mismatch, or (with ``row_nbytes``) not one row's size.
+        """
         if not self.present[chunk]:
             raise KeyError(chunk)
         off, nb = int(self.offsets[chunk]), int(self.nbytes[chunk])
-        raw = np.frombuffer(buf, dtype=np.uint8, count=nb, offset=off)
+        whole = np.frombuffer(buf, dtype=np.uint8)
+        if nb < _CRC_BYTES or off + nb > whole.size:
+            raise ChecksumError(f"chunk {chunk}: index points outside the shard")
+        raw = whole[off : off + nb]
         body = raw[:-_CRC_BYTES]
-        if crc32c(body) != int.from_bytes(raw[-_CRC_BYTES:].tobytes(), "little"):
+        if crc32c(np.ascontiguousarray(body)) != int.from_bytes(raw[-_CRC_BYTES:].tobytes(), "little"):
             raise ChecksumError(f"chunk {chunk}: crc32c mismatch")
         if compression is not None:
-            return np.frombuffer(_zstd().decode(body.tobytes()), dtype=np.uint8)
+            if row_nbytes is None:
+                return np.frombuffer(_zstd().decode(body.tobytes()), dtype=np.uint8)
+            return zstd_decode_exact(body.tobytes(), row_nbytes)
+        if row_nbytes is not None and body.size != row_nbytes:
+            raise ChecksumError(f"chunk {chunk}: {body.size} bytes, a row has {row_nbytes}")
         return body
 
 
-def decode_index(tail: bytes | memoryview | np.ndarray, chunks_per_shard: int) -> ShardIndex:
+def decode_index(tail: bytes | memoryview | np.ndarray, chunks_per_shard: int,
+                 data_nbytes: int | None = None) -> ShardIndex:
     """Parse the index from the last :func:`index_nbytes` bytes of a shard file.
 
+    Args:
+        tail: the file's last bytes (at least the index).
+        chunks_per_shard: entries of the index.
+        data_nbytes: bytes before the index, when known: every present chunk must
+            lie inside them (a crafted index cannot point elsewhere).
+
     Raises:
-        ChecksumError: the index bytes fail their crc32c.
+        ChecksumError: the index bytes fail their crc32c, or point outside the data.
     """
     raw = np.frombuffer(tail, dtype=np.uint8)[-index_nbytes(chunks_per_shard) :]
     if raw.size != index_nbytes(chunks_per_shard):
@@ -184,6 +243,12 @@ def decode_index(tail: bytes | memoryview | np.ndarray, chunks_per_shard: int) -
     pairs = index.view("<u8").reshape(chunks_per_shard, 2)
     offsets, nbytes = pairs[:, 0].copy(), pairs[:, 1].copy()
     present = offsets != MISSING
+    if present.any():
+        off, nb = offsets[present], nbytes[present]
+        limit = np.uint64(data_nbytes if data_nbytes is not None else 1 << 62)
+        # compare without overflow: nb <= limit and off <= limit - nb
+        if (nb < _CRC_BYTES).any() or (nb > limit).any() or (off > limit - np.minimum(nb, limit)).any():
+            raise ChecksumError("shard index points outside the shard's data")
     stride = 0
     if present.any():
         nb = nbytes[present]

@@ -32,9 +32,17 @@ from .format import (
     shard_key,
     validate_name,
 )
+from .integrity import (
+    ALL_CHUNKS_KEY,
+    check_array_meta,
+    check_catalog,
+    sharded_array_meta,
+    small_array_meta,
+    small_chunk_rows,
+)
 from .layout import FamilyLayout, vlm_items
 from .shardcodec import ChecksumError, ShardIndex, decode_index, index_nbytes
-from .storage import Storage
+from .storage import Storage, UnsafeFileError
 
 if TYPE_CHECKING:
     import torch
@@ -92,14 +100,28 @@ def _check_finite(values: np.ndarray, where: str, columns: Sequence[str] | None 
 class VLAStore:
     """A store on disk (or any zarr store). Create with :meth:`create`, open with :meth:`open`."""
 
-    def __init__(self, storage: Storage, writable: bool) -> None:
+    def __init__(self, storage: Storage, writable: bool, strict: bool = True) -> None:
         self.storage = storage
         self.writable = writable
         self.manifest = Manifest.from_dict(storage.attrs[MANIFEST_KEY], where=storage.location)
-        self.catalog = Catalog(
-            [str(n) for n in storage.read_small_array(episodes_path("name")).tolist()],
-            storage.read_small_array(episodes_path("steps")),
-        )
+        self.open_problems: list[tuple[str, str]] = []
+        """With ``strict=False`` (vlastore verify): (path, problem) of what failed its check at open."""
+        try:
+            self.catalog = self._read_catalog()
+        except FormatError as exc:
+            if strict:
+                raise
+            self.open_problems.append(("episodes", str(exc)))
+            # stand-in names, so the families can still be checked (verify reports rows by number then)
+            self.catalog = Catalog([f"episode_{i}" for i in range(self.manifest.episodes)],
+                                   np.zeros(self.manifest.episodes, dtype=np.int64))
+        for key in self.manifest.series:
+            try:
+                self._series_meta(key)
+            except FormatError as exc:
+                if strict:
+                    raise
+                self.open_problems.append((series_path(key), str(exc)))
         self._generations: dict[tuple[str, int], GenerationInfo] = {}
         self._layouts: dict[tuple[str, int], FamilyLayout] = {}
         self._readers: dict[tuple[str, int], Any] = {}
@@ -182,10 +204,57 @@ class VLAStore:
     def open(cls, location: Location, writable: bool = False) -> VLAStore:
         """Open an existing store (read-only unless ``writable``).
 
+        The manifest's checksum, the catalog and the series' metadata are checked
+        here (a few small files); each family generation's metadata is checked when
+        it is first used.
+
         Raises:
-            StoreNotFoundError: no store there. FormatError: written by a newer format.
+            StoreNotFoundError: no store there. FormatError: written by a newer
+                format, or damaged metadata (the message names the file).
         """
         return cls(Storage.open(location, writable=writable), writable=writable)
+
+    # ----------------------------------------------------------- checked reads
+
+    def _check_small_meta(self, path: str, shape: tuple[int, ...], data_type: str) -> None:
+        """A small array's ``zarr.json`` is what the manifest implies, and every chunk file is there.
+
+        (zarr reads an absent chunk as the fill value: a deleted chunk would read as zeros. Arrays written
+        before every chunk got a file, without the ``vlastore_chunks`` attribute, are read as they are.)
+        """
+        meta_key = f"{path}/zarr.json"
+        meta = self.storage.read_json(meta_key)
+        check_array_meta(meta, small_array_meta(shape, data_type), self.storage.where(meta_key))
+        assert meta is not None
+        if shape and shape[0] and meta.get("attributes", {}).get(ALL_CHUNKS_KEY) == "all":
+            tail = "/0" * (len(shape) - 1)
+            for chunk in range(-(-shape[0] // small_chunk_rows(shape))):
+                if not self.storage.key_exists(f"{path}/c/{chunk}{tail}"):
+                    raise FormatError(f"{self.storage.where(path)}: chunk file c/{chunk}{tail} is missing; the "
+                                      "store is damaged (run `vlastore verify`)")
+
+    def _small(self, path: str, shape: tuple[int, ...], data_type: str) -> np.ndarray:
+        """A small array whose ``zarr.json`` is first checked against the shape and type the manifest implies."""
+        self._check_small_meta(path, shape, data_type)
+        data = self.storage.read_small_array(path)
+        if data.shape != shape:
+            raise FormatError(f"{self.storage.where(path)}: read shape {data.shape}, expected {shape}")
+        return data
+
+    def _read_catalog(self) -> Catalog:
+        episodes = self.manifest.episodes
+        names = [str(n) for n in self._small(episodes_path("name"), (episodes,), "string").tolist()]
+        steps = self._small(episodes_path("steps"), (episodes,), "int64")
+        offsets = self._small(episodes_path("step_offsets"), (episodes + 1,), "int64")
+        check_catalog(self.manifest, names, steps, offsets, self.storage.where("episodes"))
+        try:
+            return Catalog(names, steps)
+        except FormatError as exc:
+            raise FormatError(f"{self.storage.where(episodes_path('name'))}: {exc}") from None
+
+    def _series_meta(self, key: str) -> None:
+        info = self.manifest.series[key]
+        self._check_small_meta(series_path(key), (self.manifest.steps, len(info.columns)), info.dtype)
 
     def reload(self) -> None:
         """Re-read the manifest (after another process added a family or switched a generation)."""
@@ -237,13 +306,20 @@ class VLAStore:
         stop = n if stop is None else stop
         if not (0 <= start <= stop <= n):
             raise IndexError(f"steps {start}:{stop} out of range for episode {dataset!r} with {n} steps")
-        return np.asarray(self.storage.open_array(series_path(key))[lo + start : lo + stop])
+        try:
+            return np.asarray(self.storage.open_array(series_path(key))[lo + start : lo + stop])
+        except FormatError:
+            raise
+        except Exception as exc:  # zarr's codec errors on a damaged chunk
+            raise FormatError(f"{self.storage.where(series_path(key))}: a chunk is damaged ({type(exc).__name__}: "
+                              f"{exc}); run `vlastore verify`") from None
 
     def series_all(self, key: str) -> np.ndarray:
         """One robot series for all episodes, concatenated along time (small: robot states)."""
         if key not in self.manifest.series:
             raise KeyError(f"unknown series {key!r}; the store has {list(self.manifest.series)}")
-        return self.storage.read_small_array(series_path(key))
+        info = self.manifest.series[key]
+        return self._small(series_path(key), (self.manifest.steps, len(info.columns)), info.dtype)
 
     def columns(self, key: str) -> tuple[str, ...]:
         return self.manifest.series[key].columns
@@ -270,8 +346,17 @@ class VLAStore:
             raise KeyError(f"family {family!r} has no generation {gen}; it has {list(entry.generations)}")
         key = (family, gen)
         if key not in self._generations:
-            attrs = self.storage.node_attrs(generation_path(family, gen))
-            self._generations[key] = GenerationInfo.from_dict(attrs[GENERATION_KEY])
+            path = generation_path(family, gen)
+            where = f"{self.storage.where(path)}/zarr.json"
+            attrs = self.storage.node_attrs(path)
+            if GENERATION_KEY not in attrs:
+                raise FormatError(f"{where}: no '{GENERATION_KEY}' attribute (generation {gen} was never planned "
+                                  "completely, or the file is damaged)")
+            info = GenerationInfo.from_dict(attrs[GENERATION_KEY], where=where)
+            if info.generation != gen:
+                raise FormatError(f"{where}: says generation {info.generation}, but it is generation {gen}; the "
+                                  "store is damaged")
+            self._generations[key] = info
         return self._generations[key]
 
     def spec(self, family: str) -> FamilySpec:
@@ -281,18 +366,27 @@ class VLAStore:
         info = self.generation(family, generation)
         key = (family, info.generation)
         if key not in self._layouts:
-            base = generation_path(family, info.generation)
-            rows = self.storage.read_small_array(f"{base}/episode_rows")
-            if info.spec.ragged:
-                self._layouts[key] = FamilyLayout(
-                    info.spec,
-                    rows,
-                    self.storage.read_small_array(f"{base}/starts"),
-                    self.storage.read_small_array(f"{base}/lengths"),
-                )
-            else:
-                self._layouts[key] = FamilyLayout(info.spec, rows)
+            self._layouts[key] = self._read_layout(family, info)
         return self._layouts[key]
+
+    def _read_layout(self, family: str, info: GenerationInfo) -> FamilyLayout:
+        """A generation's row tables, each checked against its attributes before it is read (bounded sizes)."""
+        base = generation_path(family, info.generation)
+        values_meta = f"{base}/values/zarr.json"
+        check_array_meta(self.storage.read_json(values_meta), sharded_array_meta(info.spec, info.capacity),
+                         self.storage.where(values_meta))
+        episode_rows = self._small(f"{base}/episode_rows", (self.manifest.episodes + 1,), "int64")
+        starts = lengths = None
+        if info.spec.ragged:
+            starts = self._small(f"{base}/starts", (info.rows,), "int64")
+            lengths = self._small(f"{base}/lengths", (info.rows,), "int64")
+        layout = FamilyLayout(info.spec, episode_rows, starts, lengths, where=self.storage.where(base))
+        if (layout.rows, layout.capacity) != (info.rows, info.capacity):
+            raise FormatError(
+                f"{self.storage.where(base)}: the row tables give {layout.rows} rows and {layout.capacity} stored "
+                f"rows, the generation attributes {info.rows} and {info.capacity}; the store is damaged"
+            )
+        return layout
 
     def add_family(
         self,
@@ -367,16 +461,19 @@ class VLAStore:
         self._save_manifest(_replace_families(self.manifest, families))
         return info
 
-    def switch_generation(self, family: str, generation: int, keep_previous: int | None = 0) -> None:
+    def switch_generation(self, family: str, generation: int, keep_previous: int | None = 1) -> None:
         """Point readers at ``generation`` (one atomic manifest write), then drop older ones.
 
         Args:
             family: the family.
             generation: the generation readers use from now on.
             keep_previous: how many of the older generations (the newest of them)
-                to keep, so that readers still on them keep working until they
-                reopen; ``None`` keeps them all. A reader keeps the shards it
-                already memory-mapped in any case.
+                to keep. The default, 1, keeps the one just replaced, so a reader
+                still on it finishes its epoch and moves on at its next
+                ``reload()``/``VLADataset.refresh()``; ``None`` keeps them all;
+                0 deletes them at once (a reader on them then gets
+                :class:`vlastore.reader.StaleGenerationError` for shards it had
+                not mapped yet).
         """
         self._require_writable()
         self.reload()
@@ -427,7 +524,10 @@ class VLAStore:
             raise FormatError(f"family {family!r}: {len(keys)} keys for {layout.rows} rows; give one per row")
         info = GenerationInfo(gen, spec, producer, layout.rows, layout.capacity, utc_now())
         base = generation_path(family, gen)
-        if self.storage.exists(base):  # an earlier, interrupted plan of this generation
+        # anything left at this path is an interrupted plan or a generation whose deletion was killed midway
+        # (its zarr.json may be gone while shard files remain): remove it all, or old shards would be read
+        # as rows of the new generation
+        if self.storage.exists(base) or next(iter(self.storage.list_keys(base)), None) is not None:
             self.storage.delete(base)
         self.storage.create_group(family_path(family))
         self.storage.write_small_array(f"{base}/episode_rows", layout.episode_rows)
@@ -474,11 +574,16 @@ class VLAStore:
     def written_shards(self, family: str, generation: int | None = None) -> np.ndarray:
         """Shard numbers whose files exist (complete: shards are written atomically)."""
         values = self.values_path(family, generation)
+        layout = self.layout(family, generation)
+        tail = ["0"] * len(layout.spec.row_shape)
         shards = set()
         for key in self.storage.list_keys(f"{values}/c"):
             parts = key[len(values) + 3 :].split("/")
-            if parts and parts[0].isdigit():
-                shards.add(int(parts[0]))
+            # only keys this layout can have: "<shard>/0/.." with shard < n_shards (anything else is ignored)
+            if parts[1:] == tail and parts[0].isdigit() and len(parts[0]) <= 18 and str(int(parts[0])) == parts[0]:
+                shard = int(parts[0])
+                if shard < layout.n_shards:
+                    shards.add(shard)
         return np.array(sorted(shards), dtype=np.int64)
 
     def coverage(self, family: str, generation: int | None = None) -> np.ndarray:
@@ -488,12 +593,12 @@ class VLAStore:
         for shard in self.written_shards(family, generation).tolist():
             try:
                 index = self.shard_index(family, shard, generation)
-            except ChecksumError:
+            except (ChecksumError, UnsafeFileError):  # unreadable: its rows count as absent (verify says why)
                 continue
             if index is None:
                 continue
             rows = layout.shard_rows(shard)
-            first_chunk = layout.starts[rows] - shard * layout.rows_per_shard
+            first_chunk = layout.start_of(rows) - shard * layout.rows_per_shard
             present[rows] = index.present[first_chunk]
         return present
 
@@ -516,7 +621,7 @@ class VLAStore:
         cache_key = (family, info.generation)
         if cache_key not in self._keys:
             path = f"{generation_path(family, info.generation)}/keys"
-            self._keys[cache_key] = tuple(str(k) for k in self.storage.read_small_array(path).tolist())
+            self._keys[cache_key] = tuple(str(k) for k in self._small(path, (info.rows,), "string").tolist())
         return self._keys[cache_key]
 
     def row_by_key(self, family: str, key: str, generation: int | None = None) -> int:

@@ -3,8 +3,12 @@
 Every shard of a family has exactly one owner: rank ``shard % world_size``. A
 writer buffers the rows of the shards it owns and writes each shard once,
 complete, atomically, as soon as all its planned rows have arrived (or at
-:meth:`FamilyWriter.close`). "The shard file exists" therefore means "these rows
-are done": a rerun after a crash skips those shards and writes the rest.
+:meth:`FamilyWriter.close`, with the rows given so far). A rerun after a crash
+skips the rows already on disk and writes the rest: shards not written yet, and
+rows missing inside shards that were written with holes. Filling holes (or, with
+``repair=True``, rewriting corrupt rows) replaces the shard file atomically with
+one holding its intact old rows plus the new ones, after checking no other
+process changed it meanwhile; a row that was there is never lost.
 """
 
 from __future__ import annotations
@@ -19,7 +23,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .format import FormatError
-from .shardcodec import RawShardBuilder, encode_shard
+from .layout import as_row_numbers
+from .shardcodec import (
+    ChecksumError,
+    RawShardBuilder,
+    ShardIndex,
+    decode_index,
+    encode_shard,
+    index_nbytes,
+)
+from .storage import ShardChangedError, TemporaryFileLost, UnsafeFileError
 
 if TYPE_CHECKING:
     from .store import VLAStore
@@ -40,6 +53,8 @@ def as_storage_array(value: Any, true_dtype: str) -> np.ndarray:
 
     bfloat16 is accepted as a torch bfloat16 tensor, an ``ml_dtypes`` bfloat16
     array, or uint16 raw bits. Other dtypes must match exactly: nothing is cast.
+    Arrays in non-native byte order (e.g. ``'>f4'``, ``'>u2'`` bfloat16 bits) are
+    accepted and converted to native order, so the stored values equal the input's.
 
     Raises:
         FormatError: the dtype does not match ``true_dtype``.
@@ -60,6 +75,8 @@ def as_storage_array(value: Any, true_dtype: str) -> np.ndarray:
         return tensor.contiguous().numpy()
     array = np.asarray(value)
     name = array.dtype.name
+    if not array.dtype.isnative:  # same values in this machine's byte order (stored bytes are little-endian)
+        array = array.astype(array.dtype.newbyteorder("="))
     if true_dtype == "bfloat16" and name in ("uint16", "bfloat16"):
         return array.view(np.uint16)
     if name != true_dtype:
@@ -74,16 +91,34 @@ def _nonfinite(array: np.ndarray, true_dtype: str) -> np.ndarray:
     return ~np.isfinite(array)
 
 
+class _Existing:
+    """A shard file on disk that still lacks rows: which of its rows are intact, and the file's identity."""
+
+    __slots__ = ("rows_ok", "token", "tail")
+
+    def __init__(self, rows_ok: np.ndarray, token: Any, tail: bytes | None = None) -> None:
+        self.rows_ok = rows_ok
+        """bool per row of the shard: present and (with repair=True) checked intact."""
+        self.token = token
+        """What the local file was (inode, size, mtime) when this writer looked at it; a replace checks it."""
+        self.tail = tail
+        """The index bytes read then: remote stores compare those instead."""
+
+
 class _Pending:
     """Rows of one shard received so far, written straight into the shard's bytes."""
 
-    __slots__ = ("builder", "received", "first_row", "compressed_rows")
+    __slots__ = ("builder", "received", "first_row", "compressed_rows", "existing", "new_rows")
 
     def __init__(
-        self, builder: RawShardBuilder | None, n_rows: int, first_row: int, n_chunks: int, row_bytes: int
+        self, builder: RawShardBuilder | None, n_rows: int, first_row: int, n_chunks: int, row_bytes: int,
+        existing: _Existing | None = None,
     ) -> None:
         self.builder = builder
-        self.received = np.zeros(n_rows, dtype=bool)
+        self.existing = existing
+        # rows already intact in the shard file count as received: they are copied in when it is rewritten
+        self.received = np.zeros(n_rows, dtype=bool) if existing is None else existing.rows_ok.copy()
+        self.new_rows = 0
         self.first_row = first_row
         # compressed families keep rows until the shard is encoded
         self.compressed_rows: np.ndarray | None = (
@@ -117,6 +152,18 @@ class FamilyWriter:
             rows, 0.41 vs 0.27 of ``np.save``'s speed in tools/bench_write.py);
             errors (e.g. :class:`OwnershipError`) then surface at the next
             call, :meth:`wait` or :meth:`close`, and again at every call after.
+        repair: also read every owned shard whole and check the crc32c of each
+            chunk: corrupt rows (all rows of a shard whose index is corrupt or
+            which cannot be read) become pending like missing ones, and writing
+            them rewrites the shard atomically. Without it only the shard
+            indexes are read (rows missing inside written shards are pending).
+
+    Holes and repair: :meth:`pending_rows` lists every owned row not intact on
+    disk, also rows missing inside shards written earlier with holes. Writing
+    such rows replaces the shard file (temporary file + ``os.replace``) with one
+    holding its old intact rows plus the new rows, once no other process changed
+    the file since this writer read it (same inode, size and mtime; else
+    :class:`OwnershipError`). Rows already intact on disk are skipped when given.
     """
 
     def __init__(
@@ -128,6 +175,7 @@ class FamilyWriter:
         generation: int | None = None,
         fsync: bool = False,
         write_behind: bool = True,
+        repair: bool = False,
     ) -> None:
         if rank is None or world_size is None:
             # every process of a torchrun job can call store.writer(family) unchanged
@@ -152,10 +200,15 @@ class FamilyWriter:
         self.write_behind = write_behind
         self._executor: ThreadPoolExecutor | None = None
         self._in_flight: deque[tuple[int, Future[None], _Pending]] = deque()
+        self.repair = repair
         self.owned = np.arange(rank, self.layout.n_shards, world_size, dtype=np.int64)
-        done = np.intersect1d(store.written_shards(family, self.generation), self.owned)
-        self._done: set[int] = set(done.tolist())
-        # temporary files of shards this rank owns can only be left over from a killed run of this rank
+        self._done: set[int] = set()
+        self._existing: dict[int, _Existing] = {}
+        self.shards_unreadable: list[tuple[int, str]] = []
+        """Owned shards whose index could not be read without repair=True (left alone), with why."""
+        for shard in np.intersect1d(store.written_shards(family, self.generation), self.owned).tolist():
+            self._inspect(shard)
+        # temporaries of dead writers of these shards (a killed run): removed; a live writer's are left alone
         for shard in self.pending_shards().tolist():
             store.storage.remove_partials(store.shard_key(family, shard, self.generation))
         self._pending: dict[int, _Pending] = {}
@@ -165,6 +218,66 @@ class FamilyWriter:
         self._closed = False
         self._failed: BaseException | None = None
         self._spare_buffers: list[np.ndarray] = []  # shard buffers whose file is written, for reuse
+
+    def _inspect(self, shard: int) -> None:
+        """Classify a written owned shard: complete (done), or holding rows still pending (holes, corruption)."""
+        storage = self.store.storage
+        key = self.store.shard_key(self.family, shard, self.generation)
+        rows = self.layout.shard_rows(shard)
+        rps = self.layout.rows_per_shard
+        n_index = index_nbytes(rps)
+        try:
+            if self.repair:
+                got = storage.read_versioned(key)
+                if got is None:  # removed since listed
+                    return
+                data, _ = got
+                token = storage.entry_token(key)
+                buf = np.frombuffer(data, dtype=np.uint8)
+                tail = data[-n_index:]
+                if buf.size < n_index:
+                    raise ChecksumError(f"{buf.size} bytes, too short for a shard index")
+                index = decode_index(buf[-n_index:], rps, buf.size - n_index)
+                chunk_ok = self._chunks_intact(buf, index)
+            else:
+                token = storage.entry_token(key)
+                read = storage.read_range(key, -n_index)
+                if read is None:
+                    return
+                tail = read
+                index = decode_index(tail, rps)
+                chunk_ok = index.present
+        except (ChecksumError, UnsafeFileError, OSError) as exc:
+            if not self.repair:  # its rows cannot be known: left alone; verify reports it, repair rewrites it
+                self._done.add(shard)
+                self.shards_unreadable.append((shard, str(exc)))
+                log.warning("family %r shard %d: %s; left alone (rerun with repair=True to rewrite it)",
+                            self.family, shard, exc)
+                return
+            self._existing[shard] = _Existing(np.zeros(len(rows), dtype=bool), storage.entry_token(key))
+            return
+        first = self.layout.start_of(rows) - shard * rps
+        if self.spec.ragged:  # a row is intact when every one of its chunks is
+            lengths = self.layout.lengths[rows]
+            ok_cum = np.concatenate([[0], np.cumsum(chunk_ok)])
+            rows_ok = ok_cum[first + lengths] - ok_cum[first] == lengths
+        else:
+            rows_ok = chunk_ok[first]
+        if rows_ok.all():
+            self._done.add(shard)
+        else:
+            self._existing[shard] = _Existing(np.asarray(rows_ok, dtype=bool), token, tail)
+
+    def _chunks_intact(self, buf: np.ndarray, index: ShardIndex) -> np.ndarray:
+        """bool per chunk: present, crc32c intact, and one row's size once decoded."""
+        ok = np.zeros(len(index.present), dtype=bool)
+        for chunk in np.flatnonzero(index.present).tolist():
+            try:
+                index.chunk_bytes(buf, chunk, self.spec.compression, self.spec.row_nbytes)
+            except ChecksumError:
+                continue
+            ok[chunk] = True
+        return ok
 
     @classmethod
     def open(
@@ -181,12 +294,21 @@ class FamilyWriter:
         return shard % self.world_size == self.rank
 
     def pending_shards(self) -> np.ndarray:
-        """Owned shards not written yet (those a resumed run still has to do)."""
+        """Owned shards with rows still to write: not written yet, or written with holes (or, with
+        ``repair=True``, with corrupt rows)."""
         return np.array([s for s in self.owned.tolist() if s not in self._done], dtype=np.int64)
 
     def pending_rows(self) -> np.ndarray:
-        """Rows of :meth:`pending_shards`, ascending: what this rank still has to write."""
-        parts = [self.layout.shard_rows(s) for s in self.pending_shards().tolist()]
+        """Owned rows not intact on disk, ascending: what this rank still has to write.
+
+        Includes rows missing inside shards that exist (holes) and, with
+        ``repair=True``, corrupt rows.
+        """
+        parts = []
+        for shard in self.pending_shards().tolist():
+            rows = self.layout.shard_rows(shard)
+            existing = self._existing.get(shard)
+            parts.append(rows if existing is None else rows[~existing.rows_ok])
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
     def owned_rows(self) -> np.ndarray:
@@ -215,7 +337,7 @@ class FamilyWriter:
             FormatError: wrong shape or dtype, NaN/Inf in a family that forbids them.
         """
         self._require_open()
-        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        rows = as_row_numbers(rows)
         if rows.size and (rows.min() < 0 or rows.max() >= self.layout.rows):
             bad = int(rows[(rows < 0) | (rows >= self.layout.rows)][0])
             raise IndexError(f"row {bad} out of range: family {self.family!r} has {self.layout.rows} rows")
@@ -236,25 +358,23 @@ class FamilyWriter:
                 f"expected {(len(rows), *self.spec.row_shape)}"
             )
         self._check_finite(rows, batch)
-        ascending = self._check_rows(rows)
-        shards = self.layout.row_shards[rows]
         if not len(rows):
             return
-        if ascending:  # the usual case: each shard's rows are one slice of the batch
-            cuts = np.flatnonzero(np.diff(shards)) + 1
-            for lo, hi in zip([0, *cuts.tolist()], [*cuts.tolist(), len(rows)], strict=False):
-                self._put_many(int(shards[lo]), rows[lo:hi], batch[lo:hi])
-            return
-        for shard in np.unique(shards).tolist():
-            sel = np.flatnonzero(shards == shard)
-            self._put_many(shard, rows[sel], batch[sel])
+        if not self._check_rows(rows):
+            # _put_many needs strictly ascending rows (its block copy relies on it): sort them, with their values
+            order = np.argsort(rows, kind="stable")
+            rows, batch = rows[order], batch[order]
+        shards = self.layout.shard_of(rows)
+        cuts = np.flatnonzero(np.diff(shards)) + 1  # each shard's rows are one slice of the sorted batch
+        for lo, hi in zip([0, *cuts.tolist()], [*cuts.tolist(), len(rows)], strict=False):
+            self._put_many(int(shards[lo]), rows[lo:hi], batch[lo:hi])
 
     def _check_rows(self, rows: np.ndarray) -> bool:
         """Raise before anything is buffered: rows of another rank, or a row given twice.
 
         Returns whether ``rows`` strictly ascend (then no row can repeat within them).
         """
-        shards = self.layout.row_shards[rows]
+        shards = self.layout.shard_of(rows)
         foreign = shards[shards % self.world_size != self.rank]
         if foreign.size:
             self._pending_for(int(foreign[0]))  # raises OwnershipError naming the shard
@@ -318,33 +438,46 @@ class FamilyWriter:
             if self.spec.compression is None:
                 spare = self._spare_buffers.pop() if self._spare_buffers else None
                 builder = RawShardBuilder(self.layout.rows_per_shard, n_chunks, self.spec.row_nbytes, spare)
-            pending = _Pending(builder, len(rows), int(rows[0]) if len(rows) else 0, n_chunks, self.spec.row_nbytes)
+            pending = _Pending(builder, len(rows), int(rows[0]) if len(rows) else 0, n_chunks, self.spec.row_nbytes,
+                               self._existing.get(shard))
             self._pending[shard] = pending
         return pending
 
     def _put(self, row: int, value: np.ndarray) -> None:
-        shard = int(self.layout.row_shards[row])
+        shard = int(self.layout.shard_of(np.asarray([row]))[0])
         pending = self._pending_for(shard)
         if pending is None:
             self.rows_skipped += 1
             return
         k = row - pending.first_row
+        if pending.existing is not None and pending.existing.rows_ok[k]:  # intact on disk already
+            self.rows_skipped += 1
+            return
         if pending.received[k]:
             raise FormatError(f"family {self.family!r}: row {self._describe(row)} was given twice")
-        first = int(self.layout.starts[row]) - shard * self.layout.rows_per_shard
+        first = int(self.layout.start_of(np.asarray([row]))[0]) - shard * self.layout.rows_per_shard
         n = int(self.layout.lengths[row])
         pending.payload()[first : first + n] = np.ascontiguousarray(value).view(np.uint8).reshape(n, -1)
         pending.received[k] = True
+        pending.new_rows += 1
         self.rows_written += 1
         if pending.received.all():
             self._flush(shard)
 
     def _put_many(self, shard: int, rows: np.ndarray, batch: np.ndarray) -> None:
+        """Rows of one shard of a fixed family; ``rows`` strictly ascend (write_rows sorts them)."""
         pending = self._pending_for(shard)
         if pending is None:
             self.rows_skipped += len(rows)
             return
         k = rows - pending.first_row
+        if pending.existing is not None:
+            on_disk = pending.existing.rows_ok[k]
+            if on_disk.any():  # rows intact on disk already: skipped, like rows of finished shards
+                self.rows_skipped += int(on_disk.sum())
+                rows, batch, k = rows[~on_disk], batch[~on_disk], k[~on_disk]
+                if not len(rows):
+                    return
         # rows were checked for repeats within the batch (_check_rows); here: against earlier batches
         if pending.received[k].any():
             dup = int(rows[pending.received[k]][0])
@@ -352,12 +485,13 @@ class FamilyWriter:
         chunks = rows - shard * self.layout.rows_per_shard
         data = np.ascontiguousarray(batch).view(np.uint8).reshape(len(rows), -1)
         first, last = int(chunks[0]), int(chunks[-1])
-        if last - first + 1 == len(chunks) and (len(chunks) == 1 or chunks[1] > chunks[0]):
-            pending.payload()[first : last + 1] = data  # consecutive rows: one block copy
+        if last - first + 1 == len(chunks):  # strictly ascending and spanning len(chunks): consecutive
+            pending.payload()[first : last + 1] = data  # one block copy
             pending.received[k[0] : k[0] + len(k)] = True
         else:
             pending.payload()[chunks] = data
             pending.received[k] = True
+        pending.new_rows += len(rows)
         self.rows_written += len(rows)
         if pending.received.all():
             self._flush(shard)
@@ -393,20 +527,73 @@ class FamilyWriter:
             self._spare_buffers.append(pending.builder.buffer)
 
     def _encode_and_write(self, shard: int, pending: _Pending, present: np.ndarray) -> None:
+        key = self.store.shard_key(self.family, shard, self.generation)
+        version = None
+        if pending.existing is not None:
+            version = self._copy_existing(shard, key, pending)
         if pending.builder is not None:
             data = pending.builder.finish(present)
         else:
             chunks = np.flatnonzero(present)
             data = encode_shard(pending.payload()[chunks], chunks, self.layout.rows_per_shard, self.spec.compression)
-        key = self.store.shard_key(self.family, shard, self.generation)
         try:
-            self.store.storage.write_once(key, data, fsync=self.fsync)
-        except FileExistsError:
+            if pending.existing is None:
+                self.store.storage.write_once(key, data, fsync=self.fsync)
+            else:
+                self.store.storage.replace(key, data, version, fsync=self.fsync)
+        except (FileExistsError, ShardChangedError):
             raise OwnershipError(
                 f"shard {shard} of family {self.family!r} (generation {self.generation}) was written by another "
                 f"writer while rank {self.rank}/{self.world_size} was filling it: two writers own the same shard. "
                 "Give every process a distinct rank and the same world_size. Nothing was overwritten."
             ) from None
+        except TemporaryFileLost as exc:
+            raise OwnershipError(
+                f"shard {shard} of family {self.family!r} (generation {self.generation}): {exc}. Nothing was "
+                "written; run only one writer per rank (and world_size) at a time, then rerun"
+            ) from None
+
+    def _copy_existing(self, shard: int, key: str, pending: _Pending) -> Any:
+        """Copy the intact old rows of a shard being rewritten into its new bytes; the version to replace."""
+        existing = pending.existing
+        assert existing is not None
+        storage = self.store.storage
+        changed = OwnershipError(
+            f"shard {shard} of family {self.family!r} (generation {self.generation}) changed on disk since rank "
+            f"{self.rank}/{self.world_size} opened it: another writer is filling the same shard. Nothing was "
+            "overwritten; run one writer per rank, then rerun"
+        )
+        if not existing.rows_ok.any():  # nothing to keep (an unreadable shard being repaired): only its identity
+            if storage.entry_token(key) != existing.token:
+                raise changed
+            return existing.token
+        got = storage.read_versioned(key)
+        rps = self.layout.rows_per_shard
+        n_index = index_nbytes(rps)
+        if got is None:
+            raise changed
+        data, version = got
+        same = version == existing.token if storage.local_root is not None else data[-n_index:] == existing.tail
+        if not same:
+            raise changed
+        buf = np.frombuffer(data, dtype=np.uint8)
+        index = decode_index(buf[-n_index:], rps, buf.size - n_index)
+        rows = self.layout.shard_rows(shard)[existing.rows_ok]
+        starts = self.layout.start_of(rows) - shard * rps
+        lengths = self.layout.lengths[rows]
+        payload = pending.payload()
+        for first, n in zip(starts.tolist(), lengths.tolist(), strict=True):
+            for chunk in range(first, first + n):
+                try:
+                    # crc checked before the bytes move: a new crc is never computed over corrupt bytes
+                    payload[chunk] = index.chunk_bytes(buf, chunk, self.spec.compression, self.spec.row_nbytes)
+                except (ChecksumError, KeyError) as exc:
+                    raise ChecksumError(
+                        f"{storage.where(key)}: chunk {chunk} of a row kept from the old shard is corrupt ({exc}); "
+                        "rerun the writer with repair=True (`vlastore build-features --repair`, "
+                        "`vlastore ingest ... --repair`) to rewrite corrupt rows"
+                    ) from None
+        return version
 
     def _wait_oldest(self) -> None:
         shard, future, pending = self._in_flight.popleft()
@@ -436,11 +623,18 @@ class FamilyWriter:
 
         For callers that know some planned rows will never arrive (an ingestion
         skipping bad source files), so a shard need not wait for :meth:`close`.
-        A shard already written (by this or an earlier run) is left alone.
+        A shard already complete is left alone; a shard written earlier with holes
+        is rewritten only if rows arrived for it (they stay pending for a rerun).
         """
         self._require_open()
-        if self._pending_for(int(shard)) is not None:
-            self._flush(int(shard))
+        pending = self._pending_for(int(shard))
+        if pending is None:
+            return
+        if pending.existing is not None and pending.new_rows == 0:  # nothing new: keep the file as it is
+            self._pending.pop(int(shard))
+            self._done.add(int(shard))
+            return
+        self._flush(int(shard))
 
     # ---------------------------------------------------------------- closing
 
@@ -464,7 +658,10 @@ class FamilyWriter:
             return
         try:
             if self._failed is None:
-                for shard in list(self._pending):
+                for shard, pending in list(self._pending.items()):
+                    if pending.existing is not None and pending.new_rows == 0:  # only rows already on disk came
+                        del self._pending[shard]
+                        continue
                     self._flush(shard)
             self.wait()
         finally:

@@ -171,15 +171,19 @@ def compute_rows(
     progress: bool = True,
     prefetch: int = 2,
     on_batch: Callable[[int], None] | None = None,
+    repair: bool = False,
 ) -> BuildStats:
     """Compute and write the rows this rank still owes to one generation of a family.
 
-    Only shards not yet on disk are computed (resume). Returns this rank's stats.
+    Only rows not on disk are computed (resume): rows of shards not written yet and
+    rows missing inside written shards (holes, filled by replacing the shard
+    atomically). With ``repair`` every owned shard is read whole first and corrupt
+    rows are computed again too. Returns this rank's stats.
     """
     if rank is None or world_size is None:
         rank, world_size = rank_world()
     started = time.perf_counter()
-    writer = store.writer(family, rank=rank, world_size=world_size, generation=generation)
+    writer = store.writer(family, rank=rank, world_size=world_size, generation=generation, repair=repair)
     rows = writer.pending_rows()
     items = source.items(store, family, rows, writer.generation)
     stats = BuildStats(rank=rank, world_size=world_size, generation=writer.generation, batch_size=batch_size)
@@ -290,11 +294,14 @@ def build_features(
     rows_per_shard: int = 0,
     compression: str | None = None,
     progress: bool = True,
+    repair: bool = False,
 ) -> BuildStats:
     """Plan ``family`` if it is new, then compute its missing rows on every rank.
 
     Call it on every rank (``torchrun``) or in one process. Resumable: run it
-    again after a crash and only the unwritten shards are computed.
+    again after a crash and only the rows not on disk are computed (also rows
+    missing inside written shards). ``repair=True`` also recomputes rows whose
+    bytes fail their crc32c (every owned shard is read whole to find them).
 
     Raises:
         FeatureMismatchError: the family exists with rows of other weights or
@@ -311,7 +318,8 @@ def build_features(
     else:
         spec = extractor.spec(vlm_reuse_count, rows_per_shard=rows_per_shard, compression=compression)
         info = _plan_family(store, family, spec, extractor, source, fingerprint, batch_size)
-    stats = compute_rows(store, family, extractor, source, info.generation, batch_size, rank, world_size, progress)
+    stats = compute_rows(store, family, extractor, source, info.generation, batch_size, rank, world_size, progress,
+                         repair=repair)
     stats.fingerprint = fingerprint
     barrier()
     return stats

@@ -76,6 +76,7 @@ def run_build_features(
     stats_json: str | None = None,
     lerobot_root: str | os.PathLike[str] | None = None,
     lerobot_name_pattern: str | None = None,
+    repair: bool = False,
 ) -> BuildStats:
     """Build (or, with ``rebuild``, rebuild as a new generation) one feature family.
 
@@ -109,7 +110,7 @@ def run_build_features(
         else:
             stats = build_features(store, made, source, family=family, vlm_reuse_count=vlm_reuse_count,
                                    batch_size=batch_size, rows_per_shard=rows_per_shard, compression=compression,
-                                   progress=progress)
+                                   progress=progress, repair=repair)
         rank, _ = rank_world()
         logging.getLogger(__name__).info(stats.summary())
         if stats_json:
@@ -123,7 +124,34 @@ def run_build_features(
             shutdown()
 
 
+def _count(minimum: int) -> Any:
+    """argparse type: an integer >= ``minimum`` (a usage mistake exits 2 naming the option)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is less than {minimum}")
+        return value
+
+    return parse
+
+
 def _cmd_build_features(args: argparse.Namespace) -> int:
+    from ..cli import UserError
+    from ..storage import Storage
+
+    Storage.open(args.store)  # a wrong store path is a usage mistake found before any model is loaded
+    if args.data_root is None and args.lerobot_root is None:
+        raise UserError("give the images: --data-root DATA (one sub-folder per episode) or --lerobot-root ROOT")
+    for option, folder in (("--data-root", args.data_root), ("--lerobot-root", args.lerobot_root)):
+        if folder is not None and not Path(folder).is_dir():
+            raise UserError(f"{option} {folder}: no such folder")
+    if args.repair and args.rebuild:
+        raise UserError("--repair rewrites corrupt rows of the current generation; --rebuild writes a new one "
+                        "from scratch: use one of them")
     try:
         options = extractor_options(args.extractor, model=args.model, adapter=args.adapter, pooling=args.pooling,
                                     layer=args.layer, dtype=args.dtype, device=args.device, extra=args.option)
@@ -136,7 +164,7 @@ def _cmd_build_features(args: argparse.Namespace) -> int:
         instruction=args.instruction, rows_per_shard=args.rows_per_shard, compression=args.compression,
         rebuild=args.rebuild, keep_previous=None if args.keep_all else args.keep_previous,
         progress=not args.quiet, stats_json=args.stats_json, lerobot_root=args.lerobot_root,
-        lerobot_name_pattern=args.name_pattern,
+        lerobot_name_pattern=args.name_pattern, repair=args.repair,
     )
     if not args.quiet:
         print(stats.summary(), file=sys.stderr)
@@ -176,8 +204,9 @@ def add_build_features_parser(sub: argparse._SubParsersAction) -> argparse.Argum
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
                    help="stored dtype (default: bfloat16 on GPU, float32 on CPU)")
     p.add_argument("--device", help="torch device (default: cuda:LOCAL_RANK when available, else cpu)")
-    p.add_argument("--vlm-reuse-count", type=int, default=3, help="steps served by one row (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=8,
+    p.add_argument("--vlm-reuse-count", type=_count(1), default=3,
+                   help="steps served by one row (default: %(default)s)")
+    p.add_argument("--batch-size", type=_count(1), default=8,
                    help="items per forward; halved on out-of-memory (default: %(default)s)")
     p.add_argument("--image-pattern", default="{camera}/{step:06d}.png",
                    help="image path inside an episode folder (default: %(default)s)")
@@ -186,15 +215,18 @@ def add_build_features_parser(sub: argparse._SubParsersAction) -> argparse.Argum
     p.add_argument("--instruction-file", default="instruction.txt",
                    help="per-episode instruction file, .txt or .json (default: %(default)s)")
     p.add_argument("--instruction", help="one instruction for every episode (instead of the file)")
-    p.add_argument("--rows-per-shard", type=int, default=0,
+    p.add_argument("--rows-per-shard", type=_count(0), default=0,
                    help="rows per shard file for a new family (default: auto)")
     p.add_argument("--compression", choices=["zstd"],
                    help="compress a new family's shards (default: raw, memory-mapped)")
     p.add_argument("--rebuild", action="store_true",
                    help="write a new generation with the current weights, then switch readers to it")
-    p.add_argument("--keep-previous", type=int, default=1,
+    p.add_argument("--keep-previous", type=_count(0), default=1,
                    help="replaced generations kept after --rebuild (default: %(default)s)")
     p.add_argument("--keep-all", action="store_true", help="keep every old generation after --rebuild")
+    p.add_argument("--repair", action="store_true",
+                   help="also recompute rows whose bytes fail their checksum (reads every shard first); missing "
+                        "rows are always computed on a rerun")
     p.add_argument("--stats-json", help="write this rank's timing stats here ({rank} is replaced)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     p.set_defaults(func=_cmd_build_features)
