@@ -26,10 +26,11 @@ s3fs runs on) is thread-safe, has ``IfNoneMatch``/``IfMatch`` on ``PutObject``
 with a 412 and its error code, streams bodies, and works in a forked child with a
 client made there: this module keeps one client per process id.
 
-zarr-python gets :class:`zarr.storage.FsspecStore` over s3fs (same credentials,
-same botocore underneath): zarr has no botocore store, and ``ObjectStore``
+zarr-python gets :class:`vlastore.remote.zarrstore.SeamStore` over this storage
+(the same client, retries and checks): zarr has no botocore store, ``ObjectStore``
 (obstore) would bring the fork hang back into any process that reads metadata
-through zarr.
+through zarr, and s3fs's pins of fsspec and aiobotocore made ``pip install
+vlastore[dev]`` unresolvable next to the CPU torch wheel.
 
 What this module adds over the raw client:
 
@@ -53,7 +54,6 @@ What this module adds over the raw client:
 
 from __future__ import annotations
 
-import atexit
 import base64
 import logging
 import os
@@ -643,53 +643,13 @@ class ObjectStorage(Storage):
     # ------------------------------------------------------------------- zarr
 
     def zarr_store(self) -> Store:
-        """A :class:`zarr.storage.FsspecStore` (s3fs) over the same root, one per process."""
+        """A zarr store over the same root that moves its bytes through this storage (one per process)."""
         state = self._process()
         if state.zarr_store is None:
-            state.zarr_store = self._make_zarr_store()
+            from .zarrstore import SeamStore
+
+            state.zarr_store = SeamStore(self)
         return state.zarr_store
-
-    def _make_zarr_store(self) -> Store:
-        try:
-            import s3fs
-            from zarr.storage import FsspecStore
-        except ImportError:
-            raise ImportError(f"{self.location}: zarr access to object storage needs s3fs; pip install "
-                              "'vlastore[s3]'") from None
-        s = self.settings
-        fs = s3fs.S3FileSystem(
-            anon=s.anonymous,
-            key=s.access_key_id,
-            secret=s.secret_access_key,
-            token=s.session_token,
-            profile=s.profile,
-            endpoint_url=s.endpoint,
-            client_kwargs={"region_name": s.region},
-            config_kwargs={
-                "s3": {"addressing_style": s.addressing_style},
-                "connect_timeout": s.connect_timeout_s,
-                "read_timeout": s.read_timeout_s,
-                "retries": {"mode": "standard", "total_max_attempts": s.max_retries + 1},
-                "request_checksum_calculation": "when_required",
-                "response_checksum_validation": "when_required",
-            },
-            asynchronous=True,
-            skip_instance_cache=True,  # fsspec's instance cache would hand a forked child its parent's session
-        )
-        atexit.register(_close_s3fs, fs, os.getpid())
-        return FsspecStore(fs, read_only=False, path=f"{self.bucket}/{self.prefix}".rstrip("/"))
-
-
-def _close_s3fs(fs: Any, pid: int) -> None:
-    """Close s3fs's HTTP session at exit (else aiohttp prints 'Unclosed client session' to stderr)."""
-    if os.getpid() != pid or getattr(fs, "_s3", None) is None:
-        return
-    try:
-        from zarr.core.sync import sync
-
-        sync(fs._s3.close())
-    except Exception:  # exiting anyway: a session that cannot close is no reason to fail
-        pass
 
 
 def _is_missing(exc: BaseException) -> bool:
