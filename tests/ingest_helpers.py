@@ -3,7 +3,18 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import os
+import resource
+import stat
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -68,3 +79,122 @@ class RunsCode:
 
     def __reduce__(self):  # noqa: ANN204
         return (os.system, (f"touch {self.marker}",))
+
+
+# ----------------------------------------------------------------- hostile inputs and real subprocesses
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every entry under ``root`` with its content hash (regular files), link target or type; never opens a FIFO."""
+    out = {}
+    for dirpath, dirs, files in os.walk(root):
+        for name in [*dirs, *files]:
+            path = Path(dirpath) / name
+            info = path.lstat()
+            if stat.S_ISLNK(info.st_mode):
+                out[str(path)] = f"link->{os.readlink(path)}"
+            elif stat.S_ISREG(info.st_mode):
+                with open(path, "rb") as f:
+                    out[str(path)] = hashlib.sha256(f.read()).hexdigest() + f"@{info.st_mtime_ns}"
+            else:
+                out[str(path)] = f"mode {stat.S_IFMT(info.st_mode):o}@{info.st_mtime_ns}"
+    return out
+
+
+def raw_zip(entries: list[tuple[str, bytes]], zip64: bool = False, method: int = 0,
+            declared: dict[str, int] | None = None) -> bytes:
+    """A zip archive written byte by byte: stored (or ``method``) records, optionally in zip64 form, and
+    optionally declaring other uncompressed sizes than the data holds (``declared``)."""
+    declared = declared or {}
+    body, central = bytearray(), bytearray()
+    big = 0xFFFFFFFF
+    for name, data in entries:
+        raw_name = name.encode()
+        usize = declared.get(name, len(data))
+        crc = zlib.crc32(data) if method == 0 else 0
+        offset = len(body)
+        if zip64:
+            local_extra = struct.pack("<HHQQ", 1, 16, usize, len(data))
+            body += struct.pack("<4sHHHHHIIIHH", b"PK\x03\x04", 45, 0, method, 0, 0x21, crc, big, big,
+                                len(raw_name), len(local_extra)) + raw_name + local_extra + data
+            extra = struct.pack("<HHQQQ", 1, 24, usize, len(data), offset)
+            central += struct.pack("<4sHHHHHHIIIHHHHHII", b"PK\x01\x02", 45, 45, 0, method, 0, 0x21, crc, big, big,
+                                   len(raw_name), len(extra), 0, 0, 0, 0, big) + raw_name + extra
+        else:
+            body += struct.pack("<4sHHHHHIIIHH", b"PK\x03\x04", 20, 0, method, 0, 0x21, crc, len(data), usize,
+                                len(raw_name), 0) + raw_name + data
+            central += struct.pack("<4sHHHHHHIIIHHHHHII", b"PK\x01\x02", 20, 20, 0, method, 0, 0x21, crc, len(data),
+                                   usize, len(raw_name), 0, 0, 0, 0, 0, offset) + raw_name
+    cd_offset, n = len(body), len(entries)
+    out = body + central
+    if zip64:
+        eocd64 = len(out)
+        out += struct.pack("<4sQHHIIQQQQ", b"PK\x06\x06", 44, 45, 45, 0, 0, n, n, len(central), cd_offset)
+        out += struct.pack("<4sIQI", b"PK\x06\x07", 0, eocd64, 1)
+        out += struct.pack("<4sHHHHIIH", b"PK\x05\x06", 0, 0, 0xFFFF, 0xFFFF, big, big, 0)
+    else:
+        out += struct.pack("<4sHHHHIIH", b"PK\x05\x06", 0, 0, n, n, len(central), cd_offset, 0)
+    return bytes(out)
+
+
+def pt_records(obj: object) -> list[tuple[str, bytes]]:
+    """The zip records ``torch.save(obj)`` writes, in order."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    with zipfile.ZipFile(io.BytesIO(buf.getvalue())) as z:
+        return [(info.filename, z.read(info)) for info in z.infolist()]
+
+
+def deflate_bomb(gib: int) -> bytes:
+    """A raw deflate stream that inflates to ``gib`` GiB of zeros, made in a fraction of a second."""
+    chunk_compressor = zlib.compressobj(1, zlib.DEFLATED, -15)
+    chunk = chunk_compressor.compress(bytes(64 << 20)) + chunk_compressor.flush(zlib.Z_FULL_FLUSH)
+    return chunk * (16 * gib) + b"\x03\x00"  # byte-aligned blocks repeat; an empty final block ends the stream
+
+
+@dataclass
+class Run:
+    code: int
+    out: str
+    err: str
+    peak_rss: int
+    """Peak resident memory of the command and its workers, in bytes."""
+
+
+def run_cli(args: list[str], *, limit_as: int | None = None, limit_fsize: int | None = None, uid: int | None = None,
+            timeout: float = 120, cwd: Path | None = None) -> Run:
+    """``python -m vlastore ARGS`` in a real subprocess, optionally under rlimits or another uid."""
+
+    def limits() -> None:
+        if limit_as:
+            resource.setrlimit(resource.RLIMIT_AS, (limit_as, limit_as))
+        if limit_fsize:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit_fsize, limit_fsize))
+        if uid is not None:
+            os.setgid(uid)
+            os.setuid(uid)
+
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen([sys.executable, "-m", "vlastore", *args], stdout=out, stderr=err,
+                                preexec_fn=limits, cwd=cwd or ROOT)
+        deadline = time.monotonic() + timeout
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.monotonic() > deadline:
+                proc.kill()
+                os.wait4(proc.pid, 0)
+                raise AssertionError(f"vlastore {' '.join(args)} did not finish in {timeout} s (a hang)")
+            time.sleep(0.01)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        return Run(proc.returncode, out.read().decode(errors="replace"), err.read().decode(errors="replace"),
+                   usage.ru_maxrss * 1024)
+
+
+def no_traceback(text: str) -> bool:
+    return "Traceback" not in text and 'File "' not in text

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import stat
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -191,7 +192,21 @@ class IngestReport:
                 + (f"; {others:,} more skipped for other reasons" if others else "") + "; see the problems above")
 
     def write_json(self, path: str | os.PathLike[str]) -> None:
-        with open(path, "w") as f:
+        """Write the report as JSON to a regular file (a FIFO there is refused, not waited on)."""
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0), 0o644)
+        except OSError as exc:
+            if exc.errno in (errno.ENXIO, errno.EISDIR):  # a FIFO nobody reads, a folder
+                raise IngestUsageError(f"--report-json {path}: not a regular file; give a file path") from None
+            raise
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise IngestUsageError(f"--report-json {path}: not a regular file; give a file path")
+            os.ftruncate(fd, 0)
+        except BaseException:
+            os.close(fd)
+            raise
+        with os.fdopen(fd, "w") as f:
             json.dump(self.to_dict(), f, indent=2, default=str)
             f.write("\n")
 
