@@ -11,7 +11,6 @@ import struct
 import subprocess
 import sys
 import tempfile
-import time
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -97,7 +96,13 @@ def snapshot(root: Path) -> dict[str, str]:
                 out[str(path)] = f"link->{os.readlink(path)}"
             elif stat.S_ISREG(info.st_mode):
                 with open(path, "rb") as f:
-                    out[str(path)] = hashlib.sha256(f.read()).hexdigest() + f"@{info.st_mtime_ns}"
+                    if info.st_size <= 64 << 20:
+                        digest = hashlib.sha256(f.read()).hexdigest()
+                    else:  # a sparse multi-GiB test file: its ends, size and mtime say whether it changed
+                        head = f.read(1 << 20)
+                        f.seek(-(1 << 20), os.SEEK_END)
+                        digest = hashlib.sha256(head + f.read()).hexdigest() + f"/{info.st_size}"
+                out[str(path)] = digest + f"@{info.st_mtime_ns}"
             else:
                 out[str(path)] = f"mode {stat.S_IFMT(info.st_mode):o}@{info.st_mtime_ns}"
     return out
@@ -163,37 +168,53 @@ class Run:
     """Peak resident memory of the command and its workers, in bytes."""
 
 
-def run_cli(args: list[str], *, limit_as: int | None = None, limit_fsize: int | None = None, uid: int | None = None,
-            timeout: float = 120, cwd: Path | None = None) -> Run:
-    """``python -m vlastore ARGS`` in a real subprocess, optionally under rlimits or another uid."""
+_MEASURE = """
+import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.argv[1], sys.argv[1:])
+_, status, usage = os.wait4(pid, 0)
+with open(os.environ["VLASTORE_TEST_PEAK"], "w") as f:
+    f.write(str(usage.ru_maxrss))
+code = os.waitstatus_to_exitcode(status)
+sys.exit(code if code >= 0 else 128 - code)
+"""
+
+
+def run_cli(args: list[str], *, limit_as: int | None = None, limit_fsize: int | None = None,
+            drop_file_caps: bool = False, timeout: float = 120, cwd: Path | None = None) -> Run:
+    """``python -m vlastore ARGS`` in a real subprocess, optionally under rlimits or without root's file access.
+
+    A small Python parent starts the command and reports its peak memory: a child forked straight
+    from pytest would count pytest's own memory in its peak.
+    """
 
     def limits() -> None:
         if limit_as:
             resource.setrlimit(resource.RLIMIT_AS, (limit_as, limit_as))
         if limit_fsize:
             resource.setrlimit(resource.RLIMIT_FSIZE, (limit_fsize, limit_fsize))
-        if uid is not None:
-            os.setgid(uid)
-            os.setuid(uid)
 
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen([sys.executable, "-m", "vlastore", *args], stdout=out, stderr=err,
-                                preexec_fn=limits, cwd=cwd or ROOT)
-        deadline = time.monotonic() + timeout
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.monotonic() > deadline:
-                proc.kill()
-                os.wait4(proc.pid, 0)
-                raise AssertionError(f"vlastore {' '.join(args)} did not finish in {timeout} s (a hang)")
-            time.sleep(0.01)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        return Run(proc.returncode, out.read().decode(errors="replace"), err.read().decode(errors="replace"),
-                   usage.ru_maxrss * 1024)
+    command = [sys.executable, "-m", "vlastore", *args]
+    if drop_file_caps:  # root reads any file: without these two capabilities chmod 000 means EACCES again
+        caps = "-dac_override,-dac_read_search"
+        command = ["/usr/bin/setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}", *command]
+    with tempfile.TemporaryDirectory() as tmp:
+        peak = Path(tmp) / "peak"
+        with open(Path(tmp) / "out", "w+b") as out, open(Path(tmp) / "err", "w+b") as err:
+            proc = subprocess.Popen([sys.executable, "-c", _MEASURE, *command], stdout=out, stderr=err,
+                                    preexec_fn=limits, cwd=cwd or ROOT, start_new_session=True,
+                                    env={**os.environ, "VLASTORE_TEST_PEAK": str(peak)})
+            try:
+                code = proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, 9)
+                proc.wait()
+                raise AssertionError(f"vlastore {' '.join(args)} did not finish in {timeout} s (a hang)") from None
+            out.seek(0)
+            err.seek(0)
+            rss = int(peak.read_text()) * 1024 if peak.exists() else 0
+            return Run(code, out.read().decode(errors="replace"), err.read().decode(errors="replace"), rss)
 
 
 def no_traceback(text: str) -> bool:

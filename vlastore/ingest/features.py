@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import shutil
@@ -142,7 +143,7 @@ def _alive(pid: int) -> bool:
 
 def open_or_create_store(out: str, episodes: list[EpisodeData], columns: dict[str, Any] | None = None,
                          same: Callable[[VLAStore], bool] | None = None,
-                         other_store_hint: str = "") -> tuple[VLAStore, bool]:
+                         other_store_hint: str = "", _retried: bool = False) -> tuple[VLAStore, bool]:
     """Open ``out`` if an earlier run of the same ingestion made it, else create it atomically.
 
     The store is built in a hidden sibling folder and renamed into place, so a
@@ -181,6 +182,11 @@ def open_or_create_store(out: str, episodes: list[EpisodeData], columns: dict[st
         if path.is_dir() and not path.is_symlink():
             path.rmdir()  # an empty folder the user made
         os.rename(tmp, path)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not os.path.lexists(path) or _retried:
+            raise
+        # another run of this command renamed its store into place first: use it if it is the same
+        return open_or_create_store(out, episodes, columns, same, other_store_hint, _retried=True)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -448,8 +454,11 @@ def _finish_report(report: IngestReport, store: VLAStore, plans: list[FamilyPlan
         fam["coverage"] = float(present.mean()) if present.size else 1.0
         ingested.update(p.row_file[present & (p.row_file >= 0)].tolist())
         layout = store.layout(p.name)
-        # rows an earlier run skipped (their shards are finished): say why again, by reading those few files
-        for row in np.flatnonzero(~present & (p.row_file >= 0)).tolist():
+        written = np.zeros(layout.n_shards, dtype=bool)
+        written[store.written_shards(p.name)] = True
+        # rows missing from written shards (an earlier run skipped their files): say why again, by reading those
+        # few files; rows of shards not written (left for a rerun after a transient error) are not skipped files
+        for row in np.flatnonzero(~present & (p.row_file >= 0) & written[layout.row_shards]).tolist():
             path = paths[int(p.row_file[row])]
             if path in reported:
                 continue
