@@ -258,6 +258,8 @@ BAD_PT = {
         str(p.parent.parent / "PWNED"))}), "unsafe-pickle"),
     "ep_c_vlm99999999999.pt": (lambda p: _save(p, torch.randn(1, 16).bfloat16()), "index-out-of-range"),
     f"ep_c_vlm{'9' * 200}.pt": (lambda p: _save(p, torch.randn(1, 16).bfloat16()), "index-out-of-range"),
+    "ep_c_vlm15.pt": (lambda p: p.symlink_to("/dev/zero"), "not-a-regular-file"),  # endless if it were read
+    os.fsdecode(b"ep_\xff_vlm0.pt"): (lambda p: _save(p, torch.randn(1, 16).bfloat16()), "bad-name"),
 }
 
 
@@ -293,7 +295,7 @@ def test_hostile_pt_cache_each_bad_file_skipped_with_its_reason(tmp_path: Path, 
         assert torch.equal(store.feature("vl_features", episode, index), tensor[0])
     data = json.loads(report.read_text())
     assert data["files_ingested"] == len(values) and data["verify"]["ok"]
-    assert len(data["outside_links"]) == 1 and any("lead outside" in n for n in data["notes"])
+    assert len(data["outside_links"]) == 2 and any("lead outside" in n for n in data["notes"])
     assert not (tmp_path / "PWNED").exists()
     assert {k: v for k, v in snapshot(tmp_path).items() if "/out" not in k} == \
         {k: v for k, v in before.items() if "/out" not in k}

@@ -139,31 +139,35 @@ def run_ingest(args: argparse.Namespace) -> int:
     cause and the fix. 2: a usage mistake (e.g. ``--out`` onto another store),
     naming the fix. Never a traceback (``VLASTORE_DEBUG=1`` shows one).
 
-    Raises:
-        IngestError: ``--strict`` with problems, or a failed run (its report is still written to ``--report-json``).
+    With ``--strict``, the problems are listed and the report (the plan that was
+    refused) is still written to ``--report-json``.
     """
-    from .report import IngestError, IngestUsageError, describe_failure
+    from .report import IngestError, IngestUsageError, describe_failure, printable
+
+    def fail(message: str, code: int) -> int:
+        print(printable(f"vlastore ingest: error: {message}"), file=sys.stderr)
+        return code
 
     try:
         reports = _run(args)
     except IngestUsageError as exc:
-        print(f"vlastore ingest: error: {exc}", file=sys.stderr)
-        return 2
+        return fail(str(exc), 2)
     except IngestError as exc:
         if args.report_json and exc.report is not None:
             exc.report.write_json(args.report_json)
-        raise
+        shown = "".join(f"\n  {p}" for p in exc.problems[:20])
+        more = f"\n  ... {len(exc.problems) - 20:,} more (see --report-json)" if len(exc.problems) > 20 else ""
+        return fail(f"{exc}{shown}{more}", 1)
     except (KeyboardInterrupt, SystemExit):
         raise
     except Exception as exc:  # noqa: BLE001 - a few lines, never a traceback (VLASTORE_DEBUG=1 shows it)
         if os.environ.get("VLASTORE_DEBUG"):
             raise
-        print(f"vlastore ingest: error: {describe_failure(exc)}", file=sys.stderr)
-        return 1
+        return fail(describe_failure(exc), 1)
     for report in reports:
         failure = report.failure()
         if failure:
-            print(f"vlastore ingest: {failure}", file=sys.stderr)
+            print(printable(f"vlastore ingest: {failure}"), file=sys.stderr)
             return 1
     return 0
 

@@ -10,7 +10,8 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["Problem", "IngestError", "IngestUsageError", "IngestReport", "REASONS", "human_bytes", "describe_failure"]
+__all__ = ["Problem", "IngestError", "IngestUsageError", "IngestReport", "REASONS", "human_bytes", "describe_failure",
+           "printable"]
 
 REASONS: dict[str, str] = {
     "not-zip": "not a zip archive (not written by torch.save >= 1.6)",
@@ -93,6 +94,11 @@ def describe_failure(exc: BaseException, where: str = "") -> str:
             "for a traceback and report it)")
 
 
+def printable(text: str) -> str:
+    """``text`` with undecodable file-name bytes (surrogate escapes) shown as ``\\xff``, safe to print."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
@@ -156,10 +162,11 @@ class IngestReport:
                     "see the MISMATCH lines")
         transient = [p for p in self.problems if p.reason == "transient-error"]
         if transient:
-            return (f"{len(transient):,} file(s) could not be read because of I/O errors that may pass (e.g. "
-                    f"{transient[0].path}); rerun the same command to retry them: finished shards are kept")
+            return printable(f"{len(transient):,} file(s) could not be read because of I/O errors that may pass "
+                             f"(e.g. {transient[0].path}); rerun the same command to retry them: finished shards "
+                             "are kept")
         if (self.files_usable if self.dry_run else self.files_ingested) == 0:
-            return f"nothing {'would be' if self.dry_run else 'was'} ingested: {self._why_nothing()}"
+            return printable(f"nothing {'would be' if self.dry_run else 'was'} ingested: {self._why_nothing()}")
         return None
 
     def _why_nothing(self) -> str:
@@ -264,4 +271,4 @@ class IngestReport:
                          f"{len(v['mismatches'])} mismatches -> {'OK' if v['ok'] else 'FAILED'}")
             for m in v["mismatches"][:max_problems]:
                 lines.append(f"    MISMATCH {m}")
-        return "\n".join(lines)
+        return printable("\n".join(lines))
