@@ -327,6 +327,7 @@ def read_robomimic(path: str, dtype: str | None = DEFAULT_DTYPE, max_bytes: int 
                                                        f"{str(exc)[:160]})")], outside
     finally:
         reader.close()
+        raw.close()
     for key, n in skipped.items():
         notes.append(f"{key} not stored in {n} demo(s): only numeric arrays of 1 or 2 dimensions become series")
     return episodes, notes, problems, outside
@@ -357,7 +358,9 @@ class _Hdf5Reader:
                 if self.skip_outside:
                     raise SourceError("outside-source", f"external link {where} leads outside {self.folder}; not "
                                                         "read (--skip-outside-links)")
-            ext = h5py.File(retrying(lambda: open_source(target, sys.maxsize)), "r")
+            raw = retrying(lambda: open_source(target, sys.maxsize))
+            self._files.append(raw)
+            ext = h5py.File(raw, "r")
             self._files.append(ext)
             return ext.get(link.path)
         return group.get(key)
@@ -404,5 +407,5 @@ class _Hdf5Reader:
                                             f"{stored:,} bytes")
 
     def close(self) -> None:
-        for f in self._files:
+        for f in reversed(self._files):  # each HDF5 file before the file object under it
             f.close()
