@@ -222,7 +222,8 @@ class _Template:
 
     def __init__(self, records: list[tuple[str, int, int, int, int, int]], pkl: bytes, byteorder: bytes | None,
                  recipe: Any) -> None:
-        self.records = records  # (short name, central entry pos, local pos, data start, size, name length)
+        self.records = [(*r, r[0].encode()) for r in records]  # (short name, central entry pos, local pos,
+        # data start, size, name length, short name as bytes)
         self.pkl = pkl
         self.byteorder = byteorder
         self.recipe = recipe
@@ -230,11 +231,11 @@ class _Template:
     def apply(self, buf: bytes) -> Any:
         view = memoryview(buf)
         data: dict[str, memoryview] = {}
-        for short, entry_pos, local, start, size, nlen in self.records:
+        for short, entry_pos, local, start, size, nlen, name in self.records:
             (sig, flags, method, crc, csize, usize, n, _, _, loc) = CDIR_ENTRY.unpack_from(buf, entry_pos)
             if sig != CDIR or method or flags & 1 or csize != size or usize != size or n != nlen or loc != local:
                 return None
-            if buf[local : local + 4] != LOCAL or not buf.endswith(short.encode(), 0, entry_pos + 46 + nlen):
+            if buf[local : local + 4] != LOCAL or not buf.endswith(name, 0, entry_pos + 46 + nlen):
                 return None
             (_, _, lmethod, lnlen, lxlen) = LOCAL_HEADER.unpack_from(buf, local)
             if lmethod or local + 30 + lnlen + lxlen != start:

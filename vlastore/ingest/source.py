@@ -102,6 +102,9 @@ def _kind(mode: int) -> str:
     return "not a regular file"
 
 
+_OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+
+
 def open_regular(path: str | os.PathLike[str], follow_symlinks: bool = True) -> tuple[int, int]:
     """Open ``path`` read-only if it is a regular file: ``(fd, size)``; the caller closes ``fd``.
 
@@ -112,11 +115,8 @@ def open_regular(path: str | os.PathLike[str], follow_symlinks: bool = True) -> 
     Raises:
         SourceError: not a regular file, or the open failed (reason from :func:`classify_os_error`).
     """
-    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
-    if not follow_symlinks:
-        flags |= getattr(os, "O_NOFOLLOW", 0)
     try:
-        fd = os.open(path, flags)
+        fd = os.open(path, _OPEN_FLAGS if follow_symlinks else _OPEN_FLAGS | getattr(os, "O_NOFOLLOW", 0))
     except OSError as exc:
         raise classify_os_error(path, exc) from None
     try:

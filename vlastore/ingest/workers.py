@@ -12,6 +12,7 @@ and a rerun never races a leftover worker.
 
 from __future__ import annotations
 
+import functools
 import math
 import multiprocessing as mp
 import os
@@ -112,11 +113,23 @@ def load_value(path: str, entry: str, spec: FamilySpec, length: int, max_bytes: 
     is ``transient-error``. Never raises for a bad file.
     """
     try:
-        return retrying(lambda: _load_value(path, entry, spec, length, max_bytes))
+        try:
+            return _load_value(path, entry, spec, length, max_bytes)
+        except SourceError as exc:
+            if not exc.transient:
+                raise
+            return retrying(lambda: _load_value(path, entry, spec, length, max_bytes))
     except SourceError as exc:
         return None, Problem(path, exc.reason, str(exc))
     except Exception as exc:  # noqa: BLE001 - one bad file is one skipped file, whatever it raises
         return None, Problem(path, "corrupt", f"{path}: {type(exc).__name__}: {str(exc)[:200]}")
+
+
+@functools.lru_cache(maxsize=1024)
+def _expected(row_shape: tuple[int, ...], ragged: bool, length: int) -> tuple[tuple[int, ...], int, tuple[int, ...]]:
+    """Shape, element count and core shape (no leading 1s) of a row of ``length`` (ragged) or of a fixed row."""
+    shape = (length, *row_shape) if ragged else row_shape
+    return shape, math.prod(shape), core_shape(shape)
 
 
 def _load_value(path: str, entry: str, spec: FamilySpec, length: int, max_bytes: int
@@ -127,8 +140,8 @@ def _load_value(path: str, entry: str, spec: FamilySpec, length: int, max_bytes:
     if tensor is None:
         what = "no float tensor" if not tensors else f"tensors {sorted(tensors)}"
         return None, Problem(path, "no-tensor", f"{label}: holds {what}")
-    shape = (length, *spec.row_shape) if spec.ragged else spec.row_shape
-    if tensor.numel != math.prod(shape) or core_shape(tensor.shape) != core_shape(shape):
+    shape, numel, core = _expected(tuple(spec.row_shape), spec.ragged, length)
+    if tensor.numel != numel or core_shape(tensor.shape) != core:
         return None, Problem(path, "wrong-shape", f"{label}: shape {list(tensor.shape)}, but the family holds "
                              f"{list(shape)} rows here")
     if tensor.dtype != spec.dtype:
@@ -166,16 +179,20 @@ def _write_family(store: Any, work: FamilyWork, job: WriteJob, rank: int, world:
             rows, sources = rows[have], sources[have]
             problems: list[Problem] = []
             ok_rows: list[int] = []
-            values: list[np.ndarray] = []
+            values: list[np.ndarray] = []  # ragged rows
+            batch = None if spec.ragged else np.empty((len(rows), *spec.row_shape), dtype=spec.storage_dtype)
             done = 0
             for row, f in zip(rows.tolist(), sources.tolist(), strict=True):
                 length = int(layout.lengths[row]) if spec.ragged else 1
                 value, problem = load_value(job.paths[f], work.entry, spec, length, job.max_file_bytes)
                 if problem:
                     problems.append(problem)
-                else:
+                elif batch is not None:
+                    batch[len(ok_rows)] = value
                     ok_rows.append(row)
+                else:
                     values.append(value)  # type: ignore[arg-type]
+                    ok_rows.append(row)
                 done += 1
                 if done % PROGRESS_EVERY == 0:
                     send(("progress", PROGRESS_EVERY, [], 0))
@@ -185,7 +202,7 @@ def _write_family(store: Any, work: FamilyWork, job: WriteJob, rank: int, world:
                 send(("progress", done % PROGRESS_EVERY, problems, 0))
                 continue
             if ok_rows:
-                writer.write_rows(ok_rows, values if spec.ragged else np.stack(values))
+                writer.write_rows(ok_rows, values if batch is None else batch[: len(ok_rows)])
             if ok_rows or shard not in existing:
                 writer.finish_shard(shard)
             send(("progress", done % PROGRESS_EVERY, problems, len(ok_rows)))
