@@ -19,6 +19,7 @@ mapping CSVs, manifests) is opened here:
 from __future__ import annotations
 
 import errno
+import functools
 import io
 import os
 import stat
@@ -219,10 +220,30 @@ def file_size(path: str | os.PathLike[str]) -> int:
         return 0
 
 
+@functools.lru_cache(maxsize=4096)
+def _real_folder(folder: str) -> str:
+    return os.path.realpath(folder)
+
+
 def outside_root(path: str | os.PathLike[str], root_real: str) -> str | None:
-    """Where the symbolic link ``path`` leads when that is outside ``root_real`` (a resolved folder), else None."""
+    """Where the symbolic link ``path`` leads when that is outside ``root_real`` (a resolved folder), else None.
+
+    Links of a cache usually point into a few folders: those are resolved once, so
+    a folder of a million links costs a ``readlink`` and an ``lstat`` per link.
+    """
     try:
-        target = os.path.realpath(path)
+        link = os.readlink(path)
+    except (OSError, ValueError):
+        return None  # not a link, or gone
+    full = os.path.join(os.path.dirname(os.path.abspath(path)), link)
+    folder, name = os.path.split(full)
+    try:
+        if name in ("", ".", ".."):
+            target = os.path.realpath(full)
+        else:
+            target = os.path.join(_real_folder(folder), name)
+            if os.path.islink(target):  # a chain of links: follow it to its end
+                target = os.path.realpath(target)
     except (OSError, ValueError):
         return None
     if target == root_real or target.startswith(root_real.rstrip(os.sep) + os.sep):
