@@ -120,7 +120,7 @@ class RawTensor:
                  shape: tuple[int, ...] | None = None, load: Callable[[], np.ndarray] | None = None) -> None:
         self._array = array
         self.dtype = dtype
-        self._shape = tuple(array.shape) if array is not None else tuple(shape or ())
+        self._shape = None if array is not None else tuple(shape or ())  # an array knows its own
         self._load = load
         self.origin = origin
         """``(storage record, element offset)`` of a contiguous tensor; lets a file layout be reused."""
@@ -135,17 +135,17 @@ class RawTensor:
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return self._shape
+        return self._array.shape if self._shape is None else self._shape  # type: ignore[union-attr]
 
     @property
     def numel(self) -> int:
-        return math.prod(self._shape)
+        return self._array.size if self._shape is None else math.prod(self._shape)  # type: ignore[union-attr]
 
     def item(self) -> Any:
         return self.array.reshape(-1)[0].item()
 
     def __repr__(self) -> str:
-        return f"RawTensor(shape={list(self._shape)}, dtype={self.dtype})"
+        return f"RawTensor(shape={list(self.shape)}, dtype={self.dtype})"
 
 
 # ------------------------------------------------------------------ zip parsing
