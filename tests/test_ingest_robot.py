@@ -112,3 +112,17 @@ def test_robot_dry_run_writes_nothing(tmp_path: Path) -> None:
     before = tree_hashes(tmp_path)
     assert main(["ingest", "robot", str(tmp_path / "csv"), "--out", str(tmp_path / "s.vla"), "--dry-run", "-q"]) == 0
     assert tree_hashes(tmp_path) == before
+
+
+def test_integer_columns_become_float32_only_when_exact(tmp_path: Path) -> None:
+    folder = tmp_path / "npz"
+    folder.mkdir()
+    for name in ("ep_a", "ep_b"):
+        np.savez(folder / f"{name}.npz", small=np.arange(4, dtype=np.int64),
+                 frame=np.arange(4, dtype=np.int64) + (1 << 30) + 1)  # 2**30 + 1 rounds in float32
+    assert main(["ingest", "robot", str(folder), "--out", str(tmp_path / "s.vla"), "--series", "small=small",
+                 "--series", "frame=frame", "--verify", "-q"]) == 0
+    store = VLAStore.open(tmp_path / "s.vla")
+    assert store.series("small", "ep_a").dtype == np.float32
+    assert store.series("frame", "ep_b").dtype == np.float64
+    assert store.series("frame", "ep_b")[:, 0].tolist() == [(1 << 30) + 1 + i for i in range(4)]

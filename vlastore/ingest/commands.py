@@ -93,8 +93,8 @@ def _robot_options(p: argparse.ArgumentParser, prefix: str = "") -> None:
                    help="group columns into series by name pattern, e.g. state='joint_*,gripper' "
                         "(repeat; default: all numeric columns in series 'data')")
     p.add_argument(f"--{prefix}dtype", dest=f"{dest}dtype", choices=("float32", "float64"), default="float32",
-                   help="dtype of float series (default: %(default)s; float64 keeps CSV values exactly); integer "
-                        "series are kept as they are")
+                   help="dtype of the series (default: %(default)s; float64 keeps CSV values exactly); integer "
+                        "columns that float32 would round are stored as float64")
 
 
 def _robot_parser(r: argparse.ArgumentParser) -> None:

@@ -150,8 +150,8 @@ def ingest_robot(
         options: ``out`` (new store) and the shared options; ``into`` is not supported yet.
         fmt: ``auto``, ``csv``, ``npz`` or ``hdf5``.
         series: ``KEY=PATTERN,...`` groups of CSV/NPZ columns (default: all in series ``data``).
-        dtype: dtype of float series (``float32`` by default, ``float64`` keeps CSV values exactly; None: as
-            read); integer series keep theirs.
+        dtype: dtype of the series (``float32`` by default, ``float64`` keeps CSV values exactly; None: as
+            read); integer columns that float32 would round become float64.
 
     Raises:
         IngestUsageError: ``--into``, a missing source, a bad ``--series``, ``--out`` onto another store.

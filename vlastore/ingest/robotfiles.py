@@ -35,7 +35,7 @@ DEFAULT_SERIES = "data"
 """Series key of the columns no ``--series`` pattern claims."""
 
 DEFAULT_DTYPE = "float32"
-"""Float series are stored as float32 unless ``--dtype float64`` is asked for; integer series keep their dtype."""
+"""Series are stored as float32 unless ``--dtype float64`` is asked for (integers too, when float32 holds them)."""
 
 HDF5_SUFFIXES = (".hdf5", ".h5", ".he5")
 
@@ -75,9 +75,15 @@ def parse_series_spec(specs: list[str] | None) -> list[tuple[str, list[str]]]:
 
 
 def _cast(arr: np.ndarray, dtype: str | None) -> np.ndarray:
-    """Float arrays as ``dtype`` (beyond float32's range they become Inf, caught as non-finite); others as they are."""
-    if dtype is None or arr.dtype.kind != "f" or arr.dtype == np.dtype(dtype):
+    """``arr`` as ``dtype``; integers stay exact (float64 when float32 would round them).
+
+    Floats beyond float32's range become Inf, which the non-finite check then reports.
+    """
+    if dtype is None or arr.dtype == np.dtype(dtype):
         return arr
+    if arr.dtype.kind in "biu":
+        cast = arr.astype(dtype)
+        return cast if np.array_equal(cast, arr) else arr.astype(np.float64)
     with np.errstate(over="ignore"):
         return arr.astype(dtype)
 
