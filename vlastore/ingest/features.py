@@ -298,7 +298,7 @@ def _check_options(options: IngestOptions) -> None:
         raise IngestUsageError(f"--rows-per-shard {options.rows_per_shard}: give a number >= 1 (0: the default)")
     if options.max_file_bytes < 1:
         raise IngestUsageError("--max-file-size must be a positive size, e.g. 2G")
-    if options.into and not options.dry_run:
+    if options.into:
         try:
             VLAStore.open(options.into)
         except (StoreNotFoundError, FormatError) as exc:
