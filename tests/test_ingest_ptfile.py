@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import io
+import os
+import socket
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from ingest_helpers import DTYPES, RunsCode, bits
+from ingest_helpers import DTYPES, RunsCode, bits, pt_records, raw_zip
 
 from vlastore.ingest.ptfile import PtFileError, RawTensor, read_pt, tensor_entries
+from vlastore.ingest.source import SourceError
 
 
 @pytest.mark.parametrize("dtype", sorted(DTYPES))
@@ -94,3 +98,147 @@ def test_expanded_view_is_refused_rather_than_copied_without_bound(tmp_path: Pat
     with pytest.raises(PtFileError) as err:
         read_pt(path)
     assert err.value.reason == "corrupt" and "expanded" in str(err.value)
+
+
+# ----------------------------------------------------------------- sizes written in the file are never trusted
+
+
+def test_file_missing_its_last_six_bytes_is_truncated_not_a_struct_error(tmp_path: Path) -> None:
+    path = tmp_path / "x.pt"
+    torch.save(torch.randn(1, 64).bfloat16(), path)
+    path.write_bytes(path.read_bytes()[:-6])
+    with pytest.raises(PtFileError) as err:
+        read_pt(path)
+    assert err.value.reason == "truncated"
+
+
+@pytest.mark.parametrize("zip64", [False, True])
+def test_zip64_archives_are_parsed_without_zipfile_or_torch(tmp_path: Path, zip64: bool) -> None:
+    t = torch.randn(2, 32).half()
+    path = tmp_path / "x.pt"
+    path.write_bytes(raw_zip(pt_records(t), zip64=zip64))
+    assert np.array_equal(read_pt(path).array, bits(t))
+
+
+@pytest.mark.parametrize("zip64", [False, True])
+def test_compressed_record_is_refused_without_inflating_it(tmp_path: Path, zip64: bool) -> None:
+    t = torch.randn(1, 16)
+    records = [(n, zlib.compress(d)[2:-4] if n.endswith("data/0") else d) for n, d in pt_records(t)]
+    name = next(n for n, _ in records if n.endswith("data/0"))
+    path = tmp_path / "bomb.pt"
+    path.write_bytes(raw_zip(records, zip64=zip64, method=8, declared={name: (4 << 30) if zip64 else 1 << 30}))
+    with pytest.raises(PtFileError) as err:
+        read_pt(path)
+    assert err.value.reason == "corrupt" and "compressed" in str(err.value)
+
+
+def test_sparse_file_over_the_limit_is_refused_unread(tmp_path: Path) -> None:
+    path = tmp_path / "sparse.pt"
+    torch.save(torch.randn(1, 16), path)
+    os.truncate(path, 6 << 30)  # 6 GiB, no block allocated
+    with pytest.raises(PtFileError) as err:
+        read_pt(path)
+    assert err.value.reason == "too-large" and "--max-file-size" in str(err.value)
+
+
+def test_big_file_gives_shapes_before_reading_bytes(tmp_path: Path) -> None:
+    t = torch.randn(700, 1024).bfloat16()  # 1.4 MB: read record by record
+    path = tmp_path / "big.pt"
+    torch.save({"features": t, "vlm_idx": 3}, path)
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(io.BytesIO(bytes(data))) as z:
+        info = next(i for i in z.infolist() if i.filename.endswith("data/0"))
+    data[info.header_offset + 100_000] ^= 0xFF
+    path.write_bytes(bytes(data))
+    tensors, meta = tensor_entries(read_pt(path))  # the damage is in bytes not read yet
+    assert tensors["features"].shape == (700, 1024) and meta == {"vlm_idx": 3}
+    with pytest.raises(PtFileError) as err:
+        _ = tensors["features"].array
+    assert err.value.reason == "corrupt" and "CRC" in str(err.value)
+    torch.save({"features": t}, path)
+    assert np.array_equal(tensor_entries(read_pt(path))[0]["features"].array, bits(t))
+
+
+def _with_pickle(t: torch.Tensor, edit) -> bytes:  # noqa: ANN001
+    records = [(n, edit(d) if n.endswith("data.pkl") else d) for n, d in pt_records(t)]
+    return raw_zip(records)
+
+
+def test_storage_declaring_more_elements_than_its_record_is_corrupt(tmp_path: Path) -> None:
+    path = tmp_path / "x.pt"
+
+    def edit(pkl: bytes) -> bytes:  # the persistent id's element count: 16 -> 65,535
+        assert b"K\x10t" in pkl
+        return pkl.replace(b"K\x10t", b"M\xff\xfft", 1)
+
+    path.write_bytes(_with_pickle(torch.randn(16), edit))
+    with pytest.raises(PtFileError) as err:
+        read_pt(path)
+    assert err.value.reason == "corrupt" and "declares" in str(err.value)
+
+
+def test_pickle_memo_index_is_checked_before_the_unpickler_sizes_its_table(tmp_path: Path) -> None:
+    path = tmp_path / "x.pt"
+    path.write_bytes(_with_pickle(torch.randn(16), lambda d: b"\x80\x02K\x01r\xff\xff\xff\x3f."))
+    with pytest.raises(PtFileError) as err:
+        read_pt(path)
+    assert err.value.reason == "corrupt" and "memo index" in str(err.value)
+
+
+def test_unknown_globals_are_refused_before_torch_sees_them(tmp_path: Path) -> None:
+    bomb = b"\x80\x02cbuiltins\nbytearray\nJ\x00\x00\x00\x40\x85R."  # bytearray(2**30), which weights_only allows
+    path = tmp_path / "x.pt"
+    path.write_bytes(_with_pickle(torch.randn(16), lambda d: bomb))
+    with pytest.raises(PtFileError) as err:
+        read_pt(path)
+    assert err.value.reason == "unsafe-pickle" and "bytearray" in str(err.value)
+
+
+def test_legacy_file_declaring_a_huge_storage_is_refused_unallocated(tmp_path: Path) -> None:
+    path = tmp_path / "old.pt"
+    torch.save(torch.randn(2, 3), path, _use_new_zipfile_serialization=False)
+    data = path.read_bytes()
+    assert b"K\x06N" in data
+    path.write_bytes(data.replace(b"K\x06N", b"J\x00\x00\x00\x40N", 1))  # numel 6 -> 2**30 in the pickle
+    with pytest.raises(PtFileError) as err:
+        read_pt(path)
+    assert err.value.reason in ("corrupt", "truncated")
+
+
+def test_legacy_file_with_code_is_refused(tmp_path: Path) -> None:
+    marker = tmp_path / "PWNED"
+    path = tmp_path / "old.pt"
+    torch.save({"x": torch.zeros(2), "y": RunsCode(str(marker))}, path, _use_new_zipfile_serialization=False)
+    with pytest.raises(PtFileError) as err:
+        read_pt(path)
+    assert err.value.reason == "unsafe-pickle" and not marker.exists()
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory", "dangling", "loop", "socket"])
+def test_only_regular_files_are_opened(tmp_path: Path, kind: str) -> None:
+    path = tmp_path / "x.pt"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "directory":
+        path.mkdir()
+    elif kind == "dangling":
+        path.symlink_to(tmp_path / "missing.pt")
+    elif kind == "loop":
+        path.symlink_to(tmp_path / "y.pt")
+        (tmp_path / "y.pt").symlink_to(path)
+    else:
+        sock = socket.socket(socket.AF_UNIX)
+        sock.bind(str(path))
+        sock.close()
+    with pytest.raises(SourceError) as err:
+        read_pt(path)  # a FIFO would block here forever if it were opened for reading
+    expected = {"dangling": "dangling-symlink", "loop": "symlink-loop"}.get(kind, "not-a-regular-file")
+    assert err.value.reason == expected
+
+
+def test_deeply_nested_pickle_is_a_bad_file_not_a_crash(tmp_path: Path) -> None:
+    nested = b"\x80\x02" + b"]" * 200_000 + b"a" * 199_999 + b"."  # lists in lists, 200,000 deep
+    path = tmp_path / "x.pt"
+    path.write_bytes(_with_pickle(torch.randn(16), lambda d: nested))
+    tensors, _ = tensor_entries(read_pt(path))
+    assert tensors == {}

@@ -21,7 +21,7 @@ def test_csv_round_trip_keeps_column_names(tmp_path: Path) -> None:
     out = tmp_path / "s.vla"
     report = tmp_path / "r.json"
     args = ["ingest", "robot", str(tmp_path / "csv"), "--out", str(out), "--series", "state=joint_*,gripper",
-            "--series", "action=action_*", "-q"]
+            "--series", "action=action_*", "--dtype", "float64", "-q"]
     assert main([*args, "--verify", "--report-json", str(report)]) == 0
     assert tree_hashes(tmp_path / "csv") == before
     store = VLAStore.open(out)
@@ -35,9 +35,21 @@ def test_csv_round_trip_keeps_column_names(tmp_path: Path) -> None:
     assert data["verify"]["ok"] and any("time_str" in n for n in data["notes"])
     # the same command again: the store already holds exactly this, nothing to do
     assert main(args) == 0
-    # other series grouping into the same --out: refused, nothing overwritten
-    assert main(["ingest", "robot", str(tmp_path / "csv"), "--out", str(out), "-q"]) == 1
+    # other series grouping into the same --out: a usage mistake (exit 2), nothing overwritten
+    assert main(["ingest", "robot", str(tmp_path / "csv"), "--out", str(out), "-q"]) == 2
     assert VLAStore.open(out).series_keys == ("action", "state")
+
+
+def test_float_series_default_to_float32_and_float64_on_request(tmp_path: Path) -> None:
+    tables = robot_csvs(tmp_path / "csv", EPISODES)
+    for dtype in ("float32", "float64"):
+        out = tmp_path / f"{dtype}.vla"
+        extra = [] if dtype == "float32" else ["--dtype", "float64"]
+        assert main(["ingest", "robot", str(tmp_path / "csv"), "--out", str(out), "--verify", "-q", *extra]) == 0
+        store = VLAStore.open(out)
+        for name, table in tables.items():
+            got = store.series("data", name)
+            assert got.dtype == np.dtype(dtype) and np.array_equal(got, table.astype(dtype))
 
 
 def test_npz_round_trip_and_bad_episodes(tmp_path: Path) -> None:
@@ -84,15 +96,15 @@ def test_robomimic_hdf5_round_trip(tmp_path: Path) -> None:
             expected[f"demo_{n}"] = arrays
     before = tree_hashes(tmp_path)
     out = tmp_path / "s.vla"
-    assert main(["ingest", "robot", str(path), "--out", str(out), "--verify", "-q"]) == 0
+    assert main(["ingest", "robot", str(path), "--out", str(out), "--verify", "--dtype", "float64", "-q"]) == 0
     assert {k: v for k, v in tree_hashes(tmp_path).items() if "s.vla" not in k} == before
     store = VLAStore.open(out)
     assert store.datasets == ("demo_0", "demo_2", "demo_10")
     assert store.columns("obs.eef_pos") == ("obs.eef_pos_0", "obs.eef_pos_1", "obs.eef_pos_2")
     assert "obs.agentview_image" not in store.series_keys
     for name, arrays in expected.items():
-        for key, arr in arrays.items():
-            assert store.series(key, name).tobytes() == arr.tobytes()
+        for key, arr in arrays.items():  # --dtype float64: float32 sources widened, exactly
+            assert store.series(key, name).tobytes() == arr.astype(np.float64).tobytes()
 
 
 def test_robot_dry_run_writes_nothing(tmp_path: Path) -> None:
@@ -100,3 +112,17 @@ def test_robot_dry_run_writes_nothing(tmp_path: Path) -> None:
     before = tree_hashes(tmp_path)
     assert main(["ingest", "robot", str(tmp_path / "csv"), "--out", str(tmp_path / "s.vla"), "--dry-run", "-q"]) == 0
     assert tree_hashes(tmp_path) == before
+
+
+def test_integer_columns_become_float32_only_when_exact(tmp_path: Path) -> None:
+    folder = tmp_path / "npz"
+    folder.mkdir()
+    for name in ("ep_a", "ep_b"):
+        np.savez(folder / f"{name}.npz", small=np.arange(4, dtype=np.int64),
+                 frame=np.arange(4, dtype=np.int64) + (1 << 30) + 1)  # 2**30 + 1 rounds in float32
+    assert main(["ingest", "robot", str(folder), "--out", str(tmp_path / "s.vla"), "--series", "small=small",
+                 "--series", "frame=frame", "--verify", "-q"]) == 0
+    store = VLAStore.open(tmp_path / "s.vla")
+    assert store.series("small", "ep_a").dtype == np.float32
+    assert store.series("frame", "ep_b").dtype == np.float64
+    assert store.series("frame", "ep_b")[:, 0].tolist() == [(1 << 30) + 1 + i for i in range(4)]

@@ -72,7 +72,7 @@ def main() -> int:
             t = time.perf_counter()
             build_cache(cache, args.files, os.cpu_count() or 1)
             print(f"built {args.files:,} files in {time.perf_counter() - t:.1f} s under {cache}")
-        paths, _ = list_pt_files(cache)
+        paths = list_pt_files(cache).paths
         n = len(paths)
         for path in paths:  # warm the page cache for every contender alike
             with open(path, "rb") as f:

@@ -9,15 +9,18 @@ from __future__ import annotations
 
 from .features import IngestOptions, ingest_pt_cache, ingest_vggt
 from .ptfile import PtFileError, RawTensor, read_pt
-from .report import IngestError, IngestReport, Problem
+from .report import IngestError, IngestReport, IngestUsageError, Problem
 from .robot import ingest_robot
+from .source import SourceError
 
 __all__ = [
     "IngestOptions",
     "IngestReport",
     "IngestError",
+    "IngestUsageError",
     "Problem",
     "PtFileError",
+    "SourceError",
     "RawTensor",
     "ingest_pt_cache",
     "ingest_vggt",

@@ -1,11 +1,14 @@
-"""``vlastore ingest robot|pt-cache|vggt|lerobot``: argument definitions and dispatch (the work is in the library)."""
+"""``vlastore ingest robot|pt-cache|vggt``: argument definitions and dispatch (the work is in the library)."""
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
-__all__ = ["add_ingest_parser", "run_ingest"]
+__all__ = ["add_ingest_parser", "run_ingest", "SOURCES", "Source"]
 
 EPILOG = """typical use:
   vlastore ingest robot data/csv --out train.vla                  catalog + series from robot data
@@ -13,7 +16,6 @@ EPILOG = """typical use:
   vlastore ingest pt-cache cache/ --into train.vla --verify       add the VL features, check every value
   vlastore ingest vggt data/ --into train.vla                     add VGGT features, keyed by image path
   vlastore ingest pt-cache cache/ --robot data/csv --out train.vla   both in one command
-  vlastore ingest lerobot ~/lerobot/pusht --out train.vla         a LeRobot v3.0 dataset: catalog + series
 
 Killed or interrupted? Run the same command again: finished shards are kept, the rest is written.
 Source files are only read, never changed; pickled code in .pt files is never run.
@@ -25,13 +27,28 @@ def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def _size(text: str) -> int:
+    """``--max-file-size`` values: bytes, or with a K/M/G/T suffix (powers of 1024)."""
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    number, unit = text.strip().upper().rstrip("IB").rstrip("B"), ""
+    if number and number[-1] in units:
+        number, unit = number[:-1], number[-1]
+    try:
+        value = int(float(number) * units[unit])
+    except (ValueError, OverflowError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size; write e.g. 1073741824, 512M or 2G") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a positive size")
+    return value
+
+
 def _common(p: argparse.ArgumentParser, features: bool) -> None:
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--out", metavar="STORE", help="create this store (or finish the one an earlier run "
                                                       "of this same command started)")
-    if features:
-        where.add_argument("--into", metavar="STORE", help="add the features to this existing store (e.g. made by "
-                                                           "`vlastore ingest robot`); episodes come from it")
+    where.add_argument("--into", metavar="STORE", help="add to this existing store (e.g. made by `vlastore ingest "
+                                                       "robot`); episodes come from it" if features else
+                       "add episodes to an existing store: not supported yet (use --out)")
     p.add_argument("--workers", type=int, default=0, metavar="N",
                    help=f"worker processes (default: one per CPU core, here {_cores()})")
     p.add_argument("--dry-run", action="store_true", help="scan and plan only: print episodes, rows, families, "
@@ -40,10 +57,16 @@ def _common(p: argparse.ArgumentParser, features: bool) -> None:
     p.add_argument("--verify", action="store_true", help="after ingesting, compare every stored value bit-exactly "
                    "with its source file")
     p.add_argument("--allow-nonfinite", action="store_true", help="store NaN/Inf values instead of skipping the file")
+    p.add_argument("--max-file-size", type=_size, default=None, metavar="SIZE", help="skip source files bigger "
+                   "than this, unread (default 1G; e.g. 4G)")
+    p.add_argument("--skip-outside-links", action="store_true", help="skip symbolic links (and HDF5 external links) "
+                   "that lead outside the source folder instead of reading them (they are listed either way)")
     if features:
         p.add_argument("--full-scan", action="store_true", help="read and check every file before writing anything "
                        "(implied by --dry-run and --strict); by default, when file names give every key, a sample "
                        "of files fixes shape and dtype and each file is checked as it is written")
+        p.add_argument("--repair", action="store_true", help="also rewrite rows that `vlastore verify` reports "
+                       "corrupt, from their source files (each shard replaced atomically)")
     p.add_argument("--report-json", metavar="PATH", help="also write the final report as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
@@ -63,32 +86,24 @@ def _feature_options(p: argparse.ArgumentParser, family: str) -> None:
 
 
 def _robot_options(p: argparse.ArgumentParser, prefix: str = "") -> None:
-    p.add_argument(f"--{prefix}format", dest=f"{prefix.replace('-', '_')}format",
-                   choices=("auto", "csv", "npz", "hdf5"), default="auto",
+    dest = prefix.replace("-", "_")
+    p.add_argument(f"--{prefix}format", dest=f"{dest}format", choices=("auto", "csv", "npz", "hdf5"), default="auto",
                    help="robot data format (default: from the file names)")
-    p.add_argument(f"--{prefix}series", dest=f"{prefix.replace('-', '_')}series", action="append", metavar="KEY=PAT,..",
+    p.add_argument(f"--{prefix}series", dest=f"{dest}series", action="append", metavar="KEY=PAT,..",
                    help="group columns into series by name pattern, e.g. state='joint_*,gripper' "
                         "(repeat; default: all numeric columns in series 'data')")
-    p.add_argument(f"--{prefix}dtype", dest=f"{prefix.replace('-', '_')}dtype", choices=("float32", "float64"),
-                   default=None, help="store series as this dtype (default: as read: float64 for CSV)")
+    p.add_argument(f"--{prefix}dtype", dest=f"{dest}dtype", choices=("float32", "float64"), default="float32",
+                   help="dtype of the series (default: %(default)s; float64 keeps CSV values exactly); integer "
+                        "columns that float32 would round are stored as float64")
 
 
-def add_ingest_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add ``ingest`` and its sources to the ``vlastore`` parser."""
-    p = sub.add_parser("ingest", help="one-shot ingestion of robot data and .pt feature caches into a store",
-                       description="Ingest existing data into a vlastore store: scan and plan, then write in "
-                                   "parallel, resumable, with a final report.",
-                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sources = p.add_subparsers(dest="source", metavar="SOURCE", required=True)
-
-    r = sources.add_parser("robot", help="robot data (CSV/NPZ per episode, robomimic HDF5) -> catalog + series",
-                           epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+def _robot_parser(r: argparse.ArgumentParser) -> None:
     r.add_argument("path", help="folder of <episode>.csv or <episode>.npz files, or a robomimic .hdf5 file")
     _common(r, features=False)
     _robot_options(r)
 
-    c = sources.add_parser("pt-cache", help="a folder of VL feature .pt files ({dataset}_vlm{idx}.pt or hashed)",
-                           epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+def _pt_cache_parser(c: argparse.ArgumentParser) -> None:
     c.add_argument("path", help="the cache folder")
     _common(c, features=True)
     _feature_options(c, "vl_features")
@@ -103,8 +118,8 @@ def add_ingest_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParse
                    "`vlastore ingest robot PATH --out STORE` before)")
     _robot_options(c, "robot-")
 
-    v = sources.add_parser("vggt", help="VGGT caches next to images (<image>.vggt_cache.pt) under a data root",
-                           epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+def _vggt_parser(v: argparse.ArgumentParser) -> None:
     v.add_argument("path", help="data root: one folder of images per episode")
     _common(v, features=True)
     _feature_options(v, "vggt")
@@ -114,80 +129,183 @@ def add_ingest_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParse
     v.add_argument("--robot", metavar="PATH", help="robot data to ingest first into --out")
     _robot_options(v, "robot-")
 
-    lr = sources.add_parser("lerobot", help="a local LeRobot dataset (format v3.0) -> catalog + series",
-                            epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+def _lerobot_parser(lr: argparse.ArgumentParser) -> None:
     lr.add_argument("path", help="the dataset folder (it holds meta/info.json, data/, videos/)")
     _common(lr, features=False)
     lr.add_argument("--name-pattern", default="episode_{episode_index:06d}", metavar="PATTERN",
                     help="store name of each episode (default: %(default)s)")
-    lr.add_argument("--dtype", choices=("float32", "float64"), default=None,
-                    help="store series as this dtype (default: as in the dataset)")
+    lr.add_argument("--dtype", choices=("float32", "float64"), default="float32",
+                    help="dtype of the series (default: %(default)s)")
     lr.add_argument("--metadata-json", metavar="PATH", help="also write what the store format cannot hold yet "
                     "(fps, tasks per episode, video segments, stats) as JSON")
-    return p
 
 
 def run_ingest(args: argparse.Namespace) -> int:
-    """Run the ingestion ``args`` describe, print the report; exit status 0 (1 when verification fails).
+    """Run the ingestion ``args`` describe and print the report; return the exit status.
 
-    Raises:
-        IngestError: ``--strict`` with problems, or a failed run (its report is still written to ``--report-json``).
+    0: done. 1: a data problem (nothing ingested, files to retry after
+    transient I/O errors, a failed ``--verify``, a failed write: disk full, file
+    size limit, read-only store, another writer), in a few lines naming the
+    cause and the fix. 2: a usage mistake (e.g. ``--out`` onto another store),
+    naming the fix. Never a traceback (``VLASTORE_DEBUG=1`` shows one).
+
+    With ``--strict``, the problems are listed and the report (the plan that was
+    refused) is still written to ``--report-json``.
     """
-    from .report import IngestError
+    from .report import IngestError, IngestUsageError, describe_failure, printable
+
+    def fail(message: str, code: int) -> int:
+        print(printable(f"vlastore ingest: error: {message}"), file=sys.stderr)
+        return code
 
     try:
-        return _run(args)
+        reports = _run(args)
+    except IngestUsageError as exc:
+        return fail(str(exc), 2)
     except IngestError as exc:
         if args.report_json and exc.report is not None:
             exc.report.write_json(args.report_json)
+        shown = "".join(f"\n  {p}" for p in exc.problems[:20])
+        more = f"\n  ... {len(exc.problems) - 20:,} more (see --report-json)" if len(exc.problems) > 20 else ""
+        return fail(f"{exc}{shown}{more}", 1)
+    except (KeyboardInterrupt, SystemExit):
         raise
+    except Exception as exc:  # noqa: BLE001 - a few lines, never a traceback (VLASTORE_DEBUG=1 shows it)
+        if os.environ.get("VLASTORE_DEBUG"):
+            raise
+        return fail(describe_failure(exc), 1)
+    for report in reports:
+        failure = report.failure()
+        if failure:
+            print(printable(f"vlastore ingest: {failure}"), file=sys.stderr)
+            return 1
+    return 0
 
 
-def _run(args: argparse.Namespace) -> int:
-    from ..format import Producer
-    from .features import IngestOptions, ingest_pt_cache, ingest_vggt
-    from .robot import ingest_robot
-    from .scan import NAME_PATTERN
+def _options(args: argparse.Namespace, **overrides: object) -> Any:
+    from .features import IngestOptions
+    from .source import MAX_FILE_BYTES
 
     options = IngestOptions(
-        out=args.out, into=getattr(args, "into", None), workers=args.workers, dry_run=args.dry_run,
-        strict=args.strict, verify=args.verify, allow_nonfinite=args.allow_nonfinite, progress=not args.quiet)
-    if args.source == "robot":
-        report = ingest_robot(args.path, options, fmt=args.format, series=args.series, dtype=args.dtype)
-    elif args.source == "lerobot":
-        from .lerobot import ingest_lerobot
+        out=args.out, into=args.into, workers=args.workers, dry_run=args.dry_run, strict=args.strict,
+        verify=args.verify, allow_nonfinite=args.allow_nonfinite, progress=not args.quiet,
+        max_file_bytes=args.max_file_size or MAX_FILE_BYTES, skip_outside_links=args.skip_outside_links)
+    for key, value in overrides.items():
+        setattr(options, key, value)
+    return options
 
-        report = ingest_lerobot(args.path, options, name_pattern=args.name_pattern, dtype=args.dtype,
-                                metadata_json=args.metadata_json)
-    else:
-        options.layout = args.layout
-        options.full_scan = args.full_scan
-        options.compression = None if args.compression == "none" else args.compression
-        options.rows_per_shard = args.rows_per_shard
-        options.producer = Producer(args.model, args.revision, args.fingerprint,
-                                    params={"ingested_from": os.path.abspath(args.path)})
-        if args.robot:
-            if not args.out:
-                raise SystemExit("vlastore ingest: --robot needs --out STORE (the store it creates)")
-            robot_report = ingest_robot(args.robot, IngestOptions(
-                out=args.out, workers=args.workers, dry_run=args.dry_run, strict=args.strict, verify=args.verify,
-                allow_nonfinite=args.allow_nonfinite, progress=not args.quiet),
-                fmt=args.robot_format, series=args.robot_series, dtype=args.robot_dtype)
-            print(robot_report.format())
-            if args.dry_run:
-                print("(dry run: the features below are planned as if the robot store existed only when it does)")
-            else:
-                options.out, options.into = None, args.out
-        if args.source == "pt-cache":
-            report = ingest_pt_cache(args.path, options, family=args.family, vlm_reuse_count=args.vlm_reuse_count,
-                                     pattern=args.pattern or NAME_PATTERN, mapping=args.mapping)
+
+def _run(args: argparse.Namespace) -> list[Any]:
+    return SOURCES[args.source].run(args)
+
+
+def _run_robot(args: argparse.Namespace) -> list[Any]:
+    from .robot import ingest_robot
+
+    report = ingest_robot(args.path, _options(args), fmt=args.format, series=args.series, dtype=args.dtype)
+    _emit(args, report)
+    return [report]
+
+
+def _run_lerobot(args: argparse.Namespace) -> list[Any]:
+    from .lerobot import ingest_lerobot
+
+    report = ingest_lerobot(args.path, _options(args), name_pattern=args.name_pattern, dtype=args.dtype,
+                            metadata_json=args.metadata_json)
+    _emit(args, report)
+    return [report]
+
+
+def _feature_run_options(args: argparse.Namespace) -> Any:
+    from ..format import Producer
+
+    return _options(args, layout=args.layout, full_scan=args.full_scan, repair=args.repair,
+                    compression=None if args.compression == "none" else args.compression,
+                    rows_per_shard=args.rows_per_shard,
+                    producer=Producer(args.model, args.revision, args.fingerprint,
+                                      params={"ingested_from": os.path.abspath(args.path)}))
+
+
+def _robot_first(args: argparse.Namespace, options: Any) -> list[Any]:
+    """``--robot PATH``: ingest the robot data into ``--out`` first; the features then go ``--into`` it."""
+    if not args.robot:
+        return []
+    from .report import IngestUsageError
+    from .robot import ingest_robot
+
+    if not args.out:
+        raise IngestUsageError("--robot needs --out STORE (the store it creates); with --into the store already has "
+                               "its robot data")
+    report = ingest_robot(args.robot, _options(args), fmt=args.robot_format, series=args.robot_series,
+                          dtype=args.robot_dtype)
+    print(report.format())
+    if report.failure() is None:
+        if args.dry_run:
+            print("(dry run: the features below are planned as if the robot store existed only when it does)")
         else:
-            report = ingest_vggt(args.path, options, family=args.family,
-                                 manifest=None if args.no_manifest else args.manifest)
+            options.out, options.into = None, args.out
+    return [report]
+
+
+def _run_pt_cache(args: argparse.Namespace) -> list[Any]:
+    from .features import ingest_pt_cache
+    from .scan import NAME_PATTERN
+
+    options = _feature_run_options(args)
+    reports = _robot_first(args, options)
+    if reports and reports[0].failure():
+        return reports
+    report = ingest_pt_cache(args.path, options, family=args.family, vlm_reuse_count=args.vlm_reuse_count,
+                             pattern=args.pattern or NAME_PATTERN, mapping=args.mapping)
+    _emit(args, report)
+    return [*reports, report]
+
+
+def _run_vggt(args: argparse.Namespace) -> list[Any]:
+    from .features import ingest_vggt
+
+    options = _feature_run_options(args)
+    reports = _robot_first(args, options)
+    if reports and reports[0].failure():
+        return reports
+    report = ingest_vggt(args.path, options, family=args.family, manifest=None if args.no_manifest else args.manifest)
+    _emit(args, report)
+    return [*reports, report]
+
+
+def _emit(args: argparse.Namespace, report: Any) -> None:
     print(report.format())
     if args.report_json:
         report.write_json(args.report_json)
-    if report.verify is not None and not report.verify["ok"]:
-        return 1
-    return 0
 
+
+class Source(NamedTuple):
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], list[Any]]
+    """Runs the ingestion, prints the report(s) and returns them (their ``failure()`` sets the exit status)."""
+
+
+SOURCES: dict[str, Source] = {
+    "robot": Source("robot data (CSV/NPZ per episode, robomimic HDF5) -> catalog + series", _robot_parser,
+                    _run_robot),
+    "pt-cache": Source("a folder of VL feature .pt files ({dataset}_vlm{idx}.pt or hashed)", _pt_cache_parser,
+                       _run_pt_cache),
+    "vggt": Source("VGGT caches next to images (<image>.vggt_cache.pt) under a data root", _vggt_parser, _run_vggt),
+    "lerobot": Source("a local LeRobot dataset (format v3.0) -> catalog + series", _lerobot_parser, _run_lerobot),
+}
+"""``vlastore ingest SOURCE``: one row per source (a new source is a new row)."""
+
+
+def add_ingest_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add ``ingest`` and its :data:`SOURCES` to the ``vlastore`` parser."""
+    p = sub.add_parser("ingest", help="one-shot ingestion of robot data and .pt feature caches into a store",
+                       description="Ingest existing data into a vlastore store: scan and plan, then write in "
+                                   "parallel, resumable, with a final report.",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sources = p.add_subparsers(dest="source", metavar="SOURCE", required=True)
+    for name, source in SOURCES.items():
+        source.add_arguments(sources.add_parser(name, help=source.help, epilog=EPILOG,
+                                                formatter_class=argparse.RawDescriptionHelpFormatter))
+    return p

@@ -35,6 +35,7 @@ __all__ = [
     "plan_families",
     "core_shape",
     "estimate_size",
+    "index_limit",
 ]
 
 
@@ -168,8 +169,11 @@ def plan_catalog(items: list[Item], store_catalog: tuple[list[str], np.ndarray] 
             rather than derived from steps.
     """
     by_episode: dict[str, int] = defaultdict(lambda: 0)
+    files: Counter[str] = Counter(item.episode for item in items)
     for item in items:
-        if _usable_name(item.episode):
+        # without a catalog, rows per episode come from the indexes: one misnamed file (ep_vlm99999999999.pt)
+        # must not plan a 745 GiB family; such an index is left out here and reported as out of range
+        if _usable_name(item.episode) and (store_catalog is not None or item.index < index_limit(files[item.episode])):
             by_episode[item.episode] = max(by_episode[item.episode], item.index + 1)
     if store_catalog is not None:
         names, steps = store_catalog
@@ -181,6 +185,15 @@ def plan_catalog(items: list[Item], store_catalog: tuple[list[str], np.ndarray] 
     names = sorted(by_episode)
     rows = np.array([by_episode[n] for n in names], dtype=np.int64)
     return CatalogPlan(names, rows * (vlm_reuse_count or 1), rows, False)
+
+
+def index_limit(files_in_episode: int) -> int:
+    """Highest plausible index + 1 of an episode known only from its files: 16 per file, plus 256.
+
+    Sparse caches (every few ``vlm_idx`` kept) stay well inside; a stray huge
+    index does not size the plan. With ``--into`` the store's catalog decides.
+    """
+    return 16 * files_in_episode + 256
 
 
 def _usable_name(name: str) -> bool:
@@ -238,9 +251,11 @@ def plan_families(
             continue
         n = int(catalog.items[e])
         if not 0 <= item.index < n:
+            hint = "check --vlm-reuse-count" if catalog.from_store else (
+                "the other files of the episode make such an index implausible (a misnamed file?); rename it, or "
+                "ingest into a store whose catalog gives the episode's steps (--into)")
             problems.append(Problem(sf.path, "index-out-of-range", f"{sf.path}: {index_name}={item.index} but episode "
-                                    f"{item.episode!r} has {n} rows ({index_name} 0..{n - 1}); check "
-                                    "--vlm-reuse-count"))
+                                    f"{item.episode!r} has {n} rows ({index_name} 0..{n - 1}); {hint}"))
             continue
         row = int(episode_rows[e]) + item.index
         if row in placed:

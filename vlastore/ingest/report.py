@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import stat
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["Problem", "IngestError", "IngestReport", "REASONS", "human_bytes"]
+__all__ = ["Problem", "IngestError", "IngestUsageError", "IngestReport", "REASONS", "human_bytes", "describe_failure",
+           "printable"]
 
 REASONS: dict[str, str] = {
     "not-zip": "not a zip archive (not written by torch.save >= 1.6)",
@@ -16,6 +19,12 @@ REASONS: dict[str, str] = {
     "corrupt": "damaged file (bad CRC, bad zip entry or unreadable pickle)",
     "unsafe-pickle": "loading it would run pickled code; never executed",
     "unreadable": "cannot be read (permissions, I/O error)",
+    "not-a-regular-file": "a FIFO, socket, device or directory, not a file; never opened for reading",
+    "dangling-symlink": "a symbolic link to nothing",
+    "symlink-loop": "a loop of symbolic links",
+    "outside-source": "a symbolic link leading outside the source folder (skipped by --skip-outside-links)",
+    "too-large": "bigger than a limit (--max-file-size) or declaring more data than it holds",
+    "transient-error": "an I/O error that may pass (EIO, EAGAIN, ESTALE, ...) persisted over retries; rerun",
     "no-tensor": "holds no float tensor",
     "wrong-shape": "shape differs from its family",
     "wrong-dtype": "dtype differs from its family",
@@ -45,7 +54,7 @@ class Problem:
 
 
 class IngestError(RuntimeError):
-    """Ingestion stopped: ``--strict`` with problems, a plan that disagrees with the store, a failed worker."""
+    """Ingestion stopped on a data problem: ``--strict`` with problems, nothing usable, a failed worker (exit 1)."""
 
     def __init__(self, message: str, problems: list[Problem] | None = None,
                  report: IngestReport | None = None) -> None:
@@ -53,6 +62,41 @@ class IngestError(RuntimeError):
         self.problems = problems or []
         self.report = report
         """The report so far (e.g. the plan that ``--strict`` refused), for ``--report-json``."""
+
+
+class IngestUsageError(IngestError):
+    """The command asks for something that cannot be done as given; the message names the fix (exit 2)."""
+
+
+_FIXES = {
+    errno.ENOSPC: "free some space (or write elsewhere) and rerun the same command: finished shards are kept",
+    errno.EDQUOT: "the disk quota is exhausted: free some space and rerun the same command",
+    errno.EFBIG: "a file-size limit (ulimit -f) stopped the write: raise it and rerun the same command",
+    errno.EROFS: "the store is on a read-only filesystem: write to a writable place",
+    errno.EACCES: "no permission to write there: fix the permissions or write elsewhere",
+    errno.EPERM: "no permission to write there: fix the permissions or write elsewhere",
+    errno.EMFILE: "too many open files: raise the limit (ulimit -n) and rerun the same command",
+}
+
+
+def describe_failure(exc: BaseException, where: str = "") -> str:
+    """One line saying what failed, where, and what to do; no traceback."""
+    if isinstance(exc, OSError) and exc.errno is not None:
+        name = errno.errorcode.get(exc.errno, str(exc.errno))
+        path = f" ({exc.filename})" if exc.filename else ""
+        text = f"{exc.strerror or exc} [{name}]{path}"
+        fix = _FIXES.get(exc.errno, "rerun the same command once the cause is fixed: finished shards are kept")
+        return f"{where}{': ' if where else ''}{text}; {fix}"
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if type(exc).__name__ in ("OwnershipError", "IngestError", "FormatError", "ChecksumError"):
+        return f"{where}{': ' if where else ''}{message}"
+    return (f"{where}{': ' if where else ''}{type(exc).__name__}: {message[:300]} (unexpected: set VLASTORE_DEBUG=1 "
+            "for a traceback and report it)")
+
+
+def printable(text: str) -> str:
+    """``text`` with undecodable file-name bytes (surrogate escapes) shown as ``\\xff``, safe to print."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def human_bytes(n: float) -> str:
@@ -72,6 +116,8 @@ class IngestReport:
     kind: str
     dry_run: bool = False
     files_found: int = 0
+    files_usable: int = 0
+    """Files the plan takes a row from (before writing; what a dry run can promise)."""
     files_ingested: int = 0
     source_bytes: int = 0
     episodes: int = 0
@@ -82,6 +128,8 @@ class IngestReport:
     series: dict[str, list[str]] = field(default_factory=dict)
     problems: list[Problem] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    outside_links: list[str] = field(default_factory=list)
+    """``path -> target`` of every symbolic link (or HDF5 external link) leading outside the source."""
     store_before: dict[str, int] = field(default_factory=lambda: {"bytes": 0, "files": 0})
     store_after: dict[str, int] = field(default_factory=lambda: {"bytes": 0, "files": 0})
     estimated_bytes: int = 0
@@ -104,10 +152,68 @@ class IngestReport:
         out["problems"] = [asdict(p) for p in self.problems]
         out["skipped_by_reason"] = self.skipped_by_reason
         out["files_skipped"] = self.files_skipped
+        out["failure"] = self.failure()
         return out
 
+    def failure(self) -> str | None:
+        """Why this run counts as failed (``vlastore ingest`` exits 1), with the fix; None when it did its job."""
+        if self.verify is not None and not self.verify["ok"]:
+            return (f"verify failed: {len(self.verify['mismatches']):,} stored value(s) differ from their source; "
+                    "see the MISMATCH lines")
+        transient = [p for p in self.problems if p.reason == "transient-error"]
+        if transient:
+            return printable(f"{len(transient):,} file(s) could not be read because of I/O errors that may pass "
+                             f"(e.g. {transient[0].path}); rerun the same command to retry them: finished shards "
+                             "are kept")
+        if (self.files_usable if self.dry_run else self.files_ingested) == 0:
+            return printable(f"nothing {'would be' if self.dry_run else 'was'} ingested: {self._why_nothing()}")
+        return None
+
+    def _why_nothing(self) -> str:
+        if not self.files_found:
+            return {
+                "pt-cache": f"no .pt files in {self.source}; give the folder that holds the {{dataset}}_vlm{{idx}}.pt "
+                            "files",
+                "vggt": f"no *.vggt_cache.pt files under {self.source}; give the data root that holds one folder of "
+                        "images (and their caches) per episode",
+            }.get(self.kind, f"no source files found in {self.source}")
+        if not self.problems:
+            return f"no file gave a usable row for {self.store}"
+        reason, count = next(iter(self.skipped_by_reason.items()))
+        examples = ", ".join(os.path.basename(p.path) for p in self.problems if p.reason == reason)
+        examples = examples if len(examples) < 120 else examples[:117] + "..."
+        hint = {
+            "unmatched-name": "have names that do not match the pattern {dataset}_vlm{idx}.pt and hold no "
+                              "dataset/vlm_idx metadata: give --mapping CSV (columns file,dataset,vlm_idx) or "
+                              "--pattern REGEX",
+            "no-mapping-row": "are not in the --mapping CSV and hold no dataset/vlm_idx metadata: add rows "
+                              "file,dataset,vlm_idx for them",
+            "unknown-episode": f"belong to episodes that are not in the catalog of {self.store}: ingest their robot "
+                               "data first, or use --out NEW_STORE for a feature-only store",
+            "index-out-of-range": "have indexes past their episode's rows: check --vlm-reuse-count (or the names)",
+            "no-tensor": "hold no float tensor",
+            "bad-series": "do not parse as robot data or disagree with the other episodes",
+        }.get(reason, f"were skipped as {reason} ({REASONS.get(reason, '')})")
+        others = len(self.problems) - count
+        return (f"{count:,} file(s) {hint} (e.g. {examples})"
+                + (f"; {others:,} more skipped for other reasons" if others else "") + "; see the problems above")
+
     def write_json(self, path: str | os.PathLike[str]) -> None:
-        with open(path, "w") as f:
+        """Write the report as JSON to a regular file (a FIFO there is refused, not waited on)."""
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0), 0o644)
+        except OSError as exc:
+            if exc.errno in (errno.ENXIO, errno.EISDIR):  # a FIFO nobody reads, a folder
+                raise IngestUsageError(f"--report-json {path}: not a regular file; give a file path") from None
+            raise
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise IngestUsageError(f"--report-json {path}: not a regular file; give a file path")
+            os.ftruncate(fd, 0)
+        except BaseException:
+            os.close(fd)
+            raise
+        with os.fdopen(fd, "w") as f:
             json.dump(self.to_dict(), f, indent=2, default=str)
             f.write("\n")
 
@@ -165,4 +271,4 @@ class IngestReport:
                          f"{len(v['mismatches'])} mismatches -> {'OK' if v['ok'] else 'FAILED'}")
             for m in v["mismatches"][:max_problems]:
                 lines.append(f"    MISMATCH {m}")
-        return "\n".join(lines)
+        return printable("\n".join(lines))

@@ -2,19 +2,16 @@
 
 The robot data gives the store its catalog (episode names and step counts)
 and its series (``series/<key>``, column names kept). Feature caches are then
-added with ``vlastore ingest pt-cache|vggt ... --into STORE``.
+added with ``vlastore ingest pt-cache|vggt ... --into STORE``. The files are
+read by :mod:`vlastore.ingest.robotfiles`.
 """
 
 from __future__ import annotations
 
-import csv
-import fnmatch
-import math
 import os
-import re
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -23,221 +20,88 @@ from tqdm import tqdm
 from ..format import FormatError, validate_name
 from ..store import EpisodeData, VLAStore
 from .features import IngestOptions, open_or_create_store, store_usage
-from .report import IngestError, IngestReport, Problem
+from .report import IngestError, IngestReport, IngestUsageError, Problem
+from .robotfiles import (
+    DEFAULT_DTYPE,
+    DEFAULT_SERIES,
+    HDF5_SUFFIXES,
+    RobotEpisode,
+    parse_series_spec,
+    read_csv_episode,
+    read_npz_episode,
+    read_robomimic,
+)
+from .source import file_size, outside_root
 from .workers import parallel_map
 
 __all__ = ["RobotEpisode", "read_csv_episode", "read_npz_episode", "read_robomimic", "ingest_robot",
-           "parse_series_spec", "DEFAULT_SERIES"]
+           "parse_series_spec", "DEFAULT_SERIES", "DEFAULT_DTYPE"]
 
-DEFAULT_SERIES = "data"
-"""Series key of the columns no ``--series`` pattern claims."""
+
+def _read_one(args: tuple[str, str, list[tuple[str, list[str]]], str | None, int]) -> RobotEpisode:
+    path, fmt, series, dtype, max_bytes = args
+    if fmt == "csv":
+        return read_csv_episode(path, series, dtype, max_bytes)
+    return read_npz_episode(path, series, dtype, max_bytes)
 
 
 @dataclass
-class RobotEpisode:
-    """One episode's robot data as read from its source."""
-
-    name: str
-    path: str
-    columns: dict[str, tuple[list[str], np.ndarray]] = field(default_factory=dict)
-    """Series key -> (column names, ``[steps, columns]`` array)."""
-    problem: tuple[str, str] | None = None
-    dropped: list[str] = field(default_factory=list)
-    nbytes: int = 0
+class _Listing:
+    paths: list[str]
+    outside: list[tuple[str, str]]
 
 
-def parse_series_spec(specs: list[str] | None) -> list[tuple[str, list[str]]]:
-    """``["state=joint_*,gripper", "action=act_*"]`` -> ``[(key, patterns), ...]``.
-
-    Raises:
-        IngestError: a spec without ``=`` or with an unusable key.
-    """
-    out = []
-    for spec in specs or []:
-        key, sep, patterns = spec.partition("=")
-        if not sep or not patterns:
-            raise IngestError(f"--series {spec!r}: write KEY=PATTERN[,PATTERN...], e.g. state=joint_*,gripper")
-        try:
-            validate_name(key.strip(), "series key")
-        except FormatError as exc:
-            raise IngestError(f"--series {spec!r}: {exc}") from None
-        out.append((key.strip(), [p.strip() for p in patterns.split(",") if p.strip()]))
-    return out
-
-
-def _group(names: list[str], table: np.ndarray, series: list[tuple[str, list[str]]],
-           dtype: str | None) -> tuple[dict[str, tuple[list[str], np.ndarray]], list[str]]:
-    """Split named columns into series by pattern (first match wins); all go to ``data`` without patterns."""
-    if not series:
-        groups = {DEFAULT_SERIES: list(range(len(names)))}
-    else:
-        groups = {key: [] for key, _ in series}
-        for i, name in enumerate(names):
-            for key, patterns in series:
-                if any(fnmatch.fnmatchcase(name, p) for p in patterns):
-                    groups[key].append(i)
-                    break
-    claimed = {i for cols in groups.values() for i in cols}
-    dropped = [n for i, n in enumerate(names) if i not in claimed]
-    out = {}
-    for key, cols in groups.items():
-        if cols:
-            arr = table[:, cols]
-            out[key] = ([names[i] for i in cols], arr.astype(dtype) if dtype else arr)
-    return out, dropped
-
-
-def read_csv_episode(path: str, series: list[tuple[str, list[str]]] | None = None,
-                     dtype: str | None = None) -> RobotEpisode:
-    """Numeric columns of a CSV with a header; text columns are reported in ``dropped``."""
-    name = os.path.splitext(os.path.basename(path))[0]
-    episode = RobotEpisode(name, path, nbytes=_size(path))
-    try:
-        with open(path, newline="") as f:
-            rows = list(csv.reader(f))
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        episode.problem = ("bad-series", f"{path}: cannot read the CSV ({exc})")
-        return episode
-    if not rows or not rows[0]:
-        episode.problem = ("bad-series", f"{path}: empty CSV; one header row then one row per step is expected")
-        return episode
-    header, body = [h.strip() for h in rows[0]], [r for r in rows[1:] if r]
-    if any(len(r) != len(header) for r in body):
-        bad = next(i for i, r in enumerate(body) if len(r) != len(header))
-        episode.problem = ("bad-series", f"{path} line {bad + 2}: {len(body[bad])} fields, the header has "
-                                         f"{len(header)}")
-        return episode
-    numeric, names, dropped = [], [], []
-    for j, col in enumerate(header):
-        try:
-            numeric.append([float(r[j]) if r[j].strip() else math.nan for r in body])
-            names.append(col)
-        except ValueError:
-            dropped.append(col)
-    table = np.array(numeric, dtype=np.float64).T.reshape(len(body), len(names))
-    episode.columns, more = _group(names, table, series or [], dtype)
-    episode.dropped = dropped + more
-    return episode
-
-
-def read_npz_episode(path: str, series: list[tuple[str, list[str]]] | None = None,
-                     dtype: str | None = None) -> RobotEpisode:
-    """An NPZ converted from a CSV: 1-D arrays are named columns; 2-D ``[steps, k]`` arrays are series of their own.
-
-    ``data`` + ``columns`` (a 2-D table and its column names) is read as the CSV it came from.
-    """
-    name = os.path.splitext(os.path.basename(path))[0]
-    episode = RobotEpisode(name, path, nbytes=_size(path))
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
-    except (OSError, ValueError, EOFError) as exc:
-        episode.problem = ("bad-series", f"{path}: cannot read the NPZ ({str(exc)[:200]})")
-        return episode
-    names: list[str] = []
-    columns: list[np.ndarray] = []
-    if "data" in arrays and "columns" in arrays and arrays["data"].ndim == 2:
-        names += [str(c) for c in arrays.pop("columns").tolist()]
-        columns += list(arrays.pop("data").T)
-    own: dict[str, tuple[list[str], np.ndarray]] = {}
-    for key, arr in arrays.items():
-        if arr.dtype.kind not in "biuf":
-            episode.dropped.append(key)
-        elif arr.ndim == 1:
-            names.append(key)
-            columns.append(arr)
-        elif arr.ndim == 2:
-            own[key] = ([f"{key}_{i}" for i in range(arr.shape[1])], arr.astype(dtype) if dtype else arr)
-        else:
-            episode.dropped.append(key)
-    if columns:
-        if len({len(c) for c in columns}) != 1:
-            episode.problem = ("bad-series", f"{path}: 1-D arrays of different lengths; one value per step is expected")
-            return episode
-        dt = np.result_type(*columns)
-        table = np.stack([c.astype(dt) for c in columns], axis=1)
-        grouped, more = _group(names, table, series or [], dtype)
-        episode.columns.update(grouped)
-        episode.dropped += more
-    episode.columns.update(own)
-    return episode
-
-
-def read_robomimic(path: str, dtype: str | None = None) -> tuple[list[RobotEpisode], list[str]]:
-    """Episodes ``data/demo_N`` of a robomimic HDF5 file: ``actions``, ``states``, ``rewards``,
-    ``dones`` and ``obs/<key>`` (as series ``obs.<key>``) with at most 2 dimensions.
-
-    Returns the episodes (by demo number) and notes on what was not stored.
-    """
-    import h5py
-
-    notes: list[str] = []
-    episodes = []
-    with h5py.File(path, "r") as f:
-        if "data" not in f:
-            raise IngestError(f"{path}: no 'data' group; a robomimic file holds data/demo_N/{{actions,states,obs}}")
-        demos = sorted(f["data"].keys(), key=lambda k: (int(m.group()) if (m := re.search(r"\d+", k)) else -1, k))
-        skipped: Counter[str] = Counter()
-        for demo in demos:
-            group = f["data"][demo]
-            episode = RobotEpisode(demo, f"{path}:data/{demo}")
-            items = [(k, group[k]) for k in ("actions", "states", "rewards", "dones") if k in group]
-            if "obs" in group:
-                items += [(f"obs.{k}", group["obs"][k]) for k in sorted(group["obs"].keys())]
-            for key, ds in items:
-                if not isinstance(ds, h5py.Dataset) or ds.ndim > 2 or ds.dtype.kind not in "biuf":
-                    skipped[key] += 1
-                    continue
-                arr = ds[()]
-                arr = arr.reshape(len(arr), -1)
-                cols = [f"{key}_{i}" for i in range(arr.shape[1])] if arr.shape[1] > 1 else [key]
-                episode.columns[key] = (cols, arr.astype(dtype) if dtype else arr)
-                episode.nbytes += arr.nbytes
-            episodes.append(episode)
-        for key, n in skipped.items():
-            notes.append(f"{key} not stored in {n} demo(s): only numeric arrays of 1 or 2 dimensions become series")
-    return episodes, notes
-
-
-def _size(path: str) -> int:
-    try:
-        return os.stat(path).st_size
-    except OSError:
-        return 0
-
-
-def _read_one(args: tuple[str, str, list[tuple[str, list[str]]], str | None]) -> RobotEpisode:
-    path, fmt, series, dtype = args
-    return read_csv_episode(path, series, dtype) if fmt == "csv" else read_npz_episode(path, series, dtype)
+def _list_source(source: str, kind: str) -> _Listing:
+    real = os.path.realpath(source)
+    paths, outside = [], []
+    with os.scandir(source) as entries:
+        for entry in entries:
+            if entry.name.endswith(f".{kind}"):
+                paths.append(entry.path)
+                if entry.is_symlink() and (target := outside_root(entry.path, real)) is not None:
+                    outside.append((entry.path, target))
+    return _Listing(sorted(paths), sorted(outside))
 
 
 def _read_source(source: str, kind: str, groups: list[tuple[str, list[str]]], dtype: str | None,
-                 options: IngestOptions, what: str) -> tuple[list[RobotEpisode], list[str]]:
+                 options: IngestOptions, what: str) -> tuple[list[RobotEpisode], list[str], list[Problem], list[str]]:
+    """Episodes, notes, problems outside any episode, and links leading outside the source."""
     if kind == "hdf5":
-        return read_robomimic(source, dtype)
-    paths = sorted(os.path.join(source, n) for n in os.listdir(source) if n.endswith(f".{kind}"))
+        return read_robomimic(source, dtype, options.max_file_bytes, options.skip_outside_links)
+    listing = _list_source(source, kind)
+    outside = {p for p, _ in listing.outside}
+    problems = []
+    paths = listing.paths
+    if options.skip_outside_links and outside:
+        paths = [p for p in paths if p not in outside]
+        problems = [Problem(p, "outside-source", f"{p}: symbolic link to {t}, outside the source folder; not read "
+                            "(--skip-outside-links)") for p, t in listing.outside]
     with tqdm(total=len(paths), unit="file", desc=what, disable=not options.progress or None) as bar:
-        return list(parallel_map(_read_one, [(p, kind, groups, dtype) for p in paths], options.n_workers,
-                                 bar.update)), []
+        episodes = list(parallel_map(_read_one, [(p, kind, groups, dtype, options.max_file_bytes) for p in paths],
+                                     options.n_workers, bar.update))
+    return episodes, [], problems, [f"{p} -> {t}" for p, t in listing.outside]
 
 
 def _detect(source: str, fmt: str) -> str:
+    if not os.path.exists(source):
+        raise IngestUsageError(f"{source}: no such file or folder; give a folder of per-episode CSV/NPZ files or a "
+                               "robomimic .hdf5 file")
     if fmt != "auto":
+        if (fmt == "hdf5") == os.path.isdir(source):
+            raise IngestUsageError(f"{source}: --format {fmt} needs " + ("a .hdf5 file" if fmt == "hdf5" else
+                                                                         "a folder of per-episode files"))
         return fmt
-    if os.path.isfile(source):
-        if source.endswith((".hdf5", ".h5", ".he5")):
-            return "hdf5"
-        raise IngestError(f"{source}: give a folder of per-episode CSV/NPZ files or a robomimic .hdf5 file")
     if not os.path.isdir(source):
-        raise FileNotFoundError(f"{source}: no such file or folder")
+        if source.endswith(HDF5_SUFFIXES):
+            return "hdf5"
+        raise IngestUsageError(f"{source}: give a folder of per-episode CSV/NPZ files or a robomimic .hdf5 file")
     names = os.listdir(source)
     csvs, npzs = sum(n.endswith(".csv") for n in names), sum(n.endswith(".npz") for n in names)
-    if not csvs and not npzs:
-        raise IngestError(f"{source}: no .csv or .npz files; one file per episode is expected")
     return "csv" if csvs >= npzs else "npz"
 
 
-def _check(episodes: list[RobotEpisode], allow_nonfinite: bool) -> tuple[list[RobotEpisode], list[Problem]]:
+def _check(episodes: list[RobotEpisode], allow_nonfinite: bool, dtype: str | None = None
+           ) -> tuple[list[RobotEpisode], list[Problem]]:
     """Episodes that agree with the majority on series keys and column names, finite unless allowed."""
     problems = [Problem(e.path, *e.problem) for e in episodes if e.problem]
     good = [e for e in episodes if not e.problem]
@@ -264,8 +128,9 @@ def _check(episodes: list[RobotEpisode], allow_nonfinite: bool) -> tuple[list[Ro
                                     f"({[k for k, _ in sig]} vs {[k for k, _ in majority]})"))
             continue
         if not allow_nonfinite and any(not np.isfinite(a).all() for _, a in e.columns.values() if a.dtype.kind == "f"):
-            problems.append(Problem(e.path, "nonfinite", f"{e.path}: holds NaN/Inf or empty cells; fix it or pass "
-                                    "--allow-nonfinite"))
+            wide = " (or values beyond float32's range: pass --dtype float64)" if dtype == "float32" else ""
+            problems.append(Problem(e.path, "nonfinite", f"{e.path}: holds NaN/Inf or empty cells{wide}; fix it or "
+                                    "pass --allow-nonfinite"))
             continue
         kept.append(e)
     return kept, problems
@@ -276,30 +141,50 @@ def ingest_robot(
     options: IngestOptions,
     fmt: str = "auto",
     series: list[str] | None = None,
-    dtype: str | None = None,
+    dtype: str | None = DEFAULT_DTYPE,
 ) -> IngestReport:
     """Create a store from robot data: the catalog plus one series per key, column names kept.
 
     Args:
         source: a folder of ``<episode>.csv`` / ``<episode>.npz`` files, or a robomimic ``.hdf5`` file.
-        options: ``out`` (new store) and the shared options; ``into`` is not supported.
+        options: ``out`` (new store) and the shared options; ``into`` is not supported yet.
         fmt: ``auto``, ``csv``, ``npz`` or ``hdf5``.
         series: ``KEY=PATTERN,...`` groups of CSV/NPZ columns (default: all in series ``data``).
-        dtype: store every series as this dtype (e.g. ``float32``) instead of the source's.
+        dtype: dtype of the series (``float32`` by default, ``float64`` keeps CSV values exactly; None: as
+            read); integer columns that float32 would round become float64.
+
+    Raises:
+        IngestUsageError: ``--into``, a missing source, a bad ``--series``, ``--out`` onto another store.
+        IngestError: ``--strict`` with problems.
     """
     started = time.perf_counter()
     if options.into:
-        raise IngestError("robot data makes a new store's catalog: use --out STORE (then add features with --into)")
+        # robot data defines a store's catalog; adding episodes to a store is appending, not supported yet
+        raise IngestUsageError(f"ingest robot --into {options.into}: adding episodes to an existing store is not "
+                               "supported yet; write a new store with --out NEW_STORE (then add features to it with "
+                               "ingest pt-cache|vggt --into NEW_STORE)")
     target = options.target
+    if options.workers < 0:
+        raise IngestUsageError(f"--workers {options.workers}: give a number of processes >= 1 (0: one per core)")
+    if dtype not in (None, "float32", "float64"):
+        raise IngestUsageError(f"--dtype {dtype}: give float32 or float64")
     report = IngestReport(source=source, store=target, kind="robot", dry_run=options.dry_run)
     report.store_before = store_usage(target)
+    report.store_after = dict(report.store_before)
     kind = _detect(source, fmt)
     groups = parse_series_spec(series)
-    episodes, notes = _read_source(source, kind, groups, dtype, options, "read")
+    episodes, notes, file_problems, outside = _read_source(source, kind, groups, dtype, options, "read")
     report.notes += notes
-    report.files_found = 1 if kind == "hdf5" else len(episodes)
-    report.source_bytes = _size(source) if kind == "hdf5" else sum(e.nbytes for e in episodes)
-    kept, report.problems = _check(episodes, options.allow_nonfinite)
+    report.outside_links = outside
+    if outside:
+        what = "skipped (--skip-outside-links)" if options.skip_outside_links else \
+            "read; --skip-outside-links leaves them out"
+        report.notes.append(f"{len(outside):,} link(s) lead outside {source if kind != 'hdf5' else 'its folder'}, "
+                            f"{what}: {', '.join(outside[:3])}" + (", ..." if len(outside) > 3 else ""))
+    report.files_found = 1 if kind == "hdf5" else len(episodes) + len(file_problems)
+    report.source_bytes = file_size(source) if kind == "hdf5" else sum(e.nbytes for e in episodes)
+    kept, problems = _check(episodes, options.allow_nonfinite, dtype)
+    report.problems = file_problems + problems
     dropped = Counter(c for e in kept for c in e.dropped)
     if dropped:
         report.notes.append("columns not stored (text, or claimed by no --series pattern): "
@@ -313,25 +198,30 @@ def ingest_robot(
     steps = [len(next(iter(e.columns.values()))[1]) for e in kept]
     report.episode_rows = {e.name: n for e, n in zip(kept, steps, strict=True)}
     report.steps = sum(steps)
+    report.files_usable = (1 if kind == "hdf5" else len(kept)) if kept else 0
     data = [EpisodeData(e.name, {k: a for k, (_, a) in e.columns.items()}) for e in kept]
     columns = {k: c for k, c in report.series.items()}
     report.estimated_bytes = sum(a.nbytes for e in data for a in e.series.values())
     report.estimated_files = 8 + 2 * len(columns)
-    if options.dry_run:
+    if options.dry_run or not kept:
         report.seconds = time.perf_counter() - started
         return report
-    if not kept:
-        raise IngestError(f"{source}: no usable episode; see the problems above", report.problems)
-    store, created = open_or_create_store(target, data, columns, same=lambda s: _same_series(s, data))
+    store, created = open_or_create_store(
+        target, data, columns, same=lambda s: _same_series(s, data),
+        other_store_hint=f"Pick a new --out (or remove {target} first to replace it)")
     if not created:
         report.notes.append("the store already holds exactly this robot data (an earlier run finished): nothing to do")
-    report.files_ingested = len(kept) if kind != "hdf5" else 1
+    report.files_ingested = report.files_usable
     report.store_after = store_usage(target)
     if options.verify:  # against a fresh read of the source files, not the copy in memory
-        again, _ = _read_source(source, kind, groups, dtype, options, "verify")
+        again, _, _, _ = _read_source(source, kind, groups, dtype, options, "verify")
         by_name = {e.name: e for e in again}
-        fresh = [EpisodeData(e.name, {k: a for k, (_, a) in by_name[e.name].columns.items()}) for e in kept]
+        fresh = [EpisodeData(e.name, {k: a for k, (_, a) in by_name[e.name].columns.items()}) for e in kept
+                 if e.name in by_name and not by_name[e.name].problem]
         report.verify = _verify_series(store, fresh)
+        if len(fresh) < len(kept):
+            report.verify["mismatches"].append(f"{len(kept) - len(fresh)} episode(s) no longer read from the source")
+            report.verify["ok"] = False
     report.seconds = time.perf_counter() - started
     return report
 
@@ -349,8 +239,8 @@ def _verify_series(store: VLAStore, data: list[EpisodeData]) -> dict[str, Any]:
     checked = 0
     for key in store.series_keys:
         stored = store.series_all(key)
-        for e, ep in enumerate(data):
-            lo, hi = store.catalog.step_range(e)
+        for ep in data:
+            lo, hi = store.catalog.step_range(store.catalog.resolve(ep.name))
             source = np.asarray(ep.series[key])
             source = source.reshape(len(source), -1)
             if source.dtype != stored.dtype:  # the store widens ints and mixed float widths, losslessly

@@ -11,18 +11,21 @@ Two layouts of ``.pt`` feature caches are understood:
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import re
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .plan import Item, ScannedFile
-from .ptfile import PtFileError, read_pt, tensor_entries
-from .report import IngestError, Problem
+from .ptfile import read_pt, tensor_entries
+from .report import IngestError, IngestUsageError, Problem
+from .source import MAX_FILE_BYTES, SourceError, file_size, open_source, outside_root, retrying
 
 __all__ = [
     "NAME_PATTERN",
@@ -30,11 +33,15 @@ __all__ = [
     "INDEX_FIELDS",
     "VGGT_SUFFIX",
     "MANIFEST_NAMES",
+    "MAX_INDEX_FILE_BYTES",
+    "MAX_INDEX",
+    "Listing",
     "inspect_pt",
     "list_pt_files",
     "read_mapping",
     "place_pt_cache",
     "list_vggt_files",
+    "find_manifest",
     "read_manifest",
     "place_vggt",
     "values_finite",
@@ -48,6 +55,12 @@ INDEX_FIELDS = ("vlm_idx", "index", "idx")
 VGGT_SUFFIX = ".vggt_cache.pt"
 MANIFEST_NAMES = ("manifest.json", "manifest.jsonl", "manifest.csv")
 
+MAX_INDEX_FILE_BYTES = 256 << 20
+"""Largest mapping CSV or manifest read (256 MiB: tens of millions of rows)."""
+
+MAX_INDEX = (1 << 62) - 1
+"""Largest row index taken from a file name, a mapping or file metadata; beyond it the file is skipped."""
+
 
 def values_finite(array: np.ndarray, dtype: str) -> bool:
     """True when no element is NaN/Inf (bfloat16 given as its uint16 bits)."""
@@ -56,67 +69,123 @@ def values_finite(array: np.ndarray, dtype: str) -> bool:
     return bool(np.isfinite(array).all())
 
 
-def inspect_pt(path: str) -> ScannedFile:
-    """Read one ``.pt`` file safely and record its tensors; never raises for a bad file."""
+def inspect_pt(path: str, max_bytes: int = MAX_FILE_BYTES) -> ScannedFile:
+    """Read one ``.pt`` file safely and record its tensors; never raises for a bad file.
+
+    Transient I/O errors are retried (:func:`~vlastore.ingest.source.retrying`).
+    """
     try:
-        nbytes = os.stat(path).st_size
-        obj = read_pt(path)
-    except PtFileError as exc:
-        return ScannedFile(path, _size(path), (exc.reason, str(exc)))
-    except OSError as exc:
-        return ScannedFile(path, 0, ("unreadable", f"{path}: {exc.strerror or exc}"))
-    tensors, meta = tensor_entries(obj)
+        return retrying(lambda: _inspect(path, max_bytes))
+    except SourceError as exc:
+        return ScannedFile(path, file_size(path), (exc.reason, str(exc)))
+    except Exception as exc:  # noqa: BLE001 - one bad file is one skipped file, whatever it raises
+        return ScannedFile(path, file_size(path), ("corrupt", f"{path}: {type(exc).__name__}: {str(exc)[:200]}"))
+
+
+def _inspect(path: str, max_bytes: int) -> ScannedFile:
+    tensors, meta = tensor_entries(read_pt(path, max_bytes))
     info = {k: (t.shape, t.dtype, values_finite(t.array, t.dtype)) for k, t in tensors.items()}
     meta = {k: v for k, v in meta.items() if k in DATASET_FIELDS or k in INDEX_FIELDS}
-    return ScannedFile(path, nbytes, None, info, meta)
+    return ScannedFile(path, file_size(path), None, info, meta)
 
 
-def _size(path: str) -> int:
-    try:
-        return os.stat(path).st_size
-    except OSError:
-        return 0
+@dataclass
+class Listing:
+    """Source files found under a folder (whatever their type: reading them says what is wrong)."""
+
+    paths: list[str] = field(default_factory=list)
+    others: int = 0
+    """Entries that are not source files (ignored)."""
+    outside: list[tuple[str, str]] = field(default_factory=list)
+    """``(path, target)`` of symbolic links leading outside the source folder."""
+    unlisted: list[str] = field(default_factory=list)
+    """Folders that could not be listed."""
+
+
+def _require_folder(folder: str | os.PathLike[str], what: str) -> str:
+    if not os.path.isdir(folder):
+        kind = "no such folder" if not os.path.exists(folder) else "not a folder"
+        raise IngestUsageError(f"{folder}: {kind}; give {what}")
+    return os.path.realpath(folder)
 
 
 # --------------------------------------------------------------- legacy VL cache
 
 
-def list_pt_files(folder: str | os.PathLike[str]) -> tuple[list[str], int]:
-    """Sorted ``.pt`` files directly in ``folder`` and the number of other entries (ignored)."""
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"{folder}: no such folder; give the folder that holds the .pt files")
-    paths, others = [], 0
-    with os.scandir(folder) as entries:
-        for entry in entries:
-            if entry.name.endswith(".pt") and entry.is_file():
-                paths.append(entry.path)
-            else:
-                others += 1
-    paths.sort()
-    return paths, others
+def list_pt_files(folder: str | os.PathLike[str]) -> Listing:
+    """Every entry named ``*.pt`` directly in ``folder`` (sorted), and the number of other entries.
+
+    Entries are listed by name, not by type: a dangling link, a FIFO or a
+    folder named ``x.pt`` is listed too and reported when read.
+
+    Raises:
+        IngestUsageError: ``folder`` is not a folder.
+    """
+    real = _require_folder(folder, "the folder that holds the .pt files")
+    listing = Listing()
+    try:
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.name.endswith(".pt"):
+                    listing.paths.append(entry.path)
+                    if entry.is_symlink() and (target := outside_root(entry.path, real)) is not None:
+                        listing.outside.append((entry.path, target))
+                else:
+                    listing.others += 1
+    except OSError as exc:
+        raise IngestError(f"{folder}: cannot list the folder ({exc.strerror or exc})") from None
+    listing.paths.sort()
+    listing.outside.sort()
+    return listing
+
+
+def _open_index_file(path: str | os.PathLike[str], option: str) -> io.TextIOWrapper:
+    try:
+        return io.TextIOWrapper(open_source(path, MAX_INDEX_FILE_BYTES), encoding="utf-8", newline="")
+    except SourceError as exc:
+        raise IngestUsageError(f"{option} {path}: {exc}; give a regular file") from None
+
+
+def _header(names: list[str], path: str | os.PathLike[str]) -> list[str]:
+    seen: set[str] = set()
+    for name in (n.strip().lower() for n in names):
+        if name in seen:
+            raise IngestError(f"{path}: the header names column {name!r} twice; keep one column of each name")
+        seen.add(name)
+    return [n.strip().lower() for n in names]
 
 
 def read_mapping(path: str | os.PathLike[str]) -> dict[str, tuple[str, int]]:
     """A mapping CSV ``file,dataset,vlm_idx`` (header required) -> ``{file name: (dataset, index)}``.
 
     Raises:
-        IngestError: missing columns or a row that does not parse (with its line number).
+        IngestUsageError: not a regular file (a FIFO is never waited on).
+        IngestError: missing or repeated columns, a row that does not parse (with its line number).
     """
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        fields = {name.strip().lower(): name for name in reader.fieldnames or []}
-        col_file = next((fields[c] for c in ("file", "path", "filename") if c in fields), None)
-        col_ds = next((fields[c] for c in DATASET_FIELDS if c in fields), None)
-        col_idx = next((fields[c] for c in INDEX_FIELDS if c in fields), None)
-        if not (col_file and col_ds and col_idx):
-            raise IngestError(f"{path}: a mapping CSV needs a header with columns file,dataset,vlm_idx; "
-                              f"found {reader.fieldnames}")
-        out: dict[str, tuple[str, int]] = {}
-        for line, row in enumerate(reader, start=2):
-            try:
-                out[os.path.basename(row[col_file].strip())] = (row[col_ds].strip(), int(row[col_idx]))
-            except (ValueError, TypeError, AttributeError):
-                raise IngestError(f"{path} line {line}: cannot read {row!r}; vlm_idx must be an integer") from None
+    with _open_index_file(path, "--mapping") as f:
+        try:
+            reader = csv.reader(f)
+            header = _header(next(reader, []), path)
+            col_file = next((header.index(c) for c in ("file", "path", "filename") if c in header), None)
+            col_ds = next((header.index(c) for c in DATASET_FIELDS if c in header), None)
+            col_idx = next((header.index(c) for c in INDEX_FIELDS if c in header), None)
+            if col_file is None or col_ds is None or col_idx is None:
+                raise IngestError(f"{path}: a mapping CSV needs a header with columns file,dataset,vlm_idx; "
+                                  f"found {header[:10]}")
+            out: dict[str, tuple[str, int]] = {}
+            for line, row in enumerate(reader, start=2):
+                if not row:
+                    continue
+                try:
+                    index = row[col_idx].strip()
+                    if not index.isdigit() or len(index) > 18:
+                        raise ValueError(index)
+                    out[os.path.basename(row[col_file].strip())] = (row[col_ds].strip(), int(index))
+                except (ValueError, IndexError):
+                    raise IngestError(f"{path} line {line}: cannot read {row[:4]!r}; vlm_idx must be an integer "
+                                      "from 0 to 10^18") from None
+        except (UnicodeDecodeError, csv.Error) as exc:
+            raise IngestError(f"{path}: not a UTF-8 CSV file ({str(exc)[:120]})") from None
     return out
 
 
@@ -124,23 +193,37 @@ def _meta_key(meta: dict[str, Any]) -> tuple[str, int] | None:
     dataset = next((meta[f] for f in DATASET_FIELDS if isinstance(meta.get(f), str)), None)
     index = next((meta[f] for f in INDEX_FIELDS if isinstance(meta.get(f), int) and not isinstance(meta[f], bool)),
                  None)
-    return (dataset, int(index)) if dataset is not None and index is not None else None
+    if dataset is None or index is None or not 0 <= index <= MAX_INDEX:
+        return None
+    return dataset, int(index)
 
 
 def place_pt_cache(
     files: list[ScannedFile], pattern: str = NAME_PATTERN, mapping: dict[str, tuple[str, int]] | None = None
 ) -> tuple[list[Item], list[Problem]]:
-    """Give every file its ``(dataset, vlm_idx)``: from its name, else the mapping, else its metadata."""
-    regex = re.compile(pattern)
+    """Give every file its ``(dataset, vlm_idx)``: from its name, else the mapping, else its metadata.
+
+    Raises:
+        IngestUsageError: ``pattern`` is not a regex with the groups ``dataset`` and ``index``.
+    """
+    try:
+        regex = re.compile(pattern)
+    except re.error as exc:
+        raise IngestUsageError(f"--pattern {pattern!r} is not a regular expression ({exc})") from None
     if not {"dataset", "index"} <= set(regex.groupindex):
-        raise IngestError(f"--pattern {pattern!r} needs the named groups (?P<dataset>...) and (?P<index>...)")
+        raise IngestUsageError(f"--pattern {pattern!r} needs the named groups (?P<dataset>...) and (?P<index>...)")
     items: list[Item] = []
     problems: list[Problem] = []
     for i, sf in enumerate(files):
         name = os.path.basename(sf.path)
         match = regex.match(name)
         if match:
-            items.append(Item(i, match["dataset"], int(match["index"]), priority=0))
+            index = match["index"] or ""
+            if index.isdigit() and len(index) <= 18:
+                items.append(Item(i, match["dataset"] or "", int(index), priority=0))
+            else:
+                problems.append(Problem(sf.path, "index-out-of-range", f"{sf.path}: index {index[:24]!r} from the "
+                                        "file name is not a whole number below 10^18; rename the file"))
         elif mapping is not None and name in mapping:
             items.append(Item(i, mapping[name][0], mapping[name][1], priority=1))
         elif sf.problem is None and (key := _meta_key(sf.meta)) is not None:
@@ -151,25 +234,56 @@ def place_pt_cache(
             problems.append(Problem(sf.path, "no-mapping-row", f"{sf.path}: not in the mapping file, its name does not "
                                     "match the pattern and it holds no dataset/vlm_idx metadata"))
         else:
-            problems.append(Problem(sf.path, "unmatched-name", f"{sf.path}: name does not match {pattern!r} and the "
-                                    "file holds no dataset/vlm_idx metadata; give --mapping CSV "
-                                    "(file,dataset,vlm_idx)"))
+            problems.append(Problem(sf.path, "unmatched-name", f"{sf.path}: name does not match {pattern!r} (i.e. "
+                                    "{dataset}_vlm{idx}.pt) and the file holds no dataset/vlm_idx metadata; give "
+                                    "--mapping CSV (file,dataset,vlm_idx) or --pattern"))
     return items, problems
 
 
 # --------------------------------------------------------------- VGGT caches
 
 
-def list_vggt_files(root: str | os.PathLike[str]) -> list[str]:
-    """Every ``*.vggt_cache.pt`` under ``root``, sorted."""
-    if not os.path.isdir(root):
-        raise FileNotFoundError(f"{root}: no such folder; give the data root that holds one folder per episode")
-    out: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        out.extend(os.path.join(dirpath, n) for n in filenames if n.endswith(VGGT_SUFFIX))
-    out.sort()
-    return out
+def list_vggt_files(root: str | os.PathLike[str]) -> Listing:
+    """Every entry named ``*.vggt_cache.pt`` under ``root`` (sorted), whatever its type.
+
+    Linked folders are not followed (as ``os.walk``); a folder named like a
+    cache is listed as a file, and reported when read.
+
+    Raises:
+        IngestUsageError: ``root`` is not a folder.
+    """
+    real = _require_folder(root, "the data root that holds one folder per episode")
+    listing = Listing()
+    stack = [os.fspath(root)]
+    while stack:
+        folder = stack.pop()
+        try:
+            with os.scandir(folder) as it:
+                entries = list(it)
+        except OSError:
+            listing.unlisted.append(folder)
+            continue
+        for entry in entries:
+            if entry.name.endswith(VGGT_SUFFIX):
+                listing.paths.append(entry.path)
+                if entry.is_symlink() and (target := outside_root(entry.path, real)) is not None:
+                    listing.outside.append((entry.path, target))
+            elif entry.is_dir(follow_symlinks=False):
+                stack.append(entry.path)
+    listing.paths.sort()
+    listing.outside.sort()
+    return listing
+
+
+def find_manifest(root: str | os.PathLike[str]) -> tuple[str | None, str | None]:
+    """``(path, note)``: the manifest at the root, if any; a note when one is there but not a regular file."""
+    for name in MANIFEST_NAMES:
+        path = os.path.join(root, name)
+        if os.path.lexists(path):
+            if os.path.isfile(path):
+                return path, None
+            return None, f"{path} is not a regular file: ignored (images ordered by name)"
+    return None, None
 
 
 def read_manifest(path: str | os.PathLike[str]) -> dict[str, list[str]]:
@@ -179,41 +293,52 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, list[str]]:
     a JSON list / JSONL of ``{"episode": ..., "image": ...}`` records or of image
     paths, or a CSV with columns ``episode`` (optional) and ``image``/``path``.
     An image path without a folder is taken relative to its episode's folder.
+
+    Raises:
+        IngestUsageError: not a regular file. IngestError: it does not parse.
     """
     path = Path(path)
     records: list[tuple[str | None, str]] = []
-    try:
-        if path.suffix == ".csv":
-            with open(path, newline="") as f:
-                for row in csv.DictReader(f):
-                    image = row.get("image") or row.get("path") or row.get("image_path")
+    with _open_index_file(path, "--manifest") as f:
+        try:
+            if path.suffix == ".csv":
+                reader = csv.reader(f)
+                header = _header(next(reader, []), path)
+                col_image = next((header.index(c) for c in ("image", "path", "image_path") if c in header), None)
+                col_episode = next((header.index(c) for c in ("episode", "dataset") if c in header), None)
+                if col_image is None:
+                    raise ValueError(f"no image column in {header[:10]}")
+                for row in reader:
+                    image = row[col_image] if col_image < len(row) else ""
+                    episode = row[col_episode] if col_episode is not None and col_episode < len(row) else None
                     if image:
-                        records.append((row.get("episode") or row.get("dataset"), image))
-        else:
-            text = path.read_text()
-            data: Any = [json.loads(line) for line in text.splitlines() if line.strip()] \
-                if path.suffix == ".jsonl" else json.loads(text)
-            if isinstance(data, dict):
-                data = data.get("episodes", data)
-            if isinstance(data, dict):
-                records = [(str(ep), str(img)) for ep, imgs in data.items() for img in imgs]
+                        records.append((episode or None, image))
             else:
-                for rec in data:
-                    if isinstance(rec, str):
-                        records.append((None, rec))
-                    elif isinstance(rec, dict):
-                        image = rec.get("image") or rec.get("path") or rec.get("image_path")
-                        if image:
-                            records.append((rec.get("episode") or rec.get("dataset"), str(image)))
-    except (OSError, ValueError, TypeError, AttributeError) as exc:
-        raise IngestError(f"{path}: cannot read the manifest ({exc}); fix it or pass --no-manifest") from None
+                text = f.read()
+                data: Any = [json.loads(line) for line in text.splitlines() if line.strip()] \
+                    if path.suffix == ".jsonl" else json.loads(text)
+                if isinstance(data, dict):
+                    data = data.get("episodes", data)
+                if isinstance(data, dict):
+                    records = [(str(ep), str(img)) for ep, imgs in data.items() for img in imgs]
+                else:
+                    for rec in data:
+                        if isinstance(rec, str):
+                            records.append((None, rec))
+                        elif isinstance(rec, dict):
+                            image = rec.get("image") or rec.get("path") or rec.get("image_path")
+                            if image:
+                                records.append((rec.get("episode") or rec.get("dataset"), str(image)))
+        except (OSError, ValueError, TypeError, AttributeError, RecursionError, csv.Error) as exc:
+            raise IngestError(f"{path}: cannot read the manifest ({str(exc)[:200]}); fix it or pass --no-manifest"
+                              ) from None
     out: dict[str, list[str]] = defaultdict(list)
     for episode, image in records:
         image = image.replace("\\", "/")
         image = image[2:] if image.startswith("./") else image
         if episode and "/" not in image:
             image = f"{episode}/{image}"
-        out[episode or image.split("/", 1)[0]].append(image)
+        out[str(episode) if episode else image.split("/", 1)[0]].append(image)
     return dict(out)
 
 
