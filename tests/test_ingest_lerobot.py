@@ -301,8 +301,6 @@ def test_bad_data_file_skips_its_episodes_with_a_reason(tmp_path: Path, how: str
     assert not (tmp_path / "s.vla").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="vlastore/ingest/features.py open_or_create_store does not pass allow_nonfinite "
-                   "to VLAStore.create (ingest robot has the same gap); outside this change's files")
 def test_nonfinite_kept_on_request(tmp_path: Path) -> None:
     root = tmp_path / "ds"
     write_lerobot_dataset(root, [3, 4, 5, 6], episodes_per_file=2)

@@ -209,10 +209,18 @@ def _run_robot(args: argparse.Namespace) -> list[Any]:
 
 
 def _run_lerobot(args: argparse.Namespace) -> list[Any]:
+    from ..format import FormatError
     from .lerobot import ingest_lerobot
+    from .report import IngestUsageError
 
-    report = ingest_lerobot(args.path, _options(args), name_pattern=args.name_pattern, dtype=args.dtype,
-                            metadata_json=args.metadata_json)
+    if not os.path.isdir(args.path):
+        raise IngestUsageError(f"{args.path}: not a folder; give the LeRobot dataset folder (the one holding "
+                               "meta/info.json)")
+    try:
+        report = ingest_lerobot(args.path, _options(args), name_pattern=args.name_pattern, dtype=args.dtype,
+                                metadata_json=args.metadata_json)
+    except FormatError as exc:  # only the options are checked before reading: a usage mistake
+        raise IngestUsageError(str(exc)) from None
     _emit(args, report)
     return [report]
 

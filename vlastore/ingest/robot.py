@@ -208,7 +208,8 @@ def ingest_robot(
         return report
     store, created = open_or_create_store(
         target, data, columns, same=lambda s: _same_series(s, data),
-        other_store_hint=f"Pick a new --out (or remove {target} first to replace it)")
+        other_store_hint=f"Pick a new --out (or remove {target} first to replace it)",
+        allow_nonfinite=options.allow_nonfinite)
     if not created:
         report.notes.append("the store already holds exactly this robot data (an earlier run finished): nothing to do")
     report.files_ingested = report.files_usable

@@ -51,6 +51,7 @@ def ingest_lerobot(
     report.problems = imported.problems
     report.notes += imported.notes
     report.files_found = imported.files_found
+    report.files_usable = imported.files_read
     report.source_bytes = imported.source_bytes
     report.series = dict(imported.columns)
     report.episodes = len(imported.episodes)
@@ -69,7 +70,8 @@ def ingest_lerobot(
         raise IngestError(f"{root}: no usable episode; see the problems below", report.problems, report)
     try:
         store, created = open_or_create_store(target, imported.episodes, imported.columns,
-                                              same=lambda s: _verify(s, imported.episodes)["ok"])
+                                              same=lambda s: _verify(s, imported.episodes)["ok"],
+                                              allow_nonfinite=options.allow_nonfinite)
     except FormatError as exc:  # the data, checked above, is what the store refused: a data problem
         raise IngestError(f"{target}: {exc}", report.problems, report) from None
     if not created:
