@@ -11,6 +11,8 @@ sys.path.insert(0, str(Path(__file__).parent))  # tests import their data builde
 
 from helpers import build_full_store, episodes  # noqa: E402
 
+pytest_plugins = ["s3_server"]  # a real S3 server (moto) on loopback, its fault proxy and their fixtures
+
 from vlastore.store import VLAStore  # noqa: E402
 
 

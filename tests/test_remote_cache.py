@@ -24,7 +24,6 @@ if TYPE_CHECKING:
     from s3_server import FaultProxy
 
 pytest.importorskip("botocore", reason="pip install 'vlastore[s3]'")
-pytest_plugins = ["s3_server"]  # the moto server, the proxy and their fixtures
 
 from vlastore.remote import CachedStorage, CacheFullError, ObjectStorage  # noqa: E402
 from vlastore.shardcodec import ChecksumError, crc32c  # noqa: E402

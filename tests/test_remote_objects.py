@@ -20,7 +20,6 @@ if TYPE_CHECKING:
     from s3_server import FaultProxy, MotoS3
 
 pytest.importorskip("botocore", reason="pip install 'vlastore[s3]'")
-pytest_plugins = ["s3_server"]  # the moto server, the proxy and their fixtures
 
 from vlastore.remote import ObjectStorage, StorageError  # noqa: E402
 from vlastore.remote.base import AlreadyExistsError, coalesce_ranges  # noqa: E402
