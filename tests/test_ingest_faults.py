@@ -56,7 +56,7 @@ PEAK_RSS = 200 << 20  # a normal run peaks near 55 MB; any bomb that went off wo
 
 
 def store_bytes(root: Path) -> dict[str, bytes]:
-    """Every file of a store; zarr.json with creation times and the checksums over them blanked (all two runs may differ in)."""
+    """Every file of a store; creation times (and the manifest checksum over them) blanked: all runs differ in."""
     out = {}
     for path in sorted(root.rglob("*")):
         if path.is_file():
