@@ -44,7 +44,7 @@ def test_info_and_verify_on_a_clean_store(full_store) -> None:
 
 def test_verify_exits_1_and_names_the_corrupt_row(full_store) -> None:
     store, _ = full_store
-    flip_byte(store.storage.store, store.shard_key("fixed", 1), 2 * (8 * 2 + 4) + 5)  # row 6
+    flip_byte(store.storage.zarr_store(), store.shard_key("fixed", 1), 2 * (8 * 2 + 4) + 5)  # row 6
     out = vlastore("verify", store.location)
     assert out.returncode == 1
     assert "CORRUPT fixed: ('episode_002', vlm_idx=1) crc32c mismatch" in out.stdout
@@ -114,7 +114,7 @@ def _run(capsys, *args: str) -> tuple[int, str]:
 
 
 def test_demo_force_replaces_only_a_store_and_only_its_files(tmp_path: Path, capsys) -> None:
-    from vlastore.storage import remove_store
+    from vlastore.store import remove_store
 
     store_path = tmp_path / "demo.vla"
     VLAStore.create(store_path, [])

@@ -3,7 +3,7 @@
 Starts its own S3 server (moto, in a separate process on 127.0.0.1) and prints,
 in one run, ratios against baselines measured in the same run:
 
-1. ``--clients``: obstore vs botocore (the client of vlastore.remote) vs s3fs,
+1. ``--clients``: obstore vs botocore (the client of vlastore.storage) vs s3fs,
    for a ranged 4 KiB GET, a whole 32 MiB GET, PUT, put-if-absent, put-if-match
    (CAS), LIST, what a stale conditional write raises, and whether the client
    still works in a forked child after the parent used it (DataLoader workers).
@@ -47,8 +47,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from vlastore.remote import CachedStorage, ObjectStorage  # noqa: E402
 from vlastore.shardcodec import crc32c  # noqa: E402
+from vlastore.storage import CachedStorage, ObjectStorage  # noqa: E402
 
 BUCKET = "vlastore-bench"
 CREDS = {"access_key_id": "bench", "secret_access_key": "bench", "region": "us-east-1"}
@@ -240,7 +240,7 @@ def bench_clients(endpoint: str, repeats: int) -> None:
 
 RANK = """
 import sys, numpy as np
-from vlastore.remote import CachedStorage, ObjectStorage
+from vlastore.storage import CachedStorage, ObjectStorage
 from vlastore.shardcodec import crc32c
 url, endpoint, cache_dir, rank, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
 remote = ObjectStorage(url, {"endpoint": endpoint, "access_key_id": "bench", "secret_access_key": "bench"})
