@@ -216,6 +216,7 @@ class FamilyWriter:
         rows = self.layout.shard_rows(shard)
         rps = self.layout.rows_per_shard
         n_index = index_nbytes(rps)
+        token: str | None
         try:
             if self.repair:
                 got = storage.get_versioned(key)

@@ -653,6 +653,9 @@ class CachedStorage(Storage):
     def get_versioned(self, key: str) -> tuple[bytes, str] | None:
         return self.remote.get_versioned(key)
 
+    def version(self, key: str) -> str | None:
+        return self.remote.version(key)
+
     def put_if_version(self, key: str, data: Buffer, version: str) -> str:
         self._entries.pop(key, None)
         return self.remote.put_if_version(key, data, version)

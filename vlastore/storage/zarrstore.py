@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import asyncio
+import builtins
 import hashlib
 import threading
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
@@ -95,7 +96,7 @@ class SeamStore(Store):
         self._check_writable()
         await asyncio.to_thread(self.storage.delete_prefix, prefix.rstrip("/"))
 
-    async def list(self) -> AsyncIterator[str]:  # type: ignore[override]
+    async def list(self) -> AsyncIterator[str]:
         for key in await asyncio.to_thread(self._keys, ""):
             yield key
 
@@ -113,7 +114,7 @@ class SeamStore(Store):
         for child in sorted(children):
             yield child
 
-    def _keys(self, prefix: str) -> list[str]:
+    def _keys(self, prefix: str) -> builtins.list[str]:
         # zarr's prefixes are plain string prefixes; Storage lists folders: list the enclosing one, then filter
         folder = prefix.rstrip("/") if prefix.endswith("/") else prefix.rpartition("/")[0]
         return [key for key, _size in self.storage.list(folder) if key.startswith(prefix)]
