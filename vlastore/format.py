@@ -42,6 +42,7 @@ __all__ = [
     "chunk_array_parts",
     "generation_node_of",
     "meta_key",
+    "META_NAME",
     "TOP_GROUPS",
     "EPISODES_GROUP",
     "SERIES_GROUP",
@@ -283,9 +284,13 @@ _GENERATION_NAME = re.compile(r"^gen-(\d{4,7})$")
 _CHUNK_PART = re.compile(r"^\d{1,18}$")
 
 
+META_NAME = "zarr.json"
+"""The file of every zarr v3 node's metadata (the root's holds the manifest)."""
+
+
 def meta_key(node_path: str) -> str:
     """Key of a node's zarr metadata (``''``: the root's)."""
-    return f"{node_path}/zarr.json" if node_path else "zarr.json"
+    return f"{node_path}/{META_NAME}" if node_path else META_NAME
 
 
 def episodes_path(column: str) -> str:

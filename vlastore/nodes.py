@@ -18,7 +18,7 @@ import zarr
 from zarr.abc.store import Store
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
-from .format import MANIFEST_KEY, TOP_GROUPS, FormatError, shard_key
+from .format import EPISODES_GROUP, FEATURES_GROUP, MANIFEST_KEY, FormatError, meta_key, shard_key
 from .integrity import ALL_CHUNKS_KEY, check_array_meta, small_array_meta, small_chunk_rows
 from .storage import LocalStorage, Storage, StoreNotFoundError
 
@@ -98,9 +98,9 @@ class ZarrNodes:
         """
         where = storage.location
         _check_local_root(storage)
-        if storage.version("zarr.json") is None:
-            if storage.exists(f"{TOP_GROUPS[0]}/zarr.json") and storage.exists(f"{TOP_GROUPS[2]}/zarr.json"):
-                raise FormatError(f"{storage.where('zarr.json')} (the root metadata, with the manifest) is missing; "
+        if storage.version(meta_key("")) is None:
+            if storage.exists(meta_key(EPISODES_GROUP)) and storage.exists(meta_key(FEATURES_GROUP)):
+                raise FormatError(f"{storage.where(meta_key(''))} (the root metadata, with the manifest) is missing; "
                                   "the store is damaged: restore it from a copy")
             raise StoreNotFoundError(
                 f"{where} is not a vlastore store (no zarr.json); make one with `vlastore demo`, "
@@ -109,7 +109,7 @@ class ZarrNodes:
         # read the root metadata first: a damaged store (exit 1, "run verify") is told apart from
         # something that is not a vlastore store at all (a usage mistake)
         nodes = cls(storage, writable)
-        meta = nodes.read_json("zarr.json")  # FormatError when not JSON, UnsafeFileError for a FIFO or link
+        meta = nodes.read_json(meta_key(""))  # FormatError when not JSON, UnsafeFileError for a FIFO or link
         attrs = meta.get("attributes") if meta is not None else None
         ours = isinstance(attrs, dict) and any(near_miss(k, MANIFEST_KEY) for k in attrs)
         try:
@@ -118,7 +118,7 @@ class ZarrNodes:
             raise
         except Exception as exc:  # zarr's errors for a missing or damaged zarr.json
             if ours:
-                raise FormatError(f"{storage.where('zarr.json')}: unreadable group metadata ({type(exc).__name__}: "
+                raise FormatError(f"{storage.where(meta_key(''))}: unreadable group metadata ({type(exc).__name__}: "
                                   f"{exc}); the store is damaged, {_DAMAGED}") from None
             raise StoreNotFoundError(
                 f"{where} is not a vlastore store (no zarr v3 group: {exc}); make one with "
@@ -127,7 +127,7 @@ class ZarrNodes:
         if MANIFEST_KEY not in nodes.group.attrs:
             if ours:
                 assert isinstance(attrs, dict)
-                raise FormatError(f"{storage.where('zarr.json')}: the '{MANIFEST_KEY}' attribute is damaged (a near "
+                raise FormatError(f"{storage.where(meta_key(''))}: the '{MANIFEST_KEY}' attribute is damaged (a near "
                                   f"miss {sorted(attrs)!r}); {_DAMAGED}")
             raise StoreNotFoundError(
                 f"{where} is a zarr group but not a vlastore store (no '{MANIFEST_KEY}' attribute)")
@@ -177,20 +177,21 @@ class ZarrNodes:
         Raises:
             FormatError: the node's ``zarr.json`` is missing, unreadable or not a zarr v3 node.
         """
-        meta = self.read_json(f"{path}/zarr.json")
-        where = self.storage.where(path)
+        key = meta_key(path)
+        meta = self.read_json(key)
+        where = self.storage.where(key)
         if meta is None:
-            raise FormatError(f"{where}/zarr.json is missing; the store is damaged ({_DAMAGED})")
+            raise FormatError(f"{where} is missing; the store is damaged ({_DAMAGED})")
         attrs = meta.get("attributes", {})
         if not isinstance(attrs, dict):
-            raise FormatError(f"{where}/zarr.json: attributes are not a JSON object; the file is damaged")
+            raise FormatError(f"{where}: attributes are not a JSON object; the file is damaged")
         return attrs
 
     # ------------------------------------------------------------------ nodes
 
     def exists(self, path: str) -> bool:
         """Whether a node (group or array) exists at ``path`` (its ``zarr.json`` is there)."""
-        return self.storage.exists(f"{path}/zarr.json")
+        return self.storage.exists(meta_key(path))
 
     def delete(self, path: str) -> None:
         """Remove a node and everything under it (never the root; local stores: never outside it)."""
@@ -269,8 +270,8 @@ class ZarrNodes:
         except KeyError:
             raise FormatError(f"{where}: array missing; the store is damaged ({_DAMAGED})") from None
         except Exception as exc:  # zarr's parse errors of a damaged zarr.json
-            raise FormatError(f"{where}/zarr.json: unreadable array metadata ({type(exc).__name__}: {exc}); the "
-                              f"store is damaged ({_DAMAGED})") from None
+            raise FormatError(f"{self.storage.where(meta_key(path))}: unreadable array metadata "
+                              f"({type(exc).__name__}: {exc}); the store is damaged ({_DAMAGED})") from None
         if not isinstance(arr, zarr.Array):
             raise FormatError(f"{where} is a group where an array belongs; the store is damaged")
         return arr
@@ -299,9 +300,9 @@ class ZarrNodes:
         (zarr reads an absent chunk as the fill value: a deleted chunk would read as zeros. Arrays written
         before every chunk got a file, without the ``vlastore_chunks`` attribute, are read as they are.)
         """
-        meta_key = f"{path}/zarr.json"
-        meta = self.read_json(meta_key)
-        check_array_meta(meta, small_array_meta(shape, data_type), self.storage.where(meta_key))
+        key = meta_key(path)
+        meta = self.read_json(key)
+        check_array_meta(meta, small_array_meta(shape, data_type), self.storage.where(key))
         assert meta is not None
         if shape and shape[0] and meta.get("attributes", {}).get(ALL_CHUNKS_KEY) == "all":
             for chunk in range(-(-shape[0] // small_chunk_rows(shape))):

@@ -15,6 +15,7 @@ from .format import (
     FEATURES_GROUP,
     GENERATION_KEY,
     MANIFEST_KEY,
+    META_NAME,
     TOP_GROUPS,
     FormatError,
     family_path,
@@ -315,7 +316,7 @@ def _group_attributes(node: str, unlisted: set[str]) -> set[str] | None:
 
 def _check_node_meta(store: VLAStore, key: str, unlisted: set[str], report: VerifyReport) -> None:
     storage = store.storage
-    node = key[: -len("zarr.json")].rstrip("/")
+    node = key[: -len(META_NAME)].rstrip("/")
     try:
         meta = store.nodes.read_json(key)
         if meta is None:
@@ -349,7 +350,7 @@ def _verify_metadata_files(store: VLAStore, report: VerifyReport) -> None:
         report.notes.append(f"{node}: not in the manifest (an interrupted plan, or a deletion that was killed); "
                             "ignored by readers, removed by the next plan of that generation")
     for key in keys:
-        if key.rsplit("/", 1)[-1] == "zarr.json":
+        if key.rsplit("/", 1)[-1] == META_NAME:
             _check_node_meta(store, key, unlisted, report)
 
 
@@ -380,14 +381,14 @@ def verify_store(store: VLAStore | str | os.PathLike[str],
         except StoreNotFoundError:
             raise
         except (FormatError, OSError) as exc:
-            report.corrupt.append(Corruption("zarr.json", reason=f"root metadata: {exc}"))
+            report.corrupt.append(Corruption(META_NAME, reason=f"root metadata: {exc}"))
             return report
     else:
         nodes = ZarrNodes(store.storage, writable=False)  # fresh caches: check from the disk
     try:
         store = VLAStore(nodes, strict=False)
     except (FormatError, ChecksumError, OSError) as exc:
-        report.corrupt.append(Corruption("zarr.json", reason=f"root manifest: {exc}"))
+        report.corrupt.append(Corruption(META_NAME, reason=f"root manifest: {exc}"))
         return report
     root_meta = store.nodes.attrs.get(MANIFEST_KEY, {})
     if isinstance(root_meta, dict) and CHECKSUM_FIELD not in root_meta:

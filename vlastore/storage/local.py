@@ -37,7 +37,7 @@ from zarr.core.buffer import Buffer as ZarrBuffer
 from zarr.core.buffer import BufferPrototype, default_buffer_prototype
 from zarr.storage import LocalStore
 
-from ..format import FormatError, chunk_array_parts
+from ..format import META_NAME, FormatError, chunk_array_parts
 from .base import (
     AlreadyExistsError,
     Buffer,
@@ -602,12 +602,12 @@ class SafeLocalStore(LocalStore):
 def _is_store_file(root: Path, parts: list[str]) -> bool:
     """Whether a file at ``parts`` (relative to a store root) is one vlastore or zarr writes."""
     name = parts[-1]
-    if name == "zarr.json":
+    if name == META_NAME:
         return True
     if name.endswith(".partial") and (PARTIAL_NAME.match(name) or re.match(r"^zarr\.[0-9a-f]+\.partial$", name)):
         return True
     array = chunk_array_parts(parts)  # chunk files only under an array node
-    return array is not None and (root.joinpath(*array) / "zarr.json").is_file()
+    return array is not None and (root.joinpath(*array) / META_NAME).is_file()
 
 
 def remove_store_files(root: Path) -> int:
