@@ -130,7 +130,7 @@ class CachedStorage(Storage):
     """A remote :class:`Storage` with a node-local cache of whole objects (shard files).
 
     Args:
-        remote: the object storage (an :class:`~vlastore.remote.objects.ObjectStorage`;
+        remote: the object storage (an :class:`~vlastore.storage.objects.ObjectStorage`;
             any Storage works, using ``head``/``download`` where it has them).
         cache_dir: a folder on local disk shared by the node's processes (created if missing).
         max_bytes: size limit of the whole folder.

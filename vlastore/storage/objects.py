@@ -26,7 +26,7 @@ s3fs runs on) is thread-safe, has ``IfNoneMatch``/``IfMatch`` on ``PutObject``
 with a 412 and its error code, streams bodies, and works in a forked child with a
 client made there: this module keeps one client per process id.
 
-zarr-python gets :class:`vlastore.remote.zarrstore.SeamStore` over this storage
+zarr-python gets :class:`vlastore.storage.zarrstore.SeamStore` over this storage
 (the same client, retries and checks): zarr has no botocore store, ``ObjectStore``
 (obstore) would bring the fork hang back into any process that reads metadata
 through zarr, and s3fs's pins of fsspec and aiobotocore made ``pip install
