@@ -270,6 +270,25 @@ class TestMemoryStore(StoreContract):
         return zarr.storage.MemoryStore()
 
 
+def test_a_store_in_object_storage_round_trips_and_verifies(s3_url: str, s3_options: dict[str, str]) -> None:
+    """The whole store API over S3-compatible object storage (moto on loopback): an s3:// URL with
+    storage_options, or the Storage itself."""
+    pytest.importorskip("botocore", reason="pip install 'vlastore[s3]'")
+    from vlastore.report import verify_store
+    from vlastore.storage import ObjectStorage
+
+    store, values = build_full_store(ObjectStorage(s3_url, s3_options))
+    again = VLAStore.open(s3_url, storage_options=s3_options)
+    for family in ("fixed", "tokens", "packed"):
+        assert again.coverage(family).all()
+        for row in (0, again.layout(family).rows - 1):
+            e, vlm_idx = again.layout(family).address(row)
+            np.testing.assert_array_equal(to_bits(again.feature(family, e, vlm_idx)), values[family][row])
+    assert verify_store(again).ok
+    with pytest.raises(FileExistsError):
+        VLAStore.create(s3_url, [EpisodeData("e", steps=1)], storage_options=s3_options)
+
+
 # ------------------------------------------------------------ local-only behaviour
 
 
