@@ -73,3 +73,23 @@ def test_a_handle_with_a_family_or_generation_of_its_own_only(full_store) -> Non
     with pytest.raises(ValueError, match="give one or the other"):
         FeatureReader(handle, "tokens")
     assert FeatureReader(store, "fixed").handle is handle  # a store makes (and caches) the handle
+
+
+def test_a_switch_removes_the_old_generations_metadata_before_its_shards(tmp_path: Path, monkeypatch) -> None:
+    """Regression: shards deleted before the generation's zarr.json made a reader opened earlier report
+    MissingRowError ("not written") instead of StaleGenerationError while the deletion was under way."""
+    path = tmp_path / "s.vla"
+    store, _ = build_full_store(path)
+    early = VLAStore.open(path).reader("fixed")  # opened on generation 1, no shard mapped yet
+    calls: list[tuple[str, str]] = []
+    storage = store.storage
+    for name in ("delete", "delete_prefix"):
+        method = getattr(storage, name)
+        monkeypatch.setattr(storage, name, lambda key, m=method, n=name: (calls.append((n, key)), m(key))[1])
+    info = store.new_generation("fixed", store.generation("fixed").producer)
+    fill_family(store, "fixed", random_rows((store.layout("fixed").rows, 8), "bfloat16", seed=3))
+    calls.clear()
+    store.switch_generation("fixed", info.generation, keep_previous=0)
+    assert calls[0] == ("delete", "features/fixed/gen-0001/zarr.json")
+    with pytest.raises(StaleGenerationError):
+        early.gather(np.arange(store.layout("fixed").rows))

@@ -536,6 +536,8 @@ class VLAStore:
         self._save_manifest(_replace_families(self.manifest, families))
         for old in entry.generations:
             if old not in keep:
+                # the generation's zarr.json first: a reader that finds a shard gone then knows it is stale
+                self.storage.delete(meta_key(generation_path(family, old)))
                 self.nodes.delete(generation_path(family, old))
                 for cache in (self._infos, self._handles, self._keys, self._key_index):
                     cache.pop((family, old), None)
