@@ -80,7 +80,7 @@ def make_store(
 
 
 def shard_file(store: VLAStore, family: str, shard: int) -> Path:
-    path = store.storage.file_path(store.shard_key(family, shard))
+    path = store.storage.local_path(store.shard_key(family, shard))
     assert path is not None
     return path
 

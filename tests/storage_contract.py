@@ -17,7 +17,7 @@ import zarr
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vlastore.remote.base import AlreadyExistsError, Storage, VersionMismatchError
+from vlastore.storage import AlreadyExistsError, Storage, VersionMismatchError
 
 __all__ = ["StorageContract"]
 

@@ -34,7 +34,7 @@ def test_offsets_partition_the_steps(pairs: list[tuple[str, int]]) -> None:
 @given(catalogs.filter(bool))
 def test_catalog_round_trips_through_a_store(pairs: list[tuple[str, int]]) -> None:
     store = VLAStore.create(zarr.storage.MemoryStore(), [EpisodeData(n, steps=s) for n, s in pairs])
-    again = VLAStore.open(store.storage.store)
+    again = VLAStore.open(store.storage.zarr_store())
     assert again.catalog == Catalog.from_pairs(pairs)
     assert again.datasets == tuple(n for n, _ in pairs)
 

@@ -1,4 +1,8 @@
-"""The `vlastore` command in real subprocesses: output, exit codes, no tracebacks on user errors."""
+"""The `vlastore` command: output, exit codes, no tracebacks on user errors.
+
+The commands run in this process (``main([...])``, output through capsys); one test starts
+``python -m vlastore`` for real, to hold the entry point and the process's exit code to the same.
+"""
 
 from __future__ import annotations
 
@@ -6,31 +10,54 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from helpers import flip_byte
 
+from vlastore.cli import main
 from vlastore.report import verify_store
 from vlastore.store import VLAStore
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def vlastore(*args: str) -> subprocess.CompletedProcess[str]:
+@dataclass
+class Ran:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def vlastore(capsys: pytest.CaptureFixture[str]):
+    """``vlastore ARGS`` in this process: exit code, stdout and stderr (argparse's exits included)."""
+
+    def run(*args: str) -> Ran:
+        try:
+            code = main(list(args))
+        except SystemExit as exc:  # argparse: --help, usage mistakes
+            code = int(exc.code or 0)
+        captured = capsys.readouterr()
+        return Ran(code, captured.out, captured.err)
+
+    return run
+
+
+def test_python_m_vlastore_is_the_command() -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "vlastore", *args], capture_output=True, text=True, env=env,
-                          timeout=120)
-
-
-def test_help_lists_the_commands() -> None:
-    out = vlastore("--help")
+    out = subprocess.run([sys.executable, "-m", "vlastore", "--help"], capture_output=True, text=True, env=env,
+                         timeout=120)
     assert out.returncode == 0
     for command in ("demo", "info", "verify"):
         assert command in out.stdout
+    missing = subprocess.run([sys.executable, "-m", "vlastore", "info", str(ROOT / "missing.vla")],
+                             capture_output=True, text=True, env=env, timeout=120)
+    assert missing.returncode == 2 and "no such store" in missing.stderr and "Traceback" not in missing.stderr
 
 
-def test_info_and_verify_on_a_clean_store(full_store) -> None:
+def test_info_and_verify_on_a_clean_store(full_store, vlastore) -> None:
     store, _ = full_store
     info = vlastore("info", store.location)
     assert info.returncode == 0, info.stderr
@@ -42,9 +69,9 @@ def test_info_and_verify_on_a_clean_store(full_store) -> None:
     assert "fixed: 9/9 rows present" in verify.stdout and "OK: no corruption found" in verify.stdout
 
 
-def test_verify_exits_1_and_names_the_corrupt_row(full_store) -> None:
+def test_verify_exits_1_and_names_the_corrupt_row(full_store, vlastore) -> None:
     store, _ = full_store
-    flip_byte(store.storage.store, store.shard_key("fixed", 1), 2 * (8 * 2 + 4) + 5)  # row 6
+    flip_byte(store.storage.zarr_store(), store.shard_key("fixed", 1), 2 * (8 * 2 + 4) + 5)  # row 6
     out = vlastore("verify", store.location)
     assert out.returncode == 1
     assert "CORRUPT fixed: ('episode_002', vlm_idx=1) crc32c mismatch" in out.stdout
@@ -80,7 +107,8 @@ def _newer(tmp_path: Path) -> str:
     ],
     ids=["missing", "not-a-store", "newer-format"],
 )
-def test_user_errors_are_one_line_and_exit_2(tmp_path: Path, make, says: str, commands: list[str]) -> None:
+def test_user_errors_are_one_line_and_exit_2(tmp_path: Path, make, says: str, commands: list[str],
+                                              vlastore) -> None:
     where = make(tmp_path)
     for command in commands:
         out = vlastore(command, where)
@@ -90,7 +118,7 @@ def test_user_errors_are_one_line_and_exit_2(tmp_path: Path, make, says: str, co
         assert len(lines) == 1 and lines[0].startswith(f"vlastore {command}: error: ") and says in lines[0]
 
 
-def test_demo_makes_a_store_that_verifies(tmp_path: Path) -> None:
+def test_demo_makes_a_store_that_verifies(tmp_path: Path, vlastore) -> None:
     out = vlastore("demo", "--out", str(tmp_path / "demo.vla"))
     assert out.returncode == 0, out.stderr
     assert "read back: qwen_vl" in out.stdout
@@ -106,15 +134,13 @@ def test_demo_makes_a_store_that_verifies(tmp_path: Path) -> None:
 
 
 def _run(capsys, *args: str) -> tuple[int, str]:
-    from vlastore.cli import main
-
     code = main(list(args))
     captured = capsys.readouterr()
     return code, captured.out + captured.err
 
 
 def test_demo_force_replaces_only_a_store_and_only_its_files(tmp_path: Path, capsys) -> None:
-    from vlastore.storage import remove_store
+    from vlastore.store import remove_store
 
     store_path = tmp_path / "demo.vla"
     VLAStore.create(store_path, [])

@@ -12,7 +12,7 @@ from vlastore.format import FormatError
 from vlastore.snapshot import CatalogRef, Change, Snapshot, log_key
 
 pytest.importorskip("botocore", reason="pip install 'vlastore[s3]'")
-from vlastore.remote.objects import ObjectStorage  # noqa: E402
+from vlastore.storage.objects import ObjectStorage  # noqa: E402
 
 
 def bump(head: Snapshot | None, number: int, who: str = "t") -> Snapshot:

@@ -268,7 +268,7 @@ def _huge_episode_rows(root: Path, tmp_path: Path) -> None:
     """episode_rows ending in 1e12, with generation attributes to match (a consistent, crafted store)."""
     store = VLAStore.open(root, writable=True)
     rows = np.asarray([0, 3, 5, 8, 10**12], dtype=np.int64)
-    store.storage.write_small_array("features/fixed/gen-0001/episode_rows", rows)
+    store.nodes.write_small_array("features/fixed/gen-0001/episode_rows", rows)
     _reseal_generation(root, "fixed", lambda g: g.update(rows=10**12, capacity=10**12))
 
 
@@ -283,7 +283,7 @@ def _huge_rows_per_shard(root: Path, tmp_path: Path) -> None:
 
 def _negative_episode_rows(root: Path, tmp_path: Path) -> None:
     store = VLAStore.open(root, writable=True)
-    store.storage.write_small_array("features/fixed/gen-0001/episode_rows",
+    store.nodes.write_small_array("features/fixed/gen-0001/episode_rows",
                                     np.asarray([0, 3, -2, 8, 9], dtype=np.int64))
 
 
@@ -706,8 +706,7 @@ def _slow_writer(store_path: str, ready) -> None:
     store = VLAStore.open(store_path, writable=True)
     storage = store.storage
     key = store.shard_key("fixed", 0)
-    path = storage.file_path(key)
-    tmp = storage._write_temp(path, np.zeros(10, np.uint8), fsync=False)
+    tmp = storage._write_temp(storage.root / key, np.zeros(10, np.uint8))
     ready.send(str(tmp))
     time.sleep(60)
 
@@ -741,8 +740,8 @@ def test_concurrency_a_writer_whose_temporary_file_vanished_gets_a_clear_error(t
     storage = store.storage
     original = storage._write_temp
 
-    def write_temp_then_lose_it(path, data, fsync):  # another process removes it right after it is written
-        tmp = original(path, data, fsync)
+    def write_temp_then_lose_it(path, data):  # another process removes it right after it is written
+        tmp = original(path, data)
         subprocess.run(["rm", "-f", str(tmp)], check=True)
         return tmp
 
@@ -825,9 +824,8 @@ def test_resources_read_only_store_gives_one_clear_line(tmp_path: Path, tiny_dis
     del store
     subprocess.run(["mount", "-o", "remount,ro", str(tiny_disk)], check=True)
     try:
-        from vlastore.writer import FamilyWriter
-
-        with pytest.raises(OSError) as err, FamilyWriter.open(path, "fixed", write_behind=False) as writer:
+        with pytest.raises(OSError) as err, \
+                VLAStore.open(path, writable=True).writer("fixed", write_behind=False) as writer:
             writer.write_rows(np.arange(4), random_rows((4, 8), "bfloat16"))
         from vlastore.cli import _failure
 

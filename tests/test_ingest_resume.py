@@ -60,7 +60,7 @@ def test_repair_rewrites_the_rows_verify_flags_from_their_sources(tmp_path: Path
     assert main([*args, "--out", str(tmp_path / "clean.vla")]) == 0
     store = VLAStore.open(out)
     index = store.shard_index("vl_features", 0)
-    shard = store.storage.file_path(store.shard_key("vl_features", 0))
+    shard = store.storage.local_path(store.shard_key("vl_features", 0))
     data = bytearray(shard.read_bytes())
     data[int(index.offsets[5]) + 3] ^= 0x40  # one bit of row 5
     shard.write_bytes(bytes(data))

@@ -264,7 +264,7 @@ def test_project_rows_pools_ragged_rows_and_drops_nonfinite(store: VLAStore) -> 
 
 def _flip_payload_byte(store: VLAStore, family: str, row: int, generation: int | None = None) -> None:
     index = store.shard_index(family, 0, generation)
-    shard_file = store.storage.file_path(store.shard_key(family, 0, generation))
+    shard_file = store.storage.local_path(store.shard_key(family, 0, generation))
     with open(shard_file, "r+b") as f:
         f.seek(int(index.offsets[row]))
         byte = f.read(1)

@@ -22,7 +22,7 @@ def test_rows_are_views_of_the_mapped_shard_and_writes_never_reach_the_file(full
     assert row.dtype == np.uint16 and row.shape == (8,)
     assert row.base is not None  # a view, not a copy
     np.testing.assert_array_equal(row, values["fixed"][5])
-    shard_file = Path(store.storage.file_path(store.shard_key("fixed", 1)))
+    shard_file = Path(store.storage.local_path(store.shard_key("fixed", 1)))
     before = shard_file.read_bytes()
     tensor = reader.tensor(5)
     tensor.zero_()  # copy-on-write mapping: the caller may scribble on its tensor
@@ -65,13 +65,13 @@ def test_read_errors_name_the_row(store_path: Path, full_store) -> None:
     store, _ = full_store
     with pytest.raises(IndexError, match="row 9 out of range: family 'fixed' has 9 rows"):
         store.reader("fixed").row(9)
-    shard = Path(store.storage.file_path(store.shard_key("fixed", 2)))
+    shard = Path(store.storage.local_path(store.shard_key("fixed", 2)))
     shard.unlink()
     fresh = VLAStore.open(store_path)
     with pytest.raises(MissingRowError, match=r"shard 2 is not written \(rows \('episode_003', vlm_idx=0\)"):
         fresh.feature("fixed", "episode_003", 0)
     assert fresh.coverage("fixed").tolist() == [True] * 8 + [False]
-    flip_byte(fresh.storage.store, fresh.shard_key("fixed", 0), -3)  # inside the shard index
+    flip_byte(fresh.storage.zarr_store(), fresh.shard_key("fixed", 0), -3)  # inside the shard index
     with pytest.raises(ChecksumError, match="shard index: crc32c mismatch; the shard is corrupt"):
         VLAStore.open(store_path).feature("fixed", "episode_000", 0)
     assert VLAStore.open(store_path).coverage("fixed").tolist() == [False] * 4 + [True] * 4 + [False]

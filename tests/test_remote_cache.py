@@ -25,8 +25,8 @@ if TYPE_CHECKING:
 
 pytest.importorskip("botocore", reason="pip install 'vlastore[s3]'")
 
-from vlastore.remote import CachedStorage, CacheFullError, ObjectStorage  # noqa: E402
 from vlastore.shardcodec import ChecksumError, crc32c  # noqa: E402
+from vlastore.storage import CachedStorage, CacheFullError, ObjectStorage  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARD = 200_000
@@ -147,7 +147,7 @@ def test_damaged_bytes_in_flight_never_reach_the_cache(remote: ObjectStorage, s3
 
 DOWNLOAD = """
 import sys, time
-from vlastore.remote import CachedStorage, ObjectStorage
+from vlastore.storage import CachedStorage, ObjectStorage
 from vlastore.shardcodec import crc32c
 url, endpoint, cache_dir, key, start = sys.argv[1:6]
 remote = ObjectStorage(url, {"endpoint": endpoint, "access_key_id": "testing", "secret_access_key": "testing"})

@@ -21,9 +21,9 @@ if TYPE_CHECKING:
 
 pytest.importorskip("botocore", reason="pip install 'vlastore[s3]'")
 
-from vlastore.remote import ObjectStorage, StorageError  # noqa: E402
-from vlastore.remote.base import AlreadyExistsError, coalesce_ranges  # noqa: E402
-from vlastore.remote.settings import S3Settings, parse_s3_url  # noqa: E402
+from vlastore.storage import ObjectStorage, StorageError  # noqa: E402
+from vlastore.storage.base import AlreadyExistsError, coalesce_ranges  # noqa: E402
+from vlastore.storage.settings import S3Settings, parse_s3_url  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -224,7 +224,7 @@ def test_lost_answers_to_conditional_writes(s3_proxy: FaultProxy, proxy_options:
 
 RACE = """
 import os, sys, time
-from vlastore.remote import ObjectStorage, AlreadyExistsError
+from vlastore.storage import ObjectStorage, AlreadyExistsError
 url, endpoint, barrier = sys.argv[1], sys.argv[2], sys.argv[3]
 s = ObjectStorage(url, {"endpoint": endpoint, "access_key_id": "testing", "secret_access_key": "testing"})
 s.size("warm-up")  # connect before the start line
@@ -241,7 +241,7 @@ except AlreadyExistsError:
 
 COUNTER = """
 import sys
-from vlastore.remote import ObjectStorage, VersionMismatchError
+from vlastore.storage import ObjectStorage, VersionMismatchError
 url, endpoint = sys.argv[1], sys.argv[2]
 s = ObjectStorage(url, {"endpoint": endpoint, "access_key_id": "testing", "secret_access_key": "testing"})
 conflicts = 0

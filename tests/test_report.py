@@ -59,9 +59,9 @@ def test_verify_clean_store(full_store) -> None:
 def test_verify_names_every_corrupt_row(full_store) -> None:
     store, _ = full_store
     stride = 8 * 2 + 4
-    flip_byte(store.storage.store, store.shard_key("fixed", 0), 0)  # row 0
-    flip_byte(store.storage.store, store.shard_key("fixed", 0), stride + 19)  # row 1's crc
-    flip_byte(store.storage.store, store.shard_key("fixed", 2), -1)  # shard 2's index: row 8
+    flip_byte(store.storage.zarr_store(), store.shard_key("fixed", 0), 0)  # row 0
+    flip_byte(store.storage.zarr_store(), store.shard_key("fixed", 0), stride + 19)  # row 1's crc
+    flip_byte(store.storage.zarr_store(), store.shard_key("fixed", 2), -1)  # shard 2's index: row 8
     report = verify_store(VLAStore.open(store.location))
     assert not report.ok
     found = [(c.family, c.dataset, c.index) for c in report.corrupt]
@@ -73,7 +73,7 @@ def test_verify_names_every_corrupt_row(full_store) -> None:
 
 def test_verify_checks_catalog_and_series_too(full_store) -> None:
     store, _ = full_store
-    flip_byte(store.storage.store, "series/state/c/0/0", 5)
+    flip_byte(store.storage.zarr_store(), "series/state/c/0/0", 5)
     report = verify_store(VLAStore.open(store.location))
     assert [c.where for c in report.corrupt] == ["series/state"]
     assert "unreadable" in str(report.corrupt[0])

@@ -76,7 +76,7 @@ class StoreContract:
 
     def test_plain_zarr_reads_what_was_written(self, built, location) -> None:
         store, values = built
-        group = zarr.open_group(store=store.storage.store, mode="r", zarr_format=3)
+        group = zarr.open_group(store=store.storage.zarr_store(), mode="r", zarr_format=3)
         assert group.attrs["vlastore"]["format_version"] == 1
         assert list(group["episodes/name"][...]) == list(store.datasets)
         np.testing.assert_array_equal(group["episodes/steps"][...], [7, 5, 9, 3])
@@ -111,7 +111,7 @@ class StoreContract:
             assert writer.pending_rows().tolist() == [1, 3, 4, 5, 6, 7]
             writer.write_rows(np.arange(9), values)  # rows on disk already are skipped
             assert (writer.rows_written, writer.rows_skipped) == (6, 3)
-        again = VLAStore.open(store.storage.store)
+        again = VLAStore.open(store.storage.zarr_store())
         assert again.coverage("f").all()
         np.testing.assert_array_equal(again.reader("f").gather(np.arange(9)), values)
         assert store.writer("f").pending_rows().size == 0
@@ -142,33 +142,33 @@ class StoreContract:
     def test_writing_a_row_of_another_rank(self, location) -> None:
         store = VLAStore.create(location, episodes())
         store.add_family("f", spec_for("float32"))
-        before = store_snapshot(store.storage.store)
+        before = store_snapshot(store.storage.zarr_store())
         writer = store.writer("f", rank=1, world_size=2)
         assert writer.owned_rows().tolist() == [4, 5, 6, 7]
         with pytest.raises(OwnershipError, match=r"rank 1 of 2 does not own shard 0.*belongs to rank 0"):
             writer.write_rows([4, 0], random_rows((2, 8), "float32"))
         writer.close()
-        assert store_snapshot(store.storage.store) == before  # row 4 was not buffered either
+        assert store_snapshot(store.storage.zarr_store()) == before  # row 4 was not buffered either
 
     def test_flipped_byte_is_found_by_verify_and_by_reads(self, built) -> None:
         store, _ = built
         key = store.shard_key("fixed", 1)  # rows 4..7
         stride = 8 * 2 + 4
-        flip_byte(store.storage.store, key, 2 * stride + 5)  # inside row 6's payload
+        flip_byte(store.storage.zarr_store(), key, 2 * stride + 5)  # inside row 6's payload
         report = verify_store(store)
         assert not report.ok
         assert [(c.family, c.dataset, c.index) for c in report.corrupt] == [("fixed", "episode_002", 1)]
         with pytest.raises(ChecksumError, match=r"row \('episode_002', vlm_idx=1\) is corrupt"):
-            VLAStore.open(store.storage.store).feature("fixed", "episode_002", 1)
-        VLAStore.open(store.storage.store).feature("fixed", "episode_002", 0)  # its neighbours still read
+            VLAStore.open(store.storage.zarr_store()).feature("fixed", "episode_002", 1)
+        VLAStore.open(store.storage.zarr_store()).feature("fixed", "episode_002", 0)  # its neighbours still read
 
     def test_flipped_byte_in_a_compressed_ragged_shard(self, built) -> None:
         store, _ = built
-        flip_byte(store.storage.store, store.shard_key("packed", 0), 3)
-        flip_byte(store.storage.store, store.shard_key("tokens", 0), 1)
+        flip_byte(store.storage.zarr_store(), store.shard_key("packed", 0), 3)
+        flip_byte(store.storage.zarr_store(), store.shard_key("tokens", 0), 1)
         found = {(c.family, c.dataset, c.index) for c in verify_store(store).corrupt}
         assert found == {("packed", "episode_000", 0), ("tokens", "episode_000", 0)}
-        fresh = VLAStore.open(store.storage.store)
+        fresh = VLAStore.open(store.storage.zarr_store())
         for family in ("packed", "tokens"):
             with pytest.raises(ChecksumError):
                 fresh.feature(family, "episode_000", 0)
@@ -181,20 +181,20 @@ class StoreContract:
         new_values = random_rows(values["fixed"].shape, "bfloat16", seed=99)
         with store.writer("fixed", generation=2) as writer:
             writer.write_rows(writer.pending_rows(), new_values)
-        np.testing.assert_array_equal(to_bits(VLAStore.open(store.storage.store).feature("fixed", 0, 0)),
+        np.testing.assert_array_equal(to_bits(VLAStore.open(store.storage.zarr_store()).feature("fixed", 0, 0)),
                                       values["fixed"][0])
         store.switch_generation("fixed", 2, keep_previous=0)
-        again = VLAStore.open(store.storage.store)
+        again = VLAStore.open(store.storage.zarr_store())
         assert again.manifest.families["fixed"].generations == (2,)
         assert again.generation("fixed").producer.fingerprint == "abcd"
         np.testing.assert_array_equal(to_bits(again.feature("fixed", 0, 0)), new_values[0])
-        assert not again.storage.exists("features/fixed/gen-0001")
+        assert not again.nodes.exists("features/fixed/gen-0001")
 
     def test_add_family_again_with_the_same_plan_is_a_no_op(self, built) -> None:
         store, _ = built
-        before = store_snapshot(store.storage.store)
+        before = store_snapshot(store.storage.zarr_store())
         assert store.add_family("fixed", spec_for("bfloat16")).generation == 1
-        assert store_snapshot(store.storage.store) == before
+        assert store_snapshot(store.storage.zarr_store()) == before
 
     @pytest.mark.parametrize(
         ("action", "error", "says"),
@@ -228,31 +228,31 @@ class StoreContract:
             (lambda s: s.add_family("t", spec_for("float16", ragged=True), lengths=[9] * 9), FormatError,
              "rows_per_shard >= 9"),
             (lambda s: s.add_family("t", FamilySpec((8,), "float16")), FormatError, "give items_per_episode"),
-            (lambda s: VLAStore.open(s.storage.store).add_family("t", spec_for("float16")), PermissionError,
+            (lambda s: VLAStore.open(s.storage.zarr_store()).add_family("t", spec_for("float16")), PermissionError,
              "read-only.*writable=True"),
         ],
     )
     def test_bad_input_is_refused_and_changes_nothing(self, built, action, error, says) -> None:
         store, values = built
-        before = store_snapshot(store.storage.store)
+        before = store_snapshot(store.storage.zarr_store())
         with pytest.raises(error, match=says):
             writer_or_none = action(store)
             assert writer_or_none is None
         # also close every writer the action opened: nothing of a refused batch may reach the store
-        assert store_snapshot(store.storage.store) == before
-        np.testing.assert_array_equal(to_bits(VLAStore.open(store.storage.store).feature("fixed", 0, 0)),
+        assert store_snapshot(store.storage.zarr_store()) == before
+        np.testing.assert_array_equal(to_bits(VLAStore.open(store.storage.zarr_store()).feature("fixed", 0, 0)),
                                       values["fixed"][0])
 
     def test_refused_batch_is_not_half_buffered(self, built) -> None:
         store, _ = built
         store.add_family("g", spec_for("float32"))
-        before = store_snapshot(store.storage.store)
+        before = store_snapshot(store.storage.zarr_store())
         writer = store.writer("g")
         good = random_rows((4, 8), "float32")
         with pytest.raises(FormatError):
             writer.write_rows([0, 1, 2, 3], [good[0], good[1], good[2], np.zeros(3, np.float32)])
         writer.close()
-        assert store_snapshot(store.storage.store) == before
+        assert store_snapshot(store.storage.zarr_store()) == before
         with store.writer("g") as writer:  # the same rows can be given again: nothing was kept
             writer.write_rows([0, 1, 2, 3], list(good))
         np.testing.assert_array_equal(store.reader("g").rows([0, 1, 2, 3]), good)
@@ -268,6 +268,25 @@ class TestMemoryStore(StoreContract):
     @pytest.fixture
     def location(self) -> zarr.storage.MemoryStore:
         return zarr.storage.MemoryStore()
+
+
+def test_a_store_in_object_storage_round_trips_and_verifies(s3_url: str, s3_options: dict[str, str]) -> None:
+    """The whole store API over S3-compatible object storage (moto on loopback): an s3:// URL with
+    storage_options, or the Storage itself."""
+    pytest.importorskip("botocore", reason="pip install 'vlastore[s3]'")
+    from vlastore.report import verify_store
+    from vlastore.storage import ObjectStorage
+
+    store, values = build_full_store(ObjectStorage(s3_url, s3_options))
+    again = VLAStore.open(s3_url, storage_options=s3_options)
+    for family in ("fixed", "tokens", "packed"):
+        assert again.coverage(family).all()
+        for row in (0, again.layout(family).rows - 1):
+            e, vlm_idx = again.layout(family).address(row)
+            np.testing.assert_array_equal(to_bits(again.feature(family, e, vlm_idx)), values[family][row])
+    assert verify_store(again).ok
+    with pytest.raises(FileExistsError):
+        VLAStore.create(s3_url, [EpisodeData("e", steps=1)], storage_options=s3_options)
 
 
 # ------------------------------------------------------------ local-only behaviour
@@ -386,7 +405,7 @@ def test_generation_attributes_are_checksummed_and_checked_against_the_arrays(fu
 def test_negative_episode_rows_are_refused_naming_the_file(full_store) -> None:
     store, _ = full_store
     writable = VLAStore.open(store.location, writable=True)
-    writable.storage.write_small_array("features/fixed/gen-0001/episode_rows", np.asarray([0, 3, -2, 8, 9]))
+    writable.nodes.write_small_array("features/fixed/gen-0001/episode_rows", np.asarray([0, 3, -2, 8, 9]))
     with pytest.raises(FormatError, match=r"gen-0001: episode_rows must start at 0 and never decrease"):
         VLAStore.open(store.location).layout("fixed")
 
@@ -417,7 +436,7 @@ def test_switch_generation_keeps_the_previous_one_by_default(full_store) -> None
         writer.write_rows(np.arange(9), values["fixed"])
     store.switch_generation("fixed", 2)
     assert store.manifest.families["fixed"].generations == (1, 2)
-    assert store.storage.exists("features/fixed/gen-0001")
+    assert store.nodes.exists("features/fixed/gen-0001")
 
 
 def test_delete_never_leaves_the_store(full_store, tmp_path: Path) -> None:
@@ -429,9 +448,9 @@ def test_delete_never_leaves_the_store(full_store, tmp_path: Path) -> None:
     link.symlink_to(outside, target_is_directory=True)
     writable = VLAStore.open(store.location, writable=True)
     with pytest.raises(FormatError, match="symbolic link|leads outside"):
-        writable.storage.delete("features/fixed/gen-0009")
+        writable.nodes.delete("features/fixed/gen-0009")
     with pytest.raises(FormatError, match="leads outside"):
-        writable.storage.delete("features/fixed/gen-0009/sub")
+        writable.nodes.delete("features/fixed/gen-0009/sub")
     assert (outside / "keep.txt").read_text() == "precious"
 
 

@@ -74,7 +74,7 @@ def _values(plan: dict) -> list[np.ndarray] | np.ndarray:
 def _shards(store: VLAStore) -> dict[int, bytes]:
     out = {}
     for shard in store.written_shards("f").tolist():
-        data = store.storage.read_bytes(store.shard_key("f", shard))
+        data = store.storage.get(store.shard_key("f", shard))
         assert data is not None
         out[shard] = data
     return out

@@ -24,9 +24,9 @@ from helpers import (
 from writer_worker import crash_main, dist_main
 
 from vlastore.format import FamilySpec, FormatError
-from vlastore.localfiles import host_tag
 from vlastore.report import verify_store
 from vlastore.shardcodec import ChecksumError
+from vlastore.storage.local import host_tag
 from vlastore.store import EpisodeData, VLAStore
 from vlastore.writer import OwnershipError
 
@@ -120,7 +120,7 @@ def test_an_error_inside_the_with_block_writes_no_half_shard(store_path: Path) -
 def test_writer_arguments_are_checked(store_path: Path) -> None:
     store = VLAStore.create(store_path, episodes())
     store.add_family("f", spec_for("float32"))
-    with pytest.raises(ValueError, match="rank 2 / world_size 2"):
+    with pytest.raises(ValueError, match="rank=2, world_size=2"):
         store.writer("f", rank=2, world_size=2)
     with pytest.raises(PermissionError, match="read-only"):
         VLAStore.open(store_path).writer("f")
@@ -185,7 +185,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None
     assert crashed.coverage("fixed").sum() == 12
     assert crashed.written_shards("tokens").tolist() == [0, 1]
     # a kill inside write_once leaves its temporary file (named with host and pid): the resumed writer cleans it
-    stale = Path(crashed.storage.file_path(crashed.shard_key("fixed", 5))).parent / (
+    stale = (crashed.storage.root / crashed.shard_key("fixed", 5)).parent / (
         f".0.{host_tag()}.{proc.pid}.deadbeef.partial")
     stale.parent.mkdir(parents=True)
     stale.write_bytes(b"half a shard")

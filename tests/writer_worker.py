@@ -15,7 +15,6 @@ from multiprocessing.connection import Connection
 from helpers import as_value, expected_values
 
 from vlastore.store import VLAStore
-from vlastore.writer import FamilyWriter
 
 
 def dist_main(store_path: str, init_file: str, rank: int, world_size: int) -> None:
@@ -28,7 +27,7 @@ def dist_main(store_path: str, init_file: str, rank: int, world_size: int) -> No
         assert (writer.rank, writer.world_size) == (rank, world_size)
         rows = writer.pending_rows()
         writer.write_rows(rows, as_value(values["fixed"][rows], "bfloat16"))
-    with FamilyWriter.open(store_path, "tokens") as writer:
+    with VLAStore.open(store_path, writable=True).writer("tokens") as writer:
         for row in writer.pending_rows().tolist():
             writer.write_rows([row], [values["tokens"][row]])
     dist.barrier()

@@ -3,7 +3,7 @@
 Starts its own S3 server (moto, in a separate process on 127.0.0.1) and prints,
 in one run, ratios against baselines measured in the same run:
 
-1. ``--clients``: obstore vs botocore (the client of vlastore.remote) vs s3fs,
+1. ``--clients``: obstore vs botocore (the client of vlastore.storage) vs s3fs,
    for a ranged 4 KiB GET, a whole 32 MiB GET, PUT, put-if-absent, put-if-match
    (CAS), LIST, what a stale conditional write raises, and whether the client
    still works in a forked child after the parent used it (DataLoader workers).
@@ -38,7 +38,7 @@ import tempfile
 import textwrap
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -47,8 +47,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from vlastore.remote import CachedStorage, ObjectStorage  # noqa: E402
 from vlastore.shardcodec import crc32c  # noqa: E402
+from vlastore.storage import CachedStorage, ObjectStorage  # noqa: E402
 
 BUCKET = "vlastore-bench"
 CREDS = {"access_key_id": "bench", "secret_access_key": "bench", "region": "us-east-1"}
@@ -108,6 +108,85 @@ def works_after_fork(use: Callable[[], object], timeout_s: float = 20.0) -> str:
     return f"hangs (killed after {timeout_s:.0f} s)"
 
 
+def _bench_obstore(endpoint: str, repeats: int, big: bytes, small: bytes, offsets: Iterator[int],
+                   results: dict[str, dict[str, float]], notes: dict[str, list[str]]) -> None:
+    try:
+        import obstore as obs
+        from obstore.store import S3Store
+    except ImportError:
+        print("obstore not installed: pip install obstore to compare against it")
+        return
+    ost = S3Store(BUCKET, prefix="clients/ob", endpoint=endpoint, access_key_id="bench",
+                  secret_access_key="bench", region="us-east-1", client_options={"allow_http": True})
+    obs.put(ost, "big", big, use_multipart=False)
+    for i in range(500):
+        obs.put(ost, f"many/{i:04d}", b"1")
+    oetag = [obs.put(ost, "cas", b"0")["e_tag"]]
+
+    def ob_cas() -> None:
+        oetag[0] = obs.put(ost, "cas", b"1", mode={"e_tag": oetag[0]})["e_tag"]
+
+    results["obstore"] = {
+        "ranged 4 KiB GET": median_s(lambda: obs.get_range(ost, "big", start=(o := next(offsets)), end=o + 4096),
+                                     repeats * 10),
+        "GET 32 MiB": median_s(lambda: obs.get(ost, "big").bytes(), repeats),
+        "PUT 1 MiB": median_s(lambda: obs.put(ost, "p", small, use_multipart=False), repeats * 2),
+        "put-if-absent 1 MiB": median_s(lambda: obs.put(ost, uuid.uuid4().hex, small, mode="create",
+                                                        use_multipart=False), repeats * 2),
+        "put-if-match (CAS)": median_s(ob_cas, repeats * 2),
+        "LIST 500 keys": median_s(lambda: [m for batch in obs.list(ost, "many") for m in batch], repeats),
+    }
+    try:
+        obs.put(ost, "cas", b"x", mode={"e_tag": '"stale"'})
+        stale = "succeeded (no condition!)"
+    except Exception as exc:
+        stale = type(exc).__name__
+    notes["obstore"] = [f"stale If-Match raises {stale}",
+                        f"after fork: {works_after_fork(lambda: obs.get_range(ost, 'big', start=0, end=10))}"]
+
+
+def _bench_s3fs(endpoint: str, repeats: int, big: bytes, small: bytes, offsets: Iterator[int],
+               results: dict[str, dict[str, float]], notes: dict[str, list[str]]) -> None:
+    try:
+        import s3fs
+    except ImportError:
+        print("s3fs not installed: pip install s3fs to compare against it")
+        return
+    fs = s3fs.S3FileSystem(key="bench", secret="bench", endpoint_url=endpoint,
+                           client_kwargs={"region_name": "us-east-1"})
+    base = f"{BUCKET}/clients/fs/"
+    fs.pipe_file(base + "big", big)
+    for i in range(500):
+        fs.pipe_file(f"{base}many/{i:04d}", b"1")
+    fetag = [fs.pipe_file(base + "cas", b"0")["ETag"]]
+
+    def fs_cas() -> None:
+        fetag[0] = fs.pipe_file(base + "cas", b"1", IfMatch=fetag[0])["ETag"]
+
+    results["s3fs"] = {
+        "ranged 4 KiB GET": median_s(lambda: fs.cat_file(base + "big", start=(o := next(offsets)), end=o + 4096),
+                                     repeats * 10),
+        "GET 32 MiB": median_s(lambda: fs.cat_file(base + "big"), repeats),
+        "PUT 1 MiB": median_s(lambda: fs.pipe_file(base + "p", small), repeats * 2),
+        "put-if-absent 1 MiB": median_s(lambda: fs.pipe_file(base + uuid.uuid4().hex, small, mode="create"),
+                                        repeats * 2),
+        "put-if-match (CAS)": median_s(fs_cas, repeats * 2),
+        "LIST 500 keys": median_s(lambda: fs.ls(base + "many", refresh=True), repeats),
+    }
+    try:
+        fs.pipe_file(base + "cas", b"x", IfMatch='"stale"')
+        stale = "succeeded (no condition!)"
+    except Exception as exc:
+        stale = f"{type(exc).__name__}: {str(exc)[:40]}"
+
+    def fs_after_fork() -> None:
+        s3fs.S3FileSystem(key="bench", secret="bench", endpoint_url=endpoint, skip_instance_cache=True,
+                          client_kwargs={"region_name": "us-east-1"}).cat_file(base + "big", start=0, end=10)
+
+    notes["s3fs"] = [f"stale If-Match raises {stale}", f"after fork: {works_after_fork(fs_after_fork)} "
+                     "(new instance)"]
+
+
 def bench_clients(endpoint: str, repeats: int) -> None:
     big = np.random.default_rng(0).integers(0, 256, 32 << 20, dtype=np.uint8).tobytes()
     small = big[: 1 << 20]
@@ -151,78 +230,8 @@ def bench_clients(endpoint: str, repeats: int) -> None:
     }
     notes["botocore"] = [f"after fork: {works_after_fork(lambda: storage.get_range('big', 0, 10))} (client per pid)"]
 
-    try:
-        import obstore as obs
-        from obstore.store import S3Store
-    except ImportError:
-        print("obstore not installed: pip install obstore to compare against it")
-    else:
-        ost = S3Store(BUCKET, prefix="clients/ob", endpoint=endpoint, access_key_id="bench",
-                      secret_access_key="bench", region="us-east-1", client_options={"allow_http": True})
-        obs.put(ost, "big", big, use_multipart=False)
-        for i in range(500):
-            obs.put(ost, f"many/{i:04d}", b"1")
-        oetag = [obs.put(ost, "cas", b"0")["e_tag"]]
-
-        def ob_cas() -> None:
-            oetag[0] = obs.put(ost, "cas", b"1", mode={"e_tag": oetag[0]})["e_tag"]
-
-        results["obstore"] = {
-            "ranged 4 KiB GET": median_s(lambda: obs.get_range(ost, "big", start=(o := next(offsets)), end=o + 4096),
-                                         repeats * 10),
-            "GET 32 MiB": median_s(lambda: obs.get(ost, "big").bytes(), repeats),
-            "PUT 1 MiB": median_s(lambda: obs.put(ost, "p", small, use_multipart=False), repeats * 2),
-            "put-if-absent 1 MiB": median_s(lambda: obs.put(ost, uuid.uuid4().hex, small, mode="create",
-                                                            use_multipart=False), repeats * 2),
-            "put-if-match (CAS)": median_s(ob_cas, repeats * 2),
-            "LIST 500 keys": median_s(lambda: [m for batch in obs.list(ost, "many") for m in batch], repeats),
-        }
-        try:
-            obs.put(ost, "cas", b"x", mode={"e_tag": '"stale"'})
-            stale = "succeeded (no condition!)"
-        except Exception as exc:
-            stale = type(exc).__name__
-        notes["obstore"] = [f"stale If-Match raises {stale}",
-                            f"after fork: {works_after_fork(lambda: obs.get_range(ost, 'big', start=0, end=10))}"]
-
-    try:
-        import s3fs
-    except ImportError:
-        print("s3fs not installed: pip install s3fs to compare against it")
-    else:
-        fs = s3fs.S3FileSystem(key="bench", secret="bench", endpoint_url=endpoint,
-                               client_kwargs={"region_name": "us-east-1"})
-        base = f"{BUCKET}/clients/fs/"
-        fs.pipe_file(base + "big", big)
-        for i in range(500):
-            fs.pipe_file(f"{base}many/{i:04d}", b"1")
-        fetag = [fs.pipe_file(base + "cas", b"0")["ETag"]]
-
-        def fs_cas() -> None:
-            fetag[0] = fs.pipe_file(base + "cas", b"1", IfMatch=fetag[0])["ETag"]
-
-        results["s3fs"] = {
-            "ranged 4 KiB GET": median_s(lambda: fs.cat_file(base + "big", start=(o := next(offsets)), end=o + 4096),
-                                         repeats * 10),
-            "GET 32 MiB": median_s(lambda: fs.cat_file(base + "big"), repeats),
-            "PUT 1 MiB": median_s(lambda: fs.pipe_file(base + "p", small), repeats * 2),
-            "put-if-absent 1 MiB": median_s(lambda: fs.pipe_file(base + uuid.uuid4().hex, small, mode="create"),
-                                            repeats * 2),
-            "put-if-match (CAS)": median_s(fs_cas, repeats * 2),
-            "LIST 500 keys": median_s(lambda: fs.ls(base + "many", refresh=True), repeats),
-        }
-        try:
-            fs.pipe_file(base + "cas", b"x", IfMatch='"stale"')
-            stale = "succeeded (no condition!)"
-        except Exception as exc:
-            stale = f"{type(exc).__name__}: {str(exc)[:40]}"
-
-        def fs_after_fork() -> None:
-            s3fs.S3FileSystem(key="bench", secret="bench", endpoint_url=endpoint, skip_instance_cache=True,
-                              client_kwargs={"region_name": "us-east-1"}).cat_file(base + "big", start=0, end=10)
-
-        notes["s3fs"] = [f"stale If-Match raises {stale}", f"after fork: {works_after_fork(fs_after_fork)} "
-                         "(new instance)"]
+    _bench_obstore(endpoint, repeats, big, small, offsets, results, notes)
+    _bench_s3fs(endpoint, repeats, big, small, offsets, results, notes)
 
     baseline = results.get("obstore", results["botocore"])
     names = list(results)
@@ -240,7 +249,7 @@ def bench_clients(endpoint: str, repeats: int) -> None:
 
 RANK = """
 import sys, numpy as np
-from vlastore.remote import CachedStorage, ObjectStorage
+from vlastore.storage import CachedStorage, ObjectStorage
 from vlastore.shardcodec import crc32c
 url, endpoint, cache_dir, rank, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
 remote = ObjectStorage(url, {"endpoint": endpoint, "access_key_id": "bench", "secret_access_key": "bench"})

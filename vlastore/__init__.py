@@ -5,10 +5,9 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
-from .catalog import Catalog  # noqa: E402
-from .format import FamilySpec, FormatError, Producer  # noqa: E402
-from .store import EpisodeData, VLAStore  # noqa: E402
+from .catalog import Catalog
+from .format import FamilySpec, FormatError, Producer
+from .store import EpisodeData, VLAStore
+from .version import __version__
 
 __all__ = ["__version__", "Catalog", "EpisodeData", "FamilySpec", "FormatError", "Producer", "VLAStore"]

@@ -13,10 +13,12 @@ from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
+from .errors import DataError, UserError
+
 if TYPE_CHECKING:
     from .store import VLAStore
 
-__all__ = ["main"]
+__all__ = ["main", "UserError", "DataError"]
 
 EXAMPLES = """examples:
   vlastore demo                       make ./vlastore-demo.vla, show it, read a batch
@@ -33,24 +35,17 @@ MAX_LISTED = 30
 """Corrupt items printed by `verify` (all are in --json)."""
 
 
-class UserError(Exception):
-    """A mistake in what the user asked for: shown as one line, exit code 2."""
-
-
-class DataError(Exception):
-    """A problem with the data (damaged store, failed check): shown as a few lines, exit code 1."""
-
-
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import demo_batch, describe_batch, make_demo_store
     from .format import FormatError
     from .report import format_info, store_info
-    from .storage import Storage, StoreNotFoundError, remove_store
+    from .storage import StoreNotFoundError
+    from .store import probe, remove_store
 
     path = Path(args.out)
     if path.exists() or path.is_symlink():
         try:
-            Storage.open(path)
+            probe(path)
         except (StoreNotFoundError, FormatError, OSError):
             raise UserError(f"{path} exists and is not a vlastore store; pick another --out (nothing was "
                             "changed; --force replaces only a vlastore store)") from None
@@ -155,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    from . import __version__
+    from .version import __version__
 
     parser.add_argument("--version", action="version", version=f"vlastore {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -208,9 +203,9 @@ def _os_error_lines(exc: OSError) -> list[str]:
 def _failure(exc: BaseException, command: str) -> tuple[int, list[str]]:
     """Exit code and lines for an error that ended a command: 2 for usage mistakes, 1 for data problems."""
     from .features.build import FeatureMismatchError
-    from .features.registry import ExtractorError
+    from .features.extractor import ExtractorError
     from .format import FormatError, NewerFormatError
-    from .reader import MissingRowError, StaleGenerationError
+    from .read import MissingRowError, StaleGenerationError
     from .shardcodec import ChecksumError
     from .storage import StoreNotFoundError
     from .writer import OwnershipError

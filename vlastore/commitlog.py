@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .format import FormatError, canonical_json
-from .remote.base import AlreadyExistsError, Storage
+from .storage.base import AlreadyExistsError, Storage
 from .snapshot import LOG_PREFIX, Snapshot, commit_of_log_key, log_key
 
 __all__ = ["CommitLog", "CommitConflictError", "SnapshotNotFoundError", "MAX_COMMIT_BYTES"]

@@ -266,7 +266,7 @@ class VLADataset(Dataset):
         self._series: dict[str, Any] = {}
         for key in self.window_keys:
             self._series[key] = (
-                self.store.series_all(key) if series_in_ram else self.store.storage.open_array(f"series/{key}")
+                self.store.series_all(key) if series_in_ram else self.store.series_array(key)
             )
         # Shared with DataLoader workers (shared memory survives fork and spawn), so refresh() in the
         # main process reaches persistent workers: [counter, generation of each family].

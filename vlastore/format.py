@@ -35,7 +35,18 @@ __all__ = [
     "series_path",
     "family_path",
     "generation_path",
+    "generation_array_path",
+    "values_path",
     "shard_key",
+    "shard_of_key",
+    "chunk_array_parts",
+    "generation_node_of",
+    "meta_key",
+    "META_NAME",
+    "TOP_GROUPS",
+    "EPISODES_GROUP",
+    "SERIES_GROUP",
+    "FEATURES_GROUP",
     "default_rows_per_shard",
     "FIXED_SHARD_ROWS",
     "RAGGED_SHARD_ROWS",
@@ -264,6 +275,22 @@ def default_rows_per_shard(row_shape: tuple[int, ...], true_dtype: str, ragged: 
 
 
 # ---------------------------------------------------------------- layout paths
+# Every path of the v1 layout is spelled here and only here.
+
+TOP_GROUPS = (EPISODES_GROUP, SERIES_GROUP, FEATURES_GROUP)
+"""The groups under the root."""
+
+_GENERATION_NAME = re.compile(r"^gen-(\d{4,7})$")
+_CHUNK_PART = re.compile(r"^\d{1,18}$")
+
+
+META_NAME = "zarr.json"
+"""The file of every zarr v3 node's metadata (the root's holds the manifest)."""
+
+
+def meta_key(node_path: str) -> str:
+    """Key of a node's zarr metadata (``''``: the root's)."""
+    return f"{node_path}/{META_NAME}" if node_path else META_NAME
 
 
 def episodes_path(column: str) -> str:
@@ -283,9 +310,48 @@ def generation_path(family: str, generation: int) -> str:
     return f"{FEATURES_GROUP}/{family}/gen-{generation:04d}"
 
 
+def generation_array_path(family: str, generation: int, name: str) -> str:
+    """A row table of a generation: ``episode_rows``, ``starts``, ``lengths`` or ``keys``."""
+    return f"{generation_path(family, generation)}/{name}"
+
+
+def values_path(family: str, generation: int) -> str:
+    """The sharded ``values`` array of a generation (v1: one segment per generation)."""
+    return generation_array_path(family, generation, "values")
+
+
 def shard_key(array_path: str, shard: int, ndim: int) -> str:
     """Store key of shard ``shard`` (along axis 0) of an array sharded only on axis 0."""
     return "/".join([array_path, "c", str(shard)] + ["0"] * (ndim - 1))
+
+
+def shard_of_key(array_path: str, key: str, ndim: int) -> int | None:
+    """The shard number of a key :func:`shard_key` makes (canonical decimal, other axes 0), else None."""
+    head = f"{array_path}/c/"
+    if not key.startswith(head):
+        return None
+    parts = key[len(head) :].split("/")
+    if parts[1:] != ["0"] * (ndim - 1) or not _CHUNK_PART.match(parts[0]) or str(int(parts[0])) != parts[0]:
+        return None
+    return int(parts[0])
+
+
+def chunk_array_parts(parts: list[str]) -> list[str] | None:
+    """For a key split at '/', the array path's parts if it names a chunk (``<array>/c/<i>/<j>...``), else None."""
+    for i in range(len(parts) - 1, -1, -1):
+        if parts[i] == "c":
+            chunk = parts[i + 1 :]
+            return parts[:i] if chunk and all(_CHUNK_PART.match(p) for p in chunk) else None
+    return None
+
+
+def generation_node_of(key: str) -> tuple[str, int] | None:
+    """``(path of the generation group, generation)`` for a key at or under a generation, else None."""
+    parts = key.split("/")
+    if len(parts) < 3 or parts[0] != FEATURES_GROUP:
+        return None
+    match = _GENERATION_NAME.match(parts[2])
+    return None if match is None else ("/".join(parts[:3]), int(match.group(1)))
 
 
 # ---------------------------------------------------------------- manifest schema

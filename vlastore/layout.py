@@ -180,14 +180,18 @@ class FamilyLayout:
     def shard_of(self, rows: np.ndarray) -> np.ndarray:
         """Shard of each of ``rows`` (checked row numbers)."""
         if not self.spec.ragged:
-            return np.asarray(rows, dtype=np.int64) // self.rows_per_shard
-        return self.row_shards[rows]
+            shards: np.ndarray = np.asarray(rows, dtype=np.int64) // self.rows_per_shard
+        else:
+            shards = self.row_shards[rows]
+        return shards
 
     def start_of(self, rows: np.ndarray) -> np.ndarray:
         """First stored (token) row of each of ``rows`` (checked row numbers)."""
         if not self.spec.ragged:
-            return np.asarray(rows, dtype=np.int64)
-        return self.starts[rows]
+            starts: np.ndarray = np.asarray(rows, dtype=np.int64)
+        else:
+            starts = self.starts[rows]
+        return starts
 
     @classmethod
     def plan(

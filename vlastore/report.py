@@ -4,18 +4,31 @@ from __future__ import annotations
 
 import contextlib
 import os
-import stat
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from .format import CHECKSUM_FIELD, GENERATION_KEY, MANIFEST_KEY, FormatError, family_path, generation_path, series_path
+from .format import (
+    CHECKSUM_FIELD,
+    FEATURES_GROUP,
+    GENERATION_KEY,
+    MANIFEST_KEY,
+    META_NAME,
+    TOP_GROUPS,
+    FormatError,
+    family_path,
+    generation_node_of,
+    generation_path,
+    meta_key,
+    series_path,
+)
 from .integrity import check_group_meta
 from .layout import FamilyLayout
+from .nodes import ZarrNodes
 from .shardcodec import ChecksumError, ShardIndex, decode_index, index_nbytes
-from .storage import Storage, StoreNotFoundError, UnsafeFileError
+from .storage import LocalStorage, StoreNotFoundError, UnsafeFileError, open_storage
 from .store import VLAStore
 
 __all__ = ["store_info", "format_info", "verify_store", "VerifyReport", "Corruption", "Missing", "total_shards"]
@@ -213,7 +226,7 @@ def _verify_shard(store: VLAStore, family: str, generation: int, shard: int, lay
     rps = layout.rows_per_shard
     n_index = index_nbytes(rps)
     try:
-        data = store.storage.read_bytes(key)
+        data = store.storage.get(key)
     except (UnsafeFileError, OSError) as exc:
         _rows_corrupt(report, layout, family, names, key, rows.tolist(), f"shard unreadable ({exc})")
         damaged[rows] = True
@@ -287,59 +300,58 @@ def _verify_generation(store: VLAStore, family: str, generation: int, report: Ve
         report.missing[label] = Missing(int(missing.size), layout.rows, examples, layout.spec.index_name)
 
 
+def _group_attributes(node: str, unlisted: set[str]) -> set[str] | None:
+    """The attributes of a group vlastore writes at ``node`` (None: an array belongs there; ``{"skip"}``: a
+    generation not in the manifest, ignored)."""
+    parts = node.split("/") if node else []
+    if not parts:
+        return {MANIFEST_KEY}
+    if (len(parts) == 1 and parts[0] in TOP_GROUPS) or (parts[0] == FEATURES_GROUP and len(parts) == 2):
+        return set()
+    generation = generation_node_of(node)
+    if generation is not None and generation[0] == node:
+        return {"skip"} if node in unlisted else {GENERATION_KEY}
+    return None
+
+
+def _check_node_meta(store: VLAStore, key: str, unlisted: set[str], report: VerifyReport) -> None:
+    storage = store.storage
+    node = key[: -len(META_NAME)].rstrip("/")
+    try:
+        meta = store.nodes.read_json(key)
+        if meta is None:
+            return
+        group_attrs = _group_attributes(node, unlisted)
+        if group_attrs == {"skip"}:
+            return
+        if group_attrs is not None:
+            check_group_meta(meta, group_attrs, storage.where(key))
+        elif meta.get("zarr_format") != 3 or meta.get("node_type") != "array":
+            raise FormatError(f"{storage.where(key)}: not zarr v3 array metadata; the file is damaged")
+    except (FormatError, OSError) as exc:
+        if not any(c.where == key for c in report.corrupt):  # a FIFO or link is reported once, before
+            report.corrupt.append(Corruption(key, reason=str(exc)))
+
+
 def _verify_metadata_files(store: VLAStore, report: VerifyReport) -> None:
     """Every group vlastore writes has its ``zarr.json``, every ``zarr.json`` parses and holds what vlastore
     writes, and no file of the store is a link or special file."""
     storage = store.storage
-    groups = ["episodes", "series", "features"] + [f"features/{f}" for f in store.families]
-    for group in groups:
-        local = storage.file_path(f"{group}/zarr.json")
-        if not storage.key_exists(f"{group}/zarr.json") and not (local is not None and os.path.lexists(local)):
-            report.corrupt.append(Corruption(f"{group}/zarr.json", reason="missing; the store is damaged"))
-    if storage.local_root is not None:
-        for dirpath, dirs, files in os.walk(storage.local_root):
-            for name in [*dirs, *files]:
-                path = os.path.join(dirpath, name)
-                where = os.path.relpath(path, storage.local_root).replace(os.sep, "/")
-                st = os.lstat(path)
-                if stat.S_ISLNK(st.st_mode):
-                    report.corrupt.append(Corruption(where, reason="a symbolic link: vlastore does not follow "
-                                                                   "links in a store; remove it"))
-                elif not stat.S_ISDIR(st.st_mode) and not stat.S_ISREG(st.st_mode):
-                    report.corrupt.append(Corruption(where, reason="not a regular file (a FIFO, socket or device)"))
-    keys = list(storage.list_keys(""))
-    listed = {f"features/{f}/gen-{g:04d}" for f, e in store.manifest.families.items() for g in e.generations}
-    unlisted = sorted({"/".join(k.split("/")[:3]) for k in keys if k.startswith("features/") and k.count("/") >= 3}
-                      - listed)
-    for node in unlisted:
+    for group in [*TOP_GROUPS, *(family_path(f) for f in store.families)]:
+        if storage.version(meta_key(group)) is None:  # anything there (a link, a FIFO) is reported below
+            report.corrupt.append(Corruption(meta_key(group), reason="missing; the store is damaged"))
+    if isinstance(storage, LocalStorage):
+        for where, reason in storage.unsafe_entries():
+            report.corrupt.append(Corruption(where, reason=reason))
+    keys = [key for key, _size in storage.list("")]
+    listed = {generation_path(f, g) for f, e in store.manifest.families.items() for g in e.generations}
+    unlisted = {node[0] for node in map(generation_node_of, keys) if node is not None} - listed
+    for node in sorted(unlisted):
         report.notes.append(f"{node}: not in the manifest (an interrupted plan, or a deletion that was killed); "
                             "ignored by readers, removed by the next plan of that generation")
     for key in keys:
-        if key.rsplit("/", 1)[-1] != "zarr.json":
-            continue
-        node = key[: -len("zarr.json")].rstrip("/")
-        try:
-            meta = storage.read_json(key)
-            if meta is None:
-                continue
-            parts = node.split("/") if node else []
-            group_attrs: set[str] | None = None  # the groups vlastore writes, and their attributes
-            if not parts:
-                group_attrs = {MANIFEST_KEY}
-            elif (len(parts) == 1 and parts[0] in ("episodes", "series", "features")) or (
-                    parts[0] == "features" and len(parts) == 2):
-                group_attrs = set()
-            elif parts[0] == "features" and len(parts) == 3 and parts[2].startswith("gen-"):
-                if node in unlisted:
-                    continue
-                group_attrs = {GENERATION_KEY}
-            if group_attrs is not None:
-                check_group_meta(meta, group_attrs, storage.where(key))
-            elif meta.get("zarr_format") != 3 or meta.get("node_type") != "array":
-                raise FormatError(f"{storage.where(key)}: not zarr v3 array metadata; the file is damaged")
-        except (FormatError, OSError) as exc:
-            if not any(c.where == key for c in report.corrupt):  # a FIFO or link is reported once, above
-                report.corrupt.append(Corruption(key, reason=str(exc)))
+        if key.rsplit("/", 1)[-1] == META_NAME:
+            _check_node_meta(store, key, unlisted, report)
 
 
 def verify_store(store: VLAStore | str | os.PathLike[str],
@@ -365,20 +377,20 @@ def verify_store(store: VLAStore | str | os.PathLike[str],
     tick = progress or (lambda n: None)
     if not isinstance(store, VLAStore):
         try:
-            storage = Storage.open(store)
+            nodes = ZarrNodes.open(open_storage(store))
         except StoreNotFoundError:
             raise
         except (FormatError, OSError) as exc:
-            report.corrupt.append(Corruption("zarr.json", reason=f"root metadata: {exc}"))
-            return report
-        try:
-            store = VLAStore(storage, writable=False, strict=False)
-        except (FormatError, ChecksumError, OSError) as exc:
-            report.corrupt.append(Corruption("zarr.json", reason=f"root manifest: {exc}"))
+            report.corrupt.append(Corruption(META_NAME, reason=f"root metadata: {exc}"))
             return report
     else:
-        store = VLAStore(store.storage, writable=False, strict=False)  # fresh caches: check from the disk
-    root_meta = store.storage.attrs.get(MANIFEST_KEY, {})
+        nodes = ZarrNodes(store.storage, writable=False)  # fresh caches: check from the disk
+    try:
+        store = VLAStore(nodes, strict=False)
+    except (FormatError, ChecksumError, OSError) as exc:
+        report.corrupt.append(Corruption(META_NAME, reason=f"root manifest: {exc}"))
+        return report
+    root_meta = store.nodes.attrs.get(MANIFEST_KEY, {})
     if isinstance(root_meta, dict) and CHECKSUM_FIELD not in root_meta:
         report.notes.append("the root manifest has no checksum (written before metadata checksums); it was "
                             "cross-checked against the catalog and arrays instead")
@@ -398,7 +410,7 @@ def verify_store(store: VLAStore | str | os.PathLike[str],
         for gen in store.manifest.families[family].generations:
             _verify_generation(store, family, gen, report, names, tick)
             try:
-                attrs = store.storage.node_attrs(generation_path(family, gen)).get(GENERATION_KEY, {})
+                attrs = store.nodes.node_attrs(generation_path(family, gen)).get(GENERATION_KEY, {})
                 if isinstance(attrs, dict) and CHECKSUM_FIELD not in attrs:
                     report.notes.append(f"{family} generation {gen}: attributes have no checksum (written before "
                                         "metadata checksums); cross-checked against the arrays instead")

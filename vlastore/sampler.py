@@ -45,6 +45,8 @@ from typing import Any
 import numpy as np
 from torch.utils.data import DataLoader, Sampler
 
+from .ranks import resolve_rank
+
 __all__ = ["TAILS", "epoch_order", "rank_indices", "ResumableSampler", "ResumableDataLoader"]
 
 log = logging.getLogger(__name__)
@@ -80,16 +82,6 @@ def rank_indices(
     return remaining[rank::world_size]
 
 
-def _world(rank: int | None, world_size: int | None) -> tuple[int, int]:
-    if rank is None or world_size is None:
-        import torch.distributed as dist
-
-        active = dist.is_available() and dist.is_initialized()
-        rank = (dist.get_rank() if active else 0) if rank is None else rank
-        world_size = (dist.get_world_size() if active else 1) if world_size is None else world_size
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"rank={rank}, world_size={world_size}: need 0 <= rank < world_size")
-    return int(rank), int(world_size)
 
 
 class ResumableSampler(Sampler[list[int]]):
@@ -130,7 +122,7 @@ class ResumableSampler(Sampler[list[int]]):
         self.batch_size = int(batch_size)
         self.shuffle = bool(shuffle)
         self.seed = int(seed)
-        self.rank, self.world_size = _world(rank, world_size)
+        self.rank, self.world_size = resolve_rank(rank, world_size)
         self.tail = tail
         self.epoch = 0
         self._position = 0

@@ -14,15 +14,18 @@ them directly is what makes the writer as fast as ``np.save``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from crc32c import crc32c as _crc32c
 
 __all__ = ["ShardIndex", "RawShardBuilder", "encode_shard", "decode_index", "index_nbytes", "ChecksumError", "crc32c",
-           "zstd_decode_exact", "zstd_content_size"]
+           "zstd_decode_exact", "zstd_content_size", "CRC_BYTES", "crc_ok", "crc_mismatch"]
 
 MISSING = np.uint64(0xFFFF_FFFF_FFFF_FFFF)
-_CRC_BYTES = 4
+CRC_BYTES = 4
+"""Every chunk (and the index) ends with the crc32c of what precedes it, little-endian."""
+_CRC_BYTES = CRC_BYTES
 
 
 class ChecksumError(ValueError):
@@ -34,11 +37,26 @@ def crc32c(data: bytes | memoryview | np.ndarray) -> int:
     return _crc32c(data)  # type: ignore[arg-type]  # numpy arrays export the buffer protocol
 
 
+def crc_ok(stored: np.ndarray) -> bool:
+    """Whether stored bytes (uint8: a payload followed by its crc32c) are intact."""
+    body = stored[:-CRC_BYTES]
+    return crc32c(np.ascontiguousarray(body)) == int.from_bytes(stored[-CRC_BYTES:].tobytes(), "little")
+
+
+def crc_mismatch(payload: np.ndarray, crcs: np.ndarray, positions: np.ndarray) -> int | None:
+    """For payload rows (a ``(n, row_nbytes)`` uint8 matrix) and their stored crcs, the index into ``positions``
+    of the first row whose crc32c differs, or None when every one matches."""
+    for i, p in enumerate(positions.tolist()):
+        if _crc32c(payload[p]) != int(crcs[p]):
+            return i
+    return None
+
+
 def index_nbytes(chunks_per_shard: int) -> int:
     return chunks_per_shard * 16 + _CRC_BYTES
 
 
-def _zstd(level: int = 3):  # numcodecs is heavy to import; only compressed families pay for it
+def _zstd(level: int = 3) -> Any:  # numcodecs is heavy to import; only compressed families pay for it
     from numcodecs import Zstd
 
     return Zstd(level=level)
@@ -210,7 +228,7 @@ class ShardIndex:
             raise ChecksumError(f"chunk {chunk}: index points outside the shard")
         raw = whole[off : off + nb]
         body = raw[:-_CRC_BYTES]
-        if crc32c(np.ascontiguousarray(body)) != int.from_bytes(raw[-_CRC_BYTES:].tobytes(), "little"):
+        if not crc_ok(raw):
             raise ChecksumError(f"chunk {chunk}: crc32c mismatch")
         if compression is not None:
             if row_nbytes is None:
@@ -238,7 +256,7 @@ def decode_index(tail: bytes | memoryview | np.ndarray, chunks_per_shard: int,
     if raw.size != index_nbytes(chunks_per_shard):
         raise ChecksumError(f"shard too short for an index of {chunks_per_shard} chunks")
     index = raw[:-_CRC_BYTES]
-    if crc32c(index) != int.from_bytes(raw[-_CRC_BYTES:].tobytes(), "little"):
+    if not crc_ok(raw):
         raise ChecksumError("shard index: crc32c mismatch")
     pairs = index.view("<u8").reshape(chunks_per_shard, 2)
     offsets, nbytes = pairs[:, 0].copy(), pairs[:, 1].copy()

@@ -19,19 +19,23 @@ the first and answer any subset with the second:
   a time in a contiguous copy.
 
 :func:`series_stats` and :func:`feature_stats` read what they need from a
-:class:`~vlastore.store.VLAStore`.
+store (:class:`StoreView`: a :class:`~vlastore.store.VLAStore` is one).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from .catalog import Catalog
+from .dtypes import as_float
+
 if TYPE_CHECKING:
-    from .store import VLAStore
+    from .read import FeatureReader
+
 
 __all__ = [
     "DEFAULT_QUANTILES",
@@ -43,9 +47,25 @@ __all__ = [
     "series_stats",
     "feature_stats",
     "quantile_name",
+    "StoreView",
 ]
 
 DEFAULT_QUANTILES = (0.01, 0.99)
+
+
+class StoreView(Protocol):
+    """What the statistics read from a store (a :class:`~vlastore.store.VLAStore` is one)."""
+
+    @property
+    def catalog(self) -> Catalog: ...
+
+    def columns(self, key: str) -> tuple[str, ...]: ...
+
+    def series_all(self, key: str) -> np.ndarray: ...
+
+    def reader(self, family: str, generation: int | None = None) -> FeatureReader: ...
+
+    def coverage(self, family: str, generation: int | None = None) -> np.ndarray: ...
 
 
 def quantile_name(q: float) -> str:
@@ -301,14 +321,14 @@ def summarize(
     )
 
 
-def _resolve_episodes(store: VLAStore, episodes: Sequence[str | int] | None) -> np.ndarray | None:
+def _resolve_episodes(store: StoreView, episodes: Sequence[str | int] | None) -> np.ndarray | None:
     if episodes is None:
         return None
     return np.asarray([store.catalog.resolve(e) for e in episodes], dtype=np.int64)
 
 
 def series_stats(
-    store: VLAStore,
+    store: StoreView,
     key: str,
     episodes: Sequence[str | int] | None = None,
     quantiles: Sequence[float] = DEFAULT_QUANTILES,
@@ -347,15 +367,8 @@ class FeatureStats:
     max: np.ndarray
 
 
-def _as_float(values: np.ndarray, dtype: str) -> np.ndarray:
-    """Storage-form values as float32/float64 (bfloat16 bits widened exactly to float32)."""
-    if dtype == "bfloat16":
-        return (values.astype(np.uint32) << 16).view(np.float32)
-    return values
-
-
 def feature_stats(
-    store: VLAStore,
+    store: StoreView,
     family: str,
     generation: int | None = None,
     episodes: Sequence[str | int] | None = None,
@@ -391,9 +404,9 @@ def feature_stats(
         chunk = rows[lo : lo + rows_per_chunk]
         if spec.ragged:
             parts = reader.rows(chunk)
-            block = np.concatenate([_as_float(np.asarray(p), spec.dtype) for p in parts]).reshape(-1, *shape)
+            block = np.concatenate([as_float(np.asarray(p), spec.dtype) for p in parts]).reshape(-1, *shape)
         else:
-            block = _as_float(reader.gather(chunk), spec.dtype).reshape(-1, *shape)
+            block = as_float(reader.gather(chunk), spec.dtype).reshape(-1, *shape)
         if not len(block):
             continue
         k = len(block)

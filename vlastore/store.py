@@ -1,4 +1,11 @@
-"""A vlastore store: catalog, robot series and feature families in one zarr v3 group."""
+"""A vlastore store: catalog, robot series and feature families in one zarr v3 group.
+
+:class:`VLAStore` is the only module that knows the manifest as a whole. It
+opens the storage (:mod:`vlastore.storage`), reads and checks the root
+metadata, the catalog and the series (:mod:`vlastore.nodes`), and makes what
+the lower layers take: a :class:`~vlastore.family.FamilyHandle` per family
+generation, readers (:mod:`vlastore.read`) and writers (:mod:`vlastore.writer`).
+"""
 
 from __future__ import annotations
 
@@ -10,14 +17,16 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from zarr.abc.store import Store
+import zarr
 
-from . import __version__
 from .catalog import Catalog
+from .family import FamilyHandle, StaleGenerationError, open_family, plan_generation, read_generation_info, read_keys
 from .format import (
+    EPISODES_GROUP,
+    FEATURES_GROUP,
     FORMAT_VERSION,
-    GENERATION_KEY,
     MANIFEST_KEY,
+    SERIES_GROUP,
     FamilyEntry,
     FamilySpec,
     FormatError,
@@ -26,32 +35,28 @@ from .format import (
     Producer,
     SeriesInfo,
     episodes_path,
-    family_path,
     generation_path,
+    meta_key,
     series_path,
-    shard_key,
     validate_name,
+    values_path,
 )
-from .integrity import (
-    ALL_CHUNKS_KEY,
-    check_array_meta,
-    check_catalog,
-    sharded_array_meta,
-    small_array_meta,
-    small_chunk_rows,
-)
+from .integrity import check_catalog
 from .layout import FamilyLayout, vlm_items
-from .shardcodec import ChecksumError, ShardIndex, decode_index, index_nbytes
-from .storage import Storage, UnsafeFileError
+from .nodes import ZarrNodes
+from .ranks import resolve_rank
+from .read import FeatureReader
+from .shardcodec import ShardIndex
+from .stats import series_stats
+from .storage import LocalStorage, Location, open_storage
+from .storage.local import remove_store_files
+from .version import __version__
+from .writer import FamilyWriter
 
 if TYPE_CHECKING:
     import torch
 
-    from .writer import FamilyWriter
-
-__all__ = ["VLAStore", "EpisodeData", "utc_now"]
-
-Location = str | os.PathLike[str] | Store
+__all__ = ["VLAStore", "EpisodeData", "utc_now", "probe", "remove_store", "Location"]
 
 
 def utc_now() -> str:
@@ -97,13 +102,78 @@ def _check_finite(values: np.ndarray, where: str, columns: Sequence[str] | None 
         )
 
 
-class VLAStore:
-    """A store on disk (or any zarr store). Create with :meth:`create`, open with :meth:`open`."""
+def _stack_series(
+    episodes: Sequence[EpisodeData],
+    key: str,
+    columns: Mapping[str, Sequence[str]] | None,
+    allow_nonfinite: bool,
+) -> tuple[np.ndarray, SeriesInfo]:
+    """One series of every episode concatenated along time, with its manifest entry (checked)."""
+    validate_name(key, "series key")
+    parts = []
+    for e in episodes:
+        if key not in e.series:
+            raise FormatError(f"episode {e.name!r} has no series {key!r}; every episode needs every series")
+        arr = np.asarray(e.series[key])
+        arr = arr.reshape(len(arr), -1) if arr.ndim != 2 else arr
+        if arr.dtype.kind != "f":
+            arr = arr.astype(np.float64 if arr.dtype.itemsize > 4 else np.float32)
+        parts.append(arr)
+    widths = {p.shape[1] for p in parts}
+    if len(widths) != 1:
+        raise FormatError(f"series {key!r} has different column counts across episodes: {sorted(widths)}")
+    width = widths.pop()
+    cols = tuple(columns[key]) if columns and key in columns else tuple(f"{key}_{i}" for i in range(width))
+    if len(cols) != width:
+        raise FormatError(f"series {key!r}: {len(cols)} column names for {width} columns")
+    dtype = np.result_type(*[p.dtype for p in parts]) if parts else np.dtype(np.float32)
+    if not allow_nonfinite:
+        for e, p in zip(episodes, parts, strict=False):
+            _check_finite(p, f"episode {e.name!r} series {key!r}", cols)
+    stacked = np.concatenate(parts).astype(dtype) if parts else np.zeros((0, width), dtype)
+    return stacked, SeriesInfo(cols, str(dtype))
 
-    def __init__(self, storage: Storage, writable: bool, strict: bool = True) -> None:
-        self.storage = storage
-        self.writable = writable
-        self.manifest = Manifest.from_dict(storage.attrs[MANIFEST_KEY], where=storage.location)
+
+def probe(location: Location, storage_options: dict[str, Any] | None = None) -> None:
+    """Check that ``location`` holds a vlastore store (its root metadata only; nothing else is read).
+
+    Raises:
+        StoreNotFoundError: nothing there, or not a vlastore store. FormatError: damaged root metadata.
+    """
+    ZarrNodes.open(open_storage(location, storage_options))
+
+
+def remove_store(location: str | os.PathLike[str]) -> int:
+    """Delete a local vlastore store: its files only, and only if it holds nothing else.
+
+    Returns the number of files removed.
+
+    Raises:
+        StoreNotFoundError: ``location`` is not a vlastore store (nothing is deleted).
+        UnsafeFileError: the folder holds anything a store does not (another file,
+            a symlink, a FIFO): nothing is deleted, the message names a few.
+    """
+    storage = LocalStorage(location)
+    if storage.root.is_symlink():
+        return remove_store_files(storage.root)  # refuses, naming the link
+    ZarrNodes.open(storage)  # raises StoreNotFoundError unless it is a vlastore store
+    return remove_store_files(storage.root)
+
+
+class VLAStore:
+    """A store on disk, in object storage or in any zarr store. Create with :meth:`create`, open with :meth:`open`.
+
+    Args:
+        nodes: the store's root, opened (see :meth:`open`).
+        strict: raise on damaged catalog or series metadata; with ``False`` (vlastore verify) record each
+            problem in :attr:`open_problems` and go on.
+    """
+
+    def __init__(self, nodes: ZarrNodes, strict: bool = True) -> None:
+        self.nodes = nodes
+        self.storage = nodes.storage
+        self.writable = nodes.writable
+        self.manifest = Manifest.from_dict(nodes.attrs[MANIFEST_KEY], where=self.storage.location)
         self.open_problems: list[tuple[str, str]] = []
         """With ``strict=False`` (vlastore verify): (path, problem) of what failed its check at open."""
         try:
@@ -122,9 +192,9 @@ class VLAStore:
                 if strict:
                     raise
                 self.open_problems.append((series_path(key), str(exc)))
-        self._generations: dict[tuple[str, int], GenerationInfo] = {}
-        self._layouts: dict[tuple[str, int], FamilyLayout] = {}
-        self._readers: dict[tuple[str, int], Any] = {}
+        self._infos: dict[tuple[str, int], GenerationInfo] = {}
+        self._handles: dict[tuple[str, int], FamilyHandle] = {}
+        self._readers: dict[tuple[str, int, str], FeatureReader] = {}
         self._keys: dict[tuple[str, int], tuple[str, ...]] = {}
         self._key_index: dict[tuple[str, int], dict[str, int]] = {}
 
@@ -137,14 +207,17 @@ class VLAStore:
         episodes: Sequence[EpisodeData],
         columns: Mapping[str, Sequence[str]] | None = None,
         allow_nonfinite: bool = False,
+        storage_options: dict[str, Any] | None = None,
     ) -> VLAStore:
         """Create a store holding the catalog and robot series of ``episodes``.
 
         Args:
-            location: a new (or empty) folder, a URL, or a zarr ``Store``.
+            location: a new (or empty) folder, an ``s3://bucket/prefix`` URL, a zarr ``Store`` or a
+                :class:`~vlastore.storage.Storage`.
             episodes: in store order; names must be unique.
             columns: column names per series key; default ``<key>_0..``.
             allow_nonfinite: store NaN/Inf in series instead of refusing them.
+            storage_options: for ``s3://`` URLs: endpoint, credentials, ... (``vlastore.storage.STORAGE_OPTIONS``).
 
         Raises:
             FormatError: bad names, duplicate names, inconsistent series; nothing is written.
@@ -152,34 +225,10 @@ class VLAStore:
         """
         episodes = list(episodes)
         catalog = Catalog([e.name for e in episodes], [e.step_count() for e in episodes])
-        keys = sorted({k for e in episodes for k in e.series})
-        series_info: dict[str, SeriesInfo] = {}
         stacked: dict[str, np.ndarray] = {}
-        for key in keys:
-            validate_name(key, "series key")
-            parts = []
-            for e in episodes:
-                if key not in e.series:
-                    raise FormatError(f"episode {e.name!r} has no series {key!r}; every episode needs every series")
-                arr = np.asarray(e.series[key])
-                arr = arr.reshape(len(arr), -1) if arr.ndim != 2 else arr
-                if arr.dtype.kind != "f":
-                    arr = arr.astype(np.float64 if arr.dtype.itemsize > 4 else np.float32)
-                parts.append(arr)
-            widths = {p.shape[1] for p in parts}
-            if len(widths) != 1:
-                raise FormatError(f"series {key!r} has different column counts across episodes: {sorted(widths)}")
-            width = widths.pop()
-            cols = tuple(columns[key]) if columns and key in columns else tuple(f"{key}_{i}" for i in range(width))
-            if len(cols) != width:
-                raise FormatError(f"series {key!r}: {len(cols)} column names for {width} columns")
-            dtype = np.result_type(*[p.dtype for p in parts]) if parts else np.dtype(np.float32)
-            if not allow_nonfinite:
-                for e, p in zip(episodes, parts, strict=False):
-                    _check_finite(p, f"episode {e.name!r} series {key!r}", cols)
-            stacked[key] = np.concatenate(parts).astype(dtype) if parts else np.zeros((0, width), dtype)
-            series_info[key] = SeriesInfo(cols, str(dtype))
-
+        series_info: dict[str, SeriesInfo] = {}
+        for key in sorted({k for e in episodes for k in e.series}):
+            stacked[key], series_info[key] = _stack_series(episodes, key, columns, allow_nonfinite)
         manifest = Manifest(
             format_version=FORMAT_VERSION,
             vlastore_version=__version__,
@@ -189,77 +238,61 @@ class VLAStore:
             series=series_info,
         )
         # the manifest goes last: a crash before it leaves a folder that opens as "not a store"
-        storage = Storage.create(location, attributes={})
-        storage.write_small_array(episodes_path("name"), np.asarray(catalog.names, dtype=str))
-        storage.write_small_array(episodes_path("steps"), catalog.steps)
-        storage.write_small_array(episodes_path("step_offsets"), catalog.step_offsets)
-        storage.create_group("series")
-        storage.create_group("features")
+        nodes = ZarrNodes.create(open_storage(location, storage_options), attributes={})
+        nodes.write_small_array(episodes_path("name"), np.asarray(catalog.names, dtype=str))
+        nodes.write_small_array(episodes_path("steps"), catalog.steps)
+        nodes.write_small_array(episodes_path("step_offsets"), catalog.step_offsets)
+        nodes.create_group(SERIES_GROUP)
+        nodes.create_group(FEATURES_GROUP)
         for key, data in stacked.items():
-            storage.write_small_array(series_path(key), data)
-        storage.set_root_attribute(MANIFEST_KEY, manifest.to_dict())
-        return cls(storage, writable=True)
+            nodes.write_small_array(series_path(key), data)
+        nodes.set_root_attribute(MANIFEST_KEY, manifest.to_dict())
+        return cls(nodes)
 
     @classmethod
-    def open(cls, location: Location, writable: bool = False) -> VLAStore:
+    def open(cls, location: Location, writable: bool = False,
+             storage_options: dict[str, Any] | None = None) -> VLAStore:
         """Open an existing store (read-only unless ``writable``).
 
         The manifest's checksum, the catalog and the series' metadata are checked
         here (a few small files); each family generation's metadata is checked when
         it is first used.
 
+        Args:
+            location: a folder, an ``s3://bucket/prefix`` URL, a zarr ``Store`` or a Storage.
+            writable: allow changes (families, generations, writers).
+            storage_options: for ``s3://`` URLs (``vlastore.storage.STORAGE_OPTIONS``).
+
         Raises:
             StoreNotFoundError: no store there. FormatError: written by a newer
                 format, or damaged metadata (the message names the file).
         """
-        return cls(Storage.open(location, writable=writable), writable=writable)
+        return cls(ZarrNodes.open(open_storage(location, storage_options), writable=writable))
 
     # ----------------------------------------------------------- checked reads
 
-    def _check_small_meta(self, path: str, shape: tuple[int, ...], data_type: str) -> None:
-        """A small array's ``zarr.json`` is what the manifest implies, and every chunk file is there.
-
-        (zarr reads an absent chunk as the fill value: a deleted chunk would read as zeros. Arrays written
-        before every chunk got a file, without the ``vlastore_chunks`` attribute, are read as they are.)
-        """
-        meta_key = f"{path}/zarr.json"
-        meta = self.storage.read_json(meta_key)
-        check_array_meta(meta, small_array_meta(shape, data_type), self.storage.where(meta_key))
-        assert meta is not None
-        if shape and shape[0] and meta.get("attributes", {}).get(ALL_CHUNKS_KEY) == "all":
-            tail = "/0" * (len(shape) - 1)
-            for chunk in range(-(-shape[0] // small_chunk_rows(shape))):
-                if not self.storage.key_exists(f"{path}/c/{chunk}{tail}"):
-                    raise FormatError(f"{self.storage.where(path)}: chunk file c/{chunk}{tail} is missing; the "
-                                      "store is damaged (run `vlastore verify`)")
-
-    def _small(self, path: str, shape: tuple[int, ...], data_type: str) -> np.ndarray:
-        """A small array whose ``zarr.json`` is first checked against the shape and type the manifest implies."""
-        self._check_small_meta(path, shape, data_type)
-        data = self.storage.read_small_array(path)
-        if data.shape != shape:
-            raise FormatError(f"{self.storage.where(path)}: read shape {data.shape}, expected {shape}")
-        return data
-
     def _read_catalog(self) -> Catalog:
         episodes = self.manifest.episodes
-        names = [str(n) for n in self._small(episodes_path("name"), (episodes,), "string").tolist()]
-        steps = self._small(episodes_path("steps"), (episodes,), "int64")
-        offsets = self._small(episodes_path("step_offsets"), (episodes + 1,), "int64")
-        check_catalog(self.manifest, names, steps, offsets, self.storage.where("episodes"))
+        names = [str(n) for n in self.nodes.read_checked(episodes_path("name"), (episodes,), "string").tolist()]
+        steps = self.nodes.read_checked(episodes_path("steps"), (episodes,), "int64")
+        offsets = self.nodes.read_checked(episodes_path("step_offsets"), (episodes + 1,), "int64")
+        check_catalog(self.manifest, names, steps, offsets, self.storage.where(EPISODES_GROUP))
         try:
             return Catalog(names, steps)
         except FormatError as exc:
             raise FormatError(f"{self.storage.where(episodes_path('name'))}: {exc}") from None
 
-    def _series_meta(self, key: str) -> None:
+    def _series_shape(self, key: str) -> tuple[tuple[int, int], str]:
         info = self.manifest.series[key]
-        self._check_small_meta(series_path(key), (self.manifest.steps, len(info.columns)), info.dtype)
+        return (self.manifest.steps, len(info.columns)), info.dtype
+
+    def _series_meta(self, key: str) -> None:
+        self.nodes.check_small_meta(series_path(key), *self._series_shape(key))
 
     def reload(self) -> None:
         """Re-read the manifest (after another process added a family or switched a generation)."""
-        self.storage.refresh()
-        self.manifest = Manifest.from_dict(self.storage.attrs[MANIFEST_KEY], where=self.location)
+        self.nodes.refresh()
+        self.manifest = Manifest.from_dict(self.nodes.attrs[MANIFEST_KEY], where=self.location)
 
     def _require_writable(self) -> None:
         if not self.writable:
@@ -268,7 +301,7 @@ class VLAStore:
             )
 
     def _save_manifest(self, manifest: Manifest) -> None:
-        self.storage.set_root_attribute(MANIFEST_KEY, manifest.to_dict())
+        self.nodes.set_root_attribute(MANIFEST_KEY, manifest.to_dict())
         self.manifest = manifest
 
     # ------------------------------------------------------------ properties
@@ -297,17 +330,25 @@ class VLAStore:
 
     # ---------------------------------------------------------------- series
 
-    def series(self, key: str, dataset: str | int, start: int = 0, stop: int | None = None) -> np.ndarray:
-        """Steps ``start:stop`` of one episode's robot series ``key`` (``[n, columns]``)."""
+    def _series_key(self, key: str) -> str:
         if key not in self.manifest.series:
             raise KeyError(f"unknown series {key!r}; the store has {list(self.manifest.series)}")
+        return key
+
+    def series_array(self, key: str) -> zarr.Array[Any]:
+        """The zarr array of robot series ``key`` (all episodes along time), for lazy slicing."""
+        return self.nodes.open_array(series_path(self._series_key(key)))
+
+    def series(self, key: str, dataset: str | int, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Steps ``start:stop`` of one episode's robot series ``key`` (``[n, columns]``)."""
+        self._series_key(key)
         lo, hi = self.catalog.step_range(dataset)
         n = hi - lo
         stop = n if stop is None else stop
         if not (0 <= start <= stop <= n):
             raise IndexError(f"steps {start}:{stop} out of range for episode {dataset!r} with {n} steps")
         try:
-            return np.asarray(self.storage.open_array(series_path(key))[lo + start : lo + stop])
+            return np.asarray(self.series_array(key)[lo + start : lo + stop])
         except FormatError:
             raise
         except Exception as exc:  # zarr's codec errors on a damaged chunk
@@ -316,18 +357,13 @@ class VLAStore:
 
     def series_all(self, key: str) -> np.ndarray:
         """One robot series for all episodes, concatenated along time (small: robot states)."""
-        if key not in self.manifest.series:
-            raise KeyError(f"unknown series {key!r}; the store has {list(self.manifest.series)}")
-        info = self.manifest.series[key]
-        return self._small(series_path(key), (self.manifest.steps, len(info.columns)), info.dtype)
+        return self.nodes.read_checked(series_path(self._series_key(key)), *self._series_shape(key))
 
     def columns(self, key: str) -> tuple[str, ...]:
         return self.manifest.series[key].columns
 
     def stats(self, key: str, episodes: Sequence[str | int] | None = None, **kwargs: Any) -> Any:
         """Exact statistics of series ``key`` (see :func:`vlastore.stats.series_stats`)."""
-        from .stats import series_stats
-
         return series_stats(self, key, episodes, **kwargs)
 
     # -------------------------------------------------------------- families
@@ -338,55 +374,69 @@ class VLAStore:
         except KeyError:
             raise KeyError(f"unknown feature family {family!r}; the store has {list(self.families)}") from None
 
-    def generation(self, family: str, generation: int | None = None) -> GenerationInfo:
-        """Manifest of one generation of a family (the current one by default)."""
+    def _generation_number(self, family: str, generation: int | None) -> int:
         entry = self._entry(family)
         gen = entry.current_generation if generation is None else generation
         if gen not in entry.generations:
             raise KeyError(f"family {family!r} has no generation {gen}; it has {list(entry.generations)}")
+        return gen
+
+    def _dropped_since(self, family: str, generation: int) -> bool:
+        """Whether the manifest on disk no longer lists ``generation`` (switched out and deleted since opening)."""
+        try:
+            meta = self.nodes.read_json(meta_key(""))
+            attrs = meta.get("attributes", {}) if meta is not None else {}
+            entry = Manifest.from_dict(attrs[MANIFEST_KEY], where=self.location).families.get(family)
+        except (FormatError, KeyError, TypeError, AttributeError):
+            return False
+        return entry is None or generation not in entry.generations
+
+    def _stale(self, family: str, generation: int, exc: FormatError) -> Exception:
+        if not self._dropped_since(family, generation):
+            return exc
+        return StaleGenerationError(
+            f"family {family!r} generation {generation} was deleted after this store was opened (a newer "
+            "generation was switched in and this one was not kept). Call store.reload() (or "
+            "VLADataset.refresh()), then read the current generation"
+        )
+
+    def generation(self, family: str, generation: int | None = None) -> GenerationInfo:
+        """Manifest of one generation of a family (the current one by default).
+
+        Raises:
+            KeyError: unknown family or generation. FormatError: damaged attributes.
+            StaleGenerationError: the generation was deleted after the store was opened.
+        """
+        gen = self._generation_number(family, generation)
         key = (family, gen)
-        if key not in self._generations:
-            path = generation_path(family, gen)
-            where = f"{self.storage.where(path)}/zarr.json"
-            attrs = self.storage.node_attrs(path)
-            if GENERATION_KEY not in attrs:
-                raise FormatError(f"{where}: no '{GENERATION_KEY}' attribute (generation {gen} was never planned "
-                                  "completely, or the file is damaged)")
-            info = GenerationInfo.from_dict(attrs[GENERATION_KEY], where=where)
-            if info.generation != gen:
-                raise FormatError(f"{where}: says generation {info.generation}, but it is generation {gen}; the "
-                                  "store is damaged")
-            self._generations[key] = info
-        return self._generations[key]
+        if key not in self._infos:
+            try:
+                self._infos[key] = read_generation_info(self.nodes, family, gen)
+            except FormatError as exc:
+                raise self._stale(family, gen, exc) from None
+        return self._infos[key]
+
+    def handle(self, family: str, generation: int | None = None) -> FamilyHandle:
+        """What readers and writers of one generation take: storage, attributes, layout, catalog (cached).
+
+        Raises:
+            KeyError: unknown family or generation. FormatError: damaged metadata.
+            StaleGenerationError: the generation was deleted after the store was opened.
+        """
+        info = self.generation(family, generation)
+        key = (family, info.generation)
+        if key not in self._handles:
+            try:
+                self._handles[key] = open_family(self.nodes, family, info.generation, self.catalog, info)
+            except FormatError as exc:
+                raise self._stale(family, info.generation, exc) from None
+        return self._handles[key]
 
     def spec(self, family: str) -> FamilySpec:
         return self.generation(family).spec
 
     def layout(self, family: str, generation: int | None = None) -> FamilyLayout:
-        info = self.generation(family, generation)
-        key = (family, info.generation)
-        if key not in self._layouts:
-            self._layouts[key] = self._read_layout(family, info)
-        return self._layouts[key]
-
-    def _read_layout(self, family: str, info: GenerationInfo) -> FamilyLayout:
-        """A generation's row tables, each checked against its attributes before it is read (bounded sizes)."""
-        base = generation_path(family, info.generation)
-        values_meta = f"{base}/values/zarr.json"
-        check_array_meta(self.storage.read_json(values_meta), sharded_array_meta(info.spec, info.capacity),
-                         self.storage.where(values_meta))
-        episode_rows = self._small(f"{base}/episode_rows", (self.manifest.episodes + 1,), "int64")
-        starts = lengths = None
-        if info.spec.ragged:
-            starts = self._small(f"{base}/starts", (info.rows,), "int64")
-            lengths = self._small(f"{base}/lengths", (info.rows,), "int64")
-        layout = FamilyLayout(info.spec, episode_rows, starts, lengths, where=self.storage.where(base))
-        if (layout.rows, layout.capacity) != (info.rows, info.capacity):
-            raise FormatError(
-                f"{self.storage.where(base)}: the row tables give {layout.rows} rows and {layout.capacity} stored "
-                f"rows, the generation attributes {info.rows} and {info.capacity}; the store is damaged"
-            )
-        return layout
+        return self.handle(family, generation).layout
 
     def add_family(
         self,
@@ -430,7 +480,7 @@ class VLAStore:
                     f"new_generation() to rebuild it"
                 )
             return self.generation(family)
-        info = self._write_generation(family, 1, spec, items, lengths, producer, keys)
+        info = self._plan(family, 1, spec, items, lengths, producer, keys)
         families = dict(self.manifest.families)
         families[family] = FamilyEntry(current_generation=1, generations=(1,))
         self._save_manifest(_replace_families(self.manifest, families))
@@ -453,9 +503,7 @@ class VLAStore:
         layout = self.layout(family)
         gen = max(entry.generations) + 1
         keys = self.keys(family, current.generation) if current.spec.has_keys else None
-        info = self._write_generation(
-            family, gen, current.spec, np.diff(layout.episode_rows), lengths, producer, keys
-        )
+        info = self._plan(family, gen, current.spec, np.diff(layout.episode_rows), lengths, producer, keys)
         families = dict(self.manifest.families)
         families[family] = FamilyEntry(entry.current_generation, (*entry.generations, gen))
         self._save_manifest(_replace_families(self.manifest, families))
@@ -488,9 +536,13 @@ class VLAStore:
         self._save_manifest(_replace_families(self.manifest, families))
         for old in entry.generations:
             if old not in keep:
-                self.storage.delete(generation_path(family, old))
-                for cache in (self._generations, self._layouts, self._readers, self._keys, self._key_index):
+                # the generation's zarr.json first: a reader that finds a shard gone then knows it is stale
+                self.storage.delete(meta_key(generation_path(family, old)))
+                self.nodes.delete(generation_path(family, old))
+                for cache in (self._infos, self._handles, self._keys, self._key_index):
                     cache.pop((family, old), None)
+                for verify in ("always", "once", "never"):
+                    self._readers.pop((family, old, verify), None)
 
     def _items(self, spec: FamilySpec, items_per_episode: Sequence[int] | np.ndarray | None) -> np.ndarray:
         if items_per_episode is None:
@@ -504,61 +556,23 @@ class VLAStore:
             )
         return items
 
-    def _write_generation(
-        self,
-        family: str,
-        gen: int,
-        spec: FamilySpec,
-        items: np.ndarray,
-        lengths: Sequence[int] | np.ndarray | None,
-        producer: Producer,
-        keys: Sequence[str] | None,
-    ) -> GenerationInfo:
-        layout = FamilyLayout.plan(spec, items, lengths)
-        if spec.has_keys != (keys is not None):
-            raise FormatError(
-                f"family {family!r}: spec.has_keys={spec.has_keys} but keys were "
-                f"{'given' if keys is not None else 'not given'}"
-            )
-        if keys is not None and len(keys) != layout.rows:
-            raise FormatError(f"family {family!r}: {len(keys)} keys for {layout.rows} rows; give one per row")
-        info = GenerationInfo(gen, spec, producer, layout.rows, layout.capacity, utc_now())
-        base = generation_path(family, gen)
-        # anything left at this path is an interrupted plan or a generation whose deletion was killed midway
-        # (its zarr.json may be gone while shard files remain): remove it all, or old shards would be read
-        # as rows of the new generation
-        if self.storage.exists(base) or next(iter(self.storage.list_keys(base)), None) is not None:
-            self.storage.delete(base)
-        self.storage.create_group(family_path(family))
-        self.storage.write_small_array(f"{base}/episode_rows", layout.episode_rows)
-        if spec.ragged:
-            self.storage.write_small_array(f"{base}/starts", layout.starts)
-            self.storage.write_small_array(f"{base}/lengths", layout.lengths)
-        if keys is not None:
-            self.storage.write_small_array(f"{base}/keys", np.asarray(list(keys), dtype=str))
-        self.storage.create_sharded_array(
-            f"{base}/values",
-            layout.capacity,
-            spec.row_shape,
-            spec.storage_dtype,
-            spec.rows_per_shard,
-            spec.compression,
-            attributes={"true_dtype": spec.dtype},
-        )
-        # the generation's attributes go last: they mark the plan as complete
-        self.storage.group[base].attrs[GENERATION_KEY] = info.to_dict()
-        self._generations[(family, gen)] = info
-        self._layouts[(family, gen)] = layout
-        return info
+    def _plan(self, family: str, gen: int, spec: FamilySpec, items: np.ndarray,
+              lengths: Sequence[int] | np.ndarray | None, producer: Producer,
+              keys: Sequence[str] | None) -> GenerationInfo:
+        handle = plan_generation(self.nodes, family, gen, spec, producer, utc_now(), items, lengths, keys,
+                                 self.catalog)
+        self._infos[(family, gen)] = handle.info
+        self._handles[(family, gen)] = handle
+        return handle.info
 
     # ---------------------------------------------------------- shard access
 
     def values_path(self, family: str, generation: int | None = None) -> str:
-        return f"{generation_path(family, self.generation(family, generation).generation)}/values"
+        """Path of a generation's sharded ``values`` array (format v1: one per generation)."""
+        return values_path(family, self.generation(family, generation).generation)
 
     def shard_key(self, family: str, shard: int, generation: int | None = None) -> str:
-        ndim = 1 + len(self.generation(family, generation).spec.row_shape)
-        return shard_key(self.values_path(family, generation), shard, ndim)
+        return self.handle(family, generation).shard_key(shard)
 
     def shard_index(self, family: str, shard: int, generation: int | None = None) -> ShardIndex | None:
         """Parsed index of a shard, or None when the shard was not written yet.
@@ -566,52 +580,21 @@ class VLAStore:
         Raises:
             ChecksumError: the index is corrupt.
         """
-        layout = self.layout(family, generation)
-        key = self.shard_key(family, shard, generation)
-        tail = self.storage.read_range(key, -index_nbytes(layout.rows_per_shard))
-        return None if tail is None else decode_index(tail, layout.rows_per_shard)
+        return self.handle(family, generation).shard_index(shard)
 
     def written_shards(self, family: str, generation: int | None = None) -> np.ndarray:
         """Shard numbers whose files exist (complete: shards are written atomically)."""
-        values = self.values_path(family, generation)
-        layout = self.layout(family, generation)
-        tail = ["0"] * len(layout.spec.row_shape)
-        shards = set()
-        for key in self.storage.list_keys(f"{values}/c"):
-            parts = key[len(values) + 3 :].split("/")
-            # only keys this layout can have: "<shard>/0/.." with shard < n_shards (anything else is ignored)
-            if parts[1:] == tail and parts[0].isdigit() and len(parts[0]) <= 18 and str(int(parts[0])) == parts[0]:
-                shard = int(parts[0])
-                if shard < layout.n_shards:
-                    shards.add(shard)
-        return np.array(sorted(shards), dtype=np.int64)
+        return self.handle(family, generation).written_shards()
 
     def coverage(self, family: str, generation: int | None = None) -> np.ndarray:
         """Bool per row: is it stored? (A row is stored when its first chunk is.)"""
-        layout = self.layout(family, generation)
-        present = np.zeros(layout.rows, dtype=bool)
-        for shard in self.written_shards(family, generation).tolist():
-            try:
-                index = self.shard_index(family, shard, generation)
-            except (ChecksumError, UnsafeFileError):  # unreadable: its rows count as absent (verify says why)
-                continue
-            if index is None:
-                continue
-            rows = layout.shard_rows(shard)
-            first_chunk = layout.start_of(rows) - shard * layout.rows_per_shard
-            present[rows] = index.present[first_chunk]
-        return present
+        return self.handle(family, generation).coverage()
 
     # ------------------------------------------------------------------ reads
 
     def row(self, family: str, dataset: str | int, index: int, generation: int | None = None) -> int:
         """Row number of ``(dataset, index)`` in a family (``index`` is e.g. ``vlm_idx``)."""
-        e = self.catalog.resolve(dataset)
-        layout = self.layout(family, generation)
-        try:
-            return layout.row(e, int(index))
-        except IndexError as exc:  # say which family and episode, not just "this episode"
-            raise IndexError(f"family {family!r}, dataset {self.catalog.names[e]!r}: {exc}") from None
+        return self.handle(family, generation).row(dataset, index)
 
     def keys(self, family: str, generation: int | None = None) -> tuple[str, ...]:
         """The string key of every row of a family created with ``FamilySpec(has_keys=True)``."""
@@ -620,8 +603,7 @@ class VLAStore:
             raise KeyError(f"family {family!r} has no row keys (it was created without has_keys=True)")
         cache_key = (family, info.generation)
         if cache_key not in self._keys:
-            path = f"{generation_path(family, info.generation)}/keys"
-            self._keys[cache_key] = tuple(str(k) for k in self._small(path, (info.rows,), "string").tolist())
+            self._keys[cache_key] = read_keys(self.nodes, self.handle(family, info.generation))
         return self._keys[cache_key]
 
     def row_by_key(self, family: str, key: str, generation: int | None = None) -> int:
@@ -642,14 +624,12 @@ class VLAStore:
         """One feature row looked up by its key (see :meth:`row_by_key`), as :meth:`feature` returns it."""
         return self.reader(family, generation).tensor(self.row_by_key(family, key, generation))
 
-    def reader(self, family: str, generation: int | None = None) -> Any:
-        """A :class:`vlastore.reader.FeatureReader` for one generation (cached)."""
-        from .reader import FeatureReader
-
-        gen = self.generation(family, generation).generation
-        key = (family, gen)
+    def reader(self, family: str, generation: int | None = None, verify: str = "once") -> FeatureReader:
+        """A :class:`vlastore.read.FeatureReader` for one generation (cached per generation and ``verify``)."""
+        handle = self.handle(family, generation)
+        key = (family, handle.generation, verify)
         if key not in self._readers:
-            self._readers[key] = FeatureReader(self, family, gen)
+            self._readers[key] = FeatureReader(handle, verify=verify)
         return self._readers[key]
 
     def feature(
@@ -671,9 +651,10 @@ class VLAStore:
         ``rank``/``world_size`` default to torch.distributed's when a process group
         is initialised, else to a single writer (0 of 1).
         """
-        from .writer import FamilyWriter
-
-        return FamilyWriter(self, family, rank=rank, world_size=world_size, generation=generation, **kwargs)
+        rank, world_size = resolve_rank(rank, world_size)
+        if not self.writable:
+            raise PermissionError(f"{self.location} is open read-only; open it with writable=True to write rows")
+        return FamilyWriter(self.handle(family, generation), rank=rank, world_size=world_size, **kwargs)
 
 
 def _replace_families(manifest: Manifest, families: dict[str, FamilyEntry]) -> Manifest:

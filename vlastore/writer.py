@@ -14,16 +14,18 @@ process changed it meanwhile; a row that was there is never lost.
 from __future__ import annotations
 
 import logging
-import sys
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
+from .dtypes import tensor_to_numpy
+from .family import FamilyHandle, HandleSource, resolve_handle
 from .format import FormatError
 from .layout import as_row_numbers
+from .ranks import resolve_rank
 from .shardcodec import (
     ChecksumError,
     RawShardBuilder,
@@ -32,10 +34,7 @@ from .shardcodec import (
     encode_shard,
     index_nbytes,
 )
-from .storage import ShardChangedError, TemporaryFileLost, UnsafeFileError
-
-if TYPE_CHECKING:
-    from .store import VLAStore
+from .storage import AlreadyExistsError, TemporaryFileLost, UnsafeFileError, VersionMismatchError
 
 __all__ = ["FamilyWriter", "OwnershipError", "as_storage_array"]
 
@@ -60,19 +59,12 @@ def as_storage_array(value: Any, true_dtype: str) -> np.ndarray:
         FormatError: the dtype does not match ``true_dtype``.
     """
     if type(value).__module__.startswith("torch"):
-        import torch
-
-        tensor = value.detach()
-        if tensor.device.type != "cpu":
-            tensor = tensor.cpu()
-        name = str(tensor.dtype).removeprefix("torch.")
+        name = str(value.dtype).removeprefix("torch.")
         if name != true_dtype:
             raise FormatError(
                 f"got a torch.{name} tensor for a {true_dtype} family; convert it first (.to(torch.{true_dtype}))"
             )
-        if name == "bfloat16":
-            return tensor.contiguous().view(torch.int16).numpy().view(np.uint16)
-        return tensor.contiguous().numpy()
+        return tensor_to_numpy(value)
     array = np.asarray(value)
     name = array.dtype.name
     if not array.dtype.isnative:  # same values in this machine's byte order (stored bytes are little-endian)
@@ -92,17 +84,16 @@ def _nonfinite(array: np.ndarray, true_dtype: str) -> np.ndarray:
 
 
 class _Existing:
-    """A shard file on disk that still lacks rows: which of its rows are intact, and the file's identity."""
+    """A shard file on disk that still lacks rows: which of its rows are intact, and the file's version."""
 
-    __slots__ = ("rows_ok", "token", "tail")
+    __slots__ = ("rows_ok", "token")
 
-    def __init__(self, rows_ok: np.ndarray, token: Any, tail: bytes | None = None) -> None:
+    def __init__(self, rows_ok: np.ndarray, token: str | None) -> None:
         self.rows_ok = rows_ok
         """bool per row of the shard: present and (with repair=True) checked intact."""
         self.token = token
-        """What the local file was (inode, size, mtime) when this writer looked at it; a replace checks it."""
-        self.tail = tail
-        """The index bytes read then: remote stores compare those instead."""
+        """The shard's version when this writer looked at it (a local file's inode, size and mtime); the
+        replace is a compare-and-swap against it."""
 
 
 class _Pending:
@@ -133,19 +124,20 @@ class FamilyWriter:
     """Writes the rows of the shards owned by one rank of ``world_size`` writers.
 
     Use it as a context manager, or call :meth:`close`. Create through
-    :meth:`VLAStore.writer` or :meth:`FamilyWriter.open`::
+    :meth:`VLAStore.writer`::
 
         with store.writer("qwen_vl", rank=rank, world_size=world) as w:
             for row in w.pending_rows():
                 w.write_rows([row], compute(row))
 
     Args:
-        store: a store opened with ``writable=True``.
-        family: the family to write (planned with :meth:`VLAStore.add_family`).
+        source: the generation's :class:`~vlastore.family.FamilyHandle` (of a store opened with
+            ``writable=True``), or such a store (anything with ``handle(family, generation)``).
+        family: with a store: the family to write (planned with :meth:`VLAStore.add_family`).
         rank, world_size: this writer owns shards ``s % world_size == rank``;
             both default to torch.distributed's when a process group is
             initialised, else to 0 and 1.
-        generation: the generation to write (default: the current one).
+        generation: with a store: the generation to write (default: the current one).
         fsync: fsync every shard file before linking it into place.
         write_behind: checksum and write complete shards in a background
             thread (the default: it overlaps the file write with the next
@@ -168,8 +160,8 @@ class FamilyWriter:
 
     def __init__(
         self,
-        store: VLAStore,
-        family: str,
+        source: FamilyHandle | HandleSource,
+        family: str | None = None,
         rank: int | None = None,
         world_size: int | None = None,
         generation: int | None = None,
@@ -177,21 +169,18 @@ class FamilyWriter:
         write_behind: bool = True,
         repair: bool = False,
     ) -> None:
-        if rank is None or world_size is None:
-            # every process of a torchrun job can call store.writer(family) unchanged
-            dist_rank, dist_world = _dist_rank()
-            rank = dist_rank if rank is None else rank
-            world_size = dist_world if world_size is None else world_size
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} / world_size {world_size}: need 0 <= rank < world_size")
-        if not store.writable:
-            raise PermissionError(f"{store.location} is open read-only; open it with writable=True to write rows")
-        self.store = store
-        self.family = family
-        self.info = store.generation(family, generation)
+        # every process of a torchrun job can call store.writer(family) unchanged
+        rank, world_size = resolve_rank(rank, world_size)
+        handle = resolve_handle(source, family, generation)
+        if not handle.writable:
+            raise PermissionError(f"{handle.location} is open read-only; open it with writable=True to write rows")
+        self.handle = handle
+        self.storage = handle.storage.durable() if fsync else handle.storage
+        self.family = handle.family
+        self.info = handle.info
         self.generation = self.info.generation
         self.spec = self.info.spec
-        self.layout = store.layout(family, self.generation)
+        self.layout = handle.layout
         self.rank = rank
         self.world_size = world_size
         self.fsync = fsync
@@ -206,11 +195,12 @@ class FamilyWriter:
         self._existing: dict[int, _Existing] = {}
         self.shards_unreadable: list[tuple[int, str]] = []
         """Owned shards whose index could not be read without repair=True (left alone), with why."""
-        for shard in np.intersect1d(store.written_shards(family, self.generation), self.owned).tolist():
+        for shard in np.intersect1d(handle.written_shards(), self.owned).tolist():
             self._inspect(shard)
-        # temporaries of dead writers of these shards (a killed run): removed; a live writer's are left alone
-        for shard in self.pending_shards().tolist():
-            store.storage.remove_partials(store.shard_key(family, shard, self.generation))
+        # temporaries of dead writers of owned shards (a run killed before or just after linking a shard into
+        # place): removed; a live writer's are left alone
+        for shard in self.owned.tolist():
+            self.storage.cleanup(handle.shard_key(shard))
         self._pending: dict[int, _Pending] = {}
         self.rows_written = 0
         self.rows_skipped = 0
@@ -221,30 +211,28 @@ class FamilyWriter:
 
     def _inspect(self, shard: int) -> None:
         """Classify a written owned shard: complete (done), or holding rows still pending (holes, corruption)."""
-        storage = self.store.storage
-        key = self.store.shard_key(self.family, shard, self.generation)
+        storage = self.storage
+        key = self.handle.shard_key(shard)
         rows = self.layout.shard_rows(shard)
         rps = self.layout.rows_per_shard
         n_index = index_nbytes(rps)
+        token: str | None
         try:
             if self.repair:
-                got = storage.read_versioned(key)
+                got = storage.get_versioned(key)
                 if got is None:  # removed since listed
                     return
-                data, _ = got
-                token = storage.entry_token(key)
+                data, token = got
                 buf = np.frombuffer(data, dtype=np.uint8)
-                tail = data[-n_index:]
                 if buf.size < n_index:
                     raise ChecksumError(f"{buf.size} bytes, too short for a shard index")
                 index = decode_index(buf[-n_index:], rps, buf.size - n_index)
                 chunk_ok = self._chunks_intact(buf, index)
             else:
-                token = storage.entry_token(key)
-                read = storage.read_range(key, -n_index)
-                if read is None:
+                token = storage.version(key)  # before the index is read: a replace after it is noticed
+                tail = storage.get_range(key, -n_index)
+                if tail is None:
                     return
-                tail = read
                 index = decode_index(tail, rps)
                 chunk_ok = index.present
         except (ChecksumError, UnsafeFileError, OSError) as exc:
@@ -254,7 +242,7 @@ class FamilyWriter:
                 log.warning("family %r shard %d: %s; left alone (rerun with repair=True to rewrite it)",
                             self.family, shard, exc)
                 return
-            self._existing[shard] = _Existing(np.zeros(len(rows), dtype=bool), storage.entry_token(key))
+            self._existing[shard] = _Existing(np.zeros(len(rows), dtype=bool), storage.version(key))
             return
         first = self.layout.start_of(rows) - shard * rps
         if self.spec.ragged:  # a row is intact when every one of its chunks is
@@ -266,7 +254,7 @@ class FamilyWriter:
         if rows_ok.all():
             self._done.add(shard)
         else:
-            self._existing[shard] = _Existing(np.asarray(rows_ok, dtype=bool), token, tail)
+            self._existing[shard] = _Existing(np.asarray(rows_ok, dtype=bool), token)
 
     def _chunks_intact(self, buf: np.ndarray, index: ShardIndex) -> np.ndarray:
         """bool per chunk: present, crc32c intact, and one row's size once decoded."""
@@ -278,15 +266,6 @@ class FamilyWriter:
                 continue
             ok[chunk] = True
         return ok
-
-    @classmethod
-    def open(
-        cls, location: Any, family: str, rank: int | None = None, world_size: int | None = None, **kwargs: Any
-    ) -> FamilyWriter:
-        """Open a store and a writer; rank/world_size default to torch.distributed's when initialised."""
-        from .store import VLAStore
-
-        return cls(VLAStore.open(location, writable=True), family, rank=rank, world_size=world_size, **kwargs)
 
     # ------------------------------------------------------------------ plan
 
@@ -319,7 +298,7 @@ class FamilyWriter:
 
     def write(self, dataset: str | int, index: int, value: Any) -> None:
         """Write the row of ``(dataset, index)`` (``index`` is e.g. ``vlm_idx``)."""
-        self.write_rows([self.store.row(self.family, dataset, index, self.generation)], [value])
+        self.write_rows([self.handle.row(dataset, index)], [value])
 
     def write_rows(self, rows: Sequence[int] | np.ndarray, values: Any) -> None:
         """Write rows by number.
@@ -419,8 +398,7 @@ class FamilyWriter:
             )
 
     def _describe(self, row: int) -> str:
-        e, item = self.layout.address(row)
-        return f"({self.store.catalog.names[e]!r}, {self.spec.index_name}={item})"
+        return self.handle.describe(row)
 
     def _pending_for(self, shard: int) -> _Pending | None:
         if not self.owns(shard):
@@ -527,7 +505,7 @@ class FamilyWriter:
             self._spare_buffers.append(pending.builder.buffer)
 
     def _encode_and_write(self, shard: int, pending: _Pending, present: np.ndarray) -> None:
-        key = self.store.shard_key(self.family, shard, self.generation)
+        key = self.handle.shard_key(shard)
         version = None
         if pending.existing is not None:
             version = self._copy_existing(shard, key, pending)
@@ -537,11 +515,11 @@ class FamilyWriter:
             chunks = np.flatnonzero(present)
             data = encode_shard(pending.payload()[chunks], chunks, self.layout.rows_per_shard, self.spec.compression)
         try:
-            if pending.existing is None:
-                self.store.storage.write_once(key, data, fsync=self.fsync)
+            if version is None:
+                self.storage.put_if_absent(key, data)
             else:
-                self.store.storage.replace(key, data, version, fsync=self.fsync)
-        except (FileExistsError, ShardChangedError):
+                self.storage.put_if_version(key, data, version)
+        except (AlreadyExistsError, VersionMismatchError):
             raise OwnershipError(
                 f"shard {shard} of family {self.family!r} (generation {self.generation}) was written by another "
                 f"writer while rank {self.rank}/{self.world_size} was filling it: two writers own the same shard. "
@@ -553,29 +531,26 @@ class FamilyWriter:
                 "written; run only one writer per rank (and world_size) at a time, then rerun"
             ) from None
 
-    def _copy_existing(self, shard: int, key: str, pending: _Pending) -> Any:
+    def _copy_existing(self, shard: int, key: str, pending: _Pending) -> str | None:
         """Copy the intact old rows of a shard being rewritten into its new bytes; the version to replace."""
         existing = pending.existing
         assert existing is not None
-        storage = self.store.storage
+        storage = self.storage
         changed = OwnershipError(
             f"shard {shard} of family {self.family!r} (generation {self.generation}) changed on disk since rank "
             f"{self.rank}/{self.world_size} opened it: another writer is filling the same shard. Nothing was "
             "overwritten; run one writer per rank, then rerun"
         )
         if not existing.rows_ok.any():  # nothing to keep (an unreadable shard being repaired): only its identity
-            if storage.entry_token(key) != existing.token:
+            if storage.version(key) != existing.token:
                 raise changed
-            return existing.token
-        got = storage.read_versioned(key)
+            return existing.token  # None: the file is gone, so it is written afresh (put-if-absent)
+        got = storage.get_versioned(key)
         rps = self.layout.rows_per_shard
         n_index = index_nbytes(rps)
-        if got is None:
+        if got is None or got[1] != existing.token:
             raise changed
         data, version = got
-        same = version == existing.token if storage.local_root is not None else data[-n_index:] == existing.tail
-        if not same:
-            raise changed
         buf = np.frombuffer(data, dtype=np.uint8)
         index = decode_index(buf[-n_index:], rps, buf.size - n_index)
         rows = self.layout.shard_rows(shard)[existing.rows_ok]
@@ -696,13 +671,3 @@ class FamilyWriter:
             self.close()
         else:
             self.abort()
-
-
-def _dist_rank() -> tuple[int, int]:
-    # a process that never imported torch.distributed has no process group: skip the costly import
-    dist = sys.modules.get("torch.distributed")
-    if dist is None:
-        return 0, 1
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1

@@ -25,7 +25,7 @@ import numpy as np
 from ..format import FamilySpec, FormatError, GenerationInfo
 from ..store import VLAStore
 from .dist import all_gather_objects, all_sum, barrier, rank_world
-from .registry import FeatureExtractor, FunctionExtractor, Item
+from .extractor import FeatureExtractor, FunctionExtractor, Item
 from .source import DataFolder
 
 __all__ = ["build_features", "compute_rows", "plan_lengths", "BuildStats", "FeatureMismatchError", "open_writable"]

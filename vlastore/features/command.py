@@ -140,10 +140,10 @@ def _count(minimum: int) -> Any:
 
 
 def _cmd_build_features(args: argparse.Namespace) -> int:
-    from ..cli import UserError
-    from ..storage import Storage
+    from ..errors import UserError
+    from ..store import probe
 
-    Storage.open(args.store)  # a wrong store path is a usage mistake found before any model is loaded
+    probe(args.store)  # a wrong store path is a usage mistake found before any model is loaded
     if args.data_root is None and args.lerobot_root is None:
         raise UserError("give the images: --data-root DATA (one sub-folder per episode) or --lerobot-root ROOT")
     for option, folder in (("--data-root", args.data_root), ("--lerobot-root", args.lerobot_root)):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..ranks import rank_world
+
 __all__ = ["rank_world", "barrier", "broadcast_object", "all_gather_objects", "all_sum", "init_from_env", "shutdown"]
 
 
@@ -13,15 +15,6 @@ def _initialized() -> bool:
     except ImportError:  # pragma: no cover - torch without distributed
         return False
     return dist.is_available() and dist.is_initialized()
-
-
-def rank_world() -> tuple[int, int]:
-    """``(rank, world_size)`` of the default process group, ``(0, 1)`` without one."""
-    if not _initialized():
-        return 0, 1
-    import torch.distributed as dist
-
-    return dist.get_rank(), dist.get_world_size()
 
 
 def barrier() -> None:

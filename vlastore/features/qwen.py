@@ -13,8 +13,8 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from .extractor import ExtractorError, FeatureExtractor, Item
 from .fingerprint import model_fingerprint
-from .registry import ExtractorError, FeatureExtractor, Item
 
 __all__ = ["TransformersVLExtractor", "load_processor", "load_model", "POOLINGS", "DEFAULT_MODEL"]
 

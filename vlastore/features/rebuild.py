@@ -16,7 +16,7 @@ from ..format import GenerationInfo
 from ..store import VLAStore
 from .build import BuildStats, FeatureMismatchError, compute_rows, open_writable, plan_lengths
 from .dist import barrier, broadcast_object, rank_world
-from .registry import FeatureExtractor
+from .extractor import FeatureExtractor
 from .source import DataFolder
 
 __all__ = ["rebuild_features", "RebuildResult"]

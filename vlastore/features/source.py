@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .registry import Item
+from .extractor import Item
 
 if TYPE_CHECKING:
     from ..store import VLAStore

@@ -28,7 +28,7 @@ import numpy as np
 
 from ..ingest.lerobot import DEFAULT_NAME_PATTERN, LeRobotFormatError, read_column, read_lerobot_meta
 from ..ingest.lerobot.meta import open_regular
-from .registry import ExtractorError, Item
+from .extractor import ExtractorError, Item
 from .source import DataFolder
 
 __all__ = ["LeRobotVideoSource", "VideoFrameItem", "VideoFrames", "VideoDecodeError", "require_pyav"]

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..format import META_NAME
 from ..report import store_info
 from ..store import VLAStore
 from ._common import STORE_ENV, _pandas, log
@@ -43,7 +44,7 @@ def resolve_store_path(path: str | os.PathLike[str] | None = None) -> tuple[str,
     if named:
         return named, True
     for base in (Path.cwd(), Path.cwd().parent):
-        if (base / DEMO_PATH / "zarr.json").exists():
+        if (base / DEMO_PATH / META_NAME).exists():
             return str(base / DEMO_PATH), False
     return str(Path.cwd() / DEMO_PATH), False
 

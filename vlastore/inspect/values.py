@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..dtypes import widen_bfloat16
 from ..layout import FamilyLayout
 from ..shardcodec import ChecksumError
 from ..store import VLAStore
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
 def to_float32(array: np.ndarray, true_dtype: str) -> np.ndarray:
     """Stored values as float32: bfloat16 (``uint16`` bits) is widened exactly, bits << 16."""
     if true_dtype == "bfloat16":
-        return (np.asarray(array).astype(np.uint32) << 16).view(np.float32)
+        return widen_bfloat16(array)
     return np.asarray(array, dtype=np.float32)
 
 

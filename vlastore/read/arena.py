@@ -57,7 +57,7 @@ def available() -> bool:
 
 
 def _region_type(size: int) -> type:
-    class _Region(ctypes.c_char * size):  # type: ignore[misc, valid-type]
+    class _Region(ctypes.c_char * size):  # type: ignore[misc]
         """Owns the reserved range: unmapped when the last numpy view over it goes away."""
 
         def __del__(self) -> None:

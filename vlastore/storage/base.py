@@ -1,10 +1,12 @@
-"""The storage seam: bytes under one root, as SEAM.md defines it.
+"""The storage seam: bytes under one root.
 
-Readers, writers and the store move bytes only through :class:`Storage`. This
-module holds the abstract class, its errors and the key rules, so the object
-storage (:mod:`vlastore.remote.objects`) and the node-local shard cache
-(:mod:`vlastore.remote.cache`) are complete on their own; the local
-implementation lives beside it.
+Readers, writers and the store move bytes only through :class:`Storage`: whole
+objects, byte ranges (coalesced into one request per run), memory maps where
+the bytes are local files, put-if-absent and compare-and-swap. This module holds
+the abstract class, its errors and the key rules; the implementations live
+beside it: :mod:`.local` (files), :mod:`.zarrstore` (any zarr ``Store``),
+:mod:`.objects` (S3-compatible object storage) and :mod:`.cache` (a node-local
+cache of whole objects over a remote storage).
 """
 
 from __future__ import annotations
@@ -25,9 +27,12 @@ __all__ = [
     "StorageError",
     "AlreadyExistsError",
     "VersionMismatchError",
+    "TemporaryFileLost",
+    "StoreNotFoundError",
     "check_key",
     "check_prefix",
     "coalesce_ranges",
+    "under_prefix",
 ]
 
 Buffer: TypeAlias = bytes | bytearray | memoryview | np.ndarray
@@ -48,6 +53,14 @@ class AlreadyExistsError(FileExistsError):
 
 class VersionMismatchError(RuntimeError):
     """``put_if_version`` found the object changed (or gone) since its version was read."""
+
+
+class TemporaryFileLost(RuntimeError):
+    """A write's temporary file vanished before it was linked into place (another process removed it)."""
+
+
+class StoreNotFoundError(FileNotFoundError):
+    """The location holds no vlastore store (nothing there, or something else)."""
 
 
 def check_key(key: object) -> str:
@@ -73,6 +86,12 @@ def check_prefix(prefix: object) -> str:
     if not isinstance(prefix, str):
         raise ValueError(f"storage prefix must be a string, got {prefix!r}")
     return check_key(prefix.rstrip("/")) if prefix.rstrip("/") else check_key(prefix)
+
+
+def under_prefix(key: str, prefix: str) -> bool:
+    """Whether ``key`` lies under the folder-like ``prefix`` ('' holds everything)."""
+    stem = prefix.rstrip("/")
+    return not stem or key.startswith(stem + "/")
 
 
 def coalesce_ranges(ranges: Sequence[tuple[int, int]], gap: int = 0) -> list[tuple[int, int, list[int]]]:
@@ -185,6 +204,40 @@ class Storage(abc.ABC):
     def delete_prefix(self, prefix: str) -> None:
         """Remove every object under ``prefix``."""
 
+    # ---------------------------------------------------- built on the above
+
+    def exists(self, key: str) -> bool:
+        """Whether the object is there."""
+        return self.size(key) is not None
+
+    def version(self, key: str) -> str | None:
+        """The object's version token (as :meth:`get_versioned` gives it) without its bytes where possible;
+        None if absent. Implementations override this with a cheaper lookup (a file's stat, a HEAD)."""
+        found = self.get_versioned(key)
+        return None if found is None else found[1]
+
+    def disk_usage(self, prefix: str = "") -> tuple[int, int]:
+        """``(bytes, objects)`` under ``prefix`` (everything by default)."""
+        total = count = 0
+        for _key, size in self.list(prefix):
+            total += size
+            count += 1
+        return total, count
+
+    def where(self, key: str) -> str:
+        """How to name ``key`` in a message (a file path for local storage)."""
+        return f"{self.location}/{key}" if key else self.location
+
+    def durable(self) -> Storage:
+        """This storage with writes that are on stable storage when they return (local files: fsync'd file
+        and folder). Object storage acknowledges only durable writes: itself."""
+        return self
+
+    def cleanup(self, key: str) -> int:
+        """Remove what killed writers of ``key`` left behind (local files: temporaries of dead processes);
+        returns how many. Nothing to do elsewhere."""
+        return 0
+
     # -------------------------------------------------------- local fast path
 
     def local_path(self, key: str) -> Path | None:
@@ -192,7 +245,20 @@ class Storage(abc.ABC):
         return None
 
     def open_map(self, key: str) -> np.ndarray | None:
-        """A private (copy-on-write) uint8 memory map of the object, where possible (None otherwise)."""
+        """A private (copy-on-write) uint8 memory map of the object, where possible (None otherwise).
+
+        Raises:
+            FileNotFoundError: the object does not exist.
+        """
+        return None
+
+    def open_fd(self, key: str) -> int | None:
+        """A read-only descriptor of a regular file holding the object (the caller closes it), where there is
+        one (None otherwise): for mapping many objects into one address range (the reader's shard arena).
+
+        Raises:
+            FileNotFoundError: the object does not exist.
+        """
         return None
 
     # ------------------------------------------------------------------ zarr

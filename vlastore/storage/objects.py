@@ -26,7 +26,7 @@ s3fs runs on) is thread-safe, has ``IfNoneMatch``/``IfMatch`` on ``PutObject``
 with a 412 and its error code, streams bodies, and works in a forked child with a
 client made there: this module keeps one client per process id.
 
-zarr-python gets :class:`vlastore.remote.zarrstore.SeamStore` over this storage
+zarr-python gets :class:`vlastore.storage.zarrstore.SeamStore` over this storage
 (the same client, retries and checks): zarr has no botocore store, ``ObjectStore``
 (obstore) would bring the fork hang back into any process that reads metadata
 through zarr, and s3fs's pins of fsspec and aiobotocore made ``pip install
@@ -404,6 +404,11 @@ class ObjectStorage(Storage):
         info = self.head(key)
         return None if info is None else info.size
 
+    def version(self, key: str) -> str | None:
+        """The ETag (one HEAD, no body)."""
+        info = self.head(key)
+        return None if info is None else info.version
+
     def list(self, prefix: str = "") -> Iterator[tuple[str, int]]:
         """``(key, size)`` under ``prefix``; objects whose names are not valid keys are skipped with a warning."""
         for full, size in self._list_full(prefix):
@@ -455,80 +460,7 @@ class ObjectStorage(Storage):
             VersionMismatchError: the object is not (or no longer) ``version``.
             StorageError: retries did not get the bytes.
         """
-        full = self._full(key)
-        sink: dict[str, Any] = {"file": None if callable(out) else out}
-        base = 0 if callable(out) else out.tell()
-        state: dict[str, Any] = {"written": 0, "crc": 0, "info": None, "version": version}
-
-        def restart() -> None:
-            if sink["file"] is not None:
-                sink["file"].seek(base)
-                sink["file"].truncate()
-            state.update(written=0, crc=0, info=None)  # learn size (and crc) again from the next answer
-
-        def sink_for(info: ObjectInfo, response: dict[str, Any] | None) -> IO[bytes]:
-            if sink["file"] is None:
-                try:
-                    sink["file"] = out(info)  # type: ignore[operator]
-                except BaseException:
-                    if response is not None:
-                        response["Body"].close()  # drop the connection rather than read a body nobody wants
-                    raise
-            return sink["file"]  # type: ignore[no-any-return]
-
-        def request() -> ObjectInfo:
-            # always a Range: the answer's Content-Range then states the object's size apart from the
-            # Content-Length of the body, so a body cut short with a matching Content-Length is caught
-            kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": full, "Range": f"bytes={state['written']}-"}
-            if state["version"]:
-                kwargs["IfMatch"] = state["version"]
-            try:
-                response = self._client.get_object(**kwargs)
-            except Exception as exc:
-                status = _error_status(exc)[0]
-                if _is_missing(exc):
-                    raise FileNotFoundError(f"{self._where(key)}: no such object") from None
-                if status == 412:
-                    raise VersionMismatchError(
-                        f"{self._where(key)} changed while it was being read (ETag no longer {state['version']})"
-                    ) from None
-                if status == 416 and state["written"] == 0:  # bytes=0- of an empty object
-                    return empty_object()
-                raise
-            total, first = _span_of(response, state["written"])
-            if first != state["written"]:  # the server ignored Range: take the whole body from the start
-                restart()
-            crc_text = (response.get("Metadata") or {}).get(_CRC_META)
-            if state["info"] is None:
-                state["info"] = ObjectInfo(total, response["ETag"], int(crc_text, 16) if crc_text else None)
-                state["version"] = response["ETag"]
-            info: ObjectInfo = state["info"]
-            target = sink_for(info, response)
-            try:
-                for chunk in response["Body"].iter_chunks(1 << 20):
-                    target.write(chunk)
-                    state["crc"] = crc32c(chunk, state["crc"])
-                    state["written"] += len(chunk)
-            finally:
-                target.flush()
-            if total != info.size or state["written"] != info.size or (
-                info.crc32c is not None and state["crc"] != info.crc32c
-            ):
-                restart()  # a lying or damaged answer: nothing of it can be trusted
-                raise _Truncated(f"downloaded bytes do not match the object's size {info.size} or crc32c")
-            return info
-
-        def empty_object() -> ObjectInfo:
-            head = self._head_raw(full)
-            if head is None:
-                raise FileNotFoundError(f"{self._where(key)}: no such object")
-            if int(head["ContentLength"]) != 0:
-                raise _Truncated("416 for bytes=0- of a non-empty object")
-            info = ObjectInfo(0, head["ETag"], None)
-            sink_for(info, None)
-            return info
-
-        return self._retry("downloading", key, request)
+        return self._retry("downloading", key, _Download(self, key, out, version).request)
 
     # ----------------------------------------------------------------- writes
 
@@ -650,6 +582,97 @@ class ObjectStorage(Storage):
 
             state.zarr_store = SeamStore(self)
         return state.zarr_store
+
+
+class _Download:
+    """One :meth:`ObjectStorage.download`: the state its retried requests share (bytes written, crc, size)."""
+
+    def __init__(self, storage: ObjectStorage, key: str, out: IO[bytes] | Callable[[ObjectInfo], IO[bytes]],
+                 version: str | None) -> None:
+        self.storage = storage
+        self.key = key
+        self.full = storage._full(key)
+        self.out = out
+        self.file: IO[bytes] | None = None if callable(out) else out
+        self.base = 0 if callable(out) else out.tell()
+        self.written = 0
+        self.crc = 0
+        self.info: ObjectInfo | None = None
+        self.version = version
+
+    def restart(self) -> None:
+        if self.file is not None:
+            self.file.seek(self.base)
+            self.file.truncate()
+        self.written, self.crc, self.info = 0, 0, None  # learn size (and crc) again from the next answer
+
+    def sink_for(self, info: ObjectInfo, response: dict[str, Any] | None) -> IO[bytes]:
+        if self.file is None:
+            try:
+                self.file = self.out(info)  # type: ignore[operator]
+            except BaseException:
+                if response is not None:
+                    response["Body"].close()  # drop the connection rather than read a body nobody wants
+                raise
+        assert self.file is not None
+        return self.file
+
+    def _get(self) -> dict[str, Any] | None:
+        """The ranged GET from the first byte not written yet; None for ``bytes=0-`` of an empty object."""
+        where = self.storage._where(self.key)
+        # always a Range: the answer's Content-Range then states the object's size apart from the
+        # Content-Length of the body, so a body cut short with a matching Content-Length is caught
+        kwargs: dict[str, Any] = {"Bucket": self.storage.bucket, "Key": self.full, "Range": f"bytes={self.written}-"}
+        if self.version:
+            kwargs["IfMatch"] = self.version
+        try:
+            response: dict[str, Any] = self.storage._client.get_object(**kwargs)
+            return response
+        except Exception as exc:
+            status = _error_status(exc)[0]
+            if _is_missing(exc):
+                raise FileNotFoundError(f"{where}: no such object") from None
+            if status == 412:
+                raise VersionMismatchError(
+                    f"{where} changed while it was being read (ETag no longer {self.version})") from None
+            if status == 416 and self.written == 0:  # bytes=0- of an empty object
+                return None
+            raise
+
+    def request(self) -> ObjectInfo:
+        response = self._get()
+        if response is None:
+            return self.empty_object()
+        total, first = _span_of(response, self.written)
+        if first != self.written:  # the server ignored Range: take the whole body from the start
+            self.restart()
+        crc_text = (response.get("Metadata") or {}).get(_CRC_META)
+        if self.info is None:
+            self.info = ObjectInfo(total, response["ETag"], int(crc_text, 16) if crc_text else None)
+            self.version = response["ETag"]
+        info = self.info
+        target = self.sink_for(info, response)
+        try:
+            for chunk in response["Body"].iter_chunks(1 << 20):
+                target.write(chunk)
+                self.crc = crc32c(chunk, self.crc)
+                self.written += len(chunk)
+        finally:
+            target.flush()
+        if total != info.size or self.written != info.size or (info.crc32c is not None and self.crc != info.crc32c):
+            self.restart()  # a lying or damaged answer: nothing of it can be trusted
+            raise _Truncated(f"downloaded bytes do not match the object's size {info.size} or crc32c")
+        return info
+
+    def empty_object(self) -> ObjectInfo:
+        head = self.storage._head_raw(self.full)
+        if head is None:
+            raise FileNotFoundError(f"{self.storage._where(self.key)}: no such object")
+        if int(head["ContentLength"]) != 0:
+            raise _Truncated("416 for bytes=0- of a non-empty object")
+        info = ObjectInfo(0, head["ETag"], None)
+        self.sink_for(info, None)
+        return info
 
 
 def _is_missing(exc: BaseException) -> bool:

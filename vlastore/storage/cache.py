@@ -130,7 +130,7 @@ class CachedStorage(Storage):
     """A remote :class:`Storage` with a node-local cache of whole objects (shard files).
 
     Args:
-        remote: the object storage (an :class:`~vlastore.remote.objects.ObjectStorage`;
+        remote: the object storage (an :class:`~vlastore.storage.objects.ObjectStorage`;
             any Storage works, using ``head``/``download`` where it has them).
         cache_dir: a folder on local disk shared by the node's processes (created if missing).
         max_bytes: size limit of the whole folder.
@@ -652,6 +652,9 @@ class CachedStorage(Storage):
 
     def get_versioned(self, key: str) -> tuple[bytes, str] | None:
         return self.remote.get_versioned(key)
+
+    def version(self, key: str) -> str | None:
+        return self.remote.version(key)
 
     def put_if_version(self, key: str, data: Buffer, version: str) -> str:
         self._entries.pop(key, None)
