@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ TREES = ["vlastore", "tests", "tools"]
 
 
 def _ruff(*args: str) -> subprocess.CompletedProcess[str]:
-    ruff = shutil.which("ruff")
+    ruff = shutil.which("ruff", path=str(Path(sys.executable).parent)) or shutil.which("ruff")  # the venv ruff
     if ruff is None:
         pytest.skip("pip install ruff (the [dev] extra)")
     return subprocess.run([ruff, *args, *TREES], cwd=ROOT, capture_output=True, text=True, timeout=120)

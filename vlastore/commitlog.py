@@ -21,8 +21,8 @@ from collections.abc import Callable
 from typing import Any
 
 from .format import FormatError, canonical_json
-from .storage.base import AlreadyExistsError, Storage
 from .snapshot import LOG_PREFIX, Snapshot, commit_of_log_key, log_key
+from .storage.base import AlreadyExistsError, Storage
 
 __all__ = ["CommitLog", "CommitConflictError", "SnapshotNotFoundError", "MAX_COMMIT_BYTES"]
 
