@@ -72,12 +72,18 @@ def test_every_sample_holds_the_values_written(known, n_obs, horizon) -> None:
     assert seen == {(e, t) for e, n in enumerate(STEPS) for t in range(n)}
 
 
-def test_getitems_and_collate_equal_getitem_one_by_one(known) -> None:
-    ds = VLADataset(known.store, features=FAMILIES, n_obs_steps=2, horizon=4)
-    indices = [0, 7, 8, 20, 62, 5, 5, 40]
+@pytest.mark.parametrize("names", [True, False])
+def test_getitems_and_collate_equal_getitem_one_by_one(known, names) -> None:
+    ds = VLADataset(known.store, features=FAMILIES, n_obs_steps=2, horizon=4, batch_episode_names=names)
+    indices = [0, 7, 8, 20, 62, 5, 5, 40, -1]
     batch = collate(ds.__getitems__(indices))
     assert isinstance(batch, Batch)
     one_by_one = collate([ds[i] for i in indices])
+    # episode names ride along only when asked for (a Python list per batch); ids name them on demand
+    assert ("episode" in batch) == names
+    assert [ds.episode_name(e) for e in batch["episode_index"]] == one_by_one.pop("episode")
+    batch.pop("episode", None)
+    assert batch["index"].tolist() == [i % len(ds) for i in indices]
     assert batch.keys() == one_by_one.keys()
     for key, value in batch.items():
         if isinstance(value, torch.Tensor):
@@ -92,7 +98,7 @@ def test_getitems_and_collate_equal_getitem_one_by_one(known) -> None:
     samples = ds.__getitems__(indices)
     for i, sample in enumerate(samples):
         check_sample(known, sample, 2, 4)
-        assert sample["index"] == indices[i]
+        assert sample["index"] == indices[i] % len(ds)
 
 
 def test_series_read_from_the_store_equal_series_held_in_ram(known) -> None:

@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from vlastore import transport
-from vlastore.transport import RING_SLOTS, in_dataloader_worker, pack_batch, register
+from vlastore.transport import MAX_RING_SLOTS, RING_SLOTS, in_dataloader_worker, pack_batch, register
 
 
 class Batch(dict):
@@ -70,14 +70,17 @@ def test_workers_deliver_the_batches_of_one_process(context: str) -> None:
             assert not any(t.is_shared() for t in batch.values() if isinstance(t, torch.Tensor)), epoch
 
 
-def test_a_full_ring_falls_back_to_plain_pickling_and_recovers() -> None:
+def test_a_full_ring_grows_then_falls_back_to_plain_pickling_and_recovers() -> None:
     transport._worker_ring = None
-    batches = [make_batch(i) for i in range(RING_SLOTS + 2)]
+    fits = RING_SLOTS + 2 * RING_SLOTS + 4 * RING_SLOTS + MAX_RING_SLOTS  # 8 + 16 + 32 + 64 slots
+    batches = [make_batch(i) for i in range(fits + 2)]
     packed = [pack_batch(b, Batch, in_worker=True) for b in batches]
     through_ring = [p for p in packed if p[0] is not Batch]
-    assert len(through_ring) == RING_SLOTS  # every slot busy until the training process copies it out
-    assert all(p[0] is Batch for p in packed[RING_SLOTS:])  # then the plain way: never a wait
-    for (function, args), batch in zip(packed, batches):
+    # every slot stays busy until the training process copies it out: the ring doubles up to its limit
+    assert len(through_ring) == fits
+    assert transport._worker_ring.slots == MAX_RING_SLOTS
+    assert all(p[0] is Batch for p in packed[len(through_ring) :])  # then the plain way: never a wait
+    for (function, args), batch in zip(packed, batches, strict=True):
         assert_same(function(*args), batch)
     again = pack_batch(batches[0], Batch, in_worker=True)  # slots are free again
     assert again[0] is not Batch
@@ -93,7 +96,7 @@ def test_outside_a_worker_a_batch_pickles_and_copies_as_a_plain_dict() -> None:
 
 def test_the_training_process_forgets_rings_of_workers_that_are_gone() -> None:
     transport._rings.clear()
-    transport._rings["999999999-dead"] = (999_999_999, torch.zeros(1), 1, 1)  # no such pid
+    transport._rings["999999999-dead"] = transport._Attached(999_999_999, torch.zeros(8, dtype=torch.uint8), 1, 1)
     transport._worker_ring = None
     function, args = pack_batch(make_batch(1), Batch, in_worker=True)
     function(*args)
