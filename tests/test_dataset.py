@@ -124,14 +124,46 @@ def _same(batches_a: list[dict], batches_b: list[dict]) -> None:
                 assert a[key] == b[key], key
 
 
+LOADERS = [pytest.param(False, id="VLADataLoader"), pytest.param(True, id="torch-DataLoader")]
+
+
+@pytest.mark.parametrize("torch_loader", LOADERS)
 @pytest.mark.parametrize("context", ["fork", "spawn"])
-def test_two_workers_return_the_batches_of_one_process(known, context) -> None:
-    ds = VLADataset(known.store, features=["fixed_bfloat16", "ragged_float16"], horizon=3)
+@pytest.mark.filterwarnings("ignore:'pin_memory' argument is set as true but no accelerator")
+def test_two_workers_return_the_batches_of_one_process(known, context, torch_loader) -> None:
+    ds = VLADataset(known.store, features=["fixed_bfloat16", "ragged_float16"], horizon=3,
+                    delta_steps={"state": [-2, 0]}, batch_episode_names=True)
     ds[0]  # shards mapped before the workers start: each worker must map its own
     single = _all_batches(ds)
-    workers = _all_batches(ds, num_workers=2, multiprocessing_context=context, persistent_workers=True,
-                           pin_memory=torch.cuda.is_available())
-    _same(single, workers)
+    # pin_memory=True: pinned on a machine with CUDA, a warning and plain memory without
+    loader = ds.dataloader(batch_size=7, shuffle=False, num_workers=2, multiprocessing_context=context,
+                           persistent_workers=True, pin_memory=True, torch_loader=torch_loader)
+    for _epoch in range(2):  # the same persistent workers twice
+        workers = list(loader)
+        _same(single, workers)
+        assert all(type(b) is Batch for b in workers)
+        if torch.cuda.is_available():
+            assert all(b["fixed_bfloat16"].is_pinned() for b in workers)
+    # a pass abandoned halfway leaves batches in flight; the next pass starts clean
+    partial = iter(loader)
+    next(partial)
+    _same(single, list(loader))
+
+
+@pytest.mark.parametrize("torch_loader", LOADERS)
+def test_workers_without_persistence_across_epochs_and_two_loaders_at_once(known, torch_loader) -> None:
+    """New worker processes every epoch (new rings), two loaders' workers alive together."""
+    ds = VLADataset(known.store, features=["fixed_float32"], horizon=2)
+    single = _all_batches(ds)
+    a = ds.dataloader(batch_size=7, shuffle=False, num_workers=2, torch_loader=torch_loader)
+    b = ds.dataloader(batch_size=7, shuffle=False, num_workers=1, torch_loader=torch_loader, prefetch_factor=8)
+    for _epoch in range(3):
+        got_a, got_b = [], []
+        for x, y in zip(a, b, strict=True):  # both loaders' workers hand over batches in turn
+            got_a.append(x)
+            got_b.append(y)
+        _same(single, got_a)
+        _same(single, got_b)
 
 
 def test_distributed_sampler_with_two_replicas_covers_every_sample_once(known) -> None:
@@ -241,10 +273,12 @@ def _new_generation(path, fingerprint: str, fill: float) -> None:
     store.switch_generation("fixed_float32", info.generation)
 
 
-def test_refresh_switches_generations_in_the_process_and_in_persistent_workers(tmp_path) -> None:
+@pytest.mark.parametrize("torch_loader", LOADERS)
+def test_refresh_switches_generations_in_the_process_and_in_persistent_workers(tmp_path, torch_loader) -> None:
     known = make_store(tmp_path / "g.vla", families=("fixed",))
     ds = VLADataset(tmp_path / "g.vla", features=["fixed_float32"], expect_fingerprint="fp-float32")
-    loader = ds.dataloader(batch_size=16, num_workers=2, persistent_workers=True, multiprocessing_context="fork")
+    loader = ds.dataloader(batch_size=16, num_workers=2, persistent_workers=True, multiprocessing_context="fork",
+                           torch_loader=torch_loader)
     before = list(loader)
     old_view = ds[0]["fixed_float32"]
     np.testing.assert_array_equal(before[0]["fixed_float32"][0].numpy(), known.values["fixed_float32"][0])

@@ -102,3 +102,29 @@ def test_the_training_process_forgets_rings_of_workers_that_are_gone() -> None:
     function(*args)
     assert "999999999-dead" not in transport._rings and len(transport._rings) == 1
     assert np.all(np.asarray(transport._worker_ring.states) == 0)
+
+
+def test_a_layout_travels_once_per_ring_and_numpy_backed_batches_skip_torch() -> None:
+    from vlastore.dataset import Batch as VLABatch
+
+    transport._worker_ring = None
+
+    def made(i: int, rows: int) -> VLABatch:
+        return VLABatch.of_arrays({"index": np.arange(rows) + i, "feature": np.full((rows, 4), i, np.uint16),
+                                   "is_pad": np.arange(rows) % 2 == 0}, bfloat16=["feature"])
+
+    first, second, other = (pack_batch(made(i, rows), VLABatch, in_worker=True) for i, rows in ((1, 4), (2, 4), (3, 5)))
+    layout_of = {name: packed[1][3] for name, packed in (("first", first), ("second", second), ("other", other))}
+    assert isinstance(layout_of["first"], tuple) and layout_of["second"] == layout_of["first"][0]
+    assert isinstance(layout_of["other"], tuple)  # another shape: another layout, sent with its first batch
+    for (function, args), (i, rows) in zip((first, second, other), ((1, 4), (2, 4), (3, 5)), strict=True):
+        batch = function(*args)
+        expected = made(i, rows)
+        assert type(batch) is VLABatch and list(batch) == list(expected)
+        for key in expected:
+            assert batch[key].dtype == expected[key].dtype and torch.equal(batch[key], expected[key]), key
+    # a batch changed after it was made is read from its tensors, not from stale arrays
+    changed = made(4, 4)
+    changed["feature"] = torch.zeros(4, 4, dtype=torch.bfloat16)
+    function, args = pack_batch(changed, VLABatch, in_worker=True)
+    assert torch.equal(function(*args)["feature"], changed["feature"])
