@@ -72,7 +72,10 @@ def test_workers_deliver_the_batches_of_one_process(context: str) -> None:
 
 def test_a_full_ring_grows_then_falls_back_to_plain_pickling_and_recovers() -> None:
     transport._worker_ring = None
-    fits = RING_SLOTS + 2 * RING_SLOTS + 4 * RING_SLOTS + MAX_RING_SLOTS  # 8 + 16 + 32 + 64 slots
+    sizes = [RING_SLOTS]
+    while sizes[-1] < MAX_RING_SLOTS:
+        sizes.append(2 * sizes[-1])
+    fits = sum(sizes)  # 2 + 4 + ... + 64 slots
     batches = [make_batch(i) for i in range(fits + 2)]
     packed = [pack_batch(b, Batch, in_worker=True) for b in batches]
     through_ring = [p for p in packed if p[0] is not Batch]

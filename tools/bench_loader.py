@@ -11,7 +11,10 @@ then prints, in one run:
    plain ``torch.utils.data.DataLoader(num_workers=--workers)`` and
    :class:`vlastore.loader.VLADataLoader` (same arguments), taking turns of
    ``--turn`` seconds so that every contender sees the same mix of quiet and busy
-   moments, with ratios to ``num_workers=0`` and the load average.
+   moments, with ratios to ``num_workers=0``, the CPU time all their processes
+   spent per batch, and the load average. Every process has read every feature row
+   once before (the in-process one, and each worker in ``worker_init_fn``): all
+   contenders in the state of a second epoch; ``--cold-workers`` skips it for workers.
 
 Pages are pre-touched on purpose: ``--cache warm`` (default) reads every store file
 first; ``--cache cold`` drops the store's pages from the page cache
@@ -124,38 +127,74 @@ def endless(ds: VLADataset, seed: int) -> torch.utils.data.Sampler:
                                           generator=torch.Generator().manual_seed(seed))
 
 
-def loader_rates(loaders: dict[str, Any], seconds: float, turn: float) -> dict[str, float]:
-    """Samples/s of each loader, loaders taking turns of ``turn`` seconds (``seconds`` each in all).
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time of processes (Linux /proc; 0 where unreadable)."""
+    total = 0.0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
-    Worker start-up is left out (a few batches are read first). A paused loader's workers fill
-    their prefetch queue (a few batches) and then wait; that flatters it by well under 1%.
+
+def loader_rates(loaders: dict[str, Any], seconds: float, turn: float) -> dict[str, tuple[float, float]]:
+    """``{name: (samples/s, CPU us per batch)}``, loaders taking turns of ``turn`` seconds (``seconds`` each).
+
+    CPU time is that of the training process and the loader's workers together. Worker start-up
+    is left out (a few batches are read first). A paused loader's workers fill their prefetch
+    queue (a few batches) and then wait; that flatters it by well under 1%.
     """
     iterators = {name: iter(loader) for name, loader in loaders.items()}
     for it in iterators.values():
         for _ in range(8):
             next(it)
+    pids = {name: [os.getpid()] + [w.pid for w in getattr(it, "_workers", [])] for name, it in iterators.items()}
     done = {name: 0 for name in loaders}
+    batches = {name: 0 for name in loaders}
     spent = {name: 0.0 for name in loaders}
+    cpu = {name: 0.0 for name in loaders}
     rounds = max(1, round(seconds / turn))
     for _ in range(rounds):
         for name, it in iterators.items():
+            c0 = cpu_seconds(pids[name])
             t0 = time.perf_counter()
             while time.perf_counter() - t0 < turn:
                 done[name] += len(next(it)["step"])
+                batches[name] += 1
             spent[name] += time.perf_counter() - t0
+            cpu[name] += cpu_seconds(pids[name]) - c0
     del iterators
-    return {name: done[name] / spent[name] for name in loaders}
+    return {name: (done[name] / spent[name], cpu[name] / batches[name] * 1e6) for name in loaders}
+
+
+def read_every_row(ds: VLADataset) -> None:
+    """Read (and check) every feature row once: page tables filled, ``verify="once"`` done, as in a 2nd epoch."""
+    for reader in ds._readers.values():
+        rows = reader.layout.rows
+        for lo in range(0, rows, 8192):
+            reader.gather(np.arange(lo, min(rows, lo + 8192)))
+
+
+def warm_worker(worker_id: int) -> None:
+    """worker_init_fn: a worker starts where the in-process contender is (every row read once)."""
+    info = torch.utils.data.get_worker_info()
+    assert info is not None
+    read_every_row(info.dataset)
 
 
 def make_loaders(ds: VLADataset, batch: int, workers: int, pin: bool, seed: int,
-                 kinds: list[str]) -> dict[str, Any]:
+                 kinds: list[str], warm: bool) -> dict[str, Any]:
     from torch.utils.data import DataLoader
 
     loaders: dict[str, Any] = {}
     common = {"batch_size": batch, "collate_fn": collate, "pin_memory": pin}
     if "inproc" in kinds:
         loaders["num_workers=0"] = DataLoader(ds, sampler=endless(ds, seed), **common)
-    with_workers = {"num_workers": workers, "persistent_workers": True, **common}
+    with_workers = {"num_workers": workers, "persistent_workers": True, "worker_init_fn": warm_worker if warm else None,
+                    **common}
     if "plain" in kinds:
         loaders[f"DataLoader(num_workers={workers})"] = DataLoader(ds, sampler=endless(ds, seed), **with_workers)
     if "vla" in kinds:
@@ -184,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--loaders", nargs="+", default=["inproc", "plain", "vla"],
                         choices=["inproc", "plain", "vla"], help="(default: all)")
     parser.add_argument("--skip-loaders", action="store_true", help="batch work only")
+    parser.add_argument("--cold-workers", action="store_true", help="workers start without reading every row "
+                        "first (a first epoch: page faults and checksums in every worker)")
     parser.add_argument("--verify", default="once", choices=["once", "always", "never"])
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -200,10 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ds = VLADataset(root, features=["qwen_vl"], n_obs_steps=N_OBS, horizon=HORIZON, verify=args.verify)
         touch(root, "warm")
-        reader = ds._readers["qwen_vl"]
-        rows = reader.layout.rows
-        for lo in range(0, rows, 8192):  # every row read (and checked) once: the state of a second epoch
-            reader.gather(np.arange(lo, min(rows, lo + 8192)))
+        read_every_row(ds)  # every row read (and checked) once: the state of a second epoch
         print(f"{ds!r}\nmachine: {os.cpu_count()} CPUs (this process may use {len(os.sched_getaffinity(0))}), "
               f"torch {torch.__version__}, numpy {np.__version__}, verify={args.verify!r}")
         print(f"\nbatch work in one process ({args.cache} page cache, thread CPU time, median of {args.turns} turns)")
@@ -216,16 +254,19 @@ def main(argv: list[str] | None = None) -> int:
             touch(root, "warm")
         if args.skip_loaders:
             return 0
-        print(f"\nsamples/s through loaders (warm page cache, persistent workers, pin_memory={args.pin_memory}, "
-              f"turns of {args.turn} s, {args.seconds} s each)")
+        workers_state = "cold workers" if args.cold_workers else "workers read every row first"
+        print(f"\nsamples/s through loaders (warm page cache, {workers_state}, persistent workers, "
+              f"pin_memory={args.pin_memory}, turns of {args.turn} s, {args.seconds} s each)")
         for batch in args.batch:
-            loaders = make_loaders(ds, batch, args.workers, args.pin_memory, args.seed, args.loaders)
+            loaders = make_loaders(ds, batch, args.workers, args.pin_memory, args.seed, args.loaders,
+                                   not args.cold_workers)
             load_before = os.getloadavg()[0]
             rates = loader_rates(loaders, args.seconds, args.turn)
-            base = rates.get("num_workers=0")
-            for name, rate in rates.items():
+            base = rates.get("num_workers=0", (0.0, 0.0))[0]
+            for name, (rate, cpu_us) in rates.items():
                 ratio = f"{rate / base:.2f}x num_workers=0" if base else ""
-                print(f"  batch {batch:>4}  {name:<28} {rate:>11,.0f}  {ratio}")
+                print(f"  batch {batch:>4}  {name:<28} {rate:>11,.0f} samples/s  {ratio:<20}  "
+                      f"{cpu_us:>6,.0f} us CPU per batch (all processes)")
             print(f"             load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after", flush=True)
             del loaders
     finally:

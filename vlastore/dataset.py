@@ -283,7 +283,7 @@ class VLADataset(Dataset):
         catalog = self.store.catalog
         chosen = range(len(catalog)) if episodes is None else [catalog.resolve(e) for e in episodes]
         self.episode_ids = np.asarray(list(chosen), dtype=np.int64)
-        self._cand_episode, self._cand_step = sample_table(catalog.steps, self.episode_ids)
+        n_candidates = int(np.asarray(catalog.steps)[self.episode_ids].sum())
         self._plan = self._window_plan(n_obs_steps, horizon)
         self._stats: dict[tuple[str, tuple[float, ...], str], SeriesStats] = {}
         # Series in RAM are laid out with copies of each episode's edge steps around it (EdgePadding), as
@@ -300,7 +300,7 @@ class VLADataset(Dataset):
         # Shared with DataLoader workers (shared memory survives fork and spawn), so refresh() in the
         # main process reaches persistent workers: [counter, generation of each family].
         self._sync = torch.zeros(1 + len(self.features), dtype=torch.int64).share_memory_()
-        self._keep = torch.ones(len(self._cand_episode), dtype=torch.bool).share_memory_()
+        self._keep = torch.ones(n_candidates, dtype=torch.bool).share_memory_()
         self._sync_np = self._sync.numpy()  # the same memory; reading it costs ~100x less than a tensor index
         self._names = np.asarray(catalog.names, dtype=object)
         self._seen = -1
@@ -328,7 +328,8 @@ class VLADataset(Dataset):
                              "episodes; give one fps, or one per catalog episode")
         plan = WindowPlan.build(steps, self.delta_timestamps, fps=fps, timestamps=times,
                                 tolerance_s=self.tolerance_s, episodes=self.episode_ids)
-        plan.check_grid(self.store.catalog.step_offsets, self._cand_episode, self._cand_step, self.store.catalog.names)
+        episodes, steps = self._candidates()
+        plan.check_grid(self.store.catalog.step_offsets, episodes, steps, self.store.catalog.names)
         return plan
 
     def _timestamps_array(self, timestamps: str | np.ndarray) -> np.ndarray:
@@ -354,6 +355,10 @@ class VLADataset(Dataset):
             )
         return int(reuse)
 
+    def _candidates(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(episode, step)`` of every step of the dataset's episodes (made when needed, not kept)."""
+        return sample_table(self.store.catalog.steps, self.episode_ids)
+
     def _refresh_local(self, generations: Mapping[str, int] | None, check: bool) -> dict[str, tuple[int, int]]:
         """Open readers on ``generations`` (default: current), check them, recompute which samples exist.
 
@@ -362,20 +367,21 @@ class VLADataset(Dataset):
         all of them with one gather.
         """
         readers: dict[str, FeatureReader] = {}
-        keep = np.ones(len(self._cand_episode), dtype=bool)
+        episodes, steps = self._candidates()
+        keep = np.ones(len(episodes), dtype=bool)
         n_families = len(self.features)
-        table = np.empty((len(self._cand_episode), 2 + 2 * n_families + 1), dtype=np.int64)
-        table[:, 0] = self._cand_episode
-        table[:, 1] = self._cand_step
+        table = np.empty((len(episodes), 2 + 2 * n_families + 1), dtype=np.int64)
+        table[:, 0] = episodes
+        table[:, 1] = steps
         if self._padding is not None:  # each sample's own step on the padded series axis
-            np.add(self._padding.starts[self._cand_episode], self._cand_step, out=table[:, -1])
+            np.add(self._padding.starts[episodes], steps, out=table[:, -1])
         else:
             table[:, -1] = 0
         for i, family in enumerate(self.features):
             gen = None if generations is None else generations[family]
             reader = FeatureReader(self.store, family, gen, verify=self.verify)
             rows, vlm_idx = feature_rows(
-                reader.layout.episode_rows, self._cand_episode, self._cand_step, self._reuse(family)
+                reader.layout.episode_rows, episodes, steps, self._reuse(family)
             )
             table[:, 2 + i] = vlm_idx
             table[:, 2 + n_families + i] = rows
