@@ -146,7 +146,7 @@ def _ring_for(used: int) -> _Ring:
     global _worker_ring
     ring = _worker_ring
     if ring is None or used > ring.slot_nbytes:
-        # sized on the first batch with room for somewhat bigger ones (ragged rows vary); a bigger batch makes a new ring
+        # sized on the first batch with room for somewhat bigger ones (ragged rows vary); bigger: a new ring
         slots = RING_SLOTS if ring is None else ring.slots
         ring = _worker_ring = _Ring(max(used + used // 4, 1 << 16), slots)
     return ring

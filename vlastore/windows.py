@@ -447,8 +447,7 @@ class WindowPlan:
         fused: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         if self.step_table.shape[-1]:
             table = self.step_table[episodes] if self.step_table.ndim == 2 else self.step_table
-            index = np.add(positions[:, None], table)
-            fused["steps"] = (index, padding.is_pad.take(index))
+            fused["steps"] = (np.add(positions[:, None], table), padding.is_pad)  # is_pad: gathered per block
         if self.time_table.size:
             assert self.timestamps is not None
             found, is_pad, _ = timestamp_window_indices(
@@ -459,7 +458,8 @@ class WindowPlan:
             fused["time"] = (np.add(found, shift[:, None], out=found), is_pad)
         for kind, cols in self.blocks:
             index, is_pad = fused[kind]
-            out.append((index[:, cols], is_pad[:, cols].copy()))
+            block = index[:, cols]
+            out.append((block, is_pad.take(block) if kind == "steps" else is_pad[:, cols].copy()))
         return out
 
     def indices(
