@@ -362,17 +362,17 @@ class VLADataset(Dataset):
     def _refresh_local(self, generations: Mapping[str, int] | None, check: bool) -> dict[str, tuple[int, int]]:
         """Open readers on ``generations`` (default: current), check them, recompute which samples exist.
 
-        Builds :attr:`_table`, one row per sample: episode, step, each family's ``vlm_idx``, each
-        family's feature row, and the sample's position on the padded series axis. A batch reads
-        all of them with one gather.
+        Builds :attr:`_table`, one row per sample: its index, episode, step, each family's
+        ``vlm_idx``, each family's feature row, and its position on the padded series axis. A
+        batch reads all of them with one gather.
         """
         readers: dict[str, FeatureReader] = {}
         episodes, steps = self._candidates()
         keep = np.ones(len(episodes), dtype=bool)
         n_families = len(self.features)
-        table = np.empty((len(episodes), 2 + 2 * n_families + 1), dtype=np.int64)
-        table[:, 0] = episodes
-        table[:, 1] = steps
+        table = np.empty((len(episodes), 3 + 2 * n_families + 1), dtype=np.int64)
+        table[:, 1] = episodes
+        table[:, 2] = steps
         if self._padding is not None:  # each sample's own step on the padded series axis
             np.add(self._padding.starts[episodes], steps, out=table[:, -1])
         else:
@@ -383,8 +383,8 @@ class VLADataset(Dataset):
             rows, vlm_idx = feature_rows(
                 reader.layout.episode_rows, episodes, steps, self._reuse(family)
             )
-            table[:, 2 + i] = vlm_idx
-            table[:, 2 + n_families + i] = rows
+            table[:, 3 + i] = vlm_idx
+            table[:, 3 + n_families + i] = rows
             if check:
                 self._check_fingerprint(reader)
                 present = self.store.coverage(family, reader.generation)
@@ -401,6 +401,7 @@ class VLADataset(Dataset):
             self._keep.copy_(torch.from_numpy(keep))
         kept = self._keep.numpy()
         self._table = table if kept.all() else table[kept]
+        self._table[:, 0] = np.arange(len(self._table))  # a negative index gathers its sample's true position
         return {f: (r.generation, r.layout.rows) for f, r in readers.items()}
 
     def _check_fingerprint(self, reader: FeatureReader) -> None:
@@ -498,10 +499,10 @@ class VLADataset(Dataset):
         return len(self._table)
 
     def _pick(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
-        """``[1 + K, B]`` int64: each sample's index (negative ones counted from the end), then its table row.
+        """``[K, B]`` int64: the table rows of the samples (negative indices counted from the end).
 
-        One gather for all per-sample numbers; the rows are contiguous, so each becomes a
-        tensor (or a reader's row list) without a copy.
+        One gather for all per-sample numbers, turned so that each number is a contiguous
+        row: a tensor (or a reader's row list) without a copy.
         """
         idx = np.asarray(indices, dtype=np.int64)
         if idx.ndim != 1:
@@ -510,10 +511,7 @@ class VLADataset(Dataset):
             picked = self._table.take(idx, axis=0)
         except IndexError:
             raise IndexError(f"sample index out of range: the dataset has {len(self._table)} samples") from None
-        ids = np.empty((1 + picked.shape[1], len(idx)), dtype=np.int64)
-        np.remainder(idx, max(len(self._table), 1), out=ids[0])
-        ids[1:] = picked.T
-        return ids
+        return np.ascontiguousarray(picked.T)
 
     def _window_arrays(self, ids: np.ndarray) -> dict[str, np.ndarray]:
         """``{key: values [B, W, cols], key_is_pad: [B, W]}`` for the samples of ``ids`` (see :meth:`_pick`).
