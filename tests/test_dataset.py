@@ -212,6 +212,9 @@ def test_missing_rows_raise_naming_them_or_are_skipped(partial, caplog) -> None:
     assert len(ds) == sum(STEPS) - 9  # steps 6..14 of episode_003 need the missing rows
     steps = {(s["episode"], s["step"]) for s in ds}
     assert ("episode_003", 5) in steps and ("episode_003", 15) in steps and ("episode_003", 6) not in steps
+    batch = collate(ds.__getitems__([0, -1, len(ds) - 2]))
+    assert batch["index"].tolist() == [0, len(ds) - 1, len(ds) - 2]  # positions among the samples kept
+    assert batch["step"].tolist()[1:] == [ds[len(ds) - 1]["step"], ds[len(ds) - 2]["step"]]
 
 
 def test_episode_subsets_and_a_split_by_episode(known) -> None:
