@@ -127,8 +127,10 @@ def _same(batches_a: list[dict], batches_b: list[dict]) -> None:
 LOADERS = [pytest.param(False, id="VLADataLoader"), pytest.param(True, id="torch-DataLoader")]
 
 
-@pytest.mark.parametrize("torch_loader", LOADERS)
-@pytest.mark.parametrize("context", ["fork", "spawn"])
+@pytest.mark.parametrize(("context", "torch_loader"), [
+    pytest.param("fork", False, id="fork-VLADataLoader"), pytest.param("fork", True, id="fork-torch-DataLoader"),
+    pytest.param("spawn", False, id="spawn-VLADataLoader"),  # torch's loader under spawn: tests/test_transport.py
+])
 @pytest.mark.filterwarnings("ignore:'pin_memory' argument is set as true but no accelerator")
 def test_two_workers_return_the_batches_of_one_process(known, context, torch_loader) -> None:
     ds = VLADataset(known.store, features=["fixed_bfloat16", "ragged_float16"], horizon=3,

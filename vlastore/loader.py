@@ -132,32 +132,36 @@ class _PipeIter(_BaseDataLoaderIter):
         worker = self._sent % self._num_workers
         self._sent += 1
         # plain pickle: ForkingPickler copies its dispatch table on every call (~15 us), and indices need none
-        self._index_out[worker].send_bytes(pickle.dumps(index, pickle.HIGHEST_PROTOCOL))
+        try:  # noqa: SIM105 - a try costs nothing per batch, a suppress() context does
+            self._index_out[worker].send_bytes(pickle.dumps(index, pickle.HIGHEST_PROTOCOL))
+        except OSError:  # that worker is gone: reading its results says so, with its exit code
+            pass
         self._pending.append(worker)
         return True
 
     def _receive(self, worker: int) -> Any:
         results = self._results_in[worker]
         if self._timeout > 0 and not results.poll(self._timeout):
-            self._shutdown_workers()
+            self._shutdown_workers(wait_s=0.1)  # a worker stuck in a batch gets terminated, not waited for
             raise RuntimeError(f"DataLoader timed out after {self._timeout} seconds")
         try:
             payload = results.recv_bytes()
+            transport.unpack_pinned(self._pin_memory)  # batches from the rings land in pinned memory directly
+            try:
+                return ForkingPickler.loads(payload)
+            finally:
+                transport.unpack_pinned(False)
         except (EOFError, OSError):
+            # a dead worker closes its pipe, or cannot hand over the file descriptor a message names
             process = self._workers[worker]
             process.join(timeout=1.0)
+            if process.exitcode is None:
+                raise
             self._shutdown_workers()
             raise RuntimeError(
                 f"DataLoader worker (pid {process.pid}) exited unexpectedly with exit code {process.exitcode}; "
                 "a negative code is the signal that ended it (e.g. -9: killed, often by the out-of-memory killer)"
             ) from None
-        if not self._pin_memory:
-            return ForkingPickler.loads(payload)
-        transport.unpack_pinned(True)  # batches from the rings land in pinned memory directly
-        try:
-            return ForkingPickler.loads(payload)
-        finally:
-            transport.unpack_pinned(False)
 
     def _next_data(self) -> Any:
         if not self._pending:
@@ -193,7 +197,7 @@ class _PipeIter(_BaseDataLoaderIter):
 
     # -------------------------------------------------------------- shutdown
 
-    def _shutdown_workers(self) -> None:
+    def _shutdown_workers(self, wait_s: float = 5.0) -> None:
         if self._shutdown:
             return
         self._shutdown = True
@@ -201,7 +205,7 @@ class _PipeIter(_BaseDataLoaderIter):
             with contextlib.suppress(OSError, ValueError):  # a worker that is gone already
                 out.send_bytes(pickle.dumps(None))
         for process in self._workers:
-            process.join(timeout=5.0)
+            process.join(timeout=wait_s)
             if process.is_alive():
                 process.terminate()
                 process.join(timeout=5.0)
