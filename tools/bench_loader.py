@@ -140,12 +140,12 @@ def cpu_seconds(pids: list[int]) -> float:
     return total
 
 
-def loader_rates(loaders: dict[str, Any], seconds: float, turn: float) -> dict[str, tuple[float, float]]:
-    """``{name: (samples/s, CPU us per batch)}``, loaders taking turns of ``turn`` seconds (``seconds`` each).
+def loader_rates(loaders: dict[str, Any], seconds: float, turn: float) -> dict[str, tuple[float, float, float]]:
+    """``{name: (samples/s, CPU us per batch of all processes, of the training process)}``.
 
-    CPU time is that of the training process and the loader's workers together. Worker start-up
-    is left out (a few batches are read first). A paused loader's workers fill their prefetch
-    queue (a few batches) and then wait; that flatters it by well under 1%.
+    Loaders take turns of ``turn`` seconds (``seconds`` each in all). Worker start-up is left
+    out (a few batches are read first). A paused loader's workers fill their prefetch queue (a
+    few batches) and then wait; that flatters it by well under 1%.
     """
     iterators = {name: iter(loader) for name, loader in loaders.items()}
     for it in iterators.values():
@@ -156,18 +156,22 @@ def loader_rates(loaders: dict[str, Any], seconds: float, turn: float) -> dict[s
     batches = {name: 0 for name in loaders}
     spent = {name: 0.0 for name in loaders}
     cpu = {name: 0.0 for name in loaders}
+    main_cpu = {name: 0.0 for name in loaders}
     rounds = max(1, round(seconds / turn))
     for _ in range(rounds):
         for name, it in iterators.items():
             c0 = cpu_seconds(pids[name])
+            m0 = cpu_seconds(pids[name][:1])
             t0 = time.perf_counter()
             while time.perf_counter() - t0 < turn:
                 done[name] += len(next(it)["step"])
                 batches[name] += 1
             spent[name] += time.perf_counter() - t0
             cpu[name] += cpu_seconds(pids[name]) - c0
+            main_cpu[name] += cpu_seconds(pids[name][:1]) - m0
     del iterators
-    return {name: (done[name] / spent[name], cpu[name] / batches[name] * 1e6) for name in loaders}
+    return {name: (done[name] / spent[name], cpu[name] / batches[name] * 1e6, main_cpu[name] / batches[name] * 1e6)
+            for name in loaders}
 
 
 def read_every_row(ds: VLADataset) -> None:
@@ -256,17 +260,23 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         workers_state = "cold workers" if args.cold_workers else "workers read every row first"
         print(f"\nsamples/s through loaders (warm page cache, {workers_state}, persistent workers, "
-              f"pin_memory={args.pin_memory}, turns of {args.turn} s, {args.seconds} s each)")
+              f"pin_memory={args.pin_memory}, turns of {args.turn} s, {args.seconds} s each); CPU us per batch "
+              "of all processes and of the training process; 'idle' = the ratio CPU time allows on idle cores")
+        print(f"  {'':>10}  {'loader':<28} {'samples/s':>11}  {'x w=0':>6}  {'CPU all':>8}  {'CPU main':>8}"
+              f"  {'idle':>8}")
         for batch in args.batch:
             loaders = make_loaders(ds, batch, args.workers, args.pin_memory, args.seed, args.loaders,
                                    not args.cold_workers)
             load_before = os.getloadavg()[0]
             rates = loader_rates(loaders, args.seconds, args.turn)
-            base = rates.get("num_workers=0", (0.0, 0.0))[0]
-            for name, (rate, cpu_us) in rates.items():
-                ratio = f"{rate / base:.2f}x num_workers=0" if base else ""
-                print(f"  batch {batch:>4}  {name:<28} {rate:>11,.0f} samples/s  {ratio:<20}  "
-                      f"{cpu_us:>6,.0f} us CPU per batch (all processes)")
+            base, base_cpu, _ = rates.get("num_workers=0", (0.0, 0.0, 0.0))
+            for name, (rate, cpu_us, main_us) in rates.items():
+                ratio = f"{rate / base:.2f}x" if base else ""
+                # on idle cores: the processes' CPU spread over the cores, or the training process alone
+                ideal = cpu_us / min(args.workers + 1, os.cpu_count() or 1) if name != "num_workers=0" else cpu_us
+                bound = f"{base_cpu / max(ideal, main_us):.2f}x" if base_cpu else ""
+                print(f"  batch {batch:>4}  {name:<28} {rate:>11,.0f}  {ratio:>6}  {cpu_us:>8,.0f}  {main_us:>8,.0f}"
+                      f"  {bound:>8}")
             print(f"             load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after", flush=True)
             del loaders
     finally:
