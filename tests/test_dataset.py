@@ -72,12 +72,18 @@ def test_every_sample_holds_the_values_written(known, n_obs, horizon) -> None:
     assert seen == {(e, t) for e, n in enumerate(STEPS) for t in range(n)}
 
 
-def test_getitems_and_collate_equal_getitem_one_by_one(known) -> None:
-    ds = VLADataset(known.store, features=FAMILIES, n_obs_steps=2, horizon=4)
-    indices = [0, 7, 8, 20, 62, 5, 5, 40]
+@pytest.mark.parametrize("names", [True, False])
+def test_getitems_and_collate_equal_getitem_one_by_one(known, names) -> None:
+    ds = VLADataset(known.store, features=FAMILIES, n_obs_steps=2, horizon=4, batch_episode_names=names)
+    indices = [0, 7, 8, 20, 62, 5, 5, 40, -1]
     batch = collate(ds.__getitems__(indices))
     assert isinstance(batch, Batch)
     one_by_one = collate([ds[i] for i in indices])
+    # episode names ride along only when asked for (a Python list per batch); ids name them on demand
+    assert ("episode" in batch) == names
+    assert [ds.episode_name(e) for e in batch["episode_index"]] == one_by_one.pop("episode")
+    batch.pop("episode", None)
+    assert batch["index"].tolist() == [i % len(ds) for i in indices]
     assert batch.keys() == one_by_one.keys()
     for key, value in batch.items():
         if isinstance(value, torch.Tensor):
@@ -92,7 +98,7 @@ def test_getitems_and_collate_equal_getitem_one_by_one(known) -> None:
     samples = ds.__getitems__(indices)
     for i, sample in enumerate(samples):
         check_sample(known, sample, 2, 4)
-        assert sample["index"] == indices[i]
+        assert sample["index"] == indices[i] % len(ds)
 
 
 def test_series_read_from_the_store_equal_series_held_in_ram(known) -> None:
@@ -118,14 +124,48 @@ def _same(batches_a: list[dict], batches_b: list[dict]) -> None:
                 assert a[key] == b[key], key
 
 
-@pytest.mark.parametrize("context", ["fork", "spawn"])
-def test_two_workers_return_the_batches_of_one_process(known, context) -> None:
-    ds = VLADataset(known.store, features=["fixed_bfloat16", "ragged_float16"], horizon=3)
+LOADERS = [pytest.param(False, id="VLADataLoader"), pytest.param(True, id="torch-DataLoader")]
+
+
+@pytest.mark.parametrize(("context", "torch_loader"), [
+    pytest.param("fork", False, id="fork-VLADataLoader"), pytest.param("fork", True, id="fork-torch-DataLoader"),
+    pytest.param("spawn", False, id="spawn-VLADataLoader"),  # torch's loader under spawn: tests/test_transport.py
+])
+@pytest.mark.filterwarnings("ignore:'pin_memory' argument is set as true but no accelerator")
+def test_two_workers_return_the_batches_of_one_process(known, context, torch_loader) -> None:
+    ds = VLADataset(known.store, features=["fixed_bfloat16", "ragged_float16"], horizon=3,
+                    delta_steps={"state": [-2, 0]}, batch_episode_names=True)
     ds[0]  # shards mapped before the workers start: each worker must map its own
     single = _all_batches(ds)
-    workers = _all_batches(ds, num_workers=2, multiprocessing_context=context, persistent_workers=True,
-                           pin_memory=torch.cuda.is_available())
-    _same(single, workers)
+    # pin_memory=True: pinned on a machine with CUDA, a warning and plain memory without
+    loader = ds.dataloader(batch_size=7, shuffle=False, num_workers=2, multiprocessing_context=context,
+                           persistent_workers=True, pin_memory=True, torch_loader=torch_loader)
+    for _epoch in range(2):  # the same persistent workers twice
+        workers = list(loader)
+        _same(single, workers)
+        assert all(type(b) is Batch for b in workers)
+        if torch.cuda.is_available():
+            assert all(b["fixed_bfloat16"].is_pinned() for b in workers)
+    # a pass abandoned halfway leaves batches in flight; the next pass starts clean
+    partial = iter(loader)
+    next(partial)
+    _same(single, list(loader))
+
+
+@pytest.mark.parametrize("torch_loader", LOADERS)
+def test_workers_without_persistence_across_epochs_and_two_loaders_at_once(known, torch_loader) -> None:
+    """New worker processes every epoch (new rings), two loaders' workers alive together."""
+    ds = VLADataset(known.store, features=["fixed_float32"], horizon=2)
+    single = _all_batches(ds)
+    a = ds.dataloader(batch_size=7, shuffle=False, num_workers=2, torch_loader=torch_loader)
+    b = ds.dataloader(batch_size=7, shuffle=False, num_workers=1, torch_loader=torch_loader, prefetch_factor=8)
+    for _epoch in range(3):
+        got_a, got_b = [], []
+        for x, y in zip(a, b, strict=True):  # both loaders' workers hand over batches in turn
+            got_a.append(x)
+            got_b.append(y)
+        _same(single, got_a)
+        _same(single, got_b)
 
 
 def test_distributed_sampler_with_two_replicas_covers_every_sample_once(known) -> None:
@@ -174,6 +214,9 @@ def test_missing_rows_raise_naming_them_or_are_skipped(partial, caplog) -> None:
     assert len(ds) == sum(STEPS) - 9  # steps 6..14 of episode_003 need the missing rows
     steps = {(s["episode"], s["step"]) for s in ds}
     assert ("episode_003", 5) in steps and ("episode_003", 15) in steps and ("episode_003", 6) not in steps
+    batch = collate(ds.__getitems__([0, -1, len(ds) - 2]))
+    assert batch["index"].tolist() == [0, len(ds) - 1, len(ds) - 2]  # positions among the samples kept
+    assert batch["step"].tolist()[1:] == [ds[len(ds) - 1]["step"], ds[len(ds) - 2]["step"]]
 
 
 def test_episode_subsets_and_a_split_by_episode(known) -> None:
@@ -235,10 +278,12 @@ def _new_generation(path, fingerprint: str, fill: float) -> None:
     store.switch_generation("fixed_float32", info.generation)
 
 
-def test_refresh_switches_generations_in_the_process_and_in_persistent_workers(tmp_path) -> None:
+@pytest.mark.parametrize("torch_loader", LOADERS)
+def test_refresh_switches_generations_in_the_process_and_in_persistent_workers(tmp_path, torch_loader) -> None:
     known = make_store(tmp_path / "g.vla", families=("fixed",))
     ds = VLADataset(tmp_path / "g.vla", features=["fixed_float32"], expect_fingerprint="fp-float32")
-    loader = ds.dataloader(batch_size=16, num_workers=2, persistent_workers=True, multiprocessing_context="fork")
+    loader = ds.dataloader(batch_size=16, num_workers=2, persistent_workers=True, multiprocessing_context="fork",
+                           torch_loader=torch_loader)
     before = list(loader)
     old_view = ds[0]["fixed_float32"]
     np.testing.assert_array_equal(before[0]["fixed_float32"][0].numpy(), known.values["fixed_float32"][0])

@@ -20,7 +20,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("vlastore.nodes",),  # zarr groups, attributes and small arrays over the seam
     ("vlastore.family",),  # one generation of one family: what readers and writers take
     ("vlastore.read", "vlastore.writer"),
-    ("vlastore.stats", "vlastore.sampler", "vlastore.transport"),
+    ("vlastore.stats", "vlastore.sampler", "vlastore.transport", "vlastore.loader"),
     ("vlastore.store",),  # the manifest; makes handles, readers and writers
     ("vlastore.reader", "vlastore.report", "vlastore.dataset"),
     ("vlastore.demo",),

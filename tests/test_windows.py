@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vlastore.windows import (
+    EdgePadding,
     WindowPlan,
     action_deltas,
     feature_rows,
@@ -231,3 +232,57 @@ def test_a_gap_in_the_timestamps_is_named() -> None:
     episodes, steps = sample_table(np.array([5]), [0])
     with pytest.raises(ValueError, match=r"1 windows .*'state' delta -0\.1 s at episode ep step 3"):
         plan.check_grid(np.array([0, 5]), episodes, steps, names=["ep"])
+
+
+# ---------------------------------------------------------------- edge-padded series (what VLADataset reads)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    steps=st.lists(st.integers(0, 20), min_size=1, max_size=6).filter(lambda s: sum(s) > 0),
+    keys=st.dictionaries(st.sampled_from(["state", "action", "tool"]), deltas_st, min_size=1),
+    data=st.data(),
+)
+def test_windows_on_edge_padded_series_equal_clamped_windows(steps, keys, data) -> None:
+    """One add and one gather on the padded axis read what clamping reads, pads included."""
+    offsets = np.concatenate([[0], np.cumsum(steps)]).astype(np.int64)
+    episodes, step_of = sample_table(np.asarray(steps), np.arange(len(steps)))
+    picks = data.draw(st.lists(st.integers(0, len(episodes) - 1), min_size=1, max_size=16))
+    plan = WindowPlan.build(keys)
+    before, after = plan.reach()
+    extra = data.draw(st.integers(0, 3))  # more padding than needed changes nothing
+    padding = EdgePadding.build(offsets, before + extra, after)
+    series = np.arange(offsets[-1] * 2, dtype=np.float32).reshape(-1, 2)
+    padded = padding.pad(series)
+    assert np.array_equal(padded[~padding.is_pad], series)  # the stored series is the padded one less its copies
+    e, t = episodes[picks], step_of[picks]
+    blocks = plan.padded_indices(padding, padding.starts[e] + t, offsets, e, t)
+    reference = plan.indices(offsets, e, t)
+    for key in keys:
+        index, is_pad = blocks[plan.block_of[key]]
+        assert np.array_equal(padded[index], series[reference[key][0]]), key
+        assert np.array_equal(is_pad, reference[key][1]), key
+        assert is_pad.flags.c_contiguous
+
+
+def test_edge_padding_layout() -> None:
+    padding = EdgePadding.build(np.array([0, 2, 2, 5]), before=1, after=2)  # episodes of 2, 0 and 3 steps
+    assert padding.starts.tolist() == [1, 5, 6]
+    assert padding.source.tolist() == [0, 0, 1, 1, 1, 2, 2, 3, 4, 4, 4]
+    assert padding.is_pad.tolist() == [True, False, False, True, True, True, False, False, False, True, True]
+    with pytest.raises(ValueError, match=">= 0"):
+        EdgePadding.build(np.array([0, 2]), before=-1, after=0)
+
+
+def test_time_offsets_land_on_the_padded_axis_too() -> None:
+    steps = [6, 4]
+    offsets = np.array([0, 6, 10])
+    episodes, step_of = sample_table(np.asarray(steps), [0, 1])
+    ts = np.concatenate([np.arange(6) * 0.1, 5 + np.arange(4) * 0.1])
+    plan = WindowPlan.build({"state": [-1, 0]}, {"action": [0.0, 0.2]}, timestamps=ts)
+    padding = EdgePadding.build(offsets, *plan.reach())
+    blocks = plan.padded_indices(padding, padding.starts[episodes] + step_of, offsets, episodes, step_of)
+    reference = plan.indices(offsets, episodes, step_of)
+    for key in ("state", "action"):
+        index, is_pad = blocks[plan.block_of[key]]
+        assert np.array_equal(padding.source[index], reference[key][0]) and np.array_equal(is_pad, reference[key][1])

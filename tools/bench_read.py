@@ -8,7 +8,9 @@ Builds its own data in a temporary folder (or --workdir), then prints, in one ru
    (``FeatureReader.gather``) with each checksum mode;
 2. training samples/s through ``DataLoader(num_workers=2)``: a legacy Dataset
    that ``torch.load``s the ``.pt`` and ``np.load``s the episode's ``.npz`` per
-   sample, against ``VLADataset``;
+   sample, against ``VLADataset`` (through ``ds.dataloader()``, a
+   ``VLADataLoader``, and through torch's ``DataLoader``), with ratios to
+   ``VLADataset`` in one process (``num_workers=0``);
 3. variable-length rows ``[L, dim]`` (L from 64 to 320): read MB/s against
    ``np.memmap`` of the same bytes.
 
@@ -233,7 +235,11 @@ def dataloader_bench(root: Path, data: dict, reuse: int, batch: int, seconds: fl
     loaders = {
         "legacy .pt + .npz": torch.utils.data.DataLoader(legacy, batch_size=batch, sampler=sampler(legacy),
                                                          num_workers=2),
+        # ds.dataloader() is a VLADataLoader (vlastore/loader.py); torch_loader=True: torch's own
         "VLADataset": ds.dataloader(batch_size=batch, sampler=sampler(ds), num_workers=2),
+        "VLADataset, torch's DataLoader": ds.dataloader(batch_size=batch, sampler=sampler(ds), num_workers=2,
+                                                        torch_loader=True),
+        "VLADataset, num_workers=0": ds.dataloader(batch_size=batch, sampler=sampler(ds)),
     }
     return loader_rates(loaders, seconds)
 
@@ -325,7 +331,8 @@ def main(argv: list[str] | None = None) -> int:
              ["torch.load per file", "np.memmap packed .npy", "LMDB"])
         loaders = dataloader_bench(root, data, args.reuse, args.batch, args.seconds * 2)
         show(f"training samples through DataLoader(num_workers=2, batch_size={args.batch}), feature + "
-             f"state x{N_OBS} + action x{HORIZON}", loaders, "samples/s", ["legacy .pt + .npz"])
+             f"state x{N_OBS} + action x{HORIZON} (tools/bench_loader.py: the loaders alone, in detail)", loaders,
+             "samples/s", ["legacy .pt + .npz", "VLADataset, num_workers=0"])
         del data
         ragged = ragged_bench(root, args.ragged_rows, args.dim, args.seconds, args.seed)
         show("variable-length rows [L, dim], L in 64..320, batches of 8 rows, each row as a contiguous tensor",

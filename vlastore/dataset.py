@@ -25,12 +25,15 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from . import transport
+from .loader import ResumableVLADataLoader, VLADataLoader
 from .reader import FeatureReader, MissingRowError, to_tensor
 from .sampler import ResumableDataLoader, ResumableSampler
 from .stats import DEFAULT_QUANTILES, SeriesStats, summarize
 from .store import VLAStore
 from .windows import (
     DEFAULT_TOLERANCE_S,
+    EdgePadding,
     WindowPlan,
     action_deltas,
     feature_rows,
@@ -54,56 +57,68 @@ class MissingFeaturesError(MissingRowError):
     """Rows the dataset needs have not been written."""
 
 
-PIPE_LIMIT_BYTES = 16 << 20
-"""Batches up to this size leave a DataLoader worker as plain bytes (see :class:`Batch`)."""
-
-
-def _as_numpy(tensor: torch.Tensor) -> tuple[np.ndarray, str]:
-    name = str(tensor.dtype).removeprefix("torch.")
-    if tensor.dtype == torch.bfloat16:
-        return tensor.view(torch.int16).numpy(), name
-    return tensor.numpy(), name
-
-
-def _rebuild_batch(items: dict[str, Any], packed: dict[str, tuple[np.ndarray, str]]) -> Batch:
-    batch = Batch(items)
-    for key, (array, name) in packed.items():
-        tensor = torch.from_numpy(array)
-        batch[key] = tensor.view(torch.bfloat16) if name == "bfloat16" else tensor
-    return batch
-
-
 class Batch(dict):
-    """A collated batch: ``{key: tensor or list}``.
+    """A collated batch: ``{key: tensor or list}``, a plain dict.
 
-    A plain dict, except how it crosses from a DataLoader worker to the main
-    process: PyTorch moves every tensor into its own shared-memory segment,
-    which costs more than the copy for batches of a few hundred KB (measured:
-    ~2.4 ms vs ~0.75 ms per 300 KB batch). Batches up to
-    :data:`PIPE_LIMIT_BYTES` are therefore pickled as plain bytes through the
-    worker's pipe and rebuilt as tensors on arrival; larger ones use shared
-    memory as usual.
+    Only its way out of a DataLoader worker differs: it is registered with
+    :mod:`vlastore.transport`, so a worker copies its tensors into a
+    shared-memory slot and the training process copies them out with one
+    memcpy, where PyTorch would make one shared-memory segment per tensor
+    (measured here: ~2.4 ms for a 300 KB batch) and plain pickling costs a
+    pickle, a pipe transfer and an unpickle (~0.75 ms). ``copy``, ``pickle``
+    and ``torch.save`` see a plain dict.
     """
 
-    def __reduce__(self) -> tuple[Any, ...]:
-        tensors = {k: v for k, v in self.items() if isinstance(v, torch.Tensor) and v.device.type == "cpu"}
-        if sum(t.numel() * t.element_size() for t in tensors.values()) > PIPE_LIMIT_BYTES:
-            return (Batch, (dict(self),))
-        packed = {k: _as_numpy(v) for k, v in tensors.items()}
-        items = {k: v for k, v in self.items() if k not in packed}
-        return (_rebuild_batch, (items, packed))
+    _arrays: dict[str, tuple[torch.Tensor, np.ndarray, bool]] | None = None
+    """``{key: (tensor as made, its numpy array, bfloat16?)}``: lets the transport skip torch's attribute calls."""
+
+    @classmethod
+    def of_arrays(cls, arrays: Mapping[str, np.ndarray], bfloat16: Sequence[str] = (),
+                  episode_names: list[str] | None = None) -> Batch:
+        """A batch of tensors sharing memory with ``arrays`` (``bfloat16`` keys: uint16 bits viewed as such)."""
+        batch = cls()
+        made: dict[str, tuple[torch.Tensor, np.ndarray, bool]] = {}
+        from_numpy = torch.from_numpy
+        for key, array in arrays.items():
+            if not array.flags.writeable:  # decompressed or fetched bytes: torch wants writable memory
+                array = array.copy()
+            tensor = from_numpy(array)
+            is_bf16 = key in bfloat16
+            if is_bf16:
+                tensor = tensor.view(torch.bfloat16)
+            batch[key] = tensor
+            made[key] = (tensor, array, is_bf16)
+            if key == "index" and episode_names is not None:
+                batch["episode"] = episode_names
+        batch._arrays = made
+        return batch
+
+    def transport_arrays(self) -> dict[str, tuple[np.ndarray, bool]]:
+        """``{key: (numpy array, bfloat16?)}`` of the tensors still as :meth:`of_arrays` made them."""
+        made = self._arrays
+        if not made:
+            return {}
+        return {key: (array, is_bf16) for key, (tensor, array, is_bf16) in made.items() if self.get(key) is tensor}
+
+    def __getstate__(self) -> None:  # pickle and copy carry the items only
+        return None
+
+
+transport.register(Batch)
 
 
 class BatchedSamples(Sequence):
     """What :meth:`VLADataset.__getitems__` returns: the batch, already stacked.
 
     :func:`collate` returns :attr:`batch` as it is. Any other collate function
-    sees a sequence of per-sample dicts (views into the batch, made on demand).
+    sees a sequence of per-sample dicts (views into the batch, made on demand),
+    each with its ``episode`` name as :meth:`VLADataset.__getitem__` gives it.
     """
 
-    def __init__(self, batch: Batch, ragged: Sequence[str]) -> None:
+    def __init__(self, batch: Batch, ragged: Sequence[str], names: Sequence[str] | None = None) -> None:
         self.batch = batch
         self.ragged = tuple(ragged)
+        self.names = names
 
     def __len__(self) -> int:
         return len(self.batch["index"])
@@ -120,6 +135,8 @@ class BatchedSamples(Sequence):
             else:
                 value = value[i]
             sample[key] = value
+            if key == "index" and "episode" not in self.batch and self.names is not None:
+                sample["episode"] = self.names[int(self.batch["episode_index"][i])]
         return sample
 
 
@@ -197,6 +214,10 @@ class VLADataset(Dataset):
             read them from the store per batch.
         verify: crc32c checking of feature rows: ``"always"``, ``"once"``
             (per chunk and process, the default) or ``"never"``.
+        batch_episode_names: batches also carry ``episode``, the list of
+            episode names: a Python list per batch, so off by default
+            (``ds.episode_name(batch["episode_index"][i])`` names one on
+            demand). Single samples always carry it.
 
     Raises:
         KeyError: unknown family, series or episode.
@@ -223,6 +244,7 @@ class VLADataset(Dataset):
         fps: float | Sequence[float] | None = None,
         timestamps: str | np.ndarray | None = None,
         tolerance_s: float = DEFAULT_TOLERANCE_S,
+        batch_episode_names: bool = False,
     ) -> None:
         self.store = store if isinstance(store, VLAStore) else VLAStore.open(store)
         if on_missing not in ON_MISSING:
@@ -255,23 +277,30 @@ class VLADataset(Dataset):
         self.on_missing = on_missing
         self.series_in_ram = series_in_ram
         self.verify = verify
+        self.batch_episode_names = bool(batch_episode_names)
         self._reuse_override = _per_family(vlm_reuse_count, self.features, "vlm_reuse_count")
         self.expect_fingerprint = _per_family(expect_fingerprint, self.features, "expect_fingerprint")
         catalog = self.store.catalog
         chosen = range(len(catalog)) if episodes is None else [catalog.resolve(e) for e in episodes]
         self.episode_ids = np.asarray(list(chosen), dtype=np.int64)
-        self._cand_episode, self._cand_step = sample_table(catalog.steps, self.episode_ids)
+        n_candidates = int(np.asarray(catalog.steps)[self.episode_ids].sum())
         self._plan = self._window_plan(n_obs_steps, horizon)
         self._stats: dict[tuple[str, tuple[float, ...], str], SeriesStats] = {}
+        # Series in RAM are laid out with copies of each episode's edge steps around it (EdgePadding), as
+        # far as the windows reach: a batch's windows are then one add and one gather per key, no clamping.
+        self._padding: EdgePadding | None = None
+        if series_in_ram and self.window_keys:
+            self._padding = EdgePadding.build(catalog.step_offsets, *self._plan.reach(self.episode_ids))
         self._series: dict[str, Any] = {}
         for key in self.window_keys:
-            self._series[key] = (
-                self.store.series_all(key) if series_in_ram else self.store.series_array(key)
-            )
+            if self._padding is not None:
+                self._series[key] = self._padding.pad(self.store.series_all(key))
+            else:
+                self._series[key] = self.store.series_array(key)
         # Shared with DataLoader workers (shared memory survives fork and spawn), so refresh() in the
         # main process reaches persistent workers: [counter, generation of each family].
         self._sync = torch.zeros(1 + len(self.features), dtype=torch.int64).share_memory_()
-        self._keep = torch.ones(len(self._cand_episode), dtype=torch.bool).share_memory_()
+        self._keep = torch.ones(n_candidates, dtype=torch.bool).share_memory_()
         self._sync_np = self._sync.numpy()  # the same memory; reading it costs ~100x less than a tensor index
         self._names = np.asarray(catalog.names, dtype=object)
         self._seen = -1
@@ -299,7 +328,8 @@ class VLADataset(Dataset):
                              "episodes; give one fps, or one per catalog episode")
         plan = WindowPlan.build(steps, self.delta_timestamps, fps=fps, timestamps=times,
                                 tolerance_s=self.tolerance_s, episodes=self.episode_ids)
-        plan.check_grid(self.store.catalog.step_offsets, self._cand_episode, self._cand_step, self.store.catalog.names)
+        episodes, steps = self._candidates()
+        plan.check_grid(self.store.catalog.step_offsets, episodes, steps, self.store.catalog.names)
         return plan
 
     def _timestamps_array(self, timestamps: str | np.ndarray) -> np.ndarray:
@@ -325,19 +355,36 @@ class VLADataset(Dataset):
             )
         return int(reuse)
 
+    def _candidates(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(episode, step)`` of every step of the dataset's episodes (made when needed, not kept)."""
+        return sample_table(self.store.catalog.steps, self.episode_ids)
+
     def _refresh_local(self, generations: Mapping[str, int] | None, check: bool) -> dict[str, tuple[int, int]]:
-        """Open readers on ``generations`` (default: current), check them, recompute which samples exist."""
+        """Open readers on ``generations`` (default: current), check them, recompute which samples exist.
+
+        Builds :attr:`_table`, one row per sample: its index, episode, step, each family's
+        ``vlm_idx``, each family's feature row, and its position on the padded series axis. A
+        batch reads all of them with one gather.
+        """
         readers: dict[str, FeatureReader] = {}
-        keep = np.ones(len(self._cand_episode), dtype=bool)
-        self._rows: dict[str, np.ndarray] = {}
-        self._vlm_idx: dict[str, np.ndarray] = {}
-        for family in self.features:
+        episodes, steps = self._candidates()
+        keep = np.ones(len(episodes), dtype=bool)
+        n_families = len(self.features)
+        table = np.empty((len(episodes), 3 + 2 * n_families + 1), dtype=np.int64)
+        table[:, 1] = episodes
+        table[:, 2] = steps
+        if self._padding is not None:  # each sample's own step on the padded series axis
+            np.add(self._padding.starts[episodes], steps, out=table[:, -1])
+        else:
+            table[:, -1] = 0
+        for i, family in enumerate(self.features):
             gen = None if generations is None else generations[family]
             reader = FeatureReader(self.store, family, gen, verify=self.verify)
             rows, vlm_idx = feature_rows(
-                reader.layout.episode_rows, self._cand_episode, self._cand_step, self._reuse(family)
+                reader.layout.episode_rows, episodes, steps, self._reuse(family)
             )
-            self._rows[family], self._vlm_idx[family] = rows, vlm_idx
+            table[:, 3 + i] = vlm_idx
+            table[:, 3 + n_families + i] = rows
             if check:
                 self._check_fingerprint(reader)
                 present = self.store.coverage(family, reader.generation)
@@ -352,7 +399,9 @@ class VLADataset(Dataset):
         self._readers = readers
         if check:
             self._keep.copy_(torch.from_numpy(keep))
-        self._samples = np.flatnonzero(self._keep.numpy())
+        kept = self._keep.numpy()
+        self._table = table if kept.all() else table[kept]
+        self._table[:, 0] = np.arange(len(self._table))  # a negative index gathers its sample's true position
         return {f: (r.generation, r.layout.rows) for f, r in readers.items()}
 
     def _check_fingerprint(self, reader: FeatureReader) -> None:
@@ -402,20 +451,20 @@ class VLADataset(Dataset):
         if expect_fingerprint is not None:
             self.expect_fingerprint = _per_family(expect_fingerprint, self.features, "expect_fingerprint")
         self.store.reload()
-        old = (self._readers, self._rows, self._vlm_idx, self._samples, self._keep.clone())
+        old_readers, old_table, old_keep = self._readers, self._table, self._keep.clone()
         try:
             result = self._refresh_local(None, check=True)
         except Exception:
-            self._readers, self._rows, self._vlm_idx, self._samples = old[:4]
-            self._keep.copy_(old[4])
+            self._readers, self._table = old_readers, old_table
+            self._keep.copy_(old_keep)
             raise
         for i, family in enumerate(self.features):
             self._sync[1 + i] = self._readers[family].generation
         self._sync[0] += 1
         self._seen = int(self._sync[0])
-        if len(self._samples) != len(old[3]):
+        if len(self._table) != len(old_table):
             log.warning("refresh changed the number of samples from %d to %d; make a new sampler/DataLoader",
-                        len(old[3]), len(self._samples))
+                        len(old_table), len(self._table))
         return result
 
     reload = refresh
@@ -447,81 +496,96 @@ class VLADataset(Dataset):
     # ---------------------------------------------------------------- samples
 
     def __len__(self) -> int:
-        return len(self._samples)
+        return len(self._table)
 
-    def _candidates(self, indices: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``(index, candidate)`` of each requested sample (negative indices count from the end)."""
-        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+    def _pick(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
+        """``[K, B]`` int64: the table rows of the samples (negative indices counted from the end).
+
+        One gather for all per-sample numbers, turned so that each number is a contiguous
+        row: a tensor (or a reader's row list) without a copy.
+        """
+        idx = np.asarray(indices, dtype=np.int64)
+        if idx.ndim != 1:
+            idx = idx.reshape(-1)
         try:
-            cand = self._samples[idx]
+            picked = self._table.take(idx, axis=0)
         except IndexError:
-            raise IndexError(f"sample index out of range: the dataset has {len(self._samples)} samples") from None
-        return idx % max(len(self._samples), 1), cand
+            raise IndexError(f"sample index out of range: the dataset has {len(self._table)} samples") from None
+        return np.ascontiguousarray(picked.T)
 
-    def _windows(self, cand: np.ndarray) -> dict[str, Any]:
-        out: dict[str, Any] = {}
+    def _window_arrays(self, ids: np.ndarray) -> dict[str, np.ndarray]:
+        """``{key: values [B, W, cols], key_is_pad: [B, W]}`` for the samples of ``ids`` (see :meth:`_pick`).
+
+        Keys with the same offsets share one ``is_pad`` array.
+        """
+        out: dict[str, np.ndarray] = {}
         if not self.window_keys:
             return out
-        windows = self._plan.indices(self.store.catalog.step_offsets, self._cand_episode[cand], self._cand_step[cand])
+        episodes, steps = ids[1], ids[2]
+        offsets = self.store.catalog.step_offsets
+        if self._padding is not None:
+            blocks = self._plan.padded_indices(self._padding, ids[-1], offsets, episodes, steps)
+        else:
+            blocks = self._plan.block_indices(offsets, episodes, steps)
+        block_of = self._plan.block_of
         for key in self.window_keys:
-            index, is_pad = windows[key]
+            index, is_pad = blocks[block_of[key]]
             series = self._series[key]
-            if self.series_in_ram:
-                values = series[index]
+            if self._padding is not None:
+                out[key] = series.take(index, axis=0)
             else:
                 flat, inverse = np.unique(index, return_inverse=True)
-                values = np.asarray(series.oindex[flat, :])[inverse.reshape(index.shape)]
-            out[key] = torch.from_numpy(np.ascontiguousarray(values))
-            out[f"{key}_is_pad"] = torch.from_numpy(np.ascontiguousarray(is_pad))
+                out[key] = np.ascontiguousarray(np.asarray(series.oindex[flat, :])[inverse.reshape(index.shape)])
+            out[f"{key}_is_pad"] = is_pad
         return out
+
+    def episode_name(self, episode_index: int) -> str:
+        """The name of the episode at ``episode_index`` (a batch's ``episode_index`` entries)."""
+        return self.store.catalog.names[int(episode_index)]
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         """One sample: features (zero-copy views on local raw stores), windows, pad masks, ids."""
         self._follow()
-        idx, cand = self._candidates([index])
-        c = int(cand[0])
-        e = int(self._cand_episode[c])
-        sample: dict[str, Any] = {
-            "index": int(idx[0]),
-            "episode": self.store.catalog.names[e],
-            "episode_index": e,
-            "step": int(self._cand_step[c]),
-        }
-        for family, reader in self._readers.items():
-            value = to_tensor(reader.row(int(self._rows[family][c])), reader.spec.dtype)
+        ids = self._pick([index])[:, 0].tolist()
+        e, step = ids[1], ids[2]
+        sample: dict[str, Any] = {"index": ids[0], "episode": self._names[e], "episode_index": e, "step": step}
+        n_families = len(self.features)
+        for i, (family, reader) in enumerate(self._readers.items()):
+            value = to_tensor(reader.row(ids[3 + n_families + i]), reader.spec.dtype)
             sample[family] = value
-            sample[f"{family}_{reader.spec.index_name}"] = int(self._vlm_idx[family][c])
+            sample[f"{family}_{reader.spec.index_name}"] = ids[3 + i]
             if reader.spec.ragged:
                 sample[f"{family}_length"] = len(value)
-        for key, value in self._windows(cand).items():
-            sample[key] = value[0]
+        for key, value in self._window_arrays(np.asarray(ids, dtype=np.int64)[:, None]).items():
+            sample[key] = torch.from_numpy(value[0])
         return sample
 
     def __getitems__(self, indices: Sequence[int]) -> BatchedSamples:
-        """A batch in one go: feature rows gathered per shard, windows in one numpy pass."""
+        """A batch in one go: per-sample numbers in one gather, feature rows in one gather per family,
+        the windows of every key in one fused numpy pass."""
         self._follow()
-        idx, cand = self._candidates(indices)
-        episodes = self._cand_episode[cand]
-        batch = Batch({
-            "index": torch.from_numpy(idx),
-            "episode": self._names[episodes].tolist(),
-            "episode_index": torch.from_numpy(episodes.copy()),
-            "step": torch.from_numpy(self._cand_step[cand].copy()),
-        })
+        ids = self._pick(indices)
+        episodes, steps = ids[1], ids[2]
+        arrays: dict[str, np.ndarray] = {"index": ids[0], "episode_index": episodes, "step": steps}
+        names = self._names[episodes].tolist() if self.batch_episode_names else None
+        bfloat16: list[str] = []
         ragged = []
-        for family, reader in self._readers.items():
-            rows = self._rows[family][cand]
+        n_families = len(self.features)
+        for i, (family, reader) in enumerate(self._readers.items()):
+            rows = ids[3 + n_families + i]
             if reader.spec.ragged:
                 values, lengths = reader.gather_padded(rows)
-                batch[family] = to_tensor(values, reader.spec.dtype)
-                batch[f"{family}_length"] = torch.from_numpy(lengths)
-                batch[f"{family}_is_pad"] = torch.arange(values.shape[1])[None, :] >= batch[f"{family}_length"][:, None]
+                arrays[family] = values
+                arrays[f"{family}_length"] = lengths
+                arrays[f"{family}_is_pad"] = np.arange(values.shape[1])[None, :] >= lengths[:, None]
                 ragged.append(family)
             else:
-                batch[family] = to_tensor(reader.gather(rows), reader.spec.dtype)
-            batch[f"{family}_{reader.spec.index_name}"] = torch.from_numpy(self._vlm_idx[family][cand])
-        batch.update(self._windows(cand))
-        return BatchedSamples(batch, ragged)
+                arrays[family] = reader.gather(rows)
+            if reader.spec.dtype == "bfloat16":
+                bfloat16.append(family)
+            arrays[f"{family}_{reader.spec.index_name}"] = ids[3 + i]
+        arrays.update(self._window_arrays(ids))
+        return BatchedSamples(Batch.of_arrays(arrays, bfloat16, names), ragged, self._names)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for i in range(len(self)):
@@ -571,29 +635,34 @@ class VLADataset(Dataset):
             raise KeyError(f"unknown series {key!r}; the store has {list(self.store.series_keys)}")
         cache_key = (key, tuple(float(q) for q in quantiles), method)
         if cache_key not in self._stats:
-            values = self._series.get(key) if self.series_in_ram else None
-            if values is None:
-                values = self.store.series_all(key)
+            padded = self._series.get(key) if self._padding is not None else None
+            # the series as stored is the padded copy less its copies
+            values = self.store.series_all(key) if padded is None else padded[~self._padding.is_pad]
             self._stats[cache_key] = summarize(values, self.store.catalog.step_offsets, self.episode_ids,
                                                quantiles, method, columns=self.store.columns(key))
         return self._stats[cache_key]
 
-    def dataloader(self, batch_size: int = 32, resumable: bool = False, **kwargs: Any) -> DataLoader:
-        """A ``torch.utils.data.DataLoader`` with :func:`collate` (other arguments as DataLoader's).
+    def dataloader(self, batch_size: int = 32, resumable: bool = False, torch_loader: bool = False,
+                   **kwargs: Any) -> DataLoader:
+        """A DataLoader with :func:`collate` (other arguments as ``torch.utils.data.DataLoader``'s).
 
-        ``resumable=True`` (or a :class:`~vlastore.sampler.ResumableSampler`
-        as ``batch_sampler``) returns a
-        :class:`~vlastore.sampler.ResumableDataLoader`: the order depends only
-        on ``seed`` (default 0) and the epoch, ``state_dict()`` /
-        ``load_state_dict()`` resume mid-epoch sample-exactly, under torchrun
-        too (``tail=`` says how the last step of an epoch is split over ranks).
+        By default a :class:`~vlastore.loader.VLADataLoader`: a ``DataLoader``
+        subclass whose workers hand batches over at a fraction of the cost
+        (``torch_loader=True``: torch's own). ``resumable=True`` (or a
+        :class:`~vlastore.sampler.ResumableSampler` as ``batch_sampler``)
+        returns a resumable one (:class:`~vlastore.loader.ResumableVLADataLoader`,
+        or :class:`~vlastore.sampler.ResumableDataLoader` with
+        ``torch_loader=True``): the order depends only on ``seed`` (default 0)
+        and the epoch, ``state_dict()`` / ``load_state_dict()`` resume mid-epoch
+        sample-exactly, under torchrun too (``tail=`` says how the last step of
+        an epoch is split over ranks).
         """
         kwargs.setdefault("collate_fn", collate)
         if resumable or isinstance(kwargs.get("batch_sampler"), ResumableSampler):
             if "batch_sampler" not in kwargs:
                 kwargs["batch_size"] = batch_size
-            return ResumableDataLoader(self, **kwargs)
-        return DataLoader(self, batch_size=batch_size, **kwargs)
+            return (ResumableDataLoader if torch_loader else ResumableVLADataLoader)(self, **kwargs)
+        return (DataLoader if torch_loader else VLADataLoader)(self, batch_size=batch_size, **kwargs)
 
     def __repr__(self) -> str:
         gens = ", ".join(f"{f}@gen{g}" for f, g in self.generations.items())

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -28,6 +29,7 @@ __all__ = [
     "seconds_to_steps",
     "timestamp_window_indices",
     "WindowPlan",
+    "EdgePadding",
     "sample_table",
     "feature_rows",
     "split_episodes",
@@ -175,6 +177,53 @@ def timestamp_window_indices(
 
 
 @dataclass(frozen=True)
+class EdgePadding:
+    """The steps of every episode on a *padded axis*: each episode preceded by ``before`` copies of its
+    first step and followed by ``after`` copies of its last, episodes back to back.
+
+    A window whose offsets lie within ``[-before, after]`` is then one gather at
+    ``starts[episode] + step + offsets``: no clamping, and ``is_pad`` is one more gather. A
+    series laid out this way (:meth:`pad`) costs ``before + after`` extra rows per episode.
+    """
+
+    before: int
+    after: int
+    starts: np.ndarray
+    """``[E]`` position of each episode's step 0 on the padded axis."""
+    source: np.ndarray
+    """``[P]`` the global step each position of the padded axis repeats."""
+    is_pad: np.ndarray
+    """``[P]`` True on the copies."""
+
+    @classmethod
+    def build(cls, step_offsets: np.ndarray, before: int, after: int) -> EdgePadding:
+        """Lay out the episodes of ``step_offsets`` (``[E + 1]``) with ``before``/``after`` copies at their edges.
+
+        Episodes without steps get no copies (nothing can be read from them).
+        """
+        if before < 0 or after < 0:
+            raise ValueError(f"before={before}, after={after}: both must be >= 0")
+        offsets = np.asarray(step_offsets, dtype=np.int64)
+        counts = np.diff(offsets)
+        padded = np.where(counts > 0, counts + before + after, 0)
+        ends = np.cumsum(padded)
+        block_starts = ends - padded
+        starts = block_starts + np.where(counts > 0, before, 0)
+        total = int(ends[-1]) if len(ends) else 0
+        # position p of episode e repeats step clip(p - starts[e], 0, count - 1) of that episode
+        episode_of = np.repeat(np.arange(len(counts)), padded)
+        local = np.arange(total, dtype=np.int64) - starts[episode_of]
+        last = counts[episode_of] - 1
+        source = offsets[:-1][episode_of] + np.clip(local, 0, last)
+        is_pad = (local < 0) | (local > last)
+        return cls(int(before), int(after), starts.astype(np.int64), source, is_pad)
+
+    def pad(self, values: np.ndarray) -> np.ndarray:
+        """``values`` (``[total_steps, ...]``) on the padded axis: ``[P, ...]``, a new array."""
+        return np.ascontiguousarray(np.asarray(values)[self.source])
+
+
+@dataclass(frozen=True)
 class WindowPlan:
     """The offsets of every windowed key, fused into one table per kind.
 
@@ -300,20 +349,127 @@ class WindowPlan:
         kind, cols = self.columns[key]
         return (self.step_table if kind == "steps" else self.time_table)[..., cols]
 
-    def indices(
-        self, step_offsets: np.ndarray, episodes: np.ndarray, steps: np.ndarray
-    ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """``{key: (index [B, W_key], is_pad [B, W_key])}`` for a batch, every key from one fused pass per kind."""
+    @cached_property
+    def blocks(self) -> tuple[tuple[str, slice], ...]:
+        """The distinct offset sets, in order: ``(kind, columns)``; keys with equal offsets share one."""
+        seen: dict[tuple[str, int, int], tuple[str, slice]] = {}
+        for kind, cols in self.columns.values():
+            seen.setdefault((kind, cols.start, cols.stop), (kind, cols))
+        return tuple(seen.values())
+
+    @cached_property
+    def block_of(self) -> Mapping[str, int]:
+        """``{key: position in blocks}``."""
+        where = {(kind, cols.start, cols.stop): b for b, (kind, cols) in enumerate(self.blocks)}
+        return {key: where[(kind, cols.start, cols.stop)] for key, (kind, cols) in self.columns.items()}
+
+    def block_indices(
+        self,
+        step_offsets: np.ndarray,
+        episodes: np.ndarray,
+        steps: np.ndarray,
+        first: np.ndarray | None = None,
+        last: np.ndarray | None = None,
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """``(index [B, W_b], is_pad [B, W_b])`` of every block, all step blocks from one fused pass.
+
+        Args:
+            step_offsets: ``[E + 1]`` as in :func:`window_indices`.
+            episodes, steps: ``[B]`` int64 episode position and step within it of each sample.
+            first, last: ``[B]`` the global index of each sample's episode's first step and the
+                step number of its last (``count - 1``); computed from ``step_offsets`` when None
+                (a caller that keeps them per episode saves two gathers per batch).
+
+        Returns:
+            One pair per :attr:`blocks` entry. ``index`` holds global step numbers clamped into the
+            episode (it may be a view of a larger array); ``is_pad`` is a contiguous array of its own.
+        """
+        out: list[tuple[np.ndarray, np.ndarray]] = []
         fused: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         if self.step_table.shape[-1]:
-            fused["steps"] = window_indices(step_offsets, episodes, steps, self.step_table)
+            if first is None or last is None:
+                first = step_offsets[episodes]
+                last = step_offsets[episodes + 1] - first - 1
+            table = self.step_table[episodes] if self.step_table.ndim == 2 else self.step_table
+            rel = np.add(steps[:, None], table)  # step within the episode, before clamping
+            last_col = last[:, None]
+            # one unsigned comparison finds both edges: a negative step wraps to a huge number
+            is_pad = np.greater(rel.view(np.uint64), last_col.view(np.uint64))
+            np.maximum(rel, 0, out=rel)
+            np.minimum(rel, last_col, out=rel)
+            np.add(rel, first[:, None], out=rel)
+            fused["steps"] = (rel, is_pad)
         if self.time_table.size:
             assert self.timestamps is not None
             index, is_pad, _ = timestamp_window_indices(
                 step_offsets, self.timestamps, episodes, steps, self.time_table, self.tolerance_s
             )
             fused["time"] = (index, is_pad)
-        return {key: (fused[kind][0][:, cols], fused[kind][1][:, cols]) for key, (kind, cols) in self.columns.items()}
+        for kind, cols in self.blocks:
+            index, is_pad = fused[kind]
+            out.append((index[:, cols], is_pad[:, cols].copy()))
+        return out
+
+    def reach(self, episodes: np.ndarray | None = None) -> tuple[int, int]:
+        """``(before, after)``: how far the step offsets reach before and after a sample's step.
+
+        Per-episode offsets count only ``episodes`` (default all). An :class:`EdgePadding` with at
+        least this much lets :meth:`padded_indices` read every step block without clamping.
+        """
+        table = self.step_table
+        if table.ndim == 2 and episodes is not None:
+            table = table[np.unique(np.asarray(episodes, dtype=np.int64))]
+        if not table.size:
+            return 0, 0
+        return max(0, -int(table.min())), max(0, int(table.max()))
+
+    def padded_indices(
+        self,
+        padding: EdgePadding,
+        positions: np.ndarray,
+        step_offsets: np.ndarray,
+        episodes: np.ndarray,
+        steps: np.ndarray,
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """As :meth:`block_indices`, but ``index`` is a position on ``padding``'s axis.
+
+        Args:
+            padding: an :class:`EdgePadding` reaching at least :meth:`reach`.
+            positions: ``[B]`` each sample's own position on the padded axis
+                (``padding.starts[episode] + step``).
+            step_offsets, episodes, steps: as in :meth:`block_indices` (time offsets need them).
+
+        Returns:
+            One ``(index, is_pad)`` per :attr:`blocks` entry; all step blocks come from one add and
+            one gather, with no clamping.
+        """
+        out: list[tuple[np.ndarray, np.ndarray]] = []
+        fused: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        if self.step_table.shape[-1]:
+            table = self.step_table[episodes] if self.step_table.ndim == 2 else self.step_table
+            fused["steps"] = (np.add(positions[:, None], table), padding.is_pad)  # is_pad: gathered per block
+        if self.time_table.size:
+            assert self.timestamps is not None
+            found, is_pad, _ = timestamp_window_indices(
+                step_offsets, self.timestamps, episodes, steps, self.time_table, self.tolerance_s
+            )
+            # a global step g of the sample's episode sits at g - first + starts on the padded axis
+            shift = padding.starts[episodes] - step_offsets[episodes]
+            fused["time"] = (np.add(found, shift[:, None], out=found), is_pad)
+        for kind, cols in self.blocks:
+            index, is_pad = fused[kind]
+            block = index[:, cols]
+            out.append((block, is_pad.take(block) if kind == "steps" else is_pad[:, cols].copy()))
+        return out
+
+    def indices(
+        self, step_offsets: np.ndarray, episodes: np.ndarray, steps: np.ndarray
+    ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """``{key: (index [B, W_key], is_pad [B, W_key])}`` for a batch, every key from one fused pass per kind."""
+        episodes = np.asarray(episodes, dtype=np.int64)
+        steps = np.asarray(steps, dtype=np.int64)
+        blocks = self.block_indices(np.asarray(step_offsets, dtype=np.int64), episodes, steps)
+        return {key: blocks[b] for key, b in self.block_of.items()}
 
     def check_grid(
         self, step_offsets: np.ndarray, episodes: np.ndarray, steps: np.ndarray, names: Sequence[str] | None = None,
