@@ -36,6 +36,7 @@ __all__ = [
     "MAX_INDEX_FILE_BYTES",
     "MAX_INDEX",
     "Listing",
+    "require_folder",
     "inspect_pt",
     "list_pt_files",
     "read_mapping",
@@ -102,7 +103,12 @@ class Listing:
     """Folders that could not be listed."""
 
 
-def _require_folder(folder: str | os.PathLike[str], what: str) -> str:
+def require_folder(folder: str | os.PathLike[str], what: str) -> str:
+    """The real path of ``folder``.
+
+    Raises:
+        IngestUsageError: it is not a folder (``what`` says which folder to give).
+    """
     if not os.path.isdir(folder):
         kind = "no such folder" if not os.path.exists(folder) else "not a folder"
         raise IngestUsageError(f"{folder}: {kind}; give {what}")
@@ -121,7 +127,7 @@ def list_pt_files(folder: str | os.PathLike[str]) -> Listing:
     Raises:
         IngestUsageError: ``folder`` is not a folder.
     """
-    real = _require_folder(folder, "the folder that holds the .pt files")
+    real = require_folder(folder, "the folder that holds the .pt files")
     listing = Listing()
     try:
         with os.scandir(folder) as entries:
@@ -252,7 +258,7 @@ def list_vggt_files(root: str | os.PathLike[str]) -> Listing:
     Raises:
         IngestUsageError: ``root`` is not a folder.
     """
-    real = _require_folder(root, "the data root that holds one folder per episode")
+    real = require_folder(root, "the data root that holds one folder per episode")
     listing = Listing()
     stack = [os.fspath(root)]
     while stack:
