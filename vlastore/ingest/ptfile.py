@@ -265,47 +265,48 @@ class _Template:
     template's bytes (then their CRC field must equal the template's too: no CRC to compute).
     """
 
-    __slots__ = ("checks", "recipe", "_picks")
+    __slots__ = ("names", "checks", "recipe", "_picks")
 
     def __init__(self, buf: bytes, entries: dict[str, Entry], used: list[str], recipe: Any) -> None:
+        self.names = used
         self.checks = []
         for short in used:
             e = entries[short]
             fields = _CDIR_FIXED.unpack_from(buf, e.entry_pos)
-            local = _LOCAL_FIXED.unpack_from(buf, e.local)
             fixed = bytes(buf[e.start : e.start + e.size]) if short in ("data.pkl", "byteorder") else None
-            self.checks.append((short, e.entry_pos, fields, e.local, local, e.start, e.size, short.encode(),
-                                e.entry_pos + 46 + fields[5], fixed, e.crc))
+            self.checks.append((e.entry_pos, fields, e.local, _LOCAL_FIXED.unpack_from(buf, e.local), short.encode(),
+                                e.entry_pos + 46 + fields[5], e.start, e.start + e.size, fixed, e.crc))
         self.recipe = recipe
         self._picks: dict[str | None, Any] = {}
 
-    def records(self, buf: bytes) -> dict[str, memoryview] | None:
-        """The records of ``buf`` by short name, when ``buf`` is laid out like the template; else None."""
+    def records(self, buf: bytes) -> list[memoryview] | None:
+        """The used records of ``buf`` (in ``names`` order) when it is laid out like the template; else None."""
         view = memoryview(buf)
-        data: dict[str, memoryview] = {}
-        for short, entry_pos, fields, local, local_fields, start, size, name, name_end, fixed, crc in self.checks:
+        data = []
+        for entry_pos, fields, local, local_fields, name, name_end, start, stop, fixed, crc in self.checks:
             if _CDIR_FIXED.unpack_from(buf, entry_pos) != fields or _LOCAL_FIXED.unpack_from(buf, local) != \
                     local_fields or not buf.endswith(name, 0, name_end):
                 return None
-            record = view[start : start + size]
             found = _CRC.unpack_from(buf, entry_pos + 16)[0]
+            record = view[start:stop]
             if fixed is not None:
-                if found != crc or record != fixed:
+                if found != crc or buf[start:stop] != fixed:
                     return None
             elif zlib.crc32(record) != found:
                 return None  # the full parse reports it
-            data[short] = record
+            data.append(record)
         return data
 
     def apply(self, buf: bytes) -> Any:
         data = self.records(buf)
-        return None if data is None else _build(self.recipe, data)
+        return None if data is None else _build(self.recipe, dict(zip(self.names, data, strict=True)))
 
     def tensor(self, buf: bytes, entry: str | None) -> tuple[memoryview, tuple[int, ...], str] | None:
         """``(bytes, shape, dtype)`` of one feature tensor of ``buf`` (see :func:`template_tensor`), or None."""
         pick = self._picks.get(entry, False)
         if pick is False:
-            pick = self._picks[entry] = _pick(self.recipe, entry)
+            found = _pick(self.recipe, entry)
+            pick = self._picks[entry] = None if found is None else (self.names.index(found[0]), *found[1:])
         if pick is None:
             return None
         data = self.records(buf)
@@ -337,11 +338,14 @@ def _pick(recipe: Any, entry: str | None) -> tuple[str, int, int, tuple[int, ...
 _TEMPLATES: dict[tuple[int, int, int], _Template] = {}
 
 
+_EOCD_KEY = struct.Struct("<4s6xH4xI2x")  # end record: signature, entries, central directory offset
+
+
 def _template_key(buf: bytes) -> tuple[int, int, int] | None:
-    if len(buf) < 22 or buf[-22:-18] != EOCD:
+    if len(buf) < 22:
         return None
-    (_, _, _, count, _, cd_offset, _) = struct.unpack_from("<HHHHIIH", buf, len(buf) - 18)
-    return (len(buf), cd_offset, count)
+    (signature, count, cd_offset) = _EOCD_KEY.unpack_from(buf, len(buf) - 22)
+    return (len(buf), cd_offset, count) if signature == EOCD else None
 
 
 def _recipe(obj: Any) -> Any:
