@@ -25,7 +25,7 @@ def test_fixed_family_and_shape_outlier() -> None:
     assert catalog.names == ["ep"] and catalog.steps.tolist() == [18]
     (plan,), problems = plan_families(files, items, catalog, "f")
     assert plan.spec.row_shape == (8,) and not plan.spec.ragged
-    assert plan.row_file.tolist() == [0, 1, 2, 3, 4, -1]
+    assert plan.sources.row_file.tolist() == [0, 1, 2, 3, 4, -1]
     assert [(p.path, p.reason) for p in problems] == [("/c/f5.pt", "wrong-shape")]
 
 
@@ -44,7 +44,7 @@ def test_catalog_from_store_and_holes() -> None:
     catalog = plan_catalog(items, (["a", "b"], np.array([7, 9])), 3, rows_by_count=False)
     assert catalog.items.tolist() == [3, 3]
     (plan,), problems = plan_families(files, items, catalog, "f", vlm_reuse_count=3)
-    assert plan.row_file.tolist() == [-1, -1, -1, 0, -1, -1]
+    assert plan.sources.row_file.tolist() == [-1, -1, -1, 0, -1, -1]
     assert sorted(p.reason for p in problems) == ["index-out-of-range", "unknown-episode"]
 
 
@@ -53,7 +53,7 @@ def test_duplicates_keep_the_higher_priority_then_first_path() -> None:
     items = [Item(2, "ep", 0, priority=2), Item(1, "ep", 0, priority=0), Item(0, "ep", 0, priority=0)]
     catalog = plan_catalog(items, None, 1, rows_by_count=False)
     (plan,), problems = plan_families(files, items, catalog, "f")
-    assert plan.row_file.tolist() == [0]
+    assert plan.sources.row_file.tolist() == [0]
     assert sorted(p.path for p in problems) == ["/c/f1.pt", "/c/f2.pt"]
     assert {p.reason for p in problems} == {"duplicate-key"}
 
@@ -64,4 +64,4 @@ def test_unusable_episode_names_are_problems_not_crashes() -> None:
     catalog = plan_catalog(items, None, 1, rows_by_count=False)
     assert catalog.names == ["good_ep"]
     (plan,), problems = plan_families(files, items, catalog, "f")
-    assert plan.row_file.tolist() == [0] and [p.reason for p in problems] == ["bad-name"]
+    assert plan.sources.row_file.tolist() == [0] and [p.reason for p in problems] == ["bad-name"]

@@ -4,14 +4,20 @@ A scan yields one :class:`ScannedFile` per source file (what tensors it holds,
 their shapes and dtypes, any problem) and one :class:`Item` per file whose
 ``(episode, index)`` is known. :func:`plan_families` turns those into
 :class:`FamilyPlan` objects: a :class:`~vlastore.format.FamilySpec` per
-tensor entry, the source file of every row, ragged lengths, keys, and a
-:class:`~vlastore.report.Problem` for every file left out. The same files
-always give the same plan, which is what makes a rerun resume instead of
-start over.
+tensor entry, where every row comes from (:class:`RowSources`), ragged
+lengths, keys, and a :class:`~vlastore.report.Problem` for every file left
+out. The same files always give the same plan, which is what makes a rerun
+resume instead of start over.
+
+Row sources hold nothing per file beyond a number: a :class:`FileTable` (row
+-> file number -> path) for scanned files, or :class:`NamedRows` for caches
+whose files are named after their rows (``{dataset}_vlm{idx}.pt``), which
+keeps one byte per row however many files there are.
 """
 
 from __future__ import annotations
 
+import os
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -19,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from ..format import FamilySpec, FormatError, validate_name
+from ..format import FamilySpec, FormatError, default_rows_per_shard, validate_name
 from ..layout import vlm_items
 from ..shardcodec import index_nbytes
 from .report import Problem
@@ -30,9 +36,17 @@ __all__ = [
     "ScannedFile",
     "Item",
     "FamilyPlan",
+    "RowSources",
+    "FileTable",
+    "NamedRows",
     "CatalogPlan",
     "plan_catalog",
     "plan_families",
+    "place_rows",
+    "placement_problem",
+    "duplicate_problem",
+    "distinct_files",
+    "usable_name",
     "core_shape",
     "estimate_size",
     "index_limit",
@@ -73,6 +87,62 @@ class CatalogPlan:
     from_store: bool
 
 
+class RowSources:
+    """Where the rows of one family come from: whether each row has a source file, and its path."""
+
+    has_source: np.ndarray
+    """bool per row: the plan takes this row from a file."""
+
+    def paths(self, rows: np.ndarray) -> list[str]:
+        """Source paths of ``rows`` (each with a source)."""
+        raise NotImplementedError
+
+    def file_ids(self, rows: np.ndarray) -> np.ndarray:
+        """A number per source file of ``rows``, the same in every family of one plan (to count files)."""
+        raise NotImplementedError
+
+
+class FileTable(RowSources):
+    """Rows' files by number: ``row_file[row]`` indexes ``path_list`` (-1: no source)."""
+
+    def __init__(self, row_file: np.ndarray, path_list: Sequence[str]) -> None:
+        self.row_file = row_file
+        self.path_list = path_list
+        self.has_source = row_file >= 0
+
+    def paths(self, rows: np.ndarray) -> list[str]:
+        return [self.path_list[f] for f in self.row_file[rows].tolist()]
+
+    def file_ids(self, rows: np.ndarray) -> np.ndarray:
+        return self.row_file[rows]
+
+
+class NamedRows(RowSources):
+    """Rows whose file is named after them, ``{episode}_vlm{index}.pt`` in one folder: nothing kept per file.
+
+    ``renamed`` holds the file name of the few rows whose file is named otherwise
+    (``ep_vlm007.pt``, or every file under another ``--pattern``).
+    """
+
+    def __init__(self, folder: str, episodes: Sequence[str], episode_rows: np.ndarray, has_source: np.ndarray,
+                 renamed: dict[int, str]) -> None:
+        self.folder = folder
+        self.episodes = episodes
+        self.episode_rows = episode_rows
+        self.has_source = has_source
+        self.renamed = renamed
+
+    def paths(self, rows: np.ndarray) -> list[str]:
+        episode = np.searchsorted(self.episode_rows, rows, side="right") - 1
+        index = rows - self.episode_rows[episode]
+        names, renamed, folder = self.episodes, self.renamed, self.folder
+        return [os.path.join(folder, renamed.get(row) or f"{names[e]}_vlm{i}.pt")
+                for row, e, i in zip(rows.tolist(), episode.tolist(), index.tolist(), strict=True)]
+
+    def file_ids(self, rows: np.ndarray) -> np.ndarray:
+        return rows
+
+
 @dataclass
 class FamilyPlan:
     """One family to write: its spec and where every row comes from."""
@@ -81,18 +151,17 @@ class FamilyPlan:
     entry: str
     spec: FamilySpec
     items_per_episode: np.ndarray
-    row_file: np.ndarray
-    """Source file number of every row, -1 for rows with no (usable) source."""
+    sources: RowSources
     lengths: np.ndarray | None = None
     keys: list[str] | None = None
 
     @property
     def rows(self) -> int:
-        return int(self.row_file.size)
+        return int(self.sources.has_source.size)
 
     @property
     def rows_with_source(self) -> int:
-        return int((self.row_file >= 0).sum())
+        return int(np.count_nonzero(self.sources.has_source))
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -107,6 +176,15 @@ class FamilyPlan:
             "rows_per_shard": self.spec.rows_per_shard,
             "has_keys": self.spec.has_keys,
         }
+
+
+def distinct_files(plans: Sequence[FamilyPlan], masks: Sequence[np.ndarray] | None = None) -> int:
+    """Source files that give at least one row (of ``masks[i]`` rows in plan ``i``, default: every row)."""
+    chosen = [p.sources.has_source if masks is None else p.sources.has_source & masks[i] for i, p in enumerate(plans)]
+    if len(plans) == 1:  # a file gives one row of a family: no need to list them
+        return int(np.count_nonzero(chosen[0]))
+    ids = [p.sources.file_ids(np.flatnonzero(c)) for p, c in zip(plans, chosen, strict=True)]
+    return int(np.unique(np.concatenate(ids)).size) if ids else 0
 
 
 ONLY_TENSOR = "*"
@@ -173,7 +251,7 @@ def plan_catalog(items: list[Item], store_catalog: tuple[list[str], np.ndarray] 
     for item in items:
         # without a catalog, rows per episode come from the indexes: one misnamed file (ep_vlm99999999999.pt)
         # must not plan a 745 GiB family; such an index is left out here and reported as out of range
-        if _usable_name(item.episode) and (store_catalog is not None or item.index < index_limit(files[item.episode])):
+        if usable_name(item.episode) and (store_catalog is not None or item.index < index_limit(files[item.episode])):
             by_episode[item.episode] = max(by_episode[item.episode], item.index + 1)
     if store_catalog is not None:
         names, steps = store_catalog
@@ -196,7 +274,8 @@ def index_limit(files_in_episode: int) -> int:
     return 16 * files_in_episode + 256
 
 
-def _usable_name(name: str) -> bool:
+def usable_name(name: str) -> bool:
+    """Whether ``name`` can be an episode name in a store."""
     try:
         validate_name(name, "episode name")
     except FormatError:
@@ -229,109 +308,158 @@ def plan_families(
         layout: ``auto``, ``fixed`` or ``ragged``.
         keyed: rows carry string keys (``Item.key``; ``row_keys`` for rows without a file).
     """
+    placed, problems = place_rows(files, items, catalog, index_name)
+    entries = sorted({entry for item in placed.values() for entry in files[item.file].tensors})
+    if all(len(files[item.file].tensors) <= 1 for item in placed.values()) and entries:
+        entries = [ONLY_TENSOR]  # one tensor per file: one family, whatever the dict key (or a bare tensor)
+    for item in placed.values():
+        sf = files[item.file]
+        if not sf.tensors:
+            problems.append(Problem(sf.path, "no-tensor", f"{sf.path}: holds no float tensor "
+                                    f"(metadata only: {sorted(sf.meta)[:6]})"))
+    paths = [f.path for f in files]
+    keys = _row_keys(placed, catalog, row_keys) if keyed else None
+    plans: list[FamilyPlan] = []
+    for entry in entries:
+        name = family if len(entries) == 1 else f"{family}_{entry}"
+        validate_name(name, "family name")
+        members = [(row, item, pick_entry(files[item.file].tensors, entry)) for row, item in sorted(placed.items())]
+        shape_plan = _FamilyShape(name, entry, [(row, item, info) for row, item, info in members if info is not None],
+                                  layout, allow_nonfinite)
+        row_file, lengths, family_problems = shape_plan.rows(files, int(catalog.items.sum()))
+        problems += family_problems
+        spec = FamilySpec(shape_plan.row_shape, shape_plan.dtype, ragged=shape_plan.ragged, index_name=index_name,
+                          vlm_reuse_count=vlm_reuse_count, allow_nonfinite=allow_nonfinite, compression=compression,
+                          rows_per_shard=_shard_rows(shape_plan, lengths, rows_per_shard), has_keys=keyed)
+        plans.append(FamilyPlan(name, entry, spec, catalog.items.copy(), FileTable(row_file, paths), lengths, keys))
+    return plans, problems
+
+
+def place_rows(files: Sequence[ScannedFile], items: list[Item], catalog: CatalogPlan, index_name: str
+               ) -> tuple[dict[int, Item], list[Problem]]:
+    """Row -> the item placed there, in priority then path order; a problem for every item left out."""
     problems: list[Problem] = []
     episode_pos = {name: e for e, name in enumerate(catalog.names)}
     episode_rows = np.concatenate([[0], np.cumsum(catalog.items)]).astype(np.int64)
-    placed: dict[int, tuple[int, Item]] = {}  # row -> (priority rank, item)
-    order = sorted(range(len(items)), key=lambda i: (items[i].priority, files[items[i].file].path))
-    for i in order:
+    placed: dict[int, Item] = {}
+    for i in sorted(range(len(items)), key=lambda i: (items[i].priority, files[items[i].file].path)):
         item = items[i]
         sf = files[item.file]
         if sf.problem is not None:
             problems.append(Problem(sf.path, *sf.problem))
             continue
         e = episode_pos.get(item.episode)
-        if e is None and not _usable_name(item.episode):
-            problems.append(Problem(sf.path, "bad-name", f"{sf.path}: episode name {item.episode!r} is not usable "
-                                    "in a store (letters, digits and ._-+=@,:~ only); rename it or fix --pattern"))
-            continue
-        if e is None:
-            problems.append(Problem(sf.path, "unknown-episode", f"{sf.path}: episode {item.episode!r} is not in the "
-                                    f"store's catalog; ingest its robot data first or leave the file out"))
-            continue
-        n = int(catalog.items[e])
-        if not 0 <= item.index < n:
-            hint = "check --vlm-reuse-count" if catalog.from_store else (
-                "the other files of the episode make such an index implausible (a misnamed file?); rename it, or "
-                "ingest into a store whose catalog gives the episode's steps (--into)")
-            problems.append(Problem(sf.path, "index-out-of-range", f"{sf.path}: {index_name}={item.index} but episode "
-                                    f"{item.episode!r} has {n} rows ({index_name} 0..{n - 1}); {hint}"))
-            continue
-        row = int(episode_rows[e]) + item.index
-        if row in placed:
-            kept = files[placed[row][1].file].path
-            problems.append(Problem(sf.path, "duplicate-key", f"{sf.path}: ({item.episode!r}, {index_name}="
-                                    f"{item.index}) is also given by {kept}, which is kept"))
-            continue
-        placed[row] = (i, item)
-    rows = int(episode_rows[-1])
-
-    entries = sorted({entry for _, item in placed.values() for entry in files[item.file].tensors})
-    if all(len(files[item.file].tensors) <= 1 for _, item in placed.values()) and entries:
-        entries = [ONLY_TENSOR]  # one tensor per file: one family, whatever the dict key (or a bare tensor)
-    for _, item in placed.values():
-        if not files[item.file].tensors:
-            sf = files[item.file]
-            problems.append(Problem(sf.path, "no-tensor", f"{sf.path}: holds no float tensor "
-                                    f"(metadata only: {sorted(sf.meta)[:6]})"))
-    plans: list[FamilyPlan] = []
-    for entry in entries:
-        name = family if len(entries) == 1 else f"{family}_{entry}"
-        validate_name(name, "family name")
-        members = [(row, item) for row, (_, item) in sorted(placed.items())
-                   if pick_entry(files[item.file].tensors, entry) is not None]
-        infos = [pick_entry(files[item.file].tensors, entry) for _, item in members]
-        cores = [core_shape(info[0]) for info in infos]  # type: ignore[index]
-        dtypes = [info[1] for info in infos]  # type: ignore[index]
-        row_shape, ragged = _family_shape(cores, layout)
-        dtype = _mode(dtypes)
-        row_file = np.full(rows, -1, dtype=np.int64)
-        lengths = np.ones(rows, dtype=np.int64) if ragged else None
-        what = f"[L, {', '.join(map(str, row_shape))}]" if ragged else str(list(row_shape))
-        for (row, item), info, core, dt in zip(members, infos, cores, dtypes, strict=True):
-            sf = files[item.file]
-            shape, _, finite = info  # type: ignore[misc]
-            label = f"{sf.path}" + (f" entry {entry!r}" if entry != ONLY_TENSOR else "")
-            n = _fits(core, row_shape, ragged)
-            if not n:
-                problems.append(Problem(sf.path, "wrong-shape", f"{label}: shape {list(shape)}, but family {name!r} "
-                                        f"holds {what} rows"))
-            elif dt != dtype:
-                problems.append(Problem(sf.path, "wrong-dtype", f"{label}: dtype {dt}, but family {name!r} is {dtype}; "
-                                        "convert the file or ingest it into another family"))
-            elif not finite and not allow_nonfinite:
-                problems.append(Problem(sf.path, "nonfinite", f"{label}: holds NaN or Inf; fix the source or pass "
-                                        "--allow-nonfinite"))
+        problem = placement_problem(sf.path, item.episode, item.index, e, catalog, index_name)
+        if problem is None:
+            row = int(episode_rows[e]) + item.index  # type: ignore[index]
+            if row in placed:
+                problem = duplicate_problem(sf.path, item.episode, item.index, files[placed[row].file].path,
+                                            index_name)
             else:
-                row_file[row] = item.file
-                if lengths is not None:
-                    lengths[row] = n
-        if ragged and lengths is not None and rows_per_shard == 0 and lengths.size:
-            # long token rows: a shard must hold the longest row
-            from ..format import default_rows_per_shard
-            shard_rows = max(default_rows_per_shard(row_shape, dtype, True), int(lengths.max()))
-        else:
-            shard_rows = rows_per_shard
-        spec = FamilySpec(row_shape, dtype, ragged=ragged, index_name=index_name, vlm_reuse_count=vlm_reuse_count,
-                          allow_nonfinite=allow_nonfinite, compression=compression, rows_per_shard=shard_rows,
-                          has_keys=keyed)
-        keys = None
-        if keyed:
-            keys = [""] * rows
-            for key_src, key in (row_keys or {}).items():
-                e = episode_pos.get(key_src[0])
-                if e is not None and key_src[1] < catalog.items[e]:
-                    keys[int(episode_rows[e]) + key_src[1]] = key
-            for row, (_, item) in placed.items():
-                keys[row] = item.key or ""
-        plans.append(FamilyPlan(name, entry, spec, catalog.items.copy(), row_file, lengths, keys))
-    return plans, problems
+                placed[row] = item
+        if problem is not None:
+            problems.append(problem)
+    return placed, problems
+
+
+def placement_problem(path: str, episode: str, index: int, e: int | None, catalog: CatalogPlan,
+                      index_name: str) -> Problem | None:
+    """Why a file keyed ``(episode, index)`` has no row in ``catalog`` (``e``: the episode's position), or None."""
+    if e is None and not usable_name(episode):
+        return Problem(path, "bad-name", f"{path}: episode name {episode!r} is not usable in a store (letters, "
+                       "digits and ._-+=@,:~ only); rename it or fix --pattern")
+    if e is None:
+        return Problem(path, "unknown-episode", f"{path}: episode {episode!r} is not in the store's catalog; "
+                       "ingest its robot data first or leave the file out")
+    n = int(catalog.items[e])
+    if 0 <= index < n:
+        return None
+    hint = "check --vlm-reuse-count" if catalog.from_store else (
+        "the other files of the episode make such an index implausible (a misnamed file?); rename it, or "
+        "ingest into a store whose catalog gives the episode's steps (--into)")
+    return Problem(path, "index-out-of-range", f"{path}: {index_name}={index} but episode {episode!r} has {n} rows "
+                   f"({index_name} 0..{n - 1}); {hint}")
+
+
+def duplicate_problem(path: str, episode: str, index: int, kept: str, index_name: str) -> Problem:
+    return Problem(path, "duplicate-key", f"{path}: ({episode!r}, {index_name}={index}) is also given by {kept}, "
+                   "which is kept")
+
+
+class _FamilyShape:
+    """Row shape, dtype and layout of one family, from the files that hold its entry (the most common wins)."""
+
+    def __init__(self, name: str, entry: str, members: list[tuple[int, Item, Any]], layout: str,
+                 allow_nonfinite: bool) -> None:
+        self.name = name
+        self.entry = entry
+        self.members = members
+        self.allow_nonfinite = allow_nonfinite
+        self.cores = [core_shape(info[0]) for _, _, info in members]
+        self.dtypes = [info[1] for _, _, info in members]
+        self.row_shape, self.ragged = _family_shape(self.cores, layout)
+        self.dtype = _mode(self.dtypes)
+
+    def rows(self, files: Sequence[ScannedFile], rows: int) -> tuple[np.ndarray, np.ndarray | None, list[Problem]]:
+        """``(row_file, lengths, problems)``: each member that fits the family gives its row."""
+        row_file = np.full(rows, -1, dtype=np.int64)
+        lengths = np.ones(rows, dtype=np.int64) if self.ragged else None
+        problems = []
+        for (row, item, info), core, dtype in zip(self.members, self.cores, self.dtypes, strict=True):
+            n, problem = self._fit(files[item.file].path, info, core, dtype)
+            if problem is not None:
+                problems.append(problem)
+                continue
+            row_file[row] = item.file
+            if lengths is not None:
+                lengths[row] = n
+        return row_file, lengths, problems
+
+    def _fit(self, path: str, info: Any, core: tuple[int, ...], dtype: str) -> tuple[int, Problem | None]:
+        """Rows (ragged length) the file gives, or why it does not fit."""
+        shape, _, finite = info
+        label = path + (f" entry {self.entry!r}" if self.entry != ONLY_TENSOR else "")
+        what = f"[L, {', '.join(map(str, self.row_shape))}]" if self.ragged else str(list(self.row_shape))
+        n = _fits(core, self.row_shape, self.ragged)
+        if not n:
+            return 0, Problem(path, "wrong-shape", f"{label}: shape {list(shape)}, but family {self.name!r} holds "
+                              f"{what} rows")
+        if dtype != self.dtype:
+            return 0, Problem(path, "wrong-dtype", f"{label}: dtype {dtype}, but family {self.name!r} is "
+                              f"{self.dtype}; convert the file or ingest it into another family")
+        if not finite and not self.allow_nonfinite:
+            return 0, Problem(path, "nonfinite", f"{label}: holds NaN or Inf; fix the source or pass "
+                              "--allow-nonfinite")
+        return n, None
+
+
+def _shard_rows(shape: _FamilyShape, lengths: np.ndarray | None, rows_per_shard: int) -> int:
+    if shape.ragged and lengths is not None and rows_per_shard == 0 and lengths.size:
+        # long token rows: a shard must hold the longest row
+        return max(default_rows_per_shard(shape.row_shape, shape.dtype, True), int(lengths.max()))
+    return rows_per_shard
+
+
+def _row_keys(placed: dict[int, Item], catalog: CatalogPlan, row_keys: dict[tuple[str, int], str] | None
+              ) -> list[str]:
+    """The key of every row: the placed file's, else the one listed for a row without a file (a manifest)."""
+    episode_pos = {name: e for e, name in enumerate(catalog.names)}
+    episode_rows = np.concatenate([[0], np.cumsum(catalog.items)]).astype(np.int64)
+    keys = [""] * int(episode_rows[-1])
+    for (episode, index), key in (row_keys or {}).items():
+        e = episode_pos.get(episode)
+        if e is not None and index < catalog.items[e]:
+            keys[int(episode_rows[e]) + index] = key
+    for row, item in placed.items():
+        keys[row] = item.key or ""
+    return keys
 
 
 def estimate_size(plan: FamilyPlan) -> tuple[int, int]:
     """``(bytes, files)`` the family will take on disk (raw shards: payload, crc per row, index per shard)."""
     spec = plan.spec
-    token_rows = int(plan.lengths[plan.row_file >= 0].sum()) if plan.lengths is not None else plan.rows_with_source
+    has_source = plan.sources.has_source
+    token_rows = int(plan.lengths[has_source].sum()) if plan.lengths is not None else plan.rows_with_source
     capacity = int(plan.lengths.sum()) if plan.lengths is not None else plan.rows
     shards = -(-capacity // spec.rows_per_shard) if capacity else 0
     nbytes = token_rows * (spec.row_nbytes + 4) + shards * index_nbytes(spec.rows_per_shard)

@@ -36,12 +36,8 @@ import numpy as np
 
 from .ptformat import (
     ALLOWED,
-    CDIR,
-    CDIR_ENTRY,
     EOCD,
     FEATURE_DTYPES,
-    LOCAL,
-    LOCAL_HEADER,
     STORAGES,
     TORCH_DTYPES,
     TORCH_ONLY,
@@ -61,7 +57,9 @@ __all__ = [
     "RawTensor",
     "PtFileError",
     "read_pt",
+    "read_small",
     "parse_pt",
+    "template_tensor",
     "tensor_entries",
     "FEATURE_DTYPES",
     "SMALL_FILE_BYTES",
@@ -135,17 +133,52 @@ def read_pt(path: str | os.PathLike[str], max_bytes: int = MAX_FILE_BYTES) -> An
         raise PtFileError("too-large", f"{path}: {size:,} bytes, more than the {max_bytes:,}-byte limit for one "
                                        "source file; raise it with --max-file-size if the file is genuine")
     if size <= SMALL_FILE_BYTES:
-        try:
-            buf = os.read(fd, size) if size else b""
-            if len(buf) < size:  # a file shrinking under us: what is there is parsed (and found truncated)
-                buf += pread_exact(fd, len(buf), size - len(buf), str(path))
-        except OSError as exc:
-            raise classify_os_error(path, exc) from None
-        finally:
-            os.close(fd)
-        return parse_pt(buf, str(path))
+        return parse_pt(_read_fd(fd, size, path), str(path))
     # the reader owns the descriptor from here and closes it once no tensor needs it
     return _parse(Reader(str(path), size, fd=fd), eager=False)
+
+
+def read_small(path: str | os.PathLike[str], max_bytes: int = MAX_FILE_BYTES) -> bytes | None:
+    """The bytes of a regular file of at most ``min(max_bytes, SMALL_FILE_BYTES)``; None for a bigger one.
+
+    Raises:
+        SourceError: the file cannot be opened or read (see :func:`read_pt`).
+    """
+    fd, size = open_regular(path)
+    if size > max_bytes or size > SMALL_FILE_BYTES:
+        os.close(fd)
+        return None
+    return _read_fd(fd, size, path)
+
+
+def _read_fd(fd: int, size: int, path: str | os.PathLike[str]) -> bytes:
+    """``size`` bytes of an open file, closing it."""
+    try:
+        buf = os.read(fd, size) if size else b""
+        if len(buf) < size:  # a file shrinking under us: what is there is parsed (and found truncated)
+            buf += pread_exact(fd, len(buf), size - len(buf), str(path))
+    except OSError as exc:
+        raise classify_os_error(path, exc) from None
+    finally:
+        os.close(fd)
+    return buf
+
+
+def template_tensor(buf: bytes, entry: str | None = None) -> tuple[memoryview, tuple[int, ...], str] | None:
+    """Bytes, shape and dtype of a feature tensor of a file laid out like one :func:`parse_pt` read before.
+
+    The file is checked against that layout as :func:`parse_pt` checks it (records in
+    place, CRC-32 of every record used, the same ``data.pkl``), and nothing is built:
+    the fast path of a worker filling a batch of rows. ``entry`` is the dict key of the
+    tensor, None for the only feature tensor (as :func:`tensor_entries` sees them).
+
+    Returns:
+        None when no layout is known for ``buf`` or ``buf`` differs from it: read it
+        with :func:`parse_pt` then (which learns its layout).
+    """
+    tkey = _template_key(buf)
+    template = _TEMPLATES.get(tkey) if tkey is not None else None
+    return None if template is None else template.tensor(buf, entry)
 
 
 # ------------------------------------------------------------------ torch fallback
@@ -217,46 +250,102 @@ def _from_torch(obj: Any, limit: int, where: str, depth: int = 0) -> Any:
 # record used) and rebuilt without walking the zip or running the unpickler.
 
 
-class _Template:
-    __slots__ = ("records", "pkl", "byteorder", "recipe")
+_CDIR_FIXED = struct.Struct("<4s4xHH8xIIH12xI")  # central entry without its CRC: sig, flags, method, sizes, name, local
+_LOCAL_FIXED = struct.Struct("<4s4xH16xHH")  # local header: signature, method, name and extra lengths
+_CRC = struct.Struct("<I")
 
-    def __init__(self, records: list[tuple[str, int, int, int, int, int]], pkl: bytes, byteorder: bytes | None,
-                 recipe: Any) -> None:
-        self.records = [(*r, r[0].encode()) for r in records]  # (short name, central entry pos, local pos,
-        # data start, size, name length, short name as bytes)
-        self.pkl = pkl
-        self.byteorder = byteorder
+
+class _Template:
+    """The layout of a file read in full, to check later files against (see the section comment above).
+
+    Each record used (``data.pkl``, ``byteorder``, tensor storages) must sit where the
+    template's does, with the same central entry (flags, method, sizes, name length,
+    local offset), the same local header lengths, a name ending like the template's,
+    and a CRC-32 that matches its bytes. ``data.pkl`` and ``byteorder`` must equal the
+    template's bytes (then their CRC field must equal the template's too: no CRC to compute).
+    """
+
+    __slots__ = ("names", "checks", "recipe", "_picks")
+
+    def __init__(self, buf: bytes, entries: dict[str, Entry], used: list[str], recipe: Any) -> None:
+        self.names = used
+        self.checks = []
+        for short in used:
+            e = entries[short]
+            fields = _CDIR_FIXED.unpack_from(buf, e.entry_pos)
+            fixed = bytes(buf[e.start : e.start + e.size]) if short in ("data.pkl", "byteorder") else None
+            self.checks.append((e.entry_pos, fields, e.local, _LOCAL_FIXED.unpack_from(buf, e.local), short.encode(),
+                                e.entry_pos + 46 + fields[5], e.start, e.start + e.size, fixed, e.crc))
         self.recipe = recipe
+        self._picks: dict[str | None, Any] = {}
+
+    def records(self, buf: bytes) -> list[memoryview] | None:
+        """The used records of ``buf`` (in ``names`` order) when it is laid out like the template; else None."""
+        view = memoryview(buf)
+        data = []
+        for entry_pos, fields, local, local_fields, name, name_end, start, stop, fixed, crc in self.checks:
+            if _CDIR_FIXED.unpack_from(buf, entry_pos) != fields or _LOCAL_FIXED.unpack_from(buf, local) != \
+                    local_fields or not buf.endswith(name, 0, name_end):
+                return None
+            found = _CRC.unpack_from(buf, entry_pos + 16)[0]
+            record = view[start:stop]
+            if fixed is not None:
+                if found != crc or buf[start:stop] != fixed:
+                    return None
+            elif zlib.crc32(record) != found:
+                return None  # the full parse reports it
+            data.append(record)
+        return data
 
     def apply(self, buf: bytes) -> Any:
-        view = memoryview(buf)
-        data: dict[str, memoryview] = {}
-        for short, entry_pos, local, start, size, nlen, name in self.records:
-            (sig, flags, method, crc, csize, usize, n, _, _, loc) = CDIR_ENTRY.unpack_from(buf, entry_pos)
-            if sig != CDIR or method or flags & 1 or csize != size or usize != size or n != nlen or loc != local:
-                return None
-            if buf[local : local + 4] != LOCAL or not buf.endswith(name, 0, entry_pos + 46 + nlen):
-                return None
-            (_, _, lmethod, lnlen, lxlen) = LOCAL_HEADER.unpack_from(buf, local)
-            if lmethod or local + 30 + lnlen + lxlen != start:
-                return None
-            record = view[start : start + size]
-            if zlib.crc32(record) != crc:
-                return None  # the full parse reports it
-            data[short] = record
-        if data.get("data.pkl") != self.pkl or (self.byteorder is not None and data.get("byteorder") != self.byteorder):
+        data = self.records(buf)
+        return None if data is None else _build(self.recipe, dict(zip(self.names, data, strict=True)))
+
+    def tensor(self, buf: bytes, entry: str | None) -> tuple[memoryview, tuple[int, ...], str] | None:
+        """``(bytes, shape, dtype)`` of one feature tensor of ``buf`` (see :func:`template_tensor`), or None."""
+        pick = self._picks.get(entry, False)
+        if pick is False:
+            found = _pick(self.recipe, entry)
+            pick = self._picks[entry] = None if found is None else (self.names.index(found[0]), *found[1:])
+        if pick is None:
             return None
-        return _build(self.recipe, data)
+        data = self.records(buf)
+        if data is None:
+            return None
+        record, start, stop, shape, dtype = pick
+        return data[record][start:stop], shape, dtype
+
+
+def _pick(recipe: Any, entry: str | None) -> tuple[str, int, int, tuple[int, ...], str] | None:
+    """Where the feature tensor ``entry`` of a recipe lies (record, byte range), as :func:`tensor_entries` sees it.
+
+    ``entry`` None: the only feature tensor. None when there is no such tensor (or several).
+    """
+    if recipe[0] == "tensor":
+        found = recipe if entry in (None, "") else None
+    else:
+        features = {k: v for k, v in recipe[2].items() if v[0] == "tensor" and v[5] in FEATURE_DTYPES
+                    and math.prod(v[3]) > 1}
+        found = (next(iter(features.values())) if len(features) == 1 else None) if entry is None else \
+            features.get(entry)
+    if found is None:
+        return None
+    _, record, offset, shape, np_dtype, dtype = found
+    start = offset * np_dtype.itemsize
+    return record, start, start + math.prod(shape) * np_dtype.itemsize, tuple(shape), dtype
 
 
 _TEMPLATES: dict[tuple[int, int, int], _Template] = {}
 
 
+_EOCD_KEY = struct.Struct("<4s6xH4xI2x")  # end record: signature, entries, central directory offset
+
+
 def _template_key(buf: bytes) -> tuple[int, int, int] | None:
-    if len(buf) < 22 or buf[-22:-18] != EOCD:
+    if len(buf) < 22:
         return None
-    (_, _, _, count, _, cd_offset, _) = struct.unpack_from("<HHHHIIH", buf, len(buf) - 18)
-    return (len(buf), cd_offset, count)
+    (signature, count, cd_offset) = _EOCD_KEY.unpack_from(buf, len(buf) - 22)
+    return (len(buf), cd_offset, count) if signature == EOCD else None
 
 
 def _recipe(obj: Any) -> Any:
@@ -288,22 +377,12 @@ def _build(recipe: Any, data: dict[str, memoryview]) -> Any:
 
 def _remember(tkey: tuple[int, int, int], buf: bytes, entries: dict[str, Entry], obj: Any) -> None:
     recipe = _recipe(obj)
-    if recipe is None:
+    if recipe is None or not _records_of(recipe) <= set(entries):
         return
-    used = {"data.pkl", "byteorder"} | _records_of(recipe)
-    rows = []
-    for short in sorted(used & set(entries)):
-        e = entries[short]
-        nlen = struct.unpack_from("<H", buf, e.entry_pos + 28)[0]
-        rows.append((short, e.entry_pos, e.local, e.start, e.size, nlen))
-    if not _records_of(recipe) <= set(entries):
-        return
+    used = sorted(({"data.pkl", "byteorder"} | _records_of(recipe)) & set(entries))
     if len(_TEMPLATES) >= 256:
         _TEMPLATES.clear()
-    byteorder = bytes(buf[entries["byteorder"].start : entries["byteorder"].start + entries["byteorder"].size]) \
-        if "byteorder" in entries else None
-    pkl = entries["data.pkl"]
-    _TEMPLATES[tkey] = _Template(rows, bytes(buf[pkl.start : pkl.start + pkl.size]), byteorder, recipe)
+    _TEMPLATES[tkey] = _Template(buf, entries, used, recipe)
 
 
 def _records_of(recipe: Any) -> set[str]:

@@ -204,6 +204,23 @@ def zip_directory(reader: Reader) -> dict[str, Entry]:
     Raises:
         PtFileError: not a zip archive, truncated, or a damaged, compressed or inconsistent entry.
     """
+    count, cd_size, cd_offset = _central_directory(reader)
+    directory = bytes(reader.read(cd_offset, cd_size))
+    entries: dict[str, Entry] = {}
+    pos = 0
+    for _ in range(count):
+        fields, name, extra, entry_pos, pos = _directory_entry(directory, pos, cd_offset, reader.where)
+        short = name.split("/", 1)[1] if "/" in name else name
+        if not (short == "data.pkl" or short.startswith("data/") or short == "byteorder"):
+            continue  # version records and the like: not needed to rebuild the object
+        if short in entries:
+            raise PtFileError("corrupt", f"{reader.where}: record {name!r} appears twice in the archive")
+        entries[short] = _stored_record(reader, fields, name, short, extra, entry_pos)
+    return entries
+
+
+def _central_directory(reader: Reader) -> tuple[int, int, int]:
+    """``(entries, size, offset)`` of the central directory, from the end record (zip64 too), checked to fit."""
     where, size = reader.where, reader.size
     if size < 22:
         head = reader.read(0, min(size, 4))
@@ -227,43 +244,46 @@ def zip_directory(reader: Reader) -> dict[str, Entry]:
     if cd_offset + cd_size > tail_start + end or count * 46 > cd_size:
         raise PtFileError("truncated", f"{where}: central directory ({count} entries at byte {cd_offset:,}) does not "
                                        "fit in the file (truncated copy?)")
-    directory = bytes(reader.read(cd_offset, cd_size))
-    entries: dict[str, Entry] = {}
-    pos = 0
-    for _ in range(count):
-        if pos + 46 > len(directory):
-            raise PtFileError("corrupt", f"{where}: central directory ends inside an entry")
-        (sig, flags, method, crc, csize, usize, nlen, xlen, clen, local) = CDIR_ENTRY.unpack_from(directory, pos)
-        if sig != CDIR or pos + 46 + nlen + xlen + clen > len(directory):
-            raise PtFileError("corrupt", f"{where}: bad zip central directory entry at byte {cd_offset + pos:,}")
-        name = directory[pos + 46 : pos + 46 + nlen].decode("utf-8", "replace")
-        extra = directory[pos + 46 + nlen : pos + 46 + nlen + xlen]
-        entry_pos = cd_offset + pos
-        pos += 46 + nlen + xlen + clen
-        short = name.split("/", 1)[1] if "/" in name else name
-        if not (short == "data.pkl" or short.startswith("data/") or short == "byteorder"):
-            continue  # version records and the like: not needed to rebuild the object
-        if 0xFFFFFFFF in (csize, usize, local):
-            usize, csize, local = _zip64_extra(extra, usize, csize, local, where, name)
-        if flags & 1:
-            raise PtFileError("corrupt", f"{where}: record {name!r} is encrypted, which torch.save never does")
-        if method != 0:  # never inflate: a few compressed bytes can claim gigabytes
-            raise PtFileError("corrupt", f"{where}: record {name!r} is compressed (method {method}), which torch.save "
-                                         "never does; refused without inflating it")
-        if csize != usize:
-            raise PtFileError("corrupt", f"{where}: stored record {name!r} declares {usize:,} bytes but holds "
-                                         f"{csize:,}")
-        header = reader.read(local, 30)
-        (lsig, lflags, lmethod, lnlen, lxlen) = LOCAL_HEADER.unpack_from(header, 0)
-        if lsig != LOCAL or lmethod != method:
-            raise PtFileError("corrupt", f"{where}: record {name!r} has no matching local header at byte {local:,}")
-        start = local + 30 + lnlen + lxlen
-        if start + csize > size:
-            raise PtFileError("truncated", f"{where}: record {name!r} ends past the end of the file (truncated copy?)")
-        if short in entries:
-            raise PtFileError("corrupt", f"{where}: record {name!r} appears twice in the archive")
-        entries[short] = Entry(short, crc, usize, start, entry_pos, local)
-    return entries
+    return count, cd_size, cd_offset
+
+
+def _directory_entry(directory: bytes, pos: int, cd_offset: int, where: str
+                     ) -> tuple[tuple[int, ...], str, bytes, int, int]:
+    """``(fields, name, extra, position in the file, position of the next entry)`` of the entry at ``pos``."""
+    if pos + 46 > len(directory):
+        raise PtFileError("corrupt", f"{where}: central directory ends inside an entry")
+    fields = CDIR_ENTRY.unpack_from(directory, pos)
+    nlen, xlen, clen = fields[6:9]
+    if fields[0] != CDIR or pos + 46 + nlen + xlen + clen > len(directory):
+        raise PtFileError("corrupt", f"{where}: bad zip central directory entry at byte {cd_offset + pos:,}")
+    name = directory[pos + 46 : pos + 46 + nlen].decode("utf-8", "replace")
+    extra = directory[pos + 46 + nlen : pos + 46 + nlen + xlen]
+    return fields, name, extra, cd_offset + pos, pos + 46 + nlen + xlen + clen
+
+
+def _stored_record(reader: Reader, fields: tuple[int, ...], name: str, short: str, extra: bytes,
+                   entry_pos: int) -> Entry:
+    """The record of a central directory entry, refused unless stored plainly, whole and inside the file."""
+    where = reader.where
+    (_, flags, method, crc, csize, usize, _, _, _, local) = fields
+    if 0xFFFFFFFF in (csize, usize, local):
+        usize, csize, local = _zip64_extra(extra, usize, csize, local, where, name)
+    if flags & 1:
+        raise PtFileError("corrupt", f"{where}: record {name!r} is encrypted, which torch.save never does")
+    if method != 0:  # never inflate: a few compressed bytes can claim gigabytes
+        raise PtFileError("corrupt", f"{where}: record {name!r} is compressed (method {method}), which torch.save "
+                                     "never does; refused without inflating it")
+    if csize != usize:
+        raise PtFileError("corrupt", f"{where}: stored record {name!r} declares {usize:,} bytes but holds "
+                                     f"{csize:,}")
+    header = reader.read(local, 30)
+    (lsig, _, lmethod, lnlen, lxlen) = LOCAL_HEADER.unpack_from(header, 0)
+    if lsig != LOCAL or lmethod != method:
+        raise PtFileError("corrupt", f"{where}: record {name!r} has no matching local header at byte {local:,}")
+    start = local + 30 + lnlen + lxlen
+    if start + csize > reader.size:
+        raise PtFileError("truncated", f"{where}: record {name!r} ends past the end of the file (truncated copy?)")
+    return Entry(short, crc, usize, start, entry_pos, local)
 
 
 def _zip64_end(reader: Reader, eocd_pos: int) -> tuple[int, int, int]:
@@ -447,9 +467,9 @@ class SafeUnpickler(pickle.Unpickler):
 
 _NO_ARG, _TO_NEWLINE, _LEN1, _LEN4S, _LEN4, _LEN8 = 0, -1, -2, -3, -4, -5  # pickletools' argument kinds
 _PICKLE_ARGS: list[int | None] = [None] * 256  # opcode -> fixed argument bytes, or one of the kinds above
-for _code, _op in pickletools.code2op.items():
-    _PICKLE_ARGS[ord(_code)] = _NO_ARG if _op.arg is None else _op.arg.n
-del _code, _op
+for _op in pickletools.opcodes:
+    _PICKLE_ARGS[ord(_op.code)] = _NO_ARG if _op.arg is None else _op.arg.n
+del _op
 _STOP, _PUT, _LONG_BINPUT, _GLOBAL, _INST = 0x2E, 0x70, 0x72, 0x63, 0x69
 
 
@@ -570,21 +590,7 @@ def legacy_object(buf: bytes, where: str) -> Any:
         check_memo(buf, stream.tell())
         return _PlainUnpickler(stream).load()
 
-    try:
-        magic = load()
-        load()  # protocol version
-        sys_info = load()
-    except UnsafeGlobal as exc:
-        raise PtFileError("unsafe-pickle", f"{where}: loading it would run pickled code (global {exc}); not loaded"
-                          ) from None
-    except PtFileError:
-        raise
-    except Exception as exc:  # noqa: BLE001
-        raise PtFileError("not-zip", f"{where}: neither a zip archive nor a pre-1.6 torch file "
-                                     f"({type(exc).__name__})") from None
-    if magic != _LEGACY_MAGIC or not isinstance(sys_info, dict):
-        raise PtFileError("not-zip", f"{where}: a pickle, but not a torch.save file")
-    big = sys_info.get("little_endian") is False
+    big = _legacy_header(load, where)
     storages: dict[str, _Storage] = {}
 
     def storage(kind: _StorageType, key: str, pid: Any) -> _Storage:
@@ -607,7 +613,32 @@ def legacy_object(buf: bytes, where: str) -> Any:
         raise PtFileError("corrupt", f"{where}: storage list does not unpickle ({type(exc).__name__})") from None
     if not isinstance(keys, list):
         raise PtFileError("corrupt", f"{where}: storage list is not a list")
-    pos = stream.tell()
+    _legacy_storages(buf, stream.tell(), keys, storages, big, where)
+    return obj
+
+
+def _legacy_header(load: Callable[[], Any], where: str) -> bool:
+    """Check the three pickles that open a pre-1.6 file (magic, protocol, system info); True when big-endian."""
+    try:
+        magic = load()
+        load()  # protocol version
+        sys_info = load()
+    except UnsafeGlobal as exc:
+        raise PtFileError("unsafe-pickle", f"{where}: loading it would run pickled code (global {exc}); not loaded"
+                          ) from None
+    except PtFileError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise PtFileError("not-zip", f"{where}: neither a zip archive nor a pre-1.6 torch file "
+                                     f"({type(exc).__name__})") from None
+    if magic != _LEGACY_MAGIC or not isinstance(sys_info, dict):
+        raise PtFileError("not-zip", f"{where}: a pickle, but not a torch.save file")
+    return sys_info.get("little_endian") is False
+
+
+def _legacy_storages(buf: bytes, pos: int, keys: list[Any], storages: dict[str, _Storage], big: bool,
+                     where: str) -> None:
+    """Attach to each storage its bytes, which follow the pickles as ``(element count, bytes)`` in ``keys`` order."""
     view = memoryview(buf)
     for key in keys:
         st = storages.get(str(key))
@@ -624,4 +655,3 @@ def legacy_object(buf: bytes, where: str) -> Any:
             data = np.frombuffer(data, st.np_dtype.newbyteorder(">")).astype(st.np_dtype).tobytes()
         st._data = data
         pos += 8 + nbytes
-    return obj

@@ -7,11 +7,15 @@ import json
 import os
 import stat
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["Problem", "IngestError", "IngestUsageError", "IngestReport", "REASONS", "human_bytes", "describe_failure",
-           "printable"]
+__all__ = ["Problem", "ProblemLog", "IngestError", "IngestUsageError", "IngestReport", "REASONS", "MAX_PROBLEMS_LISTED",
+           "human_bytes", "describe_failure", "printable"]
+
+MAX_PROBLEMS_LISTED = 10_000
+"""Problems listed one by one in a report; beyond, they are counted by reason (a million bad files cost no memory)."""
 
 REASONS: dict[str, str] = {
     "not-zip": "not a zip archive (not written by torch.save >= 1.6)",
@@ -51,6 +55,32 @@ class Problem:
 
     def __str__(self) -> str:
         return f"[{self.reason}] {self.message}"
+
+
+class ProblemLog:
+    """Problems as found: the first ``limit`` listed, the rest counted by reason."""
+
+    def __init__(self, limit: int = MAX_PROBLEMS_LISTED) -> None:
+        self.limit = limit
+        self.listed: list[Problem] = []
+        self.unlisted: Counter[str] = Counter()
+
+    def add(self, problem: Problem) -> None:
+        if len(self.listed) < self.limit:
+            self.listed.append(problem)
+        else:
+            self.unlisted[problem.reason] += 1
+
+    def extend(self, problems: Iterable[Problem]) -> None:
+        for problem in problems:
+            self.add(problem)
+
+    def merge(self, other: ProblemLog) -> None:
+        self.extend(other.listed)
+        self.unlisted.update(other.unlisted)
+
+    def __len__(self) -> int:
+        return len(self.listed) + sum(self.unlisted.values())
 
 
 class IngestError(RuntimeError):
@@ -127,6 +157,9 @@ class IngestReport:
     families: dict[str, dict[str, Any]] = field(default_factory=dict)
     series: dict[str, list[str]] = field(default_factory=dict)
     problems: list[Problem] = field(default_factory=list)
+    """Every problem, or the first :data:`MAX_PROBLEMS_LISTED` of them (the rest are in ``problems_unlisted``)."""
+    problems_unlisted: dict[str, int] = field(default_factory=dict)
+    """Reason -> problems found beyond the listed ones."""
     notes: list[str] = field(default_factory=list)
     outside_links: list[str] = field(default_factory=list)
     """``path -> target`` of every symbolic link (or HDF5 external link) leading outside the source."""
@@ -139,13 +172,32 @@ class IngestReport:
     seconds: float = 0.0
     verify: dict[str, Any] | None = None
 
+    def add_problems(self, problems: Iterable[Problem] | ProblemLog) -> None:
+        """List ``problems`` (up to :data:`MAX_PROBLEMS_LISTED` in all), count the rest by reason."""
+        log = ProblemLog(max(0, MAX_PROBLEMS_LISTED - len(self.problems)))
+        if isinstance(problems, ProblemLog):
+            log.merge(problems)
+        else:
+            log.extend(problems)
+        self.problems.extend(log.listed)
+        unlisted = Counter(self.problems_unlisted)
+        unlisted.update(log.unlisted)
+        self.problems_unlisted = dict(unlisted)
+
+    @property
+    def problem_count(self) -> int:
+        return len(self.problems) + sum(self.problems_unlisted.values())
+
     @property
     def skipped_by_reason(self) -> dict[str, int]:
-        return dict(Counter(p.reason for p in self.problems).most_common())
+        counts = Counter(p.reason for p in self.problems)
+        counts.update(self.problems_unlisted)
+        return dict(counts.most_common())
 
     @property
     def files_skipped(self) -> int:
-        return len({p.path for p in self.problems})
+        """Files with a problem (each unlisted problem counted as one file)."""
+        return len({p.path for p in self.problems}) + sum(self.problems_unlisted.values())
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -161,10 +213,11 @@ class IngestReport:
             return (f"verify failed: {len(self.verify['mismatches']):,} stored value(s) differ from their source; "
                     "see the MISMATCH lines")
         transient = [p for p in self.problems if p.reason == "transient-error"]
-        if transient:
-            return printable(f"{len(transient):,} file(s) could not be read because of I/O errors that may pass "
-                             f"(e.g. {transient[0].path}); rerun the same command to retry them: finished shards "
-                             "are kept")
+        count = len(transient) + self.problems_unlisted.get("transient-error", 0)
+        if count:
+            example = f" (e.g. {transient[0].path})" if transient else ""
+            return printable(f"{count:,} file(s) could not be read because of I/O errors that may pass{example}; "
+                             "rerun the same command to retry them: finished shards are kept")
         if (self.files_usable if self.dry_run else self.files_ingested) == 0:
             return printable(f"nothing {'would be' if self.dry_run else 'was'} ingested: {self._why_nothing()}")
         return None
@@ -177,7 +230,7 @@ class IngestReport:
                 "vggt": f"no *.vggt_cache.pt files under {self.source}; give the data root that holds one folder of "
                         "images (and their caches) per episode",
             }.get(self.kind, f"no source files found in {self.source}")
-        if not self.problems:
+        if not self.problem_count:
             return f"no file gave a usable row for {self.store}"
         reason, count = next(iter(self.skipped_by_reason.items()))
         examples = ", ".join(os.path.basename(p.path) for p in self.problems if p.reason == reason)
@@ -194,7 +247,7 @@ class IngestReport:
             "no-tensor": "hold no float tensor",
             "bad-series": "do not parse as robot data or disagree with the other episodes",
         }.get(reason, f"were skipped as {reason} ({REASONS.get(reason, '')})")
-        others = len(self.problems) - count
+        others = self.problem_count - count
         return (f"{count:,} file(s) {hint} (e.g. {examples})"
                 + (f"; {others:,} more skipped for other reasons" if others else "") + "; see the problems above")
 
@@ -256,13 +309,14 @@ class IngestReport:
             lines.append(f"  time: {self.seconds:.1f} s ({rate:,.0f} files/s)")
         for note in self.notes:
             lines.append(f"  note: {note}")
-        if self.problems:
+        if self.problem_count:
             counts = ", ".join(f"{reason}: {n:,}" for reason, n in self.skipped_by_reason.items())
-            lines.append(f"  problems ({len(self.problems):,}; {counts}):")
+            lines.append(f"  problems ({self.problem_count:,}; {counts}):")
             for p in self.problems[:max_problems]:
                 lines.append(f"    {p}")
-            if len(self.problems) > max_problems:
-                lines.append(f"    ... {len(self.problems) - max_problems:,} more (see --report-json)")
+            if self.problem_count > max_problems:
+                listed = f"; it lists the first {len(self.problems):,}" if self.problems_unlisted else ""
+                lines.append(f"    ... {self.problem_count - max_problems:,} more (see --report-json{listed})")
         else:
             lines.append("  problems: none")
         if self.verify is not None:

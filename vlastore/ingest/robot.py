@@ -19,7 +19,8 @@ from tqdm import tqdm
 
 from ..format import FormatError, validate_name
 from ..store import EpisodeData, VLAStore
-from .features import IngestOptions, open_or_create_store, store_usage
+from .options import IngestOptions
+from .output import open_or_create_store, store_usage
 from .report import IngestError, IngestReport, IngestUsageError, Problem
 from .robotfiles import (
     DEFAULT_DTYPE,

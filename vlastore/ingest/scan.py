@@ -36,6 +36,7 @@ __all__ = [
     "MAX_INDEX_FILE_BYTES",
     "MAX_INDEX",
     "Listing",
+    "require_folder",
     "inspect_pt",
     "list_pt_files",
     "read_mapping",
@@ -102,7 +103,12 @@ class Listing:
     """Folders that could not be listed."""
 
 
-def _require_folder(folder: str | os.PathLike[str], what: str) -> str:
+def require_folder(folder: str | os.PathLike[str], what: str) -> str:
+    """The real path of ``folder``.
+
+    Raises:
+        IngestUsageError: it is not a folder (``what`` says which folder to give).
+    """
     if not os.path.isdir(folder):
         kind = "no such folder" if not os.path.exists(folder) else "not a folder"
         raise IngestUsageError(f"{folder}: {kind}; give {what}")
@@ -121,7 +127,7 @@ def list_pt_files(folder: str | os.PathLike[str]) -> Listing:
     Raises:
         IngestUsageError: ``folder`` is not a folder.
     """
-    real = _require_folder(folder, "the folder that holds the .pt files")
+    real = require_folder(folder, "the folder that holds the .pt files")
     listing = Listing()
     try:
         with os.scandir(folder) as entries:
@@ -252,7 +258,7 @@ def list_vggt_files(root: str | os.PathLike[str]) -> Listing:
     Raises:
         IngestUsageError: ``root`` is not a folder.
     """
-    real = _require_folder(root, "the data root that holds one folder per episode")
+    real = require_folder(root, "the data root that holds one folder per episode")
     listing = Listing()
     stack = [os.fspath(root)]
     while stack:
@@ -298,37 +304,9 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, list[str]]:
         IngestUsageError: not a regular file. IngestError: it does not parse.
     """
     path = Path(path)
-    records: list[tuple[str | None, str]] = []
     with _open_index_file(path, "--manifest") as f:
         try:
-            if path.suffix == ".csv":
-                reader = csv.reader(f)
-                header = _header(next(reader, []), path)
-                col_image = next((header.index(c) for c in ("image", "path", "image_path") if c in header), None)
-                col_episode = next((header.index(c) for c in ("episode", "dataset") if c in header), None)
-                if col_image is None:
-                    raise ValueError(f"no image column in {header[:10]}")
-                for row in reader:
-                    image = row[col_image] if col_image < len(row) else ""
-                    episode = row[col_episode] if col_episode is not None and col_episode < len(row) else None
-                    if image:
-                        records.append((episode or None, image))
-            else:
-                text = f.read()
-                data: Any = [json.loads(line) for line in text.splitlines() if line.strip()] \
-                    if path.suffix == ".jsonl" else json.loads(text)
-                if isinstance(data, dict):
-                    data = data.get("episodes", data)
-                if isinstance(data, dict):
-                    records = [(str(ep), str(img)) for ep, imgs in data.items() for img in imgs]
-                else:
-                    for rec in data:
-                        if isinstance(rec, str):
-                            records.append((None, rec))
-                        elif isinstance(rec, dict):
-                            image = rec.get("image") or rec.get("path") or rec.get("image_path")
-                            if image:
-                                records.append((rec.get("episode") or rec.get("dataset"), str(image)))
+            records = _manifest_csv(f, path) if path.suffix == ".csv" else _manifest_json(f.read(), path)
         except (OSError, ValueError, TypeError, AttributeError, RecursionError, csv.Error) as exc:
             raise IngestError(f"{path}: cannot read the manifest ({str(exc)[:200]}); fix it or pass --no-manifest"
                               ) from None
@@ -340,6 +318,43 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, list[str]]:
             image = f"{episode}/{image}"
         out[str(episode) if episode else image.split("/", 1)[0]].append(image)
     return dict(out)
+
+
+def _manifest_csv(f: io.TextIOWrapper, path: Path) -> list[tuple[str | None, str]]:
+    """``(episode or None, image)`` rows of a CSV manifest (columns ``image``/``path``, optional ``episode``)."""
+    reader = csv.reader(f)
+    header = _header(next(reader, []), path)
+    col_image = next((header.index(c) for c in ("image", "path", "image_path") if c in header), None)
+    col_episode = next((header.index(c) for c in ("episode", "dataset") if c in header), None)
+    if col_image is None:
+        raise ValueError(f"no image column in {header[:10]}")
+    records: list[tuple[str | None, str]] = []
+    for row in reader:
+        image = row[col_image] if col_image < len(row) else ""
+        episode = row[col_episode] if col_episode is not None and col_episode < len(row) else None
+        if image:
+            records.append((episode or None, image))
+    return records
+
+
+def _manifest_json(text: str, path: Path) -> list[tuple[str | None, str]]:
+    """``(episode or None, image)`` records of a JSON or JSONL manifest (a mapping, records or image paths)."""
+    data: Any = [json.loads(line) for line in text.splitlines() if line.strip()] \
+        if path.suffix == ".jsonl" else json.loads(text)
+    if isinstance(data, dict):
+        data = data.get("episodes", data)
+    if isinstance(data, dict):
+        return [(str(ep), str(img)) for ep, imgs in data.items() for img in imgs]
+    records: list[tuple[str | None, str]] = []
+    for rec in data:
+        if isinstance(rec, str):
+            records.append((None, rec))
+        elif isinstance(rec, dict):
+            image = rec.get("image") or rec.get("path") or rec.get("image_path")
+            episode = rec.get("episode") or rec.get("dataset")
+            if image:
+                records.append((str(episode) if episode else None, str(image)))
+    return records
 
 
 def place_vggt(

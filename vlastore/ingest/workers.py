@@ -1,62 +1,49 @@
-"""Worker processes: parallel scan, shard-aligned writes and bit-exact verification.
+"""Worker processes of an ingestion: a standard-library process pool, plus what it does not give.
 
-Each write worker is rank ``i`` of ``N`` and owns the shards ``s % N == i`` of
-every family (a :class:`~vlastore.writer.FamilyWriter` per family), so no two
-processes ever touch one shard. Workers report progress and problems to the
-parent over a queue; the parent draws the progress bar.
+:func:`parallel_map` (the scan, robot files) and :func:`run_parts` (shard writes and
+``--verify``, see :mod:`vlastore.ingest.shardwork`) run on a
+:class:`concurrent.futures.ProcessPoolExecutor`, which reports a worker that dies
+(killed, out of memory) instead of waiting for it. Added here:
 
-Workers die with their parent (``PR_SET_PDEATHSIG`` on Linux, a parent check
-elsewhere): after a ``kill -9`` of the ingest command nothing keeps writing,
-and a rerun never races a leftover worker.
+* workers die with their parent (:func:`die_with_parent`: ``PR_SET_PDEATHSIG`` on
+  Linux, a parent check elsewhere): after a ``kill -9`` of the ingest command nothing
+  keeps writing, and a rerun never races a leftover worker;
+* Ctrl-C reaches the parent only; it asks the parts to stop between two shards and
+  waits for them, so no worker prints a traceback and no shard is left half-made;
+* progress: parts add the rows they finish to one shared counter, which the parent
+  shows; a part's result (counts, bounded lists) comes back once, at its end;
+* a failure in a part is one line (:func:`~vlastore.ingest.report.describe_failure`),
+  never a traceback (``VLASTORE_DEBUG=1`` prints it in the worker).
+
+The pool forks (where the platform can): the plan is inherited, never pickled per
+task, and no h5py handle is open in the parent while it forks.
 """
 
 from __future__ import annotations
 
-import functools
-import math
 import multiprocessing as mp
 import os
-import queue as queue_mod
 import signal
 import sys
 import traceback
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
-import numpy as np
+from .report import IngestError, describe_failure
+from .shardwork import PartResult, Progress, Stopped, WriteJob
 
-from ..format import FamilySpec
-from .plan import ONLY_TENSOR, core_shape, pick_entry
-from .ptfile import read_pt, tensor_entries
-from .report import IngestError, Problem, describe_failure
-from .scan import values_finite
-from .source import MAX_FILE_BYTES, SourceError, retrying
+__all__ = ["parallel_map", "run_parts", "die_with_parent", "Part"]
 
-__all__ = ["FamilyWork", "WriteJob", "parallel_map", "run_workers", "load_value", "die_with_parent"]
+Part = Callable[[Any, WriteJob, int, int, Progress], PartResult]
+"""``part(store, job, part, parts, progress)``: what one part of :func:`run_parts` does."""
 
-PROGRESS_EVERY = 256
+_POLL_SECONDS = 0.25
+"""How often the parent refreshes the progress bar while parts run."""
 
-
-@dataclass
-class FamilyWork:
-    """What a worker needs to fill one family."""
-
-    name: str
-    entry: str
-    spec: FamilySpec
-    row_file: np.ndarray
-    lengths: np.ndarray | None
-
-
-@dataclass
-class WriteJob:
-    store: str
-    paths: list[str]
-    families: list[FamilyWork]
-    max_file_bytes: int = MAX_FILE_BYTES
-    repair: bool = False
-    """Open writers with ``repair=True``: rows whose checksum fails are pending too, and rewritten."""
+_WORKER: dict[str, Any] = {}
+"""In a worker process (or the parent, for one worker): the job, the shared counter and stop flag, the store."""
 
 
 def _context() -> Any:
@@ -75,16 +62,39 @@ def die_with_parent(parent: int) -> None:
             import ctypes
 
             libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+            libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: the parent is the thread that forked us
         except (OSError, AttributeError):
             pass
     if os.getppid() != parent:  # the parent died before the line above took effect
         os._exit(1)
 
 
+def _pool(workers: int, initargs: tuple[Any, ...] = ()) -> ProcessPoolExecutor:
+    """A pool forked from the calling (main) thread, so PR_SET_PDEATHSIG follows the process that lives on."""
+    return ProcessPoolExecutor(workers, mp_context=_context(), initializer=_init_worker,
+                               initargs=(os.getpid(), *initargs))
+
+
+def _init_worker(parent: int, *state: Any) -> None:
+    die_with_parent(parent)
+    if state:
+        job, counter, stop = state
+        _WORKER.clear()
+        _WORKER.update(job=job, counter=counter, stop=stop)
+
+
+def _died(what: str) -> IngestError:
+    return IngestError(f"{what} failed: a worker process died (killed, or out of memory?); rerun the same command: "
+                       "finished shards are kept")
+
+
 def parallel_map(func: Callable[[Any], Any], items: list[Any], workers: int,
                  progress: Callable[[int], None] | None = None) -> Iterator[Any]:
-    """``map(func, items)`` in order, over ``workers`` processes (in-process for one)."""
+    """``map(func, items)`` in order, over ``workers`` processes (in-process for one).
+
+    Raises:
+        IngestError: a worker process died.
+    """
     if workers <= 1 or len(items) < 2:
         for item in items:
             yield func(item)
@@ -92,249 +102,122 @@ def parallel_map(func: Callable[[Any], Any], items: list[Any], workers: int,
                 progress(1)
         return
     chunk = max(1, min(256, len(items) // (workers * 16)))
-    with _context().Pool(workers, initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
-        for result in pool.imap(func, items, chunksize=chunk):
-            yield result
-            if progress:
-                progress(1)
-
-
-# ----------------------------------------------------------------- values
-
-
-def load_value(path: str, entry: str, spec: FamilySpec, length: int, max_bytes: int = MAX_FILE_BYTES
-               ) -> tuple[np.ndarray | None, Problem | None]:
-    """The row stored for ``entry`` of ``path``, in storage dtype and row shape; or why it cannot be.
-
-    Every check of the scan is made again here, so a file that went bad after
-    the scan (or was never read by a fast scan) is skipped with its reason. The
-    declared shape and dtype are checked before the tensor's bytes are read.
-    Transient I/O errors are retried; when they persist the problem's reason
-    is ``transient-error``. Never raises for a bad file.
-    """
-    try:
+    with _pool(workers) as pool:
         try:
-            return _load_value(path, entry, spec, length, max_bytes)
-        except SourceError as exc:
-            if not exc.transient:
-                raise
-            return retrying(lambda: _load_value(path, entry, spec, length, max_bytes))
-    except SourceError as exc:
-        return None, Problem(path, exc.reason, str(exc))
-    except Exception as exc:  # noqa: BLE001 - one bad file is one skipped file, whatever it raises
-        return None, Problem(path, "corrupt", f"{path}: {type(exc).__name__}: {str(exc)[:200]}")
+            for result in pool.map(func, items, chunksize=chunk):
+                yield result
+                if progress:
+                    progress(1)
+        except BrokenProcessPool:
+            raise _died("reading the source files") from None
 
 
-@functools.lru_cache(maxsize=1024)
-def _expected(row_shape: tuple[int, ...], ragged: bool, length: int) -> tuple[tuple[int, ...], int, tuple[int, ...]]:
-    """Shape, element count and core shape (no leading 1s) of a row of ``length`` (ragged) or of a fixed row."""
-    shape = (length, *row_shape) if ragged else row_shape
-    return shape, math.prod(shape), core_shape(shape)
+# ----------------------------------------------------------------- parts
 
 
-def _load_value(path: str, entry: str, spec: FamilySpec, length: int, max_bytes: int
-                ) -> tuple[np.ndarray | None, Problem | None]:
-    tensors, _ = tensor_entries(read_pt(path, max_bytes))
-    tensor = pick_entry(tensors, entry)
-    label = path if entry == ONLY_TENSOR else f"{path} entry {entry!r}"
-    if tensor is None:
-        what = "no float tensor" if not tensors else f"tensors {sorted(tensors)}"
-        return None, Problem(path, "no-tensor", f"{label}: holds {what}")
-    shape, numel, core = _expected(tuple(spec.row_shape), spec.ragged, length)
-    if tensor.numel != numel or core_shape(tensor.shape) != core:
-        return None, Problem(path, "wrong-shape", f"{label}: shape {list(tensor.shape)}, but the family holds "
-                             f"{list(shape)} rows here")
-    if tensor.dtype != spec.dtype:
-        return None, Problem(path, "wrong-dtype", f"{label}: dtype {tensor.dtype}, but the family is {spec.dtype}")
-    array = tensor.array  # read only now that the declared shape and dtype are the family's
-    if not spec.allow_nonfinite and not values_finite(array, tensor.dtype):
-        return None, Problem(path, "nonfinite", f"{label}: holds NaN or Inf; fix the source or pass "
-                             "--allow-nonfinite")
-    return array.reshape(shape), None
+def run_parts(part: Part, job: WriteJob, parts: int, workers: int, mode: str,
+              progress: Callable[[int], None]) -> list[PartResult]:
+    """Run ``part(store, job, i, parts, ...)`` for every ``i`` over ``workers`` processes; their results.
+
+    ``progress`` gets the rows done as the parts report them. ``mode`` names the work
+    in messages (``write``, ``verify``).
+
+    Raises:
+        IngestError: a part failed (one line per distinct cause) or a worker died.
+        KeyboardInterrupt: Ctrl-C; the parts were stopped between two shards first.
+    """
+    if workers <= 1 or parts <= 1:
+        results = _run_inline(part, job, parts, mode, progress)
+    else:
+        results = _run_pool(part, job, parts, min(workers, parts), mode, progress)
+    errors = [r.error for r in results if r.error]
+    if errors:  # the first cause: parts stop once one failed, and those running then say much the same
+        more = f" (and in {len(errors) - 1} more part(s))" if len(errors) > 1 else ""
+        raise IngestError(f"{mode} failed{more}: {errors[0]}")
+    return results
 
 
-# ----------------------------------------------------------------- write / verify
+def _run_inline(part: Part, job: WriteJob, parts: int, mode: str, progress: Callable[[int], None]
+                ) -> list[PartResult]:
+    _WORKER.clear()
+    _WORKER.update(job=job, progress=Progress(progress))
+    try:
+        results: list[PartResult] = []
+        for i in range(parts):
+            results.append(_run_part(part, i, parts, mode))
+            if results[-1].error:  # a full disk fails every part alike: stop at the first
+                break
+        return results
+    finally:
+        _WORKER.clear()
 
 
-def _pending_by_shard(writer: Any) -> Iterator[tuple[int, np.ndarray]]:
-    """``(shard, rows)`` of :meth:`FamilyWriter.pending_rows`, shard by shard (the rows ascend)."""
-    rows = np.asarray(writer.pending_rows(), dtype=np.int64)
-    if not rows.size:
-        return
-    shards = writer.layout.row_shards[rows]
-    cuts = (np.flatnonzero(np.diff(shards)) + 1).tolist()
-    for lo, hi in zip([0, *cuts], [*cuts, len(rows)], strict=True):
-        yield int(shards[lo]), rows[lo:hi]
+def _run_pool(part: Part, job: WriteJob, parts: int, workers: int, mode: str, progress: Callable[[int], None]
+              ) -> list[PartResult]:
+    ctx = _context()
+    counter = ctx.Value("q", 0)
+    stop = ctx.Event()
+    results: list[PartResult] = []
+    shown = 0
+    pool = _pool(workers, (job, counter, stop))
+    try:
+        pending: set[Future[PartResult]] = {pool.submit(_run_part, part, i, parts, mode) for i in range(parts)}
+        while pending:
+            done, pending = wait(pending, timeout=_POLL_SECONDS, return_when=FIRST_COMPLETED)
+            value = counter.value
+            progress(value - shown)
+            shown = value
+            results += [future.result() for future in done]
+            if any(r.error for r in results):  # a full disk fails every part alike: stop the others
+                stop.set()
+    except BrokenProcessPool:
+        raise _died(mode) from None
+    except BaseException:  # Ctrl-C, or a failure here: the parts stop at their next shard
+        stop.set()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    return results
 
 
-def _write_family(store: Any, work: FamilyWork, job: WriteJob, rank: int, world: int, send: Callable) -> None:
-    kwargs = {"repair": True} if job.repair else {}
-    with store.writer(work.name, rank=rank, world_size=world, **kwargs) as writer:
-        layout = writer.layout
-        spec = work.spec
-        existing = set(store.written_shards(work.name).tolist())
-        for shard, rows in _pending_by_shard(writer):
-            sources = work.row_file[rows]
-            have = sources >= 0
-            rows, sources = rows[have], sources[have]
-            problems: list[Problem] = []
-            ok_rows: list[int] = []
-            values: list[np.ndarray] = []  # ragged rows
-            batch = None if spec.ragged else np.empty((len(rows), *spec.row_shape), dtype=spec.storage_dtype)
-            done = 0
-            for row, f in zip(rows.tolist(), sources.tolist(), strict=True):
-                length = int(layout.lengths[row]) if spec.ragged else 1
-                value, problem = load_value(job.paths[f], work.entry, spec, length, job.max_file_bytes)
-                if problem:
-                    problems.append(problem)
-                elif batch is not None:
-                    batch[len(ok_rows)] = value
-                    ok_rows.append(row)
-                else:
-                    values.append(value)  # type: ignore[arg-type]
-                    ok_rows.append(row)
-                done += 1
-                if done % PROGRESS_EVERY == 0:
-                    send(("progress", PROGRESS_EVERY, [], 0))
-            if any(p.reason == "transient-error" for p in problems):
-                # the shard stays pending, with all its rows: a rerun reads them again. Written now, the rows that
-                # failed would be holes as if their files were bad for good
-                send(("progress", done % PROGRESS_EVERY, problems, 0))
-                continue
-            if ok_rows:
-                writer.write_rows(ok_rows, values if batch is None else batch[: len(ok_rows)])
-            if ok_rows or shard not in existing:
-                writer.finish_shard(shard)
-            send(("progress", done % PROGRESS_EVERY, problems, len(ok_rows)))
-
-
-def _verify_family(store: Any, work: FamilyWork, job: WriteJob, rank: int, world: int, send: Callable) -> None:
-    from ..reader import MissingRowError
-    from ..shardcodec import ChecksumError
-
-    reader = store.reader(work.name)
-    layout = reader.layout
-    for shard in range(rank, layout.n_shards, world):
-        rows = layout.shard_rows(shard)
-        mismatches: list[str] = []
-        checked = missing = 0
-        for row in rows[work.row_file[rows] >= 0].tolist():
-            path = job.paths[int(work.row_file[row])]
-            try:
-                stored = reader.row(row)
-            except MissingRowError:
-                missing += 1
-                continue
-            except ChecksumError as exc:
-                mismatches.append(f"{work.name} row {reader.describe(row)}: {exc}")
-                continue
-            source, problem = load_value(path, work.entry, work.spec, int(layout.lengths[row]), job.max_file_bytes)
-            checked += 1
-            if problem is not None:
-                mismatches.append(f"{work.name} row {reader.describe(row)}: {problem.message}")
-            elif source is None or source.shape != stored.shape or np.ascontiguousarray(source).tobytes() != \
-                    np.ascontiguousarray(stored).tobytes():
-                mismatches.append(f"{work.name} row {reader.describe(row)}: stored bytes differ from {path}")
-        send(("verified", checked, missing, mismatches))
-
-
-def _child_main(parent: int, rank: int, world: int, job: WriteJob, mode: str, out: Any) -> None:
-    die_with_parent(parent)
-    _worker_main(rank, world, job, mode, out)
-
-
-def _worker_main(rank: int, world: int, job: WriteJob, mode: str, out: Any) -> None:
+def _run_part(part: Part, i: int, parts: int, mode: str) -> PartResult:
+    """One part in this process; its failure comes back as one line in the result."""
+    job: WriteJob = _WORKER["job"]
     where = f"{mode} of {job.store}"
     try:
-        from ..store import VLAStore
-
-        store = VLAStore.open(job.store, writable=mode == "write")
-        for work in job.families:
-            where = f"{mode} of family {work.name!r} in {job.store}"
-            if mode == "write":
-                _write_family(store, work, job, rank, world, out.put)
-            else:
-                _verify_family(store, work, job, rank, world, out.put)
-        out.put(("done", rank))
+        store = _store(job, writable=mode == "write")
+        return part(store, job, i, parts, _progress())
+    except Stopped:
+        return PartResult()
     except KeyboardInterrupt:
         raise
     except BaseException as exc:  # noqa: BLE001 - reported to the parent in one line, which fails the run
         if os.environ.get("VLASTORE_DEBUG"):
             traceback.print_exc()
-        out.put(("error", rank, describe_failure(exc, where)))
-        raise SystemExit(1) from None
+        result = PartResult()
+        result.error = describe_failure(exc, where)
+        return result
 
 
-def run_workers(job: WriteJob, workers: int, mode: str, on_message: Callable[[tuple], None]) -> None:
-    """Run ``workers`` ranks of ``mode`` (``"write"`` or ``"verify"``), feeding their messages to ``on_message``.
+def _progress() -> Progress:
+    """The parent's progress bar in-process; in a worker, the shared counter and stop flag."""
+    progress = _WORKER.get("progress")
+    if progress is not None:
+        return progress
+    counter, stop = _WORKER["counter"], _WORKER["stop"]
 
-    Raises:
-        IngestError: a worker failed (with its traceback) or died.
-    """
-    if workers <= 1:
-        inline: list[tuple] = []
+    def add(n: int) -> None:
+        with counter.get_lock():
+            counter.value += n
 
-        class _Inline:
-            @staticmethod
-            def put(msg: tuple) -> None:
-                if msg[0] == "error":
-                    inline.append(msg)
-                elif msg[0] != "done":
-                    on_message(msg)
-
-        try:
-            _worker_main(0, 1, job, mode, _Inline)
-        except SystemExit:
-            raise IngestError(f"{mode} failed: {inline[-1][2] if inline else 'unknown error'}") from None
-        return
-    ctx = _context()
-    out = ctx.Queue()
-    procs = [ctx.Process(target=_child_main, args=(os.getpid(), rank, workers, job, mode, out), daemon=True)
-             for rank in range(workers)]
-    for p in procs:
-        p.start()
-    finished: set[int] = set()
-    errors: list[str] = []
-    try:
-        while len(finished) < workers:
-            try:
-                msg = out.get(timeout=0.2)
-            except queue_mod.Empty:
-                for rank, p in enumerate(procs):
-                    if rank not in finished and not p.is_alive():
-                        _drain(out, on_message, finished, errors)
-                        if rank not in finished:
-                            finished.add(rank)
-                            errors.append(f"worker {rank} died (exit code {p.exitcode}: killed, or out of memory?); "
-                                          "rerun the same command: finished shards are kept")
-                continue
-            _handle(msg, on_message, finished, errors)
-    except BaseException:
-        for p in procs:
-            if p.is_alive():
-                p.terminate()
-        raise
-    finally:
-        for p in procs:
-            p.join(timeout=10)
-    if errors:
-        distinct = list(dict.fromkeys(errors))  # every worker hitting a full disk says the same thing
-        raise IngestError(f"{mode} failed in {len(errors)} of {workers} worker(s): " + "\n  ".join(distinct[:3]))
+    return Progress(add, stop.is_set)
 
 
-def _handle(msg: tuple, on_message: Callable, finished: set[int], errors: list[str]) -> None:
-    if msg[0] == "done":
-        finished.add(msg[1])
-    elif msg[0] == "error":
-        finished.add(msg[1])
-        errors.append(msg[2])
-    else:
-        on_message(msg)
+def _store(job: WriteJob, writable: bool) -> Any:
+    """The store of this job, opened once per process and run (a new run, e.g. verify after write, reopens it)."""
+    store = _WORKER.get("store")
+    if store is None:
+        from ..store import VLAStore
 
-
-def _drain(out: Any, on_message: Callable, finished: set[int], errors: list[str]) -> None:
-    while True:
-        try:
-            _handle(out.get(timeout=0.5), on_message, finished, errors)
-        except queue_mod.Empty:
-            return
+        store = _WORKER["store"] = VLAStore.open(job.store, writable=writable)
+    return store

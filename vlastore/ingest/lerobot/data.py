@@ -89,78 +89,116 @@ def _read_data_file(root: Path, rel: str, episodes: dict[int, LeRobotEpisode], n
         pf, handle = open_parquet(path)
     except (OSError, ValueError) as exc:
         return {}, [], 0, file_problem(path, exc, root)
-    notes: list[str] = []
     with handle:
         nbytes = os.fstat(handle.fileno()).st_size
-        have = set(pf.schema_arrow.names)
-        if "episode_index" not in have:
-            return {}, [], nbytes, ("bad-series", f"{rel}: no episode_index column; not a v3.0 data file")
-        absent = [f.key for f in numeric if f.key not in have]
-        if absent:
-            return {}, [], nbytes, ("bad-series", f"{rel}: no column(s) {absent}, which meta/info.json lists")
-        wanted = [f.key for f in numeric] + [c for c in BOOKKEEPING_COLUMNS if c in have and c != "episode_index"]
-        gathered = {i: _Gathered() for i in episodes}
-        foreign: Counter[int] = Counter()
-        previous: int | None = None
+        wanted, problem = _wanted_columns(set(pf.schema_arrow.names), numeric, rel)
+        if problem is not None:
+            return {}, [], nbytes, problem
+        gather = _FileGather(rel, episodes, numeric)
         try:
             for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=["episode_index", *wanted]):
-                owner = batch.column(0)
-                if owner.null_count:
-                    return {}, [], nbytes, ("bad-series", f"{rel}: empty episode_index cells")
-                owner_np = owner.to_numpy(zero_copy_only=False).astype(np.int64)
-                columns: dict[str, np.ndarray] = {}
-                failure = None
-                for f in numeric:
-                    try:
-                        columns[f.key] = _to_matrix(batch.column(f.key), f.width, f.key)
-                    except ValueError as exc:
-                        failure = str(exc)
-                        break
-                for col in ("index", "frame_index"):
-                    if col in wanted and failure is None:
-                        try:
-                            columns[col] = _to_matrix(batch.column(col), 1, col)[:, 0].astype(np.int64)
-                        except ValueError as exc:
-                            failure = str(exc)
-                starts = np.concatenate([[0], np.flatnonzero(np.diff(owner_np)) + 1, [len(owner_np)]])
-                for lo, hi in zip(starts[:-1].tolist(), starts[1:].tolist(), strict=True):
-                    ep = int(owner_np[lo])
-                    if previous is not None and previous != ep and previous in gathered:
-                        gathered[previous].closed = True  # another episode began: this one must not come back
-                    previous = ep
-                    if ep not in gathered:
-                        foreign[ep] += hi - lo
-                        continue
-                    g = gathered[ep]
-                    if g.problem is None:
-                        if g.closed:
-                            g.problem = ("bad-series", f"{rel}: the rows of episode {ep} are not contiguous")
-                        elif failure is not None:
-                            g.problem = ("bad-series", f"{rel}: {failure}")
-                        elif g.rows + hi - lo > episodes[ep].length:
-                            g.problem = ("bad-series", f"{rel}: episode {ep} has more than the "
-                                                       f"{episodes[ep].length} frames meta/episodes gives it")
-                    if g.problem is not None:
-                        g.parts.clear()
-                        continue
-                    for f in numeric:
-                        g.parts.setdefault(f.key, []).append(columns[f.key][lo:hi])
-                    if "index" in columns:
-                        g.index.append(columns["index"][lo:hi])
-                    if "frame_index" in columns:
-                        g.frame.append(columns["frame_index"][lo:hi])
-                    g.rows += hi - lo
+                problem = gather.add_batch(batch, wanted)
+                if problem is not None:
+                    return {}, [], nbytes, problem
         except (pa.ArrowException, OSError) as exc:
             return {}, [], nbytes, ("corrupt", f"{rel}: cannot be read ({str(exc).splitlines()[0][:200]})")
-    elsewhere = sorted(ep for ep in foreign if ep in listed)
-    unlisted = sorted(ep for ep in foreign if ep not in listed)
-    if elsewhere:
-        notes.append(f"{rel}: rows of episode(s) {elsewhere[:10]} that meta/episodes places in another file were "
-                     "ignored")
-    if unlisted:
-        notes.append(f"{rel}: {sum(foreign[e] for e in unlisted)} rows of episode(s) {unlisted[:10]} that "
-                     "meta/episodes does not list were ignored")
-    return gathered, notes, nbytes, None
+    return gather.gathered, gather.notes(listed), nbytes, None
+
+
+def _wanted_columns(have: set[str], numeric: list[LeRobotFeature], rel: str
+                    ) -> tuple[list[str], tuple[str, str] | None]:
+    """Columns to read besides ``episode_index`` (numeric features, then bookkeeping), or why the file is unusable."""
+    if "episode_index" not in have:
+        return [], ("bad-series", f"{rel}: no episode_index column; not a v3.0 data file")
+    absent = [f.key for f in numeric if f.key not in have]
+    if absent:
+        return [], ("bad-series", f"{rel}: no column(s) {absent}, which meta/info.json lists")
+    return [f.key for f in numeric] + [c for c in BOOKKEEPING_COLUMNS if c in have and c != "episode_index"], None
+
+
+def _batch_columns(batch: Any, numeric: list[LeRobotFeature], wanted: list[str]
+                   ) -> tuple[dict[str, np.ndarray], str | None]:
+    """The numeric features (``[rows, width]``) and ``index``/``frame_index`` of a batch, or the first failure."""
+    columns: dict[str, np.ndarray] = {}
+    try:
+        for f in numeric:
+            columns[f.key] = _to_matrix(batch.column(f.key), f.width, f.key)
+        for col in ("index", "frame_index"):
+            if col in wanted:
+                columns[col] = _to_matrix(batch.column(col), 1, col)[:, 0].astype(np.int64)
+    except ValueError as exc:
+        return columns, str(exc)
+    return columns, None
+
+
+class _FileGather:
+    """Rows of one data file sorted into its episodes, batch by batch, checking each episode's rows are contiguous."""
+
+    def __init__(self, rel: str, episodes: dict[int, LeRobotEpisode], numeric: list[LeRobotFeature]) -> None:
+        self.rel = rel
+        self.episodes = episodes
+        self.numeric = numeric
+        self.gathered = {i: _Gathered() for i in episodes}
+        self.foreign: Counter[int] = Counter()
+        """Rows of episodes meta/episodes does not place in this file."""
+        self.previous: int | None = None
+
+    def add_batch(self, batch: Any, wanted: list[str]) -> tuple[str, str] | None:
+        """Sort one batch's rows into episodes; a problem of the whole file (no episode_index) is returned."""
+        owner = batch.column(0)
+        if owner.null_count:
+            return ("bad-series", f"{self.rel}: empty episode_index cells")
+        owner_np = owner.to_numpy(zero_copy_only=False).astype(np.int64)
+        columns, failure = _batch_columns(batch, self.numeric, wanted)
+        starts = np.concatenate([[0], np.flatnonzero(np.diff(owner_np)) + 1, [len(owner_np)]])
+        for lo, hi in zip(starts[:-1].tolist(), starts[1:].tolist(), strict=True):
+            self._add_run(int(owner_np[lo]), lo, hi, columns, failure)
+        return None
+
+    def _add_run(self, ep: int, lo: int, hi: int, columns: dict[str, np.ndarray], failure: str | None) -> None:
+        """Rows ``lo:hi`` of the batch, all of episode ``ep``."""
+        if self.previous is not None and self.previous != ep and self.previous in self.gathered:
+            self.gathered[self.previous].closed = True  # another episode began: this one must not come back
+        self.previous = ep
+        g = self.gathered.get(ep)
+        if g is None:
+            self.foreign[ep] += hi - lo
+            return
+        if g.problem is None:
+            g.problem = self._run_problem(ep, g, hi - lo, failure)
+        if g.problem is not None:
+            g.parts.clear()
+            return
+        for f in self.numeric:
+            g.parts.setdefault(f.key, []).append(columns[f.key][lo:hi])
+        if "index" in columns:
+            g.index.append(columns["index"][lo:hi])
+        if "frame_index" in columns:
+            g.frame.append(columns["frame_index"][lo:hi])
+        g.rows += hi - lo
+
+    def _run_problem(self, ep: int, g: _Gathered, rows: int, failure: str | None) -> tuple[str, str] | None:
+        if g.closed:
+            return ("bad-series", f"{self.rel}: the rows of episode {ep} are not contiguous")
+        if failure is not None:
+            return ("bad-series", f"{self.rel}: {failure}")
+        if g.rows + rows > self.episodes[ep].length:
+            return ("bad-series", f"{self.rel}: episode {ep} has more than the {self.episodes[ep].length} frames "
+                                  "meta/episodes gives it")
+        return None
+
+    def notes(self, listed: set[int]) -> list[str]:
+        """Notes on rows of episodes this file should not hold (listed elsewhere, or not at all)."""
+        notes = []
+        elsewhere = sorted(ep for ep in self.foreign if ep in listed)
+        unlisted = sorted(ep for ep in self.foreign if ep not in listed)
+        if elsewhere:
+            notes.append(f"{self.rel}: rows of episode(s) {elsewhere[:10]} that meta/episodes places in another file "
+                         "were ignored")
+        if unlisted:
+            notes.append(f"{self.rel}: {sum(self.foreign[e] for e in unlisted)} rows of episode(s) {unlisted[:10]} "
+                         "that meta/episodes does not list were ignored")
+        return notes
 
 
 def _finish(episode: LeRobotEpisode, g: _Gathered, numeric: list[LeRobotFeature], rel: str,

@@ -253,7 +253,7 @@ def _episode_row(row: dict[str, Any], root: Path, data_template: str, video_temp
         data_path = fill_path(data_template, "data_path", chunk_index=chunk, file_index=file)
         videos = {}
         for key in video_keys:
-            cols = [row.get(f"videos/{key}/{c}") for c in ("chunk_index", "file_index", "from_timestamp",
+            cols: list[Any] = [row.get(f"videos/{key}/{c}") for c in ("chunk_index", "file_index", "from_timestamp",
                                                              "to_timestamp")]
             if any(c is None for c in cols):
                 continue  # this camera has no video for this episode: reported by the video source if asked for
