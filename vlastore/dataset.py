@@ -115,7 +115,7 @@ class BatchedSamples(Sequence):
     each with its ``episode`` name as :meth:`VLADataset.__getitem__` gives it.
     """
 
-    def __init__(self, batch: Batch, ragged: Sequence[str], names: Sequence[str] | None = None) -> None:
+    def __init__(self, batch: Batch, ragged: Sequence[str], names: Sequence[str] | np.ndarray | None = None) -> None:
         self.batch = batch
         self.ragged = tuple(ragged)
         self.names = names
@@ -328,8 +328,8 @@ class VLADataset(Dataset):
                              "episodes; give one fps, or one per catalog episode")
         plan = WindowPlan.build(steps, self.delta_timestamps, fps=fps, timestamps=times,
                                 tolerance_s=self.tolerance_s, episodes=self.episode_ids)
-        episodes, steps = self._candidates()
-        plan.check_grid(self.store.catalog.step_offsets, episodes, steps, self.store.catalog.names)
+        episodes, candidate_steps = self._candidates()
+        plan.check_grid(self.store.catalog.step_offsets, episodes, candidate_steps, self.store.catalog.names)
         return plan
 
     def _timestamps_array(self, timestamps: str | np.ndarray) -> np.ndarray:
@@ -556,8 +556,8 @@ class VLADataset(Dataset):
             sample[f"{family}_{reader.spec.index_name}"] = ids[3 + i]
             if reader.spec.ragged:
                 sample[f"{family}_length"] = len(value)
-        for key, value in self._window_arrays(np.asarray(ids, dtype=np.int64)[:, None]).items():
-            sample[key] = torch.from_numpy(value[0])
+        for key, window in self._window_arrays(np.asarray(ids, dtype=np.int64)[:, None]).items():
+            sample[key] = torch.from_numpy(window[0])
         return sample
 
     def __getitems__(self, indices: Sequence[int]) -> BatchedSamples:
@@ -635,9 +635,9 @@ class VLADataset(Dataset):
             raise KeyError(f"unknown series {key!r}; the store has {list(self.store.series_keys)}")
         cache_key = (key, tuple(float(q) for q in quantiles), method)
         if cache_key not in self._stats:
-            padded = self._series.get(key) if self._padding is not None else None
+            padding, padded = self._padding, self._series.get(key)
             # the series as stored is the padded copy less its copies
-            values = self.store.series_all(key) if padded is None else padded[~self._padding.is_pad]
+            values = self.store.series_all(key) if padding is None or padded is None else padded[~padding.is_pad]
             self._stats[cache_key] = summarize(values, self.store.catalog.step_offsets, self.episode_ids,
                                                quantiles, method, columns=self.store.columns(key))
         return self._stats[cache_key]

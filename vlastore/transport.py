@@ -224,7 +224,7 @@ def pack_batch(
     with _worker_lock:
         ring = _worker_ring
         layout = ring.layouts.get(signature) if ring is not None else None
-        if layout is None:
+        if layout is None or ring is None:  # (ring None means layout None; said for the type checker)
             used = _Layout(0, signature).used
             if used > MAX_SLOT_BYTES:
                 return rebuild, (dict(batch),)
