@@ -265,3 +265,16 @@ def test_a_batch_checked_at_once_names_its_corrupt_row_whatever_the_batch(tmp_pa
     np.testing.assert_array_equal(reader.gather(many), known.values[family][many])
     with pytest.raises(ChecksumError, match=name):  # a fresh reader: nothing checked yet
         FeatureReader(known.store, family, verify=verify).gather([*good, bad])
+
+
+@pytest.mark.parametrize("mode", ["auto", "willneed", "populate", "off"])
+def test_every_prefault_mode_reads_the_written_values(known, monkeypatch, mode) -> None:
+    # madvise is advice: whatever the mode (VLASTORE_PREFAULT), and whether the kernel knows it or not, the rows
+    # read are the rows written
+    if not arena.available():
+        pytest.skip("no shared mapping range on this platform")
+    monkeypatch.setattr(arena, "_PREFAULT", mode)
+    reader = FeatureReader(known.store, "fixed_bfloat16", verify="always")
+    rows = np.arange(reader.layout.rows)[::-1]
+    np.testing.assert_array_equal(reader.gather(rows), known.values["fixed_bfloat16"][rows])
+    assert reader._arena is not None and reader._arena.arena.mapped  # read through the shared range

@@ -109,11 +109,11 @@ class RowCrcs:
         n = len(crcs)
         cb = np.ascontiguousarray(crcs, dtype="<u4").view(np.uint8)
         if n <= _GROUP:
-            return np.bitwise_xor.reduce(self._table.take(self._base(n) + cb), keepdims=True)  # type: ignore[no-any-return]
+            return np.bitwise_xor.reduce(self._table.take(self._base(n) + cb), keepdims=True)
         i = np.arange(n, dtype=np.int64)
         k = (np.minimum(_GROUP, n - (i // _GROUP) * _GROUP) - 1 - i % _GROUP) * 1024
         per_row = np.bitwise_xor.reduce(self._table.take(k[:, None] + self._byte_offsets + cb.reshape(n, 4)), axis=1)
-        return np.bitwise_xor.reduceat(per_row, np.arange(0, n, _GROUP))  # type: ignore[no-any-return]
+        return np.bitwise_xor.reduceat(per_row, np.arange(0, n, _GROUP))
 
     def _base(self, n: int) -> np.ndarray:
         """Table offsets of the 4 bytes of each of ``n <= 64`` crcs (flat, in the crcs' byte order)."""

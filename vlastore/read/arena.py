@@ -158,7 +158,7 @@ class ShardArena:
             vec = (ctypes.c_ubyte * pages)()
             if _LIBC.mincore(start, size, vec) != 0:
                 return
-            if int(np.count_nonzero(np.frombuffer(vec, dtype=np.uint8) & 1)) * 10 >= pages * 9:
+            if int(np.count_nonzero(np.frombuffer(bytes(vec), dtype=np.uint8) & 1)) * 10 >= pages * 9:
                 return  # in the page cache already
         advice = _MADV_POPULATE_READ if _PREFAULT == "populate" else _MADV_WILLNEED
         _LIBC.madvise(start, pages * page, advice)  # advice: a failure only means page faults later
