@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -236,3 +237,44 @@ def test_negative_row_numbers_raise_on_every_path(known, mapping, location) -> N
         store.feature("fixed_float32", 0, -1)
     with pytest.raises(IndexError, match="episode #-1 out of range"):
         store.layout("fixed_float32").row(-1, 0)
+
+
+@pytest.mark.parametrize("verify", ["always", "once"])
+@pytest.mark.parametrize("where", ["payload", "crc"])
+def test_a_batch_checked_at_once_names_its_corrupt_row_whatever_the_batch(tmp_path, mapping, verify, where) -> None:
+    # a batch is checked with one crc32c over the rows as gathered (shardcodec.RowCrcs); a mismatch must still
+    # name the corrupt row, for a damaged payload or a damaged stored crc, alone, among others, in groups of
+    # more than 64 rows, repeated, and (verify="once") when it is the only row of the batch not checked yet
+    known = make_store(tmp_path / "s.vla")
+    family = "fixed_bfloat16"
+    reader = FeatureReader(known.store, family)
+    rps, nbytes = reader.layout.rows_per_shard, reader.row_nbytes
+    bad = 6
+    shard, chunk = divmod(bad, rps)
+    offset = int(known.store.shard_index(family, shard).offsets[chunk]) + (1 if where == "payload" else nbytes + 1)
+    flip_byte(shard_file(known.store, family, shard), offset)
+    reader = FeatureReader(known.store, family, verify=verify)
+    good = [r for r in range(reader.layout.rows) if r != bad]
+    if verify == "once":
+        np.testing.assert_array_equal(reader.gather(good), known.values[family][good])  # every other row checked
+    name = re.escape(reader.describe(bad))
+    many = (good * (1 + 70 // len(good)))[:70]
+    for batch in ([bad], [*good[:3], bad], [*many, bad, *many], [bad, bad], [*good[:1] * 20, bad]):
+        with pytest.raises(ChecksumError, match=name):
+            reader.gather(batch)
+    np.testing.assert_array_equal(reader.gather(many), known.values[family][many])
+    with pytest.raises(ChecksumError, match=name):  # a fresh reader: nothing checked yet
+        FeatureReader(known.store, family, verify=verify).gather([*good, bad])
+
+
+@pytest.mark.parametrize("mode", ["auto", "willneed", "populate", "off"])
+def test_every_prefault_mode_reads_the_written_values(known, monkeypatch, mode) -> None:
+    # madvise is advice: whatever the mode (VLASTORE_PREFAULT), and whether the kernel knows it or not, the rows
+    # read are the rows written
+    if not arena.available():
+        pytest.skip("no shared mapping range on this platform")
+    monkeypatch.setattr(arena, "_PREFAULT", mode)
+    reader = FeatureReader(known.store, "fixed_bfloat16", verify="always")
+    rows = np.arange(reader.layout.rows)[::-1]
+    np.testing.assert_array_equal(reader.gather(rows), known.values["fixed_bfloat16"][rows])
+    assert reader._arena is not None and reader._arena.arena.mapped  # read through the shared range

@@ -5,11 +5,25 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import zarr
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from zarr.codecs import Crc32cCodec, ZstdCodec
 from zarr.core.buffer import cpu, default_buffer_prototype
 from zarr.core.sync import sync
 
-from vlastore.shardcodec import ChecksumError, RawShardBuilder, decode_index, encode_shard, index_nbytes
+from vlastore.shardcodec import (
+    CHUNK_RESIDUE,
+    CRC_BYTES,
+    ChecksumError,
+    RawShardBuilder,
+    RowCrcs,
+    crc32c,
+    decode_index,
+    encode_shard,
+    index_nbytes,
+    row_crcs,
+    run_intact,
+)
 
 CHUNKS = 6
 
@@ -121,3 +135,41 @@ def test_zstd_chunks_are_decoded_into_exactly_one_row() -> None:
     with pytest.raises(ChecksumError, match="declares 64 bytes, a row has 32"):
         zstd_decode_exact(frame, 32)
     assert zstd_content_size(b"not zstd") is None
+
+
+@settings(max_examples=60, deadline=None)
+@given(nbytes=st.integers(1, 300), n=st.integers(0, 200), seed=st.integers(0, 2**32 - 1), data=st.data())
+def test_rows_checked_together_match_exactly_when_each_matches_its_own_crc(nbytes, n, seed, data) -> None:
+    rng = np.random.default_rng(seed)
+    rows = rng.integers(0, 256, size=(n, nbytes), dtype=np.uint8)
+    crcs = np.array([crc32c(r) for r in rows], dtype="<u4")
+    checker = RowCrcs(nbytes)
+    assert checker.all_match(rows, crcs)
+    assert checker is row_crcs(nbytes) or row_crcs(nbytes).all_match(rows, crcs)
+    if n == 0:
+        return
+    # any one damaged byte, in a row or in a stored crc, is caught (the combination is invertible)
+    i = data.draw(st.integers(0, n - 1))
+    bad_rows = rows.copy()
+    bad_rows[i, data.draw(st.integers(0, nbytes - 1))] ^= data.draw(st.integers(1, 255))
+    assert not checker.all_match(bad_rows, crcs)
+    bad_crcs = crcs.copy()
+    bad_crcs[i] ^= np.uint32(data.draw(st.integers(1, 2**32 - 1)))
+    assert not checker.all_match(rows, bad_crcs)
+    assert not checker.all_match(rows[::-1].copy(), crcs) or n == 1 or (rows == rows[::-1]).all() or \
+        (crcs == crcs[::-1]).all()  # rows in another order than their crcs
+
+
+@settings(max_examples=40, deadline=None)
+@given(payload=st.integers(0, 64), k=st.integers(1, 40), seed=st.integers(0, 2**32 - 1), data=st.data())
+def test_a_run_of_adjacent_chunks_is_intact_exactly_when_each_chunk_is(payload, k, seed, data) -> None:
+    rng = np.random.default_rng(seed)
+    stride = payload + CRC_BYTES
+    body = rng.integers(0, 256, size=(k, payload), dtype=np.uint8)
+    chunks = np.concatenate([body, np.array([crc32c(r) for r in body], dtype="<u4").view(np.uint8).reshape(k, 4)],
+                            axis=1)
+    assert all(crc32c(c) == CHUNK_RESIDUE for c in chunks)
+    assert run_intact(chunks, stride)
+    flat = chunks.reshape(-1).copy()
+    flat[data.draw(st.integers(0, flat.size - 1))] ^= data.draw(st.integers(1, 255))
+    assert not run_intact(flat, stride)

@@ -251,17 +251,18 @@ def test_write_behind_writes_the_same_bytes(tmp_path: Path) -> None:
         return {k: v for k, v in snapshot(root).items() if "/values/c/" in k}
 
     results = []
-    for write_behind in (False, True):
-        store = plan_writer_store(tmp_path / f"wb-{write_behind}.vla")
+    # fsync=True writes several shards at once, from as many threads (writer._FSYNC_IN_FLIGHT)
+    for write_behind, fsync in ((False, False), (True, False), (True, True), (False, True)):
+        store = plan_writer_store(tmp_path / f"wb-{write_behind}-{fsync}.vla")
         values = expected_values(store)
         for family, dtype in (("fixed", "bfloat16"), ("tokens", "float16")):
-            with store.writer(family, write_behind=write_behind) as writer:
+            with store.writer(family, write_behind=write_behind, fsync=fsync) as writer:
                 for lo in range(0, store.layout(family).rows, 5):  # several shards in flight
                     rows = np.arange(lo, min(lo + 5, store.layout(family).rows))
                     writer.write_rows(rows, [as_value(values[family][r], dtype) for r in rows.tolist()])
             assert writer.shards_written == store.layout(family).n_shards
         results.append(shard_files(Path(store.location)))
-    assert results[0] == results[1] and len(results[0]) == 18
+    assert all(result == results[0] for result in results) and len(results[0]) == 18
 
 
 def test_write_behind_abort_keeps_complete_shards_only(store_path: Path) -> None:

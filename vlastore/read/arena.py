@@ -31,6 +31,10 @@ _MAP_FIXED = 0x10
 _MAP_NORESERVE = 0x4000
 _MAP_FAILED = ctypes.c_void_p(-1).value
 _MAX_RESERVE = 1 << 44  # 16 TiB of the 128 TiB a 64-bit Linux process can address
+_MADV_WILLNEED = 3
+_MADV_POPULATE_READ = 22  # Linux 5.14+; older kernels answer EINVAL and the pages fault in on first touch
+_PREFAULT = os.environ.get("VLASTORE_PREFAULT", "auto")
+"""``auto``, ``willneed``, ``populate`` or ``off``: see :meth:`ShardArena._prefault`."""
 
 
 def _libc() -> ctypes.CDLL | None:
@@ -43,12 +47,23 @@ def _libc() -> ctypes.CDLL | None:
                               ctypes.c_long]
         libc.munmap.restype = ctypes.c_int
         libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        libc.madvise.restype = ctypes.c_int
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        libc.mincore.restype = ctypes.c_int
+        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
         return libc
     except (OSError, AttributeError):
         return None
 
 
 _LIBC = _libc()
+
+
+def _memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return 0
 
 
 def available() -> bool:
@@ -117,8 +132,36 @@ class ShardArena:
         if got != start:
             raise OSError(ctypes.get_errno(), f"mmap of {where} into the shard range failed")
         self.mapped[shard] = size
+        self._prefault(start, size)
         lo = shard * self.slot_nbytes
         return self.buf[lo : lo + size]
+
+    def _prefault(self, start: int, size: int) -> None:
+        """Ask the kernel for a newly mapped shard's pages ahead of the reads (``VLASTORE_PREFAULT``).
+
+        ``auto`` (the default): a shard mostly absent from the page cache is read ahead in the background
+        (``MADV_WILLNEED``: one large read instead of a page fault and a small read per row), unless the
+        family's shards together could not fit in half the memory (then reading every shard whole would
+        evict what an epoch needs). ``willneed``: always that; ``populate``: map the page tables of the
+        whole shard in one call (``MADV_POPULATE_READ``, Linux 5.14+); ``off``: pages fault in when read.
+        tools/bench_read.py measured (docs/reading.md): first reads with the page cache dropped at 0.63x
+        ``np.memmap`` without it and about 1x with it; no difference with the page cache warm, where
+        populating the page tables did not help either.
+        """
+        if _PREFAULT == "off" or _LIBC is None:
+            return
+        page = mmap.PAGESIZE
+        pages = -(-size // page)
+        if _PREFAULT == "auto":
+            if self.size > _memory_bytes() // 2:
+                return
+            vec = (ctypes.c_ubyte * pages)()
+            if _LIBC.mincore(start, size, vec) != 0:
+                return
+            if int(np.count_nonzero(np.frombuffer(bytes(vec), dtype=np.uint8) & 1)) * 10 >= pages * 9:
+                return  # in the page cache already
+        advice = _MADV_POPULATE_READ if _PREFAULT == "populate" else _MADV_WILLNEED
+        _LIBC.madvise(start, pages * page, advice)  # advice: a failure only means page faults later
 
     def records(self, nbytes: int) -> np.ndarray:
         """All chunk slots as opaque ``nbytes`` records: record ``shard * records_per_slot + position``."""

@@ -29,7 +29,16 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from ..family import FamilyHandle
-from ..shardcodec import CRC_BYTES, ChecksumError, ShardIndex, crc_mismatch, decode_index, index_nbytes
+from ..shardcodec import (
+    CRC_BYTES,
+    ChecksumError,
+    ShardIndex,
+    crc_mismatch,
+    decode_index,
+    index_nbytes,
+    row_crcs,
+    run_intact,
+)
 from . import arena as _arena
 
 __all__ = ["Shard", "StridedShard", "IndexedShard", "ShardSource", "ArenaSource", "MapSource", "RangedSource"]
@@ -47,16 +56,48 @@ class Shard:
         self.verified = np.zeros(len(index.present), dtype=bool)
 
 
+_WHOLE_BATCH = 8
+"""verify="once": when more than 1/8 of a batch's rows are unchecked, the whole batch is checked as gathered
+(one crc32c call per 64 rows); fewer are checked one by one."""
+
+
+def first_corrupt(payload: np.ndarray, crcs: np.ndarray, positions: np.ndarray, todo: np.ndarray | None,
+                  gathered: np.ndarray | None) -> tuple[int | None, bool]:
+    """Check the rows at ``positions[todo]`` of ``payload`` (a ``(records, row_nbytes)`` uint8 matrix) against
+    ``crcs``; ``todo`` None: all of them. ``gathered``: the rows at ``positions`` as already copied out
+    (C-contiguous), or None.
+
+    Returns:
+        The index into ``positions`` of the first corrupt row checked (None when all are intact), and whether
+        every row of ``positions`` was checked (the whole batch, as gathered) rather than only ``todo``.
+    """
+    n = len(positions)
+    if gathered is not None and (todo is None or todo.size * _WHOLE_BATCH > n):
+        stored = crcs[positions]
+        if row_crcs(payload.shape[1]).all_match(gathered, stored):
+            return None, True
+        # locate the corrupt row in what was gathered (what the caller would hand out), in batch order
+        bad = crc_mismatch(gathered.reshape(-1).view(np.uint8).reshape(n, -1), stored, np.arange(n))
+        assert bad is not None, "rows that each match their crc match together"
+        return bad, True
+    if todo is None:
+        return crc_mismatch(payload, crcs, positions), True
+    bad = crc_mismatch(payload, crcs, positions[todo])
+    return (None if bad is None else int(todo[bad])), False
+
+
 class StridedShard(Shard):
     """A mapped raw shard whose chunks sit back to back: payload views and one-copy batches."""
 
-    __slots__ = ("payload", "records", "crcs", "pos")
+    __slots__ = ("payload", "records", "crcs", "pos", "body", "stride")
 
     def __init__(self, index: ShardIndex, where: str, buf: np.ndarray) -> None:
         super().__init__(index, where)
         stride = index.stride
         n = int(index.present.sum())
         body = buf[: n * stride].reshape(n, stride)
+        self.body = body
+        self.stride = stride
         self.payload = body[:, : stride - CRC_BYTES]
         self.crcs = body[:, stride - CRC_BYTES :].view("<u4")[:, 0]
         # each payload as one opaque element: numpy gathers those with one memcpy per row
@@ -67,19 +108,37 @@ class StridedShard(Shard):
         pos[index.present] = (index.offsets[index.present] // np.uint64(stride)).astype(np.int64)
         self.pos = pos
 
-    def first_bad(self, positions: np.ndarray, verify: str) -> int | None:
+    def first_bad(self, positions: np.ndarray, verify: str, gathered: np.ndarray | None = None) -> int | None:
         """Check the crc32c of the chunks at ``positions`` (``verify`` mode); the index into ``positions`` of
-        the first corrupt one, or None when all are intact."""
+        the first corrupt one, or None when all are intact.
+
+        ``gathered``: their payloads as already copied out (C-contiguous); checked there, hot in the CPU's
+        cache, with one crc32c call per 64 rows instead of one per row.
+        """
         if verify == "never":
             return None
-        todo = np.flatnonzero(~self.verified[positions]) if verify == "once" else np.arange(len(positions))
-        if todo.size == 0:
-            return None
-        bad = crc_mismatch(self.payload, self.crcs, positions[todo])
-        if bad is not None:
-            return int(todo[bad])
-        self.verified[positions[todo]] = True
-        return None
+        todo = None
+        if verify == "once":
+            ok = self.verified[positions]
+            checked = int(np.count_nonzero(ok))
+            if checked == len(positions):
+                return None
+            if gathered is None or (len(positions) - checked) * _WHOLE_BATCH <= len(positions):
+                todo = np.flatnonzero(~ok)
+        bad, whole = first_corrupt(self.payload, self.crcs, positions, todo, gathered)
+        if bad is None:
+            self.verified[positions if whole else positions[todo]] = True
+        return bad
+
+    def run_ok(self, first: int, length: int, verify: str) -> bool:
+        """Whether the ``length`` adjacent chunks from position ``first`` (one ragged row) are intact
+        (``verify`` mode), checked with one crc32c call over them, crcs included."""
+        if verify == "never" or (verify == "once" and self.verified[first : first + length].all()):
+            return True
+        if not run_intact(self.body[first : first + length], self.stride):
+            return False
+        self.verified[first : first + length] = True
+        return True
 
 
 class IndexedShard(Shard):
@@ -218,21 +277,21 @@ class ArenaSource(ShardSource):
             self.gpos[rows] = np.where(pos >= 0, shard * self.arena.records_per_slot + pos, len(self.records))
         return entry
 
-    def first_bad(self, rows: np.ndarray, records: np.ndarray, verify: str) -> int | None:
+    def first_bad(self, rows: np.ndarray, records: np.ndarray, verify: str,
+                  gathered: np.ndarray | None = None) -> int | None:
         """crc32c of the arena records of ``rows`` (verify="once": only rows this process has not checked yet);
-        the index into ``rows`` of the first corrupt one, or None."""
+        the index into ``rows`` of the first corrupt one, or None. ``gathered``: as :meth:`StridedShard.first_bad`."""
         payload, crcs, row_ok = self.record_payload, self.record_crcs, self.row_ok
         assert payload is not None and crcs is not None and row_ok is not None
+        todo = None
         if verify == "once":
             ok = row_ok[rows]
-            if ok.all():
+            checked = int(np.count_nonzero(ok))
+            if checked == len(rows):
                 return None
-            todo = np.flatnonzero(~ok)
-        else:
-            todo = np.arange(len(rows))
-        bad = crc_mismatch(payload, crcs, records[todo])
-        if bad is not None:
-            return int(todo[bad])
-        if verify == "once":
-            row_ok[rows[todo]] = True
-        return None
+            if gathered is None or (len(rows) - checked) * _WHOLE_BATCH <= len(rows):
+                todo = np.flatnonzero(~ok)
+        bad, whole = first_corrupt(payload, crcs, records, todo, gathered)
+        if bad is None and verify == "once":
+            row_ok[rows if whole else rows[todo]] = True
+        return bad
