@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ import numpy as np
 import zarr
 
 from .catalog import Catalog
+from .commitlog import CommitConflictError, CommitLog, SnapshotNotFoundError
 from .family import FamilyHandle, StaleGenerationError, open_family, plan_generation, read_generation_info, read_keys
 from .format import (
     EPISODES_GROUP,
@@ -43,10 +45,34 @@ from .format import (
 )
 from .integrity import check_catalog
 from .layout import FamilyLayout, vlm_items
+from .living import (
+    ArrayWriter,
+    CatalogData,
+    SegmentRows,
+    attrs_json,
+    new_segment,
+    read_catalog,
+    read_generation,
+    read_keys_v2,
+    read_row_map,
+    read_small,
+    write_catalog,
+    write_layout,
+)
 from .nodes import ZarrNodes
 from .ranks import resolve_rank
 from .read import FeatureReader
 from .shardcodec import ShardIndex
+from .snapshot import (
+    SNAPSHOT_FORMAT_VERSION,
+    CatalogRef,
+    Change,
+    FamilyState,
+    GenerationState,
+    SeriesSegment,
+    SeriesState,
+    Snapshot,
+)
 from .stats import series_stats
 from .storage import LocalStorage, Location, open_storage
 from .storage.local import remove_store_files
@@ -56,7 +82,11 @@ from .writer import FamilyWriter
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["VLAStore", "EpisodeData", "utc_now", "probe", "remove_store", "Location"]
+__all__ = ["VLAStore", "EpisodeData", "SegmentRows", "utc_now", "probe", "remove_store", "Location",
+           "SnapshotNotFoundError", "CommitConflictError", "DEFAULT_FORMAT_VERSION"]
+
+DEFAULT_FORMAT_VERSION = 2
+"""Format of stores made by :meth:`VLAStore.create` (1 is still written on request, and read)."""
 
 
 def utc_now() -> str:
@@ -75,6 +105,11 @@ class EpisodeData:
     name: str
     series: dict[str, np.ndarray] = field(default_factory=dict)
     steps: int | None = None
+    task: str | None = None
+    """Task / instruction text (format 2 keeps it in the task table; batches can carry it)."""
+    fps: float | None = None
+    attrs: dict[str, Any] | None = None
+    """Free per-episode attributes (a JSON object)."""
 
     def step_count(self) -> int:
         lengths = {k: len(v) for k, v in self.series.items()}
@@ -169,13 +204,28 @@ class VLAStore:
             problem in :attr:`open_problems` and go on.
     """
 
-    def __init__(self, nodes: ZarrNodes, strict: bool = True) -> None:
+    def __init__(self, nodes: ZarrNodes, strict: bool = True, snapshot: int | None = None) -> None:
         self.nodes = nodes
         self.storage = nodes.storage
         self.writable = nodes.writable
-        self.manifest = Manifest.from_dict(nodes.attrs[MANIFEST_KEY], where=self.storage.location)
         self.open_problems: list[tuple[str, str]] = []
         """With ``strict=False`` (vlastore verify): (path, problem) of what failed its check at open."""
+        self._reset_caches()
+        root = nodes.attrs[MANIFEST_KEY]
+        version = root.get("format_version") if isinstance(root, dict) else None
+        self.format_version = SNAPSHOT_FORMAT_VERSION if version == SNAPSHOT_FORMAT_VERSION else 1
+        self.snapshot: Snapshot | None = None
+        """The commit this store object shows (format 2); None for a format-1 store."""
+        self._log: CommitLog | None = None
+        if self.format_version == SNAPSHOT_FORMAT_VERSION:
+            self._root = root
+            self._log = CommitLog(self.storage)
+            self._adopt(self._log.read(snapshot) if snapshot is not None else self._log.head())
+            return
+        if snapshot not in (None, 0):
+            raise SnapshotNotFoundError(f"{self.storage.location} is a format-1 store: it has only snapshot 0 "
+                                        "(`vlastore upgrade` makes it a store with commits)")
+        self.manifest = Manifest.from_dict(root, where=self.storage.location)
         try:
             self.catalog = self._read_catalog()
         except FormatError as exc:
@@ -192,11 +242,31 @@ class VLAStore:
                 if strict:
                     raise
                 self.open_problems.append((series_path(key), str(exc)))
+
+    def _reset_caches(self) -> None:
         self._infos: dict[tuple[str, int], GenerationInfo] = {}
         self._handles: dict[tuple[str, int], FamilyHandle] = {}
         self._readers: dict[tuple[str, int, str], FeatureReader] = {}
         self._keys: dict[tuple[str, int], tuple[str, ...]] = {}
         self._key_index: dict[tuple[str, int], dict[str, int]] = {}
+        self._series_cache: dict[str, np.ndarray] = {}
+
+    def _adopt(self, snapshot: Snapshot) -> None:
+        """Show ``snapshot`` (format 2): its catalog read and checked, a manifest view of it, caches dropped."""
+        self._catdata = read_catalog(self.nodes, snapshot)
+        self.catalog = self._catdata.catalog()
+        self.snapshot = snapshot
+        self.manifest = Manifest(
+            format_version=SNAPSHOT_FORMAT_VERSION,
+            vlastore_version=snapshot.vlastore_version,
+            created=str(self._root.get("created", "")),
+            episodes=len(self.catalog),
+            steps=self.catalog.total_steps,
+            series={k: SeriesInfo(v.columns, v.dtype) for k, v in snapshot.series.items()},
+            families={f: FamilyEntry(st.current_generation, tuple(sorted(st.generations)))
+                      for f, st in snapshot.families.items()},
+        )
+        self._reset_caches()
 
     # -------------------------------------------------------------- creation
 
@@ -208,6 +278,7 @@ class VLAStore:
         columns: Mapping[str, Sequence[str]] | None = None,
         allow_nonfinite: bool = False,
         storage_options: dict[str, Any] | None = None,
+        format_version: int = DEFAULT_FORMAT_VERSION,
     ) -> VLAStore:
         """Create a store holding the catalog and robot series of ``episodes``.
 
@@ -218,12 +289,17 @@ class VLAStore:
             columns: column names per series key; default ``<key>_0..``.
             allow_nonfinite: store NaN/Inf in series instead of refusing them.
             storage_options: for ``s3://`` URLs: endpoint, credentials, ... (``vlastore.storage.STORAGE_OPTIONS``).
+            format_version: 2 (default: commits, appends, snapshots) or 1 (write-once, the older layout).
 
         Raises:
             FormatError: bad names, duplicate names, inconsistent series; nothing is written.
             FileExistsError: ``location`` exists and is not empty.
         """
         episodes = list(episodes)
+        if format_version == SNAPSHOT_FORMAT_VERSION:
+            return cls._create_v2(open_storage(location, storage_options), episodes, columns, allow_nonfinite)
+        if format_version != FORMAT_VERSION:
+            raise ValueError(f"format_version={format_version}: vlastore writes format 1 or 2")
         catalog = Catalog([e.name for e in episodes], [e.step_count() for e in episodes])
         stacked: dict[str, np.ndarray] = {}
         series_info: dict[str, SeriesInfo] = {}
@@ -251,7 +327,7 @@ class VLAStore:
 
     @classmethod
     def open(cls, location: Location, writable: bool = False,
-             storage_options: dict[str, Any] | None = None) -> VLAStore:
+             storage_options: dict[str, Any] | None = None, snapshot: int | None = None) -> VLAStore:
         """Open an existing store (read-only unless ``writable``).
 
         The manifest's checksum, the catalog and the series' metadata are checked
@@ -262,12 +338,15 @@ class VLAStore:
             location: a folder, an ``s3://bucket/prefix`` URL, a zarr ``Store`` or a Storage.
             writable: allow changes (families, generations, writers).
             storage_options: for ``s3://`` URLs (``vlastore.storage.STORAGE_OPTIONS``).
+            snapshot: a commit number (``store.snapshot_id``, ``vlastore log``) to open as it was then
+                (format 2; exact reproduction of a run until ``vlastore gc`` removes it); default: the newest.
 
         Raises:
             StoreNotFoundError: no store there. FormatError: written by a newer
                 format, or damaged metadata (the message names the file).
+            SnapshotNotFoundError: no such snapshot.
         """
-        return cls(ZarrNodes.open(open_storage(location, storage_options), writable=writable))
+        return cls(ZarrNodes.open(open_storage(location, storage_options), writable=writable), snapshot=snapshot)
 
     # ----------------------------------------------------------- checked reads
 
@@ -290,7 +369,11 @@ class VLAStore:
         self.nodes.check_small_meta(series_path(key), *self._series_shape(key))
 
     def reload(self) -> None:
-        """Re-read the manifest (after another process added a family or switched a generation)."""
+        """Move to the newest state (after another process appended, removed, added a family or switched a
+        generation). Format 2: the newest commit; objects of the old snapshot stay readable until gc."""
+        if self._log is not None:
+            self._adopt(self._log.head())
+            return
         self.nodes.refresh()
         self.manifest = Manifest.from_dict(self.nodes.attrs[MANIFEST_KEY], where=self.location)
 
@@ -336,7 +419,12 @@ class VLAStore:
         return key
 
     def series_array(self, key: str) -> zarr.Array[Any]:
-        """The zarr array of robot series ``key`` (all episodes along time), for lazy slicing."""
+        """The zarr array of robot series ``key`` (all episodes along time), for lazy slicing.
+
+        Format 2: the series of the snapshot's episodes in catalog order, in memory (its segments gathered).
+        """
+        if self.snapshot is not None:
+            return self.series_all(key)  # type: ignore[return-value]
         return self.nodes.open_array(series_path(self._series_key(key)))
 
     def series(self, key: str, dataset: str | int, start: int = 0, stop: int | None = None) -> np.ndarray:
@@ -357,7 +445,28 @@ class VLAStore:
 
     def series_all(self, key: str) -> np.ndarray:
         """One robot series for all episodes, concatenated along time (small: robot states)."""
+        if self.snapshot is not None:
+            return self._series_v2(self._series_key(key))
         return self.nodes.read_checked(series_path(self._series_key(key)), *self._series_shape(key))
+
+    def _physical_series(self, snapshot: Snapshot, key: str) -> np.ndarray:
+        """Every segment of a series concatenated (removed episodes' steps included)."""
+        state = snapshot.series[key]
+        parts = [read_small(self.nodes, seg.path, (seg.rows, len(state.columns)), state.dtype, snapshot.arrays)
+                 for seg in state.segments]
+        return np.concatenate(parts) if parts else np.zeros((0, len(state.columns)), dtype=state.dtype)
+
+    def _series_v2(self, key: str) -> np.ndarray:
+        if key not in self._series_cache:
+            assert self.snapshot is not None
+            physical = self._physical_series(self.snapshot, key)
+            cat = self._catdata
+            offsets = self.catalog.step_offsets
+            index = np.repeat(cat.step_start - offsets[:-1], cat.steps) + np.arange(int(offsets[-1]), dtype=np.int64)
+            values = physical[index]
+            values.setflags(write=False)
+            self._series_cache[key] = values
+        return self._series_cache[key]
 
     def columns(self, key: str) -> tuple[str, ...]:
         return self.manifest.series[key].columns
@@ -383,6 +492,8 @@ class VLAStore:
 
     def _dropped_since(self, family: str, generation: int) -> bool:
         """Whether the manifest on disk no longer lists ``generation`` (switched out and deleted since opening)."""
+        if self.snapshot is not None:  # a snapshot's objects stay until gc; gc never drops a retained snapshot's
+            return False
         try:
             meta = self.nodes.read_json(meta_key(""))
             attrs = meta.get("attributes", {}) if meta is not None else {}
@@ -409,6 +520,8 @@ class VLAStore:
         """
         gen = self._generation_number(family, generation)
         key = (family, gen)
+        if self.snapshot is not None:
+            return self.handle(family, gen).info
         if key not in self._infos:
             try:
                 self._infos[key] = read_generation_info(self.nodes, family, gen)
@@ -423,6 +536,14 @@ class VLAStore:
             KeyError: unknown family or generation. FormatError: damaged metadata.
             StaleGenerationError: the generation was deleted after the store was opened.
         """
+        if self.snapshot is not None:
+            gen = self._generation_number(family, generation)
+            if (family, gen) not in self._handles:
+                state = self.snapshot.families[family].generations[gen]
+                handle = read_generation(self.nodes, family, state, self.catalog, self.snapshot.arrays)
+                self._handles[(family, gen)] = handle
+                self._infos[(family, gen)] = handle.info
+            return self._handles[(family, gen)]
         info = self.generation(family, generation)
         key = (family, info.generation)
         if key not in self._handles:
@@ -464,6 +585,8 @@ class VLAStore:
         self._require_writable()
         validate_name(family, "family name")
         producer = producer or Producer()
+        if self.snapshot is not None:
+            self.reload()
         items = self._items(spec, items_per_episode)
         if family in self.manifest.families:
             existing = self.generation(family, self.manifest.families[family].generations[0])
@@ -479,6 +602,10 @@ class VLAStore:
                     f"(spec or rows per episode differ); use another family name, or "
                     f"new_generation() to rebuild it"
                 )
+            return self.generation(family)
+        if self.snapshot is not None:
+            self._commit(lambda head, cat, out: self._add_family_v2(head, cat, out, family, spec, items_per_episode,
+                                                                    lengths, producer, keys))
             return self.generation(family)
         info = self._plan(family, 1, spec, items, lengths, producer, keys)
         families = dict(self.manifest.families)
@@ -503,6 +630,11 @@ class VLAStore:
         layout = self.layout(family)
         gen = max(entry.generations) + 1
         keys = self.keys(family, current.generation) if current.spec.has_keys else None
+        if self.snapshot is not None:
+            counts = np.diff(layout.episode_rows)
+            self._commit(lambda head, cat, out: self._new_generation_v2(head, cat, out, family, gen, counts, lengths,
+                                                                        producer, keys))
+            return self.generation(family, gen)
         info = self._plan(family, gen, current.spec, np.diff(layout.episode_rows), lengths, producer, keys)
         families = dict(self.manifest.families)
         families[family] = FamilyEntry(entry.current_generation, (*entry.generations, gen))
@@ -531,6 +663,9 @@ class VLAStore:
         older = sorted(g for g in entry.generations if g < generation)
         dropped = set() if keep_previous is None else set(older[: max(0, len(older) - keep_previous)])
         keep = tuple(g for g in entry.generations if g not in dropped)
+        if self.snapshot is not None:  # readers of older snapshots keep the dropped ones until gc
+            self._commit(lambda head, cat, out: self._switch_v2(head, family, generation, dropped))
+            return
         families = dict(self.manifest.families)
         families[family] = FamilyEntry(generation, keep)
         self._save_manifest(_replace_families(self.manifest, families))
@@ -603,7 +738,13 @@ class VLAStore:
             raise KeyError(f"family {family!r} has no row keys (it was created without has_keys=True)")
         cache_key = (family, info.generation)
         if cache_key not in self._keys:
-            self._keys[cache_key] = read_keys(self.nodes, self.handle(family, info.generation))
+            if self.snapshot is not None:
+                handle = self.handle(family, info.generation)
+                state = self.snapshot.families[family].generations[info.generation]
+                self._keys[cache_key] = tuple(read_keys_v2(self.nodes, state, handle.physical_rows,  # type: ignore[attr-defined]
+                                                           self.snapshot.arrays))
+            else:
+                self._keys[cache_key] = read_keys(self.nodes, self.handle(family, info.generation))
         return self._keys[cache_key]
 
     def row_by_key(self, family: str, key: str, generation: int | None = None) -> int:
@@ -655,6 +796,405 @@ class VLAStore:
         if not self.writable:
             raise PermissionError(f"{self.location} is open read-only; open it with writable=True to write rows")
         return FamilyWriter(self.handle(family, generation), rank=rank, world_size=world_size, **kwargs)
+
+
+    # ------------------------------------------------------- format 2: commits
+
+    @property
+    def snapshot_id(self) -> int:
+        """The commit this object shows (format 2); 0 for a format-1 store (its only state)."""
+        return self.snapshot.commit if self.snapshot is not None else 0
+
+    def refresh(self) -> None:
+        """Move to the newest commit (same as :meth:`reload`)."""
+        self.reload()
+
+    def log(self) -> list[dict[str, Any]]:
+        """Every commit, oldest first: ``{"commit", "time", "episodes", "steps", "changes"}``."""
+        if self._log is None:
+            return [{"commit": 0, "time": self.manifest.created, "episodes": len(self.catalog),
+                     "steps": self.catalog.total_steps, "changes": ["format 1 store (no commits)"]}]
+        return self._log.describe()
+
+    def episode_info(self, episode: str | int) -> dict[str, Any]:
+        """An episode's metadata: task text, fps (None when unknown), attributes (format 2)."""
+        e = self.catalog.resolve(episode)
+        if self.snapshot is None:
+            return {"task": None, "task_index": -1, "fps": None, "attrs": {}}
+        cat = self._catdata
+        t = int(cat.task[e])
+        fps = float(cat.fps[e])
+        return {"task": cat.tasks[t] if t >= 0 else None, "task_index": t,
+                "fps": None if np.isnan(fps) else fps, "attrs": json.loads(cat.attrs[e])}
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        """The task table (format 2): every task text, indexed by ``episode_info(...)["task_index"]``."""
+        return tuple(self._catdata.tasks) if self.snapshot is not None else ()
+
+    def episode_tasks(self) -> np.ndarray:
+        """Task index of every catalog episode (-1: none)."""
+        if self.snapshot is None:
+            return np.full(len(self.catalog), -1, dtype=np.int64)
+        return self._catdata.task
+
+    def _require_v2(self, what: str) -> CommitLog:
+        if self._log is None:
+            raise FormatError(f"{self.location} is a format-1 store: {what} needs format 2; run "
+                              f"`vlastore upgrade {self.location}` first")
+        return self._log
+
+    def _commit(self, apply: Any) -> Snapshot | None:
+        """Commit ``apply(head, catalog, writer) -> (changes, fields)`` on the head (re-applied after a lost race).
+
+        ``apply`` returns None when there is nothing to change; then nothing is committed.
+        """
+        self._require_writable()
+        log_ = self._require_v2("this change")
+
+        def change(head: Snapshot | None, number: int) -> Snapshot:
+            if head is None:
+                raise CommitConflictError(f"{self.location}: the commit log is empty; the store is damaged")
+            cat = read_catalog(self.nodes, head)
+            out = ArrayWriter(self.nodes, number)
+            result = apply(head, cat, out)
+            if result is None:
+                raise _Nothing(head)
+            changes, fields = result
+            draft = head.evolve(number, utc_now(), changes, vlastore_version=__version__, **fields)
+            arrays = _used_arrays(draft, {**head.arrays, **out.arrays})
+            return dataclasses.replace(draft, arrays=arrays)
+
+        try:
+            snapshot = log_.commit(change)
+        except _Nothing as exc:
+            self._adopt(exc.head)
+            return None
+        self._adopt(snapshot)
+        return snapshot
+
+    @classmethod
+    def _create_v2(cls, storage: Any, episodes: list[EpisodeData], columns: Mapping[str, Sequence[str]] | None,
+                   allow_nonfinite: bool) -> VLAStore:
+        catalog = Catalog([e.name for e in episodes], [e.step_count() for e in episodes])
+        del catalog  # names checked
+        nodes = ZarrNodes.create(storage, attributes={})
+        out = ArrayWriter(nodes, 1)
+        keys = sorted({k for e in episodes for k in e.series})
+        empty = Snapshot(commit=1, parent=None, time=utc_now(), vlastore_version=__version__, changes=(),
+                         next_episode_id=0, catalog=CatalogRef("catalog/none", 0, 0), series={}, families={},
+                         arrays={})
+        cat, series, changes = _append_rows(empty, CatalogData.empty(), out, episodes, columns, allow_nonfinite,
+                                            keys=keys)
+        cat_path, tasks_path = write_catalog(out, cat)
+        snapshot = dataclasses.replace(
+            empty, changes=(Change("create", {"episodes": len(episodes)}),), next_episode_id=len(episodes),
+            catalog=CatalogRef(cat_path, len(cat.names), int(cat.steps.sum()), tasks_path, len(cat.tasks)),
+            series=series, arrays=dict(out.arrays))
+        CommitLog(nodes.storage).write(snapshot)
+        # the root attribute goes last: a crash before it leaves a folder that opens as "not a store"
+        nodes.set_root_attribute(MANIFEST_KEY, {"format_version": SNAPSHOT_FORMAT_VERSION, "created": snapshot.time,
+                                                "store_id": out.token})
+        return cls(nodes)
+
+    def add_episodes(self, episodes: Sequence[EpisodeData], replace: bool = False,
+                     rows: Mapping[str, Mapping[int, SegmentRows] | SegmentRows] | None = None,
+                     columns: Mapping[str, Sequence[str]] | None = None,
+                     allow_nonfinite: bool = False) -> Snapshot | None:
+        """Append episodes in one commit (format 2).
+
+        An episode already in the store with identical steps, series and metadata is skipped; with
+        different data it is refused, naming it, unless ``replace`` (then its old steps and feature rows
+        become unreachable, and it is appended again: its feature rows are missing until written).
+        Every family generation gets a new segment with the new episodes' rows, missing until a writer
+        (``build-features``, ``ingest ... --into``) fills them; existing shard files are not touched.
+
+        Args:
+            episodes: the episodes, with every series the store has.
+            replace: swap episodes whose data differ.
+            rows: for families whose rows per episode cannot be derived (no ``vlm_reuse_count``, ragged,
+                or row keys): ``{family: SegmentRows}`` for the new episodes in the order given (all
+                generations), or ``{family: {generation: SegmentRows}}``.
+            columns, allow_nonfinite: as in :meth:`create` (columns must match the store's).
+
+        Returns:
+            The new snapshot, or None when every episode was already there (nothing committed).
+
+        Raises:
+            FormatError: an episode differs (without ``replace``), or series/rows do not fit the store.
+            CommitConflictError: other writers kept committing first.
+        """
+        episodes = list(episodes)
+        Catalog([e.name for e in episodes], [e.step_count() for e in episodes])  # names valid, unique, steps
+
+        def apply(head: Snapshot, cat: CatalogData, out: ArrayWriter) -> Any:
+            present = {n: i for i, n in enumerate(cat.names)}
+            new, replaced = [], []
+            for e in episodes:
+                if e.name not in present:
+                    new.append(e)
+                    continue
+                diff = self._difference(head, cat, present[e.name], e)
+                if diff is None:
+                    continue
+                if not replace:
+                    raise FormatError(
+                        f"episode {e.name!r} is already in {self.location} with different data ({diff}); "
+                        "give replace=True (vlastore ingest ... --replace) to swap it, or rename it")
+                replaced.append(e)
+                new.append(e)
+            if not new:
+                return None
+            gone = {e.name for e in replaced}
+            keep = np.asarray([n not in gone for n in cat.names], dtype=bool)
+            kept = cat.take(keep)
+            grown, series, _ = _append_rows(head, kept, out, new, columns, allow_nonfinite, keys=sorted(head.series))
+            families = {}
+            for family, fstate in head.families.items():
+                gens = {}
+                for gen, state in fstate.generations.items():
+                    seg_rows = _rows_for(family, gen, state.spec, new, rows)
+                    start, count = read_row_map(self.nodes, state, len(cat.names), head.arrays)
+                    seg = new_segment(out, family, gen, state.spec, state.shards, seg_rows)
+                    segments = state.segments + ((seg,) if seg is not None else ())
+                    base = sum(s.rows for s in state.segments)
+                    items = np.asarray(seg_rows.items, dtype=np.int64)
+                    new_start = base + np.concatenate([[0], np.cumsum(items)[:-1]]).astype(np.int64)
+                    row_start = np.concatenate([start[keep], new_start])
+                    row_count = np.concatenate([count[keep], items])
+                    gens[gen] = _generation(state, segments, write_layout(out, family, gen, row_start, row_count),
+                                            int(row_count.sum()))
+                families[family] = FamilyState(fstate.current_generation, gens)
+            cat_path, tasks_path = write_catalog(out, grown)
+            changes = [Change("append", {"episodes": [e.name for e in new if e.name not in gone]})]
+            if replaced:
+                changes.append(Change("replace", {"episodes": sorted(gone)}))
+            return changes, {
+                "next_episode_id": head.next_episode_id + len(new),
+                "catalog": CatalogRef(cat_path, len(grown.names), int(grown.steps.sum()), tasks_path,
+                                      len(grown.tasks)),
+                "series": series, "families": families,
+            }
+
+        return self._commit(apply)
+
+    def _difference(self, head: Snapshot, cat: CatalogData, e: int, episode: EpisodeData) -> str | None:
+        """What differs between stored episode ``e`` and ``episode`` (None: identical)."""
+        steps = episode.step_count()
+        if int(cat.steps[e]) != steps:
+            return f"{int(cat.steps[e])} steps stored, {steps} given"
+        if set(episode.series) != set(head.series):
+            return f"series {sorted(episode.series)} given, {sorted(head.series)} stored"
+        lo = int(cat.step_start[e])
+        for key in sorted(head.series):
+            stored = self._physical_series(head, key)[lo: lo + steps]
+            given = np.asarray(episode.series[key]).reshape(steps, -1)
+            if stored.shape != given.shape or not np.array_equal(stored, given.astype(stored.dtype), equal_nan=True):
+                return f"series {key!r} differs"
+        t = int(cat.task[e])
+        if (cat.tasks[t] if t >= 0 else None) != episode.task:
+            return "task differs"
+        fps = float(cat.fps[e])
+        if (None if np.isnan(fps) else fps) != (None if episode.fps is None else float(episode.fps)):
+            return "fps differs"
+        if cat.attrs[e] != attrs_json(episode.attrs, episode.name):
+            return "attrs differ"
+        return None
+
+    def remove_episodes(self, names: Sequence[str]) -> Snapshot | None:
+        """Remove episodes in one commit (format 2): new readers no longer see them; their steps and rows stay
+        on disk, unreachable, until ``gc``. Names not in the store raise KeyError (nothing is removed)."""
+        names = list(names)
+
+        def apply(head: Snapshot, cat: CatalogData, out: ArrayWriter) -> Any:
+            present = set(cat.names)
+            missing = [n for n in names if n not in present]
+            if missing:
+                raise KeyError(f"{self.location} has no episode {missing[0]!r} ({len(missing)} of the names given "
+                               "are not there); nothing removed")
+            gone = set(names)
+            if not gone:
+                return None
+            keep = np.asarray([n not in gone for n in cat.names], dtype=bool)
+            kept = cat.take(keep)
+            families = {}
+            for family, fstate in head.families.items():
+                gens = {}
+                for gen, state in fstate.generations.items():
+                    start, count = read_row_map(self.nodes, state, len(cat.names), head.arrays)
+                    gens[gen] = _generation(state, state.segments,
+                                            write_layout(out, family, gen, start[keep], count[keep]),
+                                            int(count[keep].sum()))
+                families[family] = FamilyState(fstate.current_generation, gens)
+            cat_path, tasks_path = write_catalog(out, kept)
+            return [Change("remove", {"episodes": sorted(gone)})], {
+                "catalog": CatalogRef(cat_path, len(kept.names), int(kept.steps.sum()), tasks_path, len(kept.tasks)),
+                "families": families,
+            }
+
+        return self._commit(apply)
+
+    def _add_family_v2(self, head: Snapshot, cat: CatalogData, out: ArrayWriter, family: str, spec: FamilySpec,
+                       items_per_episode: Any, lengths: Any, producer: Producer, keys: Any) -> Any:
+        if family in head.families:
+            raise CommitConflictError(f"family {family!r} was added by another writer meanwhile; reopen the store")
+        catalog = cat.catalog()
+        if items_per_episode is None:
+            if spec.vlm_reuse_count is None:
+                raise FormatError("give items_per_episode, or a spec with vlm_reuse_count to derive it")
+            items = vlm_items(catalog.steps, spec.vlm_reuse_count)
+        else:
+            items = np.asarray(items_per_episode, dtype=np.int64)
+            if items.shape != (len(catalog),):
+                raise FormatError(f"items_per_episode has {items.size} entries; the store has {len(catalog)} "
+                                  "episodes")
+        state = _plan_v2(out, family, 1, spec, producer, items, lengths, keys)
+        families = {**head.families, family: FamilyState(1, {1: state})}
+        return [Change("add_family", {"family": family, "generation": 1})], {"families": families}
+
+    def _new_generation_v2(self, head: Snapshot, cat: CatalogData, out: ArrayWriter, family: str, gen: int,
+                           counts: np.ndarray, lengths: Any, producer: Producer, keys: Any) -> Any:
+        fstate = head.families[family]
+        if gen in fstate.generations or len(cat.names) != len(counts):
+            raise CommitConflictError(f"family {family!r} changed meanwhile (another writer); reopen the store and "
+                                      "plan the generation again")
+        spec = fstate.generations[fstate.current_generation].spec
+        state = _plan_v2(out, family, gen, spec, producer, counts, lengths, keys)
+        families = {**head.families, family: FamilyState(fstate.current_generation,
+                                                         {**fstate.generations, gen: state})}
+        return [Change("new_generation", {"family": family, "generation": gen})], {"families": families}
+
+    def _switch_v2(self, head: Snapshot, family: str, generation: int, dropped: set[int]) -> Any:
+        fstate = head.families[family]
+        if generation not in fstate.generations:
+            raise KeyError(f"family {family!r} has no generation {generation}")
+        gens = {g: s for g, s in fstate.generations.items() if g not in dropped or g == generation}
+        return [Change("switch_generation", {"family": family, "generation": generation})], {
+            "families": {**head.families, family: FamilyState(generation, gens)}}
+
+
+class _Nothing(Exception):  # noqa: N818 - control flow: the change found nothing to do
+    def __init__(self, head: Snapshot) -> None:
+        super().__init__("nothing to commit")
+        self.head = head
+
+
+def _used_arrays(snapshot: Snapshot, arrays: Mapping[str, str]) -> dict[str, str]:
+    """The array checksums a snapshot needs: those under the folders it references."""
+    folders = {snapshot.catalog.path}
+    if snapshot.catalog.tasks_path:
+        folders.add(snapshot.catalog.tasks_path)
+    for state in snapshot.series.values():
+        folders.update(s.path for s in state.segments)
+    for family in snapshot.families.values():
+        for generation in family.generations.values():
+            folders.add(generation.layout)
+            for seg in generation.segments:
+                folders.add(seg.path)
+                if seg.tables:
+                    folders.add(seg.tables)
+    return {p: c for p, c in sorted(arrays.items())
+            if p in folders or any(p.startswith(f + "/") for f in folders)}
+
+
+def _generation(state: GenerationState, segments: tuple[Any, ...], layout: str, rows: int) -> GenerationState:
+    last = segments[-1] if segments else None
+    capacity = last.first_shard * state.spec.rows_per_shard + last.capacity if last is not None else 0
+    return dataclasses.replace(state, segments=tuple(segments), layout=layout, rows=rows, capacity=capacity)
+
+
+def _plan_v2(out: ArrayWriter, family: str, gen: int, spec: FamilySpec, producer: Producer, items: np.ndarray,
+             lengths: Any, keys: Any) -> GenerationState:
+    """A new generation: one segment with the rows of every catalog episode, and its layout."""
+    items = np.asarray(items, dtype=np.int64)
+    if spec.ragged != (lengths is not None):
+        raise FormatError("a ragged family needs the length of every row at planning time" if spec.ragged else
+                          "lengths are only for ragged families (FamilySpec(ragged=True))")
+    if spec.has_keys != (keys is not None):
+        raise FormatError(f"family {family!r}: spec.has_keys={spec.has_keys} but keys were "
+                          f"{'given' if keys is not None else 'not given'}")
+    FamilyLayout.plan(spec, items, lengths)  # the same checks as format 1 (lengths per row, shard fit)
+    seg = new_segment(out, family, gen, spec, 0, SegmentRows(items, None if lengths is None else
+                                                             np.asarray(lengths), None if keys is None else
+                                                             list(keys)))
+    row_start = np.concatenate([[0], np.cumsum(items)[:-1]]).astype(np.int64)
+    layout = write_layout(out, family, gen, row_start, items)
+    segments = (seg,) if seg is not None else ()
+    state = GenerationState(gen, spec, producer, utc_now(), segments, layout, int(items.sum()), 0)
+    return _generation(state, segments, layout, int(items.sum()))
+
+
+def _rows_for(family: str, gen: int, spec: FamilySpec, new: Sequence[EpisodeData],
+              rows: Mapping[str, Any] | None) -> SegmentRows:
+    given = (rows or {}).get(family)
+    if isinstance(given, Mapping):
+        given = given.get(gen)
+    if given is not None:
+        items = np.asarray(given.items, dtype=np.int64)
+        if items.shape != (len(new),):
+            raise FormatError(f"rows for family {family!r}: {items.size} counts for {len(new)} new episodes")
+        return given  # type: ignore[no-any-return]
+    if spec.vlm_reuse_count is None or spec.ragged or spec.has_keys:
+        raise FormatError(
+            f"family {family!r} needs the rows of the new episodes (it is ragged, has row keys, or has no "
+            f"vlm_reuse_count): pass rows={{{family!r}: SegmentRows(items, lengths, keys)}}, or use the ingest "
+            "command that plans them")
+    return SegmentRows(vlm_items(np.asarray([e.step_count() for e in new]), spec.vlm_reuse_count))
+
+
+def _append_rows(head: Snapshot, cat: CatalogData, out: ArrayWriter, new: Sequence[EpisodeData],
+                 columns: Mapping[str, Sequence[str]] | None, allow_nonfinite: bool,
+                 keys: Sequence[str]) -> tuple[CatalogData, dict[str, SeriesState], None]:
+    """New series segments and catalog entries for ``new`` (appended after ``cat``)."""
+    steps = np.asarray([e.step_count() for e in new], dtype=np.int64)
+    series: dict[str, SeriesState] = dict(head.series)
+    extra = sorted({k for e in new for k in e.series} - set(keys))
+    if extra:
+        raise FormatError(f"episode series {extra} are not in the store (it has {sorted(keys)}); every episode "
+                          "needs exactly the store's series")
+    base = 0
+    for key in keys:
+        old = head.series.get(key)
+        cols = columns if columns is not None or old is None else {key: old.columns}
+        stacked, info = _stack_series(new, key, cols, allow_nonfinite)
+        if old is not None:
+            if info.columns != old.columns:
+                raise FormatError(f"series {key!r}: columns {list(info.columns)} given, the store has "
+                                  f"{list(old.columns)}")
+            stacked = stacked.astype(old.dtype)
+            base = old.rows
+        path = f"series/{key}/{out.oid('s')}"
+        out.small(path, stacked)
+        previous = old.segments if old is not None else ()
+        series[key] = SeriesState(info.columns if old is None else old.columns,
+                                  info.dtype if old is None else old.dtype,
+                                  (*previous, SeriesSegment(path, len(stacked))))
+    if not keys:  # no series: steps still get positions, past every earlier one
+        base = int((cat.step_start + cat.steps).max()) if len(cat.names) else 0
+    tasks = list(cat.tasks)
+    index = {t: i for i, t in enumerate(tasks)}
+    task_ids = []
+    for e in new:
+        if e.task is None:
+            task_ids.append(-1)
+            continue
+        if not isinstance(e.task, str):
+            raise FormatError(f"episode {e.name!r}: task must be a string")
+        if e.task not in index:
+            index[e.task] = len(tasks)
+            tasks.append(e.task)
+        task_ids.append(index[e.task])
+    added = CatalogData(
+        [e.name for e in new],
+        head.next_episode_id + np.arange(len(new), dtype=np.int64),
+        steps,
+        base + np.concatenate([[0], np.cumsum(steps)[:-1]]).astype(np.int64),
+        np.asarray([np.nan if e.fps is None else float(e.fps) for e in new], dtype=np.float64),
+        np.asarray(task_ids, dtype=np.int64),
+        [attrs_json(e.attrs, e.name) for e in new],
+        tasks,
+    )
+    return cat.extend(added), series, None
 
 
 def _replace_families(manifest: Manifest, families: dict[str, FamilyEntry]) -> Manifest:
