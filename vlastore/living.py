@@ -31,8 +31,9 @@ from .layout import pack_ragged
 from .nodes import ZarrNodes
 from .snapshot import GenerationState, Segment, Snapshot, object_id
 
-__all__ = ["CatalogData", "ArrayWriter", "read_catalog", "read_small", "read_row_map", "read_keys_v2", "attrs_json", "write_catalog", "read_generation", "new_segment",
-           "write_layout", "pack_utf8", "unpack_utf8", "new_token", "SegmentRows"]
+__all__ = ["CatalogData", "ArrayWriter", "SegmentRows", "read_catalog", "read_small", "read_row_map",
+           "read_keys_v2", "attrs_json", "write_catalog", "read_generation", "new_segment", "write_layout",
+           "pack_utf8", "unpack_utf8", "new_token", "check_meta_crc"]
 
 MAX_ATTRS_BYTES = 1 << 20
 """One episode's attributes (JSON) at most; more is refused at ingest."""

@@ -44,6 +44,7 @@ from .format import (
 
 __all__ = [
     "SNAPSHOT_FORMAT_VERSION",
+    "SERIES_SEGMENTS",
     "LOG_PREFIX",
     "MAX_COMMIT",
     "log_key",
@@ -62,6 +63,10 @@ __all__ = [
 ]
 
 SNAPSHOT_FORMAT_VERSION = 2
+
+SERIES_SEGMENTS = "seriesdata"
+"""Folder of series segments: ``seriesdata/<key>/s<id>`` (``series/<key>`` is the format-1 array an upgraded
+store keeps using; zarr allows no array below another)."""
 
 LOG_PREFIX = "_log"
 """Folder of the commit log: ``_log/00000000000000000001.json`` ..."""
@@ -135,7 +140,10 @@ class SeriesSegment:
     @classmethod
     def from_dict(cls, data: Any, where: str, key: str) -> SeriesSegment:
         data = _dict(data, "a series segment", where)
-        return cls(check_object_path(data.get("path"), where, f"series/{key}"), _int(data, "rows", where, 0, MAX_STEPS))
+        path = check_object_path(data.get("path"), where)
+        if path != f"series/{key}":  # the format-1 array of an upgraded store, or a segment of format 2
+            check_object_path(path, where, f"{SERIES_SEGMENTS}/{key}")
+        return cls(path, _int(data, "rows", where, 0, MAX_STEPS))
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ import dataclasses
 import datetime as _dt
 import json
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -51,6 +52,7 @@ from .living import (
     SegmentRows,
     attrs_json,
     new_segment,
+    pack_utf8,
     read_catalog,
     read_generation,
     read_keys_v2,
@@ -64,6 +66,8 @@ from .ranks import resolve_rank
 from .read import FeatureReader
 from .shardcodec import ShardIndex
 from .snapshot import (
+    LOG_PREFIX,
+    SERIES_SEGMENTS,
     SNAPSHOT_FORMAT_VERSION,
     CatalogRef,
     Change,
@@ -72,7 +76,9 @@ from .snapshot import (
     SeriesSegment,
     SeriesState,
     Snapshot,
+    log_key,
 )
+from .snapshot import Segment as SnapshotSegment
 from .stats import series_stats
 from .storage import LocalStorage, Location, open_storage
 from .storage.local import remove_store_files
@@ -82,11 +88,13 @@ from .writer import FamilyWriter
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["VLAStore", "EpisodeData", "SegmentRows", "utc_now", "probe", "remove_store", "Location",
+__all__ = ["VLAStore", "EpisodeData", "SegmentRows", "utc_now", "probe", "remove_store", "upgrade_store", "Location",
            "SnapshotNotFoundError", "CommitConflictError", "DEFAULT_FORMAT_VERSION"]
 
-DEFAULT_FORMAT_VERSION = 2
-"""Format of stores made by :meth:`VLAStore.create` (1 is still written on request, and read)."""
+DEFAULT_FORMAT_VERSION = 1
+"""Format of stores made by :meth:`VLAStore.create` when not asked: still 1 until ``vlastore verify`` and the
+tools that read format-1 paths directly handle format 2; ``format_version=2`` (or ``vlastore upgrade``) makes a
+living store."""
 
 
 def utc_now() -> str:
@@ -193,6 +201,67 @@ def remove_store(location: str | os.PathLike[str]) -> int:
         return remove_store_files(storage.root)  # refuses, naming the link
     ZarrNodes.open(storage)  # raises StoreNotFoundError unless it is a vlastore store
     return remove_store_files(storage.root)
+
+
+def upgrade_store(location: Location, storage_options: dict[str, Any] | None = None) -> int | None:
+    """Make a format-1 store a format-2 store, in place; returns the commit made (None: already format 2).
+
+    Writes the portable catalog, the row tables of format 2 and commit 1, which points at the
+    format-1 series and ``values`` arrays as they are (nothing is copied); the root ``zarr.json``
+    is rewritten last, in one atomic replace. A kill before that leaves a format-1 store that reads
+    as before (the extra folders are ignored; a rerun starts over); after it, a format-2 store.
+
+    Raises:
+        StoreNotFoundError: no store there. FormatError: the store is damaged (run ``vlastore verify``).
+    """
+    store = VLAStore.open(location, writable=True, storage_options=storage_options)
+    if store.snapshot is not None:
+        return None
+    nodes, storage = store.nodes, store.storage
+    storage.delete_prefix(LOG_PREFIX)  # commits of an upgrade killed before its last step: start over
+    out = ArrayWriter(nodes, 1)
+    cat = store.catalog
+    n = len(cat)
+    data = CatalogData(list(cat.names), np.arange(n, dtype=np.int64), cat.steps, cat.step_offsets[:-1],
+                       np.full(n, np.nan), np.full(n, -1, dtype=np.int64), ["{}"] * n, [])
+    cat_path, tasks_path = write_catalog(out, data)
+    series = {}
+    for key, info in store.manifest.series.items():
+        store._series_meta(key)
+        out.record(series_path(key))
+        series[key] = SeriesState(info.columns, info.dtype, (SeriesSegment(series_path(key), cat.total_steps),))
+    families = {}
+    for family, entry in store.manifest.families.items():
+        gens = {}
+        for gen in entry.generations:
+            handle = store.handle(family, gen)
+            layout, spec = handle.layout, handle.spec
+            tables = None
+            if spec.ragged or spec.has_keys:
+                tables = f"{generation_path(family, gen)}/{out.oid('t')}"
+                if spec.ragged:
+                    out.small(f"{tables}/starts", layout.starts)
+                    out.small(f"{tables}/lengths", layout.lengths)
+                if spec.has_keys:
+                    key_bytes, key_offsets = pack_utf8(list(store.keys(family, gen)))
+                    out.small(f"{tables}/key_utf8", key_bytes)
+                    out.small(f"{tables}/key_offsets", key_offsets)
+            values = values_path(family, gen)
+            out.record(values)
+            segment = SnapshotSegment(values, 0, layout.n_shards, layout.rows, layout.capacity, tables)
+            layout_path = write_layout(out, family, gen, layout.episode_rows[:-1], np.diff(layout.episode_rows))
+            gens[gen] = GenerationState(gen, spec, handle.info.producer, handle.info.created, (segment,),
+                                        layout_path, layout.rows, layout.capacity)
+        families[family] = FamilyState(entry.current_generation, gens)
+    snapshot = Snapshot(commit=1, parent=None, time=utc_now(), vlastore_version=__version__,
+                        changes=(Change("upgrade", {"from_format": 1}),), next_episode_id=n,
+                        catalog=CatalogRef(cat_path, n, cat.total_steps, tasks_path, 0), series=series,
+                        families=families, arrays=dict(out.arrays))
+    CommitLog(storage).write(snapshot)
+    nodes.set_root_attribute(MANIFEST_KEY, {"format_version": SNAPSHOT_FORMAT_VERSION,
+                                            "created": store.manifest.created, "store_id": out.token,
+                                            "upgraded": snapshot.time})
+    return 1
 
 
 class VLAStore:
@@ -1073,10 +1142,98 @@ class VLAStore:
             "families": {**head.families, family: FamilyState(generation, gens)}}
 
 
+    # ------------------------------------------------------------- gc
+
+    def gc(self, retention_s: float = 24 * 3600, keep: int = 1, dry_run: bool = False) -> dict[str, Any]:
+        """Delete commits older than ``retention_s`` (always keeping the newest ``keep``) and every object no
+        kept commit uses (format 2).
+
+        Commits go first, then objects, so a kill at any point leaves every kept commit whole. Objects
+        written for commits newer than the head seen here (a committer in flight) are never touched.
+        Shards holding rows of removed episodes are not compacted yet: their segment stays while any
+        kept commit uses it.
+
+        Returns:
+            ``{"commits": deleted, "objects": deleted, "bytes": freed, "kept": [commit numbers]}``.
+        """
+        self._require_writable()
+        log_ = self._require_v2("gc")
+        numbers = log_.numbers()
+        if not numbers:
+            return {"commits": 0, "objects": 0, "bytes": 0, "kept": []}
+        head = numbers[-1]
+        now = _dt.datetime.now(_dt.UTC)
+        kept = set(numbers[-max(1, keep):])
+        for number in numbers:
+            try:
+                snap = log_.read(number)
+                age = (now - _dt.datetime.fromisoformat(snap.time)).total_seconds()
+            except (FormatError, SnapshotNotFoundError, ValueError):
+                continue
+            if age <= retention_s:
+                kept.add(number)
+        first_kept = min(kept)
+        kept = {n for n in numbers if n >= first_kept}  # a suffix: a reader can always move forward
+        folders: set[str] = set()
+        for number in sorted(kept):
+            snap = log_.read(number)
+            folders |= set(_used_arrays(snap, {p: "" for p in snap.arrays}))
+            folders |= _snapshot_folders(snap)
+        doomed_commits = [n for n in numbers if n not in kept]
+        doomed: list[tuple[str, int]] = []
+        for prefix in ("catalog", "tasks", SERIES_SEGMENTS, "features"):
+            for key, size in self.storage.list(prefix):
+                if _collectable(key, folders, head):
+                    doomed.append((key, size))
+        if not dry_run:
+            for number in doomed_commits:
+                self.storage.delete(log_key(number))
+            for key, _size in doomed:
+                self.storage.delete(key)
+        return {"commits": len(doomed_commits), "objects": len(doomed), "bytes": sum(s for _, s in doomed),
+                "kept": sorted(kept)}
+
+
 class _Nothing(Exception):  # noqa: N818 - control flow: the change found nothing to do
     def __init__(self, head: Snapshot) -> None:
         super().__init__("nothing to commit")
         self.head = head
+
+
+_OBJECT_PART = re.compile(r"^[cstl](\d{8,20})-[0-9a-f]{6}\Z")
+_GEN_PART = re.compile(r"^gen-\d{4,7}\Z")
+
+
+def _snapshot_folders(snapshot: Snapshot) -> set[str]:
+    folders = {snapshot.catalog.path}
+    if snapshot.catalog.tasks_path:
+        folders.add(snapshot.catalog.tasks_path)
+    for state in snapshot.series.values():
+        folders.update(s.path for s in state.segments)
+    for family in snapshot.families.values():
+        for generation in family.generations.values():
+            folders.add(generation.layout)
+            for seg in generation.segments:
+                folders.add(seg.path)
+                if seg.tables:
+                    folders.add(seg.tables)
+    return folders
+
+
+def _collectable(key: str, folders: set[str], head: int) -> bool:
+    """Whether gc may delete ``key``: inside a format-2 object (or a generation folder) no kept commit uses,
+    written for a commit no newer than ``head``. Group metadata and anything else is left alone."""
+    if any(key == f or key.startswith(f + "/") for f in folders):
+        return False
+    parts = key.split("/")
+    for i, part in enumerate(parts):
+        match = _OBJECT_PART.match(part)
+        if match:
+            return int(match.group(1)) <= head and i < len(parts) - 1
+    if len(parts) >= 4 and parts[0] == "features" and _GEN_PART.match(parts[2]):
+        gen = "/".join(parts[:3])  # a dropped generation of format 1 (an upgraded store): none of it is used
+        return not any(f.startswith(gen + "/") for f in folders)
+    return False
 
 
 def _used_arrays(snapshot: Snapshot, arrays: Mapping[str, str]) -> dict[str, str]:
@@ -1163,7 +1320,7 @@ def _append_rows(head: Snapshot, cat: CatalogData, out: ArrayWriter, new: Sequen
                                   f"{list(old.columns)}")
             stacked = stacked.astype(old.dtype)
             base = old.rows
-        path = f"series/{key}/{out.oid('s')}"
+        path = f"{SERIES_SEGMENTS}/{key}/{out.oid('s')}"
         out.small(path, stacked)
         previous = old.segments if old is not None else ()
         series[key] = SeriesState(info.columns if old is None else old.columns,

@@ -48,7 +48,8 @@ def _common(p: argparse.ArgumentParser, features: bool) -> None:
                                                       "of this same command started)")
     where.add_argument("--into", metavar="STORE", help="add to this existing store (e.g. made by `vlastore ingest "
                                                        "robot`); episodes come from it" if features else
-                       "add episodes to an existing store: not supported yet (use --out)")
+                       "append the episodes to an existing store (one commit; episodes already there with the "
+                       "same data are skipped, with different data refused unless --replace)")
     p.add_argument("--workers", type=int, default=0, metavar="N",
                    help=f"worker processes (default: one per CPU core, here {_cores()})")
     p.add_argument("--dry-run", action="store_true", help="scan and plan only: print episodes, rows, families, "
@@ -100,6 +101,8 @@ def _robot_options(p: argparse.ArgumentParser, prefix: str = "") -> None:
 def _robot_parser(r: argparse.ArgumentParser) -> None:
     r.add_argument("path", help="folder of <episode>.csv or <episode>.npz files, or a robomimic .hdf5 file")
     _common(r, features=False)
+    r.add_argument("--replace", action="store_true", help="with --into: swap episodes already in the store whose "
+                   "data differ (their feature rows become missing until rebuilt)")
     _robot_options(r)
 
 
@@ -191,6 +194,7 @@ def _options(args: argparse.Namespace, **overrides: object) -> Any:
         out=args.out, into=args.into, workers=args.workers, dry_run=args.dry_run, strict=args.strict,
         verify=args.verify, allow_nonfinite=args.allow_nonfinite, progress=not args.quiet,
         max_file_bytes=args.max_file_size or MAX_FILE_BYTES, skip_outside_links=args.skip_outside_links)
+    options.replace = bool(getattr(args, "replace", False))
     for key, value in overrides.items():
         setattr(options, key, value)
     return options
