@@ -323,3 +323,58 @@ def test_gc_deletes_old_snapshots_and_unused_objects_only(tmp_path: Path) -> Non
     for e in eps[1:]:
         assert np.array_equal(head.series("state", e.name), e.series["state"])
         assert np.array_equal(head.feature("f", e.name, 0).numpy(), value(e.name, 0))
+
+
+def test_verify_and_cli_on_a_living_store(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from ingest_helpers import robot_csvs
+
+    from vlastore.cli import main
+    from vlastore.report import verify_store
+
+    robot_csvs(tmp_path / "day1", {"ep_a": 6, "ep_b": 5})
+    robot_csvs(tmp_path / "day2", {"ep_c": 4}, seed=1)
+    shutil.copy(tmp_path / "day1" / "ep_b.csv", tmp_path / "day2" / "ep_b.csv")  # recorded again, unchanged
+    store = tmp_path / "s.vla"
+    assert main(["ingest", "robot", str(tmp_path / "day1"), "--out", str(store), "-q"]) == 0
+    assert main(["ingest", "robot", str(tmp_path / "day2"), "--into", str(store), "-q"]) == 2  # format 1: upgrade
+    assert "upgrade" in capsys.readouterr().err
+    assert main(["upgrade", str(store)]) == 0
+    assert main(["ingest", "robot", str(tmp_path / "day2"), "--into", str(store), "-q"]) == 0
+    assert VLAStore.open(store).datasets == ("ep_a", "ep_b", "ep_c")  # ep_b identical: skipped
+    robot_csvs(tmp_path / "day3", {"ep_b": 5}, seed=7)
+    assert main(["ingest", "robot", str(tmp_path / "day3"), "--into", str(store), "-q"]) == 1
+    assert "ep_b" in capsys.readouterr().err
+    assert main(["ingest", "robot", str(tmp_path / "day3"), "--into", str(store), "--replace", "-q"]) == 0
+    assert VLAStore.open(store).datasets == ("ep_a", "ep_c", "ep_b")
+    assert main(["rm", str(store), "ep_a"]) == 0
+    assert main(["rm", str(store), "nope"]) == 2
+    capsys.readouterr()
+    assert main(["log", str(store)]) == 0
+    out = capsys.readouterr().out
+    assert "upgrade" in out and "append ep_c" in out and "replace ep_b" in out and "remove ep_a" in out
+    assert verify_store(str(store)).ok
+    assert main(["verify", str(store), "-q"]) == 0
+    assert main(["gc", str(store), "--retention-hours", "0"]) == 0
+    assert VLAStore.open(store).datasets == ("ep_c", "ep_b") and verify_store(str(store)).ok
+    assert main(["log", str(store), "--json"]) == 0
+
+
+def test_verify_finds_a_flipped_byte_in_an_appended_segment(tmp_path: Path) -> None:
+    from vlastore.report import verify_store
+
+    eps = episodes((6, 4, 5))
+    create(tmp_path / "s.vla", eps[:2])
+    store = VLAStore.open(tmp_path / "s.vla", writable=True)
+    store.add_family("f", FIXED)
+    fill(store)
+    store.remove_episodes([eps[0].name])
+    store.add_episodes(eps[2:])
+    fill(store)
+    assert verify_store(str(tmp_path / "s.vla")).ok  # rows of the removed episode are not "stray"
+    key = store.shard_key("f", store.layout("f").n_shards - 1)
+    path = tmp_path / "s.vla" / key
+    data = bytearray(path.read_bytes())
+    data[3] ^= 0x40
+    path.write_bytes(bytes(data))
+    report = verify_store(str(tmp_path / "s.vla"))
+    assert not report.ok and any(c.dataset == eps[2].name for c in report.corrupt)
