@@ -378,3 +378,37 @@ def test_verify_finds_a_flipped_byte_in_an_appended_segment(tmp_path: Path) -> N
     path.write_bytes(bytes(data))
     report = verify_store(str(tmp_path / "s.vla"))
     assert not report.ok and any(c.dataset == eps[2].name for c in report.corrupt)
+
+
+def test_append_while_a_dataloader_with_workers_iterates(tmp_path: Path) -> None:
+    import torch
+
+    from vlastore.dataset import VLADataset
+
+    eps = episodes((6, 5, 7, 4, 6))
+    create(tmp_path / "s.vla", eps[:3])
+    store = VLAStore.open(tmp_path / "s.vla", writable=True)
+    store.add_family("f", FIXED)
+    fill(store)
+    ds = VLADataset(tmp_path / "s.vla", features=["f"], n_obs_steps=2, horizon=2)
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2, persistent_workers=True,
+                                         collate_fn=lambda b: b)
+    first = len(ds)
+    seen = []
+    for i, batch in enumerate(loader):
+        if i == 1:  # another writer appends (and fills) mid-epoch: this epoch is unchanged
+            writer = VLAStore.open(tmp_path / "s.vla", writable=True)
+            writer.add_episodes(eps[3:])
+            fill(writer)
+        seen.extend(int(s["index"]) for s in batch)
+    assert sorted(seen) == list(range(first)) and len(ds) == first
+    ds.refresh()  # between epochs: the new episodes come in, in the main process and in the workers
+    assert len(ds) == first + 10 and ds.store.snapshot_id == 3
+    names = set()
+    for batch in loader:
+        for sample in batch:
+            names.add(sample["episode"])
+            e = ds.store.catalog.index(sample["episode"])
+            item = int(sample["step"]) // 2
+            assert np.array_equal(np.asarray(sample["f"]), value(ds.store.catalog.names[e], item))
+    assert names == {e.name for e in eps}

@@ -437,12 +437,17 @@ class VLAStore:
     def _series_meta(self, key: str) -> None:
         self.nodes.check_small_meta(series_path(key), *self._series_shape(key))
 
-    def reload(self) -> None:
+    def reload(self, snapshot: int | None = None) -> None:
         """Move to the newest state (after another process appended, removed, added a family or switched a
-        generation). Format 2: the newest commit; objects of the old snapshot stay readable until gc."""
+        generation). Format 2: the newest commit, or commit ``snapshot``; objects of the old snapshot stay
+        readable until gc."""
         if self._log is not None:
-            self._adopt(self._log.head())
+            target = self._log.read(snapshot) if snapshot is not None else self._log.head()
+            if self.snapshot is None or target.commit != self.snapshot.commit:
+                self._adopt(target)
             return
+        if snapshot not in (None, 0):
+            raise SnapshotNotFoundError(f"{self.location} is a format-1 store: it has only snapshot 0")
         self.nodes.refresh()
         self.manifest = Manifest.from_dict(self.nodes.attrs[MANIFEST_KEY], where=self.location)
 
