@@ -412,3 +412,28 @@ def test_append_while_a_dataloader_with_workers_iterates(tmp_path: Path) -> None
             item = int(sample["step"]) // 2
             assert np.array_equal(np.asarray(sample["f"]), value(ds.store.catalog.names[e], item))
     assert names == {e.name for e in eps}
+
+
+def test_episode_metadata_is_kept_and_batches_carry_the_task(tmp_path: Path) -> None:
+    import torch
+
+    from vlastore.dataset import VLADataset, collate
+
+    eps = episodes((6, 5, 4))
+    for e, (task, fps) in zip(eps, [("pick", 10.0), ("place", None), (None, 30.0)], strict=True):
+        e.task, e.fps, e.attrs = task, fps, {"scene": e.name[-1]}
+    create(tmp_path / "s.vla", eps[:2])
+    store = VLAStore.open(tmp_path / "s.vla", writable=True)
+    store.add_episodes(eps[2:])
+    assert store.tasks == ("pick", "place")
+    assert store.episode_info(eps[0].name) == {"task": "pick", "task_index": 0, "fps": 10.0, "attrs": {"scene": "0"}}
+    assert store.episode_info(eps[2].name)["task"] is None and store.episode_info(eps[2].name)["fps"] == 30.0
+    with pytest.raises(FormatError, match="task differs"):
+        store.add_episodes([EpisodeData(eps[0].name, eps[0].series, task="other", fps=10.0, attrs={"scene": "0"})])
+    ds = VLADataset(tmp_path / "s.vla", features=[], n_obs_steps=1, horizon=1, batch_task=True)
+    loader = torch.utils.data.DataLoader(ds, batch_size=8, num_workers=1, collate_fn=collate)
+    for batch in loader:
+        tasks = [{0: "pick", 1: "place", 2: None}[int(e)] for e in batch["episode_index"]]
+        assert batch["task"] == tasks
+        assert batch["task_index"].tolist() == [-1 if t is None else ("pick", "place").index(t) for t in tasks]
+    assert ds[0]["task"] == "pick"

@@ -181,7 +181,8 @@ def _per_family(value: Any, families: Sequence[str], what: str) -> dict[str, Any
     return {f: value.get(f) for f in families}
 
 
-_CATALOG_STATE = ("episode_ids", "_plan", "_padding", "_series", "_names", "_table", "_readers")
+_CATALOG_STATE = ("episode_ids", "_plan", "_padding", "_series", "_names", "_task_index", "_task_texts", "_table",
+                  "_readers")
 
 
 class VLADataset(Dataset):
@@ -221,6 +222,8 @@ class VLADataset(Dataset):
             episode names: a Python list per batch, so off by default
             (``ds.episode_name(batch["episode_index"][i])`` names one on
             demand). Single samples always carry it.
+        batch_task: batches (and samples) also carry ``task_index`` (int64, -1: none) and ``task`` (a list
+            of texts, None where none) from the store's episode metadata (format 2; format 1 has none).
 
     Raises:
         KeyError: unknown family, series or episode.
@@ -248,6 +251,7 @@ class VLADataset(Dataset):
         timestamps: str | np.ndarray | None = None,
         tolerance_s: float = DEFAULT_TOLERANCE_S,
         batch_episode_names: bool = False,
+        batch_task: bool = False,
     ) -> None:
         self.store = store if isinstance(store, VLAStore) else VLAStore.open(store)
         if on_missing not in ON_MISSING:
@@ -281,6 +285,7 @@ class VLADataset(Dataset):
         self.series_in_ram = series_in_ram
         self.verify = verify
         self.batch_episode_names = bool(batch_episode_names)
+        self.batch_task = bool(batch_task)
         self._reuse_override = _per_family(vlm_reuse_count, self.features, "vlm_reuse_count")
         self.expect_fingerprint = _per_family(expect_fingerprint, self.features, "expect_fingerprint")
         catalog = self.store.catalog
@@ -325,6 +330,8 @@ class VLADataset(Dataset):
             else:
                 self._series[key] = self.store.series_array(key)
         self._names = np.asarray(catalog.names, dtype=object)
+        self._task_index = np.asarray(self.store.episode_tasks(), dtype=np.int64)
+        self._task_texts = np.asarray([*self.store.tasks, None], dtype=object)  # index -1 (no task): None
         return n_candidates
 
     def _window_plan(self, n_obs_steps: int, horizon: int) -> WindowPlan:
@@ -586,6 +593,9 @@ class VLADataset(Dataset):
         ids = self._pick([index])[:, 0].tolist()
         e, step = ids[1], ids[2]
         sample: dict[str, Any] = {"index": ids[0], "episode": self._names[e], "episode_index": e, "step": step}
+        if self.batch_task:
+            sample["task_index"] = int(self._task_index[e])
+            sample["task"] = self._task_texts[self._task_index[e]]
         n_families = len(self.features)
         for i, (family, reader) in enumerate(self._readers.items()):
             value = to_tensor(reader.row(ids[3 + n_families + i]), reader.spec.dtype)
@@ -622,7 +632,12 @@ class VLADataset(Dataset):
                 bfloat16.append(family)
             arrays[f"{family}_{reader.spec.index_name}"] = ids[3 + i]
         arrays.update(self._window_arrays(ids))
-        return BatchedSamples(Batch.of_arrays(arrays, bfloat16, names), ragged, self._names)
+        if self.batch_task:
+            arrays["task_index"] = self._task_index[episodes]
+        batch = Batch.of_arrays(arrays, bfloat16, names)
+        if self.batch_task:
+            batch["task"] = self._task_texts[arrays["task_index"]].tolist()
+        return BatchedSamples(batch, ragged, self._names)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for i in range(len(self)):
@@ -637,7 +652,7 @@ class VLADataset(Dataset):
             "vlm_reuse_count": dict(self._reuse_override), "series_in_ram": self.series_in_ram,
             "expect_fingerprint": dict(self.expect_fingerprint), "verify": self.verify,
             "delta_steps": self.delta_steps, "delta_timestamps": self.delta_timestamps, "fps": self.fps,
-            "timestamps": self.timestamps, "tolerance_s": self.tolerance_s,
+            "timestamps": self.timestamps, "tolerance_s": self.tolerance_s, "batch_task": self.batch_task,
         }
 
     def subset(self, episodes: Sequence[str | int]) -> VLADataset:
