@@ -320,9 +320,14 @@ class VLAStore:
         self._key_index: dict[tuple[str, int], dict[str, int]] = {}
         self._series_cache: dict[str, np.ndarray] = {}
 
-    def _adopt(self, snapshot: Snapshot) -> None:
-        """Show ``snapshot`` (format 2): its catalog read and checked, a manifest view of it, caches dropped."""
-        self._catdata = read_catalog(self.nodes, snapshot)
+    def _adopt(self, snapshot: Snapshot, catalog: CatalogData | None = None) -> None:
+        """Show ``snapshot`` (format 2): its catalog read and checked (or the one this process just wrote for
+        it), a manifest view of it, caches dropped."""
+        if self.snapshot is not None and snapshot.catalog.path == self.snapshot.catalog.path:
+            catalog = self._catdata  # objects never change: the same catalog version is the same data
+        elif catalog is None or snapshot.catalog.path != getattr(self, "_written_path", None):
+            catalog = read_catalog(self.nodes, snapshot)
+        self._catdata = catalog
         self.catalog = self._catdata.catalog()
         self.snapshot = snapshot
         self.manifest = Manifest(
@@ -929,7 +934,9 @@ class VLAStore:
         def change(head: Snapshot | None, number: int) -> Snapshot:
             if head is None:
                 raise CommitConflictError(f"{self.location}: the commit log is empty; the store is damaged")
-            cat = read_catalog(self.nodes, head)
+            # the snapshot this object shows is usually the head: its catalog is in memory already
+            cat = self._catdata if self.snapshot is not None and head.commit == self.snapshot.commit else \
+                read_catalog(self.nodes, head)
             out = ArrayWriter(self.nodes, number)
             result = apply(head, cat, out)
             if result is None:
@@ -939,12 +946,13 @@ class VLAStore:
             arrays = _used_arrays(draft, {**head.arrays, **out.arrays})
             return dataclasses.replace(draft, arrays=arrays)
 
+        self._written_catalog: CatalogData | None = None
         try:
             snapshot = log_.commit(change)
         except _Nothing as exc:
             self._adopt(exc.head)
             return None
-        self._adopt(snapshot)
+        self._adopt(snapshot, self._written_catalog)
         return snapshot
 
     @classmethod
@@ -1039,7 +1047,7 @@ class VLAStore:
                     gens[gen] = _generation(state, segments, write_layout(out, family, gen, row_start, row_count),
                                             int(row_count.sum()))
                 families[family] = FamilyState(fstate.current_generation, gens)
-            cat_path, tasks_path = write_catalog(out, grown)
+            cat_path, tasks_path = self._write_catalog(out, grown)
             changes = [Change("append", {"episodes": [e.name for e in new if e.name not in gone]})]
             if replaced:
                 changes.append(Change("replace", {"episodes": sorted(gone)}))
@@ -1051,6 +1059,11 @@ class VLAStore:
             }
 
         return self._commit(apply)
+
+    def _write_catalog(self, out: ArrayWriter, data: CatalogData) -> tuple[str, str]:
+        paths = write_catalog(out, data)
+        self._written_catalog, self._written_path = data, paths[0]  # adopted without reading it back
+        return paths
 
     def _difference(self, head: Snapshot, cat: CatalogData, e: int, episode: EpisodeData) -> str | None:
         """What differs between stored episode ``e`` and ``episode`` (None: identical)."""
@@ -1100,7 +1113,7 @@ class VLAStore:
                                             write_layout(out, family, gen, start[keep], count[keep]),
                                             int(count[keep].sum()))
                 families[family] = FamilyState(fstate.current_generation, gens)
-            cat_path, tasks_path = write_catalog(out, kept)
+            cat_path, tasks_path = self._write_catalog(out, kept)
             return [Change("remove", {"episodes": sorted(gone)})], {
                 "catalog": CatalogRef(cat_path, len(kept.names), int(kept.steps.sum()), tasks_path, len(kept.tasks)),
                 "families": families,
