@@ -437,3 +437,38 @@ def test_episode_metadata_is_kept_and_batches_carry_the_task(tmp_path: Path) -> 
         assert batch["task"] == tasks
         assert batch["task_index"].tolist() == [-1 if t is None else ("pick", "place").index(t) for t in tasks]
     assert ds[0]["task"] == "pick"
+
+
+GC = """
+from vlastore.store import VLAStore
+store = VLAStore.open({path!r}, writable=True)
+print("go", flush=True)
+store.gc(retention_s=0, keep=2)
+"""
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.3])
+def test_sigkill_during_gc_leaves_every_kept_commit_whole(tmp_path: Path, delay: float) -> None:
+    from vlastore.report import verify_store
+
+    path = tmp_path / "s.vla"
+    eps = episodes((3,) * 12)
+    create(path, eps[:2])
+    store = VLAStore.open(path, writable=True)
+    store.add_family("f", FIXED)
+    for e in eps[2:]:
+        store.add_episodes([e])
+        fill(store)
+        store.remove_episodes([store.datasets[0]])
+    head = store.snapshot_id
+    proc = subprocess.Popen([sys.executable, "-c", GC.format(path=str(path))], stdout=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == b"go"
+    time.sleep(delay)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    for number in (head - 1, head):  # the two kept commits read whole
+        old = VLAStore.open(path, snapshot=number)
+        assert old.coverage("f").all() and len(old.series_all("state")) == old.catalog.total_steps
+    assert verify_store(str(path)).ok
+    VLAStore.open(path, writable=True).gc(retention_s=0, keep=2)  # a rerun finishes
+    assert [c["commit"] for c in VLAStore.open(path).log()] == [head - 1, head]
