@@ -472,3 +472,30 @@ def test_sigkill_during_gc_leaves_every_kept_commit_whole(tmp_path: Path, delay:
     assert verify_store(str(path)).ok
     VLAStore.open(path, writable=True).gc(retention_s=0, keep=2)  # a rerun finishes
     assert [c["commit"] for c in VLAStore.open(path).log()] == [head - 1, head]
+
+
+def test_small_arrays_written_directly_are_what_zarr_writes_and_reads(tmp_path: Path) -> None:
+    import json
+
+    import zarr
+
+    from vlastore.nodes import ZarrNodes
+    from vlastore.storage import LocalStorage
+
+    nodes = ZarrNodes.create(LocalStorage(tmp_path / "x"), {})
+    rng = np.random.default_rng(0)
+    arrays = [np.arange(10, dtype=np.int64), rng.normal(size=(300_000, 3)).astype(np.float32),
+              np.frombuffer("naïve".encode(), np.uint8), np.zeros(0, np.int64), rng.normal(size=7)]
+    for i, a in enumerate(arrays):
+        nodes.write_small_array(f"z{i}", a)
+        nodes.write_small_fast(f"f{i}", a)
+        by_zarr = json.loads((tmp_path / "x" / f"z{i}" / "zarr.json").read_text())
+        assert json.loads((tmp_path / "x" / f"f{i}" / "zarr.json").read_text()) == by_zarr
+        assert np.array_equal(zarr.open_group(str(tmp_path / "x"), mode="r")[f"f{i}"][...], a)
+        assert np.array_equal(nodes.read_small_fast(f"z{i}", by_zarr), a)
+    chunk = tmp_path / "x" / "f1" / "c" / "0" / "0"
+    data = bytearray(chunk.read_bytes())
+    data[5] ^= 1
+    chunk.write_bytes(bytes(data))
+    with pytest.raises(FormatError, match="crc32c"):
+        nodes.read_small_fast("f1", json.loads((tmp_path / "x" / "f1" / "zarr.json").read_text()))
