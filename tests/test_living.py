@@ -499,3 +499,17 @@ def test_small_arrays_written_directly_are_what_zarr_writes_and_reads(tmp_path: 
     chunk.write_bytes(bytes(data))
     with pytest.raises(FormatError, match="crc32c"):
         nodes.read_small_fast("f1", json.loads((tmp_path / "x" / "f1" / "zarr.json").read_text()))
+
+
+def test_ingest_robot_format_2_keeps_task_and_fps(tmp_path: Path) -> None:
+    from ingest_helpers import robot_csvs
+
+    from vlastore.cli import main
+
+    robot_csvs(tmp_path / "csv", {"ep_a": 6, "ep_b": 5})
+    out = tmp_path / "s.vla"
+    assert main(["ingest", "robot", str(tmp_path / "csv"), "--out", str(out), "--format-version", "2",
+                 "--task", "stack the cups", "--fps", "15", "-q"]) == 0
+    store = VLAStore.open(out)
+    assert store.format_version == 2 and store.tasks == ("stack the cups",)
+    assert store.episode_info("ep_b")["fps"] == 15.0

@@ -144,6 +144,8 @@ def ingest_robot(
     fmt: str = "auto",
     series: list[str] | None = None,
     dtype: str | None = DEFAULT_DTYPE,
+    task: str | None = None,
+    fps: float | None = None,
 ) -> IngestReport:
     """Create a store from robot data: the catalog plus one series per key, column names kept.
 
@@ -198,7 +200,7 @@ def ingest_robot(
     report.episode_rows = {e.name: n for e, n in zip(kept, steps, strict=True)}
     report.steps = sum(steps)
     report.files_usable = (1 if kind == "hdf5" else len(kept)) if kept else 0
-    data = [EpisodeData(e.name, {k: a for k, (_, a) in e.columns.items()}) for e in kept]
+    data = [EpisodeData(e.name, {k: a for k, (_, a) in e.columns.items()}, task=task, fps=fps) for e in kept]
     columns = {k: c for k, c in report.series.items()}
     report.estimated_bytes = sum(a.nbytes for e in data for a in e.series.values())
     report.estimated_files = 8 + 2 * len(columns)
@@ -259,7 +261,7 @@ def _create(target: str, data: list[EpisodeData], columns: dict[str, list[str]],
     store, created = open_or_create_store(
         target, data, columns, same=lambda s: _same_series(s, data),
         other_store_hint=f"Pick a new --out (or remove {target} first to replace it)",
-        allow_nonfinite=options.allow_nonfinite)
+        allow_nonfinite=options.allow_nonfinite, format_version=options.format_version)
     if not created:
         report.notes.append("the store already holds exactly this robot data (an earlier run finished): nothing to do")
     return store
