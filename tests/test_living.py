@@ -513,3 +513,17 @@ def test_ingest_robot_format_2_keeps_task_and_fps(tmp_path: Path) -> None:
     store = VLAStore.open(out)
     assert store.format_version == 2 and store.tasks == ("stack the cups",)
     assert store.episode_info("ep_b")["fps"] == 15.0
+
+
+def test_ingest_lerobot_format_2_keeps_fps_and_tasks(tmp_path: Path) -> None:
+    pytest.importorskip("pyarrow")
+    from lerobot_helpers import write_lerobot_dataset
+
+    from vlastore.cli import main
+
+    write_lerobot_dataset(tmp_path / "ds", [5, 4], fps=12)
+    out = tmp_path / "s.vla"
+    assert main(["ingest", "lerobot", str(tmp_path / "ds"), "--out", str(out), "--format-version", "2", "-q"]) == 0
+    store = VLAStore.open(out)
+    infos = [store.episode_info(n) for n in store.datasets]
+    assert all(i["fps"] == 12.0 for i in infos) and all(i["task"] for i in infos) and store.tasks
