@@ -35,6 +35,7 @@ from .format import (
     FormatError,
     GenerationInfo,
     Manifest,
+    NewerFormatError,
     Producer,
     SeriesInfo,
     episodes_path,
@@ -282,6 +283,11 @@ class VLAStore:
         self._reset_caches()
         root = nodes.attrs[MANIFEST_KEY]
         version = root.get("format_version") if isinstance(root, dict) else None
+        if isinstance(version, int) and not isinstance(version, bool) and version > SNAPSHOT_FORMAT_VERSION:
+            raise NewerFormatError(
+                f"{self.storage.location} was written in vlastore format version {version} (by vlastore "
+                f"{root.get('vlastore_version', '?')}); this vlastore reads versions up to {SNAPSHOT_FORMAT_VERSION}. "
+                "Upgrade: pip install -U vlastore")
         self.format_version = SNAPSHOT_FORMAT_VERSION if version == SNAPSHOT_FORMAT_VERSION else 1
         self.snapshot: Snapshot | None = None
         """The commit this store object shows (format 2); None for a format-1 store."""
