@@ -1017,12 +1017,13 @@ class VLAStore:
 
         def apply(head: Snapshot, cat: CatalogData, out: ArrayWriter) -> Any:
             present = {n: i for i, n in enumerate(cat.names)}
+            physical: dict[str, np.ndarray] = {}  # each series read once per attempt, only if an episode is there
             new, replaced = [], []
             for e in episodes:
                 if e.name not in present:
                     new.append(e)
                     continue
-                diff = self._difference(head, cat, present[e.name], e)
+                diff = self._difference(head, cat, present[e.name], e, physical)
                 if diff is None:
                     continue
                 if not replace:
@@ -1071,7 +1072,8 @@ class VLAStore:
         self._written_catalog, self._written_path = data, paths[0]  # adopted without reading it back
         return paths
 
-    def _difference(self, head: Snapshot, cat: CatalogData, e: int, episode: EpisodeData) -> str | None:
+    def _difference(self, head: Snapshot, cat: CatalogData, e: int, episode: EpisodeData,
+                    physical: dict[str, np.ndarray]) -> str | None:
         """What differs between stored episode ``e`` and ``episode`` (None: identical)."""
         steps = episode.step_count()
         if int(cat.steps[e]) != steps:
@@ -1080,7 +1082,9 @@ class VLAStore:
             return f"series {sorted(episode.series)} given, {sorted(head.series)} stored"
         lo = int(cat.step_start[e])
         for key in sorted(head.series):
-            stored = self._physical_series(head, key)[lo: lo + steps]
+            if key not in physical:
+                physical[key] = self._physical_series(head, key)
+            stored = physical[key][lo: lo + steps]
             given = np.asarray(episode.series[key]).reshape(steps, -1)
             if stored.shape != given.shape or not np.array_equal(stored, given.astype(stored.dtype), equal_nan=True):
                 return f"series {key!r} differs"
