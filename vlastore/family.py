@@ -372,49 +372,52 @@ class SegmentedLayout(FamilyLayout):
             raise FormatError(f"{where}: row counts per episode must be >= 0; the layout is damaged")
         self.rows = int(self.episode_rows[-1])
         self.rows_per_shard = rps = spec.rows_per_shard
-        self._starts = np.asarray(starts, dtype=np.int64)
+        self._stored: np.ndarray = np.asarray(starts, dtype=np.int64)
+        self._starts = self._stored
         self.lengths = np.asarray(lengths, dtype=np.int64)
         self._shard_nrows = np.asarray(shard_nrows, dtype=np.int64)
         self.n_shards = len(self._shard_nrows)
         self.capacity = int((self.n_shards - 1) * rps + self._shard_nrows[-1]) if self.n_shards else 0
-        if self._starts.shape != (self.rows,) or self.lengths.shape != (self.rows,):
-            raise FormatError(f"{where}: {self._starts.size} starts and {self.lengths.size} lengths for "
+        if self._stored.shape != (self.rows,) or self.lengths.shape != (self.rows,):
+            raise FormatError(f"{where}: {self._stored.size} starts and {self.lengths.size} lengths for "
                               f"{self.rows} rows; the layout is damaged")
         if self.rows:
-            ends = self._starts + self.lengths
-            if (self.lengths.min() < 1 or self._starts[0] < 0 or int(ends[-1]) > self.n_shards * rps
-                    or (self.rows > 1 and (self._starts[1:] < ends[:-1]).any())
-                    or (self._starts // rps != (ends - 1) // rps).any()):
+            ends = self._stored + self.lengths
+            if (self.lengths.min() < 1 or self._stored[0] < 0 or int(ends[-1]) > self.n_shards * rps
+                    or (self.rows > 1 and (self._stored[1:] < ends[:-1]).any())
+                    or (self._stored // rps != (ends - 1) // rps).any()):
                 raise FormatError(f"{where}: row positions overlap, go backwards or cross a shard; the layout "
                                   "is damaged")
             last = (ends - 1) // rps
             if (ends - last * rps > self._shard_nrows[last]).any():
                 raise FormatError(f"{where}: a row lies past the end of its segment; the layout is damaged")
-        self._row_shards = None
-        self._shard_row_offsets = None
+        self._row_shards: np.ndarray | None = None
+        self._shard_row_offsets: np.ndarray | None = None
 
     @property
     def starts(self) -> np.ndarray:
-        return self._starts
+        return self._stored
 
     @property
     def row_shards(self) -> np.ndarray:
         if self._row_shards is None:
-            self._row_shards = self._starts // self.rows_per_shard
-        return self._row_shards
+            self._row_shards = self._stored // self.rows_per_shard
+        shards: np.ndarray = self._row_shards
+        return shards
 
     @property
     def shard_row_offsets(self) -> np.ndarray:
         if self._shard_row_offsets is None:
             edges = np.arange(self.n_shards + 1, dtype=np.int64) * self.rows_per_shard
-            self._shard_row_offsets = np.searchsorted(self._starts, edges, side="left").astype(np.int64)
-        return self._shard_row_offsets
+            self._shard_row_offsets = np.searchsorted(self._stored, edges, side="left").astype(np.int64)
+        offsets: np.ndarray = self._shard_row_offsets
+        return offsets
 
     def shard_of(self, rows: np.ndarray) -> np.ndarray:
         return self.row_shards[rows]
 
     def start_of(self, rows: np.ndarray) -> np.ndarray:
-        return self._starts[rows]
+        return self._stored[rows]
 
     def shard_rows(self, shard: int) -> np.ndarray:
         if not 0 <= shard < self.n_shards:
@@ -427,9 +430,9 @@ class SegmentedLayout(FamilyLayout):
 
     def rows_of_chunks(self, shard: int, chunks: np.ndarray) -> np.ndarray:
         stored = shard * self.rows_per_shard + np.asarray(chunks, dtype=np.int64)
-        r = np.searchsorted(self._starts, stored, side="right") - 1
+        r = np.searchsorted(self._stored, stored, side="right") - 1
         safe = np.maximum(r, 0)
-        inside = (r >= 0) & (stored < self._starts[safe] + self.lengths[safe])
+        inside = (r >= 0) & (stored < self._stored[safe] + self.lengths[safe])
         return np.where(inside, r, -1)
 
 

@@ -274,6 +274,9 @@ class VLAStore:
             problem in :attr:`open_problems` and go on.
     """
 
+    _catdata: CatalogData
+    """Format 2: the catalog of the snapshot shown, with its metadata columns."""
+
     def __init__(self, nodes: ZarrNodes, strict: bool = True, snapshot: int | None = None) -> None:
         self.nodes = nodes
         self.storage = nodes.storage
@@ -1170,14 +1173,48 @@ class VLAStore:
             "families": {**head.families, family: FamilyState(generation, gens)}}
 
 
+    # -------------------------------------------------------------- compact
+
+    def compact(self) -> Snapshot | None:
+        """Rewrite every series with more than one segment as one segment of the catalog's episodes (one commit).
+
+        Series are small (robot states), so this copies them: opening and reading a store after many
+        appends then costs what a fresh store does, and steps of removed episodes become unreferenced
+        (``gc`` deletes them). Feature shards are not touched. Returns None when nothing needed it.
+        """
+
+        def apply(head: Snapshot, cat: CatalogData, out: ArrayWriter) -> Any:
+            if all(len(state.segments) <= 1 for state in head.series.values()):
+                return None
+            offsets = np.concatenate([[0], np.cumsum(cat.steps)]).astype(np.int64)
+            index = np.repeat(cat.step_start - offsets[:-1], cat.steps) + np.arange(int(offsets[-1]), dtype=np.int64)
+            series = {}
+            for key, state in head.series.items():
+                path = f"{SERIES_SEGMENTS}/{key}/{out.oid('s')}"
+                values = self._physical_series(head, key)[index]
+                out.small(path, values)
+                series[key] = SeriesState(state.columns, state.dtype, (SeriesSegment(path, len(values)),))
+            moved = CatalogData(cat.names, cat.episode_id, cat.steps, offsets[:-1], cat.fps, cat.task, cat.attrs,
+                                cat.tasks)
+            cat_path, tasks_path = self._write_catalog(out, moved)
+            return [Change("compact", {"series": sorted(series)})], {
+                "series": series,
+                "catalog": CatalogRef(cat_path, len(moved.names), int(moved.steps.sum()), tasks_path,
+                                      len(moved.tasks)),
+            }
+
+        return self._commit(apply)
+
     # ------------------------------------------------------------- gc
 
-    def gc(self, retention_s: float = 24 * 3600, keep: int = 1, dry_run: bool = False) -> dict[str, Any]:
+    def gc(self, retention_s: float = 24 * 3600, keep: int = 1, dry_run: bool = False,
+           compact: bool = False) -> dict[str, Any]:
         """Delete commits older than ``retention_s`` (always keeping the newest ``keep``) and every object no
         kept commit uses (format 2).
 
         Commits go first, then objects, so a kill at any point leaves every kept commit whole. Objects
         written for commits newer than the head seen here (a committer in flight) are never touched.
+        With ``compact``, series made of many segments are first rewritten as one (:meth:`compact`).
         Shards holding rows of removed episodes are not compacted yet: their segment stays while any
         kept commit uses it.
 
@@ -1186,6 +1223,8 @@ class VLAStore:
         """
         self._require_writable()
         log_ = self._require_v2("gc")
+        if compact and not dry_run:
+            self.compact()
         numbers = log_.numbers()
         if not numbers:
             return {"commits": 0, "objects": 0, "bytes": 0, "kept": []}
