@@ -111,3 +111,62 @@ def test_todays_writer_writes_the_same_raw_shards(tmp_path: Path) -> None:
     again = snapshot(tmp_path / "again.vla")
     for key, data in golden_shards.items():
         assert again[key] == data, key
+
+
+# ------------------------------------------------------------------ format 2
+
+GOLDEN_V2 = ROOT / "tests" / "data" / "golden-v2.vla"
+
+
+@pytest.fixture(scope="module")
+def golden_v2() -> VLAStore:
+    return VLAStore.open(GOLDEN_V2)
+
+
+def test_v2_catalog_log_and_metadata(golden_v2: VLAStore) -> None:
+    assert golden_v2.format_version == 2 and golden_v2.snapshot_id == 8
+    assert golden_v2.datasets == MAKER.NAMES and golden_v2.catalog.steps.tolist() == list(MAKER.STEPS)
+    ops = [c["changes"][0].split()[0] for c in golden_v2.log()]
+    assert ops == ["create", "add_family", "add_family", "add_family", "append", "remove", "new_generation",
+                   "switch_generation"]
+    assert golden_v2.manifest.families["vlm"].generations == (1, 2)
+    assert golden_v2.generation("vlm").producer.fingerprint == "fp-0002"
+    for e, name in enumerate(MAKER.NAMES):
+        info = golden_v2.episode_info(name)
+        assert (info["task"], info["fps"], info["attrs"]) == (MAKER.TASKS[e], MAKER.FPS[e], {"operator": f"op{e}"})
+    assert golden_v2.tasks == ("pick the red cube", "open the drawer")
+    old = VLAStore.open(GOLDEN_V2, snapshot=5)  # before the remove: the dropped episode is there
+    assert MAKER.DROPPED in old.datasets and old.generation("vlm").generation == 1
+
+
+def test_v2_series_and_features(golden_v2: VLAStore) -> None:
+    for e, name in enumerate(MAKER.NAMES):
+        np.testing.assert_array_equal(golden_v2.series("state", name), EXPECTED["state"][e])
+        np.testing.assert_array_equal(golden_v2.series("action", name), EXPECTED["action"][e])
+    layout = golden_v2.layout("vlm")
+    for row in range(layout.rows):
+        e, vlm_idx = layout.address(row)
+        np.testing.assert_array_equal(to_bits(golden_v2.feature("vlm", MAKER.NAMES[e], vlm_idx)),
+                                      EXPECTED["vlm@2"][row])
+        np.testing.assert_array_equal(golden_v2.reader("vlm", 1).row(row), EXPECTED["vlm@1"][row])
+    for row, tokens in enumerate(EXPECTED["tokens"]):
+        e, vlm_idx = golden_v2.layout("tokens").address(row)
+        assert torch.equal(golden_v2.feature("tokens", MAKER.NAMES[e], vlm_idx), torch.from_numpy(tokens))
+    assert list(golden_v2.keys("geom")) == EXPECTED["geom_keys"]
+    assert golden_v2.coverage("geom").tolist() == [True, True, True, False]
+    assert golden_v2.coverage("vlm").all() and golden_v2.coverage("tokens").all()
+
+
+def test_v2_catalog_is_portable_and_verifies() -> None:
+    group = zarr.open_group(str(GOLDEN_V2), mode="r", zarr_format=3)
+    store = VLAStore.open(GOLDEN_V2)
+    assert store.snapshot is not None
+    cat = group[store.snapshot.catalog.path]
+    names, offsets = cat["name_utf8"], cat["name_offsets"][...]
+    assert names.dtype == np.uint8 and offsets.dtype == np.int64  # no zarr string dtype anywhere
+    raw = names[...].tobytes()
+    assert [raw[a:b].decode() for a, b in zip(offsets[:-1], offsets[1:], strict=True)] == list(MAKER.NAMES)
+    before = snapshot(GOLDEN_V2)
+    report = verify_store(VLAStore.open(GOLDEN_V2))
+    assert not report.corrupt and report.coverage["geom"] == (3, 4) and list(report.missing) == ["geom"]
+    assert snapshot(GOLDEN_V2) == before

@@ -467,12 +467,12 @@ def test_out_onto_an_existing_store_is_a_usage_mistake_naming_into(tmp_path: Pat
     assert main(["ingest", "pt-cache", str(tmp_path / "cache"), "--into", str(store), "-q"]) == 0
 
 
-def test_robot_into_is_a_usage_mistake(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+def test_robot_into_a_format_1_store_is_a_usage_mistake(tmp_path: Path, capsys) -> None:  # noqa: ANN001
     store = _robot_store(tmp_path)
     capsys.readouterr()
     assert main(["ingest", "robot", str(tmp_path / "csv"), "--into", str(store), "-q"]) == 2
     err = capsys.readouterr().err
-    assert "not supported yet" in err and "--out" in err
+    assert "format-1" in err and f"vlastore upgrade {store}" in err  # appending needs format 2
 
 
 @pytest.mark.parametrize("case", ["unknown episodes", "hash names without mapping", "empty folder"])

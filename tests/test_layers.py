@@ -15,10 +15,12 @@ PACKAGE = Path(__file__).resolve().parents[1] / "vlastore"
 LAYERS: list[tuple[str, ...]] = [
     # pure: layout, format, codecs, plain numpy; no storage, no zarr
     ("vlastore.version", "vlastore.errors", "vlastore.format", "vlastore.catalog", "vlastore.layout",
-     "vlastore.shardcodec", "vlastore.integrity", "vlastore.windows", "vlastore.dtypes", "vlastore.ranks"),
+     "vlastore.shardcodec", "vlastore.integrity", "vlastore.windows", "vlastore.dtypes", "vlastore.ranks",
+     "vlastore.snapshot"),
     ("vlastore.storage",),  # the seam: bytes, ranges, maps, conditional writes
     ("vlastore.nodes",),  # zarr groups, attributes and small arrays over the seam
-    ("vlastore.family",),  # one generation of one family: what readers and writers take
+    ("vlastore.family", "vlastore.commitlog"),  # one generation of one family; the commit log of format 2
+    ("vlastore.living",),  # format 2: the arrays a commit names, written and read checked
     ("vlastore.read", "vlastore.writer"),
     ("vlastore.stats", "vlastore.sampler", "vlastore.transport", "vlastore.loader"),
     ("vlastore.store",),  # the manifest; makes handles, readers and writers

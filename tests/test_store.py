@@ -353,11 +353,11 @@ def test_a_newer_format_version_is_refused_untouched(full_store) -> None:
     store, _ = full_store
     meta_path = Path(store.location) / "zarr.json"
     meta = json.loads(meta_path.read_text())
-    meta["attributes"]["vlastore"]["format_version"] = 2
+    meta["attributes"]["vlastore"]["format_version"] = 3
     meta_path.write_text(json.dumps(meta))
     before = snapshot(store.location)
     for writable in (False, True):
-        with pytest.raises(FormatError, match="format version 2.*reads versions up to 1.*pip install -U vlastore"):
+        with pytest.raises(FormatError, match="format version 3.*reads versions up to 2.*pip install -U vlastore"):
             VLAStore.open(store.location, writable=writable)
     assert snapshot(store.location) == before
 

@@ -177,7 +177,89 @@ def build_parser() -> argparse.ArgumentParser:
     from .ingest.commands import add_ingest_parser
 
     add_ingest_parser(sub).set_defaults(func=_cmd_ingest)
+    _add_living_parsers(sub)
     return parser
+
+
+def _add_living_parsers(sub: argparse._SubParsersAction) -> None:
+    """``rm``, ``log``, ``gc``, ``upgrade``: the commands of format-2 (living) stores."""
+    p = sub.add_parser("rm", help="remove episodes from a store (one commit; space comes back at `vlastore gc`)")
+    p.add_argument("store", help="path (or URL) of the store")
+    p.add_argument("episodes", nargs="+", metavar="EPISODE", help="episode names")
+    p.set_defaults(func=_cmd_rm)
+
+    p = sub.add_parser("log", help="the commits of a store: number, time, what changed")
+    p.add_argument("store", help="path (or URL) of the store")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(func=_cmd_log)
+
+    p = sub.add_parser("gc", help="delete old snapshots and every object no kept snapshot uses")
+    p.add_argument("store", help="path of the store")
+    p.add_argument("--keep", type=int, default=1, metavar="N", help="always keep the newest N commits (default 1)")
+    p.add_argument("--retention-hours", type=float, default=24.0, metavar="H",
+                   help="keep commits younger than this (default 24: readers opened in that time keep working)")
+    p.add_argument("--dry-run", action="store_true", help="say what would be deleted; delete nothing")
+    p.add_argument("--no-compact", action="store_true", help="leave series made of many appends as they are (by "
+                   "default they are first rewritten as one segment: opening stays as fast as a fresh store's)")
+    p.set_defaults(func=_cmd_gc)
+
+    p = sub.add_parser("upgrade", help="make a format-1 store a format-2 store (commits, appends); atomic")
+    p.add_argument("store", help="path of the store")
+    p.set_defaults(func=_cmd_upgrade)
+
+
+def _open_v2(path: str, writable: bool) -> VLAStore:
+    from .store import VLAStore
+
+    store = VLAStore.open(path, writable=writable)
+    if store.snapshot is None and writable:
+        raise UserError(f"{path} is a format-1 store (write-once): run `vlastore upgrade {path}` first")
+    return store
+
+
+def _cmd_rm(args: argparse.Namespace) -> int:
+    store = _open_v2(args.store, writable=True)
+    snapshot = store.remove_episodes(args.episodes)
+    assert snapshot is not None
+    print(f"{args.store}: removed {len(args.episodes)} episode(s) in commit {snapshot.commit}; "
+          f"{len(store.catalog)} episodes left (space comes back at `vlastore gc`)")
+    return 0
+
+
+def _cmd_log(args: argparse.Namespace) -> int:
+    from .store import VLAStore
+
+    entries = VLAStore.open(args.store).log()
+    if args.json:
+        print(json.dumps(entries, indent=2))
+        return 0
+    for entry in entries:
+        what = "; ".join(entry.get("changes", [])) or entry.get("error", "")
+        print(f"{entry['commit']:>6}  {entry['time']:<25}  {entry.get('episodes', '?'):>8} episodes  {what}")
+    return 0
+
+
+def _cmd_gc(args: argparse.Namespace) -> int:
+    if args.keep < 1:
+        raise UserError(f"--keep {args.keep}: keep at least the newest commit (1)")
+    store = _open_v2(args.store, writable=True)
+    result = store.gc(retention_s=args.retention_hours * 3600, keep=args.keep, dry_run=args.dry_run,
+                      compact=not args.no_compact)
+    verb = "would delete" if args.dry_run else "deleted"
+    print(f"{args.store}: {verb} {result['commits']} commit(s) and {result['objects']} object(s) "
+          f"({result['bytes']:,} bytes); kept commits {result['kept']}")
+    return 0
+
+
+def _cmd_upgrade(args: argparse.Namespace) -> int:
+    from .store import upgrade_store
+
+    commit = upgrade_store(args.store)
+    if commit is None:
+        print(f"{args.store} is already a format-2 store: nothing to do")
+    else:
+        print(f"{args.store}: upgraded to format 2 (commit {commit}); no data was copied")
+    return 0
 
 
 _OS_HINTS = {
@@ -202,6 +284,7 @@ def _os_error_lines(exc: OSError) -> list[str]:
 
 def _failure(exc: BaseException, command: str) -> tuple[int, list[str]]:
     """Exit code and lines for an error that ended a command: 2 for usage mistakes, 1 for data problems."""
+    from .commitlog import CommitConflictError, SnapshotNotFoundError
     from .features.build import FeatureMismatchError
     from .features.extractor import ExtractorError
     from .format import FormatError, NewerFormatError
@@ -211,8 +294,10 @@ def _failure(exc: BaseException, command: str) -> tuple[int, list[str]]:
     from .writer import OwnershipError
 
     if isinstance(exc, (UserError, StoreNotFoundError, NewerFormatError, FeatureMismatchError, ExtractorError,
-                        FileExistsError)):
+                        FileExistsError, SnapshotNotFoundError)):
         return 2, [str(exc)]
+    if isinstance(exc, CommitConflictError):
+        return 1, [str(exc)]
     if isinstance(exc, (KeyError, IndexError)) and not isinstance(exc, MissingRowError):
         return 2, [str(exc.args[0]) if exc.args else repr(exc)]
     if isinstance(exc, FileNotFoundError) and not exc.filename:  # a path the user gave (message names it)

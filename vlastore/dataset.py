@@ -181,6 +181,10 @@ def _per_family(value: Any, families: Sequence[str], what: str) -> dict[str, Any
     return {f: value.get(f) for f in families}
 
 
+_CATALOG_STATE = ("episode_ids", "_plan", "_padding", "_series", "_names", "_task_index", "_task_texts", "_table",
+                  "_readers")
+
+
 class VLADataset(Dataset):
     """One sample per ``(episode, step)`` of a vlastore store.
 
@@ -218,6 +222,8 @@ class VLADataset(Dataset):
             episode names: a Python list per batch, so off by default
             (``ds.episode_name(batch["episode_index"][i])`` names one on
             demand). Single samples always carry it.
+        batch_task: batches (and samples) also carry ``task_index`` (int64, -1: none) and ``task`` (a list
+            of texts, None where none) from the store's episode metadata (format 2; format 1 has none).
 
     Raises:
         KeyError: unknown family, series or episode.
@@ -245,6 +251,7 @@ class VLADataset(Dataset):
         timestamps: str | np.ndarray | None = None,
         tolerance_s: float = DEFAULT_TOLERANCE_S,
         batch_episode_names: bool = False,
+        batch_task: bool = False,
     ) -> None:
         self.store = store if isinstance(store, VLAStore) else VLAStore.open(store)
         if on_missing not in ON_MISSING:
@@ -278,18 +285,43 @@ class VLADataset(Dataset):
         self.series_in_ram = series_in_ram
         self.verify = verify
         self.batch_episode_names = bool(batch_episode_names)
+        self.batch_task = bool(batch_task)
         self._reuse_override = _per_family(vlm_reuse_count, self.features, "vlm_reuse_count")
         self.expect_fingerprint = _per_family(expect_fingerprint, self.features, "expect_fingerprint")
         catalog = self.store.catalog
-        chosen = range(len(catalog)) if episodes is None else [catalog.resolve(e) for e in episodes]
+        # episodes asked for by name: a refresh onto a newer snapshot (format 2) finds them again by name
+        self._episodes_arg = None if episodes is None else [catalog.names[catalog.resolve(e)] for e in episodes]
+        self._stats: dict[tuple[str, tuple[float, ...], str], SeriesStats] = {}
+        n_candidates = self._build_catalog_state()
+        # Shared with DataLoader workers (shared memory survives fork and spawn), so refresh() in the
+        # main process reaches persistent workers: [counter, snapshot, generation of each family].
+        self._sync = torch.zeros(2 + len(self.features), dtype=torch.int64).share_memory_()
+        self._sync[1] = self.store.snapshot_id
+        self._keep = torch.ones(n_candidates, dtype=torch.bool).share_memory_()
+        self._sync_np = self._sync.numpy()  # the same memory; reading it costs ~100x less than a tensor index
+        self._seen = -1
+        self._readers: dict[str, FeatureReader] = {}
+        self._refresh_local(None, check=True)
+        self._seen = int(self._sync[0])
+
+    def _build_catalog_state(self) -> int:
+        """Everything that follows the store's catalog: episodes, window plan, series in RAM, names.
+
+        Returns the number of candidate samples.
+        """
+        catalog = self.store.catalog
+        if self._episodes_arg is None:
+            chosen: Sequence[int] = range(len(catalog))
+        else:  # episodes removed since are dropped
+            chosen = [catalog.index(n) for n in self._episodes_arg if n in catalog]
         self.episode_ids = np.asarray(list(chosen), dtype=np.int64)
         n_candidates = int(np.asarray(catalog.steps)[self.episode_ids].sum())
-        self._plan = self._window_plan(n_obs_steps, horizon)
-        self._stats: dict[tuple[str, tuple[float, ...], str], SeriesStats] = {}
+        self._plan = self._window_plan(self.n_obs_steps, self.horizon)
+        self._stats.clear()
         # Series in RAM are laid out with copies of each episode's edge steps around it (EdgePadding), as
         # far as the windows reach: a batch's windows are then one add and one gather per key, no clamping.
         self._padding: EdgePadding | None = None
-        if series_in_ram and self.window_keys:
+        if self.series_in_ram and self.window_keys:
             self._padding = EdgePadding.build(catalog.step_offsets, *self._plan.reach(self.episode_ids))
         self._series: dict[str, Any] = {}
         for key in self.window_keys:
@@ -297,16 +329,10 @@ class VLADataset(Dataset):
                 self._series[key] = self._padding.pad(self.store.series_all(key))
             else:
                 self._series[key] = self.store.series_array(key)
-        # Shared with DataLoader workers (shared memory survives fork and spawn), so refresh() in the
-        # main process reaches persistent workers: [counter, generation of each family].
-        self._sync = torch.zeros(1 + len(self.features), dtype=torch.int64).share_memory_()
-        self._keep = torch.ones(n_candidates, dtype=torch.bool).share_memory_()
-        self._sync_np = self._sync.numpy()  # the same memory; reading it costs ~100x less than a tensor index
         self._names = np.asarray(catalog.names, dtype=object)
-        self._seen = -1
-        self._readers: dict[str, FeatureReader] = {}
-        self._refresh_local(None, check=True)
-        self._seen = int(self._sync[0])
+        self._task_index = np.asarray(self.store.episode_tasks(), dtype=np.int64)
+        self._task_texts = np.asarray([*self.store.tasks, None], dtype=object)  # index -1 (no task): None
+        return n_candidates
 
     def _window_plan(self, n_obs_steps: int, horizon: int) -> WindowPlan:
         steps: dict[str, Any] = {}
@@ -450,21 +476,31 @@ class VLADataset(Dataset):
         """
         if expect_fingerprint is not None:
             self.expect_fingerprint = _per_family(expect_fingerprint, self.features, "expect_fingerprint")
+        old_snapshot = self.store.snapshot_id
+        saved = {k: getattr(self, k) for k in _CATALOG_STATE}
+        old_keep, keep_before = self._keep, self._keep.clone()
         self.store.reload()
-        old_readers, old_table, old_keep = self._readers, self._table, self._keep.clone()
         try:
+            if self.store.snapshot_id != old_snapshot:  # format 2: episodes may have been added or removed
+                n_candidates = self._build_catalog_state()
+                if n_candidates != len(old_keep):
+                    self._keep = torch.ones(n_candidates, dtype=torch.bool).share_memory_()
             result = self._refresh_local(None, check=True)
-        except Exception:
-            self._readers, self._table = old_readers, old_table
-            self._keep.copy_(old_keep)
+        except Exception:  # nothing switched: the old state, snapshot and mask
+            for k, v in saved.items():
+                setattr(self, k, v)
+            self._keep = old_keep
+            old_keep.copy_(keep_before)
+            self.store.reload(old_snapshot or None)
             raise
         for i, family in enumerate(self.features):
-            self._sync[1 + i] = self._readers[family].generation
+            self._sync[2 + i] = self._readers[family].generation
+        self._sync[1] = self.store.snapshot_id
         self._sync[0] += 1
         self._seen = int(self._sync[0])
-        if len(self._table) != len(old_table):
-            log.warning("refresh changed the number of samples from %d to %d; make a new sampler/DataLoader",
-                        len(old_table), len(self._table))
+        if len(self._table) != len(saved["_table"]):
+            log.info("refresh changed the number of samples from %d to %d (new or removed episodes, or rows); "
+                     "samplers that take len(dataset) per epoch follow", len(saved["_table"]), len(self._table))
         return result
 
     reload = refresh
@@ -479,13 +515,21 @@ class VLADataset(Dataset):
         self._sync_np = self._sync.numpy()
 
     def _follow(self) -> None:
-        """In a worker: adopt the generations the main process switched to in refresh()."""
+        """In a worker: adopt the snapshot and generations the main process switched to in refresh()."""
         seen = int(self._sync_np[0])
         if seen == self._seen:
             return
-        self.store.reload()
-        generations = {f: int(self._sync[1 + i]) for i, f in enumerate(self.features)}
-        self._refresh_local(generations, check=False)
+        snapshot = int(self._sync_np[1])
+        generations = {f: int(self._sync[2 + i]) for i, f in enumerate(self.features)}
+        if snapshot != self.store.snapshot_id:
+            self.store.reload(snapshot or None)
+            n_candidates = self._build_catalog_state()
+            if n_candidates != len(self._keep):  # the main process's new mask is not shared with this worker
+                self._keep = torch.ones(n_candidates, dtype=torch.bool)
+            self._refresh_local(generations, check=True)
+        else:
+            self.store.reload(snapshot or None)
+            self._refresh_local(generations, check=False)
         self._seen = seen
 
     @property
@@ -549,6 +593,9 @@ class VLADataset(Dataset):
         ids = self._pick([index])[:, 0].tolist()
         e, step = ids[1], ids[2]
         sample: dict[str, Any] = {"index": ids[0], "episode": self._names[e], "episode_index": e, "step": step}
+        if self.batch_task:
+            sample["task_index"] = int(self._task_index[e])
+            sample["task"] = self._task_texts[self._task_index[e]]
         n_families = len(self.features)
         for i, (family, reader) in enumerate(self._readers.items()):
             value = to_tensor(reader.row(ids[3 + n_families + i]), reader.spec.dtype)
@@ -585,7 +632,12 @@ class VLADataset(Dataset):
                 bfloat16.append(family)
             arrays[f"{family}_{reader.spec.index_name}"] = ids[3 + i]
         arrays.update(self._window_arrays(ids))
-        return BatchedSamples(Batch.of_arrays(arrays, bfloat16, names), ragged, self._names)
+        if self.batch_task:
+            arrays["task_index"] = self._task_index[episodes]
+        batch = Batch.of_arrays(arrays, bfloat16, names)
+        if self.batch_task:
+            batch["task"] = self._task_texts[arrays["task_index"]].tolist()
+        return BatchedSamples(batch, ragged, self._names)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for i in range(len(self)):
@@ -600,7 +652,7 @@ class VLADataset(Dataset):
             "vlm_reuse_count": dict(self._reuse_override), "series_in_ram": self.series_in_ram,
             "expect_fingerprint": dict(self.expect_fingerprint), "verify": self.verify,
             "delta_steps": self.delta_steps, "delta_timestamps": self.delta_timestamps, "fps": self.fps,
-            "timestamps": self.timestamps, "tolerance_s": self.tolerance_s,
+            "timestamps": self.timestamps, "tolerance_s": self.tolerance_s, "batch_task": self.batch_task,
         }
 
     def subset(self, episodes: Sequence[str | int]) -> VLADataset:

@@ -345,3 +345,144 @@ def plan_generation(
     nodes.set_attribute(base, GENERATION_KEY, info.to_dict())
     return FamilyHandle(nodes.storage, family, info, layout, catalog,
                         v1_segments(family, generation, layout.n_shards), writable=nodes.writable)
+
+
+# ------------------------------------------------------------ format 2
+
+
+class SegmentedLayout(FamilyLayout):
+    """A layout whose rows sit anywhere in the stored row space (format 2, after appends and removes).
+
+    Rows are numbered episode by episode in catalog order, as in :class:`FamilyLayout`;
+    ``starts[row]`` is the row's first stored row (ascending, no two rows overlap,
+    none crosses a shard boundary), so rows of removed episodes and the rest of a
+    segment's last shard are simply never addressed. ``shard_nrows`` gives each
+    global shard's stored rows (a segment's last shard may be short).
+
+    Raises:
+        FormatError: the tables break these rules.
+    """
+
+    def __init__(self, spec: FamilySpec, episode_rows: np.ndarray, starts: np.ndarray, lengths: np.ndarray,
+                 shard_nrows: np.ndarray, where: str = "layout") -> None:
+        self.spec = spec
+        self.episode_rows = np.asarray(episode_rows, dtype=np.int64)
+        if self.episode_rows.ndim != 1 or self.episode_rows.size < 1 or self.episode_rows[0] != 0 or (
+                self.episode_rows.size > 1 and np.diff(self.episode_rows).min() < 0):
+            raise FormatError(f"{where}: row counts per episode must be >= 0; the layout is damaged")
+        self.rows = int(self.episode_rows[-1])
+        self.rows_per_shard = rps = spec.rows_per_shard
+        self._stored: np.ndarray = np.asarray(starts, dtype=np.int64)
+        self._starts = self._stored
+        self.lengths = np.asarray(lengths, dtype=np.int64)
+        self._shard_nrows = np.asarray(shard_nrows, dtype=np.int64)
+        self.n_shards = len(self._shard_nrows)
+        self.capacity = int((self.n_shards - 1) * rps + self._shard_nrows[-1]) if self.n_shards else 0
+        if self._stored.shape != (self.rows,) or self.lengths.shape != (self.rows,):
+            raise FormatError(f"{where}: {self._stored.size} starts and {self.lengths.size} lengths for "
+                              f"{self.rows} rows; the layout is damaged")
+        if self.rows:
+            ends = self._stored + self.lengths
+            if (self.lengths.min() < 1 or self._stored[0] < 0 or int(ends[-1]) > self.n_shards * rps
+                    or (self.rows > 1 and (self._stored[1:] < ends[:-1]).any())
+                    or (self._stored // rps != (ends - 1) // rps).any()):
+                raise FormatError(f"{where}: row positions overlap, go backwards or cross a shard; the layout "
+                                  "is damaged")
+            last = (ends - 1) // rps
+            if (ends - last * rps > self._shard_nrows[last]).any():
+                raise FormatError(f"{where}: a row lies past the end of its segment; the layout is damaged")
+        self._row_shards: np.ndarray | None = None
+        self._shard_row_offsets: np.ndarray | None = None
+
+    @property
+    def starts(self) -> np.ndarray:
+        return self._stored
+
+    @property
+    def row_shards(self) -> np.ndarray:
+        if self._row_shards is None:
+            self._row_shards = self._stored // self.rows_per_shard
+        shards: np.ndarray = self._row_shards
+        return shards
+
+    @property
+    def shard_row_offsets(self) -> np.ndarray:
+        if self._shard_row_offsets is None:
+            edges = np.arange(self.n_shards + 1, dtype=np.int64) * self.rows_per_shard
+            self._shard_row_offsets = np.searchsorted(self._stored, edges, side="left").astype(np.int64)
+        offsets: np.ndarray = self._shard_row_offsets
+        return offsets
+
+    def shard_of(self, rows: np.ndarray) -> np.ndarray:
+        return self.row_shards[rows]
+
+    def start_of(self, rows: np.ndarray) -> np.ndarray:
+        return self._stored[rows]
+
+    def shard_rows(self, shard: int) -> np.ndarray:
+        if not 0 <= shard < self.n_shards:
+            raise IndexError(f"shard {shard} out of range: the family has {self.n_shards} shards")
+        lo, hi = self.shard_row_offsets[shard], self.shard_row_offsets[shard + 1]
+        return np.arange(lo, hi, dtype=np.int64)
+
+    def shard_nrows(self, shard: int) -> int:
+        return int(self._shard_nrows[shard])
+
+    def rows_of_chunks(self, shard: int, chunks: np.ndarray) -> np.ndarray:
+        stored = shard * self.rows_per_shard + np.asarray(chunks, dtype=np.int64)
+        r = np.searchsorted(self._stored, stored, side="right") - 1
+        safe = np.maximum(r, 0)
+        inside = (r >= 0) & (stored < self._stored[safe] + self.lengths[safe])
+        return np.where(inside, r, -1)
+
+
+def v2_layout(spec: FamilySpec, segments: Sequence[Segment], seg_rows: Sequence[int], seg_capacity: Sequence[int],
+              row_start: np.ndarray, row_count: np.ndarray, local_starts: Sequence[np.ndarray] | None,
+              local_lengths: Sequence[np.ndarray] | None, where: str) -> tuple[FamilyLayout, np.ndarray]:
+    """The layout of one generation in a format-2 snapshot, and each row's physical row number.
+
+    Physical rows are the segments' rows concatenated in order; episode ``e`` has physical
+    rows ``row_start[e] : row_start[e] + row_count[e]``, all in one segment. When the rows
+    of the catalog are exactly the stored rows from 0 (a store never appended to or
+    pruned), the plain :class:`FamilyLayout` is used (the fast paths of fixed families).
+
+    Raises:
+        FormatError: an episode's rows outside the segments, or tables that disagree.
+    """
+    rps = spec.rows_per_shard
+    seg_rows_arr = np.asarray(seg_rows, dtype=np.int64)
+    phys_base = np.concatenate([[0], np.cumsum(seg_rows_arr)]).astype(np.int64)
+    row_start = np.asarray(row_start, dtype=np.int64)
+    row_count = np.asarray(row_count, dtype=np.int64)
+    episode_rows = np.concatenate([[0], np.cumsum(row_count)]).astype(np.int64)
+    total = int(episode_rows[-1])
+    if row_count.size and (row_count.min() < 0 or row_start.min() < 0):
+        raise FormatError(f"{where}: negative row numbers; the layout is damaged")
+    seg_of = np.searchsorted(phys_base, row_start, side="right") - 1
+    nonempty = row_count > 0
+    if nonempty.any() and ((seg_of[nonempty] >= len(seg_rows_arr)) |
+                           (row_start[nonempty] + row_count[nonempty] > phys_base[seg_of[nonempty] + 1])).any():
+        raise FormatError(f"{where}: an episode's rows are not inside one segment; the layout is damaged")
+    physical = np.repeat(row_start - episode_rows[:-1], row_count) + np.arange(total, dtype=np.int64)
+    seg_caps = np.asarray(seg_capacity, dtype=np.int64)
+    shard_nrows = np.concatenate([np.minimum(rps, cap - np.arange(-(-cap // rps), dtype=np.int64) * rps)
+                                  for cap in seg_caps.tolist()] or [np.zeros(0, dtype=np.int64)]).astype(np.int64)
+    first_shard = np.asarray([s.first_shard for s in segments], dtype=np.int64)
+    if spec.ragged:
+        assert local_starts is not None and local_lengths is not None
+        stored = np.concatenate([first_shard[k] * rps + np.asarray(local_starts[k], dtype=np.int64)
+                                 for k in range(len(segments))] or [np.zeros(0, dtype=np.int64)])
+        lengths = np.concatenate([np.asarray(x, dtype=np.int64) for x in local_lengths] or
+                                 [np.zeros(0, dtype=np.int64)])
+        starts, lens = stored[physical], lengths[physical]
+    else:
+        seg_phys = np.searchsorted(phys_base, physical, side="right") - 1
+        starts = first_shard[seg_phys] * rps + physical - phys_base[seg_phys] if total else physical
+        lens = np.ones(total, dtype=np.int64)
+    identity = (len(segments) == 1 and segments[0].first_shard == 0 and np.array_equal(physical, np.arange(total))
+                and total == int(seg_rows_arr[0]))
+    if identity and not spec.ragged and int(seg_caps[0]) == total:
+        return FamilyLayout(spec, episode_rows, where=where), physical
+    if identity and spec.ragged and total and int(seg_caps[0]) == int(starts[-1] + lens[-1]):
+        return FamilyLayout(spec, episode_rows, starts, lens, where=where), physical
+    return SegmentedLayout(spec, episode_rows, starts, lens, shard_nrows, where=where), physical

@@ -26,6 +26,7 @@ from .format import (
 )
 from .integrity import check_group_meta
 from .layout import FamilyLayout
+from .living import check_meta_crc
 from .nodes import ZarrNodes
 from .shardcodec import ChecksumError, ShardIndex, decode_index, index_nbytes
 from .storage import LocalStorage, StoreNotFoundError, UnsafeFileError, open_storage
@@ -77,6 +78,7 @@ def store_info(store: VLAStore) -> dict[str, Any]:
     catalog = store.catalog
     return {
         "store": store.location,
+        "snapshot": store.snapshot_id,
         "format_version": store.manifest.format_version,
         "vlastore_version": store.manifest.vlastore_version,
         "created": store.manifest.created,
@@ -107,7 +109,8 @@ def format_info(info: dict[str, Any]) -> str:
     spe = info["steps_per_episode"]
     lines = [
         f"store       {info['store']}",
-        f"format      v{info['format_version']} (vlastore {info['vlastore_version']}), created {info['created']}",
+        f"format      v{info['format_version']} (vlastore {info['vlastore_version']}), created {info['created']}"
+        + (f", snapshot {info['snapshot']}" if info.get("snapshot") else ""),
         f"episodes    {info['episodes']:,}  steps {info['steps']:,} "
         f"(per episode min {spe['min']}, mean {spe['mean']:.1f}, max {spe['max']})",
         f"on disk     {_human(info['bytes_on_disk'])} in {info['files']:,} files",
@@ -268,7 +271,7 @@ def _verify_shard(store: VLAStore, family: str, generation: int, shard: int, lay
     for f, n in zip(first.tolist(), lengths.tolist(), strict=True):
         covered[f : f + n] = True
     stray = index.present & ~covered
-    if stray.any():
+    if stray.any() and store.snapshot is None:  # format 2: rows of removed episodes stay until gc, unreachable
         report.corrupt.append(Corruption(key, reason=f"chunks present where no row is planned "
                                                        f"(chunks {np.flatnonzero(stray)[:5].tolist()})"))
 
@@ -354,6 +357,20 @@ def _verify_metadata_files(store: VLAStore, report: VerifyReport) -> None:
             _check_node_meta(store, key, unlisted, report)
 
 
+def _verify_snapshot_metadata(store: VLAStore, report: VerifyReport) -> None:
+    """Format 2: every array the snapshot uses has the ``zarr.json`` whose crc32c the commit recorded, and no
+    file of the store is a link or special file."""
+    assert store.snapshot is not None
+    if isinstance(store.storage, LocalStorage):
+        for where, reason in store.storage.unsafe_entries():
+            report.corrupt.append(Corruption(where, reason=reason))
+    for path in store.snapshot.arrays:
+        try:
+            check_meta_crc(store.nodes, path, store.snapshot.arrays)
+        except (FormatError, OSError) as exc:
+            report.corrupt.append(Corruption(meta_key(path), reason=str(exc)))
+
+
 def verify_store(store: VLAStore | str | os.PathLike[str],
                  progress: Callable[[int], None] | None = None) -> VerifyReport:
     """Check everything a reader trusts, and read every stored byte.
@@ -396,7 +413,10 @@ def verify_store(store: VLAStore | str | os.PathLike[str],
                             "cross-checked against the catalog and arrays instead")
     for path, problem in store.open_problems:
         report.corrupt.append(Corruption(path, reason=problem))
-    _verify_metadata_files(store, report)
+    if store.snapshot is not None:
+        _verify_snapshot_metadata(store, report)
+    else:
+        _verify_metadata_files(store, report)
     catalog_ok = not any(path == "episodes" for path, _ in store.open_problems)
     names = store.catalog.names if catalog_ok else tuple(f"episode #{i}" for i in range(store.manifest.episodes))
     for key in store.series_keys:
@@ -409,14 +429,19 @@ def verify_store(store: VLAStore | str | os.PathLike[str],
     for family in store.families:
         for gen in store.manifest.families[family].generations:
             _verify_generation(store, family, gen, report, names, tick)
-            try:
-                attrs = store.nodes.node_attrs(generation_path(family, gen)).get(GENERATION_KEY, {})
-                if isinstance(attrs, dict) and CHECKSUM_FIELD not in attrs:
-                    report.notes.append(f"{family} generation {gen}: attributes have no checksum (written before "
-                                        "metadata checksums); cross-checked against the arrays instead")
-            except FormatError:
-                pass
+            if store.snapshot is None:  # format 2: the commit checksums every generation's metadata
+                _note_unsealed(store, family, gen, report)
     return report
+
+
+def _note_unsealed(store: VLAStore, family: str, gen: int, report: VerifyReport) -> None:
+    try:
+        attrs = store.nodes.node_attrs(generation_path(family, gen)).get(GENERATION_KEY, {})
+        if isinstance(attrs, dict) and CHECKSUM_FIELD not in attrs:
+            report.notes.append(f"{family} generation {gen}: attributes have no checksum (written before "
+                                "metadata checksums); cross-checked against the arrays instead")
+    except FormatError:
+        pass
 
 
 def total_shards(store: VLAStore) -> int:

@@ -44,6 +44,7 @@ from .format import (
 
 __all__ = [
     "SNAPSHOT_FORMAT_VERSION",
+    "SERIES_SEGMENTS",
     "LOG_PREFIX",
     "MAX_COMMIT",
     "log_key",
@@ -62,6 +63,10 @@ __all__ = [
 ]
 
 SNAPSHOT_FORMAT_VERSION = 2
+
+SERIES_SEGMENTS = "seriesdata"
+"""Folder of series segments: ``seriesdata/<key>/s<id>`` (``series/<key>`` is the format-1 array an upgraded
+store keeps using; zarr allows no array below another)."""
 
 LOG_PREFIX = "_log"
 """Folder of the commit log: ``_log/00000000000000000001.json`` ..."""
@@ -135,7 +140,10 @@ class SeriesSegment:
     @classmethod
     def from_dict(cls, data: Any, where: str, key: str) -> SeriesSegment:
         data = _dict(data, "a series segment", where)
-        return cls(check_object_path(data.get("path"), where, f"series/{key}"), _int(data, "rows", where, 0, MAX_STEPS))
+        path = check_object_path(data.get("path"), where)
+        if path != f"series/{key}":  # the format-1 array of an upgraded store, or a segment of format 2
+            check_object_path(path, where, f"{SERIES_SEGMENTS}/{key}")
+        return cls(path, _int(data, "rows", where, 0, MAX_STEPS))
 
 
 @dataclass(frozen=True)
@@ -178,27 +186,40 @@ class SeriesState:
 
 @dataclass(frozen=True)
 class Segment:
-    """One sharded ``values`` array of a family generation.
+    """One sharded ``values`` array of a family generation, and the row tables of its rows.
 
     Its shard ``k`` is the generation's global shard ``first_shard + k``; global
     shard ``s`` holds stored rows ``s * rows_per_shard ...`` of the generation's
-    physical row space (token rows for ragged families). Segments never overlap.
+    stored row space (token rows for ragged families). Segments never overlap.
+    ``rows``: the segment's physical rows (items); ``capacity``: the length of
+    its ``values`` array (stored rows, counted from the segment's first shard).
+    ``tables``: the folder with ``starts``/``lengths`` (ragged, per physical row,
+    local to the segment) and ``key_utf8``/``key_offsets`` (row keys); None when
+    the family needs neither.
     """
 
     path: str
     first_shard: int
     shards: int
+    rows: int = 0
+    capacity: int = 0
+    tables: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"path": self.path, "first_shard": self.first_shard, "shards": self.shards}
+        return {"path": self.path, "first_shard": self.first_shard, "shards": self.shards, "rows": self.rows,
+                "capacity": self.capacity, "tables": self.tables}
 
     @classmethod
     def from_dict(cls, data: Any, where: str, prefix: str) -> Segment:
         data = _dict(data, "a segment", where)
+        tables = data.get("tables")
         return cls(
             check_object_path(data.get("path"), where, prefix),
             _int(data, "first_shard", where, 0, MAX_ROWS),
             _int(data, "shards", where, 0, MAX_ROWS),
+            _int(data, "rows", where, 0, MAX_ROWS),
+            _int(data, "capacity", where, 0, MAX_ROWS),
+            None if tables is None else check_object_path(tables, where, prefix),
         )
 
 
@@ -206,11 +227,11 @@ class Segment:
 class GenerationState:
     """One generation of a family in a snapshot.
 
-    ``rows``: physical rows (items) numbered over the segments; ``capacity``:
-    stored rows of the physical space (token rows with padding for ragged
-    families). ``layout``: the folder with ``row_start``/``row_count`` per catalog
-    episode (and ``starts``/``lengths`` per physical row when ragged, ``key_*``
-    when the family has row keys), written for the catalog version this snapshot uses.
+    ``rows``: the rows the snapshot's catalog reaches (``sum(row_count)``);
+    ``capacity``: the stored row space of all segments (the last segment's end).
+    ``layout``: the folder with ``row_start``/``row_count`` per catalog episode
+    (physical row numbers: the segments' rows concatenated in order), written for
+    the catalog version this snapshot uses.
     """
 
     generation: int
@@ -262,19 +283,25 @@ class GenerationState:
         return state
 
     def check(self, where: str) -> None:
-        """Segments tile the shard space in order, and cover the capacity."""
+        """Segments tile the shard space in order, each holds what it says, and the capacity is the last one's end."""
         shard = 0
+        rows_per_shard = self.spec.rows_per_shard
         for i, segment in enumerate(self.segments):
             if segment.first_shard != shard:
                 raise FormatError(f"{where}: segment #{i} starts at shard {segment.first_shard}, expected {shard}")
+            if segment.shards != -(-segment.capacity // rows_per_shard):
+                raise FormatError(f"{where}: segment #{i} has {segment.shards} shards for {segment.capacity} "
+                                  f"stored rows of {rows_per_shard} per shard")
+            if (not self.spec.ragged and segment.rows != segment.capacity) or segment.rows > segment.capacity:
+                raise FormatError(f"{where}: segment #{i} has {segment.rows} rows in {segment.capacity} stored rows")
+            if (self.spec.ragged or self.spec.has_keys) and segment.tables is None:
+                raise FormatError(f"{where}: segment #{i} has no row tables (starts/lengths/keys)")
             shard += segment.shards
-        rows_per_shard = self.spec.rows_per_shard
-        if self.capacity > shard * rows_per_shard or self.capacity < (shard - 1) * rows_per_shard:
-            raise FormatError(f"{where}: capacity {self.capacity} does not match {shard} shards of "
-                              f"{rows_per_shard} rows")
-        if not self.spec.ragged and self.rows != self.capacity:
-            raise FormatError(f"{where}: a fixed family has as many rows as stored rows ({self.rows} != "
-                              f"{self.capacity})")
+        end = self.segments[-1].first_shard * rows_per_shard + self.segments[-1].capacity if self.segments else 0
+        if self.capacity != end:
+            raise FormatError(f"{where}: capacity {self.capacity} is not the end of the last segment ({end})")
+        if self.rows > sum(s.rows for s in self.segments):
+            raise FormatError(f"{where}: {self.rows} rows, more than the segments hold")
 
 
 @dataclass(frozen=True)
@@ -470,6 +497,7 @@ class Snapshot:
             for generation in family.generations.values():
                 paths.add(generation.layout)
                 paths.update(s.path for s in generation.segments)
+                paths.update(s.tables for s in generation.segments if s.tables)
         return paths
 
     def evolve(self, commit: int, time: str, changes: Iterable[Change], **fields: Any) -> Snapshot:

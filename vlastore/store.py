@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import json
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -20,6 +22,7 @@ import numpy as np
 import zarr
 
 from .catalog import Catalog
+from .commitlog import CommitConflictError, CommitLog, SnapshotNotFoundError
 from .family import FamilyHandle, StaleGenerationError, open_family, plan_generation, read_generation_info, read_keys
 from .format import (
     EPISODES_GROUP,
@@ -32,6 +35,7 @@ from .format import (
     FormatError,
     GenerationInfo,
     Manifest,
+    NewerFormatError,
     Producer,
     SeriesInfo,
     episodes_path,
@@ -43,10 +47,39 @@ from .format import (
 )
 from .integrity import check_catalog
 from .layout import FamilyLayout, vlm_items
+from .living import (
+    ArrayWriter,
+    CatalogData,
+    SegmentRows,
+    attrs_json,
+    new_segment,
+    pack_utf8,
+    read_catalog,
+    read_generation,
+    read_keys_v2,
+    read_row_map,
+    read_small,
+    write_catalog,
+    write_layout,
+)
 from .nodes import ZarrNodes
 from .ranks import resolve_rank
 from .read import FeatureReader
 from .shardcodec import ShardIndex
+from .snapshot import (
+    LOG_PREFIX,
+    SERIES_SEGMENTS,
+    SNAPSHOT_FORMAT_VERSION,
+    CatalogRef,
+    Change,
+    FamilyState,
+    GenerationState,
+    SeriesSegment,
+    SeriesState,
+    Snapshot,
+    log_key,
+)
+from .snapshot import Segment as SnapshotSegment
 from .stats import series_stats
 from .storage import LocalStorage, Location, open_storage
 from .storage.local import remove_store_files
@@ -56,7 +89,13 @@ from .writer import FamilyWriter
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["VLAStore", "EpisodeData", "utc_now", "probe", "remove_store", "Location"]
+__all__ = ["VLAStore", "EpisodeData", "SegmentRows", "utc_now", "probe", "remove_store", "upgrade_store", "Location",
+           "SnapshotNotFoundError", "CommitConflictError", "DEFAULT_FORMAT_VERSION"]
+
+DEFAULT_FORMAT_VERSION = 1
+"""Format of stores made by :meth:`VLAStore.create` when not asked: still 1 until ``vlastore verify`` and the
+tools that read format-1 paths directly handle format 2; ``format_version=2`` (or ``vlastore upgrade``) makes a
+living store."""
 
 
 def utc_now() -> str:
@@ -75,6 +114,11 @@ class EpisodeData:
     name: str
     series: dict[str, np.ndarray] = field(default_factory=dict)
     steps: int | None = None
+    task: str | None = None
+    """Task / instruction text (format 2 keeps it in the task table; batches can carry it)."""
+    fps: float | None = None
+    attrs: dict[str, Any] | None = None
+    """Free per-episode attributes (a JSON object)."""
 
     def step_count(self) -> int:
         lengths = {k: len(v) for k, v in self.series.items()}
@@ -160,6 +204,67 @@ def remove_store(location: str | os.PathLike[str]) -> int:
     return remove_store_files(storage.root)
 
 
+def upgrade_store(location: Location, storage_options: dict[str, Any] | None = None) -> int | None:
+    """Make a format-1 store a format-2 store, in place; returns the commit made (None: already format 2).
+
+    Writes the portable catalog, the row tables of format 2 and commit 1, which points at the
+    format-1 series and ``values`` arrays as they are (nothing is copied); the root ``zarr.json``
+    is rewritten last, in one atomic replace. A kill before that leaves a format-1 store that reads
+    as before (the extra folders are ignored; a rerun starts over); after it, a format-2 store.
+
+    Raises:
+        StoreNotFoundError: no store there. FormatError: the store is damaged (run ``vlastore verify``).
+    """
+    store = VLAStore.open(location, writable=True, storage_options=storage_options)
+    if store.snapshot is not None:
+        return None
+    nodes, storage = store.nodes, store.storage
+    storage.delete_prefix(LOG_PREFIX)  # commits of an upgrade killed before its last step: start over
+    out = ArrayWriter(nodes, 1)
+    cat = store.catalog
+    n = len(cat)
+    data = CatalogData(list(cat.names), np.arange(n, dtype=np.int64), cat.steps, cat.step_offsets[:-1],
+                       np.full(n, np.nan), np.full(n, -1, dtype=np.int64), ["{}"] * n, [])
+    cat_path, tasks_path = write_catalog(out, data)
+    series = {}
+    for key, info in store.manifest.series.items():
+        store._series_meta(key)
+        out.record(series_path(key))
+        series[key] = SeriesState(info.columns, info.dtype, (SeriesSegment(series_path(key), cat.total_steps),))
+    families = {}
+    for family, entry in store.manifest.families.items():
+        gens = {}
+        for gen in entry.generations:
+            handle = store.handle(family, gen)
+            layout, spec = handle.layout, handle.spec
+            tables = None
+            if spec.ragged or spec.has_keys:
+                tables = f"{generation_path(family, gen)}/{out.oid('t')}"
+                if spec.ragged:
+                    out.small(f"{tables}/starts", layout.starts)
+                    out.small(f"{tables}/lengths", layout.lengths)
+                if spec.has_keys:
+                    key_bytes, key_offsets = pack_utf8(list(store.keys(family, gen)))
+                    out.small(f"{tables}/key_utf8", key_bytes)
+                    out.small(f"{tables}/key_offsets", key_offsets)
+            values = values_path(family, gen)
+            out.record(values)
+            segment = SnapshotSegment(values, 0, layout.n_shards, layout.rows, layout.capacity, tables)
+            layout_path = write_layout(out, family, gen, layout.episode_rows[:-1], np.diff(layout.episode_rows))
+            gens[gen] = GenerationState(gen, spec, handle.info.producer, handle.info.created, (segment,),
+                                        layout_path, layout.rows, layout.capacity)
+        families[family] = FamilyState(entry.current_generation, gens)
+    snapshot = Snapshot(commit=1, parent=None, time=utc_now(), vlastore_version=__version__,
+                        changes=(Change("upgrade", {"from_format": 1}),), next_episode_id=n,
+                        catalog=CatalogRef(cat_path, n, cat.total_steps, tasks_path, 0), series=series,
+                        families=families, arrays=dict(out.arrays))
+    CommitLog(storage).write(snapshot)
+    nodes.set_root_attribute(MANIFEST_KEY, {"format_version": SNAPSHOT_FORMAT_VERSION,
+                                            "created": store.manifest.created, "store_id": out.token,
+                                            "upgraded": snapshot.time})
+    return 1
+
+
 class VLAStore:
     """A store on disk, in object storage or in any zarr store. Create with :meth:`create`, open with :meth:`open`.
 
@@ -169,13 +274,36 @@ class VLAStore:
             problem in :attr:`open_problems` and go on.
     """
 
-    def __init__(self, nodes: ZarrNodes, strict: bool = True) -> None:
+    _catdata: CatalogData
+    """Format 2: the catalog of the snapshot shown, with its metadata columns."""
+
+    def __init__(self, nodes: ZarrNodes, strict: bool = True, snapshot: int | None = None) -> None:
         self.nodes = nodes
         self.storage = nodes.storage
         self.writable = nodes.writable
-        self.manifest = Manifest.from_dict(nodes.attrs[MANIFEST_KEY], where=self.storage.location)
         self.open_problems: list[tuple[str, str]] = []
         """With ``strict=False`` (vlastore verify): (path, problem) of what failed its check at open."""
+        self._reset_caches()
+        root = nodes.attrs[MANIFEST_KEY]
+        version = root.get("format_version") if isinstance(root, dict) else None
+        if isinstance(version, int) and not isinstance(version, bool) and version > SNAPSHOT_FORMAT_VERSION:
+            raise NewerFormatError(
+                f"{self.storage.location} was written in vlastore format version {version} (by vlastore "
+                f"{root.get('vlastore_version', '?')}); this vlastore reads versions up to {SNAPSHOT_FORMAT_VERSION}. "
+                "Upgrade: pip install -U vlastore")
+        self.format_version = SNAPSHOT_FORMAT_VERSION if version == SNAPSHOT_FORMAT_VERSION else 1
+        self.snapshot: Snapshot | None = None
+        """The commit this store object shows (format 2); None for a format-1 store."""
+        self._log: CommitLog | None = None
+        if self.format_version == SNAPSHOT_FORMAT_VERSION:
+            self._root = root
+            self._log = CommitLog(self.storage)
+            self._adopt(self._log.read(snapshot) if snapshot is not None else self._log.head())
+            return
+        if snapshot not in (None, 0):
+            raise SnapshotNotFoundError(f"{self.storage.location} is a format-1 store: it has only snapshot 0 "
+                                        "(`vlastore upgrade` makes it a store with commits)")
+        self.manifest = Manifest.from_dict(root, where=self.storage.location)
         try:
             self.catalog = self._read_catalog()
         except FormatError as exc:
@@ -192,11 +320,36 @@ class VLAStore:
                 if strict:
                     raise
                 self.open_problems.append((series_path(key), str(exc)))
+
+    def _reset_caches(self) -> None:
         self._infos: dict[tuple[str, int], GenerationInfo] = {}
         self._handles: dict[tuple[str, int], FamilyHandle] = {}
         self._readers: dict[tuple[str, int, str], FeatureReader] = {}
         self._keys: dict[tuple[str, int], tuple[str, ...]] = {}
         self._key_index: dict[tuple[str, int], dict[str, int]] = {}
+        self._series_cache: dict[str, np.ndarray] = {}
+
+    def _adopt(self, snapshot: Snapshot, catalog: CatalogData | None = None) -> None:
+        """Show ``snapshot`` (format 2): its catalog read and checked (or the one this process just wrote for
+        it), a manifest view of it, caches dropped."""
+        if self.snapshot is not None and snapshot.catalog.path == self.snapshot.catalog.path:
+            catalog = self._catdata  # objects never change: the same catalog version is the same data
+        elif catalog is None or snapshot.catalog.path != getattr(self, "_written_path", None):
+            catalog = read_catalog(self.nodes, snapshot)
+        self._catdata = catalog
+        self.catalog = self._catdata.catalog()
+        self.snapshot = snapshot
+        self.manifest = Manifest(
+            format_version=SNAPSHOT_FORMAT_VERSION,
+            vlastore_version=snapshot.vlastore_version,
+            created=str(self._root.get("created", "")),
+            episodes=len(self.catalog),
+            steps=self.catalog.total_steps,
+            series={k: SeriesInfo(v.columns, v.dtype) for k, v in snapshot.series.items()},
+            families={f: FamilyEntry(st.current_generation, tuple(sorted(st.generations)))
+                      for f, st in snapshot.families.items()},
+        )
+        self._reset_caches()
 
     # -------------------------------------------------------------- creation
 
@@ -208,6 +361,7 @@ class VLAStore:
         columns: Mapping[str, Sequence[str]] | None = None,
         allow_nonfinite: bool = False,
         storage_options: dict[str, Any] | None = None,
+        format_version: int = DEFAULT_FORMAT_VERSION,
     ) -> VLAStore:
         """Create a store holding the catalog and robot series of ``episodes``.
 
@@ -218,12 +372,17 @@ class VLAStore:
             columns: column names per series key; default ``<key>_0..``.
             allow_nonfinite: store NaN/Inf in series instead of refusing them.
             storage_options: for ``s3://`` URLs: endpoint, credentials, ... (``vlastore.storage.STORAGE_OPTIONS``).
+            format_version: 2 (default: commits, appends, snapshots) or 1 (write-once, the older layout).
 
         Raises:
             FormatError: bad names, duplicate names, inconsistent series; nothing is written.
             FileExistsError: ``location`` exists and is not empty.
         """
         episodes = list(episodes)
+        if format_version == SNAPSHOT_FORMAT_VERSION:
+            return cls._create_v2(open_storage(location, storage_options), episodes, columns, allow_nonfinite)
+        if format_version != FORMAT_VERSION:
+            raise ValueError(f"format_version={format_version}: vlastore writes format 1 or 2")
         catalog = Catalog([e.name for e in episodes], [e.step_count() for e in episodes])
         stacked: dict[str, np.ndarray] = {}
         series_info: dict[str, SeriesInfo] = {}
@@ -251,7 +410,7 @@ class VLAStore:
 
     @classmethod
     def open(cls, location: Location, writable: bool = False,
-             storage_options: dict[str, Any] | None = None) -> VLAStore:
+             storage_options: dict[str, Any] | None = None, snapshot: int | None = None) -> VLAStore:
         """Open an existing store (read-only unless ``writable``).
 
         The manifest's checksum, the catalog and the series' metadata are checked
@@ -262,12 +421,15 @@ class VLAStore:
             location: a folder, an ``s3://bucket/prefix`` URL, a zarr ``Store`` or a Storage.
             writable: allow changes (families, generations, writers).
             storage_options: for ``s3://`` URLs (``vlastore.storage.STORAGE_OPTIONS``).
+            snapshot: a commit number (``store.snapshot_id``, ``vlastore log``) to open as it was then
+                (format 2; exact reproduction of a run until ``vlastore gc`` removes it); default: the newest.
 
         Raises:
             StoreNotFoundError: no store there. FormatError: written by a newer
                 format, or damaged metadata (the message names the file).
+            SnapshotNotFoundError: no such snapshot.
         """
-        return cls(ZarrNodes.open(open_storage(location, storage_options), writable=writable))
+        return cls(ZarrNodes.open(open_storage(location, storage_options), writable=writable), snapshot=snapshot)
 
     # ----------------------------------------------------------- checked reads
 
@@ -289,8 +451,17 @@ class VLAStore:
     def _series_meta(self, key: str) -> None:
         self.nodes.check_small_meta(series_path(key), *self._series_shape(key))
 
-    def reload(self) -> None:
-        """Re-read the manifest (after another process added a family or switched a generation)."""
+    def reload(self, snapshot: int | None = None) -> None:
+        """Move to the newest state (after another process appended, removed, added a family or switched a
+        generation). Format 2: the newest commit, or commit ``snapshot``; objects of the old snapshot stay
+        readable until gc."""
+        if self._log is not None:
+            target = self._log.read(snapshot) if snapshot is not None else self._log.head()
+            if self.snapshot is None or target.commit != self.snapshot.commit:
+                self._adopt(target)
+            return
+        if snapshot not in (None, 0):
+            raise SnapshotNotFoundError(f"{self.location} is a format-1 store: it has only snapshot 0")
         self.nodes.refresh()
         self.manifest = Manifest.from_dict(self.nodes.attrs[MANIFEST_KEY], where=self.location)
 
@@ -336,7 +507,12 @@ class VLAStore:
         return key
 
     def series_array(self, key: str) -> zarr.Array[Any]:
-        """The zarr array of robot series ``key`` (all episodes along time), for lazy slicing."""
+        """The zarr array of robot series ``key`` (all episodes along time), for lazy slicing.
+
+        Format 2: the series of the snapshot's episodes in catalog order, in memory (its segments gathered).
+        """
+        if self.snapshot is not None:
+            return self.series_all(key)  # type: ignore[return-value]
         return self.nodes.open_array(series_path(self._series_key(key)))
 
     def series(self, key: str, dataset: str | int, start: int = 0, stop: int | None = None) -> np.ndarray:
@@ -357,7 +533,28 @@ class VLAStore:
 
     def series_all(self, key: str) -> np.ndarray:
         """One robot series for all episodes, concatenated along time (small: robot states)."""
+        if self.snapshot is not None:
+            return self._series_v2(self._series_key(key))
         return self.nodes.read_checked(series_path(self._series_key(key)), *self._series_shape(key))
+
+    def _physical_series(self, snapshot: Snapshot, key: str) -> np.ndarray:
+        """Every segment of a series concatenated (removed episodes' steps included)."""
+        state = snapshot.series[key]
+        parts = [read_small(self.nodes, seg.path, (seg.rows, len(state.columns)), state.dtype, snapshot.arrays)
+                 for seg in state.segments]
+        return np.concatenate(parts) if parts else np.zeros((0, len(state.columns)), dtype=state.dtype)
+
+    def _series_v2(self, key: str) -> np.ndarray:
+        if key not in self._series_cache:
+            assert self.snapshot is not None
+            physical = self._physical_series(self.snapshot, key)
+            cat = self._catdata
+            offsets = self.catalog.step_offsets
+            index = np.repeat(cat.step_start - offsets[:-1], cat.steps) + np.arange(int(offsets[-1]), dtype=np.int64)
+            values = physical[index]
+            values.setflags(write=False)
+            self._series_cache[key] = values
+        return self._series_cache[key]
 
     def columns(self, key: str) -> tuple[str, ...]:
         return self.manifest.series[key].columns
@@ -383,6 +580,8 @@ class VLAStore:
 
     def _dropped_since(self, family: str, generation: int) -> bool:
         """Whether the manifest on disk no longer lists ``generation`` (switched out and deleted since opening)."""
+        if self.snapshot is not None:  # a snapshot's objects stay until gc; gc never drops a retained snapshot's
+            return False
         try:
             meta = self.nodes.read_json(meta_key(""))
             attrs = meta.get("attributes", {}) if meta is not None else {}
@@ -409,6 +608,8 @@ class VLAStore:
         """
         gen = self._generation_number(family, generation)
         key = (family, gen)
+        if self.snapshot is not None:
+            return self.handle(family, gen).info
         if key not in self._infos:
             try:
                 self._infos[key] = read_generation_info(self.nodes, family, gen)
@@ -423,6 +624,14 @@ class VLAStore:
             KeyError: unknown family or generation. FormatError: damaged metadata.
             StaleGenerationError: the generation was deleted after the store was opened.
         """
+        if self.snapshot is not None:
+            gen = self._generation_number(family, generation)
+            if (family, gen) not in self._handles:
+                state = self.snapshot.families[family].generations[gen]
+                handle = read_generation(self.nodes, family, state, self.catalog, self.snapshot.arrays)
+                self._handles[(family, gen)] = handle
+                self._infos[(family, gen)] = handle.info
+            return self._handles[(family, gen)]
         info = self.generation(family, generation)
         key = (family, info.generation)
         if key not in self._handles:
@@ -464,6 +673,8 @@ class VLAStore:
         self._require_writable()
         validate_name(family, "family name")
         producer = producer or Producer()
+        if self.snapshot is not None:
+            self.reload()
         items = self._items(spec, items_per_episode)
         if family in self.manifest.families:
             existing = self.generation(family, self.manifest.families[family].generations[0])
@@ -479,6 +690,10 @@ class VLAStore:
                     f"(spec or rows per episode differ); use another family name, or "
                     f"new_generation() to rebuild it"
                 )
+            return self.generation(family)
+        if self.snapshot is not None:
+            self._commit(lambda head, cat, out: self._add_family_v2(head, cat, out, family, spec, items_per_episode,
+                                                                    lengths, producer, keys))
             return self.generation(family)
         info = self._plan(family, 1, spec, items, lengths, producer, keys)
         families = dict(self.manifest.families)
@@ -503,6 +718,11 @@ class VLAStore:
         layout = self.layout(family)
         gen = max(entry.generations) + 1
         keys = self.keys(family, current.generation) if current.spec.has_keys else None
+        if self.snapshot is not None:
+            counts = np.diff(layout.episode_rows)
+            self._commit(lambda head, cat, out: self._new_generation_v2(head, cat, out, family, gen, counts, lengths,
+                                                                        producer, keys))
+            return self.generation(family, gen)
         info = self._plan(family, gen, current.spec, np.diff(layout.episode_rows), lengths, producer, keys)
         families = dict(self.manifest.families)
         families[family] = FamilyEntry(entry.current_generation, (*entry.generations, gen))
@@ -531,6 +751,9 @@ class VLAStore:
         older = sorted(g for g in entry.generations if g < generation)
         dropped = set() if keep_previous is None else set(older[: max(0, len(older) - keep_previous)])
         keep = tuple(g for g in entry.generations if g not in dropped)
+        if self.snapshot is not None:  # readers of older snapshots keep the dropped ones until gc
+            self._commit(lambda head, cat, out: self._switch_v2(head, family, generation, dropped))
+            return
         families = dict(self.manifest.families)
         families[family] = FamilyEntry(generation, keep)
         self._save_manifest(_replace_families(self.manifest, families))
@@ -603,7 +826,13 @@ class VLAStore:
             raise KeyError(f"family {family!r} has no row keys (it was created without has_keys=True)")
         cache_key = (family, info.generation)
         if cache_key not in self._keys:
-            self._keys[cache_key] = read_keys(self.nodes, self.handle(family, info.generation))
+            if self.snapshot is not None:
+                handle = self.handle(family, info.generation)
+                state = self.snapshot.families[family].generations[info.generation]
+                self._keys[cache_key] = tuple(read_keys_v2(self.nodes, state, handle.physical_rows,  # type: ignore[attr-defined]
+                                                           self.snapshot.arrays))
+            else:
+                self._keys[cache_key] = read_keys(self.nodes, self.handle(family, info.generation))
         return self._keys[cache_key]
 
     def row_by_key(self, family: str, key: str, generation: int | None = None) -> int:
@@ -655,6 +884,541 @@ class VLAStore:
         if not self.writable:
             raise PermissionError(f"{self.location} is open read-only; open it with writable=True to write rows")
         return FamilyWriter(self.handle(family, generation), rank=rank, world_size=world_size, **kwargs)
+
+
+    # ------------------------------------------------------- format 2: commits
+
+    @property
+    def snapshot_id(self) -> int:
+        """The commit this object shows (format 2); 0 for a format-1 store (its only state)."""
+        return self.snapshot.commit if self.snapshot is not None else 0
+
+    def refresh(self) -> None:
+        """Move to the newest commit (same as :meth:`reload`)."""
+        self.reload()
+
+    def log(self) -> list[dict[str, Any]]:
+        """Every commit, oldest first: ``{"commit", "time", "episodes", "steps", "changes"}``."""
+        if self._log is None:
+            return [{"commit": 0, "time": self.manifest.created, "episodes": len(self.catalog),
+                     "steps": self.catalog.total_steps, "changes": ["format 1 store (no commits)"]}]
+        return self._log.describe()
+
+    def episode_info(self, episode: str | int) -> dict[str, Any]:
+        """An episode's metadata: task text, fps (None when unknown), attributes (format 2)."""
+        e = self.catalog.resolve(episode)
+        if self.snapshot is None:
+            return {"task": None, "task_index": -1, "fps": None, "attrs": {}}
+        cat = self._catdata
+        t = int(cat.task[e])
+        fps = float(cat.fps[e])
+        return {"task": cat.tasks[t] if t >= 0 else None, "task_index": t,
+                "fps": None if np.isnan(fps) else fps, "attrs": json.loads(cat.attrs[e])}
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        """The task table (format 2): every task text, indexed by ``episode_info(...)["task_index"]``."""
+        return tuple(self._catdata.tasks) if self.snapshot is not None else ()
+
+    def episode_tasks(self) -> np.ndarray:
+        """Task index of every catalog episode (-1: none)."""
+        if self.snapshot is None:
+            return np.full(len(self.catalog), -1, dtype=np.int64)
+        return self._catdata.task
+
+    def _require_v2(self, what: str) -> CommitLog:
+        if self._log is None:
+            raise FormatError(f"{self.location} is a format-1 store: {what} needs format 2; run "
+                              f"`vlastore upgrade {self.location}` first")
+        return self._log
+
+    def _commit(self, apply: Any) -> Snapshot | None:
+        """Commit ``apply(head, catalog, writer) -> (changes, fields)`` on the head (re-applied after a lost race).
+
+        ``apply`` returns None when there is nothing to change; then nothing is committed.
+        """
+        self._require_writable()
+        log_ = self._require_v2("this change")
+
+        def change(head: Snapshot | None, number: int) -> Snapshot:
+            if head is None:
+                raise CommitConflictError(f"{self.location}: the commit log is empty; the store is damaged")
+            # the snapshot this object shows is usually the head: its catalog is in memory already
+            cat = self._catdata if self.snapshot is not None and head.commit == self.snapshot.commit else \
+                read_catalog(self.nodes, head)
+            out = ArrayWriter(self.nodes, number)
+            result = apply(head, cat, out)
+            if result is None:
+                raise _Nothing(head)
+            changes, fields = result
+            draft = head.evolve(number, utc_now(), changes, vlastore_version=__version__, **fields)
+            arrays = _used_arrays(draft, {**head.arrays, **out.arrays})
+            return dataclasses.replace(draft, arrays=arrays)
+
+        self._written_catalog: CatalogData | None = None
+        try:
+            snapshot = log_.commit(change)
+        except _Nothing as exc:
+            self._adopt(exc.head)
+            return None
+        self._adopt(snapshot, self._written_catalog)
+        return snapshot
+
+    @classmethod
+    def _create_v2(cls, storage: Any, episodes: list[EpisodeData], columns: Mapping[str, Sequence[str]] | None,
+                   allow_nonfinite: bool) -> VLAStore:
+        catalog = Catalog([e.name for e in episodes], [e.step_count() for e in episodes])
+        del catalog  # names checked
+        nodes = ZarrNodes.create(storage, attributes={})
+        out = ArrayWriter(nodes, 1)
+        keys = sorted({k for e in episodes for k in e.series})
+        empty = Snapshot(commit=1, parent=None, time=utc_now(), vlastore_version=__version__, changes=(),
+                         next_episode_id=0, catalog=CatalogRef("catalog/none", 0, 0), series={}, families={},
+                         arrays={})
+        cat, series, changes = _append_rows(empty, CatalogData.empty(), out, episodes, columns, allow_nonfinite,
+                                            keys=keys)
+        cat_path, tasks_path = write_catalog(out, cat)
+        snapshot = dataclasses.replace(
+            empty, changes=(Change("create", {"episodes": len(episodes)}),), next_episode_id=len(episodes),
+            catalog=CatalogRef(cat_path, len(cat.names), int(cat.steps.sum()), tasks_path, len(cat.tasks)),
+            series=series, arrays=dict(out.arrays))
+        CommitLog(nodes.storage).write(snapshot)
+        # the root attribute goes last: a crash before it leaves a folder that opens as "not a store"
+        nodes.set_root_attribute(MANIFEST_KEY, {"format_version": SNAPSHOT_FORMAT_VERSION, "created": snapshot.time,
+                                                "store_id": out.token})
+        return cls(nodes)
+
+    def add_episodes(self, episodes: Sequence[EpisodeData], replace: bool = False,
+                     rows: Mapping[str, Mapping[int, SegmentRows] | SegmentRows] | None = None,
+                     columns: Mapping[str, Sequence[str]] | None = None,
+                     allow_nonfinite: bool = False) -> Snapshot | None:
+        """Append episodes in one commit (format 2).
+
+        An episode already in the store with identical steps, series and metadata is skipped; with
+        different data it is refused, naming it, unless ``replace`` (then its old steps and feature rows
+        become unreachable, and it is appended again: its feature rows are missing until written).
+        Every family generation gets a new segment with the new episodes' rows, missing until a writer
+        (``build-features``, ``ingest ... --into``) fills them; existing shard files are not touched.
+
+        Args:
+            episodes: the episodes, with every series the store has.
+            replace: swap episodes whose data differ.
+            rows: for families whose rows per episode cannot be derived (no ``vlm_reuse_count``, ragged,
+                or row keys): ``{family: SegmentRows}`` for the new episodes in the order given (all
+                generations), or ``{family: {generation: SegmentRows}}``.
+            columns, allow_nonfinite: as in :meth:`create` (columns must match the store's).
+
+        Returns:
+            The new snapshot, or None when every episode was already there (nothing committed).
+
+        Raises:
+            FormatError: an episode differs (without ``replace``), or series/rows do not fit the store.
+            CommitConflictError: other writers kept committing first.
+        """
+        episodes = list(episodes)
+        Catalog([e.name for e in episodes], [e.step_count() for e in episodes])  # names valid, unique, steps
+
+        def apply(head: Snapshot, cat: CatalogData, out: ArrayWriter) -> Any:
+            present = {n: i for i, n in enumerate(cat.names)}
+            physical: dict[str, np.ndarray] = {}  # each series read once per attempt, only if an episode is there
+            new, replaced = [], []
+            for e in episodes:
+                if e.name not in present:
+                    new.append(e)
+                    continue
+                diff = self._difference(head, cat, present[e.name], e, physical)
+                if diff is None:
+                    continue
+                if not replace:
+                    raise FormatError(
+                        f"episode {e.name!r} is already in {self.location} with different data ({diff}); "
+                        "give replace=True (vlastore ingest ... --replace) to swap it, or rename it")
+                replaced.append(e)
+                new.append(e)
+            if not new:
+                return None
+            gone = {e.name for e in replaced}
+            keep = np.asarray([n not in gone for n in cat.names], dtype=bool)
+            kept = cat.take(keep)
+            grown, series, _ = _append_rows(head, kept, out, new, columns, allow_nonfinite, keys=sorted(head.series))
+            families = {}
+            for family, fstate in head.families.items():
+                gens = {}
+                for gen, state in fstate.generations.items():
+                    seg_rows = _rows_for(family, gen, state.spec, new, rows)
+                    start, count = read_row_map(self.nodes, state, len(cat.names), head.arrays)
+                    seg = new_segment(out, family, gen, state.spec, state.shards, seg_rows)
+                    segments = state.segments + ((seg,) if seg is not None else ())
+                    base = sum(s.rows for s in state.segments)
+                    items = np.asarray(seg_rows.items, dtype=np.int64)
+                    new_start = base + np.concatenate([[0], np.cumsum(items)[:-1]]).astype(np.int64)
+                    row_start = np.concatenate([start[keep], new_start])
+                    row_count = np.concatenate([count[keep], items])
+                    gens[gen] = _generation(state, segments, write_layout(out, family, gen, row_start, row_count),
+                                            int(row_count.sum()))
+                families[family] = FamilyState(fstate.current_generation, gens)
+            cat_path, tasks_path = self._write_catalog(out, grown)
+            changes = [Change("append", {"episodes": [e.name for e in new if e.name not in gone]})]
+            if replaced:
+                changes.append(Change("replace", {"episodes": sorted(gone)}))
+            return changes, {
+                "next_episode_id": head.next_episode_id + len(new),
+                "catalog": CatalogRef(cat_path, len(grown.names), int(grown.steps.sum()), tasks_path,
+                                      len(grown.tasks)),
+                "series": series, "families": families,
+            }
+
+        return self._commit(apply)
+
+    def _write_catalog(self, out: ArrayWriter, data: CatalogData) -> tuple[str, str]:
+        paths = write_catalog(out, data)
+        self._written_catalog, self._written_path = data, paths[0]  # adopted without reading it back
+        return paths
+
+    def _difference(self, head: Snapshot, cat: CatalogData, e: int, episode: EpisodeData,
+                    physical: dict[str, np.ndarray]) -> str | None:
+        """What differs between stored episode ``e`` and ``episode`` (None: identical)."""
+        steps = episode.step_count()
+        if int(cat.steps[e]) != steps:
+            return f"{int(cat.steps[e])} steps stored, {steps} given"
+        if set(episode.series) != set(head.series):
+            return f"series {sorted(episode.series)} given, {sorted(head.series)} stored"
+        lo = int(cat.step_start[e])
+        for key in sorted(head.series):
+            if key not in physical:
+                physical[key] = self._physical_series(head, key)
+            stored = physical[key][lo: lo + steps]
+            given = np.asarray(episode.series[key]).reshape(steps, -1)
+            if stored.shape != given.shape or not np.array_equal(stored, given.astype(stored.dtype), equal_nan=True):
+                return f"series {key!r} differs"
+        t = int(cat.task[e])
+        if (cat.tasks[t] if t >= 0 else None) != episode.task:
+            return "task differs"
+        fps = float(cat.fps[e])
+        if (None if np.isnan(fps) else fps) != (None if episode.fps is None else float(episode.fps)):
+            return "fps differs"
+        if cat.attrs[e] != attrs_json(episode.attrs, episode.name):
+            return "attrs differ"
+        return None
+
+    def remove_episodes(self, names: Sequence[str]) -> Snapshot | None:
+        """Remove episodes in one commit (format 2): new readers no longer see them; their steps and rows stay
+        on disk, unreachable, until ``gc``. Names not in the store raise KeyError (nothing is removed)."""
+        names = list(names)
+
+        def apply(head: Snapshot, cat: CatalogData, out: ArrayWriter) -> Any:
+            present = set(cat.names)
+            missing = [n for n in names if n not in present]
+            if missing:
+                raise KeyError(f"{self.location} has no episode {missing[0]!r} ({len(missing)} of the names given "
+                               "are not there); nothing removed")
+            gone = set(names)
+            if not gone:
+                return None
+            keep = np.asarray([n not in gone for n in cat.names], dtype=bool)
+            kept = cat.take(keep)
+            families = {}
+            for family, fstate in head.families.items():
+                gens = {}
+                for gen, state in fstate.generations.items():
+                    start, count = read_row_map(self.nodes, state, len(cat.names), head.arrays)
+                    gens[gen] = _generation(state, state.segments,
+                                            write_layout(out, family, gen, start[keep], count[keep]),
+                                            int(count[keep].sum()))
+                families[family] = FamilyState(fstate.current_generation, gens)
+            cat_path, tasks_path = self._write_catalog(out, kept)
+            return [Change("remove", {"episodes": sorted(gone)})], {
+                "catalog": CatalogRef(cat_path, len(kept.names), int(kept.steps.sum()), tasks_path, len(kept.tasks)),
+                "families": families,
+            }
+
+        return self._commit(apply)
+
+    def _add_family_v2(self, head: Snapshot, cat: CatalogData, out: ArrayWriter, family: str, spec: FamilySpec,
+                       items_per_episode: Any, lengths: Any, producer: Producer, keys: Any) -> Any:
+        if family in head.families:
+            raise CommitConflictError(f"family {family!r} was added by another writer meanwhile; reopen the store")
+        catalog = cat.catalog()
+        if items_per_episode is None:
+            if spec.vlm_reuse_count is None:
+                raise FormatError("give items_per_episode, or a spec with vlm_reuse_count to derive it")
+            items = vlm_items(catalog.steps, spec.vlm_reuse_count)
+        else:
+            items = np.asarray(items_per_episode, dtype=np.int64)
+            if items.shape != (len(catalog),):
+                raise FormatError(f"items_per_episode has {items.size} entries; the store has {len(catalog)} "
+                                  "episodes")
+        state = _plan_v2(out, family, 1, spec, producer, items, lengths, keys)
+        families = {**head.families, family: FamilyState(1, {1: state})}
+        return [Change("add_family", {"family": family, "generation": 1})], {"families": families}
+
+    def _new_generation_v2(self, head: Snapshot, cat: CatalogData, out: ArrayWriter, family: str, gen: int,
+                           counts: np.ndarray, lengths: Any, producer: Producer, keys: Any) -> Any:
+        fstate = head.families[family]
+        if gen in fstate.generations or len(cat.names) != len(counts):
+            raise CommitConflictError(f"family {family!r} changed meanwhile (another writer); reopen the store and "
+                                      "plan the generation again")
+        spec = fstate.generations[fstate.current_generation].spec
+        state = _plan_v2(out, family, gen, spec, producer, counts, lengths, keys)
+        families = {**head.families, family: FamilyState(fstate.current_generation,
+                                                         {**fstate.generations, gen: state})}
+        return [Change("new_generation", {"family": family, "generation": gen})], {"families": families}
+
+    def _switch_v2(self, head: Snapshot, family: str, generation: int, dropped: set[int]) -> Any:
+        fstate = head.families[family]
+        if generation not in fstate.generations:
+            raise KeyError(f"family {family!r} has no generation {generation}")
+        gens = {g: s for g, s in fstate.generations.items() if g not in dropped or g == generation}
+        return [Change("switch_generation", {"family": family, "generation": generation})], {
+            "families": {**head.families, family: FamilyState(generation, gens)}}
+
+
+    # -------------------------------------------------------------- compact
+
+    def compact(self) -> Snapshot | None:
+        """Rewrite every series with more than one segment as one segment of the catalog's episodes (one commit).
+
+        Series are small (robot states), so this copies them: opening and reading a store after many
+        appends then costs what a fresh store does, and steps of removed episodes become unreferenced
+        (``gc`` deletes them). Feature shards are not touched. Returns None when nothing needed it.
+        """
+
+        def apply(head: Snapshot, cat: CatalogData, out: ArrayWriter) -> Any:
+            if all(len(state.segments) <= 1 for state in head.series.values()):
+                return None
+            offsets = np.concatenate([[0], np.cumsum(cat.steps)]).astype(np.int64)
+            index = np.repeat(cat.step_start - offsets[:-1], cat.steps) + np.arange(int(offsets[-1]), dtype=np.int64)
+            series = {}
+            for key, state in head.series.items():
+                path = f"{SERIES_SEGMENTS}/{key}/{out.oid('s')}"
+                values = self._physical_series(head, key)[index]
+                out.small(path, values)
+                series[key] = SeriesState(state.columns, state.dtype, (SeriesSegment(path, len(values)),))
+            moved = CatalogData(cat.names, cat.episode_id, cat.steps, offsets[:-1], cat.fps, cat.task, cat.attrs,
+                                cat.tasks)
+            cat_path, tasks_path = self._write_catalog(out, moved)
+            return [Change("compact", {"series": sorted(series)})], {
+                "series": series,
+                "catalog": CatalogRef(cat_path, len(moved.names), int(moved.steps.sum()), tasks_path,
+                                      len(moved.tasks)),
+            }
+
+        return self._commit(apply)
+
+    # ------------------------------------------------------------- gc
+
+    def gc(self, retention_s: float = 24 * 3600, keep: int = 1, dry_run: bool = False,
+           compact: bool = False) -> dict[str, Any]:
+        """Delete commits older than ``retention_s`` (always keeping the newest ``keep``) and every object no
+        kept commit uses (format 2).
+
+        Commits go first, then objects, so a kill at any point leaves every kept commit whole. Objects
+        written for commits newer than the head seen here (a committer in flight) are never touched.
+        With ``compact``, series made of many segments are first rewritten as one (:meth:`compact`).
+        Shards holding rows of removed episodes are not compacted yet: their segment stays while any
+        kept commit uses it.
+
+        Returns:
+            ``{"commits": deleted, "objects": deleted, "bytes": freed, "kept": [commit numbers]}``.
+        """
+        self._require_writable()
+        log_ = self._require_v2("gc")
+        if compact and not dry_run:
+            self.compact()
+        numbers = log_.numbers()
+        if not numbers:
+            return {"commits": 0, "objects": 0, "bytes": 0, "kept": []}
+        head = numbers[-1]
+        now = _dt.datetime.now(_dt.UTC)
+        kept = set(numbers[-max(1, keep):])
+        for number in numbers:
+            try:
+                snap = log_.read(number)
+                age = (now - _dt.datetime.fromisoformat(snap.time)).total_seconds()
+            except (FormatError, SnapshotNotFoundError, ValueError):
+                continue
+            if age <= retention_s:
+                kept.add(number)
+        first_kept = min(kept)
+        kept = {n for n in numbers if n >= first_kept}  # a suffix: a reader can always move forward
+        folders: set[str] = set()
+        for number in sorted(kept):
+            snap = log_.read(number)
+            folders |= set(_used_arrays(snap, {p: "" for p in snap.arrays}))
+            folders |= _snapshot_folders(snap)
+        doomed_commits = [n for n in numbers if n not in kept]
+        doomed: list[tuple[str, int]] = []
+        for prefix in ("catalog", "tasks", SERIES_SEGMENTS, "features"):
+            for key, size in self.storage.list(prefix):
+                if _collectable(key, folders, head):
+                    doomed.append((key, size))
+        if not dry_run:
+            for number in doomed_commits:
+                self.storage.delete(log_key(number))
+            for key, _size in doomed:
+                self.storage.delete(key)
+        return {"commits": len(doomed_commits), "objects": len(doomed), "bytes": sum(s for _, s in doomed),
+                "kept": sorted(kept)}
+
+
+class _Nothing(Exception):  # noqa: N818 - control flow: the change found nothing to do
+    def __init__(self, head: Snapshot) -> None:
+        super().__init__("nothing to commit")
+        self.head = head
+
+
+_OBJECT_PART = re.compile(r"^[cstl](\d{8,20})-[0-9a-f]{6}\Z")
+_GEN_PART = re.compile(r"^gen-\d{4,7}\Z")
+
+
+def _snapshot_folders(snapshot: Snapshot) -> set[str]:
+    folders = {snapshot.catalog.path}
+    if snapshot.catalog.tasks_path:
+        folders.add(snapshot.catalog.tasks_path)
+    for state in snapshot.series.values():
+        folders.update(s.path for s in state.segments)
+    for family in snapshot.families.values():
+        for generation in family.generations.values():
+            folders.add(generation.layout)
+            for seg in generation.segments:
+                folders.add(seg.path)
+                if seg.tables:
+                    folders.add(seg.tables)
+    return folders
+
+
+def _collectable(key: str, folders: set[str], head: int) -> bool:
+    """Whether gc may delete ``key``: inside a format-2 object (or a generation folder) no kept commit uses,
+    written for a commit no newer than ``head``. Group metadata and anything else is left alone."""
+    if any(key == f or key.startswith(f + "/") for f in folders):
+        return False
+    parts = key.split("/")
+    for i, part in enumerate(parts):
+        match = _OBJECT_PART.match(part)
+        if match:
+            return int(match.group(1)) <= head and i < len(parts) - 1
+    if len(parts) >= 4 and parts[0] == "features" and _GEN_PART.match(parts[2]):
+        gen = "/".join(parts[:3])  # a dropped generation of format 1 (an upgraded store): none of it is used
+        return not any(f.startswith(gen + "/") for f in folders)
+    return False
+
+
+def _used_arrays(snapshot: Snapshot, arrays: Mapping[str, str]) -> dict[str, str]:
+    """The array checksums a snapshot needs: those under the folders it references."""
+    folders = {snapshot.catalog.path}
+    if snapshot.catalog.tasks_path:
+        folders.add(snapshot.catalog.tasks_path)
+    for state in snapshot.series.values():
+        folders.update(s.path for s in state.segments)
+    for family in snapshot.families.values():
+        for generation in family.generations.values():
+            folders.add(generation.layout)
+            for seg in generation.segments:
+                folders.add(seg.path)
+                if seg.tables:
+                    folders.add(seg.tables)
+    return {p: c for p, c in sorted(arrays.items())
+            if p in folders or any(p.startswith(f + "/") for f in folders)}
+
+
+def _generation(state: GenerationState, segments: tuple[Any, ...], layout: str, rows: int) -> GenerationState:
+    last = segments[-1] if segments else None
+    capacity = last.first_shard * state.spec.rows_per_shard + last.capacity if last is not None else 0
+    return dataclasses.replace(state, segments=tuple(segments), layout=layout, rows=rows, capacity=capacity)
+
+
+def _plan_v2(out: ArrayWriter, family: str, gen: int, spec: FamilySpec, producer: Producer, items: np.ndarray,
+             lengths: Any, keys: Any) -> GenerationState:
+    """A new generation: one segment with the rows of every catalog episode, and its layout."""
+    items = np.asarray(items, dtype=np.int64)
+    if spec.ragged != (lengths is not None):
+        raise FormatError("a ragged family needs the length of every row at planning time" if spec.ragged else
+                          "lengths are only for ragged families (FamilySpec(ragged=True))")
+    if spec.has_keys != (keys is not None):
+        raise FormatError(f"family {family!r}: spec.has_keys={spec.has_keys} but keys were "
+                          f"{'given' if keys is not None else 'not given'}")
+    FamilyLayout.plan(spec, items, lengths)  # the same checks as format 1 (lengths per row, shard fit)
+    seg = new_segment(out, family, gen, spec, 0, SegmentRows(items, None if lengths is None else
+                                                             np.asarray(lengths), None if keys is None else
+                                                             list(keys)))
+    row_start = np.concatenate([[0], np.cumsum(items)[:-1]]).astype(np.int64)
+    layout = write_layout(out, family, gen, row_start, items)
+    segments = (seg,) if seg is not None else ()
+    state = GenerationState(gen, spec, producer, utc_now(), segments, layout, int(items.sum()), 0)
+    return _generation(state, segments, layout, int(items.sum()))
+
+
+def _rows_for(family: str, gen: int, spec: FamilySpec, new: Sequence[EpisodeData],
+              rows: Mapping[str, Any] | None) -> SegmentRows:
+    given = (rows or {}).get(family)
+    if isinstance(given, Mapping):
+        given = given.get(gen)
+    if given is not None:
+        items = np.asarray(given.items, dtype=np.int64)
+        if items.shape != (len(new),):
+            raise FormatError(f"rows for family {family!r}: {items.size} counts for {len(new)} new episodes")
+        return given  # type: ignore[no-any-return]
+    if spec.vlm_reuse_count is None or spec.ragged or spec.has_keys:
+        raise FormatError(
+            f"family {family!r} needs the rows of the new episodes (it is ragged, has row keys, or has no "
+            f"vlm_reuse_count): pass rows={{{family!r}: SegmentRows(items, lengths, keys)}}, or use the ingest "
+            "command that plans them")
+    return SegmentRows(vlm_items(np.asarray([e.step_count() for e in new]), spec.vlm_reuse_count))
+
+
+def _append_rows(head: Snapshot, cat: CatalogData, out: ArrayWriter, new: Sequence[EpisodeData],
+                 columns: Mapping[str, Sequence[str]] | None, allow_nonfinite: bool,
+                 keys: Sequence[str]) -> tuple[CatalogData, dict[str, SeriesState], None]:
+    """New series segments and catalog entries for ``new`` (appended after ``cat``)."""
+    steps = np.asarray([e.step_count() for e in new], dtype=np.int64)
+    series: dict[str, SeriesState] = dict(head.series)
+    extra = sorted({k for e in new for k in e.series} - set(keys))
+    if extra:
+        raise FormatError(f"episode series {extra} are not in the store (it has {sorted(keys)}); every episode "
+                          "needs exactly the store's series")
+    base = 0
+    for key in keys:
+        old = head.series.get(key)
+        cols = columns if columns is not None or old is None else {key: old.columns}
+        stacked, info = _stack_series(new, key, cols, allow_nonfinite)
+        if old is not None:
+            if info.columns != old.columns:
+                raise FormatError(f"series {key!r}: columns {list(info.columns)} given, the store has "
+                                  f"{list(old.columns)}")
+            stacked = stacked.astype(old.dtype)
+            base = old.rows
+        path = f"{SERIES_SEGMENTS}/{key}/{out.oid('s')}"
+        out.small(path, stacked)
+        previous = old.segments if old is not None else ()
+        series[key] = SeriesState(info.columns if old is None else old.columns,
+                                  info.dtype if old is None else old.dtype,
+                                  (*previous, SeriesSegment(path, len(stacked))))
+    if not keys:  # no series: steps still get positions, past every earlier one
+        base = int((cat.step_start + cat.steps).max()) if len(cat.names) else 0
+    tasks = list(cat.tasks)
+    index = {t: i for i, t in enumerate(tasks)}
+    task_ids = []
+    for e in new:
+        if e.task is None:
+            task_ids.append(-1)
+            continue
+        if not isinstance(e.task, str):
+            raise FormatError(f"episode {e.name!r}: task must be a string")
+        if e.task not in index:
+            index[e.task] = len(tasks)
+            tasks.append(e.task)
+        task_ids.append(index[e.task])
+    added = CatalogData(
+        [e.name for e in new],
+        head.next_episode_id + np.arange(len(new), dtype=np.int64),
+        steps,
+        base + np.concatenate([[0], np.cumsum(steps)[:-1]]).astype(np.int64),
+        np.asarray([np.nan if e.fps is None else float(e.fps) for e in new], dtype=np.float64),
+        np.asarray(task_ids, dtype=np.int64),
+        [attrs_json(e.attrs, e.name) for e in new],
+        tasks,
+    )
+    return cat.extend(added), series, None
 
 
 def _replace_families(manifest: Manifest, families: dict[str, FamilyEntry]) -> Manifest:

@@ -465,7 +465,7 @@ class FamilyWriter:
         if pending.received[k].any():
             dup = int(rows[pending.received[k]][0])
             raise FormatError(f"family {self.family!r}: row {self._describe(dup)} was given twice")
-        chunks = rows - shard * self.layout.rows_per_shard
+        chunks = self.layout.start_of(rows) - shard * self.layout.rows_per_shard  # format 2: rows may skip stored rows
         data = np.ascontiguousarray(batch).view(np.uint8).reshape(len(rows), -1)
         first, last = int(chunks[0]), int(chunks[-1])
         if last - first + 1 == len(chunks):  # strictly ascending and spanning len(chunks): consecutive
@@ -485,7 +485,7 @@ class FamilyWriter:
         present = np.zeros(self.layout.shard_nrows(shard), dtype=bool)
         base = shard * self.layout.rows_per_shard
         if not self.spec.ragged:
-            present[rows - base] = True
+            present[self.layout.start_of(rows) - base] = True
         else:
             starts, lengths = self.layout.starts[rows].tolist(), self.layout.lengths[rows].tolist()
             for start, length in zip(starts, lengths, strict=True):

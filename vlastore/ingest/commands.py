@@ -48,7 +48,8 @@ def _common(p: argparse.ArgumentParser, features: bool) -> None:
                                                       "of this same command started)")
     where.add_argument("--into", metavar="STORE", help="add to this existing store (e.g. made by `vlastore ingest "
                                                        "robot`); episodes come from it" if features else
-                       "add episodes to an existing store: not supported yet (use --out)")
+                       "append the episodes to an existing store (one commit; episodes already there with the "
+                       "same data are skipped, with different data refused unless --replace)")
     p.add_argument("--workers", type=int, default=0, metavar="N",
                    help=f"worker processes (default: one per CPU core, here {_cores()})")
     p.add_argument("--dry-run", action="store_true", help="scan and plan only: print episodes, rows, families, "
@@ -100,7 +101,17 @@ def _robot_options(p: argparse.ArgumentParser, prefix: str = "") -> None:
 def _robot_parser(r: argparse.ArgumentParser) -> None:
     r.add_argument("path", help="folder of <episode>.csv or <episode>.npz files, or a robomimic .hdf5 file")
     _common(r, features=False)
+    r.add_argument("--replace", action="store_true", help="with --into: swap episodes already in the store whose "
+                   "data differ (their feature rows become missing until rebuilt)")
+    r.add_argument("--task", help="task / instruction text of every episode (kept by format 2)")
+    r.add_argument("--fps", type=float, help="frame rate of every episode (kept by format 2)")
+    _format_option(r)
     _robot_options(r)
+
+
+def _format_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--format-version", type=int, choices=(1, 2), default=1, help="format of a store made with --out: "
+                   "2 makes a living store (append with --into, episode metadata, snapshots); default %(default)s")
 
 
 def _pt_cache_parser(c: argparse.ArgumentParser) -> None:
@@ -133,6 +144,7 @@ def _vggt_parser(v: argparse.ArgumentParser) -> None:
 def _lerobot_parser(lr: argparse.ArgumentParser) -> None:
     lr.add_argument("path", help="the dataset folder (it holds meta/info.json, data/, videos/)")
     _common(lr, features=False)
+    _format_option(lr)
     lr.add_argument("--name-pattern", default="episode_{episode_index:06d}", metavar="PATTERN",
                     help="store name of each episode (default: %(default)s)")
     lr.add_argument("--dtype", choices=("float32", "float64"), default="float32",
@@ -191,6 +203,8 @@ def _options(args: argparse.Namespace, **overrides: object) -> Any:
         out=args.out, into=args.into, workers=args.workers, dry_run=args.dry_run, strict=args.strict,
         verify=args.verify, allow_nonfinite=args.allow_nonfinite, progress=not args.quiet,
         max_file_bytes=args.max_file_size or MAX_FILE_BYTES, skip_outside_links=args.skip_outside_links)
+    options.replace = bool(getattr(args, "replace", False))
+    options.format_version = int(getattr(args, "format_version", 1))
     for key, value in overrides.items():
         setattr(options, key, value)
     return options
@@ -203,7 +217,8 @@ def _run(args: argparse.Namespace) -> list[Any]:
 def _run_robot(args: argparse.Namespace) -> list[Any]:
     from .robot import ingest_robot
 
-    report = ingest_robot(args.path, _options(args), fmt=args.format, series=args.series, dtype=args.dtype)
+    report = ingest_robot(args.path, _options(args), fmt=args.format, series=args.series, dtype=args.dtype,
+                          task=args.task, fps=args.fps)
     _emit(args, report)
     return [report]
 

@@ -35,6 +35,10 @@ class IngestOptions:
     progress: bool = True
     full_scan: bool = False
     """Read every file before writing (implied by ``dry_run`` and ``strict``); else names and a sample plan."""
+    format_version: int = 1
+    """Format of a store made with ``--out``: 2 makes a living store (appends, episode metadata)."""
+    replace: bool = False
+    """``ingest robot --into``: swap episodes already in the store whose data differ (else they are refused)."""
     repair: bool = False
     """Also rewrite rows whose checksum fails (as ``vlastore verify`` reports them) from their source files."""
     max_file_bytes: int = MAX_FILE_BYTES

@@ -61,7 +61,7 @@ def _alive(pid: int) -> bool:
 def open_or_create_store(out: str, episodes: list[EpisodeData], columns: dict[str, Any] | None = None,
                          same: Callable[[VLAStore], bool] | None = None,
                          other_store_hint: str = "", allow_nonfinite: bool = False,
-                         _retried: bool = False) -> tuple[VLAStore, bool]:
+                         _retried: bool = False, format_version: int = 1) -> tuple[VLAStore, bool]:
     """Open ``out`` if an earlier run of the same ingestion made it, else create it atomically.
 
     The store is built in a hidden sibling folder and renamed into place, so a
@@ -96,7 +96,7 @@ def open_or_create_store(out: str, episodes: list[EpisodeData], columns: dict[st
         shutil.rmtree(stale, ignore_errors=True)  # left by a killed run of ours
     tmp = path.parent / f".{path.name}{_CREATING}{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        VLAStore.create(tmp, episodes, columns=columns, allow_nonfinite=allow_nonfinite)
+        VLAStore.create(tmp, episodes, columns=columns, allow_nonfinite=allow_nonfinite, format_version=format_version)
         if path.is_dir() and not path.is_symlink():
             path.rmdir()  # an empty folder the user made
         os.rename(tmp, path)
@@ -104,7 +104,8 @@ def open_or_create_store(out: str, episodes: list[EpisodeData], columns: dict[st
         if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not os.path.lexists(path) or _retried:
             raise
         # another run of this command renamed its store into place first: use it if it is the same
-        return open_or_create_store(out, episodes, columns, same, other_store_hint, allow_nonfinite, _retried=True)
+        return open_or_create_store(out, episodes, columns, same, other_store_hint, allow_nonfinite, _retried=True,
+                                    format_version=format_version)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from ..format import FormatError, validate_name
+from ..format import FormatError, NewerFormatError, validate_name
+from ..storage import StoreNotFoundError
 from ..store import EpisodeData, VLAStore
 from .options import IngestOptions
 from .output import open_or_create_store, store_usage
@@ -143,6 +144,8 @@ def ingest_robot(
     fmt: str = "auto",
     series: list[str] | None = None,
     dtype: str | None = DEFAULT_DTYPE,
+    task: str | None = None,
+    fps: float | None = None,
 ) -> IngestReport:
     """Create a store from robot data: the catalog plus one series per key, column names kept.
 
@@ -159,11 +162,8 @@ def ingest_robot(
         IngestError: ``--strict`` with problems.
     """
     started = time.perf_counter()
-    if options.into:
-        # robot data defines a store's catalog; adding episodes to a store is appending, not supported yet
-        raise IngestUsageError(f"ingest robot --into {options.into}: adding episodes to an existing store is not "
-                               "supported yet; write a new store with --out NEW_STORE (then add features to it with "
-                               "ingest pt-cache|vggt --into NEW_STORE)")
+    if options.replace and not options.into:
+        raise IngestUsageError("--replace is for --into STORE (swapping episodes of an existing store)")
     target = options.target
     if options.workers < 0:
         raise IngestUsageError(f"--workers {options.workers}: give a number of processes >= 1 (0: one per core)")
@@ -200,19 +200,17 @@ def ingest_robot(
     report.episode_rows = {e.name: n for e, n in zip(kept, steps, strict=True)}
     report.steps = sum(steps)
     report.files_usable = (1 if kind == "hdf5" else len(kept)) if kept else 0
-    data = [EpisodeData(e.name, {k: a for k, (_, a) in e.columns.items()}) for e in kept]
+    data = [EpisodeData(e.name, {k: a for k, (_, a) in e.columns.items()}, task=task, fps=fps) for e in kept]
     columns = {k: c for k, c in report.series.items()}
     report.estimated_bytes = sum(a.nbytes for e in data for a in e.series.values())
     report.estimated_files = 8 + 2 * len(columns)
     if options.dry_run or not kept:
         report.seconds = time.perf_counter() - started
         return report
-    store, created = open_or_create_store(
-        target, data, columns, same=lambda s: _same_series(s, data),
-        other_store_hint=f"Pick a new --out (or remove {target} first to replace it)",
-        allow_nonfinite=options.allow_nonfinite)
-    if not created:
-        report.notes.append("the store already holds exactly this robot data (an earlier run finished): nothing to do")
+    if options.into:
+        store = _append(options.into, data, columns, options, report)
+    else:
+        store = _create(target, data, columns, options, report)
     report.files_ingested = report.files_usable
     report.store_after = store_usage(target)
     if options.verify:  # against a fresh read of the source files, not the copy in memory
@@ -226,6 +224,47 @@ def ingest_robot(
             report.verify["ok"] = False
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _append(into: str, data: list[EpisodeData], columns: dict[str, list[str]], options: IngestOptions,
+            report: IngestReport) -> VLAStore:
+    """``--into``: the episodes appended in one commit (identical ones skipped, different ones refused or replaced)."""
+    try:
+        store = VLAStore.open(into, writable=True)
+    except (StoreNotFoundError, NewerFormatError) as exc:
+        raise IngestUsageError(f"--into {into}: {exc}") from None
+    if store.snapshot is None:
+        raise IngestUsageError(f"--into {into} is a format-1 store (write-once); run `vlastore upgrade {into}` "
+                               "first, then append")
+    before = set(store.catalog.names)
+    try:
+        snapshot = store.add_episodes(data, replace=options.replace, columns=columns,
+                                      allow_nonfinite=options.allow_nonfinite)
+    except FormatError as exc:
+        raise IngestError(f"--into {into}: {exc}; nothing appended", [], report) from None
+    added = [e.name for e in data if e.name not in before]
+    replaced = [e.name for e in data if e.name in before] if snapshot is not None else []
+    if snapshot is None:
+        report.notes.append(f"every episode is already in {into} with the same data: nothing to do")
+    else:
+        report.notes.append(f"commit {snapshot.commit}: {len(added)} episode(s) appended"
+                            + (f", up to {len(replaced)} replaced or skipped as identical" if replaced else ""))
+        families = list(store.families)
+        if families and added:
+            report.notes.append(f"feature rows of the new episodes are missing until built: {', '.join(families)} "
+                                f"(vlastore build-features / ingest pt-cache|vggt --into {into})")
+    return store
+
+
+def _create(target: str, data: list[EpisodeData], columns: dict[str, list[str]], options: IngestOptions,
+            report: IngestReport) -> VLAStore:
+    store, created = open_or_create_store(
+        target, data, columns, same=lambda s: _same_series(s, data),
+        other_store_hint=f"Pick a new --out (or remove {target} first to replace it)",
+        allow_nonfinite=options.allow_nonfinite, format_version=options.format_version)
+    if not created:
+        report.notes.append("the store already holds exactly this robot data (an earlier run finished): nothing to do")
+    return store
 
 
 def _same_series(store: VLAStore, data: list[EpisodeData]) -> bool:

@@ -379,8 +379,7 @@ class FeatureReader:
         records = arena.gpos[rows]
         unmapped = len(arena.records)
         if records.max() >= unmapped:
-            rps = self.layout.rows_per_shard
-            for shard in np.unique(rows[records >= unmapped] // rps).tolist():
+            for shard in np.unique(self.layout.shard_of(rows[records >= unmapped])).tolist():
                 self._shard(shard)
             records = arena.gpos[rows]
             if records.max() >= unmapped:  # missing rows or shards outside the arena: the per-shard path reports
@@ -395,7 +394,7 @@ class FeatureReader:
         bad = self._arena.first_bad(rows, records, self.verify, gathered)
         if bad is not None:
             row = int(rows[bad])
-            raise self._corrupt(row, self._shard(row // self.layout.rows_per_shard))
+            raise self._corrupt(row, self._shard(int(self.layout.shard_of(np.asarray([row]))[0])))
 
     def _gather_shards(self, rows: np.ndarray, out: np.ndarray | None) -> np.ndarray:
         """Rows as void records, shard by shard (into ``out``'s memory when given)."""
@@ -403,7 +402,8 @@ class FeatureReader:
         record = np.dtype((np.void, self.row_nbytes))
         records = None if out is None else out.reshape(n, -1).view(np.uint8).view(record).reshape(n)
         rps = self.layout.rows_per_shard
-        shards = rows // rps  # fixed families: stored row == row
+        stored = self.layout.start_of(rows)  # fixed families: one stored row per row (format 1: the row itself)
+        shards = stored // rps
         if shards[0] == shards[-1] and (shards == shards[0]).all():
             groups: list[tuple[int, np.ndarray]] = [(int(shards[0]), np.arange(n))]
         else:
@@ -413,7 +413,7 @@ class FeatureReader:
         for shard, sel in groups:
             entry = self._shard(shard)
             if isinstance(entry, StridedShard):
-                positions = entry.pos[rows[sel] - shard * rps]
+                positions = entry.pos[stored[sel] - shard * rps]
                 if (positions < 0).any():
                     raise self._missing(int(rows[sel[np.argmax(positions < 0)]]), shard)
                 part = entry.records[positions]  # the one copy; checked there, hot in the CPU's cache

@@ -273,7 +273,7 @@ class ArenaSource(ShardSource):
             assert self.records is not None
             layout = self.handle.layout
             rows = layout.shard_rows(shard)
-            pos = entry.pos[rows - shard * self.rows_per_shard]
+            pos = entry.pos[layout.start_of(rows) - shard * self.rows_per_shard]
             self.gpos[rows] = np.where(pos >= 0, shard * self.arena.records_per_slot + pos, len(self.records))
         return entry
 

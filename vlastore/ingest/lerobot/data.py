@@ -322,7 +322,10 @@ def read_lerobot(
         else:
             task_index[episode.name] = np.zeros(episode.length, dtype=np.int64)
         stored = {series_keys[k]: (v.astype(dtype) if dtype else v) for k, v in series.items()}
-        data.append(EpisodeData(episode.name, stored, steps=episode.length))
+        # episode metadata (kept by format 2): the first task is the episode's task, all of them in attrs
+        data.append(EpisodeData(episode.name, stored, steps=episode.length,
+                                task=episode.tasks[0] if episode.tasks else None, fps=float(meta.fps),
+                                attrs={"tasks": list(episode.tasks)} if len(episode.tasks) > 1 else None))
     return LeRobotImport(meta, data, columns, series_keys, timestamps, task_index, problems, notes,
                          files_found=len(by_file), files_read=files_read, source_bytes=nbytes)
 

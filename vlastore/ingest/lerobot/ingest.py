@@ -71,7 +71,8 @@ def ingest_lerobot(
     try:
         store, created = open_or_create_store(target, imported.episodes, imported.columns,
                                               same=lambda s: _verify(s, imported.episodes)["ok"],
-                                              allow_nonfinite=options.allow_nonfinite)
+                                              allow_nonfinite=options.allow_nonfinite,
+                                              format_version=options.format_version)
     except FormatError as exc:  # the data, checked above, is what the store refused: a data problem
         raise IngestError(f"{target}: {exc}", report.problems, report) from None
     if not created:
