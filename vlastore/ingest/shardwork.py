@@ -176,8 +176,8 @@ class RowReader:
         self._pick = None if entry == ONLY_TENSOR else entry
         self._fits: dict[tuple[tuple[int, ...], str], bool] = {}
 
-    def read_into(self, path: str, out: np.ndarray) -> tuple[int, Problem | None]:
-        """Fill ``out`` (uint8, the row's bytes) from ``path``: ``(file size, None)`` or ``(file size, why not)``."""
+    def read_into(self, path: str, out: memoryview) -> tuple[int, Problem | None]:
+        """Fill ``out`` (the row's bytes) from ``path``: ``(file size, None)`` or ``(file size, why not)``."""
         try:
             buf = read_small(path, self.max_bytes)
         except SourceError:
@@ -185,13 +185,13 @@ class RowReader:
         if buf is not None:
             hit = template_tensor(buf, self._pick)
             if hit is not None and self._fit(hit[1], hit[2]):
-                out[:] = np.frombuffer(hit[0], dtype=np.uint8)
+                out[:] = hit[0]  # a memoryview copy: no array made per file
                 return len(buf), None
         value, problem = load_value(path, self.entry, self.spec, 1, self.max_bytes)
         size = len(buf) if buf is not None else file_size(path)
         if value is None:
             return size, problem
-        out[:] = np.ascontiguousarray(value).reshape(-1).view(np.uint8)
+        out[:] = memoryview(np.ascontiguousarray(value).reshape(-1).view(np.uint8))
         return size, None
 
     def _fit(self, shape: tuple[int, ...], dtype: str) -> bool:
@@ -213,6 +213,7 @@ class _Batch:
         self.work = work
         self.reader = RowReader(work.entry, work.spec, max_bytes)
         self.data = np.empty((capacity, work.spec.row_nbytes), dtype=np.uint8)
+        self._flat = memoryview(self.data).cast("B")  # rows are copied in through it
         self.rows = np.empty(capacity, dtype=np.int64)
         self.n = 0
 
@@ -221,16 +222,18 @@ class _Batch:
         spec = self.work.spec
         problems: list[Problem] = []
         kept_paths: list[str] = []
-        n = 0
+        read_into, flat, width, kept = self.reader.read_into, self._flat, spec.row_nbytes, self.rows
+        n = nbytes = 0
         for row, path in zip(rows.tolist(), paths, strict=True):
-            size, problem = self.reader.read_into(path, self.data[n])
-            result.source_bytes += size
+            size, problem = read_into(path, flat[n * width : (n + 1) * width])
+            nbytes += size
             if problem is not None:
                 problems.append(problem)
                 continue
-            self.rows[n] = row
+            kept[n] = row
             kept_paths.append(path)
             n += 1
+        result.source_bytes += nbytes
         if n and not spec.allow_nonfinite:
             bad = nonfinite_rows(self.values(n), spec.dtype)
             if bad.any():
