@@ -77,6 +77,7 @@ def test_other_patterns_keep_each_file_name(tmp_path: Path) -> None:
     assert named.sources.paths(rows) == [os.path.join(tmp_path, n) for n in ("a-0.pt", "a-3.pt", "b-1.pt")]
 
 
+@settings(deadline=None)  # a loaded machine must not fail it
 @given(has=st.lists(st.booleans(), max_size=300), count=st.integers(1, 70))
 def test_sample_rows_spreads_over_rows_with_a_source(has: list[bool], count: int) -> None:
     has_source = np.array(has, dtype=bool)

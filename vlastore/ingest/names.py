@@ -98,7 +98,7 @@ class _NameScan:
 
     def _scan(self, entries: Iterator[os.DirEntry[str]], real: str) -> bool:
         # a million names pass here: the rare cases are methods, the common one stays in this loop
-        split, add = self._split, self._add
+        split, add, canonical = self._split, self._add, self.canonical
         found = others = 0
         try:
             for entry in entries:
@@ -109,10 +109,13 @@ class _NameScan:
                 found += 1
                 if entry.is_symlink() and self._skipped_link(entry, real):
                     continue
-                key = split(name)
-                if key is None:
-                    return False
-                dataset, index = key
+                # the default pattern without the regex (as _split), inline: the last "_vlm" before the digits splits
+                dataset, sep, index = name[:-3].rpartition("_vlm") if canonical else ("", "", "")
+                if not (sep and dataset and index.isdecimal() and "\n" not in dataset):
+                    key = split(name)
+                    if key is None:
+                        return False
+                    dataset, index = key
                 if index.isdigit() and len(index) <= 18:
                     add(dataset, index, name)
                 else:
@@ -147,7 +150,7 @@ class _NameScan:
         episode = self.episodes.get(dataset)
         if episode is None:
             episode = self.episodes[dataset] = _Episode(usable_name(dataset))
-        episode.files += 1
+        files = episode.files = episode.files + 1
         # under the default pattern a name is {dataset}_vlm{digits}.pt: it is the row's own name unless the
         # digits are written otherwise (leading zeros, other scripts)
         canonical = self.canonical and digits.isascii() and (digits[0] != "0" or len(digits) == 1)
@@ -155,14 +158,20 @@ class _NameScan:
             rows = self.store_rows.get(dataset)
             if rows is None or index >= rows:
                 self._placement_problem(dataset, index, name, rows)
-            else:
-                self._place(episode, index, name, canonical)
+                return
         elif not episode.usable:
             self._placement_problem(dataset, index, name, None)
-        elif index < index_limit(episode.files):  # plausible now, so also once every file is counted
-            self._place(episode, index, name, canonical)
-        else:
+            return
+        elif index >= index_limit(files):  # implausible so far: decided once every file is counted
             episode.later.append((index, name))
+            return
+        rows = episode.rows  # _place, inline for the common case: a new row of a file named after it
+        if canonical and (index >= len(rows) or not rows[index]):
+            if index >= len(rows):
+                rows.extend(bytes(index + 1 - len(rows)))
+            rows[index] = 1
+        else:
+            self._place(episode, index, name, canonical)
 
     def _place(self, episode: _Episode, index: int, name: str, canonical: bool) -> None:
         rows = episode.rows

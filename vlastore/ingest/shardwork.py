@@ -158,8 +158,8 @@ def _load_value(path: str, entry: str, spec: FamilySpec, length: int, max_bytes:
 def nonfinite_rows(batch: np.ndarray, dtype: str) -> np.ndarray:
     """bool per row of ``batch`` (``[rows, ...]`` in storage dtype): holds NaN or Inf (bfloat16 as uint16 bits)."""
     flat = batch.reshape(len(batch), -1)
-    if dtype == "bfloat16":
-        return ((flat & 0x7F80) == 0x7F80).any(axis=1)
+    if dtype == "bfloat16":  # exponent bits all set; 0x7F80 is the largest value the mask leaves: one max per row
+        return np.bitwise_and(flat, 0x7F80).max(axis=1, initial=0) == 0x7F80
     return ~np.isfinite(flat).all(axis=1)
 
 
