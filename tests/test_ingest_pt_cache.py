@@ -9,9 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from ingest_helpers import RunsCode, bits, make_pt_cache, robot_csvs, tree_hashes
 
 from vlastore.cli import main
+from vlastore.ingest.shardwork import nonfinite_rows
 from vlastore.store import VLAStore
 
 EPISODES = {"episode_20251030_025119": 7, "recv_all_20251027_170308": 5}
@@ -210,3 +213,11 @@ def test_zstd_family_round_trip(tmp_path: Path) -> None:
     assert store.spec("vl_features").compression == "zstd"
     for (name, idx), t in values.items():
         assert torch.equal(store.feature("vl_features", name, idx), t[0])
+
+
+@settings(max_examples=200, deadline=None)
+@given(bits=st.lists(st.lists(st.integers(0, 0xFFFF), min_size=3, max_size=3), min_size=1, max_size=20))
+def test_nonfinite_bfloat16_rows_are_those_with_nan_or_inf_as_float32(bits: list[list[int]]) -> None:
+    batch = np.array(bits, dtype=np.uint16)
+    as_float32 = (batch.astype(np.uint32) << 16).view(np.float32)  # bfloat16 is the top half of a float32
+    assert nonfinite_rows(batch, "bfloat16").tolist() == (~np.isfinite(as_float32).all(axis=1)).tolist()
