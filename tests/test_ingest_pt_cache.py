@@ -161,6 +161,21 @@ def test_verify_catches_a_source_that_no_longer_matches(tmp_path: Path) -> None:
     assert len(data["verify"]["mismatches"]) == 1 and "vlm_idx=2" in data["verify"]["mismatches"][0]
 
 
+def test_verify_names_the_changed_row_when_another_source_went_bad(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    make_pt_cache(cache, {"ep_a": 5})
+    args = ["ingest", "pt-cache", str(cache), "--out", str(tmp_path / "s.vla"), "-q", "--workers", "1"]
+    assert main(args) == 0
+    (cache / "ep_a_vlm1.pt").write_bytes(b"junk")  # the rows read back no longer line up with the shard's rows
+    torch.save(torch.randn(1, 16).bfloat16(), cache / "ep_a_vlm3.pt")
+    report = tmp_path / "r.json"
+    assert main([*args, "--verify", "--report-json", str(report)]) == 1
+    mismatches = json.loads(report.read_text())["verify"]["mismatches"]
+    assert len(mismatches) == 2
+    assert "vlm_idx=1" in mismatches[0] and "ep_a_vlm1.pt" in mismatches[0]
+    assert "vlm_idx=3" in mismatches[1] and f"stored bytes differ from {cache / 'ep_a_vlm3.pt'}" in mismatches[1]
+
+
 @pytest.mark.parametrize("full_scan", [False, True])
 def test_named_bad_files_found_by_fast_and_full_scan_alike(tmp_path: Path, full_scan: bool) -> None:
     cache = tmp_path / "cache"

@@ -380,6 +380,13 @@ def verify_part(store: Any, job: WriteJob, part: int, parts: int, progress: Prog
     return result
 
 
+def _rows_differ(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """bool per row of two ``[rows, bytes]`` uint8 arrays: the bytes differ (compared 8 at a time when they can be)."""
+    if a.shape[1] % 8 == 0 and a.flags.c_contiguous and b.flags.c_contiguous:
+        a, b = a.view(np.uint64), b.view(np.uint64)
+    return (a != b).any(axis=1)
+
+
 class _ShardChecker:
     """Checks the rows of one shard against their sources."""
 
@@ -416,9 +423,13 @@ class _ShardChecker:
         batch = self.batch
         assert batch is not None
         read = batch.rows[: batch.n]
-        position = np.searchsorted(rows, read)
-        got = stored.reshape(len(rows), -1).view(np.uint8)[position]
-        differ = (got != batch.data[: batch.n]).any(axis=1)
+        stored_bytes = np.ascontiguousarray(stored).reshape(len(rows), -1).view(np.uint8)
+        if batch.n == len(rows):  # every source read (the usual case): the rows are those of the shard, in order
+            position, got = np.arange(len(rows)), stored_bytes
+        else:
+            position = np.searchsorted(rows, read)
+            got = stored_bytes[position]
+        differ = _rows_differ(got, batch.data[: batch.n])
         for i in np.flatnonzero(differ).tolist():
             row = int(read[i])
             self.result.mismatch(f"{self.work.name} row {self.reader.describe(row)}: stored bytes differ from "
