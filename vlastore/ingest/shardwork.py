@@ -191,7 +191,7 @@ class RowReader:
         size = len(buf) if buf is not None else file_size(path)
         if value is None:
             return size, problem
-        out[:] = memoryview(np.ascontiguousarray(value).reshape(-1).view(np.uint8))
+        out[:] = np.ascontiguousarray(value).reshape(-1).view(np.uint8).data
         return size, None
 
     def _fit(self, shape: tuple[int, ...], dtype: str) -> bool:
@@ -213,7 +213,7 @@ class _Batch:
         self.work = work
         self.reader = RowReader(work.entry, work.spec, max_bytes)
         self.data = np.empty((capacity, work.spec.row_nbytes), dtype=np.uint8)
-        self._flat = memoryview(self.data).cast("B")  # rows are copied in through it
+        self._flat = self.data.data.cast("B")  # rows are copied in through it
         self.rows = np.empty(capacity, dtype=np.int64)
         self.n = 0
 
