@@ -9,9 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from ingest_helpers import RunsCode, bits, make_pt_cache, robot_csvs, tree_hashes
 
 from vlastore.cli import main
+from vlastore.ingest.shardwork import nonfinite_rows
 from vlastore.store import VLAStore
 
 EPISODES = {"episode_20251030_025119": 7, "recv_all_20251027_170308": 5}
@@ -158,6 +161,21 @@ def test_verify_catches_a_source_that_no_longer_matches(tmp_path: Path) -> None:
     assert len(data["verify"]["mismatches"]) == 1 and "vlm_idx=2" in data["verify"]["mismatches"][0]
 
 
+def test_verify_names_the_changed_row_when_another_source_went_bad(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    make_pt_cache(cache, {"ep_a": 5})
+    args = ["ingest", "pt-cache", str(cache), "--out", str(tmp_path / "s.vla"), "-q", "--workers", "1"]
+    assert main(args) == 0
+    (cache / "ep_a_vlm1.pt").write_bytes(b"junk")  # the rows read back no longer line up with the shard's rows
+    torch.save(torch.randn(1, 16).bfloat16(), cache / "ep_a_vlm3.pt")
+    report = tmp_path / "r.json"
+    assert main([*args, "--verify", "--report-json", str(report)]) == 1
+    mismatches = json.loads(report.read_text())["verify"]["mismatches"]
+    assert len(mismatches) == 2
+    assert "vlm_idx=1" in mismatches[0] and "ep_a_vlm1.pt" in mismatches[0]
+    assert "vlm_idx=3" in mismatches[1] and f"stored bytes differ from {cache / 'ep_a_vlm3.pt'}" in mismatches[1]
+
+
 @pytest.mark.parametrize("full_scan", [False, True])
 def test_named_bad_files_found_by_fast_and_full_scan_alike(tmp_path: Path, full_scan: bool) -> None:
     cache = tmp_path / "cache"
@@ -210,3 +228,11 @@ def test_zstd_family_round_trip(tmp_path: Path) -> None:
     assert store.spec("vl_features").compression == "zstd"
     for (name, idx), t in values.items():
         assert torch.equal(store.feature("vl_features", name, idx), t[0])
+
+
+@settings(max_examples=200, deadline=None)
+@given(bits=st.lists(st.lists(st.integers(0, 0xFFFF), min_size=3, max_size=3), min_size=1, max_size=20))
+def test_nonfinite_bfloat16_rows_are_those_with_nan_or_inf_as_float32(bits: list[list[int]]) -> None:
+    batch = np.array(bits, dtype=np.uint16)
+    as_float32 = (batch.astype(np.uint32) << 16).view(np.float32)  # bfloat16 is the top half of a float32
+    assert nonfinite_rows(batch, "bfloat16").tolist() == (~np.isfinite(as_float32).all(axis=1)).tolist()

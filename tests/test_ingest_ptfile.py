@@ -12,9 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from ingest_helpers import DTYPES, RunsCode, bits, pt_records, raw_zip
 
-from vlastore.ingest.ptfile import PtFileError, RawTensor, read_pt, tensor_entries
+from vlastore.ingest import ptfile
+from vlastore.ingest.ptfile import PtFileError, RawTensor, read_pt, template_tensor, tensor_entries
+from vlastore.ingest.ptformat import Reader
 from vlastore.ingest.source import SourceError
 
 
@@ -242,3 +246,44 @@ def test_deeply_nested_pickle_is_a_bad_file_not_a_crash(tmp_path: Path) -> None:
     path.write_bytes(_with_pickle(torch.randn(16), lambda d: nested))
     tensors, _ = tensor_entries(read_pt(path))
     assert tensors == {}
+
+
+def _saved(obj: object) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+_LAYOUTS = {
+    "bare": _saved(torch.randn(1, 64).bfloat16()),
+    "dict": _saved({"features": torch.randn(1, 64).bfloat16(), "dataset": "ep_1", "vlm_idx": 7}),
+}
+
+
+def _full_parse(buf: bytes) -> RawTensor | None:
+    """The feature tensor as the full parse (no layout template) finds it; None when it refuses the file."""
+    try:
+        tensors, _ = tensor_entries(ptfile._parse(Reader("x.pt", len(buf), buf=buf), eager=True))
+    except (PtFileError, SourceError):
+        return None
+    return next(iter(tensors.values())) if len(tensors) == 1 else None
+
+
+@settings(max_examples=400, deadline=None)
+@given(layout=st.sampled_from(sorted(_LAYOUTS)), changes=st.lists(
+    st.tuples(st.floats(0, 1, exclude_max=True), st.integers(1, 255)), min_size=1, max_size=3))
+def test_the_layout_check_passes_a_file_only_where_a_full_parse_reads_the_same_tensor(
+        layout: str, changes: list[tuple[float, int]]) -> None:
+    original = _LAYOUTS[layout]
+    ptfile._TEMPLATES.clear()
+    assert ptfile.parse_pt(original) is not None and template_tensor(original) is not None  # the layout is learnt
+    changed = bytearray(original)
+    for where, delta in changes:  # any bytes, headers and directory included
+        at = int(where * len(changed))
+        changed[at] = (changed[at] + delta) % 256
+    fast = template_tensor(bytes(changed))
+    if fast is not None:
+        full = _full_parse(bytes(changed))
+        assert full is not None, "the layout check passed a file the full parse refuses"
+        assert (fast[1], fast[2]) == (full.shape, full.dtype)
+        assert bytes(fast[0]) == full.array.tobytes()

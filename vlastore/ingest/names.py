@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -91,54 +92,88 @@ class _NameScan:
         real = os.path.realpath(self.folder)
         try:
             with os.scandir(self.folder) as entries:
-                for entry in entries:
-                    if not entry.name.endswith(".pt"):
-                        self.others += 1
-                    elif not self._entry(entry, real):
-                        return False
+                return self._scan(entries, real)
         except OSError as exc:
             raise IngestError(f"{self.folder}: cannot list the folder ({exc.strerror or exc})") from None
+
+    def _scan(self, entries: Iterator[os.DirEntry[str]], real: str) -> bool:
+        # a million names pass here: the rare cases are methods, the common one stays in this loop
+        split, add, canonical = self._split, self._add, self.canonical
+        found = others = 0
+        try:
+            for entry in entries:
+                name = entry.name
+                if not name.endswith(".pt"):
+                    others += 1
+                    continue
+                found += 1
+                if entry.is_symlink() and self._skipped_link(entry, real):
+                    continue
+                # the default pattern without the regex (as _split), inline: the last "_vlm" before the digits splits
+                dataset, sep, index = name[:-3].rpartition("_vlm") if canonical else ("", "", "")
+                if not (sep and dataset and index.isdecimal() and "\n" not in dataset):
+                    key = split(name)
+                    if key is None:
+                        return False
+                    dataset, index = key
+                if index.isdigit() and len(index) <= 18:
+                    add(dataset, index, name)
+                else:
+                    self.problems.add(Problem(entry.path, "index-out-of-range", f"{entry.path}: index {index[:24]!r} "
+                                              "from the file name is not a whole number below 10^18; rename the file"))
+        finally:
+            self.found, self.others = self.found + found, self.others + others
         return True
 
-    def _entry(self, entry: os.DirEntry[str], real: str) -> bool:
-        self.found += 1
-        name = entry.name
-        if entry.is_symlink() and (target := outside_root(entry.path, real)) is not None:
-            self.outside.append((entry.path, target))
-            if self.skip_outside_links:
-                self.problems.add(Problem(entry.path, "outside-source", f"{entry.path}: symbolic link to {target}, "
-                                          "outside the source folder; not read (--skip-outside-links)"))
-                return True
+    def _split(self, name: str) -> tuple[str, str] | None:
+        """``(dataset, index digits)`` of a name, as the pattern's groups give them; None when it does not match."""
+        if self.canonical:  # the default pattern without the regex: the last "_vlm" before the digits splits
+            dataset, sep, digits = name[:-3].rpartition("_vlm")
+            if sep and dataset and digits.isdecimal() and "\n" not in dataset:
+                return dataset, digits
         match = self.regex.match(name)
-        if match is None:
-            return False
-        index = match["index"] or ""
-        if not (index.isdigit() and len(index) <= 18):
-            self.problems.add(Problem(entry.path, "index-out-of-range", f"{entry.path}: index {index[:24]!r} from "
-                                      "the file name is not a whole number below 10^18; rename the file"))
-            return True
-        self._add(match["dataset"] or "", int(index), name)
-        return True
+        return None if match is None else (match["dataset"] or "", match["index"] or "")
 
-    def _add(self, dataset: str, index: int, name: str) -> None:
+    def _skipped_link(self, entry: os.DirEntry[str], real: str) -> bool:
+        """Note a link leading outside the folder; True when it is skipped (``--skip-outside-links``)."""
+        target = outside_root(entry.path, real)
+        if target is None:
+            return False
+        self.outside.append((entry.path, target))
+        if self.skip_outside_links:
+            self.problems.add(Problem(entry.path, "outside-source", f"{entry.path}: symbolic link to {target}, "
+                                      "outside the source folder; not read (--skip-outside-links)"))
+        return self.skip_outside_links
+
+    def _add(self, dataset: str, digits: str, name: str) -> None:
+        index = int(digits)
         episode = self.episodes.get(dataset)
         if episode is None:
             episode = self.episodes[dataset] = _Episode(usable_name(dataset))
-        episode.files += 1
+        files = episode.files = episode.files + 1
+        # under the default pattern a name is {dataset}_vlm{digits}.pt: it is the row's own name unless the
+        # digits are written otherwise (leading zeros, other scripts)
+        canonical = self.canonical and digits.isascii() and (digits[0] != "0" or len(digits) == 1)
         if self.store_rows is not None:  # the store's catalog says which rows there are
             rows = self.store_rows.get(dataset)
             if rows is None or index >= rows:
                 self._placement_problem(dataset, index, name, rows)
-            else:
-                self._place(dataset, episode, index, name)
+                return
         elif not episode.usable:
             self._placement_problem(dataset, index, name, None)
-        elif index < index_limit(episode.files):  # plausible now, so also once every file is counted
-            self._place(dataset, episode, index, name)
-        else:
+            return
+        elif index >= index_limit(files):  # implausible so far: decided once every file is counted
             episode.later.append((index, name))
+            return
+        rows = episode.rows  # _place, inline for the common case: a new row of a file named after it
+        if canonical and (index >= len(rows) or not rows[index]):
+            if index >= len(rows):
+                rows.extend(bytes(index + 1 - len(rows)))
+            rows[index] = 1
+        else:
+            self._place(episode, index, name, canonical)
 
-    def _place(self, dataset: str, episode: _Episode, index: int, name: str) -> None:
+    def _place(self, episode: _Episode, index: int, name: str, canonical: bool) -> None:
         rows = episode.rows
         if index >= len(rows):
             rows.extend(bytes(index + 1 - len(rows)))
@@ -146,7 +181,7 @@ class _NameScan:
             episode.clashes.setdefault(index, []).append(name)
             return
         rows[index] = 1
-        if not (self.canonical and name == f"{dataset}_vlm{index}.pt"):
+        if not canonical:
             episode.renamed[index] = name
 
     def _placement_problem(self, dataset: str, index: int, name: str, rows: int | None) -> None:
@@ -182,7 +217,7 @@ class _NameScan:
             limit = index_limit(episode.files)
             for index, name in episode.later:
                 if index < limit:
-                    self._place(dataset, episode, index, name)
+                    self._place(episode, index, name, self.canonical and name == f"{dataset}_vlm{index}.pt")
             rows = len(episode.rows)
             for index, name in episode.later:
                 if index >= limit:  # the episode's row count is final now: the message gives it

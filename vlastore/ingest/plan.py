@@ -131,12 +131,17 @@ class NamedRows(RowSources):
         self.episode_rows = episode_rows
         self.has_source = has_source
         self.renamed = renamed
+        self._prefixes: list[str] | None = None
 
     def paths(self, rows: np.ndarray) -> list[str]:
         episode = np.searchsorted(self.episode_rows, rows, side="right") - 1
         index = rows - self.episode_rows[episode]
-        names, renamed, folder = self.episodes, self.renamed, self.folder
-        return [os.path.join(folder, renamed.get(row) or f"{names[e]}_vlm{i}.pt")
+        if self._prefixes is None:  # made once per process (one string per episode), not once per row
+            self._prefixes = [os.path.join(self.folder, f"{name}_vlm") for name in self.episodes]
+        prefixes, renamed, folder = self._prefixes, self.renamed, self.folder
+        if not renamed:
+            return [f"{prefixes[e]}{i}.pt" for e, i in zip(episode.tolist(), index.tolist(), strict=True)]
+        return [os.path.join(folder, renamed[row]) if row in renamed else f"{prefixes[e]}{i}.pt"
                 for row, e, i in zip(rows.tolist(), episode.tolist(), index.tolist(), strict=True)]
 
     def file_ids(self, rows: np.ndarray) -> np.ndarray:

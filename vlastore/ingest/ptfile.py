@@ -36,6 +36,7 @@ import numpy as np
 
 from .ptformat import (
     ALLOWED,
+    CDIR,
     EOCD,
     FEATURE_DTYPES,
     STORAGES,
@@ -250,52 +251,82 @@ def _from_torch(obj: Any, limit: int, where: str, depth: int = 0) -> Any:
 # record used) and rebuilt without walking the zip or running the unpickler.
 
 
-_CDIR_FIXED = struct.Struct("<4s4xHH8xIIH12xI")  # central entry without its CRC: sig, flags, method, sizes, name, local
-_LOCAL_FIXED = struct.Struct("<4s4xH16xHH")  # local header: signature, method, name and extra lengths
 _CRC = struct.Struct("<I")
+
+# The bytes of those fields, as (start, stop) from the start of a central entry / local header:
+_LOCAL_SPANS = ((0, 4), (8, 10), (26, 30))  # signature; method; name and extra lengths
+_CDIR_CRC = 16
+"""Offset of the CRC-32 in a central entry."""
+_CDIR_LENGTHS = struct.Struct("<HHH")  # name, extra and comment lengths, at byte 28 of a central entry
 
 
 class _Template:
     """The layout of a file read in full, to check later files against (see the section comment above).
 
-    Each record used (``data.pkl``, ``byteorder``, tensor storages) must sit where the
-    template's does, with the same central entry (flags, method, sizes, name length,
-    local offset), the same local header lengths, a name ending like the template's,
-    and a CRC-32 that matches its bytes. ``data.pkl`` and ``byteorder`` must equal the
-    template's bytes (then their CRC field must equal the template's too: no CRC to compute).
+    A later file passes when the full parse would find the same records and the same
+    ``data.pkl``: its central directory and end record are byte for byte the
+    template's except for the CRC-32 of records rebuilt from their bytes (checked
+    against those bytes instead), the CRC-32 of records the parse does not use, and
+    the archive folder that starts every record name (``{stem}/data.pkl``: it differs
+    from file to file; it must be one name, without ``/``, in every record); the local
+    headers of the records used match the template's (signature, method, name and
+    extra lengths); ``data.pkl`` and ``byteorder`` equal the template's.
+
+    All the bytes that must equal the template's are compared at once: one
+    precompiled struct picks them out of a file (``_same``) and its tuple is compared
+    with the template's; a million files pass here, so this is a few C calls, not one per field.
     """
 
-    __slots__ = ("names", "checks", "recipe", "_picks")
+    __slots__ = ("names", "recipe", "_picks", "_same", "_expected", "_prefixes", "_crcs", "_ranges")
 
-    def __init__(self, buf: bytes, entries: dict[str, Entry], used: list[str], recipe: Any) -> None:
+    def __init__(self, buf: bytes, entries: dict[str, Entry], used: list[str], recipe: Any,
+                 directory: list[tuple[int, int, int]]) -> None:
         self.names = used
-        self.checks = []
+        spans = [(directory[0][0], len(buf))]  # the central directory and the end record ...
+        holes = []  # ... but for these
+        prefixes = []
+        self._crcs: list[tuple[int, int, int]] = []  # (CRC field, start, stop) of records whose CRC is computed
+        self._ranges: list[tuple[int, int]] = []  # (start, stop) of each used record, in ``names`` order
+        fixed = {entries[short].entry_pos for short in ("data.pkl", "byteorder") if short in entries}
+        for entry_pos, name_start, prefix_len in directory:
+            if entry_pos not in fixed:
+                holes.append((entry_pos + _CDIR_CRC, entry_pos + _CDIR_CRC + 4))
+            if prefix_len:
+                holes.append((name_start, name_start + prefix_len))
+                prefixes.append((name_start, name_start + prefix_len))
         for short in used:
             e = entries[short]
-            fields = _CDIR_FIXED.unpack_from(buf, e.entry_pos)
-            fixed = bytes(buf[e.start : e.start + e.size]) if short in ("data.pkl", "byteorder") else None
-            self.checks.append((e.entry_pos, fields, e.local, _LOCAL_FIXED.unpack_from(buf, e.local), short.encode(),
-                                e.entry_pos + 46 + fields[5], e.start, e.start + e.size, fixed, e.crc))
+            spans += [(e.local + a, e.local + b) for a, b in _LOCAL_SPANS]
+            if e.entry_pos in fixed:
+                spans.append((e.start, e.start + e.size))
+            else:
+                self._crcs.append((e.entry_pos + _CDIR_CRC, e.start, e.start + e.size))
+            self._ranges.append((e.start, e.start + e.size))
+        self._same = _picker(_minus(_merged(spans), holes))
+        self._expected = self._same.unpack_from(buf, 0)
+        self._prefixes = _picker(prefixes) if prefixes else None
         self.recipe = recipe
         self._picks: dict[str | None, Any] = {}
 
+    def _matches(self, buf: bytes) -> bool:
+        """``buf`` (of the template's size: the template key says so) is laid out like the template."""
+        if self._same.unpack_from(buf, 0) != self._expected:
+            return False
+        if self._prefixes is not None:
+            names = self._prefixes.unpack_from(buf, 0)
+            if names.count(names[0]) != len(names) or b"/" in names[0]:
+                return False
+        for at, start, stop in self._crcs:
+            if zlib.crc32(memoryview(buf)[start:stop]) != _CRC.unpack_from(buf, at)[0]:
+                return False  # the full parse reports it
+        return True
+
     def records(self, buf: bytes) -> list[memoryview] | None:
         """The used records of ``buf`` (in ``names`` order) when it is laid out like the template; else None."""
+        if not self._matches(buf):
+            return None
         view = memoryview(buf)
-        data = []
-        for entry_pos, fields, local, local_fields, name, name_end, start, stop, fixed, crc in self.checks:
-            if _CDIR_FIXED.unpack_from(buf, entry_pos) != fields or _LOCAL_FIXED.unpack_from(buf, local) != \
-                    local_fields or not buf.endswith(name, 0, name_end):
-                return None
-            found = _CRC.unpack_from(buf, entry_pos + 16)[0]
-            record = view[start:stop]
-            if fixed is not None:
-                if found != crc or buf[start:stop] != fixed:
-                    return None
-            elif zlib.crc32(record) != found:
-                return None  # the full parse reports it
-            data.append(record)
-        return data
+        return [view[start:stop] for start, stop in self._ranges]
 
     def apply(self, buf: bytes) -> Any:
         data = self.records(buf)
@@ -306,14 +337,62 @@ class _Template:
         pick = self._picks.get(entry, False)
         if pick is False:
             found = _pick(self.recipe, entry)
-            pick = self._picks[entry] = None if found is None else (self.names.index(found[0]), *found[1:])
-        if pick is None:
-            return None
-        data = self.records(buf)
-        if data is None:
+            pick = self._picks[entry] = None if found is None else (
+                self._ranges[self.names.index(found[0])][0], *found[1:])
+        if pick is None or not self._matches(buf):
             return None
         record, start, stop, shape, dtype = pick
-        return data[record][start:stop], shape, dtype
+        return memoryview(buf)[record + start : record + stop], shape, dtype
+
+
+def _directory(buf: bytes, cd_offset: int, count: int) -> list[tuple[int, int, int]] | None:
+    """``(entry position, name start, archive folder length)`` of every central entry; None past the file."""
+    out = []
+    pos = cd_offset
+    for _ in range(count):
+        if pos + 46 > len(buf) or buf[pos : pos + 4] != CDIR:
+            return None
+        nlen, xlen, clen = _CDIR_LENGTHS.unpack_from(buf, pos + 28)
+        name = buf[pos + 46 : pos + 46 + nlen]
+        out.append((pos, pos + 46, max(name.find(b"/"), 0)))
+        pos += 46 + nlen + xlen + clen
+    return out if pos <= len(buf) else None
+
+
+def _picker(spans: list[tuple[int, int]]) -> struct.Struct:
+    """A struct that unpacks the bytes of ``spans`` (sorted, apart) from a buffer, one ``bytes`` each."""
+    fmt, pos = ["<"], 0
+    for a, b in spans:
+        fmt.append(f"{a - pos}x{b - a}s" if a > pos else f"{b - a}s")
+        pos = b
+    return struct.Struct("".join(fmt))
+
+
+def _minus(spans: list[tuple[int, int]], holes: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """``spans`` (sorted, apart) without the bytes of ``holes``."""
+    out = []
+    holes = _merged(holes)
+    for a, b in spans:
+        for ha, hb in holes:
+            if hb <= a or ha >= b:
+                continue
+            if ha > a:
+                out.append((a, ha))
+            a = max(a, hb)
+        if a < b:
+            out.append((a, b))
+    return out
+
+
+def _merged(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """``(start, stop)`` spans sorted, overlapping and touching ones joined."""
+    out: list[tuple[int, int]] = []
+    for a, b in sorted(spans):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
 
 
 def _pick(recipe: Any, entry: str | None) -> tuple[str, int, int, tuple[int, ...], str] | None:
@@ -380,9 +459,12 @@ def _remember(tkey: tuple[int, int, int], buf: bytes, entries: dict[str, Entry],
     if recipe is None or not _records_of(recipe) <= set(entries):
         return
     used = sorted(({"data.pkl", "byteorder"} | _records_of(recipe)) & set(entries))
+    directory = _directory(buf, tkey[1], tkey[2])
+    if directory is None:
+        return
     if len(_TEMPLATES) >= 256:
         _TEMPLATES.clear()
-    _TEMPLATES[tkey] = _Template(buf, entries, used, recipe)
+    _TEMPLATES[tkey] = _Template(buf, entries, used, recipe, directory)
 
 
 def _records_of(recipe: Any) -> set[str]:
