@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -314,10 +315,27 @@ def _failure(exc: BaseException, command: str) -> tuple[int, list[str]]:
                "rerun with VLASTORE_DEBUG=1 for the traceback, and report it"]
 
 
+class _UnretrievedFutures(logging.Filter):
+    """Drops asyncio's "... exception was never retrieved" reports (with their tracebacks).
+
+    zarr runs its I/O on an event loop thread; when one write of a batch fails (a read-only or
+    full disk), the sibling futures' exceptions are never retrieved and asyncio prints each one
+    when it is collected, after vlastore has already reported the failure in a few lines.
+    ``VLASTORE_DEBUG=1`` keeps them.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "exception was never retrieved" not in str(record.msg)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from .ingest.report import IngestError
 
     args = build_parser().parse_args(argv)  # usage mistakes in the arguments: argparse exits 2
+    if os.environ.get("VLASTORE_DEBUG", "") in ("", "0"):
+        asyncio_log = logging.getLogger("asyncio")
+        if not any(isinstance(f, _UnretrievedFutures) for f in asyncio_log.filters):
+            asyncio_log.addFilter(_UnretrievedFutures())
     try:
         return int(args.func(args))
     except IngestError as exc:
