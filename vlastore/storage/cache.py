@@ -181,7 +181,21 @@ class CachedStorage(Storage):
         self._pending: dict[str, Future[Any]] = {}
         self._guard = threading.Lock()
         self._warned_full = False
+        self._verifiers: dict[str, Verify] = {}
         self._drop_files_of_another_boot()
+
+    def add_verify(self, prefix: str, verify: Verify) -> None:
+        """Check downloads of keys under ``prefix`` with ``verify`` (the reader registers a shard check per
+        family generation: index and every chunk's crc32c); the longest matching prefix wins."""
+        check_key(prefix.rstrip("/"))
+        self._verifiers[prefix.rstrip("/") + "/"] = verify
+
+    def _verify_for(self, key: str) -> Verify | None:
+        best = ""
+        for prefix in self._verifiers:
+            if key.startswith(prefix) and len(prefix) > len(best):
+                best = prefix
+        return self._verifiers[best] if best else self.verify
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (_rebuild, (self.remote, str(self.cache_dir), self.max_bytes, self.verify, self.prefetch_threads,
@@ -436,13 +450,14 @@ class CachedStorage(Storage):
             raise StorageError(
                 f"download of {self.location}/{key} gave {size} bytes, the object has {entry.size}; rerun to retry"
             )
-        if self.verify is None or size == 0:
+        verify = self._verify_for(key)
+        if verify is None or size == 0:
             return
         view = mmap.mmap(fd, size, access=mmap.ACCESS_READ)
         data = np.frombuffer(view, dtype=np.uint8)
         data.flags.writeable = False
         try:
-            self.verify(key, data)
+            verify(key, data)
         except Exception as exc:
             exc.add_note(f"downloaded from {self.location}/{key} into {self.cache_dir}; the copy was discarded")
             raise
