@@ -162,3 +162,26 @@ def test_unreachable_endpoint_and_missing_bucket_exit_1(
         assert "no-such-bucket-here" in err and "does not exist" in err and "create it" in err
     code, _, err = run(capsys, "info", s3_url, *flags(s3_options))  # nothing there: a usage mistake
     assert code == 2 and "Traceback" not in err
+
+
+def test_build_features_on_s3(s3_url: str, s3_options: dict[str, str], tmp_path: Path, capsys) -> None:
+    pytest.importorskip("transformers", reason="pip install vlastore[transformers]")
+    from vlastore.features.tiny import make_tiny_episodes, make_tiny_qwen2vl  # noqa: PLC0415 - heavy imports
+
+    model = make_tiny_qwen2vl(tmp_path / "model")
+    store_path, data = make_tiny_episodes(tmp_path / "store.vla", tmp_path / "data", episodes=2)
+    upload(store_path, s3_url, s3_options)
+    common = ["--data-root", str(data), "--model", str(model), "--rows-per-shard", "2", "-q", "--dtype", "float32",
+              "--device", "cpu"]
+    code, _, err = run(capsys, "build-features", s3_url, *common, *flags(s3_options))
+    assert code == 0, err
+    code, out, err = run(capsys, "verify", s3_url, "-q", *flags(s3_options))
+    assert code == 0 and "OK" in out, err
+    store = VLAStore.open(s3_url, storage_options=s3_options)
+    assert store.coverage("qwen_vl").all()
+    # the same on a local copy: the same rows (one process, same batches: bit-identical)
+    code, _, err = run(capsys, "build-features", str(store_path), *common)
+    assert code == 0, err
+    local = VLAStore.open(store_path)
+    assert np.array_equal(store.reader("qwen_vl").gather(range(store.layout("qwen_vl").rows)),
+                          local.reader("qwen_vl").gather(range(local.layout("qwen_vl").rows)))

@@ -3,6 +3,7 @@ one request per run of adjacent chunks (requests counted at a proxy in front of 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -94,3 +95,19 @@ def test_ragged_and_compressed_rows_are_ranged_too(local: tuple[Path, dict[str, 
             assert np.array_equal(got, values[family][row])  # type: ignore[index]
         assert len(value_gets(s3_proxy, family)) == 2  # one request per row (a ragged row: its run of tokens)
         assert all(r is not None and not r.startswith("bytes=-") for r in value_gets(s3_proxy, family))
+
+
+def test_notebook_tables_read_no_shard_body(local: tuple[Path, dict[str, object]], remote: str,
+                                            proxy_options: dict[str, str], s3_proxy: FaultProxy,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("pandas", reason="pip install vlastore[notebook]")
+    from vlastore.inspect import coverage_table, episode_table, open_store, store_summary  # noqa: PLC0415
+
+    monkeypatch.setenv("VLASTORE_STORAGE_OPTIONS", json.dumps(proxy_options))  # as `vlastore` sets it
+    store = open_store(remote)
+    summary = store_summary(store)
+    assert len(episode_table(store)) == 4
+    coverage = coverage_table(store)
+    assert len(summary) and len(coverage)
+    for record in (r for r in s3_proxy.requests("GET") if "/values/c/" in r.key):
+        assert record.range is not None and record.range.startswith("bytes=-"), record  # indexes only
