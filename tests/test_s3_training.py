@@ -7,6 +7,7 @@ cache without room reads with ranged requests or says so; prefetch fetches what 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -187,3 +188,27 @@ def test_the_loader_prefetches_ahead_of_the_batches(local_store: Path, remote_st
     local = VLADataset(local_store, features=["fixed"])
     for indices in ([0, 1], [5, 7, 3]):
         assert torch.equal(collate(ds.__getitems__(indices))["fixed"], collate(local.__getitems__(indices))["fixed"])
+
+
+def test_shards_in_the_readers_arena_stay_pinned_until_released(remote_store: list[str], s3_url: str,
+                                                                proxy_options: dict[str, str],
+                                                                tmp_path: Path) -> None:
+    """The arena maps a descriptor and closes it: the cache keeps its own pin, so eviction spares the file."""
+    remote = ObjectStorage(s3_url, proxy_options)
+    a, b, c = [k for k in remote_store if k.startswith("features/fixed/")][:3]
+    room = 2 * max(remote.size(k) or 0 for k in (a, b, c)) + 2 * 4096  # two shards (whole blocks)
+    cache = CachedStorage(remote, tmp_path / "cache", room, on_full="ranged")
+    fd = cache.open_fd(a)
+    assert fd is not None
+    os.close(fd)  # as ArenaSource does once the shard is mapped
+    fd = cache.open_fd(b)
+    assert fd is not None
+    os.close(fd)
+    assert cache.open_fd(c) is None  # no room: both cached shards are pinned, nothing is evicted
+    assert len(list((cache.root / "objects").iterdir())) == 2
+    cache.unpin()
+    fd = cache.open_fd(c)  # now the least recently used one gives way
+    assert fd is not None
+    assert os.pread(fd, 16, 0) == (remote.get(c) or b"")[:16]
+    os.close(fd)
+    assert len(list((cache.root / "objects").iterdir())) == 2
