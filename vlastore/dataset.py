@@ -603,29 +603,38 @@ class VLADataset(Dataset):
 
     # ------------------------------------------------------- node cache (s3://)
 
-    def prefetch(self, indices: Sequence[int] | np.ndarray) -> int:
+    def prefetch(self, indices: Sequence[int] | np.ndarray, skip: set[tuple[str, int]] | None = None) -> int:
         """Start downloading the shards the samples ``indices`` read into the node cache, in the order they are
         first needed, in background threads of this process; returns how many shards were queued.
 
         Only for a store opened with a node cache (``cache_dir=``); otherwise nothing happens (0). Shards
-        already cached, or being downloaded by another process of the node, are skipped. ``dataloader()``
+        already cached, or being downloaded by another process of the node, are skipped, and so are the
+        ``(family, shard)`` pairs in ``skip``, to which the ones queued now are added. ``dataloader()``
         calls it for the batches its sampler yields next.
         """
         prefetch = getattr(self.store.storage, "prefetch", None)
         if prefetch is None or not self._readers:
             return 0
+        skip = set() if skip is None else skip
+        if len(skip) >= sum(reader.layout.n_shards for reader in self._readers.values()):
+            return 0  # every shard was queued already this epoch
         self._follow()
         ids = self._pick(indices)
         n_families = len(self.features)
         firsts: list[int] = []
         keys: list[str] = []
-        for i, reader in enumerate(self._readers.values()):
+        for i, (family, reader) in enumerate(self._readers.items()):
             rows = ids[3 + n_families + i]
             rows = rows[(rows >= 0) & (rows < reader.layout.rows)]
             register_verifier(reader.handle)  # downloads made here are checked as the reader's are
             shards, first = np.unique(reader.layout.shard_of(rows), return_index=True)
-            firsts += first.tolist()
-            keys += [reader.handle.shard_key(s) for s in shards.tolist()]
+            for shard, position in zip(shards.tolist(), first.tolist(), strict=True):
+                if (family, shard) not in skip:
+                    skip.add((family, shard))
+                    firsts.append(position)
+                    keys.append(reader.handle.shard_key(shard))
+        if not keys:
+            return 0
         queued = [keys[j] for j in np.argsort(np.asarray(firsts, dtype=np.int64), kind="stable").tolist()]
         prefetch(queued)
         return len(queued)
@@ -762,10 +771,11 @@ class LookaheadBatchSampler(torch.utils.data.Sampler[list[int]]):
         from collections import deque
 
         window: deque[list[int]] = deque()
+        queued: set[tuple[str, int]] = set()  # shards handed to prefetch this epoch
         for batch in self.batch_sampler:
             window.append(batch)
             try:
-                self.dataset.prefetch(batch)
+                self.dataset.prefetch(batch, queued)
             except Exception as exc:  # noqa: BLE001 - prefetch is a hint; the read of the batch reports errors
                 log.warning("prefetch failed: %s", exc)
             if len(window) > self.ahead:

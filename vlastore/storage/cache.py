@@ -433,7 +433,7 @@ class CachedStorage(Storage):
                     f"{self.lock_timeout_s:.0f} s; if it hangs, stop it (its lock goes with it) and rerun"
                 )
             time.sleep(delay)
-            delay = min(0.1, delay * 2)
+            delay = min(0.02, delay * 2)  # short: a reader waiting for a prefetch should not oversleep it
         return fd
 
     def _fetch(self, key: str, known: _Entry | None) -> tuple[Path | None, _Entry | None]:
