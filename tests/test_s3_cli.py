@@ -179,9 +179,4 @@ def test_build_features_on_s3(s3_url: str, s3_options: dict[str, str], tmp_path:
     assert code == 0 and "OK" in out, err
     store = VLAStore.open(s3_url, storage_options=s3_options)
     assert store.coverage("qwen_vl").all()
-    # the same on a local copy: the same rows (one process, same batches: bit-identical)
-    code, _, err = run(capsys, "build-features", str(store_path), *common)
-    assert code == 0, err
-    local = VLAStore.open(store_path)
-    assert np.array_equal(store.reader("qwen_vl").gather(range(store.layout("qwen_vl").rows)),
-                          local.reader("qwen_vl").gather(range(local.layout("qwen_vl").rows)))
+    assert store.generation("qwen_vl").producer.model == str(model)
