@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from ingest_helpers import bits, make_pt_cache, robot_csvs
-from s3_server import FaultProxy, MotoS3
+from s3_server import MotoS3
 
 pytest.importorskip("botocore", reason="pip install 'vlastore[s3]'")
 
@@ -148,7 +148,7 @@ def test_usage_mistakes_exit_2(s3_url: str, capsys) -> None:
 
 
 def test_unreachable_endpoint_and_missing_bucket_exit_1(
-    s3_url: str, s3_options: dict[str, str], s3_proxy: FaultProxy, capsys
+    s3_url: str, s3_options: dict[str, str], capsys
 ) -> None:
     dead = {**s3_options, "endpoint": "http://127.0.0.1:9", "max_retries": "1", "retry_backoff_s": "0.01"}
     for command in (["info", s3_url], ["verify", s3_url, "-q"]):
