@@ -129,9 +129,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from .storage import StoreNotFoundError
     from .store import probe, remove_store
 
-    path: Path | str = Path(args.out)
+    path = Path(args.out)
     if _is_url(args.out):
-        path = args.out
         _demo_target_on_object_storage(args.out, args.force)
     elif path.exists() or path.is_symlink():
         try:
@@ -145,7 +144,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             remove_store(path)  # deletes only a store, and only its own files
         except (StoreNotFoundError, FormatError) as exc:
             raise UserError(f"--force replaces only a vlastore store and nothing else: {exc}") from None
-    store = make_demo_store(path)
+    location = args.out if _is_url(args.out) else path
+    store = make_demo_store(location)
     print(format_info(store_info(store)))
     fam = "qwen_vl"
     name = store.datasets[0]
@@ -159,7 +159,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     dataset, batch = demo_batch(store)
     print(f"\ntraining batch: {dataset!r}\n  DataLoader(batch_size=4, collate_fn=vlastore.dataset.collate) ->")
     print("\n".join(f"    {line}" for line in describe_batch(batch)))
-    print(f"\nnext: vlastore info {path}   |   vlastore verify {path}")
+    print(f"\nnext: vlastore info {location}   |   vlastore verify {location}")
     return 0
 
 
