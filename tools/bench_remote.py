@@ -19,6 +19,7 @@ in one run, ratios against baselines measured in the same run:
     python tools/bench_remote.py                   # both (about 1-2 min on 2 cores)
     python tools/bench_remote.py --clients          # only the client comparison
     python tools/bench_remote.py --cache --shards 16 --shard-mib 16
+    python tools/bench_remote.py --train --ranged   # the issue's figures: VLADataset from S3, single rows
 
 Loopback moto is slow (milliseconds per request, tens of ms per MiB in Python),
 so absolute figures say little about real S3; the ratios say how the pieces
@@ -356,10 +357,185 @@ def bench_cache(endpoint: str, shards: int, shard_mib: int, ranks: int, rows: in
           f"in a new process: {t_open * 1e3:.0f} ms (one HEAD each)")
 
 
+# ------------------------------------------------------------ training and single rows (the issue's figures)
+
+
+def _make_store(path: Path, rows_wanted: int, width: int, rows_per_shard: int) -> tuple[str, int]:
+    """A local store with one bfloat16 feature family of about ``rows_wanted`` rows; (family, rows)."""
+    import torch
+
+    from vlastore.store import EpisodeData, FamilySpec, VLAStore
+
+    rng = np.random.default_rng(0)
+    steps_per_episode = 300
+    n_episodes = max(1, -(-rows_wanted * 3 // steps_per_episode))
+    episodes = [EpisodeData(f"episode_{e:04d}", {"state": rng.normal(size=(steps_per_episode, 7)).astype(np.float32),
+                                                 "action": rng.normal(size=(steps_per_episode, 7)).astype(np.float32)})
+                for e in range(n_episodes)]
+    store = VLAStore.create(path, episodes)
+    store.add_family("feat", FamilySpec((width,), "bfloat16", vlm_reuse_count=3, rows_per_shard=rows_per_shard))
+    rows = store.layout("feat").rows
+    with store.writer("feat") as writer:
+        for lo in range(0, rows, 4096):
+            block = np.arange(lo, min(rows, lo + 4096))
+            writer.write_rows(block, torch.from_numpy(rng.normal(size=(len(block), width)).astype(np.float32))
+                              .to(torch.bfloat16))
+    return "feat", rows
+
+
+def _upload(folder: Path, remote: ObjectStorage) -> tuple[int, list[str]]:
+    """Every file of a local store into ``remote``; (shard bytes, shard keys)."""
+    total, shards = 0, []
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            key = path.relative_to(folder).as_posix()
+            remote.put(key, path.read_bytes())
+            if "/values/c/" in key:
+                total += path.stat().st_size
+                shards.append(key)
+    return total, shards
+
+
+def _samples_per_s(dataset: object, batches: list[np.ndarray]) -> float:
+    getitems = dataset.__getitems__  # type: ignore[attr-defined]
+    t0 = time.perf_counter()
+    for batch in batches:
+        getitems(batch)
+    return sum(len(b) for b in batches) / (time.perf_counter() - t0)
+
+
+def bench_train(endpoint: str, rows: int, width: int, rows_per_shard: int, batch: int, workdir: Path) -> None:
+    """Training samples/s (VLADataset batches) from S3 through the node cache vs the same store on local disk."""
+    from s3_server import FaultProxy
+
+    from vlastore.dataset import LookaheadBatchSampler, VLADataset
+
+    local = workdir / "train-local.vla"
+    family, n_rows = _make_store(local, rows, width, rows_per_shard)
+    url = f"s3://{BUCKET}/train-{uuid.uuid4().hex[:8]}/store.vla"
+    options = {"endpoint": endpoint, **CREDS}
+    shard_bytes, shards = _upload(local, ObjectStorage(url, options))
+    print(f"\n3. training from S3: {n_rows:,} rows of {width} bfloat16, {len(shards)} shards, "
+          f"{shard_bytes / 2**20:.0f} MiB; random batches of {batch} through VLADataset.__getitems__")
+
+    plain_dir = workdir / "train-plain"
+    plain_dir.mkdir()
+    remote = ObjectStorage(url, options)
+
+    def plain() -> None:
+        for i, key in enumerate(shards):
+            with open(plain_dir / f"{i}", "wb") as out:
+                remote.download(key, out)
+
+    t_plain = median_s(plain, 3)
+
+    order = np.random.default_rng(5).permutation(len(VLADataset(local, features=[family])))
+    epoch = [order[i : i + batch] for i in range(0, len(order), batch)]
+
+    def cold_epoch(folder: Path, opts: dict[str, str]) -> tuple[float, float]:
+        """A whole first epoch, cold: open the store, then every batch as ``dataset.dataloader`` makes them
+        (its look-ahead sampler prefetches the shards of the next batches); each shard downloaded on first
+        need, verified, mapped. Returns (seconds to open, seconds for the epoch)."""
+        t0 = time.perf_counter()
+        ds = VLADataset(url, features=[family], storage_options=opts, cache_dir=folder)
+        t1 = time.perf_counter()
+        getitems = ds.__getitems__
+        for indices in LookaheadBatchSampler(ds, epoch):
+            getitems(indices)
+        t2 = time.perf_counter()
+        ds.store.storage.close()  # type: ignore[attr-defined]
+        ds.store.storage.unpin()  # type: ignore[attr-defined]
+        return t1 - t0, t2 - t1
+
+    t_open, t_epoch = min((cold_epoch(workdir / f"cold-{i}", options) for i in range(3)), key=sum)
+    t_cold = t_open + t_epoch
+    proxy = FaultProxy(endpoint, BUCKET)  # a cold epoch through a counting proxy: the bytes the node fetched
+    cold_epoch(workdir / "cold-counted", {"endpoint": proxy.endpoint, **CREDS})
+    fetched = sum(r.body_bytes for r in proxy.requests("GET"))
+    shard_fetched = sum(r.body_bytes for r in proxy.requests("GET") if "/values/c/" in r.key)
+    proxy.close()
+    print(f"   cold first epoch {t_cold:.2f} s (open {t_open:.2f} s: metadata requests; then download, verify and "
+          f"read every sample once {t_epoch:.2f} s) vs one plain download of the shards {t_plain:.2f} s = "
+          f"{t_cold / t_plain:.2f}x, {t_epoch / t_plain:.2f}x without the open (goal <= 1.3x)")
+    print(f"   bytes fetched by the node: {shard_fetched / shard_bytes:.3f}x the shard bytes (goal <= 1.05x; "
+          f"{fetched / shard_bytes:.3f}x with the metadata)")
+
+    warm = VLADataset(url, features=[family], storage_options=options, cache_dir=workdir / "train-cache")
+    on_disk = VLADataset(local, features=[family])
+    steps = [np.random.default_rng(6 + i).integers(0, len(order), batch) for i in range(max(20, 20_000 // batch))]
+    _samples_per_s(warm, steps[:5])  # map the shards (a new process would do it once)
+    _samples_per_s(on_disk, steps[:5])
+    best_local = best_warm = 0.0
+    for _ in range(5):  # alternate, best of five each
+        best_local = max(best_local, _samples_per_s(on_disk, steps))
+        best_warm = max(best_warm, _samples_per_s(warm, steps))
+    print(f"   warm node cache {best_warm:,.0f} samples/s vs local disk {best_local:,.0f} samples/s = "
+          f"{best_warm / best_local:.2f}x (goal >= 0.9x)")
+
+
+def bench_ranged(endpoint: str, rows: int, width: int, rows_per_shard: int, reads: int, workdir: Path) -> None:
+    """Random single rows without the cache: requests per row, rows/s against zarr-python on the same server."""
+    from s3_server import FaultProxy
+
+    from vlastore.format import values_path
+    from vlastore.store import VLAStore
+
+    local = workdir / "ranged-local.vla"
+    family, n_rows = _make_store(local, rows, width, rows_per_shard)
+    url = f"s3://{BUCKET}/ranged-{uuid.uuid4().hex[:8]}/store.vla"
+    _upload(local, ObjectStorage(url, {"endpoint": endpoint, **CREDS}))
+    picks = np.random.default_rng(7).integers(0, n_rows, reads).tolist()
+    proxy = FaultProxy(endpoint, BUCKET)  # both readers go through it: same path, requests counted
+    options = {"endpoint": proxy.endpoint, **CREDS}
+    store = VLAStore.open(url, storage_options=options)
+    reader = store.reader(family)
+    n_shards = store.layout(family).n_shards
+    proxy.reset()
+    t0 = time.perf_counter()
+    for r in picks:
+        reader.row(r)
+    t_ours = time.perf_counter() - t0
+    gets = [r for r in proxy.requests("GET") if "/values/" in r.key]
+    index_reads = sum(1 for r in gets if (r.range or "").startswith("bytes=-"))
+    print(f"\n4. random single rows without the cache: {reads:,} rows of {width} bfloat16 over {n_shards} shards")
+    print(f"   vlastore: {reads / t_ours:,.0f} rows/s, {(len(gets) - index_reads) / reads:.2f} request per row "
+          f"(goal 1) + {index_reads} index reads (one per shard touched, {index_reads / reads:.2f} per row here)")
+    try:
+        import zarr
+        from obstore.store import S3Store
+        from zarr.storage import ObjectStore
+    except ImportError:
+        print("   zarr-python: obstore not installed (pip install obstore) for zarr's ObjectStore")
+        proxy.close()
+        return
+    prefix = url[len(f"s3://{BUCKET}/"):]
+    zstore = ObjectStore(S3Store(BUCKET, prefix=prefix, endpoint=proxy.endpoint, access_key_id="bench",
+                                 secret_access_key="bench", region="us-east-1",
+                                 client_options={"allow_http": True}), read_only=True)
+    array = zarr.open_array(store=zstore, path=values_path(family, store.generation(family).generation), mode="r")
+    array[picks[0]]
+    proxy.reset()
+    t0 = time.perf_counter()
+    for r in picks:
+        array[r]
+    t_zarr = time.perf_counter() - t0
+    zarr_gets = len([r for r in proxy.requests("GET") if "/values/" in r.key])
+    proxy.close()
+    print(f"   zarr-python {zarr.__version__} (ObjectStore/obstore): {reads / t_zarr:,.0f} rows/s, "
+          f"{zarr_gets / reads:.2f} requests per row; vlastore / zarr-python = {t_zarr / t_ours:.2f}x rows/s")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", action="store_true", help="only the client comparison")
     parser.add_argument("--cache", action="store_true", help="only the node cache figures")
+    parser.add_argument("--train", action="store_true", help="only training from S3 (VLADataset) vs local disk")
+    parser.add_argument("--ranged", action="store_true", help="only random single rows without the cache")
+    parser.add_argument("--train-rows", type=int, default=16_384, help="feature rows of the training store")
+    parser.add_argument("--width", type=int, default=2048, help="bfloat16 values per row")
+    parser.add_argument("--rows-per-shard", type=int, default=1024)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--reads", type=int, default=2000, help="random single rows read remotely")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--shards", type=int, default=8)
     parser.add_argument("--shard-mib", type=int, default=16)
@@ -367,7 +543,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args(argv)
-    both = not args.clients and not args.cache
+    both = not (args.clients or args.cache or args.train or args.ranged)
     server, endpoint = start_server()
     workdir = Path(tempfile.mkdtemp(prefix="bench-remote-", dir=args.workdir))
     try:
@@ -375,6 +551,10 @@ def main(argv: list[str] | None = None) -> None:
             bench_clients(endpoint, args.repeats)
         if args.cache or both:
             bench_cache(endpoint, args.shards, args.shard_mib, args.ranks, args.rows, workdir)
+        if args.train or both:
+            bench_train(endpoint, args.train_rows, args.width, args.rows_per_shard, args.batch, workdir)
+        if args.ranged or both:
+            bench_ranged(endpoint, args.train_rows, args.width, args.rows_per_shard, args.reads, workdir)
     finally:
         assert server.stdin is not None
         server.stdin.close()

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -36,6 +37,92 @@ MAX_LISTED = 30
 """Corrupt items printed by `verify` (all are in --json)."""
 
 
+# ------------------------------------------------------------------ storage options (every command)
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    """``KEY=VALUE`` of ``--storage-option`` (argparse turns the ArgumentTypeError into exit 2)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE (e.g. --storage-option endpoint=http://host:9000)")
+    return key.strip(), value
+
+
+def add_storage_options(parser: argparse.ArgumentParser) -> None:
+    """Add ``--storage-option KEY=VALUE`` to every leaf command of ``parser`` (subcommands included)."""
+    children = [action for action in parser._actions if isinstance(action, argparse._SubParsersAction)]
+    if not children:
+        parser.add_argument(
+            "--storage-option",
+            dest="storage_options",
+            metavar="KEY=VALUE",
+            type=_key_value,
+            action="append",
+            default=[],
+            help="for s3:// stores (repeatable): endpoint, region, access_key_id, secret_access_key, "
+            "profile, anonymous, max_retries, cache_dir, cache_max_bytes, ... (docs/remote.md); "
+            "the AWS_* environment variables work too",
+        )
+        return
+    for action in children:
+        for child in dict.fromkeys(action.choices.values()):
+            add_storage_options(child)
+
+
+@contextlib.contextmanager
+def storage_options_env(args: argparse.Namespace) -> Iterator[None]:
+    """Check the command's ``--storage-option`` values and hand them to every store it opens.
+
+    They go into ``VLASTORE_STORAGE_OPTIONS`` (over what it held) for the command's lifetime, so
+    processes the command starts (ingest workers, torchrun ranks' DataLoader workers) see them too.
+
+    Raises:
+        UserError: an unknown key or a bad value (exit 2).
+    """
+    from .storage import check_options
+    from .storage.settings import OPTIONS_ENV, options_from_env
+
+    given = dict(getattr(args, "storage_options", None) or [])
+    try:
+        merged = {**options_from_env(), **given}
+        check_options(merged)
+    except ValueError as exc:
+        raise UserError(f"{exc} (--storage-option KEY=VALUE)") from None
+    if not given:
+        yield
+        return
+    before = os.environ.get(OPTIONS_ENV)
+    os.environ[OPTIONS_ENV] = json.dumps(merged)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(OPTIONS_ENV, None)
+        else:
+            os.environ[OPTIONS_ENV] = before
+
+
+def _is_url(location: str) -> bool:
+    return location.startswith("s3://")
+
+
+def _demo_target_on_object_storage(url: str, force: bool) -> None:
+    """``demo --out s3://...``: only onto an empty prefix (nothing remote is ever replaced)."""
+    from .storage import StoreNotFoundError, open_storage
+    from .store import probe
+
+    try:
+        probe(url)
+    except StoreNotFoundError:
+        if next(iter(open_storage(url).list("")), None) is not None:
+            raise UserError(f"{url} holds objects and is not a vlastore store; pick another --out") from None
+        return
+    raise UserError(
+        f"{url} already holds a vlastore store; pick another --out (--force replaces only a local "
+        "store; remove the prefix yourself to replace this one)"
+    )
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import demo_batch, describe_batch, make_demo_store
     from .format import FormatError
@@ -44,20 +131,22 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from .store import probe, remove_store
 
     path = Path(args.out)
-    if path.exists() or path.is_symlink():
+    if _is_url(args.out):
+        _demo_target_on_object_storage(args.out, args.force)
+    elif path.exists() or path.is_symlink():
         try:
             probe(path)
         except (StoreNotFoundError, FormatError, OSError):
             raise UserError(f"{path} exists and is not a vlastore store; pick another --out (nothing was "
                             "changed; --force replaces only a vlastore store)") from None
         if not args.force:
-            raise UserError(f"{path} already holds a vlastore store; pass --force to replace it, or pick another "
-                            "--out")
+            raise UserError(f"{path} already holds a vlastore store; pass --force to replace it, or pick another --out")
         try:
             remove_store(path)  # deletes only a store, and only its own files
         except (StoreNotFoundError, FormatError) as exc:
             raise UserError(f"--force replaces only a vlastore store and nothing else: {exc}") from None
-    store = make_demo_store(path)
+    location = args.out if _is_url(args.out) else path
+    store = make_demo_store(location)
     print(format_info(store_info(store)))
     fam = "qwen_vl"
     name = store.datasets[0]
@@ -71,7 +160,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     dataset, batch = demo_batch(store)
     print(f"\ntraining batch: {dataset!r}\n  DataLoader(batch_size=4, collate_fn=vlastore.dataset.collate) ->")
     print("\n".join(f"    {line}" for line in describe_batch(batch)))
-    print(f"\nnext: vlastore info {path}   |   vlastore verify {path}")
+    print(f"\nnext: vlastore info {location}   |   vlastore verify {location}")
     return 0
 
 
@@ -86,8 +175,9 @@ def _open_checked(location: str) -> VLAStore:
     except NewerFormatError:
         raise
     except (FormatError, ChecksumError) as exc:
-        raise DataError(f"{location} is damaged: {exc}\n  run `vlastore verify {location}` to list everything "
-                        "damaged") from None
+        raise DataError(
+            f"{location} is damaged: {exc}\n  run `vlastore verify {location}` to list everything damaged"
+        ) from None
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -102,13 +192,13 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     from .format import FormatError, NewerFormatError
     from .report import total_shards, verify_store
     from .shardcodec import ChecksumError
-    from .storage import StoreNotFoundError
+    from .storage import StorageError, StoreNotFoundError
     from .store import VLAStore
 
     total: int | None
     try:
         total = total_shards(VLAStore.open(args.store))
-    except (NewerFormatError, StoreNotFoundError):  # usage mistakes (exit 2), not damage
+    except (NewerFormatError, StoreNotFoundError, StorageError):  # usage mistakes (exit 2), no server: not damage
         raise
     except (FormatError, ChecksumError, OSError):  # damaged: verify_store reports it; the bar has no total
         total = None
@@ -179,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_ingest_parser(sub).set_defaults(func=_cmd_ingest)
     _add_living_parsers(sub)
+    add_storage_options(parser)
     return parser
 
 
@@ -291,9 +382,11 @@ def _failure(exc: BaseException, command: str) -> tuple[int, list[str]]:
     from .format import FormatError, NewerFormatError
     from .read import MissingRowError, StaleGenerationError
     from .shardcodec import ChecksumError
-    from .storage import StoreNotFoundError
+    from .storage import StorageError, StoreNotFoundError
     from .writer import OwnershipError
 
+    if isinstance(exc, StorageError):  # the object store: unreachable, missing bucket, failing after retries
+        return 1, str(exc).splitlines()
     if isinstance(exc, (UserError, StoreNotFoundError, NewerFormatError, FeatureMismatchError, ExtractorError,
                         FileExistsError, SnapshotNotFoundError)):
         return 2, [str(exc)]
@@ -337,7 +430,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not any(isinstance(f, _UnretrievedFutures) for f in asyncio_log.filters):
             asyncio_log.addFilter(_UnretrievedFutures())
     try:
-        return int(args.func(args))
+        with storage_options_env(args):
+            return int(args.func(args))
     except IngestError as exc:
         print(f"vlastore {args.command}: error: {exc}", file=sys.stderr)
         for problem in exc.problems[:20]:

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from . import transport
 from .loader import ResumableVLADataLoader, VLADataLoader
+from .read.sources import register_verifier
 from .reader import FeatureReader, MissingRowError, to_tensor
 from .sampler import ResumableDataLoader, ResumableSampler
 from .stats import DEFAULT_QUANTILES, SeriesStats, summarize
@@ -224,6 +225,13 @@ class VLADataset(Dataset):
             demand). Single samples always carry it.
         batch_task: batches (and samples) also carry ``task_index`` (int64, -1: none) and ``task`` (a list
             of texts, None where none) from the store's episode metadata (format 2; format 1 has none).
+        storage_options: for an ``s3://`` store: endpoint, credentials, ...
+            (``vlastore.storage.STORAGE_OPTIONS``) and the node cache options.
+        cache_dir: for an ``s3://`` store: a node-local folder where whole
+            shards are downloaded once per node and then memory-mapped (also
+            ``VLASTORE_CACHE``; size limit ``cache_max_bytes`` in
+            ``storage_options`` or ``VLASTORE_CACHE_BYTES``). Without one, rows
+            are read with ranged requests. See docs/remote.md.
 
     Raises:
         KeyError: unknown family, series or episode.
@@ -252,8 +260,10 @@ class VLADataset(Dataset):
         tolerance_s: float = DEFAULT_TOLERANCE_S,
         batch_episode_names: bool = False,
         batch_task: bool = False,
+        storage_options: Mapping[str, Any] | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
     ) -> None:
-        self.store = store if isinstance(store, VLAStore) else VLAStore.open(store)
+        self.store = store if isinstance(store, VLAStore) else _open_store(store, storage_options, cache_dir)
         if on_missing not in ON_MISSING:
             raise ValueError(f"on_missing={on_missing!r}: use one of {ON_MISSING}")
         if features is None:
@@ -643,6 +653,44 @@ class VLADataset(Dataset):
         for i in range(len(self)):
             yield self[i]
 
+    # ------------------------------------------------------- node cache (s3://)
+
+    def prefetch(self, indices: Sequence[int] | np.ndarray, skip: set[tuple[str, int]] | None = None) -> int:
+        """Start downloading the shards the samples ``indices`` read into the node cache, in the order they are
+        first needed, in background threads of this process; returns how many shards were queued.
+
+        Only for a store opened with a node cache (``cache_dir=``); otherwise nothing happens (0). Shards
+        already cached, or being downloaded by another process of the node, are skipped, and so are the
+        ``(family, shard)`` pairs in ``skip``, to which the ones queued now are added. ``dataloader()``
+        calls it for the batches its sampler yields next.
+        """
+        prefetch = getattr(self.store.storage, "prefetch", None)
+        if prefetch is None or not self._readers:
+            return 0
+        skip = set() if skip is None else skip
+        if len(skip) >= sum(reader.layout.n_shards for reader in self._readers.values()):
+            return 0  # every shard was queued already this epoch
+        self._follow()
+        ids = self._pick(indices)
+        n_families = len(self.features)
+        firsts: list[int] = []
+        keys: list[str] = []
+        for i, (family, reader) in enumerate(self._readers.items()):
+            rows = ids[3 + n_families + i]
+            rows = rows[(rows >= 0) & (rows < reader.layout.rows)]
+            register_verifier(reader.handle)  # downloads made here are checked as the reader's are
+            shards, first = np.unique(reader.layout.shard_of(rows), return_index=True)
+            for shard, position in zip(shards.tolist(), first.tolist(), strict=True):
+                if (family, shard) not in skip:
+                    skip.add((family, shard))
+                    firsts.append(position)
+                    keys.append(reader.handle.shard_key(shard))
+        if not keys:
+            return 0
+        queued = [keys[j] for j in np.argsort(np.asarray(firsts, dtype=np.int64), kind="stable").tolist()]
+        prefetch(queued)
+        return len(queued)
+
     # ----------------------------------------------------------------- subsets
 
     def _options(self) -> dict[str, Any]:
@@ -710,10 +758,15 @@ class VLADataset(Dataset):
         an epoch is split over ranks).
         """
         kwargs.setdefault("collate_fn", collate)
+        if hasattr(self.store.storage, "prefetch") and not resumable and kwargs.get("batch_sampler") is None:
+            kwargs = _with_lookahead(self, batch_size, kwargs)  # node cache: prefetch what comes next
+            batch_size = None  # type: ignore[assignment]  # the batch sampler makes the batches
         if resumable or isinstance(kwargs.get("batch_sampler"), ResumableSampler):
             if "batch_sampler" not in kwargs:
                 kwargs["batch_size"] = batch_size
             return (ResumableDataLoader if torch_loader else ResumableVLADataLoader)(self, **kwargs)
+        if batch_size is None:
+            return (DataLoader if torch_loader else VLADataLoader)(self, **kwargs)
         return (DataLoader if torch_loader else VLADataLoader)(self, batch_size=batch_size, **kwargs)
 
     def __repr__(self) -> str:
@@ -740,3 +793,60 @@ class _StatsView(Mapping):
 
     def __repr__(self) -> str:
         return f"<stats of {list(self)} over {len(self._dataset.episode_ids)} episodes>"
+
+
+def _open_store(location: Any, storage_options: Mapping[str, Any] | None,
+                cache_dir: str | os.PathLike[str] | None) -> VLAStore:
+    options = dict(storage_options or {})
+    if cache_dir is not None:
+        options["cache_dir"] = os.fspath(cache_dir)
+    return VLAStore.open(location, storage_options=options or None)
+
+
+PREFETCH_BATCHES = 16
+"""Batches the node-cache prefetch looks ahead of the batch the DataLoader asks for."""
+
+
+class LookaheadBatchSampler(torch.utils.data.Sampler[list[int]]):
+    """Yields the batches of ``batch_sampler`` unchanged, reading ``ahead`` batches in advance and handing
+    each to ``dataset.prefetch``: the shards the sampler needs next download while earlier batches train."""
+
+    def __init__(self, dataset: VLADataset, batch_sampler: Any, ahead: int = PREFETCH_BATCHES) -> None:
+        self.dataset = dataset
+        self.batch_sampler = batch_sampler
+        self.ahead = max(1, int(ahead))
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        from collections import deque
+
+        window: deque[list[int]] = deque()
+        queued: set[tuple[str, int]] = set()  # shards handed to prefetch this epoch
+        for batch in self.batch_sampler:
+            window.append(batch)
+            try:
+                self.dataset.prefetch(batch, queued)
+            except Exception as exc:  # noqa: BLE001 - prefetch is a hint; the read of the batch reports errors
+                log.warning("prefetch failed: %s", exc)
+            if len(window) > self.ahead:
+                yield window.popleft()
+        yield from window
+
+
+def _with_lookahead(dataset: VLADataset, batch_size: int, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """DataLoader arguments with the batches made here, through a :class:`LookaheadBatchSampler`."""
+    from torch.utils.data import BatchSampler, RandomSampler, SequentialSampler
+
+    kwargs = dict(kwargs)
+    sampler = kwargs.pop("sampler", None)
+    shuffle = kwargs.pop("shuffle", False)
+    generator = kwargs.get("generator")
+    if sampler is None:
+        sampler = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
+    elif shuffle:
+        raise ValueError("sampler= and shuffle=True: give one (as torch's DataLoader says)")
+    batches = BatchSampler(sampler, batch_size, bool(kwargs.pop("drop_last", False)))
+    kwargs["batch_sampler"] = LookaheadBatchSampler(dataset, batches, kwargs.pop("prefetch_batches", PREFETCH_BATCHES))
+    return kwargs

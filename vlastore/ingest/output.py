@@ -73,6 +73,8 @@ def open_or_create_store(out: str, episodes: list[EpisodeData], columns: dict[st
     Raises:
         IngestUsageError: ``out`` holds another store (different episodes or data) or is not a store.
     """
+    if str(out).startswith("s3://"):
+        return _open_or_create_remote(str(out), episodes, columns, same, other_store_hint, allow_nonfinite)
     path = Path(out)
     try:
         occupied = os.path.lexists(path) and (not path.is_dir() or path.is_symlink() or any(path.iterdir()))
@@ -83,15 +85,7 @@ def open_or_create_store(out: str, episodes: list[EpisodeData], columns: dict[st
             store = VLAStore.open(path, writable=True)
         except (StoreNotFoundError, FormatError, OSError):
             raise IngestUsageError(f"--out {out} exists and is not a vlastore store; pick a new --out") from None
-        names = tuple(e.name for e in episodes)
-        steps = [e.step_count() for e in episodes]
-        if store.catalog.names != names or store.catalog.steps.tolist() != steps or (same and not same(store)):
-            what = "other episodes" if store.catalog.names != names else "other data"
-            raise IngestUsageError(
-                f"--out {out} is an existing store with {what} ({len(store.datasets)} episodes in it, {len(names)} "
-                f"from this source); --out only creates a store (or finishes one this same command started). "
-                + (other_store_hint or f"To add to it use --into {out}; else pick a new --out"))
-        return store, False
+        return _same_store(out, store, episodes, same, other_store_hint), False
     for stale in _stale_creations(path):
         shutil.rmtree(stale, ignore_errors=True)  # left by a killed run of ours
     tmp = path.parent / f".{path.name}{_CREATING}{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -110,3 +104,49 @@ def open_or_create_store(out: str, episodes: list[EpisodeData], columns: dict[st
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return VLAStore.open(path, writable=True), True
+
+
+def _same_store(
+    out: str,
+    store: VLAStore,
+    episodes: list[EpisodeData],
+    same: Callable[[VLAStore], bool] | None,
+    other_store_hint: str,
+) -> VLAStore:
+    """``store`` if an earlier run of this same ingestion made it, else IngestUsageError."""
+    names = tuple(e.name for e in episodes)
+    steps = [e.step_count() for e in episodes]
+    if store.catalog.names != names or store.catalog.steps.tolist() != steps or (same and not same(store)):
+        what = "other episodes" if store.catalog.names != names else "other data"
+        raise IngestUsageError(
+            f"--out {out} is an existing store with {what} ({len(store.datasets)} episodes in it, {len(names)} "
+            f"from this source); --out only creates a store (or finishes one this same command started). "
+            + (other_store_hint or f"To add to it use --into {out}; else pick a new --out")
+        )
+    return store
+
+
+def _open_or_create_remote(
+    out: str,
+    episodes: list[EpisodeData],
+    columns: dict[str, Any] | None,
+    same: Callable[[VLAStore], bool] | None,
+    other_store_hint: str,
+    allow_nonfinite: bool,
+) -> tuple[VLAStore, bool]:
+    """``--out s3://...``: object storage has no rename, but the manifest is written last, so a prefix
+    without it is not a store; a killed creation leaves objects that the message says to remove."""
+    from ..storage import open_storage
+
+    try:
+        store = VLAStore.open(out, writable=True)
+    except StoreNotFoundError:
+        if next(iter(open_storage(out).list("")), None) is not None:
+            raise IngestUsageError(
+                f"--out {out} holds objects but no vlastore store (a creation killed before its "
+                "end?); remove that prefix, or pick a new --out"
+            ) from None
+        return VLAStore.create(out, episodes, columns=columns, allow_nonfinite=allow_nonfinite), True
+    except FormatError:
+        raise IngestUsageError(f"--out {out} exists and is not a readable vlastore store; pick a new --out") from None
+    return _same_store(out, store, episodes, same, other_store_hint), False

@@ -91,7 +91,8 @@ class FeatureReader:
         self.dtype = self.spec.storage_dtype
         self.row_nbytes = self.spec.row_nbytes
         self.verify = verify
-        self.local = self.handle.storage.is_local
+        # local files, or a node cache that hands out local files of whole shards
+        self.local = self.handle.storage.is_local or getattr(self.handle.storage, "serves_local_files", False)
         # raw families on local files map all their shards into one address range (see arena.py); its row
         # map is O(rows), so a family with more rows than ARENA_MAX_ROWS (or a store claiming so) reads
         # shard by shard

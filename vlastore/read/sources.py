@@ -34,6 +34,7 @@ from ..shardcodec import (
     ChecksumError,
     ShardIndex,
     crc_mismatch,
+    crc_ok,
     decode_index,
     index_nbytes,
     row_crcs,
@@ -41,7 +42,8 @@ from ..shardcodec import (
 )
 from . import arena as _arena
 
-__all__ = ["Shard", "StridedShard", "IndexedShard", "ShardSource", "ArenaSource", "MapSource", "RangedSource"]
+__all__ = ["Shard", "StridedShard", "IndexedShard", "ShardSource", "ArenaSource", "MapSource", "RangedSource",
+           "shard_verifier", "register_verifier"]
 
 
 class Shard:
@@ -158,6 +160,39 @@ class IndexedShard(Shard):
         return self.fetch([(int(offsets[c]), int(offsets[c]) + int(nbytes[c])) for c in chunks])
 
 
+def shard_verifier(handle: FamilyHandle) -> Callable[[str, np.ndarray], None]:
+    """``verify(key, data)`` for a downloaded shard of ``handle``'s family: its index and the crc32c of every
+    chunk it holds; raises ChecksumError naming the key."""
+    rps = handle.layout.rows_per_shard
+    n_index = index_nbytes(rps)
+
+    def verify(key: str, data: np.ndarray) -> None:
+        where = handle.storage.where(key)
+        if data.size < n_index:
+            raise ChecksumError(f"{where}: {data.size} bytes, too short for the index of {n_index} bytes")
+        try:
+            index = decode_index(data[-n_index:], rps, data.size - n_index)
+        except ChecksumError as exc:
+            raise ChecksumError(f"{where}: {exc}") from None
+        offsets, nbytes = index.offsets, index.nbytes
+        for chunk in np.flatnonzero(index.present).tolist():
+            start = int(offsets[chunk])
+            if not crc_ok(data[start : start + int(nbytes[chunk])]):
+                raise ChecksumError(f"{where}: chunk {chunk} fails its crc32c")
+
+    return verify
+
+
+def register_verifier(handle: FamilyHandle) -> None:
+    """On a node cache (a storage with ``add_verify``): check each shard of ``handle`` downloaded from now on
+    in this process with :func:`shard_verifier`. Nothing on other storages."""
+    add_verify = getattr(handle.storage, "add_verify", None)
+    if add_verify is not None:
+        check = shard_verifier(handle)
+        for segment in handle.segments:
+            add_verify(segment.path, check)
+
+
 class ShardSource(abc.ABC):
     """Opens the shards of one generation in one way."""
 
@@ -196,7 +231,15 @@ class ShardSource(abc.ABC):
 
 
 class MapSource(ShardSource):
-    """One private memory map per shard (``Storage.open_map``: local files, a node-local cache)."""
+    """One private memory map per shard (``Storage.open_map``: local files, a node-local cache).
+
+    On a node cache (a storage with ``add_verify``), every shard downloaded is checked whole before it is
+    renamed into the cache (:func:`shard_verifier`), so no process of the node ever maps a damaged copy.
+    """
+
+    def __init__(self, handle: FamilyHandle) -> None:
+        super().__init__(handle)
+        register_verifier(handle)
 
     def open(self, shard: int) -> Shard | None:
         key = self.handle.shard_key(shard)

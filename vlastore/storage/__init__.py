@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from typing import Any
 
 from zarr.abc.store import Store
@@ -25,6 +26,7 @@ from zarr.storage import LocalStore
 
 from .base import (
     AlreadyExistsError,
+    BucketNotFoundError,
     Storage,
     StorageError,
     StoreNotFoundError,
@@ -35,13 +37,23 @@ from .base import (
 from .cache import CachedStorage, CacheFullError
 from .local import LocalStorage, SafeLocalStore, UnsafeFileError
 from .objects import ObjectStorage
-from .settings import STORAGE_OPTIONS, S3Settings, parse_s3_url
+from .settings import (
+    CACHE_OPTIONS,
+    STORAGE_OPTIONS,
+    CacheSettings,
+    S3Settings,
+    check_options,
+    options_from_env,
+    parse_s3_url,
+    split_options,
+)
 from .zarrstore import SeamStore, ZarrStoreStorage
 
 __all__ = [
     "Storage",
     "StorageError",
     "AlreadyExistsError",
+    "BucketNotFoundError",
     "VersionMismatchError",
     "TemporaryFileLost",
     "StoreNotFoundError",
@@ -52,7 +64,10 @@ __all__ = [
     "SeamStore",
     "ObjectStorage",
     "STORAGE_OPTIONS",
+    "CACHE_OPTIONS",
     "S3Settings",
+    "CacheSettings",
+    "check_options",
     "parse_s3_url",
     "CachedStorage",
     "CacheFullError",
@@ -73,7 +88,11 @@ def open_storage(location: Location, storage_options: dict[str, Any] | None = No
             ``s3://bucket/prefix`` URL, a zarr ``Store`` (a ``LocalStore`` becomes
             the safe :class:`LocalStorage` of its folder), or a Storage (returned as is).
         storage_options: for ``s3://`` URLs: endpoint, credentials, retries
-            (:data:`STORAGE_OPTIONS`); refused for the other kinds.
+            (:data:`STORAGE_OPTIONS`), and the node cache (:data:`CACHE_OPTIONS`: ``cache_dir``,
+            ``cache_max_bytes``, ...); refused for the other kinds. They override the options of the
+            ``VLASTORE_STORAGE_OPTIONS`` environment variable (JSON; the CLI sets it from
+            ``--storage-option``), which override the AWS variables. With a cache folder (the option, or
+            ``VLASTORE_CACHE``) the result is a :class:`CachedStorage`.
 
     Raises:
         ValueError: a URL scheme vlastore cannot reach, or options for a location that takes none.
@@ -91,8 +110,24 @@ def open_storage(location: Location, storage_options: dict[str, Any] | None = No
         return ZarrStoreStorage(location)
     text = os.fspath(location)
     if text.startswith("s3://"):
-        return ObjectStorage(text, storage_options)
+        return _object_storage(text, {**options_from_env(), **(storage_options or {})})
     if "://" in text and not text.startswith("file://"):
         raise ValueError(f"{text}: vlastore reaches local folders, file:// and s3:// URLs; for another kind of "
                          "location, open a zarr Store (or a vlastore Storage) for it and pass that")
     return LocalStorage(text.removeprefix("file://"))
+
+
+def _object_storage(url: str, options: dict[str, Any]) -> Storage:
+    remote_options, cache_options = split_options(options)
+    cache = CacheSettings.resolve(cache_options)
+    remote = ObjectStorage(url, remote_options)
+    if cache.cache_dir is None:
+        return remote
+    max_bytes = cache.max_bytes
+    if max_bytes is None:
+        folder = os.path.expanduser(cache.cache_dir)
+        os.makedirs(folder, exist_ok=True)
+        max_bytes = max(1 << 20, int(shutil.disk_usage(folder).free * 0.8))
+    return CachedStorage(
+        remote, cache.cache_dir, max_bytes, on_full=cache.on_full, prefetch_threads=cache.prefetch_threads
+    )

@@ -47,6 +47,10 @@ class StorageError(OSError):
     """
 
 
+class BucketNotFoundError(StorageError, FileNotFoundError):
+    """The bucket of an ``s3://`` location does not exist on the endpoint (a setup problem, not damage)."""
+
+
 class AlreadyExistsError(FileExistsError):
     """``put_if_absent`` found the key already there (another writer was first)."""
 

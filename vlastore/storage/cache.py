@@ -144,6 +144,8 @@ class CachedStorage(Storage):
     """
 
     is_local = False
+    serves_local_files = True
+    """Shard objects come back as local files (:meth:`open_fd`, :meth:`open_map`): the reader's fast paths apply."""
 
     def __init__(
         self,
@@ -181,7 +183,22 @@ class CachedStorage(Storage):
         self._pending: dict[str, Future[Any]] = {}
         self._guard = threading.Lock()
         self._warned_full = False
+        self._verifiers: dict[str, Verify] = {}
+        self._pins: dict[str, int] = {}  # key -> a share-locked descriptor held while this process lives
         self._drop_files_of_another_boot()
+
+    def add_verify(self, prefix: str, verify: Verify) -> None:
+        """Check downloads of keys under ``prefix`` with ``verify`` (the reader registers a shard check per
+        family generation: index and every chunk's crc32c); the longest matching prefix wins."""
+        check_key(prefix.rstrip("/"))
+        self._verifiers[prefix.rstrip("/") + "/"] = verify
+
+    def _verify_for(self, key: str) -> Verify | None:
+        best = ""
+        for prefix in self._verifiers:
+            if key.startswith(prefix) and len(prefix) > len(best):
+                best = prefix
+        return self._verifiers[best] if best else self.verify
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (_rebuild, (self.remote, str(self.cache_dir), self.max_bytes, self.verify, self.prefetch_threads,
@@ -195,6 +212,7 @@ class CachedStorage(Storage):
             self._executor = None
             self._pending = {}
             self._guard = threading.Lock()
+            self._pins = {}  # the parent's descriptors (and their locks) stay the parent's
 
     def close(self) -> None:
         """Stop the prefetch threads (downloads under way finish first)."""
@@ -258,6 +276,63 @@ class CachedStorage(Storage):
             # evicted between download and map: the cache is under pressure; try again
         self._full_fallback(key, "it was evicted again each time before it could be mapped")
         return None
+
+    def open_fd(self, key: str) -> int | None:
+        """A read-only descriptor of the cached, verified file (downloaded now if needed; the caller closes it);
+        None when the cache has no room. The file stays pinned against eviction while this process lives
+        (the reader maps it into its shard arena, which outlives the descriptor).
+
+        Raises:
+            FileNotFoundError: the object does not exist.
+            CacheFullError: no room and ``on_full="error"``.
+        """
+        self._check_pid()
+        for _ in range(5):
+            path, entry = self._ensure(key)
+            if path is None or entry is None:
+                return None
+            fd = self._pinned_fd(path, entry.size)
+            if fd is not None:
+                with self._guard:
+                    old = self._pins.pop(key, None)
+                    self._pins[key] = fd
+                if old is not None:
+                    os.close(old)
+                return os.dup(fd)
+        self._full_fallback(key, "it was evicted again each time before it could be opened")
+        return None
+
+    def _pinned_fd(self, path: Path, size: int) -> int | None:
+        """A descriptor of ``path`` holding a shared lock (the eviction pin), or None if it was evicted."""
+        try:
+            fd = os.open(path, _OPEN_FLAGS)
+        except FileNotFoundError:
+            return None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_size != size:
+                raise StorageError(f"cache file {path} is not a regular file of {size} bytes; remove it")
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            try:
+                now = os.stat(path)
+            except FileNotFoundError:
+                now = None
+            if now is None or (now.st_ino, now.st_dev) != (st.st_ino, st.st_dev):
+                os.close(fd)
+                return None
+            os.utime(fd)
+            return fd
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def unpin(self) -> None:
+        """Release the pins :meth:`open_fd` holds in this process (maps made from them keep their pages)."""
+        self._check_pid()
+        with self._guard:
+            pins, self._pins = self._pins, {}
+        for fd in pins.values():
+            os.close(fd)
 
     def _map_pinned(self, path: Path, size: int) -> np.ndarray | None:
         try:
@@ -358,7 +433,7 @@ class CachedStorage(Storage):
                     f"{self.lock_timeout_s:.0f} s; if it hangs, stop it (its lock goes with it) and rerun"
                 )
             time.sleep(delay)
-            delay = min(0.1, delay * 2)
+            delay = min(0.02, delay * 2)  # short: a reader waiting for a prefetch should not oversleep it
         return fd
 
     def _fetch(self, key: str, known: _Entry | None) -> tuple[Path | None, _Entry | None]:
@@ -436,13 +511,14 @@ class CachedStorage(Storage):
             raise StorageError(
                 f"download of {self.location}/{key} gave {size} bytes, the object has {entry.size}; rerun to retry"
             )
-        if self.verify is None or size == 0:
+        verify = self._verify_for(key)
+        if verify is None or size == 0:
             return
         view = mmap.mmap(fd, size, access=mmap.ACCESS_READ)
         data = np.frombuffer(view, dtype=np.uint8)
         data.flags.writeable = False
         try:
-            self.verify(key, data)
+            verify(key, data)
         except Exception as exc:
             exc.add_note(f"downloaded from {self.location}/{key} into {self.cache_dir}; the copy was discarded")
             raise

@@ -72,6 +72,7 @@ from crc32c import crc32c
 
 from .base import (
     AlreadyExistsError,
+    BucketNotFoundError,
     Buffer,
     Storage,
     StorageError,
@@ -130,6 +131,7 @@ class _ProcessState:
     client: Any
     executor: ThreadPoolExecutor | None = None
     zarr_store: Any = None
+    bucket_ok: bool = False  # a HEAD of the bucket said it exists
 
 
 def _error_status(exc: BaseException) -> tuple[int, str]:
@@ -139,14 +141,14 @@ def _error_status(exc: BaseException) -> tuple[int, str]:
 
 
 def _is_transient(exc: BaseException) -> bool:
-    from botocore.exceptions import (
-        ClientError,
-        HTTPClientError,
-        IncompleteReadError,
-        ResponseStreamingError,
-    )
+    from botocore.exceptions import ClientError, HTTPClientError, IncompleteReadError, ResponseStreamingError
+    from botocore.exceptions import ConnectionError as BotoConnectionError
 
-    if isinstance(exc, _Truncated | HTTPClientError | IncompleteReadError | ResponseStreamingError):
+    # BotoConnectionError: the endpoint refused or did not answer the connection (EndpointConnectionError,
+    # ConnectTimeoutError): retried, and reported with the endpoint to check when it persists
+    if isinstance(
+        exc, _Truncated | HTTPClientError | IncompleteReadError | ResponseStreamingError | BotoConnectionError
+    ):
         return True
     if isinstance(exc, ClientError):
         status, code = _error_status(exc)
@@ -298,7 +300,7 @@ class ObjectStorage(Storage):
                     "that they may read/write this bucket and prefix"
                 )
             if code == "NoSuchBucket":
-                return FileNotFoundError(f"{what} {self._where(key)}: bucket {self.bucket!r} does not exist")
+                return self._no_bucket(what, key)
             return StorageError(
                 f"{what} {self._where(key)}: the server refused the request (HTTP {status} {code}: "
                 f"{exc}); this is not a transient error, so it was not retried"
@@ -393,12 +395,35 @@ class ObjectStorage(Storage):
                 response = self._client.head_object(Bucket=self.bucket, Key=full)
             except Exception as exc:
                 if _is_missing(exc):
+                    self._check_bucket()
                     return None
                 raise
             crc = (response.get("Metadata") or {}).get(_CRC_META)
             return ObjectInfo(int(response["ContentLength"]), response["ETag"], int(crc, 16) if crc else None)
 
         return self._retry("looking up", key, request)
+
+    def _no_bucket(self, what: str, key: str) -> BucketNotFoundError:
+        endpoint = self.settings.endpoint or "AWS"
+        return BucketNotFoundError(
+            f"{what} {self._where(key)}: bucket {self.bucket!r} does not exist on {endpoint}; create it, or fix the "
+            "URL or the endpoint (--storage-option endpoint=..., AWS_ENDPOINT_URL)"
+        )
+
+    def _check_bucket(self) -> None:
+        """After a HEAD's 404 (which does not say whether the key or the bucket is missing): once per process,
+        one HEAD of the bucket, so a wrong bucket name is reported as such and not as "no store here"."""
+        state = self._process()
+        if state.bucket_ok:
+            return
+        try:
+            self._client.head_bucket(Bucket=self.bucket)
+        except Exception as exc:
+            status, _ = _error_status(exc)
+            if status == 404:
+                raise self._no_bucket("looking up", "") from None
+            return  # 403 (allowed to read keys, not the bucket) and the like: let the key's answer stand
+        state.bucket_ok = True
 
     def size(self, key: str) -> int | None:
         info = self.head(key)
@@ -712,8 +737,9 @@ def _span_of(response: dict[str, Any], asked_from: int) -> tuple[int, int]:
         raise _Truncated(f"unreadable Content-Range {content_range!r}")
     first, last, total = int(match.group(1)), int(match.group(2)), int(match.group(3))
     if last + 1 != total or int(response["ContentLength"]) != last - first + 1 or first != asked_from:
-        raise _Truncated(f"asked bytes {asked_from}- of the object, got {content_range} in "
-                         f"{response['ContentLength']} bytes")
+        raise _Truncated(
+            f"asked bytes {asked_from}- of the object, got {content_range} in {response['ContentLength']} bytes"
+        )
     return total, first
 
 

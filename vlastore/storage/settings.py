@@ -6,6 +6,7 @@ override the usual AWS environment variables, which override the defaults.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -13,7 +14,37 @@ from typing import Any
 
 from .base import check_key
 
-__all__ = ["STORAGE_OPTIONS", "S3Settings", "parse_s3_url"]
+__all__ = [
+    "STORAGE_OPTIONS",
+    "CACHE_OPTIONS",
+    "OPTIONS_ENV",
+    "S3Settings",
+    "CacheSettings",
+    "parse_s3_url",
+    "parse_size",
+    "split_options",
+    "check_options",
+    "options_from_env",
+]
+
+OPTIONS_ENV = "VLASTORE_STORAGE_OPTIONS"
+"""Environment variable holding storage options as a JSON object: the defaults of every ``s3://`` location
+opened without options. The CLI sets it from ``--storage-option`` for the command's lifetime, so processes it
+starts (ingest workers, DataLoader workers, spawn) reach the same bucket."""
+
+CACHE_ENV = "VLASTORE_CACHE"
+CACHE_BYTES_ENV = "VLASTORE_CACHE_BYTES"
+
+CACHE_OPTIONS: dict[str, str] = {
+    "cache_dir": f"node-local cache folder for whole shard files (env {CACHE_ENV}; default: none, ranged reads)",
+    "cache_max_bytes": f"size limit of the cache folder, e.g. 200G (env {CACHE_BYTES_ENV}; default 80% of the "
+    "free disk there when opened)",
+    "cache_on_full": "ranged (read from the object store when the cache has no room, default) | error",
+    "cache_prefetch_threads": "background download threads per process (default 2)",
+}
+"""Keys of the storage options that configure the node-local shard cache (:class:`~vlastore.storage.CachedStorage`)."""
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?b?)\s*$", re.IGNORECASE)
 
 _BUCKET_OK = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
 
@@ -175,3 +206,92 @@ class S3Settings:
             max_connections=_as_number("max_connections", given.get("max_connections", 16), int, 1),
             coalesce_gap=_as_number("coalesce_gap", given.get("coalesce_gap", 0), int, 0),
         )
+
+
+def parse_size(name: str, value: object) -> int:
+    """``"200G"``, ``"1.5T"``, ``"4096"`` (bytes; K/M/G/T/P are powers of 1024) -> bytes.
+
+    Raises:
+        ValueError: not a size, or not positive.
+    """
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    else:
+        match = _SIZE.match(str(value))
+        if not match:
+            raise ValueError(f"{name}={value!r} is not a size; write bytes or a number with K, M, G or T (e.g. 200G)")
+        number = int(float(match.group(1)) * 1024 ** " KMGTP".index((match.group(2) or " ").upper()))
+    if number <= 0:
+        raise ValueError(f"{name}={value!r} must be positive")
+    return number
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    """The node cache of an ``s3://`` store: options over ``VLASTORE_CACHE``/``VLASTORE_CACHE_BYTES``."""
+
+    cache_dir: str | None = None
+    max_bytes: int | None = None  # None: 80% of the free disk at the folder when opened
+    on_full: str = "ranged"
+    prefetch_threads: int = 2
+
+    @classmethod
+    def resolve(cls, options: dict[str, Any] | None = None, env: dict[str, str] | None = None) -> CacheSettings:
+        """Build cache settings from the ``cache_*`` options and the environment.
+
+        Raises:
+            ValueError: a bad value (the message says which and what is accepted).
+        """
+        env = dict(os.environ if env is None else env)
+        given = {str(k).lower(): v for k, v in (options or {}).items()}
+        folder = given.get("cache_dir") or env.get(CACHE_ENV) or None
+        limit = given.get("cache_max_bytes") or env.get(CACHE_BYTES_ENV) or None
+        on_full = str(given.get("cache_on_full") or "ranged").lower()
+        if on_full not in ("ranged", "error"):
+            raise ValueError(f"storage option cache_on_full={on_full!r} must be ranged or error")
+        return cls(
+            cache_dir=str(folder) if folder else None,
+            max_bytes=parse_size("cache_max_bytes", limit) if limit is not None else None,
+            on_full=on_full,
+            prefetch_threads=_as_number("cache_prefetch_threads", given.get("cache_prefetch_threads", 2), int, 1),
+        )
+
+
+def split_options(options: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(object store options, cache options)`` of one options mapping (keys compared in lower case)."""
+    remote: dict[str, Any] = {}
+    cache: dict[str, Any] = {}
+    for key, value in (options or {}).items():
+        (cache if str(key).lower() in CACHE_OPTIONS else remote)[key] = value
+    return remote, cache
+
+
+def check_options(options: dict[str, Any] | None, env: dict[str, str] | None = None) -> None:
+    """Raise ValueError (what is wrong, what is known) for an unknown key or a bad value; contacts nothing."""
+    remote, cache = split_options(options)
+    try:
+        S3Settings.resolve(remote, env)
+    except ValueError as exc:
+        if str(exc).startswith("unknown storage option"):
+            known = ", ".join(sorted([*STORAGE_OPTIONS, *CACHE_OPTIONS]))
+            raise ValueError(f"{str(exc).split(';')[0]}; known options: {known}") from None
+        raise
+    CacheSettings.resolve(cache, env)
+
+
+def options_from_env(env: dict[str, str] | None = None) -> dict[str, Any]:
+    """The storage options of :data:`OPTIONS_ENV` (``{}`` when unset).
+
+    Raises:
+        ValueError: the variable is not a JSON object of strings.
+    """
+    text = (os.environ if env is None else env).get(OPTIONS_ENV, "")
+    if not text.strip():
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f'{OPTIONS_ENV} is not JSON ({exc}); unset it or write {{"key": "value"}}') from None
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise ValueError(f"{OPTIONS_ENV} must be a JSON object of option names to values; unset it or fix it")
+    return value
