@@ -14,9 +14,22 @@ from zarr.core.sync import sync
 from vlastore.format import FamilySpec
 from vlastore.store import EpisodeData, VLAStore
 
-__all__ = ["episodes", "random_rows", "ragged_rows", "snapshot", "store_snapshot", "to_bits", "fill_family",
-           "build_full_store", "flip_byte", "TORCH_DTYPES", "as_value", "plan_writer_store",
-           "expected_values", "WRITER_STEPS"]
+__all__ = [
+    "episodes",
+    "random_rows",
+    "ragged_rows",
+    "snapshot",
+    "store_snapshot",
+    "to_bits",
+    "fill_family",
+    "build_full_store",
+    "flip_byte",
+    "TORCH_DTYPES",
+    "as_value",
+    "plan_writer_store",
+    "expected_values",
+    "WRITER_STEPS",
+]
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -64,8 +77,9 @@ def as_value(rows: np.ndarray, dtype: str) -> np.ndarray | torch.Tensor:
     return rows
 
 
-def fill_family(store: VLAStore, family: str, values: np.ndarray | list[np.ndarray], rank: int = 0,
-                world_size: int = 1) -> None:
+def fill_family(
+    store: VLAStore, family: str, values: np.ndarray | list[np.ndarray], rank: int = 0, world_size: int = 1
+) -> None:
     """Write every row ``rank`` owns from ``values`` (all rows, storage form)."""
     spec = store.spec(family)
     with store.writer(family, rank=rank, world_size=world_size) as writer:
@@ -82,10 +96,16 @@ def snapshot(path: str | os.PathLike[str]) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def spec_for(dtype: str, ragged: bool = False, compression: str | None = None, rows_per_shard: int = 4,
-             row_shape: tuple[int, ...] = (8,)) -> FamilySpec:
-    return FamilySpec(row_shape, dtype, ragged=ragged, compression=compression, rows_per_shard=rows_per_shard,
-                      vlm_reuse_count=3)
+def spec_for(
+    dtype: str,
+    ragged: bool = False,
+    compression: str | None = None,
+    rows_per_shard: int = 4,
+    row_shape: tuple[int, ...] = (8,),
+) -> FamilySpec:
+    return FamilySpec(
+        row_shape, dtype, ragged=ragged, compression=compression, rows_per_shard=rows_per_shard, vlm_reuse_count=3
+    )
 
 
 def build_full_store(location: str | os.PathLike[str] | Store) -> tuple[VLAStore, dict[str, object]]:
@@ -147,8 +167,11 @@ def plan_writer_store(location: str | os.PathLike[str]) -> VLAStore:
     store = VLAStore.create(location, episodes(WRITER_STEPS))
     store.add_family("fixed", spec_for("bfloat16"))
     lengths = np.random.default_rng(5).integers(1, 6, size=store.layout("fixed").rows)
-    store.add_family("tokens", spec_for("float16", ragged=True, compression="zstd", rows_per_shard=10,
-                                        row_shape=(4,)), lengths=lengths)
+    store.add_family(
+        "tokens",
+        spec_for("float16", ragged=True, compression="zstd", rows_per_shard=10, row_shape=(4,)),
+        lengths=lengths,
+    )
     return store
 
 

@@ -22,8 +22,15 @@ import torch
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-def make_pt_cache(folder: Path, episodes: dict[str, int], shape: tuple[int, ...] = (1, 16), dtype: str = "bfloat16",
-                  ragged: bool = False, seed: int = 0, payload: str = "tensor") -> dict[tuple[str, int], torch.Tensor]:
+def make_pt_cache(
+    folder: Path,
+    episodes: dict[str, int],
+    shape: tuple[int, ...] = (1, 16),
+    dtype: str = "bfloat16",
+    ragged: bool = False,
+    seed: int = 0,
+    payload: str = "tensor",
+) -> dict[tuple[str, int], torch.Tensor]:
     """``{dataset}_vlm{idx}.pt`` files; returns the saved tensors by (dataset, vlm_idx)."""
     folder.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(seed)
@@ -108,8 +115,9 @@ def snapshot(root: Path) -> dict[str, str]:
     return out
 
 
-def raw_zip(entries: list[tuple[str, bytes]], zip64: bool = False, method: int = 0,
-            declared: dict[str, int] | None = None) -> bytes:
+def raw_zip(
+    entries: list[tuple[str, bytes]], zip64: bool = False, method: int = 0, declared: dict[str, int] | None = None
+) -> bytes:
     """A zip archive written byte by byte: stored (or ``method``) records, optionally in zip64 form, and
     optionally declaring other uncompressed sizes than the data holds (``declared``)."""
     declared = declared or {}
@@ -122,16 +130,81 @@ def raw_zip(entries: list[tuple[str, bytes]], zip64: bool = False, method: int =
         offset = len(body)
         if zip64:
             local_extra = struct.pack("<HHQQ", 1, 16, usize, len(data))
-            body += struct.pack("<4sHHHHHIIIHH", b"PK\x03\x04", 45, 0, method, 0, 0x21, crc, big, big,
-                                len(raw_name), len(local_extra)) + raw_name + local_extra + data
+            body += (
+                struct.pack(
+                    "<4sHHHHHIIIHH",
+                    b"PK\x03\x04",
+                    45,
+                    0,
+                    method,
+                    0,
+                    0x21,
+                    crc,
+                    big,
+                    big,
+                    len(raw_name),
+                    len(local_extra),
+                )
+                + raw_name
+                + local_extra
+                + data
+            )
             extra = struct.pack("<HHQQQ", 1, 24, usize, len(data), offset)
-            central += struct.pack("<4sHHHHHHIIIHHHHHII", b"PK\x01\x02", 45, 45, 0, method, 0, 0x21, crc, big, big,
-                                   len(raw_name), len(extra), 0, 0, 0, 0, big) + raw_name + extra
+            central += (
+                struct.pack(
+                    "<4sHHHHHHIIIHHHHHII",
+                    b"PK\x01\x02",
+                    45,
+                    45,
+                    0,
+                    method,
+                    0,
+                    0x21,
+                    crc,
+                    big,
+                    big,
+                    len(raw_name),
+                    len(extra),
+                    0,
+                    0,
+                    0,
+                    0,
+                    big,
+                )
+                + raw_name
+                + extra
+            )
         else:
-            body += struct.pack("<4sHHHHHIIIHH", b"PK\x03\x04", 20, 0, method, 0, 0x21, crc, len(data), usize,
-                                len(raw_name), 0) + raw_name + data
-            central += struct.pack("<4sHHHHHHIIIHHHHHII", b"PK\x01\x02", 20, 20, 0, method, 0, 0x21, crc, len(data),
-                                   usize, len(raw_name), 0, 0, 0, 0, 0, offset) + raw_name
+            body += (
+                struct.pack(
+                    "<4sHHHHHIIIHH", b"PK\x03\x04", 20, 0, method, 0, 0x21, crc, len(data), usize, len(raw_name), 0
+                )
+                + raw_name
+                + data
+            )
+            central += (
+                struct.pack(
+                    "<4sHHHHHHIIIHHHHHII",
+                    b"PK\x01\x02",
+                    20,
+                    20,
+                    0,
+                    method,
+                    0,
+                    0x21,
+                    crc,
+                    len(data),
+                    usize,
+                    len(raw_name),
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    offset,
+                )
+                + raw_name
+            )
     cd_offset, n = len(body), len(entries)
     out = body + central
     if zip64:
@@ -181,8 +254,15 @@ sys.exit(code if code >= 0 else 128 - code)
 """
 
 
-def run_cli(args: list[str], *, limit_as: int | None = None, limit_fsize: int | None = None,
-            drop_file_caps: bool = False, timeout: float = 120, cwd: Path | None = None) -> Run:
+def run_cli(
+    args: list[str],
+    *,
+    limit_as: int | None = None,
+    limit_fsize: int | None = None,
+    drop_file_caps: bool = False,
+    timeout: float = 120,
+    cwd: Path | None = None,
+) -> Run:
     """``python -m vlastore ARGS`` in a real subprocess, optionally under rlimits or without root's file access.
 
     A small Python parent starts the command and reports its peak memory: a child forked straight
@@ -202,9 +282,15 @@ def run_cli(args: list[str], *, limit_as: int | None = None, limit_fsize: int | 
     with tempfile.TemporaryDirectory() as tmp:
         peak = Path(tmp) / "peak"
         with open(Path(tmp) / "out", "w+b") as out, open(Path(tmp) / "err", "w+b") as err:
-            proc = subprocess.Popen([sys.executable, "-c", _MEASURE, *command], stdout=out, stderr=err,
-                                    preexec_fn=limits, cwd=cwd or ROOT, start_new_session=True,
-                                    env={**os.environ, "VLASTORE_TEST_PEAK": str(peak)})
+            proc = subprocess.Popen(
+                [sys.executable, "-c", _MEASURE, *command],
+                stdout=out,
+                stderr=err,
+                preexec_fn=limits,
+                cwd=cwd or ROOT,
+                start_new_session=True,
+                env={**os.environ, "VLASTORE_TEST_PEAK": str(peak)},
+            )
             try:
                 code = proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:

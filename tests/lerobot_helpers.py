@@ -46,11 +46,14 @@ def frame_image(episode: int, step: int, height: int, width: int, camera: int = 
     """A smooth, recognisable RGB frame (survives a lossy codec within a few levels)."""
     y = np.linspace(0, 1, height)[:, None]
     x = np.linspace(0, 1, width)[None, :]
-    base = np.stack([
-        40 + 150 * x + 10 * step + 0 * y,
-        30 + 120 * y + 25 * episode + 0 * x,
-        200 - 60 * x * y - 7 * step + 30 * camera,
-    ], axis=-1)
+    base = np.stack(
+        [
+            40 + 150 * x + 10 * step + 0 * y,
+            30 + 120 * y + 25 * episode + 0 * x,
+            200 - 60 * x * y - 7 * step + 30 * camera,
+        ],
+        axis=-1,
+    )
     return np.clip(base, 0, 255).astype(np.uint8)
 
 
@@ -91,35 +94,62 @@ def write_lerobot_dataset(
         # episode 1 changes task half way, like a multi-task recording
         tasks = np.full(n, e % 2, dtype=np.int64)
         if e == 1:
-            tasks[n // 2:] = 2
+            tasks[n // 2 :] = 2
         written.task_index.append(tasks)
     features: dict[str, Any] = {
-        "observation.state": {"dtype": "float32", "shape": [state_dim], "names": [f"joint_{i}" for i in
-                                                                                   range(state_dim)]},
-        "action": {"dtype": "float32", "shape": [action_dim], "names": {"motors": [f"motor_{i}" for i in
-                                                                                 range(action_dim)]}},
+        "observation.state": {
+            "dtype": "float32",
+            "shape": [state_dim],
+            "names": [f"joint_{i}" for i in range(state_dim)],
+        },
+        "action": {
+            "dtype": "float32",
+            "shape": [action_dim],
+            "names": {"motors": [f"motor_{i}" for i in range(action_dim)]},
+        },
         "next.reward": {"dtype": "float32", "shape": [1], "names": None},
     }
     for cam in cameras:
-        features[cam] = {"dtype": "video", "shape": [height, width, 3], "names": ["height", "width", "channels"],
-                         "info": {"video.fps": fps, "video.codec": codec or "none", "video.pix_fmt": "yuv420p"}}
-    features.update({
-        "timestamp": {"dtype": "float32", "shape": [1], "names": None},
-        "frame_index": {"dtype": "int64", "shape": [1], "names": None},
-        "episode_index": {"dtype": "int64", "shape": [1], "names": None},
-        "index": {"dtype": "int64", "shape": [1], "names": None},
-        "task_index": {"dtype": "int64", "shape": [1], "names": None},
-    })
+        features[cam] = {
+            "dtype": "video",
+            "shape": [height, width, 3],
+            "names": ["height", "width", "channels"],
+            "info": {"video.fps": fps, "video.codec": codec or "none", "video.pix_fmt": "yuv420p"},
+        }
+    features.update(
+        {
+            "timestamp": {"dtype": "float32", "shape": [1], "names": None},
+            "frame_index": {"dtype": "int64", "shape": [1], "names": None},
+            "episode_index": {"dtype": "int64", "shape": [1], "names": None},
+            "index": {"dtype": "int64", "shape": [1], "names": None},
+            "task_index": {"dtype": "int64", "shape": [1], "names": None},
+        }
+    )
     info = {
-        "codebase_version": "v3.0", "robot_type": "so100", "total_episodes": len(lengths),
-        "total_frames": sum(lengths), "total_tasks": len(TASKS), "chunks_size": files_per_chunk,
-        "data_files_size_in_mb": 100, "video_files_size_in_mb": 200, "fps": fps,
-        "splits": {"train": f"0:{len(lengths)}"}, "data_path": DATA_PATH, "video_path": VIDEO_PATH,
+        "codebase_version": "v3.0",
+        "robot_type": "so100",
+        "total_episodes": len(lengths),
+        "total_frames": sum(lengths),
+        "total_tasks": len(TASKS),
+        "chunks_size": files_per_chunk,
+        "data_files_size_in_mb": 100,
+        "video_files_size_in_mb": 200,
+        "fps": fps,
+        "splits": {"train": f"0:{len(lengths)}"},
+        "data_path": DATA_PATH,
+        "video_path": VIDEO_PATH,
         "features": features,
     }
     (root / "meta" / "info.json").write_text(json.dumps(info, indent=4))
-    pq.write_table(pa.table({"task_index": pa.array(range(len(TASKS)), pa.int64()),
-                             "__index_level_0__": pa.array(TASKS, pa.large_string())}), root / "meta" / "tasks.parquet")
+    pq.write_table(
+        pa.table(
+            {
+                "task_index": pa.array(range(len(TASKS)), pa.int64()),
+                "__index_level_0__": pa.array(TASKS, pa.large_string()),
+            }
+        ),
+        root / "meta" / "tasks.parquet",
+    )
 
     def vec(values: np.ndarray) -> pa.Array:
         flat = pa.array(values.reshape(-1), pa.float32())
@@ -130,8 +160,9 @@ def write_lerobot_dataset(
 
     rows: list[dict[str, Any]] = []
     starts = np.concatenate([[0], np.cumsum(lengths)]).astype(int)
-    groups = [list(range(i, min(i + episodes_per_file, len(lengths)))) for i in range(0, len(lengths),
-                                                                                      episodes_per_file)]
+    groups = [
+        list(range(i, min(i + episodes_per_file, len(lengths)))) for i in range(0, len(lengths), episodes_per_file)
+    ]
     for number, group in enumerate(groups):
         chunk, file = divmod(number, files_per_chunk)
         path = root / DATA_PATH.format(chunk_index=chunk, file_index=file)
@@ -139,20 +170,34 @@ def write_lerobot_dataset(
         tables = []
         for e in group:
             n = lengths[e]
-            tables.append(pa.table({
-                "observation.state": vec(written.state[e]), "action": vec(written.action[e]),
-                "next.reward": pa.array(written.reward[e], pa.float32()),
-                "timestamp": pa.array(np.arange(n, dtype=np.float32) / np.float32(fps), pa.float32()),
-                "frame_index": pa.array(np.arange(n), pa.int64()),
-                "episode_index": pa.array(np.full(n, e), pa.int64()),
-                "index": pa.array(np.arange(starts[e], starts[e + 1]), pa.int64()),
-                "task_index": pa.array(written.task_index[e], pa.int64()),
-            }))
-            rows.append({"episode_index": e, "tasks": sorted({TASKS[t] for t in written.task_index[e]}),
-                         "length": n, "data/chunk_index": chunk, "data/file_index": file,
-                         "dataset_from_index": int(starts[e]), "dataset_to_index": int(starts[e + 1]),
-                         "stats/observation.state/mean": written.state[e].mean(0).astype(float).tolist(),
-                         "meta/episodes/chunk_index": 0, "meta/episodes/file_index": 0})
+            tables.append(
+                pa.table(
+                    {
+                        "observation.state": vec(written.state[e]),
+                        "action": vec(written.action[e]),
+                        "next.reward": pa.array(written.reward[e], pa.float32()),
+                        "timestamp": pa.array(np.arange(n, dtype=np.float32) / np.float32(fps), pa.float32()),
+                        "frame_index": pa.array(np.arange(n), pa.int64()),
+                        "episode_index": pa.array(np.full(n, e), pa.int64()),
+                        "index": pa.array(np.arange(starts[e], starts[e + 1]), pa.int64()),
+                        "task_index": pa.array(written.task_index[e], pa.int64()),
+                    }
+                )
+            )
+            rows.append(
+                {
+                    "episode_index": e,
+                    "tasks": sorted({TASKS[t] for t in written.task_index[e]}),
+                    "length": n,
+                    "data/chunk_index": chunk,
+                    "data/file_index": file,
+                    "dataset_from_index": int(starts[e]),
+                    "dataset_to_index": int(starts[e + 1]),
+                    "stats/observation.state/mean": written.state[e].mean(0).astype(float).tolist(),
+                    "meta/episodes/chunk_index": 0,
+                    "meta/episodes/file_index": 0,
+                }
+            )
         with pq.ParquetWriter(path, tables[0].schema, compression="snappy") as out:
             for table in tables:
                 out.write_table(table, row_group_size=row_group_rows or len(table))
@@ -174,8 +219,16 @@ def write_lerobot_dataset(
     return written
 
 
-def _encode_camera(root: Path, cam: str, cam_number: int, lengths: list[int], fps: int, codec: str,
-                   size: tuple[int, int], written: Written) -> list[float]:
+def _encode_camera(
+    root: Path,
+    cam: str,
+    cam_number: int,
+    lengths: list[int],
+    fps: int,
+    codec: str,
+    size: tuple[int, int],
+    written: Written,
+) -> list[float]:
     """All episodes of one camera in one mp4, one after the other; returns each episode's from_timestamp."""
     import av
 

@@ -59,8 +59,9 @@ def make_store(
         producer = Producer("test/model", "r1", fingerprint=f"fp-{dtype}")
         if "fixed" in families:
             name = f"fixed_{dtype}"
-            spec = FamilySpec((2, 3), dtype, vlm_reuse_count=reuse, rows_per_shard=rows_per_shard,
-                              compression=compression)
+            spec = FamilySpec(
+                (2, 3), dtype, vlm_reuse_count=reuse, rows_per_shard=rows_per_shard, compression=compression
+            )
             store.add_family(name, spec, items, producer=producer)
             values = random_values(rng, (rows, 2, 3), dtype)
             with store.writer(name) as writer:
@@ -69,8 +70,14 @@ def make_store(
         if "ragged" in families:
             name = f"ragged_{dtype}"
             lengths = rng.integers(1, 6, size=rows)
-            spec = FamilySpec((4,), dtype, ragged=True, vlm_reuse_count=reuse, rows_per_shard=4 * rows_per_shard,
-                              compression=compression)
+            spec = FamilySpec(
+                (4,),
+                dtype,
+                ragged=True,
+                vlm_reuse_count=reuse,
+                rows_per_shard=4 * rows_per_shard,
+                compression=compression,
+            )
             store.add_family(name, spec, items, lengths=lengths, producer=producer)
             ragged = [random_values(rng, (int(n), 4), dtype) for n in lengths]
             with store.writer(name) as writer:

@@ -30,8 +30,19 @@ from urllib.parse import urlsplit
 
 import pytest
 
-__all__ = ["MotoS3", "FaultProxy", "RequestRecord", "start_moto", "moto_s3", "s3_options", "s3_url", "s3_proxy",
-           "proxy_options", "proxy_url", "BUCKET"]
+__all__ = [
+    "MotoS3",
+    "FaultProxy",
+    "RequestRecord",
+    "start_moto",
+    "moto_s3",
+    "s3_options",
+    "s3_url",
+    "s3_proxy",
+    "proxy_options",
+    "proxy_url",
+    "BUCKET",
+]
 
 BUCKET = "vlastore-test"
 ACCESS_KEY = "testing"
@@ -168,7 +179,8 @@ class FaultProxy:
     def requests(self, method: str | None = None, key_contains: str | None = None) -> list[RequestRecord]:
         with self._lock:
             return [
-                r for r in self.log
+                r
+                for r in self.log
                 if (method is None or r.method == method) and (key_contains is None or key_contains in r.key)
             ]
 
@@ -185,7 +197,7 @@ class FaultProxy:
         parts = urlsplit(path)
         route = parts.path.lstrip("/")
         prefix = self.bucket + "/"
-        key = route[len(prefix):] if route.startswith(prefix) else ""
+        key = route[len(prefix) :] if route.startswith(prefix) else ""
         return key, parts.query
 
     def _serve(self, handler: BaseHTTPRequestHandler) -> None:
@@ -200,8 +212,10 @@ class FaultProxy:
             _reset(handler)
             return
         if fault == "500":
-            payload = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>InternalError</Code>'
-                       b"<Message>injected by the test proxy</Message></Error>")
+            payload = (
+                b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>InternalError</Code>'
+                b"<Message>injected by the test proxy</Message></Error>"
+            )
             record.status = 500
             handler.send_response(500)
             handler.send_header("Content-Type", "application/xml")
@@ -248,8 +262,9 @@ class FaultProxy:
         try:
             headers = {k: v for k, v in handler.headers.items() if k.lower() not in ("connection", "transfer-encoding")}
             headers["Content-Length"] = str(len(body))
-            conn.request(method, handler.path, body=body if body or method in ("PUT", "POST") else None,
-                         headers=headers)
+            conn.request(
+                method, handler.path, body=body if body or method in ("PUT", "POST") else None, headers=headers
+            )
             response = conn.getresponse()
             data = response.read()
             return response.status, response.reason, response.getheaders(), data

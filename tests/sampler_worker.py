@@ -50,8 +50,9 @@ def train_main(
 
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     ds = VLADataset(store_path, features=["fixed_float32"], horizon=2)
-    loader = ds.dataloader(batch_size=batch_size, shuffle=shuffle, seed=seed, tail=tail, resumable=True,
-                           **(loader_kwargs or {}))
+    loader = ds.dataloader(
+        batch_size=batch_size, shuffle=shuffle, seed=seed, tail=tail, resumable=True, **(loader_kwargs or {})
+    )
     if state_in is not None:
         loader.load_state_dict(json.loads(Path(state_in).read_text()))
     seen: list[list[Any]] = []

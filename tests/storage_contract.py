@@ -38,9 +38,15 @@ class StorageContract:
             storage.get_ranges("missing/key", [(0, 1)])
 
     def test_put_get_round_trip(self, storage: Storage) -> None:
-        kinds = {"empty": b"", "one": b"x", "bytes": PAYLOAD, "bytearray": bytearray(PAYLOAD),
-                 "memoryview": memoryview(PAYLOAD), "uint8": np.frombuffer(PAYLOAD, dtype=np.uint8),
-                 "float32": np.arange(64, dtype=np.float32)}
+        kinds = {
+            "empty": b"",
+            "one": b"x",
+            "bytes": PAYLOAD,
+            "bytearray": bytearray(PAYLOAD),
+            "memoryview": memoryview(PAYLOAD),
+            "uint8": np.frombuffer(PAYLOAD, dtype=np.uint8),
+            "float32": np.arange(64, dtype=np.float32),
+        }
         for name, data in kinds.items():
             storage.put(f"a/{name}.bin", data)  # type: ignore[arg-type]
         for name, data in kinds.items():
@@ -50,9 +56,18 @@ class StorageContract:
 
     def test_get_range(self, storage: Storage) -> None:
         storage.put("obj", PAYLOAD)
-        cases = [(0, 10, PAYLOAD[:10]), (100, 356, PAYLOAD[100:356]), (1000, 5000, PAYLOAD[1000:]),
-                 (1024, 2000, b""), (5000, None, b""), (17, None, PAYLOAD[17:]), (-10, None, PAYLOAD[-10:]),
-                 (-5000, None, PAYLOAD), (10, 10, b""), (10, 5, b"")]
+        cases = [
+            (0, 10, PAYLOAD[:10]),
+            (100, 356, PAYLOAD[100:356]),
+            (1000, 5000, PAYLOAD[1000:]),
+            (1024, 2000, b""),
+            (5000, None, b""),
+            (17, None, PAYLOAD[17:]),
+            (-10, None, PAYLOAD[-10:]),
+            (-5000, None, PAYLOAD),
+            (10, 10, b""),
+            (10, 5, b""),
+        ]
         for start, end, expected in cases:
             assert storage.get_range("obj", start, end) == expected, (start, end)
 
@@ -78,8 +93,16 @@ class StorageContract:
         deadline=None,
         suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.differing_executors],
     )
-    @given(ops=st.lists(st.tuples(st.sampled_from(["put", "put_if_absent", "cas", "stale_cas", "delete"]),
-                                  st.sampled_from(["k0", "k1", "d/k2"]), st.binary(max_size=40)), max_size=10))
+    @given(
+        ops=st.lists(
+            st.tuples(
+                st.sampled_from(["put", "put_if_absent", "cas", "stale_cas", "delete"]),
+                st.sampled_from(["k0", "k1", "d/k2"]),
+                st.binary(max_size=40),
+            ),
+            max_size=10,
+        )
+    )
     def test_writes_match_a_model(self, storage: Storage, ops: list[tuple[str, str, bytes]]) -> None:
         storage.delete_prefix("model")
         model: dict[str, bytes] = {}
@@ -195,8 +218,9 @@ class StorageContract:
 
     def test_zarr_python_reads_and_writes(self, storage: Storage) -> None:
         values = np.arange(60, dtype=np.int32).reshape(6, 10)
-        array = zarr.create_array(store=storage.zarr_store(), name="small", shape=values.shape, chunks=(4, 10),
-                                  dtype=values.dtype)
+        array = zarr.create_array(
+            store=storage.zarr_store(), name="small", shape=values.shape, chunks=(4, 10), dtype=values.dtype
+        )
         array[...] = values
         again = zarr.open_array(store=storage.zarr_store(), path="small", mode="r")
         np.testing.assert_array_equal(again[...], values)

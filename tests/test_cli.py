@@ -47,13 +47,19 @@ def vlastore(capsys: pytest.CaptureFixture[str]):
 
 def test_python_m_vlastore_is_the_command() -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, "-m", "vlastore", "--help"], capture_output=True, text=True, env=env,
-                         timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "vlastore", "--help"], capture_output=True, text=True, env=env, timeout=120
+    )
     assert out.returncode == 0
     for command in ("demo", "info", "verify"):
         assert command in out.stdout
-    missing = subprocess.run([sys.executable, "-m", "vlastore", "info", str(ROOT / "missing.vla")],
-                             capture_output=True, text=True, env=env, timeout=120)
+    missing = subprocess.run(
+        [sys.executable, "-m", "vlastore", "info", str(ROOT / "missing.vla")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert missing.returncode == 2 and "no such store" in missing.stderr and "Traceback" not in missing.stderr
 
 
@@ -107,8 +113,7 @@ def _newer(tmp_path: Path) -> str:
     ],
     ids=["missing", "not-a-store", "newer-format"],
 )
-def test_user_errors_are_one_line_and_exit_2(tmp_path: Path, make, says: str, commands: list[str],
-                                              vlastore) -> None:
+def test_user_errors_are_one_line_and_exit_2(tmp_path: Path, make, says: str, commands: list[str], vlastore) -> None:
     where = make(tmp_path)
     for command in commands:
         out = vlastore(command, where)
@@ -191,7 +196,9 @@ def test_unexpected_errors_are_one_line_unless_debugging(full_store, capsys, mon
     from vlastore.cli import _failure
 
     code, lines = _failure(RuntimeError("boom"), "info")
-    assert code == 1 and lines == ["internal error: RuntimeError: boom",
-                                   "rerun with VLASTORE_DEBUG=1 for the traceback, and report it"]
+    assert code == 1 and lines == [
+        "internal error: RuntimeError: boom",
+        "rerun with VLASTORE_DEBUG=1 for the traceback, and report it",
+    ]
     code, lines = _failure(OSError(28, "No space left on device", "/data/x.vla/c/0"), "ingest")
     assert code == 1 and lines[0] == "No space left on device (ENOSPC): /data/x.vla/c/0" and "disk is full" in lines[1]

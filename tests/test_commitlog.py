@@ -19,9 +19,16 @@ def bump(head: Snapshot | None, number: int, who: str = "t") -> Snapshot:
     """A change that counts: each commit adds one episode to the catalog's count."""
     episodes = 0 if head is None else head.catalog.episodes
     return Snapshot(
-        commit=number, parent=None if head is None else head.commit, time="t", vlastore_version="test",
-        changes=(Change("append", {"episodes": [f"{who}{episodes}"]}),), next_episode_id=episodes + 1,
-        catalog=CatalogRef(f"catalog/{number:08d}-000000", episodes + 1, 0), series={}, families={}, arrays={},
+        commit=number,
+        parent=None if head is None else head.commit,
+        time="t",
+        vlastore_version="test",
+        changes=(Change("append", {"episodes": [f"{who}{episodes}"]}),),
+        next_episode_id=episodes + 1,
+        catalog=CatalogRef(f"catalog/{number:08d}-000000", episodes + 1, 0),
+        series={},
+        families={},
+        arrays={},
     )
 
 

@@ -127,19 +127,35 @@ def _same(batches_a: list[dict], batches_b: list[dict]) -> None:
 LOADERS = [pytest.param(False, id="VLADataLoader"), pytest.param(True, id="torch-DataLoader")]
 
 
-@pytest.mark.parametrize(("context", "torch_loader"), [
-    pytest.param("fork", False, id="fork-VLADataLoader"), pytest.param("fork", True, id="fork-torch-DataLoader"),
-    pytest.param("spawn", False, id="spawn-VLADataLoader"),  # torch's loader under spawn: tests/test_transport.py
-])
+@pytest.mark.parametrize(
+    ("context", "torch_loader"),
+    [
+        pytest.param("fork", False, id="fork-VLADataLoader"),
+        pytest.param("fork", True, id="fork-torch-DataLoader"),
+        pytest.param("spawn", False, id="spawn-VLADataLoader"),  # torch's loader under spawn: tests/test_transport.py
+    ],
+)
 @pytest.mark.filterwarnings("ignore:'pin_memory' argument is set as true but no accelerator")
 def test_two_workers_return_the_batches_of_one_process(known, context, torch_loader) -> None:
-    ds = VLADataset(known.store, features=["fixed_bfloat16", "ragged_float16"], horizon=3,
-                    delta_steps={"state": [-2, 0]}, batch_episode_names=True)
+    ds = VLADataset(
+        known.store,
+        features=["fixed_bfloat16", "ragged_float16"],
+        horizon=3,
+        delta_steps={"state": [-2, 0]},
+        batch_episode_names=True,
+    )
     ds[0]  # shards mapped before the workers start: each worker must map its own
     single = _all_batches(ds)
     # pin_memory=True: pinned on a machine with CUDA, a warning and plain memory without
-    loader = ds.dataloader(batch_size=7, shuffle=False, num_workers=2, multiprocessing_context=context,
-                           persistent_workers=True, pin_memory=True, torch_loader=torch_loader)
+    loader = ds.dataloader(
+        batch_size=7,
+        shuffle=False,
+        num_workers=2,
+        multiprocessing_context=context,
+        persistent_workers=True,
+        pin_memory=True,
+        torch_loader=torch_loader,
+    )
     for _epoch in range(2):  # the same persistent workers twice
         workers = list(loader)
         _same(single, workers)
@@ -185,8 +201,11 @@ def test_a_fingerprint_mismatch_is_refused(known) -> None:
     with pytest.raises(FingerprintMismatchError, match=r"'fixed_float32' generation 1.*'fp-float32'.*'other'"):
         VLADataset(known.store, features=["fixed_float32"], expect_fingerprint="other")
     with pytest.raises(FingerprintMismatchError, match="fixed_float16"):
-        VLADataset(known.store, features=["fixed_float32", "fixed_float16"],
-                   expect_fingerprint={"fixed_float32": "fp-float32", "fixed_float16": "fp-float32"})
+        VLADataset(
+            known.store,
+            features=["fixed_float32", "fixed_float16"],
+            expect_fingerprint={"fixed_float32": "fp-float32", "fixed_float16": "fp-float32"},
+        )
 
 
 @pytest.fixture
@@ -194,8 +213,11 @@ def partial(tmp_path):
     """A family with rows of episode_003 (vlm_idx 2..4) never written."""
     known = make_store(tmp_path / "p.vla", families=())
     store = known.store
-    store.add_family("part", FamilySpec((2,), "float32", vlm_reuse_count=3, rows_per_shard=100),
-                     producer=Producer(fingerprint="abc123456789"))
+    store.add_family(
+        "part",
+        FamilySpec((2,), "float32", vlm_reuse_count=3, rows_per_shard=100),
+        producer=Producer(fingerprint="abc123456789"),
+    )
     rows = store.layout("part").rows
     missing = [store.row("part", "episode_003", i) for i in (2, 3, 4)]
     keep = [r for r in range(rows) if r not in missing]
@@ -282,8 +304,9 @@ def _new_generation(path, fingerprint: str, fill: float) -> None:
 def test_refresh_switches_generations_in_the_process_and_in_persistent_workers(tmp_path, torch_loader) -> None:
     known = make_store(tmp_path / "g.vla", families=("fixed",))
     ds = VLADataset(tmp_path / "g.vla", features=["fixed_float32"], expect_fingerprint="fp-float32")
-    loader = ds.dataloader(batch_size=16, num_workers=2, persistent_workers=True, multiprocessing_context="fork",
-                           torch_loader=torch_loader)
+    loader = ds.dataloader(
+        batch_size=16, num_workers=2, persistent_workers=True, multiprocessing_context="fork", torch_loader=torch_loader
+    )
     before = list(loader)
     old_view = ds[0]["fixed_float32"]
     np.testing.assert_array_equal(before[0]["fixed_float32"][0].numpy(), known.values["fixed_float32"][0])

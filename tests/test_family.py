@@ -40,8 +40,9 @@ def test_shards_of_several_segments_are_written_and_read_where_the_segments_say(
     assert handle.written_shards().tolist() == list(range(n))
     assert handle.coverage().all()
     on_disk = sorted(k for k, _ in v1.storage.list("features/seg/gen-0001") if "values/c/" in k)
-    assert on_disk == sorted([f"{split[0].path}/c/{s}/0" for s in (0, 1)]
-                             + [f"{split[1].path}/c/{s}/0" for s in range(n - 2)])
+    assert on_disk == sorted(
+        [f"{split[0].path}/c/{s}/0" for s in (0, 1)] + [f"{split[1].path}/c/{s}/0" for s in range(n - 2)]
+    )
     with FamilyWriter(handle, rank=0, world_size=1) as again:  # resume: the segments say everything is there
         assert again.pending_rows().size == 0
 

@@ -81,8 +81,7 @@ def _read_everything(path: Path, values: dict[str, object]) -> None:
                 for got, want in zip(reader.rows(np.arange(rows)[::-1]), values[family][::-1], strict=True):
                     np.testing.assert_array_equal(got, want)
             else:
-                np.testing.assert_array_equal(reader.gather(np.arange(rows)[::-1]),
-                                              np.asarray(values[family])[::-1])
+                np.testing.assert_array_equal(reader.gather(np.arange(rows)[::-1]), np.asarray(values[family])[::-1])
             continue
         except ALLOWED:
             pass
@@ -103,13 +102,20 @@ def pristine(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, 
     store, values = build_full_store(path)
     rows = store.layout("fixed").rows
     keys = [f"img/{i:03d}.jpg" for i in range(rows)]
-    store.add_family("keyed", FamilySpec((2, 3), "float32", compression="zstd", rows_per_shard=4,
-                                         vlm_reuse_count=3, has_keys=True), keys=keys)
+    store.add_family(
+        "keyed",
+        FamilySpec((2, 3), "float32", compression="zstd", rows_per_shard=4, vlm_reuse_count=3, has_keys=True),
+        keys=keys,
+    )
     keyed = random_rows((rows, 2, 3), "float32", seed=9)
     with store.writer("keyed") as writer:
         writer.write_rows(np.arange(rows), keyed)
-    values = {**values, "keyed": keyed, "keyed_keys": tuple(keys),
-              "series": {k: store.series_all(k) for k in store.series_keys}}
+    values = {
+        **values,
+        "keyed": keyed,
+        "keyed_keys": tuple(keys),
+        "series": {k: store.series_all(k) for k in store.series_keys},
+    }
     assert verify_store(path).ok
     return path, values
 
@@ -162,8 +168,7 @@ def _apply(root: Path, rel: str, kind: str, arg: object) -> None:
 
 def _family_of(rel: str) -> str | None:
     parts = rel.split("/")
-    return parts[1] if parts[0] == "features" and len(parts) > 4 and parts[3] == "values" and parts[4] == "c" \
-        else None
+    return parts[1] if parts[0] == "features" and len(parts) > 4 and parts[3] == "values" and parts[4] == "c" else None
 
 
 # --------------------------------------------------------------- corruptions
@@ -223,10 +228,12 @@ def _rewrite_json(path: Path, change) -> None:
 
 def _reseal_manifest(root: Path, change) -> None:
     """Change the manifest as an attacker would: consistently, with a valid checksum."""
+
     def edit(meta: dict) -> None:
         manifest = meta["attributes"]["vlastore"]
         change(manifest)
         meta["attributes"]["vlastore"] = seal(manifest)
+
     _rewrite_json(root / "zarr.json", edit)
 
 
@@ -235,6 +242,7 @@ def _reseal_generation(root: Path, family: str, change) -> None:
         info = meta["attributes"]["vlastore_generation"]
         change(info)
         meta["attributes"]["vlastore_generation"] = seal(info)
+
     _rewrite_json(root / "features" / family / "gen-0001" / "zarr.json", edit)
 
 
@@ -248,19 +256,22 @@ def _canary(tmp_path: Path) -> Path:
 
 
 def _canary_intact(outside: Path) -> bool:
-    return (outside / "keep.txt").read_text() == "precious" and \
-        (outside / "gen-0001" / "keep.txt").read_text() == "precious too"
+    return (outside / "keep.txt").read_text() == "precious" and (
+        outside / "gen-0001" / "keep.txt"
+    ).read_text() == "precious too"
 
 
 def _manifest_family_escapes(root: Path, tmp_path: Path) -> None:
     def change(m: dict) -> None:
         m["families"]["../../victim"] = m["families"].pop("fixed")
+
     _reseal_manifest(root, change)
 
 
 def _manifest_series_escapes(root: Path, tmp_path: Path) -> None:
     def change(m: dict) -> None:
         m["series"]["../../victim/keep.txt"] = m["series"].pop("state")
+
     _reseal_manifest(root, change)
 
 
@@ -283,8 +294,7 @@ def _huge_rows_per_shard(root: Path, tmp_path: Path) -> None:
 
 def _negative_episode_rows(root: Path, tmp_path: Path) -> None:
     store = VLAStore.open(root, writable=True)
-    store.nodes.write_small_array("features/fixed/gen-0001/episode_rows",
-                                    np.asarray([0, 3, -2, 8, 9], dtype=np.int64))
+    store.nodes.write_small_array("features/fixed/gen-0001/episode_rows", np.asarray([0, 3, -2, 8, 9], dtype=np.int64))
 
 
 def _huge_steps(root: Path, tmp_path: Path) -> None:
@@ -313,7 +323,7 @@ def _zstd_claims_huge_size(root: Path, tmp_path: Path) -> None:
 
     path = root / "features/packed/gen-0001/values/c/0/0"
     data = path.read_bytes()
-    index = decode_index(data[-index_nbytes(3):], 3)
+    index = decode_index(data[-index_nbytes(3) :], 3)
     frame = bytearray(Zstd(level=3).encode(np.zeros(32, np.uint8).tobytes()))
     # rewrite the frame header to declare 2**40 bytes (8-byte content size field)
     frame = bytearray(frame[:4]) + bytes([0xC0]) + bytes([0x58]) + (1 << 40).to_bytes(8, "little") + frame[6:]
@@ -426,8 +436,7 @@ class _FifoGuard:
 
 
 @pytest.mark.parametrize("attack", list(MALICIOUS), ids=list(MALICIOUS))
-def test_malicious_store_is_refused_cleanly_and_touches_nothing_outside(pristine, tmp_path: Path,
-                                                                        attack: str) -> None:
+def test_malicious_store_is_refused_cleanly_and_touches_nothing_outside(pristine, tmp_path: Path, attack: str) -> None:
     source, values = pristine
     case = _copy(source, tmp_path)
     outside = _canary(tmp_path)
@@ -448,8 +457,7 @@ def test_malicious_store_is_refused_cleanly_and_touches_nothing_outside(pristine
             for family in store.families:
                 with contextlib.suppress(*ALLOWED):
                     store.new_generation(family, store.generation(family).producer)
-                    store.switch_generation(family, max(store.manifest.families[family].generations),
-                                            keep_previous=0)
+                    store.switch_generation(family, max(store.manifest.families[family].generations), keep_previous=0)
     finally:
         guard.close()
     assert time.monotonic() - started < 6, "something blocked on a FIFO"
@@ -460,12 +468,15 @@ def test_malicious_store_is_refused_cleanly_and_touches_nothing_outside(pristine
 
 def test_malicious_names_in_a_manifest_are_refused_on_load() -> None:
     base = Manifest(1, "0.2", "now", 1, 3).to_dict()
-    for field, bad in [("families", {"../../victim": {"current_generation": 1, "generations": [1]}}),
-                       ("families", {"ok": {"current_generation": 1, "generations": [1, 1]}}),
-                       ("families", {"ok": {"current_generation": 0, "generations": [0]}}),
-                       ("series", {"a/b": {"columns": ["x"], "dtype": "float32"}}),
-                       ("series", {"s": {"columns": ["x"], "dtype": "object"}}),
-                       ("episodes", -1), ("steps", "12")]:
+    for field, bad in [
+        ("families", {"../../victim": {"current_generation": 1, "generations": [1]}}),
+        ("families", {"ok": {"current_generation": 1, "generations": [1, 1]}}),
+        ("families", {"ok": {"current_generation": 0, "generations": [0]}}),
+        ("series", {"a/b": {"columns": ["x"], "dtype": "float32"}}),
+        ("series", {"s": {"columns": ["x"], "dtype": "object"}}),
+        ("episodes", -1),
+        ("steps", "12"),
+    ]:
         with pytest.raises(FormatError, match="test.vla"):
             Manifest.from_dict(seal({**base, field: bad}), where="test.vla")
         CASES["malicious stores"] += 1
@@ -511,8 +522,9 @@ def _shard_files(root: Path) -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize(("world", "kill_after"), [(1, 1), (2, 2), (3, 1), (3, 4), (4, 3)])
-def test_crash_sigkill_during_multi_rank_writes_then_resume_bit_exactly(tmp_path: Path, world: int,
-                                                                        kill_after: int) -> None:
+def test_crash_sigkill_during_multi_rank_writes_then_resume_bit_exactly(
+    tmp_path: Path, world: int, kill_after: int
+) -> None:
     reference = _reference_store(tmp_path)
     crashed = tmp_path / "crashed.vla"
     plan_writer_store(crashed)
@@ -644,11 +656,14 @@ def test_crash_sigkill_of_generation_switches_under_a_reading_process(tmp_path: 
     with after.writer("fixed", generation=newest) as writer:
         pending = writer.pending_rows()
         writer.write_rows(pending, random_rows((rows, 8), "bfloat16", seed=newest)[pending])
-    np.testing.assert_array_equal(after.reader("fixed", generation=newest).gather(np.arange(rows)),
-                                  random_rows((rows, 8), "bfloat16", seed=newest))
+    np.testing.assert_array_equal(
+        after.reader("fixed", generation=newest).gather(np.arange(rows)),
+        random_rows((rows, 8), "bfloat16", seed=newest),
+    )
     if current > 1:
-        np.testing.assert_array_equal(after.reader("fixed").gather(np.arange(rows)),
-                                      random_rows((rows, 8), "bfloat16", seed=current))
+        np.testing.assert_array_equal(
+            after.reader("fixed").gather(np.arange(rows)), random_rows((rows, 8), "bfloat16", seed=current)
+        )
     assert verify_store(path).ok and reads >= 0
     CASES["crash points"] += 1
 
@@ -824,8 +839,10 @@ def test_resources_read_only_store_gives_one_clear_line(tmp_path: Path, tiny_dis
     del store
     subprocess.run(["mount", "-o", "remount,ro", str(tiny_disk)], check=True)
     try:
-        with pytest.raises(OSError) as err, \
-                VLAStore.open(path, writable=True).writer("fixed", write_behind=False) as writer:
+        with (
+            pytest.raises(OSError) as err,
+            VLAStore.open(path, writable=True).writer("fixed", write_behind=False) as writer,
+        ):
             writer.write_rows(np.arange(4), random_rows((4, 8), "bfloat16"))
         from vlastore.cli import _failure
 

@@ -89,8 +89,15 @@ def test_generation_info_round_trips_through_json_types() -> None:
 
 
 def test_manifest_round_trip_and_newer_version_refused() -> None:
-    manifest = Manifest(FORMAT_VERSION, "0.1.0", "now", 2, 10, {"state": SeriesInfo(("a", "b"), "float32")},
-                        {"f": FamilyEntry(2, (1, 2))})
+    manifest = Manifest(
+        FORMAT_VERSION,
+        "0.1.0",
+        "now",
+        2,
+        10,
+        {"state": SeriesInfo(("a", "b"), "float32")},
+        {"f": FamilyEntry(2, (1, 2))},
+    )
     assert Manifest.from_dict(manifest.to_dict()) == manifest
     newer = {**manifest.to_dict(), "format_version": FORMAT_VERSION + 1, "vlastore_version": "9.0"}
     with pytest.raises(FormatError, match=r"format version 2 \(by vlastore 9.0\).*pip install -U vlastore"):
@@ -118,25 +125,31 @@ def test_seal_and_check() -> None:
         check_seal({**sealed, "b": 2}, "x")
 
 
-@pytest.mark.parametrize(("kwargs", "says"), [
-    ({"row_shape": (10**9,), "dtype": "float32"}, "bytes per row, more than"),
-    ({"row_shape": (2,) * 9, "dtype": "float32"}, "more than 8 dimensions"),
-    ({"row_shape": (4,), "dtype": "float32", "rows_per_shard": 1 << 21}, "rows_per_shard must be in"),
-    ({"row_shape": (1 << 20,), "dtype": "float32", "rows_per_shard": 1 << 13}, "shards of more than"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "says"),
+    [
+        ({"row_shape": (10**9,), "dtype": "float32"}, "bytes per row, more than"),
+        ({"row_shape": (2,) * 9, "dtype": "float32"}, "more than 8 dimensions"),
+        ({"row_shape": (4,), "dtype": "float32", "rows_per_shard": 1 << 21}, "rows_per_shard must be in"),
+        ({"row_shape": (1 << 20,), "dtype": "float32", "rows_per_shard": 1 << 13}, "shards of more than"),
+    ],
+)
 def test_sizes_beyond_the_limits_are_refused(kwargs: dict, says: str) -> None:
     with pytest.raises(FormatError, match=says):
         FamilySpec(**kwargs)
 
 
-@pytest.mark.parametrize(("change", "says"), [
-    (lambda d: d["spec"].update(row_shape=["8"]), "row_shape"),
-    (lambda d: d["spec"].update(ragged="yes"), "ragged"),
-    (lambda d: d.update(rows=True), "rows"),
-    (lambda d: d.update(rows=10, capacity=9), "capacity 9 != rows 10"),
-    (lambda d: d.update(generation=0), "generation"),
-    (lambda d: d["spec"].update(index_name="../x"), "index_name"),
-])
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [
+        (lambda d: d["spec"].update(row_shape=["8"]), "row_shape"),
+        (lambda d: d["spec"].update(ragged="yes"), "ragged"),
+        (lambda d: d.update(rows=True), "rows"),
+        (lambda d: d.update(rows=10, capacity=9), "capacity 9 != rows 10"),
+        (lambda d: d.update(generation=0), "generation"),
+        (lambda d: d["spec"].update(index_name="../x"), "index_name"),
+    ],
+)
 def test_generation_attributes_are_validated_field_by_field(change, says: str) -> None:
     data = GenerationInfo(1, FamilySpec((8,), "float32"), Producer(), rows=10, capacity=10, created="now").to_dict()
     data.pop("checksum")

@@ -127,8 +127,16 @@ def test_v2_catalog_log_and_metadata(golden_v2: VLAStore) -> None:
     assert golden_v2.format_version == 2 and golden_v2.snapshot_id == 8
     assert golden_v2.datasets == MAKER.NAMES and golden_v2.catalog.steps.tolist() == list(MAKER.STEPS)
     ops = [c["changes"][0].split()[0] for c in golden_v2.log()]
-    assert ops == ["create", "add_family", "add_family", "add_family", "append", "remove", "new_generation",
-                   "switch_generation"]
+    assert ops == [
+        "create",
+        "add_family",
+        "add_family",
+        "add_family",
+        "append",
+        "remove",
+        "new_generation",
+        "switch_generation",
+    ]
     assert golden_v2.manifest.families["vlm"].generations == (1, 2)
     assert golden_v2.generation("vlm").producer.fingerprint == "fp-0002"
     for e, name in enumerate(MAKER.NAMES):
@@ -146,8 +154,9 @@ def test_v2_series_and_features(golden_v2: VLAStore) -> None:
     layout = golden_v2.layout("vlm")
     for row in range(layout.rows):
         e, vlm_idx = layout.address(row)
-        np.testing.assert_array_equal(to_bits(golden_v2.feature("vlm", MAKER.NAMES[e], vlm_idx)),
-                                      EXPECTED["vlm@2"][row])
+        np.testing.assert_array_equal(
+            to_bits(golden_v2.feature("vlm", MAKER.NAMES[e], vlm_idx)), EXPECTED["vlm@2"][row]
+        )
         np.testing.assert_array_equal(golden_v2.reader("vlm", 1).row(row), EXPECTED["vlm@1"][row])
     for row, tokens in enumerate(EXPECTED["tokens"]):
         e, vlm_idx = golden_v2.layout("tokens").address(row)

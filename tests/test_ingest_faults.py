@@ -85,8 +85,13 @@ def children(pid: int) -> list[int]:
 
 def kill_when(args: list[str], ready, timeout: float = 120, sig: int = signal.SIGKILL) -> subprocess.Popen:  # noqa: ANN001
     """Start ``python -m vlastore ARGS``; send ``sig`` to it (only the parent) once ``ready(proc)`` holds."""
-    proc = subprocess.Popen([sys.executable, "-m", "vlastore", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vlastore", *args],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + timeout
     while proc.poll() is None and not ready(proc) and time.monotonic() < deadline:
         time.sleep(0.002)
@@ -145,8 +150,12 @@ CRASH_POINTS = {
     # name: (extra options, when to kill)
     "scan": (["--full-scan"], lambda out, total: lambda p: bool(children(p.pid)) and not out.exists()),
     # the hidden build folder lives a few tens of ms; should a loaded machine miss it, right after the rename
-    "store creation": (["--full-scan"], lambda out, total: lambda p: out.exists() or any(
-        n.startswith(f".{out.name}.creating-") for n in os.listdir(out.parent))),
+    "store creation": (
+        ["--full-scan"],
+        lambda out, total: (
+            lambda p: out.exists() or any(n.startswith(f".{out.name}.creating-") for n in os.listdir(out.parent))
+        ),
+    ),
     "shard writes": ([], lambda out, total: lambda p: 0 < len(shards(out)) < total // 2),
     "shard writes, zstd": (["--compression", "zstd"], lambda out, total: lambda p: 0 < len(shards(out)) < total // 2),
     "verify": (["--verify"], lambda out, total: lambda p: len(shards(out)) == total),
@@ -154,8 +163,9 @@ CRASH_POINTS = {
 
 
 @pytest.mark.parametrize("point", sorted(CRASH_POINTS))
-def test_sigkill_then_rerun_equals_an_uninterrupted_run(tmp_path: Path, cache: Path, clean_stores: dict,
-                                                        point: str) -> None:
+def test_sigkill_then_rerun_equals_an_uninterrupted_run(
+    tmp_path: Path, cache: Path, clean_stores: dict, point: str
+) -> None:
     extra, when = CRASH_POINTS[point]
     killed = tmp_path / "killed.vla"
     before = snapshot(cache)
@@ -169,11 +179,15 @@ def test_sigkill_then_rerun_equals_an_uninterrupted_run(tmp_path: Path, cache: P
     assert snapshot(cache) == before
 
 
-def test_ctrl_c_stops_workers_without_tracebacks_and_resumes(tmp_path: Path, cache: Path, clean_stores: dict
-                                                             ) -> None:
+def test_ctrl_c_stops_workers_without_tracebacks_and_resumes(tmp_path: Path, cache: Path, clean_stores: dict) -> None:
     out = tmp_path / "s.vla"
-    proc = subprocess.Popen([sys.executable, "-m", "vlastore", *_pt_args(cache), "--out", str(out)], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vlastore", *_pt_args(cache), "--out", str(out)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     while proc.poll() is None and not 0 < len(shards(out)) < TOTAL_SHARDS // 2:
         time.sleep(0.002)
     os.killpg(proc.pid, signal.SIGINT)  # what a terminal sends: the whole process group
@@ -188,6 +202,7 @@ def test_sigkill_of_robot_ingest_then_rerun_equals_an_uninterrupted_run(tmp_path
     robot_csvs(tmp_path / "csv", {f"ep_{i:03d}": 40 for i in range(150)})
     killed, clean = tmp_path / "killed.vla", tmp_path / "clean.vla"
     args = ["ingest", "robot", str(tmp_path / "csv"), "--workers", "2", "-q", "--series", "state=joint_*"]
+
     def creating() -> bool:  # or just created, should a loaded machine miss the short-lived build folder
         return killed.exists() or any(n.startswith(".killed.vla.creating-") for n in os.listdir(tmp_path))
 
@@ -220,8 +235,9 @@ def _save(path: Path, obj: object) -> None:
 
 
 def _edit_pickle(path: Path, edit) -> None:  # noqa: ANN001
-    path.write_bytes(raw_zip([(n, edit(d) if n.endswith("data.pkl") else d) for n, d in
-                              pt_records(torch.randn(1, 16).bfloat16())]))
+    path.write_bytes(
+        raw_zip([(n, edit(d) if n.endswith("data.pkl") else d) for n, d in pt_records(torch.randn(1, 16).bfloat16())])
+    )
 
 
 def _zip64_bomb(path: Path) -> None:
@@ -250,14 +266,20 @@ BAD_PT = {
     "ep_c_vlm7.pt": (_zip64_bomb, "corrupt"),
     "ep_c_vlm8.pt": (lambda p: _edit_pickle(p, lambda d: b"\x80\x02K\x01r\xff\xff\xff\x03."), "corrupt"),
     "ep_c_vlm9.pt": (_legacy_huge, "corrupt"),
-    "ep_c_vlm10.pt": (lambda p: _edit_pickle(p, lambda d: b"\x80\x02cbuiltins\nbytearray\nJ\x00\x00\x00\x40\x85R."),
-                      "unsafe-pickle"),
+    "ep_c_vlm10.pt": (
+        lambda p: _edit_pickle(p, lambda d: b"\x80\x02cbuiltins\nbytearray\nJ\x00\x00\x00\x40\x85R."),
+        "unsafe-pickle",
+    ),
     "ep_c_vlm11.pt": (lambda p: _save(p, torch.randn(1, 1).bfloat16().expand(1, 16)), "corrupt"),
     "ep_c_vlm12.pt": (lambda p: _edit_pickle(p, lambda d: d.replace(b"K\x10t", b"M\xff\xfft", 1)), "corrupt"),
-    "ep_c_vlm13.pt": (lambda p: _edit_pickle(p, lambda d: b"\x80\x02" + b"]" * 100_000 + b"a" * 99_999 + b"."),
-                      "no-tensor"),
-    "ep_c_vlm14.pt": (lambda p: _save(p, {"features": torch.randn(1, 16).bfloat16(), "x": RunsCode(
-        str(p.parent.parent / "PWNED"))}), "unsafe-pickle"),
+    "ep_c_vlm13.pt": (
+        lambda p: _edit_pickle(p, lambda d: b"\x80\x02" + b"]" * 100_000 + b"a" * 99_999 + b"."),
+        "no-tensor",
+    ),
+    "ep_c_vlm14.pt": (
+        lambda p: _save(p, {"features": torch.randn(1, 16).bfloat16(), "x": RunsCode(str(p.parent.parent / "PWNED"))}),
+        "unsafe-pickle",
+    ),
     "ep_c_vlm99999999999.pt": (lambda p: _save(p, torch.randn(1, 16).bfloat16()), "index-out-of-range"),
     f"ep_c_vlm{'9' * 200}.pt": (lambda p: _save(p, torch.randn(1, 16).bfloat16()), "index-out-of-range"),
     "ep_c_vlm15.pt": (lambda p: p.symlink_to("/dev/zero"), "not-a-regular-file"),  # endless if it were read
@@ -281,14 +303,30 @@ def hostile_cache(tmp_path: Path) -> tuple[Path, dict]:
 
 
 @pytest.mark.parametrize("scan", ["fast", "full"])
-def test_hostile_pt_cache_each_bad_file_skipped_with_its_reason(tmp_path: Path, hostile_cache: tuple, scan: str
-                                                               ) -> None:
+def test_hostile_pt_cache_each_bad_file_skipped_with_its_reason(
+    tmp_path: Path, hostile_cache: tuple, scan: str
+) -> None:
     cache, values = hostile_cache
     out, report = tmp_path / "out" / "s.vla", tmp_path / "out" / "r.json"
     out.parent.mkdir()
     before = snapshot(tmp_path)
-    run = run_cli(["ingest", "pt-cache", str(cache), "--out", str(out), "--workers", "2", "-q", "--verify",
-                   "--report-json", str(report), *(["--full-scan"] if scan == "full" else [])], limit_as=LIMIT_AS)
+    run = run_cli(
+        [
+            "ingest",
+            "pt-cache",
+            str(cache),
+            "--out",
+            str(out),
+            "--workers",
+            "2",
+            "-q",
+            "--verify",
+            "--report-json",
+            str(report),
+            *(["--full-scan"] if scan == "full" else []),
+        ],
+        limit_as=LIMIT_AS,
+    )
     assert run.code == 0, run.err
     assert no_traceback(run.err) and run.peak_rss < PEAK_RSS, (run.err, run.peak_rss)
     assert reasons(report) == {name: reason for name, (_, reason) in BAD_PT.items()}
@@ -299,8 +337,9 @@ def test_hostile_pt_cache_each_bad_file_skipped_with_its_reason(tmp_path: Path, 
     assert data["files_ingested"] == len(values) and data["verify"]["ok"]
     assert len(data["outside_links"]) == 2 and any("lead outside" in n for n in data["notes"])
     assert not (tmp_path / "PWNED").exists()
-    assert {k: v for k, v in snapshot(tmp_path).items() if "/out" not in k} == \
-        {k: v for k, v in before.items() if "/out" not in k}
+    assert {k: v for k, v in snapshot(tmp_path).items() if "/out" not in k} == {
+        k: v for k, v in before.items() if "/out" not in k
+    }
 
 
 def test_links_leading_outside_are_skipped_on_request(tmp_path: Path) -> None:
@@ -310,8 +349,22 @@ def test_links_leading_outside_are_skipped_on_request(tmp_path: Path) -> None:
     torch.save(torch.randn(1, 16).bfloat16(), tmp_path / "x" / "y.pt")
     (cache / "ep_a_vlm3.pt").symlink_to(tmp_path / "x" / "y.pt")
     report = tmp_path / "r.json"
-    assert main(["ingest", "pt-cache", str(cache), "--out", str(tmp_path / "s.vla"), "-q", "--skip-outside-links",
-                 "--report-json", str(report)]) == 0
+    assert (
+        main(
+            [
+                "ingest",
+                "pt-cache",
+                str(cache),
+                "--out",
+                str(tmp_path / "s.vla"),
+                "-q",
+                "--skip-outside-links",
+                "--report-json",
+                str(report),
+            ]
+        )
+        == 0
+    )
     assert reasons(report) == {"ep_a_vlm3.pt": "outside-source"}
 
 
@@ -322,8 +375,10 @@ def test_unreadable_file_is_skipped_with_its_reason(tmp_path: Path) -> None:
     make_pt_cache(cache, {"ep_a": 4})
     (cache / "ep_a_vlm2.pt").chmod(0)
     report = tmp_path / "r.json"
-    run = run_cli(["ingest", "pt-cache", str(cache), "--out", str(tmp_path / "s.vla"), "-q", "--report-json",
-                   str(report)], drop_file_caps=os.geteuid() == 0)
+    run = run_cli(
+        ["ingest", "pt-cache", str(cache), "--out", str(tmp_path / "s.vla"), "-q", "--report-json", str(report)],
+        drop_file_caps=os.geteuid() == 0,
+    )
     assert run.code == 0 and no_traceback(run.err), run.err
     assert reasons(report) == {"ep_a_vlm2.pt": "unreadable"}
 
@@ -348,19 +403,28 @@ def test_hostile_csv_folder(tmp_path: Path) -> None:
     before = snapshot(tmp_path)
     report = tmp_path / "out" / "r.json"
     report.parent.mkdir()
-    run = run_cli(["ingest", "robot", str(csv), "--out", str(tmp_path / "out" / "s.vla"), "-q", "--report-json",
-                   str(report)], limit_as=LIMIT_AS)
+    run = run_cli(
+        ["ingest", "robot", str(csv), "--out", str(tmp_path / "out" / "s.vla"), "-q", "--report-json", str(report)],
+        limit_as=LIMIT_AS,
+    )
     assert run.code == 0 and no_traceback(run.err), run.err
     got = reasons(report)
-    assert got == {"ep_fifo.csv": "not-a-regular-file", "ep_dup.csv": "bad-series", "ep_latin1.csv": "bad-series",
-                   "ep_dangling.csv": "dangling-symlink", "ep_loop.csv": "symlink-loop",
-                   "ep_dir.csv": "not-a-regular-file", "ep_big.csv": "too-large"}
+    assert got == {
+        "ep_fifo.csv": "not-a-regular-file",
+        "ep_dup.csv": "bad-series",
+        "ep_latin1.csv": "bad-series",
+        "ep_dangling.csv": "dangling-symlink",
+        "ep_loop.csv": "symlink-loop",
+        "ep_dir.csv": "not-a-regular-file",
+        "ep_big.csv": "too-large",
+    }
     problems = json.loads(report.read_text())["problems"]
     assert any("'joint_0' twice" in p["message"] for p in problems)
     assert VLAStore.open(tmp_path / "out" / "s.vla").datasets == ("ep_0", "ep_1", "ep_2", "ep_3", "ep_far")
     assert len(json.loads(report.read_text())["outside_links"]) == 1
-    assert {k: v for k, v in snapshot(tmp_path).items() if "/out" not in k} == \
-        {k: v for k, v in before.items() if "/out" not in k}
+    assert {k: v for k, v in snapshot(tmp_path).items() if "/out" not in k} == {
+        k: v for k, v in before.items() if "/out" not in k
+    }
 
 
 def _npz_declaring(path: Path, shape: tuple[int, ...]) -> None:
@@ -386,12 +450,18 @@ def test_hostile_npz_folder(tmp_path: Path) -> None:
     bomb = deflate_bomb(2)[: 8 << 20]  # inflates to 1 GiB and more: declared 2 GiB, over the limit, never inflated
     (folder / "ep_bomb.npz").write_bytes(raw_zip([("joint_0.npy", bomb)], method=8, declared={"joint_0.npy": 2 << 30}))
     report = tmp_path / "r.json"
-    run = run_cli(["ingest", "robot", str(folder), "--out", str(tmp_path / "s.vla"), "-q", "--report-json",
-                   str(report)], limit_as=LIMIT_AS)
+    run = run_cli(
+        ["ingest", "robot", str(folder), "--out", str(tmp_path / "s.vla"), "-q", "--report-json", str(report)],
+        limit_as=LIMIT_AS,
+    )
     assert run.code == 0 and no_traceback(run.err) and run.peak_rss < PEAK_RSS, run.err
     got = reasons(report)
-    assert got == {"ep_tib.npz": "bad-series", "ep_npy.npz": "bad-series", "ep_fifo.npz": "not-a-regular-file",
-                   "ep_bomb.npz": "too-large"}
+    assert got == {
+        "ep_tib.npz": "bad-series",
+        "ep_npy.npz": "bad-series",
+        "ep_fifo.npz": "not-a-regular-file",
+        "ep_bomb.npz": "too-large",
+    }
     assert any("declares shape" in p["message"] for p in json.loads(report.read_text())["problems"])
     assert VLAStore.open(tmp_path / "s.vla").datasets == ("ep_0", "ep_1", "ep_2")
 
@@ -413,12 +483,18 @@ def test_hostile_robomimic_file(tmp_path: Path) -> None:
         f["data/demo_5/actions"] = h5py.ExternalLink("pipe.hdf5", "actions")  # a FIFO: never opened
         f.create_dataset("data/demo_6/actions", shape=(20_000_000, 2), dtype="f8", chunks=(1024, 2))  # never written
     report = tmp_path / "r.json"
-    run = run_cli(["ingest", "robot", str(path), "--out", str(tmp_path / "s.vla"), "-q", "--report-json",
-                   str(report)], limit_as=LIMIT_AS)
+    run = run_cli(
+        ["ingest", "robot", str(path), "--out", str(tmp_path / "s.vla"), "-q", "--report-json", str(report)],
+        limit_as=LIMIT_AS,
+    )
     assert run.code == 0 and no_traceback(run.err) and run.peak_rss < PEAK_RSS, run.err
     problems = {p["path"].rsplit(":", 1)[1]: p["reason"] for p in json.loads(report.read_text())["problems"]}
-    assert problems == {"data/demo_2": "bad-series", "data/demo_3": "too-large", "data/demo_5": "not-a-regular-file",
-                        "data/demo_6": "bad-series"}
+    assert problems == {
+        "data/demo_2": "bad-series",
+        "data/demo_3": "too-large",
+        "data/demo_5": "not-a-regular-file",
+        "data/demo_6": "bad-series",
+    }
     assert any("stores 0 bytes" in p["message"] for p in json.loads(report.read_text())["problems"])
     data = json.loads(report.read_text())
     assert len(data["outside_links"]) == 1 and "far.hdf5" in data["outside_links"][0]
@@ -439,8 +515,9 @@ def test_unusable_hdf5_file_exits_1_with_its_reason(tmp_path: Path, kind: str) -
         if kind == "truncated":
             path.write_bytes(path.read_bytes()[:3000])
     report = tmp_path / "r.json"
-    run = run_cli(["ingest", "robot", str(path), "--out", str(tmp_path / "s.vla"), "-q", "--report-json",
-                   str(report)], timeout=60)
+    run = run_cli(
+        ["ingest", "robot", str(path), "--out", str(tmp_path / "s.vla"), "-q", "--report-json", str(report)], timeout=60
+    )
     assert run.code == 1 and no_traceback(run.err), run.err
     assert "nothing was ingested" in run.err
     expected = "not-a-regular-file" if kind == "fifo" else "bad-series"
@@ -504,8 +581,16 @@ def test_nothing_ingested_exits_1_saying_why(tmp_path: Path, capsys, case: str) 
 
 def test_rerun_on_an_intact_store_reports_its_real_size(tmp_path: Path, capsys) -> None:  # noqa: ANN001
     make_pt_cache(tmp_path / "cache", {"ep_a": 5})
-    args = ["ingest", "pt-cache", str(tmp_path / "cache"), "--out", str(tmp_path / "s.vla"), "-q",
-            "--report-json", str(tmp_path / "r.json")]
+    args = [
+        "ingest",
+        "pt-cache",
+        str(tmp_path / "cache"),
+        "--out",
+        str(tmp_path / "s.vla"),
+        "-q",
+        "--report-json",
+        str(tmp_path / "r.json"),
+    ]
     assert main(args) == 0
     first = json.loads((tmp_path / "r.json").read_text())["store_after"]
     assert main(args) == 0
@@ -513,8 +598,21 @@ def test_rerun_on_an_intact_store_reports_its_real_size(tmp_path: Path, capsys) 
     assert first["files"] > 0 and again["store_before"] == again["store_after"] == first
     assert f"in {first['files']:,} files; after:" in capsys.readouterr().out
     make_pt_cache(tmp_path / "other", {"ep_x": 2})  # nothing to write into it: the report still measures it
-    assert main(["ingest", "pt-cache", str(tmp_path / "other"), "--into", str(tmp_path / "s.vla"), "-q",
-                 "--report-json", str(tmp_path / "r.json")]) == 1
+    assert (
+        main(
+            [
+                "ingest",
+                "pt-cache",
+                str(tmp_path / "other"),
+                "--into",
+                str(tmp_path / "s.vla"),
+                "-q",
+                "--report-json",
+                str(tmp_path / "r.json"),
+            ]
+        )
+        == 1
+    )
     assert json.loads((tmp_path / "r.json").read_text())["store_after"] == first
 
 
@@ -526,8 +624,20 @@ def test_output_names_with_glob_characters(tmp_path: Path, name: str) -> None:
     assert VLAStore.open(tmp_path / name).coverage("vl_features").all()
 
 
-@pytest.mark.parametrize("case", ["mapping fifo", "report fifo", "manifest fifo", "workers", "reuse", "pattern",
-                                  "into missing", "robot source missing", "max size"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "mapping fifo",
+        "report fifo",
+        "manifest fifo",
+        "workers",
+        "reuse",
+        "pattern",
+        "into missing",
+        "robot source missing",
+        "max size",
+    ],
+)
 def test_usage_mistakes_exit_2_naming_the_fix(tmp_path: Path, capsys, case: str) -> None:  # noqa: ANN001
     cache = tmp_path / "cache"
     make_pt_cache(cache, {"ep_a": 2})
@@ -536,8 +646,16 @@ def test_usage_mistakes_exit_2_naming_the_fix(tmp_path: Path, capsys, case: str)
     args = {
         "mapping fifo": [*base, "--mapping", str(tmp_path / "pipe")],
         "report fifo": [*base, "--report-json", str(tmp_path / "pipe")],
-        "manifest fifo": ["ingest", "vggt", str(cache), "--out", str(tmp_path / "v.vla"), "--manifest",
-                          str(tmp_path / "pipe"), "-q"],
+        "manifest fifo": [
+            "ingest",
+            "vggt",
+            str(cache),
+            "--out",
+            str(tmp_path / "v.vla"),
+            "--manifest",
+            str(tmp_path / "pipe"),
+            "-q",
+        ],
         "workers": [*base, "--workers", "-1"],
         "reuse": [*base, "--vlm-reuse-count", "0"],
         "pattern": [*base, "--pattern", "(unclosed"],
@@ -560,8 +678,21 @@ def test_mapping_csv_with_a_repeated_column_is_refused_naming_it(tmp_path: Path,
     cache.mkdir()
     torch.save(torch.randn(1, 8), cache / "00aa.pt")
     (tmp_path / "map.csv").write_text("file,dataset,vlm_idx,dataset\n00aa.pt,ep_a,0,ep_b\n")
-    assert main(["ingest", "pt-cache", str(cache), "--out", str(tmp_path / "s.vla"), "-q", "--mapping",
-                 str(tmp_path / "map.csv")]) == 1
+    assert (
+        main(
+            [
+                "ingest",
+                "pt-cache",
+                str(cache),
+                "--out",
+                str(tmp_path / "s.vla"),
+                "-q",
+                "--mapping",
+                str(tmp_path / "map.csv"),
+            ]
+        )
+        == 1
+    )
     assert "'dataset' twice" in capsys.readouterr().err
 
 
@@ -572,8 +703,9 @@ def test_vggt_manifest_that_is_a_fifo_is_noted_not_opened(tmp_path: Path) -> Non
         torch.save({"features": torch.randn(4, 8).half()}, root / "ep_a" / "cam" / f"{i}.png.vggt_cache.pt")
     _fifo(root / "manifest.json")
     report = tmp_path / "r.json"
-    run = run_cli(["ingest", "vggt", str(root), "--out", str(tmp_path / "s.vla"), "-q", "--report-json", str(report)],
-                  timeout=60)
+    run = run_cli(
+        ["ingest", "vggt", str(root), "--out", str(tmp_path / "s.vla"), "-q", "--report-json", str(report)], timeout=60
+    )
     assert run.code == 0 and no_traceback(run.err), run.err
     assert any("not a regular file" in n for n in json.loads(report.read_text())["notes"])
 
@@ -624,8 +756,18 @@ def test_read_only_store_is_a_few_lines(tmp_path: Path, tmpfs: Path) -> None:
 
 def test_file_size_limit_is_a_few_lines_leaves_no_partial_file(tmp_path: Path) -> None:
     make_pt_cache(tmp_path / "cache", {"ep_a": 600}, shape=(1, 64))
-    args = ["ingest", "pt-cache", str(tmp_path / "cache"), "--out", str(tmp_path / "s.vla"), "--workers", "2", "-q",
-            "--rows-per-shard", "512"]
+    args = [
+        "ingest",
+        "pt-cache",
+        str(tmp_path / "cache"),
+        "--out",
+        str(tmp_path / "s.vla"),
+        "--workers",
+        "2",
+        "-q",
+        "--rows-per-shard",
+        "512",
+    ]
     run = run_cli(args, limit_fsize=48 << 10)  # a shard of 512 rows is 68 KiB
     assert run.code == 1 and no_traceback(run.err) and _lines(run.err) <= 4, run.err
     assert "File too large" in run.err and "ulimit -f" in run.err
@@ -634,8 +776,7 @@ def test_file_size_limit_is_a_few_lines_leaves_no_partial_file(tmp_path: Path) -
     assert VLAStore.open(tmp_path / "s.vla").coverage("vl_features").all()
 
 
-def test_concurrent_runs_of_one_command_never_print_tracebacks(tmp_path: Path, cache: Path, clean_stores: dict
-                                                              ) -> None:
+def test_concurrent_runs_of_one_command_never_print_tracebacks(tmp_path: Path, cache: Path, clean_stores: dict) -> None:
     out = tmp_path / "s.vla"
     args = [sys.executable, "-m", "vlastore", *_pt_args(cache), "--out", str(out)]
     procs = [subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for _ in range(2)]
@@ -647,8 +788,11 @@ def test_concurrent_runs_of_one_command_never_print_tracebacks(tmp_path: Path, c
 
 
 @pytest.mark.parametrize("failures", [2, 100])
-def test_transient_read_errors_are_retried_then_left_pending_for_a_rerun(tmp_path: Path, monkeypatch,  # noqa: ANN001
-                                                                        failures: int) -> None:
+def test_transient_read_errors_are_retried_then_left_pending_for_a_rerun(
+    tmp_path: Path,
+    monkeypatch,  # noqa: ANN001
+    failures: int,
+) -> None:
     cache = tmp_path / "cache"
     make_pt_cache(cache, {"ep_a": 64, "ep_b": 64})
     victim, attempts = str(cache / "ep_a_vlm5.pt"), tmp_path / "attempts"
@@ -663,8 +807,20 @@ def test_transient_read_errors_are_retried_then_left_pending_for_a_rerun(tmp_pat
         return real_open(path, *args, **kwargs)
 
     monkeypatch.setattr(ptfile, "open_regular", flaky_open)
-    args = ["ingest", "pt-cache", str(cache), "--out", str(tmp_path / "s.vla"), "--workers", "2", "-q",
-            "--rows-per-shard", "16", "--report-json", str(tmp_path / "r.json")]
+    args = [
+        "ingest",
+        "pt-cache",
+        str(cache),
+        "--out",
+        str(tmp_path / "s.vla"),
+        "--workers",
+        "2",
+        "-q",
+        "--rows-per-shard",
+        "16",
+        "--report-json",
+        str(tmp_path / "r.json"),
+    ]
     store = tmp_path / "s.vla"
     if failures == 2:  # fewer than the retries: nobody notices
         assert main(args) == 0 and reasons(tmp_path / "r.json") == {}

@@ -38,11 +38,18 @@ def _copy_real(tmp_path: Path) -> Path:
     return root
 
 
-def _windows(store: Path, points: list[tuple[int, int]], state: list[np.ndarray], action: list[np.ndarray],
-             n_obs: int = 3, horizon: int = 4) -> None:
+def _windows(
+    store: Path,
+    points: list[tuple[int, int]],
+    state: list[np.ndarray],
+    action: list[np.ndarray],
+    n_obs: int = 3,
+    horizon: int = 4,
+) -> None:
     """VLADataset samples at (episode, frame) points hold the LeRobot frames, edge-padded like LeRobot's."""
-    ds = VLADataset(store, features=[], obs_keys=("observation.state",), action_keys=("action",),
-                    n_obs_steps=n_obs, horizon=horizon)
+    ds = VLADataset(
+        store, features=[], obs_keys=("observation.state",), action_keys=("action",), n_obs_steps=n_obs, horizon=horizon
+    )
     starts = np.concatenate([[0], np.cumsum([len(s) for s in state])])
     for episode, frame in points:
         sample = ds[int(starts[episode] + frame)]
@@ -52,8 +59,7 @@ def _windows(store: Path, points: list[tuple[int, int]], state: list[np.ndarray]
         assert sample["episode"] == f"episode_{episode:06d}" and sample["step"] == frame
         np.testing.assert_array_equal(sample["observation.state"].numpy(), state[episode][obs])
         np.testing.assert_array_equal(sample["action"].numpy(), action[episode][act])
-        assert sample["observation.state_is_pad"].tolist() == [not 0 <= frame + d < n for d in
-                                                               range(-n_obs + 1, 1)]
+        assert sample["observation.state_is_pad"].tolist() == [not 0 <= frame + d < n for d in range(-n_obs + 1, 1)]
         assert sample["action_is_pad"].tolist() == [not 0 <= frame + d < n for d in range(horizon)]
 
 
@@ -93,15 +99,21 @@ def test_dataset_written_by_lerobot_itself(tmp_path: Path) -> None:
     assert main(args) == 0
 
 
-@pytest.mark.parametrize(("list_type", "row_group_rows", "episodes_per_file"),
-                         [("fixed", None, 2), ("list", 4, 3), ("fixed", 1, 1)])
-def test_pyarrow_written_dataset_matches_what_the_files_say(tmp_path: Path, list_type: str,
-                                                            row_group_rows: int | None,
-                                                            episodes_per_file: int) -> None:
+@pytest.mark.parametrize(
+    ("list_type", "row_group_rows", "episodes_per_file"), [("fixed", None, 2), ("list", 4, 3), ("fixed", 1, 1)]
+)
+def test_pyarrow_written_dataset_matches_what_the_files_say(
+    tmp_path: Path, list_type: str, row_group_rows: int | None, episodes_per_file: int
+) -> None:
     lengths = [6, 9, 4, 7, 5]
-    written = write_lerobot_dataset(tmp_path / "ds", lengths, episodes_per_file=episodes_per_file,
-                                    row_group_rows=row_group_rows, list_type=list_type,
-                                    cameras=("observation.images.top",))
+    written = write_lerobot_dataset(
+        tmp_path / "ds",
+        lengths,
+        episodes_per_file=episodes_per_file,
+        row_group_rows=row_group_rows,
+        list_type=list_type,
+        cameras=("observation.images.top",),
+    )
     imported = read_lerobot(tmp_path / "ds")
     assert not imported.problems
     assert [e.name for e in imported.episodes] == [f"episode_{i:06d}" for i in range(5)]
@@ -116,8 +128,9 @@ def test_pyarrow_written_dataset_matches_what_the_files_say(tmp_path: Path, list
     for i, episode in enumerate(imported.episodes):
         assert episode.series["observation.state"].tobytes() == written.state[i].tobytes()
         assert episode.series["next.reward"][:, 0].tobytes() == written.reward[i].tobytes()
-        np.testing.assert_array_equal(imported.timestamps[episode.name],
-                                      np.arange(lengths[i], dtype=np.float32) / np.float32(10))
+        np.testing.assert_array_equal(
+            imported.timestamps[episode.name], np.arange(lengths[i], dtype=np.float32) / np.float32(10)
+        )
     out = tmp_path / "s.vla"
     assert main(["ingest", "lerobot", str(tmp_path / "ds"), "--out", str(out), "--verify", "-q"]) == 0
     _windows(out, [(0, 0), (1, 8), (2, 1), (3, 3), (4, 4)], written.state, written.action)
@@ -136,15 +149,25 @@ def test_episodes_span_batches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(lengths=st.lists(st.integers(1, 12), min_size=1, max_size=6), per_file=st.integers(1, 4),
-       group=st.one_of(st.none(), st.integers(1, 7)), list_type=st.sampled_from(["fixed", "list"]),
-       seed=st.integers(0, 2**16))
-def test_property_every_frame_lands_in_its_episode(tmp_path_factory: pytest.TempPathFactory, lengths: list[int],
-                                                   per_file: int, group: int | None, list_type: str,
-                                                   seed: int) -> None:
+@given(
+    lengths=st.lists(st.integers(1, 12), min_size=1, max_size=6),
+    per_file=st.integers(1, 4),
+    group=st.one_of(st.none(), st.integers(1, 7)),
+    list_type=st.sampled_from(["fixed", "list"]),
+    seed=st.integers(0, 2**16),
+)
+def test_property_every_frame_lands_in_its_episode(
+    tmp_path_factory: pytest.TempPathFactory,
+    lengths: list[int],
+    per_file: int,
+    group: int | None,
+    list_type: str,
+    seed: int,
+) -> None:
     root = tmp_path_factory.mktemp("ds")
-    written = write_lerobot_dataset(root, lengths, episodes_per_file=per_file, row_group_rows=group,
-                                    list_type=list_type, seed=seed)
+    written = write_lerobot_dataset(
+        root, lengths, episodes_per_file=per_file, row_group_rows=group, list_type=list_type, seed=seed
+    )
     imported = read_lerobot(root)
     assert not imported.problems
     assert [e.step_count() for e in imported.episodes] == lengths
@@ -156,18 +179,24 @@ def test_property_every_frame_lands_in_its_episode(tmp_path_factory: pytest.Temp
 
 def test_optional_dataset_written_by_the_lerobot_package(tmp_path: Path) -> None:
     """Where lerobot (>= 0.4, format v3.0) is installed, a dataset it writes now imports the same way."""
-    lerobot_dataset = pytest.importorskip("lerobot.datasets.lerobot_dataset",
-                                          reason="pip install lerobot (needs a torch it accepts)")
-    features = {"observation.state": {"dtype": "float32", "shape": (3,), "names": ["a", "b", "c"]},
-                "action": {"dtype": "float32", "shape": (2,), "names": None}}
-    ds = lerobot_dataset.LeRobotDataset.create("local/t", fps=5, features=features, root=tmp_path / "ds",
-                                               use_videos=False)
+    lerobot_dataset = pytest.importorskip(
+        "lerobot.datasets.lerobot_dataset", reason="pip install lerobot (needs a torch it accepts)"
+    )
+    features = {
+        "observation.state": {"dtype": "float32", "shape": (3,), "names": ["a", "b", "c"]},
+        "action": {"dtype": "float32", "shape": (2,), "names": None},
+    }
+    ds = lerobot_dataset.LeRobotDataset.create(
+        "local/t", fps=5, features=features, root=tmp_path / "ds", use_videos=False
+    )
     rng = np.random.default_rng(0)
     frames = []
     for n in (4, 6):
         for _ in range(n):
-            frame = {"observation.state": rng.normal(size=3).astype(np.float32),
-                     "action": rng.normal(size=2).astype(np.float32)}
+            frame = {
+                "observation.state": rng.normal(size=3).astype(np.float32),
+                "action": rng.normal(size=2).astype(np.float32),
+            }
             frames.append(frame["observation.state"])
             ds.add_frame({**frame, "task": "t"})
         ds.save_episode()
@@ -187,8 +216,9 @@ def _ingest(root: Path, out: Path, *extra: str) -> int:
 
 def _report(tmp_path: Path, root: Path, *extra: str) -> tuple[int, dict]:
     path = tmp_path / "report.json"
-    code = main(["ingest", "lerobot", str(root), "--out", str(tmp_path / "s.vla"), "-q", "--report-json", str(path),
-                 *extra])
+    code = main(
+        ["ingest", "lerobot", str(root), "--out", str(tmp_path / "s.vla"), "-q", "--report-json", str(path), *extra]
+    )
     return code, json.loads(path.read_text()) if path.exists() else {}
 
 
@@ -204,17 +234,25 @@ def test_usage_mistakes_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert VLAStore.open(tmp_path / "s.vla").datasets == ("pick_0", "pick_1")
 
 
-@pytest.mark.parametrize("damage", ["no-info", "v2.1", "not-json", "no-tasks", "no-episodes", "bad-fps",
-                                    "escaping-path"])
-def test_not_a_usable_dataset_exits_1_with_the_reason(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                                      damage: str) -> None:
+@pytest.mark.parametrize(
+    "damage", ["no-info", "v2.1", "not-json", "no-tasks", "no-episodes", "bad-fps", "escaping-path"]
+)
+def test_not_a_usable_dataset_exits_1_with_the_reason(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], damage: str
+) -> None:
     root = tmp_path / "ds"
     write_lerobot_dataset(root, [3, 4])
     info_path = root / "meta" / "info.json"
     info = json.loads(info_path.read_text())
-    expected = {"no-info": "meta/info.json: missing", "v2.1": "convert_dataset_v21_to_v30",
-                "not-json": "not valid JSON", "no-tasks": "tasks.parquet: missing", "no-episodes": "meta/episodes",
-                "bad-fps": "fps is", "escaping-path": "leaves the dataset folder"}[damage]
+    expected = {
+        "no-info": "meta/info.json: missing",
+        "v2.1": "convert_dataset_v21_to_v30",
+        "not-json": "not valid JSON",
+        "no-tasks": "tasks.parquet: missing",
+        "no-episodes": "meta/episodes",
+        "bad-fps": "fps is",
+        "escaping-path": "leaves the dataset folder",
+    }[damage]
     if damage == "no-info":
         info_path.unlink()
     elif damage == "not-json":
@@ -224,8 +262,13 @@ def test_not_a_usable_dataset_exits_1_with_the_reason(tmp_path: Path, capsys: py
     elif damage == "no-episodes":
         shutil.rmtree(root / "meta" / "episodes")
     else:
-        info.update({"v2.1": {"codebase_version": "v2.1"}, "bad-fps": {"fps": 0},
-                     "escaping-path": {"data_path": "../../{chunk_index}/{file_index}.parquet"}}[damage])
+        info.update(
+            {
+                "v2.1": {"codebase_version": "v2.1"},
+                "bad-fps": {"fps": 0},
+                "escaping-path": {"data_path": "../../{chunk_index}/{file_index}.parquet"},
+            }[damage]
+        )
         info_path.write_text(json.dumps(info))
     assert _ingest(root, tmp_path / "s.vla") == 1
     err = capsys.readouterr().err
@@ -273,11 +316,21 @@ def _damage_data_file(root: Path, how: str) -> None:
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize(("how", "reason"), [
-    ("not-parquet", "corrupt"), ("truncated", "corrupt"), ("fifo", "unreadable"), ("missing", "unreadable"),
-    ("missing-column", "bad-series"), ("extra-row", "bad-series"), ("wrong-index", "bad-series"),
-    ("shuffled", "bad-series"), ("wrong-width", "bad-series"), ("nonfinite", "nonfinite"),
-])
+@pytest.mark.parametrize(
+    ("how", "reason"),
+    [
+        ("not-parquet", "corrupt"),
+        ("truncated", "corrupt"),
+        ("fifo", "unreadable"),
+        ("missing", "unreadable"),
+        ("missing-column", "bad-series"),
+        ("extra-row", "bad-series"),
+        ("wrong-index", "bad-series"),
+        ("shuffled", "bad-series"),
+        ("wrong-width", "bad-series"),
+        ("nonfinite", "nonfinite"),
+    ],
+)
 def test_bad_data_file_skips_its_episodes_with_a_reason(tmp_path: Path, how: str, reason: str) -> None:
     root = tmp_path / "ds"
     written = write_lerobot_dataset(root, [3, 4, 5, 6, 2], episodes_per_file=2)
@@ -346,8 +399,9 @@ def test_feature_keys_that_are_not_store_names(tmp_path: Path) -> None:
     info_path.write_text(json.dumps(info))
     for path in (root / "data").rglob("*.parquet"):
         table = pq.read_table(path)
-        pq.write_table(table.rename_columns(["next reward" if c == "next.reward" else c
-                                             for c in table.column_names]), path)
+        pq.write_table(
+            table.rename_columns(["next reward" if c == "next.reward" else c for c in table.column_names]), path
+        )
     imported = read_lerobot(root)
     assert imported.series_keys["next reward"] == "next_reward" and "next_reward" in imported.columns
     info["features"]["next_reward"] = info["features"]["next reward"]
@@ -358,8 +412,7 @@ def test_feature_keys_that_are_not_store_names(tmp_path: Path) -> None:
 
 def test_dry_run_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     write_lerobot_dataset(tmp_path / "ds", [3, 4])
-    assert _ingest(tmp_path / "ds", tmp_path / "s.vla", "--dry-run", "--metadata-json",
-                   str(tmp_path / "m.json")) == 0
+    assert _ingest(tmp_path / "ds", tmp_path / "s.vla", "--dry-run", "--metadata-json", str(tmp_path / "m.json")) == 0
     assert not (tmp_path / "s.vla").exists() and not (tmp_path / "m.json").exists()
     assert "DRY RUN" in capsys.readouterr().out
 
@@ -369,11 +422,15 @@ def test_without_pyarrow_the_error_says_what_to_install(tmp_path: Path) -> None:
     import sys
 
     write_lerobot_dataset(tmp_path / "ds", [3])
-    code = ("import sys; sys.modules['pyarrow'] = None; from vlastore.cli import main; "
-            "sys.exit(main(sys.argv[1:]))")
+    code = "import sys; sys.modules['pyarrow'] = None; from vlastore.cli import main; sys.exit(main(sys.argv[1:]))"
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, "-c", code, "ingest", "lerobot", str(tmp_path / "ds"), "--out",
-                           str(tmp_path / "s.vla"), "-q"], capture_output=True, text=True, env=env, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", code, "ingest", "lerobot", str(tmp_path / "ds"), "--out", str(tmp_path / "s.vla"), "-q"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert done.returncode == 1 and "pip install 'vlastore[lerobot]'" in done.stderr, done.stderr
     assert "Traceback" not in done.stderr

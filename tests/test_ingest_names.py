@@ -56,8 +56,9 @@ def test_name_plan_equals_the_file_list_plan(names: list[str], into: bool, reuse
     rows = np.flatnonzero(named.sources.has_source)
     assert rows.tolist() == sorted(placed)
     assert named.sources.paths(rows) == [placed[r] for r in rows.tolist()]
-    assert sorted((p.path, p.reason, p.message) for p in named.problems.listed) == \
-        sorted((p.path, p.reason, p.message) for p in problems)
+    assert sorted((p.path, p.reason, p.message) for p in named.problems.listed) == sorted(
+        (p.path, p.reason, p.message) for p in problems
+    )
     assert named.found == sum(n.endswith(".pt") for n in names)
     assert named.others == len(names) - named.found
 

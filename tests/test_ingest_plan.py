@@ -12,8 +12,9 @@ def _files(shapes: list[tuple[int, ...]], dtype: str = "bfloat16") -> list[Scann
     return [ScannedFile(f"/c/f{i}.pt", 10, None, {"": (s, dtype, True)}) for i, s in enumerate(shapes)]
 
 
-@pytest.mark.parametrize(("shape", "core"), [((1, 2048), (2048,)), ((1, 1, 5, 8), (5, 8)), ((3, 1), (3, 1)),
-                                             ((1,), ())])
+@pytest.mark.parametrize(
+    ("shape", "core"), [((1, 2048), (2048,)), ((1, 1, 5, 8), (5, 8)), ((3, 1), (3, 1)), ((1,), ())]
+)
 def test_core_shape_drops_leading_batch_dims_only(shape: tuple[int, ...], core: tuple[int, ...]) -> None:
     assert core_shape(shape) == core
 

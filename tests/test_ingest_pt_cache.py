@@ -27,8 +27,23 @@ def test_round_trip_bit_exact(tmp_path: Path, dtype: str, ragged: bool) -> None:
     values = make_pt_cache(cache, EPISODES, shape=(1, 3, 8) if ragged else (1, 16), dtype=dtype, ragged=ragged)
     out = tmp_path / "s.vla"
     report = tmp_path / "r.json"
-    code = main(["ingest", "pt-cache", str(cache), "--out", str(out), "--workers", "2", "--rows-per-shard", "8",
-                 "--verify", "-q", "--report-json", str(report)])
+    code = main(
+        [
+            "ingest",
+            "pt-cache",
+            str(cache),
+            "--out",
+            str(out),
+            "--workers",
+            "2",
+            "--rows-per-shard",
+            "8",
+            "--verify",
+            "-q",
+            "--report-json",
+            str(report),
+        ]
+    )
     assert code == 0
     store = VLAStore.open(out)
     assert store.datasets == tuple(sorted(EPISODES))
@@ -66,8 +81,24 @@ def test_bad_files_are_skipped_with_reasons_and_the_rest_ingests(tmp_path: Path)
     (cache / "notes.txt").write_text("ignored")
     before = tree_hashes(cache)
     report = tmp_path / "r.json"
-    assert main(["ingest", "pt-cache", str(cache), "--out", str(tmp_path / "s.vla"), "--workers", "2", "-q",
-                 "--report-json", str(report), "--verify"]) == 0
+    assert (
+        main(
+            [
+                "ingest",
+                "pt-cache",
+                str(cache),
+                "--out",
+                str(tmp_path / "s.vla"),
+                "--workers",
+                "2",
+                "-q",
+                "--report-json",
+                str(report),
+                "--verify",
+            ]
+        )
+        == 0
+    )
     assert tree_hashes(cache) == before
     data = json.loads(report.read_text())
     reasons = {os.path.basename(p["path"]): p["reason"] for p in data["problems"]}
@@ -89,8 +120,19 @@ def test_bad_files_are_skipped_with_reasons_and_the_rest_ingests(tmp_path: Path)
     assert data["verify"]["ok"]
     # --strict: the same problems are fatal and nothing new is written
     strict_report = tmp_path / "strict.json"
-    code = main(["ingest", "pt-cache", str(cache), "--out", str(tmp_path / "strict.vla"), "--strict", "-q",
-                 "--report-json", str(strict_report)])
+    code = main(
+        [
+            "ingest",
+            "pt-cache",
+            str(cache),
+            "--out",
+            str(tmp_path / "strict.vla"),
+            "--strict",
+            "-q",
+            "--report-json",
+            str(strict_report),
+        ]
+    )
     assert code == 1 and not (tmp_path / "strict.vla").exists() and not marker.exists()
     assert json.loads(strict_report.read_text())["skipped_by_reason"] == data["skipped_by_reason"]
 
@@ -106,8 +148,25 @@ def test_hash_named_files_with_mapping_csv_and_metadata(tmp_path: Path) -> None:
     mapping = tmp_path / "map.csv"
     mapping.write_text("file,dataset,vlm_idx\n00002a20a20e3399f3c7d146.pt,ep_x,0\n11112a20a20e3399f3c7d146.pt,ep_y,0\n")
     report = tmp_path / "r.json"
-    assert main(["ingest", "pt-cache", str(cache), "--out", str(tmp_path / "s.vla"), "--mapping", str(mapping),
-                 "--workers", "1", "-q", "--report-json", str(report)]) == 0
+    assert (
+        main(
+            [
+                "ingest",
+                "pt-cache",
+                str(cache),
+                "--out",
+                str(tmp_path / "s.vla"),
+                "--mapping",
+                str(mapping),
+                "--workers",
+                "1",
+                "-q",
+                "--report-json",
+                str(report),
+            ]
+        )
+        == 0
+    )
     store = VLAStore.open(tmp_path / "s.vla")
     assert store.datasets == ("ep_x", "ep_y")
     assert torch.equal(store.feature("vl_features", "ep_x", 0), a[0])
@@ -136,9 +195,27 @@ def test_features_into_a_robot_store(tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     values = make_pt_cache(cache, {"ep_a": 3, "ep_b": 4})  # ep_b_vlm3 is past ceil(7 / 3) = 3 rows
     out = tmp_path / "s.vla"
-    assert main(["ingest", "pt-cache", str(cache), "--robot", str(robot), "--out", str(out), "-q",
-                 "--robot-series", "state=joint_*,gripper", "--robot-series", "action=action_*",
-                 "--report-json", str(tmp_path / "r.json")]) == 0
+    assert (
+        main(
+            [
+                "ingest",
+                "pt-cache",
+                str(cache),
+                "--robot",
+                str(robot),
+                "--out",
+                str(out),
+                "-q",
+                "--robot-series",
+                "state=joint_*,gripper",
+                "--robot-series",
+                "action=action_*",
+                "--report-json",
+                str(tmp_path / "r.json"),
+            ]
+        )
+        == 0
+    )
     store = VLAStore.open(out)
     assert store.catalog.steps.tolist() == [9, 7]
     assert store.columns("state") == ("joint_0", "joint_1", "joint_2", "gripper")
@@ -189,15 +266,32 @@ def test_named_bad_files_found_by_fast_and_full_scan_alike(tmp_path: Path, full_
     marker = tmp_path / "PWNED"
     torch.save(RunsCode(str(marker)), cache / "ep_a_vlm6.pt")
     report = tmp_path / "r.json"
-    args = ["ingest", "pt-cache", str(cache), "--out", str(tmp_path / "s.vla"), "--workers", "2", "-q",
-            "--rows-per-shard", "8", "--report-json", str(report)]
+    args = [
+        "ingest",
+        "pt-cache",
+        str(cache),
+        "--out",
+        str(tmp_path / "s.vla"),
+        "--workers",
+        "2",
+        "-q",
+        "--rows-per-shard",
+        "8",
+        "--report-json",
+        str(report),
+    ]
     assert main(args + (["--full-scan"] if full_scan else [])) == 0
     data = json.loads(report.read_text())
     assert any("fast scan" in n for n in data["notes"]) != full_scan
     reasons = sorted((os.path.basename(p["path"]), p["reason"]) for p in data["problems"])
-    assert reasons == [("ep_a_vlm1.pt", "truncated"), ("ep_a_vlm2.pt", "not-zip"), ("ep_a_vlm3.pt", "wrong-shape"),
-                       ("ep_a_vlm4.pt", "wrong-dtype"), ("ep_a_vlm5.pt", "nonfinite"),
-                       ("ep_a_vlm6.pt", "unsafe-pickle")]
+    assert reasons == [
+        ("ep_a_vlm1.pt", "truncated"),
+        ("ep_a_vlm2.pt", "not-zip"),
+        ("ep_a_vlm3.pt", "wrong-shape"),
+        ("ep_a_vlm4.pt", "wrong-dtype"),
+        ("ep_a_vlm5.pt", "nonfinite"),
+        ("ep_a_vlm6.pt", "unsafe-pickle"),
+    ]
     assert not marker.exists()
     store = VLAStore.open(tmp_path / "s.vla")
     assert store.coverage("vl_features").tolist() == [True] + [False] * 6 + [True] * 33
@@ -222,8 +316,26 @@ def test_zstd_family_round_trip(tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     values = make_pt_cache(cache, {"ep_a": 9}, shape=(1, 64), dtype="float16")
     out = tmp_path / "s.vla"
-    assert main(["ingest", "pt-cache", str(cache), "--out", str(out), "--compression", "zstd", "--workers", "2",
-                 "--rows-per-shard", "4", "--verify", "-q"]) == 0
+    assert (
+        main(
+            [
+                "ingest",
+                "pt-cache",
+                str(cache),
+                "--out",
+                str(out),
+                "--compression",
+                "zstd",
+                "--workers",
+                "2",
+                "--rows-per-shard",
+                "4",
+                "--verify",
+                "-q",
+            ]
+        )
+        == 0
+    )
     store = VLAStore.open(out)
     assert store.spec("vl_features").compression == "zstd"
     for (name, idx), t in values.items():

@@ -36,8 +36,13 @@ def test_tensor_round_trip_matches_torch(tmp_path: Path, dtype: str, shape: tupl
 
 def test_dict_payload_views_and_metadata(tmp_path: Path) -> None:
     base = torch.randn(6, 8)
-    obj = {"pooled": base[:, 2:5], "tokens": torch.randn(1, 3, 4).half(), "dataset": "ep_1", "vlm_idx": 7,
-           "n": torch.tensor(3)}
+    obj = {
+        "pooled": base[:, 2:5],
+        "tokens": torch.randn(1, 3, 4).half(),
+        "dataset": "ep_1",
+        "vlm_idx": 7,
+        "n": torch.tensor(3),
+    }
     torch.save(obj, tmp_path / "d.pt")
     tensors, meta = tensor_entries(read_pt(tmp_path / "d.pt"))
     assert sorted(tensors) == ["pooled", "tokens"]
@@ -270,10 +275,13 @@ def _full_parse(buf: bytes) -> RawTensor | None:
 
 
 @settings(max_examples=400, deadline=None)
-@given(layout=st.sampled_from(sorted(_LAYOUTS)), changes=st.lists(
-    st.tuples(st.floats(0, 1, exclude_max=True), st.integers(1, 255)), min_size=1, max_size=3))
+@given(
+    layout=st.sampled_from(sorted(_LAYOUTS)),
+    changes=st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.integers(1, 255)), min_size=1, max_size=3),
+)
 def test_the_layout_check_passes_a_file_only_where_a_full_parse_reads_the_same_tensor(
-        layout: str, changes: list[tuple[float, int]]) -> None:
+    layout: str, changes: list[tuple[float, int]]
+) -> None:
     original = _LAYOUTS[layout]
     ptfile._TEMPLATES.clear()
     assert ptfile.parse_pt(original) is not None and template_tensor(original) is not None  # the layout is learnt

@@ -21,14 +21,20 @@ from vlastore.writer import FamilyWriter
 # ----------------------------------------------------------------- holes and repair (the core writer of issue 9)
 
 CORE_REPAIR = "repair" in inspect.signature(FamilyWriter.__init__).parameters
-needs_core = pytest.mark.skipif(not CORE_REPAIR, reason="needs the writer of issue 9's core branch (holes are "
-                                "pending rows, FamilyWriter(repair=True)); runs once it is merged")
+needs_core = pytest.mark.skipif(
+    not CORE_REPAIR,
+    reason="needs the writer of issue 9's core branch (holes are "
+    "pending rows, FamilyWriter(repair=True)); runs once it is merged",
+)
 
 
 def _store_files(root: Path) -> dict[str, bytes]:
     # the manifest's checksum covers its creation time, so it differs with it
-    return {str(p.relative_to(root)): re.sub(rb'"(created|checksum)": "[^"]*"', b"", p.read_bytes())
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): re.sub(rb'"(created|checksum)": "[^"]*"', b"", p.read_bytes())
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 @needs_core
@@ -37,8 +43,18 @@ def test_rerun_fills_the_hole_of_a_file_that_was_bad(tmp_path: Path) -> None:
     make_pt_cache(cache, {"ep_a": 40})
     good = (cache / "ep_a_vlm3.pt").read_bytes()
     (cache / "ep_a_vlm3.pt").write_bytes(good[:-6])
-    args = ["ingest", "pt-cache", str(cache), "--workers", "2", "--rows-per-shard", "8", "-q", "--report-json",
-            str(tmp_path / "r.json")]
+    args = [
+        "ingest",
+        "pt-cache",
+        str(cache),
+        "--workers",
+        "2",
+        "--rows-per-shard",
+        "8",
+        "-q",
+        "--report-json",
+        str(tmp_path / "r.json"),
+    ]
     out = tmp_path / "s.vla"
     assert main([*args, "--out", str(out)]) == 0
     assert not VLAStore.open(out).coverage("vl_features")[3]

@@ -20,8 +20,20 @@ def test_csv_round_trip_keeps_column_names(tmp_path: Path) -> None:
     before = tree_hashes(tmp_path / "csv")
     out = tmp_path / "s.vla"
     report = tmp_path / "r.json"
-    args = ["ingest", "robot", str(tmp_path / "csv"), "--out", str(out), "--series", "state=joint_*,gripper",
-            "--series", "action=action_*", "--dtype", "float64", "-q"]
+    args = [
+        "ingest",
+        "robot",
+        str(tmp_path / "csv"),
+        "--out",
+        str(out),
+        "--series",
+        "state=joint_*,gripper",
+        "--series",
+        "action=action_*",
+        "--dtype",
+        "float64",
+        "-q",
+    ]
     assert main([*args, "--verify", "--report-json", str(report)]) == 0
     assert tree_hashes(tmp_path / "csv") == before
     store = VLAStore.open(out)
@@ -58,17 +70,40 @@ def test_npz_round_trip_and_bad_episodes(tmp_path: Path) -> None:
     rng = np.random.default_rng(1)
     good = {}
     for name, steps in EPISODES.items():
-        arrays = {"joint_0": rng.normal(size=steps).astype(np.float32), "gripper": rng.normal(size=steps)
-                  .astype(np.float32), "action": rng.normal(size=(steps, 3)).astype(np.float32)}
+        arrays = {
+            "joint_0": rng.normal(size=steps).astype(np.float32),
+            "gripper": rng.normal(size=steps).astype(np.float32),
+            "action": rng.normal(size=(steps, 3)).astype(np.float32),
+        }
         np.savez(folder / f"{name}.npz", **arrays)
         good[name] = arrays
-    np.savez(folder / "nan_episode.npz", joint_0=np.array([1.0, np.nan], np.float32),
-             gripper=np.zeros(2, np.float32), action=np.zeros((2, 3), np.float32))
+    np.savez(
+        folder / "nan_episode.npz",
+        joint_0=np.array([1.0, np.nan], np.float32),
+        gripper=np.zeros(2, np.float32),
+        action=np.zeros((2, 3), np.float32),
+    )
     np.savez(folder / "other_columns.npz", x=np.zeros(4, np.float32))
     (folder / "broken.npz").write_bytes(b"not an npz")
     report = tmp_path / "r.json"
-    assert main(["ingest", "robot", str(folder), "--out", str(tmp_path / "s.vla"), "--series", "state=*",
-                 "--verify", "-q", "--report-json", str(report)]) == 0
+    assert (
+        main(
+            [
+                "ingest",
+                "robot",
+                str(folder),
+                "--out",
+                str(tmp_path / "s.vla"),
+                "--series",
+                "state=*",
+                "--verify",
+                "-q",
+                "--report-json",
+                str(report),
+            ]
+        )
+        == 0
+    )
     store = VLAStore.open(tmp_path / "s.vla")
     assert store.datasets == tuple(sorted(EPISODES))
     assert store.columns("state") == ("joint_0", "gripper")
@@ -76,8 +111,11 @@ def test_npz_round_trip_and_bad_episodes(tmp_path: Path) -> None:
         assert np.array_equal(store.series("action", name), arrays["action"])
         assert np.array_equal(store.series("state", name)[:, 1], arrays["gripper"])
     reasons = sorted((Path(p["path"]).name, p["reason"]) for p in json.loads(report.read_text())["problems"])
-    assert reasons == [("broken.npz", "bad-series"), ("nan_episode.npz", "nonfinite"),
-                       ("other_columns.npz", "bad-series")]
+    assert reasons == [
+        ("broken.npz", "bad-series"),
+        ("nan_episode.npz", "nonfinite"),
+        ("other_columns.npz", "bad-series"),
+    ]
 
 
 def test_robomimic_hdf5_round_trip(tmp_path: Path) -> None:
@@ -88,8 +126,11 @@ def test_robomimic_hdf5_round_trip(tmp_path: Path) -> None:
     with h5py.File(path, "w") as f:
         for n, steps in [(10, 6), (2, 5), (0, 7)]:
             g = f.create_group(f"data/demo_{n}")
-            arrays = {"actions": rng.normal(size=(steps, 7)), "states": rng.normal(size=(steps, 32)),
-                      "obs.eef_pos": rng.normal(size=(steps, 3)).astype(np.float32)}
+            arrays = {
+                "actions": rng.normal(size=(steps, 7)),
+                "states": rng.normal(size=(steps, 32)),
+                "obs.eef_pos": rng.normal(size=(steps, 3)).astype(np.float32),
+            }
             g["actions"], g["states"] = arrays["actions"], arrays["states"]
             g["obs/eef_pos"] = arrays["obs.eef_pos"]
             g["obs/agentview_image"] = np.zeros((steps, 8, 8, 3), np.uint8)
@@ -118,10 +159,29 @@ def test_integer_columns_become_float32_only_when_exact(tmp_path: Path) -> None:
     folder = tmp_path / "npz"
     folder.mkdir()
     for name in ("ep_a", "ep_b"):
-        np.savez(folder / f"{name}.npz", small=np.arange(4, dtype=np.int64),
-                 frame=np.arange(4, dtype=np.int64) + (1 << 30) + 1)  # 2**30 + 1 rounds in float32
-    assert main(["ingest", "robot", str(folder), "--out", str(tmp_path / "s.vla"), "--series", "small=small",
-                 "--series", "frame=frame", "--verify", "-q"]) == 0
+        np.savez(
+            folder / f"{name}.npz",
+            small=np.arange(4, dtype=np.int64),
+            frame=np.arange(4, dtype=np.int64) + (1 << 30) + 1,
+        )  # 2**30 + 1 rounds in float32
+    assert (
+        main(
+            [
+                "ingest",
+                "robot",
+                str(folder),
+                "--out",
+                str(tmp_path / "s.vla"),
+                "--series",
+                "small=small",
+                "--series",
+                "frame=frame",
+                "--verify",
+                "-q",
+            ]
+        )
+        == 0
+    )
     store = VLAStore.open(tmp_path / "s.vla")
     assert store.series("small", "ep_a").dtype == np.float32
     assert store.series("frame", "ep_b").dtype == np.float64

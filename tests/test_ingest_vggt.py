@@ -63,8 +63,21 @@ def test_vggt_into_robot_store(tmp_path: Path) -> None:
     assert main(["ingest", "robot", str(tmp_path / "csv"), "--out", str(tmp_path / "s.vla"), "-q"]) == 0
     values = _vggt_root(tmp_path / "data", {"ep_b": 2, "ep_zzz": 1})
     report = tmp_path / "r.json"
-    assert main(["ingest", "vggt", str(tmp_path / "data"), "--into", str(tmp_path / "s.vla"), "-q",
-                 "--report-json", str(report)]) == 0
+    assert (
+        main(
+            [
+                "ingest",
+                "vggt",
+                str(tmp_path / "data"),
+                "--into",
+                str(tmp_path / "s.vla"),
+                "-q",
+                "--report-json",
+                str(report),
+            ]
+        )
+        == 0
+    )
     store = VLAStore.open(tmp_path / "s.vla")
     assert store.layout("vggt").episode_rows.tolist() == [0, 0, 2]
     assert torch.equal(store.feature_by_key("vggt", "ep_b/cam_high/000001.png"), values["ep_b/cam_high/000001.png"][0])
@@ -80,11 +93,15 @@ def test_vggt_caches_that_are_not_files_are_skipped_with_reasons(tmp_path: Path)
     (cam / "000102.png.vggt_cache.pt").symlink_to(cam / "gone.pt")
     (root / "ep_a" / "linked").symlink_to(root / "ep_a" / "cam_high")  # a linked folder: not walked twice
     report = tmp_path / "r.json"
-    assert main(["ingest", "vggt", str(root), "--out", str(tmp_path / "s.vla"), "-q", "--report-json",
-                 str(report)]) == 0
+    assert (
+        main(["ingest", "vggt", str(root), "--out", str(tmp_path / "s.vla"), "-q", "--report-json", str(report)]) == 0
+    )
     got = {Path(p["path"]).name: p["reason"] for p in json.loads(report.read_text())["problems"]}
-    assert got == {"000100.png.vggt_cache.pt": "not-a-regular-file", "000101.png.vggt_cache.pt": "not-a-regular-file",
-                   "000102.png.vggt_cache.pt": "dangling-symlink"}
+    assert got == {
+        "000100.png.vggt_cache.pt": "not-a-regular-file",
+        "000101.png.vggt_cache.pt": "not-a-regular-file",
+        "000102.png.vggt_cache.pt": "dangling-symlink",
+    }
     store = VLAStore.open(tmp_path / "s.vla")
     for key, t in values.items():
         assert torch.equal(store.feature_by_key("vggt", key), t[0])

@@ -404,8 +404,9 @@ def test_plot_helpers_draw_on_the_given_axes(store: VLAStore) -> None:
 
 def _rebuilt_store(path: Path, steps: tuple[int, ...], values, write: bool = True) -> VLAStore:
     """A family with two generations holding the same values: a rebuild that changed nothing."""
-    store = VLAStore.create(path, [EpisodeData(f"e{i}", {"state": np.zeros((n, 2), np.float32)})
-                                   for i, n in enumerate(steps)])
+    store = VLAStore.create(
+        path, [EpisodeData(f"e{i}", {"state": np.zeros((n, 2), np.float32)}) for i, n in enumerate(steps)]
+    )
     store.add_family("f", FamilySpec((4,), "float32", vlm_reuse_count=1), producer=Producer("m", fingerprint="a"))
     second = store.new_generation("f", Producer("m", fingerprint="b"))
     rows = store.layout("f").rows

@@ -14,9 +14,19 @@ PACKAGE = Path(__file__).resolve().parents[1] / "vlastore"
 
 LAYERS: list[tuple[str, ...]] = [
     # pure: layout, format, codecs, plain numpy; no storage, no zarr
-    ("vlastore.version", "vlastore.errors", "vlastore.format", "vlastore.catalog", "vlastore.layout",
-     "vlastore.shardcodec", "vlastore.integrity", "vlastore.windows", "vlastore.dtypes", "vlastore.ranks",
-     "vlastore.snapshot"),
+    (
+        "vlastore.version",
+        "vlastore.errors",
+        "vlastore.format",
+        "vlastore.catalog",
+        "vlastore.layout",
+        "vlastore.shardcodec",
+        "vlastore.integrity",
+        "vlastore.windows",
+        "vlastore.dtypes",
+        "vlastore.ranks",
+        "vlastore.snapshot",
+    ),
     ("vlastore.storage",),  # the seam: bytes, ranges, maps, conditional writes
     ("vlastore.nodes",),  # zarr groups, attributes and small arrays over the seam
     ("vlastore.family", "vlastore.commitlog"),  # one generation of one family; the commit log of format 2
@@ -71,21 +81,33 @@ def _graph() -> dict[str, set[str]]:
     graph: dict[str, set[str]] = {}
     for module, path in MODULES.items():
         tree = ast.parse(path.read_text(), filename=str(path))
-        graph[module] = {t for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))
-                         for t in _resolve(module, node)}
+        graph[module] = {
+            t
+            for node in ast.walk(tree)
+            if isinstance(node, (ast.Import, ast.ImportFrom))
+            for t in _resolve(module, node)
+        }
     return graph
 
 
 def _layer(module: str) -> int:
-    matches = [(len(prefix), i) for i, layer in enumerate(LAYERS) for prefix in layer
-               if module == prefix or module.startswith(prefix + ".")]
+    matches = [
+        (len(prefix), i)
+        for i, layer in enumerate(LAYERS)
+        for prefix in layer
+        if module == prefix or module.startswith(prefix + ".")
+    ]
     assert matches, f"{module} is in no layer: add it to LAYERS (and to docs/ARCHITECTURE.md)"
     return max(matches)[1]  # the longest prefix decides
 
 
 def test_every_module_imports_only_its_own_or_lower_layers() -> None:
-    upward = [f"{m} (layer {_layer(m)}) imports {t} (layer {_layer(t)})"
-              for m, targets in sorted(_graph().items()) for t in sorted(targets) if _layer(t) > _layer(m)]
+    upward = [
+        f"{m} (layer {_layer(m)}) imports {t} (layer {_layer(t)})"
+        for m, targets in sorted(_graph().items())
+        for t in sorted(targets)
+        if _layer(t) > _layer(m)
+    ]
     assert upward == []
 
 
@@ -98,7 +120,7 @@ def test_no_import_cycles() -> None:
         state[module] = 1
         for target in sorted(graph[module]):
             if state.get(target) == 1:
-                cycles.append([*stack[stack.index(target):], target])
+                cycles.append([*stack[stack.index(target) :], target])
             elif target not in state:
                 visit(target, [*stack, target])
         state[module] = 2
@@ -113,5 +135,7 @@ def test_the_check_sees_lazy_and_type_checking_imports() -> None:
     graph = _graph()
     assert "vlastore.read" in graph["vlastore.stats"]  # under TYPE_CHECKING
     assert "vlastore.features.qwen" in graph["vlastore.features.registry"]  # inside a function
-    assert "vlastore.storage" in graph["vlastore.storage.local"] or "vlastore.storage.base" in graph[
-        "vlastore.storage.local"]
+    assert (
+        "vlastore.storage" in graph["vlastore.storage.local"]
+        or "vlastore.storage.base" in graph["vlastore.storage.local"]
+    )

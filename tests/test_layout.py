@@ -110,9 +110,15 @@ def test_a_fixed_layout_of_four_billion_rows_allocates_nothing_per_row() -> None
     assert layout.lengths.strides == (0,)  # a broadcast view: no memory per row
 
 
-@pytest.mark.parametrize(("episode_rows", "says"), [
-    ([0, 5, 3], "never decrease"), ([1, 5], "start at 0"), ([0, 2**33], "more than vlastore supports"),
-    ([[0, 1]], "1-D")])
+@pytest.mark.parametrize(
+    ("episode_rows", "says"),
+    [
+        ([0, 5, 3], "never decrease"),
+        ([1, 5], "start at 0"),
+        ([0, 2**33], "more than vlastore supports"),
+        ([[0, 1]], "1-D"),
+    ],
+)
 def test_bad_episode_rows_are_refused(episode_rows, says: str) -> None:
     with pytest.raises(FormatError, match=says):
         FamilyLayout(FamilySpec((8,), "float32", rows_per_shard=4), np.asarray(episode_rows), where="x/gen-0001")

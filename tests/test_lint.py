@@ -29,6 +29,11 @@ def test_ruff_check_is_clean() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_ruff_format_is_applied() -> None:
+    result = _ruff("format", "--check")
+    assert result.returncode == 0, "run `ruff format vlastore tests tools`:\n" + result.stdout + result.stderr
+
+
 def test_the_package_ships_its_type_information() -> None:
     assert (ROOT / "vlastore" / "py.typed").is_file()
     assert 'vlastore = ["py.typed"]' in (ROOT / "pyproject.toml").read_text()

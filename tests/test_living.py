@@ -58,8 +58,7 @@ def fill(store: VLAStore, family: str = "f") -> int:
 
 
 def shard_files(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file() and "/values/c/" in
-            str(p)}
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file() and "/values/c/" in str(p)}
 
 
 def ragged_rows(eps: list[EpisodeData]) -> SegmentRows:
@@ -141,12 +140,18 @@ def test_remove_and_snapshots_keep_a_consistent_view(tmp_path: Path) -> None:
         VLAStore.open(tmp_path / "s.vla", snapshot=99)
 
 
-@settings(max_examples=8, deadline=None, report_multiple_bugs=False,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(cuts=st.lists(st.integers(1, 6), min_size=1, max_size=4), steps=st.lists(st.integers(1, 9), min_size=2,
-                                                                                  max_size=7))
-def test_any_split_into_appends_gives_the_rows_of_one_ingest(tmp_path_factory: pytest.TempPathFactory,
-                                                              cuts: list[int], steps: list[int]) -> None:
+@settings(
+    max_examples=8,
+    deadline=None,
+    report_multiple_bugs=False,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+    cuts=st.lists(st.integers(1, 6), min_size=1, max_size=4), steps=st.lists(st.integers(1, 9), min_size=2, max_size=7)
+)
+def test_any_split_into_appends_gives_the_rows_of_one_ingest(
+    tmp_path_factory: pytest.TempPathFactory, cuts: list[int], steps: list[int]
+) -> None:
     eps = episodes(tuple(steps), seed=len(steps))
     root = tmp_path_factory.mktemp("split")
     whole = create(root / "whole.vla", eps)
@@ -159,11 +164,12 @@ def test_any_split_into_appends_gives_the_rows_of_one_ingest(tmp_path_factory: p
     split = create(root / "split.vla", eps[:first])
     split = VLAStore.open(root / "split.vla", writable=True)
     split.add_family("f", FIXED)
-    split.add_family("r", RAGGED, items_per_episode=ragged_rows(eps[:first]).items,
-                     lengths=ragged_rows(eps[:first]).lengths)
+    split.add_family(
+        "r", RAGGED, items_per_episode=ragged_rows(eps[:first]).items, lengths=ragged_rows(eps[:first]).lengths
+    )
     at = first
     for i, cut in enumerate([*cuts[1:], len(eps)]):
-        part = eps[at: at + cut]
+        part = eps[at : at + cut]
         if not part:
             break
         split.add_episodes(part, rows={"r": ragged_rows(part)})
@@ -181,8 +187,9 @@ def test_any_split_into_appends_gives_the_rows_of_one_ingest(tmp_path_factory: p
         assert split.coverage(family).all()
         rows = np.arange(whole.layout(family).rows)
         if family == "f":
-            assert np.array_equal(np.asarray(split.reader(family).gather(rows)),
-                                  np.asarray(whole.reader(family).gather(rows)))
+            assert np.array_equal(
+                np.asarray(split.reader(family).gather(rows)), np.asarray(whole.reader(family).gather(rows))
+            )
         else:
             a, la = split.reader(family).gather_padded(rows)
             b, lb = whole.reader(family).gather_padded(rows)
@@ -235,8 +242,9 @@ def test_sigkill_during_commits_leaves_the_old_or_the_new_commit(tmp_path: Path,
     create(path, episodes((3, 3)))
     store = VLAStore.open(path, writable=True)
     store.add_family("f", FIXED)
-    proc = subprocess.Popen([sys.executable, "-c", KILLER.format(tests=str(Path(__file__).parent), path=path)],
-                            stdout=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLER.format(tests=str(Path(__file__).parent), path=path)], stdout=subprocess.PIPE
+    )
     assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
     time.sleep(delay)
     os.kill(proc.pid, signal.SIGKILL)
@@ -267,16 +275,25 @@ def test_v1_upgrade_reads_the_same_then_appends(tmp_path: Path) -> None:
         assert np.array_equal(v1.layout(family).episode_rows, v2.layout(family).episode_rows)
         present = np.flatnonzero(v1.coverage(family))
         if v1.spec(family).ragged:
-            assert np.array_equal(np.asarray(v1.reader(family).gather_padded(present)[0]),
-                                  np.asarray(v2.reader(family).gather_padded(present)[0]))
+            assert np.array_equal(
+                np.asarray(v1.reader(family).gather_padded(present)[0]),
+                np.asarray(v2.reader(family).gather_padded(present)[0]),
+            )
         else:
-            assert np.array_equal(np.asarray(v1.reader(family).gather(present)),
-                                  np.asarray(v2.reader(family).gather(present)))
+            assert np.array_equal(
+                np.asarray(v1.reader(family).gather(present)), np.asarray(v2.reader(family).gather(present))
+            )
     new = EpisodeData("appended", {k: np.zeros((4, len(v2.columns(k))), np.float32) for k in v2.series_keys})
     vlm_reuse = {f: v2.spec(f).vlm_reuse_count for f in v2.families}
-    rows = {f: SegmentRows(np.asarray([2]), np.asarray([3, 3]) if v2.spec(f).ragged else None,
-                           ["a/0", "a/1"] if v2.spec(f).has_keys else None)
-            for f in v2.families if vlm_reuse[f] is None or v2.spec(f).ragged or v2.spec(f).has_keys}
+    rows = {
+        f: SegmentRows(
+            np.asarray([2]),
+            np.asarray([3, 3]) if v2.spec(f).ragged else None,
+            ["a/0", "a/1"] if v2.spec(f).has_keys else None,
+        )
+        for f in v2.families
+        if vlm_reuse[f] is None or v2.spec(f).ragged or v2.spec(f).has_keys
+    }
     v2.add_episodes([new], rows=rows)
     assert VLAStore.open(path).datasets == (*v1.datasets, "appended")
 
@@ -391,8 +408,9 @@ def test_append_while_a_dataloader_with_workers_iterates(tmp_path: Path) -> None
     store.add_family("f", FIXED)
     fill(store)
     ds = VLADataset(tmp_path / "s.vla", features=["f"], n_obs_steps=2, horizon=2)
-    loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2, persistent_workers=True,
-                                         collate_fn=lambda b: b)
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=4, num_workers=2, persistent_workers=True, collate_fn=lambda b: b
+    )
     first = len(ds)
     seen = []
     for i, batch in enumerate(loader):
@@ -484,8 +502,13 @@ def test_small_arrays_written_directly_are_what_zarr_writes_and_reads(tmp_path: 
 
     nodes = ZarrNodes.create(LocalStorage(tmp_path / "x"), {})
     rng = np.random.default_rng(0)
-    arrays = [np.arange(10, dtype=np.int64), rng.normal(size=(300_000, 3)).astype(np.float32),
-              np.frombuffer("naïve".encode(), np.uint8), np.zeros(0, np.int64), rng.normal(size=7)]
+    arrays = [
+        np.arange(10, dtype=np.int64),
+        rng.normal(size=(300_000, 3)).astype(np.float32),
+        np.frombuffer("naïve".encode(), np.uint8),
+        np.zeros(0, np.int64),
+        rng.normal(size=7),
+    ]
     for i, a in enumerate(arrays):
         nodes.write_small_array(f"z{i}", a)
         nodes.write_small_fast(f"f{i}", a)
@@ -508,8 +531,25 @@ def test_ingest_robot_format_2_keeps_task_and_fps(tmp_path: Path) -> None:
 
     robot_csvs(tmp_path / "csv", {"ep_a": 6, "ep_b": 5})
     out = tmp_path / "s.vla"
-    assert main(["ingest", "robot", str(tmp_path / "csv"), "--out", str(out), "--format-version", "2",
-                 "--task", "stack the cups", "--fps", "15", "-q"]) == 0
+    assert (
+        main(
+            [
+                "ingest",
+                "robot",
+                str(tmp_path / "csv"),
+                "--out",
+                str(out),
+                "--format-version",
+                "2",
+                "--task",
+                "stack the cups",
+                "--fps",
+                "15",
+                "-q",
+            ]
+        )
+        == 0
+    )
     store = VLAStore.open(out)
     assert store.format_version == 2 and store.tasks == ("stack the cups",)
     assert store.episode_info("ep_b")["fps"] == 15.0

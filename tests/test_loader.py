@@ -140,8 +140,9 @@ def test_a_batch_object_arrives_as_itself_and_owns_its_memory() -> None:
             return 12
 
         def __getitem__(self, i: int) -> Batch:
-            return Batch.of_arrays({"x": np.full((2, 5), i, np.float32), "bits": np.full(3, i, np.uint16)},
-                                   bfloat16=["bits"])
+            return Batch.of_arrays(
+                {"x": np.full((2, 5), i, np.float32), "bits": np.full(3, i, np.uint16)}, bfloat16=["bits"]
+            )
 
     for batch_index, batch in enumerate(VLADataLoader(Batches(), batch_size=None, num_workers=2, prefetch_factor=8)):
         assert type(batch) is Batch and batch["bits"].dtype == torch.bfloat16

@@ -41,11 +41,20 @@ def run_two_nodes(store: str, out: Path, env_per_node: list[dict[str, str]]) -> 
     agents = []
     for node, extra in enumerate(env_per_node):
         env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", "OMP_NUM_THREADS": "1", **extra}
-        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
-                   f"--node_rank={node}", "--master_addr=127.0.0.1", f"--master_port={port}",
-                   str(ROOT / "tests" / "multinode_worker.py"), store, str(out)]
-        agents.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                       text=True))
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes=2",
+            "--nproc_per_node=1",
+            f"--node_rank={node}",
+            "--master_addr=127.0.0.1",
+            f"--master_port={port}",
+            str(ROOT / "tests" / "multinode_worker.py"),
+            store,
+            str(out),
+        ]
+        agents.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outputs = []
     for agent in agents:
         try:
@@ -91,8 +100,9 @@ def test_shared_folder_two_nodes(tmp_path: Path) -> None:
     assert len(store.written_shards(FAMILY)) == store.layout(FAMILY).n_shards
 
 
-def test_object_storage_two_nodes_with_a_cache_each(tmp_path: Path, s3_url: str, proxy_options: dict[str, str],
-                                                    s3_proxy: FaultProxy) -> None:
+def test_object_storage_two_nodes_with_a_cache_each(
+    tmp_path: Path, s3_url: str, proxy_options: dict[str, str], s3_proxy: FaultProxy
+) -> None:
     VLAStore.create(s3_url, episodes(), storage_options=proxy_options)
     out = tmp_path / "out"
     out.mkdir()
@@ -107,8 +117,11 @@ def test_object_storage_two_nodes_with_a_cache_each(tmp_path: Path, s3_url: str,
     shard_keys = {store.shard_key(FAMILY, s) for s in range(n_shards)}
     puts = [r for r in s3_proxy.requests("PUT") if any(r.key.endswith(k) for k in shard_keys)]
     assert sorted(r.key for r in puts) == sorted({r.key for r in puts}) and len(puts) == n_shards  # each once
-    downloads = [r for r in s3_proxy.requests("GET") if any(r.key.endswith(k) for k in shard_keys)
-                 and not (r.range or "").startswith("bytes=-")]
+    downloads = [
+        r
+        for r in s3_proxy.requests("GET")
+        if any(r.key.endswith(k) for k in shard_keys) and not (r.range or "").startswith("bytes=-")
+    ]
     cached = [len(list(c.rglob("objects/*"))) for c in caches]
     assert all(n > 0 for n in cached)
     assert len(downloads) == sum(cached)  # each node downloaded each shard it read once

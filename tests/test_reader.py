@@ -27,8 +27,10 @@ def test_rows_are_views_of_the_mapped_shard_and_writes_never_reach_the_file(full
     tensor = reader.tensor(5)
     tensor.zero_()  # copy-on-write mapping: the caller may scribble on its tensor
     assert shard_file.read_bytes() == before
-    assert VLAStore.open(store.location).feature("fixed", 2, 0).view(torch.int16).numpy().view(np.uint16).tolist() \
+    assert (
+        VLAStore.open(store.location).feature("fixed", 2, 0).view(torch.int16).numpy().view(np.uint16).tolist()
         == values["fixed"][5].tolist()
+    )
 
 
 def test_ragged_rows_have_their_planned_length(full_store) -> None:

@@ -107,8 +107,10 @@ def test_a_corrupt_row_raises_checksum_error_and_its_neighbours_still_read(tmp_p
     for row in neighbours:
         np.testing.assert_array_equal(reader.row(row), known.values[family][row])
     # verify="never" trusts the bytes: it reads what is there
-    assert FeatureReader(known.store, family, verify="never").row(bad).shape == reader.row(neighbours[0]).shape[
-        :0] + np.asarray(known.values[family][bad]).shape
+    assert (
+        FeatureReader(known.store, family, verify="never").row(bad).shape
+        == reader.row(neighbours[0]).shape[:0] + np.asarray(known.values[family][bad]).shape
+    )
 
 
 def test_a_corrupt_shard_index_is_reported_with_its_file(tmp_path, mapping) -> None:
@@ -225,9 +227,17 @@ def test_negative_row_numbers_raise_on_every_path(known, mapping, location) -> N
     ragged = FeatureReader(store, "ragged_float16")
     rows = store.layout("fixed_float32").rows
     fixed.gather(np.arange(rows))  # every shard mapped: the hot path would serve a wrapped index
-    calls = [lambda: fixed.gather([-1]), lambda: fixed.gather(np.asarray([0, -1])), lambda: fixed.row(-1),
-             lambda: fixed.rows([-1]), lambda: fixed.tensor(-1), lambda: ragged.gather_padded([-1]),
-             lambda: ragged.row(-1), lambda: fixed.gather([rows]), lambda: fixed.gather(np.asarray([-rows]))]
+    calls = [
+        lambda: fixed.gather([-1]),
+        lambda: fixed.gather(np.asarray([0, -1])),
+        lambda: fixed.row(-1),
+        lambda: fixed.rows([-1]),
+        lambda: fixed.tensor(-1),
+        lambda: ragged.gather_padded([-1]),
+        lambda: ragged.row(-1),
+        lambda: fixed.gather([rows]),
+        lambda: fixed.gather(np.asarray([-rows])),
+    ]
     for call in calls:
         with pytest.raises(IndexError, match="out of range"):
             call()

@@ -38,8 +38,14 @@ def shard_bytes(seed: int, n: int = SHARD) -> bytes:
 
 def child(script: str, *args: str) -> subprocess.Popen[str]:
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
-    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(script), *args], env=env, text=True,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(script), *args],
+        env=env,
+        text=True,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
 
 
 def cached_files(cache: CachedStorage, sub: str = "objects") -> list[Path]:
@@ -61,8 +67,9 @@ class TestCachedStorageContract(StorageContract):
 # ------------------------------------------------------------- basic serving
 
 
-def test_open_map_downloads_once_then_serves_locally(remote: ObjectStorage, s3_proxy: FaultProxy,
-                                                     tmp_path: Path) -> None:
+def test_open_map_downloads_once_then_serves_locally(
+    remote: ObjectStorage, s3_proxy: FaultProxy, tmp_path: Path
+) -> None:
     data = shard_bytes(0)
     remote.put("features/f/gen-0001/values/c/0", data)
     cache = CachedStorage(remote, tmp_path / "cache", 1 << 30)
@@ -92,8 +99,9 @@ def test_metadata_is_never_cached(remote: ObjectStorage, tmp_path: Path) -> None
     assert cached_files(cache) == []
 
 
-def test_rewritten_object_is_not_served_stale(remote: ObjectStorage, s3_url: str, proxy_options: dict[str, str],
-                                              tmp_path: Path) -> None:
+def test_rewritten_object_is_not_served_stale(
+    remote: ObjectStorage, s3_url: str, proxy_options: dict[str, str], tmp_path: Path
+) -> None:
     remote.put("shard", b"version one")
     cache = CachedStorage(remote, tmp_path / "cache", 1 << 30)
     assert cache.open_map("shard").tobytes() == b"version one"  # type: ignore[union-attr]
@@ -132,8 +140,9 @@ def test_verify_rejects_a_corrupt_download(remote: ObjectStorage, tmp_path: Path
     assert ok.open_map("shard").tobytes() == data  # type: ignore[union-attr]
 
 
-def test_damaged_bytes_in_flight_never_reach_the_cache(remote: ObjectStorage, s3_proxy: FaultProxy,
-                                                       tmp_path: Path) -> None:
+def test_damaged_bytes_in_flight_never_reach_the_cache(
+    remote: ObjectStorage, s3_proxy: FaultProxy, tmp_path: Path
+) -> None:
     data = shard_bytes(2)
     remote.put("shard", data)
     s3_proxy.reset()
@@ -162,8 +171,9 @@ if len(sys.argv) > 6:
 """
 
 
-def test_four_processes_download_a_shard_once(remote: ObjectStorage, s3_proxy: FaultProxy, s3_url: str,
-                                              tmp_path: Path) -> None:
+def test_four_processes_download_a_shard_once(
+    remote: ObjectStorage, s3_proxy: FaultProxy, s3_url: str, tmp_path: Path
+) -> None:
     data = shard_bytes(3)
     remote.put("shard", data)
     s3_proxy.reset()
@@ -176,8 +186,9 @@ def test_four_processes_download_a_shard_once(remote: ObjectStorage, s3_proxy: F
     assert len(s3_proxy.requests("GET", key_contains="shard")) == 1
 
 
-def test_killed_download_leaves_nothing_half_written(remote: ObjectStorage, s3_proxy: FaultProxy, s3_url: str,
-                                                     tmp_path: Path) -> None:
+def test_killed_download_leaves_nothing_half_written(
+    remote: ObjectStorage, s3_proxy: FaultProxy, s3_url: str, tmp_path: Path
+) -> None:
     data = shard_bytes(4, 2 << 20)
     remote.put("shard", data)
     s3_proxy.slow_s = 60.0  # the download stalls halfway: long enough to kill it there
@@ -202,8 +213,9 @@ def test_killed_download_leaves_nothing_half_written(remote: ObjectStorage, s3_p
 # ---------------------------------------------------------------- eviction
 
 
-def test_lru_eviction_never_removes_a_mapped_file(remote: ObjectStorage, s3_url: str, s3_proxy: FaultProxy,
-                                                  tmp_path: Path) -> None:
+def test_lru_eviction_never_removes_a_mapped_file(
+    remote: ObjectStorage, s3_url: str, s3_proxy: FaultProxy, tmp_path: Path
+) -> None:
     shards = {f"s{i}": shard_bytes(10 + i) for i in range(5)}
     for key, data in shards.items():
         remote.put(key, data)
@@ -334,8 +346,9 @@ def test_a_symlink_in_the_cache_is_refused(remote: ObjectStorage, tmp_path: Path
         cache.open_map("a")
 
 
-def test_cut_body_with_matching_length_is_caught_without_a_stored_crc(remote: ObjectStorage, s3_proxy: FaultProxy,
-                                                                      tmp_path: Path) -> None:
+def test_cut_body_with_matching_length_is_caught_without_a_stored_crc(
+    remote: ObjectStorage, s3_proxy: FaultProxy, tmp_path: Path
+) -> None:
     """An object written by another tool (no crc32c in its metadata) behind a middlebox that cuts bodies."""
     data = shard_bytes(5)
     remote._client.put_object(Bucket=remote.bucket, Key=remote._full("foreign"), Body=data)

@@ -31,8 +31,16 @@ ROOT = Path(__file__).resolve().parents[1]
 def run_children(script: str, args: list[list[str]], timeout: float = 120) -> list[str]:
     """Start one Python process per argument list at once; return their stdout (each must exit 0)."""
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
-    procs = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(script), *a], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for a in args]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", textwrap.dedent(script), *a],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for a in args
+    ]
     outs = []
     for proc in procs:
         out, err = proc.communicate(timeout=timeout)
@@ -59,31 +67,55 @@ def test_url_parsing() -> None:
 
 
 def test_settings_from_environment_and_options() -> None:
-    env = {"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ENDPOINT_URL_S3": "http://127.0.0.1:10",
-           "AWS_ACCESS_KEY_ID": "env-key", "AWS_SECRET_ACCESS_KEY": "env-secret", "AWS_SESSION_TOKEN": "tok",
-           "AWS_DEFAULT_REGION": "eu-west-1"}
+    env = {
+        "AWS_ENDPOINT_URL": "http://127.0.0.1:9",
+        "AWS_ENDPOINT_URL_S3": "http://127.0.0.1:10",
+        "AWS_ACCESS_KEY_ID": "env-key",
+        "AWS_SECRET_ACCESS_KEY": "env-secret",
+        "AWS_SESSION_TOKEN": "tok",
+        "AWS_DEFAULT_REGION": "eu-west-1",
+    }
     s = S3Settings.resolve({}, env)
-    assert (s.endpoint, s.access_key_id, s.session_token, s.region) == ("http://127.0.0.1:10", "env-key", "tok",
-                                                                         "eu-west-1")
+    assert (s.endpoint, s.access_key_id, s.session_token, s.region) == (
+        "http://127.0.0.1:10",
+        "env-key",
+        "tok",
+        "eu-west-1",
+    )
     assert s.addressing_style == "path"  # a custom endpoint: path-style, as MinIO and friends want
-    s = S3Settings.resolve({"AWS_REGION": "us-west-2", "endpoint_url": "https://s3.example.com", "max_retries": "2",
-                            "retry_backoff_s": "0.5", "coalesce_gap": "4096"}, env)
+    s = S3Settings.resolve(
+        {
+            "AWS_REGION": "us-west-2",
+            "endpoint_url": "https://s3.example.com",
+            "max_retries": "2",
+            "retry_backoff_s": "0.5",
+            "coalesce_gap": "4096",
+        },
+        env,
+    )
     assert (s.region, s.endpoint, s.max_retries, s.retry_backoff_s, s.coalesce_gap) == (
-        "us-west-2", "https://s3.example.com", 2, 0.5, 4096)
+        "us-west-2",
+        "https://s3.example.com",
+        2,
+        0.5,
+        4096,
+    )
     assert S3Settings.resolve({}, {"AWS_REGION": "ap-south-1", "AWS_DEFAULT_REGION": "x"}).region == "ap-south-1"
     assert S3Settings.resolve({}, {}).endpoint is None and S3Settings.resolve({}, {}).addressing_style == "auto"
 
 
 @pytest.mark.parametrize(
     ("options", "message"),
-    [({"endpiont": "http://x"}, "unknown storage option 'endpiont'"),
-     ({"max_retries": "many"}, "must be a int"),
-     ({"max_retries": "-1"}, "at least 0"),
-     ({"anonymous": "perhaps"}, "true or false"),
-     ({"endpoint": "http://127.0.0.1:9", "allow_http": "false"}, "plain HTTP"),
-     ({"endpoint": "127.0.0.1:9"}, "http(s)://host"),
-     ({"access_key_id": "k"}, "both access_key_id and secret_access_key"),
-     ({"addressing_style": "sideways"}, "path, virtual or auto")],
+    [
+        ({"endpiont": "http://x"}, "unknown storage option 'endpiont'"),
+        ({"max_retries": "many"}, "must be a int"),
+        ({"max_retries": "-1"}, "at least 0"),
+        ({"anonymous": "perhaps"}, "true or false"),
+        ({"endpoint": "http://127.0.0.1:9", "allow_http": "false"}, "plain HTTP"),
+        ({"endpoint": "127.0.0.1:9"}, "http(s)://host"),
+        ({"access_key_id": "k"}, "both access_key_id and secret_access_key"),
+        ({"addressing_style": "sideways"}, "path, virtual or auto"),
+    ],
 )
 def test_bad_options_say_what(options: dict[str, str], message: str) -> None:
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -101,8 +133,9 @@ def test_credentials_from_environment(moto_s3: MotoS3, s3_url: str, monkeypatch:
 def test_wrong_credentials_are_not_retried(moto_s3: MotoS3, s3_proxy: FaultProxy, s3_url: str) -> None:
     moto_s3_auth = pytest.importorskip("moto.s3")  # moto checks signatures only with auth enabled; use a bad bucket
     del moto_s3_auth
-    storage = ObjectStorage("s3://no-such-bucket-here/x", {**moto_s3.options(s3_proxy.endpoint),
-                                                           "retry_backoff_s": "0.01"})
+    storage = ObjectStorage(
+        "s3://no-such-bucket-here/x", {**moto_s3.options(s3_proxy.endpoint), "retry_backoff_s": "0.01"}
+    )
     with pytest.raises(FileNotFoundError, match="does not exist"):
         storage.put("k", b"1")
     assert len(s3_proxy.requests("PUT")) == 1  # a 404 is final: one request
@@ -143,7 +176,10 @@ def test_get_ranges_one_request_per_run(s3_proxy: FaultProxy, proxy_options: dic
     s3_proxy.reset()
     assert storage.get_ranges("shard", [*far, *rows[::-1]]) == [data[a:b] for a, b in [*far, *rows[::-1]]]
     assert sorted(r.range for r in s3_proxy.requests("GET")) == [
-        "bytes=0-9999", "bytes=50000-52499", "bytes=90000-90099"]
+        "bytes=0-9999",
+        "bytes=50000-52499",
+        "bytes=90000-90099",
+    ]
 
 
 # ------------------------------------------------------------------ faults
@@ -151,8 +187,17 @@ def test_get_ranges_one_request_per_run(s3_proxy: FaultProxy, proxy_options: dic
 
 @pytest.mark.parametrize(
     ("fault", "read"),
-    [("500", "get"), ("reset_before", "get_range"), ("reset_after", "get_ranges"), ("short", "get"),
-     ("short", "get_range"), ("short", "download"), ("lie", "get"), ("lie", "get_ranges"), ("lie", "download")],
+    [
+        ("500", "get"),
+        ("reset_before", "get_range"),
+        ("reset_after", "get_ranges"),
+        ("short", "get"),
+        ("short", "get_range"),
+        ("short", "download"),
+        ("lie", "get"),
+        ("lie", "get_ranges"),
+        ("lie", "download"),
+    ],
 )
 def test_faulty_reads_are_retried_to_the_right_bytes(
     s3_proxy: FaultProxy, proxy_options: dict[str, str], s3_url: str, fault: str, read: str, tmp_path: Path
@@ -168,7 +213,10 @@ def test_faulty_reads_are_retried_to_the_right_bytes(
         assert storage.get_range("obj", 1000, 250_000) == data[1000:250_000]
     elif read == "get_ranges":
         assert storage.get_ranges("obj", [(0, 10), (10, 5000), (200_000, 200_001)]) == [
-            data[:10], data[10:5000], data[200_000:200_001]]
+            data[:10],
+            data[10:5000],
+            data[200_000:200_001],
+        ]
     else:
         with open(tmp_path / "out", "w+b") as out:
             info = storage.download("obj", out)

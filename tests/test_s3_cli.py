@@ -147,9 +147,7 @@ def test_usage_mistakes_exit_2(s3_url: str, capsys) -> None:
             assert "Traceback" not in err and err.strip()
 
 
-def test_unreachable_endpoint_and_missing_bucket_exit_1(
-    s3_url: str, s3_options: dict[str, str], capsys
-) -> None:
+def test_unreachable_endpoint_and_missing_bucket_exit_1(s3_url: str, s3_options: dict[str, str], capsys) -> None:
     dead = {**s3_options, "endpoint": "http://127.0.0.1:9", "max_retries": "1", "retry_backoff_s": "0.01"}
     for command in (["info", s3_url], ["verify", s3_url, "-q"]):
         code, _, err = run(capsys, *command, *flags(dead))
@@ -171,8 +169,19 @@ def test_build_features_on_s3(s3_url: str, s3_options: dict[str, str], tmp_path:
     model = make_tiny_qwen2vl(tmp_path / "model")
     store_path, data = make_tiny_episodes(tmp_path / "store.vla", tmp_path / "data", episodes=2)
     upload(store_path, s3_url, s3_options)
-    common = ["--data-root", str(data), "--model", str(model), "--rows-per-shard", "2", "-q", "--dtype", "float32",
-              "--device", "cpu"]
+    common = [
+        "--data-root",
+        str(data),
+        "--model",
+        str(model),
+        "--rows-per-shard",
+        "2",
+        "-q",
+        "--dtype",
+        "float32",
+        "--device",
+        "cpu",
+    ]
     code, _, err = run(capsys, "build-features", s3_url, *common, *flags(s3_options))
     assert code == 0, err
     code, out, err = run(capsys, "verify", s3_url, "-q", *flags(s3_options))

@@ -27,8 +27,9 @@ def local(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, obj
 
 
 @pytest.fixture
-def remote(local: tuple[Path, dict[str, object]], s3_url: str, proxy_options: dict[str, str],
-           s3_proxy: FaultProxy) -> str:
+def remote(
+    local: tuple[Path, dict[str, object]], s3_url: str, proxy_options: dict[str, str], s3_proxy: FaultProxy
+) -> str:
     storage = ObjectStorage(s3_url, proxy_options)
     for path in sorted(local[0].rglob("*")):
         if path.is_file():
@@ -42,8 +43,9 @@ def value_gets(proxy: FaultProxy, family: str) -> list[str | None]:
     return [r.range for r in proxy.requests("GET") if f"features/{family}/" in r.key and "/values/c/" in r.key]
 
 
-def test_info_reads_no_shard(local: tuple[Path, dict[str, object]], remote: str, proxy_options: dict[str, str],
-                             s3_proxy: FaultProxy, capsys) -> None:
+def test_info_reads_no_shard(
+    local: tuple[Path, dict[str, object]], remote: str, proxy_options: dict[str, str], s3_proxy: FaultProxy, capsys
+) -> None:
     args = [arg for k, v in proxy_options.items() for arg in ("--storage-option", f"{k}={v}")]
     assert main(["info", remote, "--json", *args]) == 0
     capsys.readouterr()
@@ -52,15 +54,15 @@ def test_info_reads_no_shard(local: tuple[Path, dict[str, object]], remote: str,
     index_sizes = {index_nbytes(4), index_nbytes(6), index_nbytes(3)}
     for record in shard_reads:  # ... each read with one suffix request of exactly the index
         assert record.range is not None and record.range.startswith("bytes=-"), record
-        assert int(record.range[len("bytes=-"):]) in index_sizes
-        assert record.body_bytes == int(record.range[len("bytes=-"):])
+        assert int(record.range[len("bytes=-") :]) in index_sizes
+        assert record.body_bytes == int(record.range[len("bytes=-") :])
     shard_bytes = sum(p.stat().st_size for p in local[0].rglob("*") if "/values/c/" in p.as_posix())
     assert sum(r.body_bytes for r in shard_reads) < shard_bytes / 4
 
 
-def test_single_rows_cost_one_request_each_after_the_index(local: tuple[Path, dict[str, object]], remote: str,
-                                                           proxy_options: dict[str, str],
-                                                           s3_proxy: FaultProxy) -> None:
+def test_single_rows_cost_one_request_each_after_the_index(
+    local: tuple[Path, dict[str, object]], remote: str, proxy_options: dict[str, str], s3_proxy: FaultProxy
+) -> None:
     values = local[1]
     store = VLAStore.open(remote, storage_options=proxy_options)
     reader = store.reader("fixed")  # 4 rows per shard, raw bfloat16
@@ -82,8 +84,9 @@ def test_single_rows_cost_one_request_each_after_the_index(local: tuple[Path, di
     assert len(value_gets(s3_proxy, "fixed")) == 2
 
 
-def test_ragged_and_compressed_rows_are_ranged_too(local: tuple[Path, dict[str, object]], remote: str,
-                                                   proxy_options: dict[str, str], s3_proxy: FaultProxy) -> None:
+def test_ragged_and_compressed_rows_are_ranged_too(
+    local: tuple[Path, dict[str, object]], remote: str, proxy_options: dict[str, str], s3_proxy: FaultProxy
+) -> None:
     values = local[1]
     store = VLAStore.open(remote, storage_options=proxy_options)
     for family in ("tokens", "packed"):
@@ -97,9 +100,13 @@ def test_ragged_and_compressed_rows_are_ranged_too(local: tuple[Path, dict[str, 
         assert all(r is not None and not r.startswith("bytes=-") for r in value_gets(s3_proxy, family))
 
 
-def test_notebook_tables_read_no_shard_body(local: tuple[Path, dict[str, object]], remote: str,
-                                            proxy_options: dict[str, str], s3_proxy: FaultProxy,
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_notebook_tables_read_no_shard_body(
+    local: tuple[Path, dict[str, object]],
+    remote: str,
+    proxy_options: dict[str, str],
+    s3_proxy: FaultProxy,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     pytest.importorskip("pandas", reason="pip install vlastore[notebook]")
     from vlastore.inspect import coverage_table, episode_table, open_store, store_summary  # noqa: PLC0415
 

@@ -81,8 +81,13 @@ def shard_gets(proxy: FaultProxy, shards: list[str]) -> dict[str, int]:
 
 @pytest.mark.parametrize("context", ["fork", "spawn"])
 def test_batches_from_s3_equal_local_and_each_shard_is_downloaded_once(
-    local_store: Path, remote_store: list[str], s3_url: str, proxy_options: dict[str, str], s3_proxy: FaultProxy,
-    tmp_path: Path, context: str,
+    local_store: Path,
+    remote_store: list[str],
+    s3_url: str,
+    proxy_options: dict[str, str],
+    s3_proxy: FaultProxy,
+    tmp_path: Path,
+    context: str,
 ) -> None:
     local = batches(VLADataset(local_store, features=FEATURES))
     ds = VLADataset(s3_url, features=FEATURES, storage_options=proxy_options, cache_dir=tmp_path / "cache")
@@ -102,9 +107,14 @@ def test_batches_from_s3_equal_local_and_each_shard_is_downloaded_once(
     assert set(shard_gets(s3_proxy, remote_store).values()) == {0}
 
 
-def test_cache_folder_from_the_environment(local_store: Path, remote_store: list[str], s3_url: str,
-                                          proxy_options: dict[str, str], tmp_path: Path,
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cache_folder_from_the_environment(
+    local_store: Path,
+    remote_store: list[str],
+    s3_url: str,
+    proxy_options: dict[str, str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "env-cache"))
     ds = VLADataset(s3_url, features=FEATURES, storage_options=proxy_options)
     assert isinstance(ds.store.storage, CachedStorage)
@@ -112,34 +122,41 @@ def test_cache_folder_from_the_environment(local_store: Path, remote_store: list
     assert len(list((tmp_path / "env-cache").rglob("objects/*"))) == len(remote_store)
 
 
-def test_without_a_cache_rows_are_ranged_reads(local_store: Path, remote_store: list[str], s3_url: str,
-                                              proxy_options: dict[str, str], s3_proxy: FaultProxy) -> None:
+def test_without_a_cache_rows_are_ranged_reads(
+    local_store: Path, remote_store: list[str], s3_url: str, proxy_options: dict[str, str], s3_proxy: FaultProxy
+) -> None:
     ds = VLADataset(s3_url, features=FEATURES, storage_options=proxy_options)
     assert isinstance(ds.store.storage, ObjectStorage)
     assert_same(batches(VLADataset(local_store, features=FEATURES)), batches(ds))
     assert all(r.range is not None for r in s3_proxy.requests("GET") if "/values/c/" in r.key)
 
 
-def test_faulty_downloads_are_retried_to_the_right_values(local_store: Path, remote_store: list[str], s3_url: str,
-                                                         proxy_options: dict[str, str], s3_proxy: FaultProxy,
-                                                         tmp_path: Path) -> None:
+def test_faulty_downloads_are_retried_to_the_right_values(
+    local_store: Path,
+    remote_store: list[str],
+    s3_url: str,
+    proxy_options: dict[str, str],
+    s3_proxy: FaultProxy,
+    tmp_path: Path,
+) -> None:
     s3_proxy.inject(["short", "lie", "reset_after", "500"], method="GET", key_contains="/values/c/")
     ds = VLADataset(s3_url, features=FEATURES, storage_options=proxy_options, cache_dir=tmp_path / "cache")
     assert_same(batches(VLADataset(local_store, features=FEATURES)), batches(ds))
     assert any(r.fault for r in s3_proxy.log)
 
 
-def test_a_damaged_shard_is_refused_on_arrival_and_never_cached(local_store: Path, remote_store: list[str],
-                                                              s3_url: str, proxy_options: dict[str, str],
-                                                              tmp_path: Path) -> None:
+def test_a_damaged_shard_is_refused_on_arrival_and_never_cached(
+    local_store: Path, remote_store: list[str], s3_url: str, proxy_options: dict[str, str], tmp_path: Path
+) -> None:
     """A shard whose object is intact for S3 (its own crc32c matches) but whose chunk is corrupt."""
     remote = ObjectStorage(s3_url, proxy_options)
     key = next(k for k in remote_store if k.startswith("features/fixed/"))
     data = bytearray(remote.get(key) or b"")
     data[3] ^= 0x10  # inside the first row's payload
     remote.put(key, bytes(data))
-    ds = VLADataset(s3_url, features=["fixed"], storage_options=proxy_options, cache_dir=tmp_path / "cache",
-                    verify="never")  # even a reader that checks nothing gets no wrong value
+    ds = VLADataset(
+        s3_url, features=["fixed"], storage_options=proxy_options, cache_dir=tmp_path / "cache", verify="never"
+    )  # even a reader that checks nothing gets no wrong value
     with pytest.raises(ChecksumError, match="crc32c"):
         batches(ds)
     cache = ds.store.storage
@@ -148,8 +165,9 @@ def test_a_damaged_shard_is_refused_on_arrival_and_never_cached(local_store: Pat
     assert not list((cache.root / "tmp").iterdir())
 
 
-def test_a_cache_without_room_reads_ranged_or_says_so(local_store: Path, remote_store: list[str], s3_url: str,
-                                                     proxy_options: dict[str, str], tmp_path: Path) -> None:
+def test_a_cache_without_room_reads_ranged_or_says_so(
+    local_store: Path, remote_store: list[str], s3_url: str, proxy_options: dict[str, str], tmp_path: Path
+) -> None:
     local = batches(VLADataset(local_store, features=FEATURES))
     tiny = {**proxy_options, "cache_max_bytes": "64"}  # smaller than any shard
     ds = VLADataset(s3_url, features=FEATURES, storage_options=tiny, cache_dir=tmp_path / "a")
@@ -160,9 +178,14 @@ def test_a_cache_without_room_reads_ranged_or_says_so(local_store: Path, remote_
         batches(ds)
 
 
-def test_prefetch_downloads_the_shards_the_sampler_asks_next(local_store: Path, remote_store: list[str],
-                                                            s3_url: str, proxy_options: dict[str, str],
-                                                            s3_proxy: FaultProxy, tmp_path: Path) -> None:
+def test_prefetch_downloads_the_shards_the_sampler_asks_next(
+    local_store: Path,
+    remote_store: list[str],
+    s3_url: str,
+    proxy_options: dict[str, str],
+    s3_proxy: FaultProxy,
+    tmp_path: Path,
+) -> None:
     ds = VLADataset(s3_url, features=["fixed"], storage_options=proxy_options, cache_dir=tmp_path / "cache")
     cache = ds.store.storage
     assert isinstance(cache, CachedStorage)
@@ -178,8 +201,9 @@ def test_prefetch_downloads_the_shards_the_sampler_asks_next(local_store: Path, 
     assert not [r for r in s3_proxy.requests("GET") if "/values/c/" in r.key]
 
 
-def test_the_loader_prefetches_ahead_of_the_batches(local_store: Path, remote_store: list[str], s3_url: str,
-                                                    proxy_options: dict[str, str], tmp_path: Path) -> None:
+def test_the_loader_prefetches_ahead_of_the_batches(
+    local_store: Path, remote_store: list[str], s3_url: str, proxy_options: dict[str, str], tmp_path: Path
+) -> None:
     ds = VLADataset(s3_url, features=["fixed"], storage_options=proxy_options, cache_dir=tmp_path / "cache")
     loader = ds.dataloader(batch_size=2, shuffle=True, prefetch_batches=100)
     first = next(iter(loader))  # the sampler's whole epoch was read ahead and handed to prefetch
@@ -192,9 +216,9 @@ def test_the_loader_prefetches_ahead_of_the_batches(local_store: Path, remote_st
         assert torch.equal(collate(ds.__getitems__(indices))["fixed"], collate(local.__getitems__(indices))["fixed"])
 
 
-def test_shards_in_the_readers_arena_stay_pinned_until_released(remote_store: list[str], s3_url: str,
-                                                                proxy_options: dict[str, str],
-                                                                tmp_path: Path) -> None:
+def test_shards_in_the_readers_arena_stay_pinned_until_released(
+    remote_store: list[str], s3_url: str, proxy_options: dict[str, str], tmp_path: Path
+) -> None:
     """The arena maps a descriptor and closes it: the cache keeps its own pin, so eviction spares the file."""
     remote = ObjectStorage(s3_url, proxy_options)
     a, b, c = [k for k in remote_store if k.startswith("features/fixed/")][:3]

@@ -49,8 +49,10 @@ def test_ranks_split_what_is_left_exactly_once(n: int, world: int, batch: int, d
     order = epoch_order(n, 1, 2)
     position = data.draw(st.integers(0, n))
     remaining = order[position:].tolist()
-    per_rank = {tail: [rank_indices(order, position, r, world, batch, tail).tolist() for r in range(world)]
-                for tail in ("exact", "pad", "drop")}
+    per_rank = {
+        tail: [rank_indices(order, position, r, world, batch, tail).tolist() for r in range(world)]
+        for tail in ("exact", "pad", "drop")
+    }
     exact = per_rank["exact"]
     assert sorted(sum(exact, [])) == sorted(remaining)  # every remaining sample once, nothing else
     assert max(map(len, exact)) - min(map(len, exact)) <= 1
@@ -71,8 +73,14 @@ def test_ranks_split_what_is_left_exactly_once(n: int, world: int, batch: int, d
 
 
 @settings(max_examples=60, deadline=None)
-@given(n=st.integers(1, 120), world=st.integers(1, 4), new_world=st.integers(1, 5), batch=st.integers(1, 6),
-       new_batch=st.integers(1, 6), k=st.integers(0, 12))
+@given(
+    n=st.integers(1, 120),
+    world=st.integers(1, 4),
+    new_world=st.integers(1, 5),
+    batch=st.integers(1, 6),
+    new_batch=st.integers(1, 6),
+    k=st.integers(0, 12),
+)
 def test_a_resume_on_another_world_size_sees_the_rest_exactly_once(
     n: int, world: int, new_world: int, batch: int, new_batch: int, k: int
 ) -> None:
@@ -153,9 +161,16 @@ def _indices(loader) -> list[list[int]]:
 def test_the_order_does_not_depend_on_num_workers(store_path) -> None:
     ds = VLADataset(store_path, features=["fixed_float32"], horizon=2)
     alone = ds.dataloader(batch_size=BATCH, shuffle=True, seed=SEED, resumable=True)
-    workers = ds.dataloader(batch_size=BATCH, shuffle=True, seed=SEED, resumable=True, num_workers=2,
-                            multiprocessing_context="fork", persistent_workers=True,
-                            pin_memory=torch.cuda.is_available())
+    workers = ds.dataloader(
+        batch_size=BATCH,
+        shuffle=True,
+        seed=SEED,
+        resumable=True,
+        num_workers=2,
+        multiprocessing_context="fork",
+        persistent_workers=True,
+        pin_memory=torch.cuda.is_available(),
+    )
     for epoch in range(2):
         expected = epoch_order(len(ds), SEED, epoch)
         a, b = _indices(alone), _indices(workers)
@@ -167,8 +182,16 @@ def test_the_order_does_not_depend_on_num_workers(store_path) -> None:
 
 def test_a_break_counts_what_the_loop_received_not_what_workers_prefetched(store_path) -> None:
     ds = VLADataset(store_path, features=["fixed_float32"], horizon=2)
-    loader = ds.dataloader(batch_size=BATCH, shuffle=True, seed=SEED, resumable=True, num_workers=2,
-                           multiprocessing_context="fork", persistent_workers=True, prefetch_factor=4)
+    loader = ds.dataloader(
+        batch_size=BATCH,
+        shuffle=True,
+        seed=SEED,
+        resumable=True,
+        num_workers=2,
+        multiprocessing_context="fork",
+        persistent_workers=True,
+        prefetch_factor=4,
+    )
     got = []
     for batch in loader:
         got.append(batch["index"].tolist())
@@ -216,8 +239,12 @@ def test_killed_mid_epoch_a_fresh_process_resumes_with_exactly_the_unseen_sample
     store_path, tmp_path, context
 ) -> None:
     # spawn workers import torch afresh (seconds each here): one is enough to prefetch two batches ahead
-    loader_kwargs = {"num_workers": 2 if context == "fork" else 1, "multiprocessing_context": context,
-                     "persistent_workers": True, "pin_memory": torch.cuda.is_available()}
+    loader_kwargs = {
+        "num_workers": 2 if context == "fork" else 1,
+        "multiprocessing_context": context,
+        "persistent_workers": True,
+        "pin_memory": torch.cuda.is_available(),
+    }
     common = {"store_path": str(store_path), "epochs": 2, "loader_kwargs": loader_kwargs}
     whole, before, after = tmp_path / "whole.json", tmp_path / "before.json", tmp_path / "after.json"
     state = tmp_path / "state.json"
@@ -248,9 +275,18 @@ def test_a_state_saved_after_the_last_batch_of_an_epoch_resumes_at_the_next(stor
 def _ddp(store_path: Path, tmp_path: Path, tag: str, world: int, **kwargs) -> list[list[tuple[int, list[int]]]]:
     init = tmp_path / f"init-{tag}"
     outs = [tmp_path / f"{tag}-{r}.json" for r in range(world)]
-    jobs = [{"store_path": str(store_path), "out": str(outs[r]), "rank": r, "world_size": world,
-             "init_file": str(init), "loader_kwargs": {"num_workers": 1, "multiprocessing_context": "fork"},
-             **kwargs} for r in range(world)]
+    jobs = [
+        {
+            "store_path": str(store_path),
+            "out": str(outs[r]),
+            "rank": r,
+            "world_size": world,
+            "init_file": str(init),
+            "loader_kwargs": {"num_workers": 1, "multiprocessing_context": "fork"},
+            **kwargs,
+        }
+        for r in range(world)
+    ]
     codes = _run(jobs)
     expected = -9 if kwargs.get("stop_after") else 0
     assert codes == [expected] * world, codes
@@ -276,7 +312,7 @@ def test_ranks_of_a_gloo_group_resume_on_one_two_and_three_ranks(store_path, tmp
         rest = [sum((idx for _, idx in rank), []) for rank in after]
         assert sorted(seen + sum(rest, [])) == list(range(n)), world  # every remaining sample exactly once
         for r in range(world):
-            assert rest[r] == order[len(seen):][r::world]  # what is left of the same global order
+            assert rest[r] == order[len(seen) :][r::world]  # what is left of the same global order
         if world == 2:  # the same ranks: exactly the uninterrupted run's batches
             for r in range(2):
                 assert before[r] + after[r] == whole[r]

@@ -31,8 +31,14 @@ CHUNKS = 6
 def _zarr_array(dtype: str, compression: str | None, rows: int = 10) -> zarr.Array:
     compressors = [ZstdCodec(level=3), Crc32cCodec()] if compression else [Crc32cCodec()]
     return zarr.create_array(
-        store=zarr.storage.MemoryStore(), shape=(rows, 5), chunks=(1, 5), shards=(CHUNKS, 5), dtype=dtype,
-        compressors=compressors, fill_value=0, zarr_format=3,
+        store=zarr.storage.MemoryStore(),
+        shape=(rows, 5),
+        chunks=(1, 5),
+        shards=(CHUNKS, 5),
+        dtype=dtype,
+        compressors=compressors,
+        fill_value=0,
+        zarr_format=3,
     )
 
 
@@ -115,7 +121,7 @@ def test_an_index_pointing_outside_the_shard_is_corrupt() -> None:
     from vlastore.shardcodec import crc32c
 
     data = encode_shard(np.zeros((2, 4), np.float32), np.asarray([0, 1]), 4)
-    tail = bytes(data[-index_nbytes(4):])
+    tail = bytes(data[-index_nbytes(4) :])
     decode_index(tail, 4, data.size - index_nbytes(4))  # the honest index passes
     pairs = np.frombuffer(tail[:-4], dtype="<u8").copy().reshape(4, 2)
     pairs[1] = (16, 1 << 40)  # a chunk of 1 TiB, with a valid crc over the index
@@ -156,8 +162,12 @@ def test_rows_checked_together_match_exactly_when_each_matches_its_own_crc(nbyte
     bad_crcs = crcs.copy()
     bad_crcs[i] ^= np.uint32(data.draw(st.integers(1, 2**32 - 1)))
     assert not checker.all_match(rows, bad_crcs)
-    assert not checker.all_match(rows[::-1].copy(), crcs) or n == 1 or (rows == rows[::-1]).all() or \
-        (crcs == crcs[::-1]).all()  # rows in another order than their crcs
+    assert (
+        not checker.all_match(rows[::-1].copy(), crcs)
+        or n == 1
+        or (rows == rows[::-1]).all()
+        or (crcs == crcs[::-1]).all()
+    )  # rows in another order than their crcs
 
 
 @settings(max_examples=40, deadline=None)
@@ -166,8 +176,9 @@ def test_a_run_of_adjacent_chunks_is_intact_exactly_when_each_chunk_is(payload, 
     rng = np.random.default_rng(seed)
     stride = payload + CRC_BYTES
     body = rng.integers(0, 256, size=(k, payload), dtype=np.uint8)
-    chunks = np.concatenate([body, np.array([crc32c(r) for r in body], dtype="<u4").view(np.uint8).reshape(k, 4)],
-                            axis=1)
+    chunks = np.concatenate(
+        [body, np.array([crc32c(r) for r in body], dtype="<u4").view(np.uint8).reshape(k, 4)], axis=1
+    )
     assert all(crc32c(c) == CHUNK_RESIDUE for c in chunks)
     assert run_intact(chunks, stride)
     flat = chunks.reshape(-1).copy()

@@ -176,8 +176,9 @@ def test_series_stats_of_a_store_and_its_subsets(known) -> None:
     for episodes in (None, ["episode_003", 0], [5]):
         stats = series_stats(store, "state", episodes, quantiles=(0.01, 0.25, 0.99))
         chosen = range(len(STEPS)) if episodes is None else [store.catalog.resolve(e) for e in episodes]
-        assert_matches_numpy(stats, concat(known.series["state"], store.catalog.step_offsets, chosen),
-                             (0.01, 0.25, 0.99))
+        assert_matches_numpy(
+            stats, concat(known.series["state"], store.catalog.step_offsets, chosen), (0.01, 0.25, 0.99)
+        )
         assert stats.columns == store.columns("state")
     moments = EpisodeMoments.compute(known.series["action"], store.catalog.step_offsets)
     light = series_stats(store, "action", [1, 2], quantiles=(), moments=moments)
@@ -207,8 +208,9 @@ def test_feature_stats_per_dimension(known, dtype, kind) -> None:
 
 def test_feature_stats_skip_missing_rows_and_follow_episodes(tmp_path) -> None:
     store = make_store(tmp_path / "p.vla", families=()).store
-    store.add_family("part", FamilySpec((2,), "float32", vlm_reuse_count=3, rows_per_shard=100),
-                     producer=Producer(fingerprint="x"))
+    store.add_family(
+        "part", FamilySpec((2,), "float32", vlm_reuse_count=3, rows_per_shard=100), producer=Producer(fingerprint="x")
+    )
     rows = store.layout("part").rows
     values = np.arange(rows * 2, dtype=np.float32).reshape(rows, 2)
     keep = [r for r in range(rows) if r % 4]

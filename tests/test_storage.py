@@ -132,8 +132,16 @@ def test_put_if_absent_from_processes_one_winner(tmp_path: Path) -> None:
             print("lost")
     """)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    procs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "root"), f"writer {i}"], env=env,
-                              text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE) for i in range(3)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, str(tmp_path / "root"), f"writer {i}"],
+            env=env,
+            text=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+        for i in range(3)
+    ]
     outs = [p.communicate("go\n", timeout=120)[0].strip() for p in procs]
     assert sorted(outs) == ["lost", "lost", "won"]
     assert LocalStorage(tmp_path / "root").get("shard/0") == f"writer {outs.index('won')}".encode()

@@ -181,8 +181,9 @@ class StoreContract:
         new_values = random_rows(values["fixed"].shape, "bfloat16", seed=99)
         with store.writer("fixed", generation=2) as writer:
             writer.write_rows(writer.pending_rows(), new_values)
-        np.testing.assert_array_equal(to_bits(VLAStore.open(store.storage.zarr_store()).feature("fixed", 0, 0)),
-                                      values["fixed"][0])
+        np.testing.assert_array_equal(
+            to_bits(VLAStore.open(store.storage.zarr_store()).feature("fixed", 0, 0)), values["fixed"][0]
+        )
         store.switch_generation("fixed", 2, keep_previous=0)
         again = VLAStore.open(store.storage.zarr_store())
         assert again.manifest.families["fixed"].generations == (2,)
@@ -199,37 +200,77 @@ class StoreContract:
     @pytest.mark.parametrize(
         ("action", "error", "says"),
         [
-            (lambda s: s.writer("fixed").write_rows([0], np.zeros((1, 7), np.uint16)), FormatError,
-             r"values of shape \(1, 7\) for 1 rows; expected \(1, 8\)"),
-            (lambda s: s.writer("fixed").write_rows([0], np.zeros((1, 8), np.float32)), FormatError,
-             "float32 array for a bfloat16 family"),
-            (lambda s: s.writer("fixed").write(0, 0, torch.zeros(8, dtype=torch.float16)), FormatError,
-             r"torch.float16 tensor for a bfloat16 family.*\.to\(torch.bfloat16\)"),
-            (lambda s: s.writer("fixed").write(0, 1, torch.full((8,), float("nan"), dtype=torch.bfloat16)),
-             FormatError, r"row \('episode_000', vlm_idx=1\) holds NaN or Inf.*allow_nonfinite=True"),
-            (lambda s: s.writer("packed").write_rows([0, 1], [np.zeros(8, np.float32),
-                                                              np.full(8, np.inf, np.float32)]),
-             FormatError, r"row \('episode_000', vlm_idx=1\) holds NaN or Inf"),
-            (lambda s: s.writer("tokens").write_rows([0], [np.zeros((3, 4), np.float16)]), FormatError,
-             r"row \('episode_000', vlm_idx=0\) has shape \(3, 4\); the family's planned length"),
-            (lambda s: s.writer("fixed").write("episode_999", 0, np.zeros(8, np.uint16)), KeyError,
-             "unknown dataset 'episode_999'"),
-            (lambda s: s.writer("fixed").write("episode_001", 2, np.zeros(8, np.uint16)), IndexError,
-             r"family 'fixed', dataset 'episode_001': vlm_idx=2 out of range.*\(vlm_idx 0..1\)"),
+            (
+                lambda s: s.writer("fixed").write_rows([0], np.zeros((1, 7), np.uint16)),
+                FormatError,
+                r"values of shape \(1, 7\) for 1 rows; expected \(1, 8\)",
+            ),
+            (
+                lambda s: s.writer("fixed").write_rows([0], np.zeros((1, 8), np.float32)),
+                FormatError,
+                "float32 array for a bfloat16 family",
+            ),
+            (
+                lambda s: s.writer("fixed").write(0, 0, torch.zeros(8, dtype=torch.float16)),
+                FormatError,
+                r"torch.float16 tensor for a bfloat16 family.*\.to\(torch.bfloat16\)",
+            ),
+            (
+                lambda s: s.writer("fixed").write(0, 1, torch.full((8,), float("nan"), dtype=torch.bfloat16)),
+                FormatError,
+                r"row \('episode_000', vlm_idx=1\) holds NaN or Inf.*allow_nonfinite=True",
+            ),
+            (
+                lambda s: s.writer("packed").write_rows(
+                    [0, 1], [np.zeros(8, np.float32), np.full(8, np.inf, np.float32)]
+                ),
+                FormatError,
+                r"row \('episode_000', vlm_idx=1\) holds NaN or Inf",
+            ),
+            (
+                lambda s: s.writer("tokens").write_rows([0], [np.zeros((3, 4), np.float16)]),
+                FormatError,
+                r"row \('episode_000', vlm_idx=0\) has shape \(3, 4\); the family's planned length",
+            ),
+            (
+                lambda s: s.writer("fixed").write("episode_999", 0, np.zeros(8, np.uint16)),
+                KeyError,
+                "unknown dataset 'episode_999'",
+            ),
+            (
+                lambda s: s.writer("fixed").write("episode_001", 2, np.zeros(8, np.uint16)),
+                IndexError,
+                r"family 'fixed', dataset 'episode_001': vlm_idx=2 out of range.*\(vlm_idx 0..1\)",
+            ),
             (lambda s: s.feature("fixed", "episode_001", 5), IndexError, "vlm_idx=5 out of range"),
             (lambda s: s.feature("nope", "episode_001", 0), KeyError, "unknown feature family 'nope'"),
-            (lambda s: s.writer("fixed").write_rows([99], np.zeros((1, 8), np.uint16)), IndexError,
-             "row 99 out of range"),
+            (
+                lambda s: s.writer("fixed").write_rows([99], np.zeros((1, 8), np.uint16)),
+                IndexError,
+                "row 99 out of range",
+            ),
             (lambda s: s.add_family("a/b", spec_for("float32")), FormatError, "path separator"),
-            (lambda s: s.add_family("fixed", spec_for("float16")), FormatError,
-             "already exists .* with a different plan"),
-            (lambda s: s.add_family("t", spec_for("float16", ragged=True), lengths=[1] * 8), FormatError,
-             "got 8 lengths for 9 rows"),
-            (lambda s: s.add_family("t", spec_for("float16", ragged=True), lengths=[9] * 9), FormatError,
-             "rows_per_shard >= 9"),
+            (
+                lambda s: s.add_family("fixed", spec_for("float16")),
+                FormatError,
+                "already exists .* with a different plan",
+            ),
+            (
+                lambda s: s.add_family("t", spec_for("float16", ragged=True), lengths=[1] * 8),
+                FormatError,
+                "got 8 lengths for 9 rows",
+            ),
+            (
+                lambda s: s.add_family("t", spec_for("float16", ragged=True), lengths=[9] * 9),
+                FormatError,
+                "rows_per_shard >= 9",
+            ),
             (lambda s: s.add_family("t", FamilySpec((8,), "float16")), FormatError, "give items_per_episode"),
-            (lambda s: VLAStore.open(s.storage.zarr_store()).add_family("t", spec_for("float16")), PermissionError,
-             "read-only.*writable=True"),
+            (
+                lambda s: VLAStore.open(s.storage.zarr_store()).add_family("t", spec_for("float16")),
+                PermissionError,
+                "read-only.*writable=True",
+            ),
         ],
     )
     def test_bad_input_is_refused_and_changes_nothing(self, built, action, error, says) -> None:
@@ -240,8 +281,9 @@ class StoreContract:
             assert writer_or_none is None
         # also close every writer the action opened: nothing of a refused batch may reach the store
         assert store_snapshot(store.storage.zarr_store()) == before
-        np.testing.assert_array_equal(to_bits(VLAStore.open(store.storage.zarr_store()).feature("fixed", 0, 0)),
-                                      values["fixed"][0])
+        np.testing.assert_array_equal(
+            to_bits(VLAStore.open(store.storage.zarr_store()).feature("fixed", 0, 0)), values["fixed"][0]
+        )
 
     def test_refused_batch_is_not_half_buffered(self, built) -> None:
         store, _ = built
@@ -319,8 +361,17 @@ def test_create_refuses_nan_series_and_mismatched_series(tmp_path: Path) -> None
     with pytest.raises(FormatError, match="series have different lengths"):
         VLAStore.create(path, [EpisodeData("e0", {"state": state, "action": np.zeros(3)})])
     with pytest.raises(FormatError, match="episode 'e1' has no series 'state'"):
-        VLAStore.create(path, [EpisodeData("e0", {"state": state}, ), EpisodeData("e1", steps=3)],
-                        allow_nonfinite=True)
+        VLAStore.create(
+            path,
+            [
+                EpisodeData(
+                    "e0",
+                    {"state": state},
+                ),
+                EpisodeData("e1", steps=3),
+            ],
+            allow_nonfinite=True,
+        )
     assert not path.exists()
     VLAStore.create(path, [EpisodeData("e0", {"state": state})], allow_nonfinite=True)
     assert np.isnan(VLAStore.open(path).series("state", "e0")[2, 1])
@@ -382,9 +433,14 @@ def test_a_flipped_series_shape_is_refused_naming_the_file(full_store) -> None:
     assert [c.where for c in report.corrupt] == ["series/action"]
 
 
-@pytest.mark.parametrize(("field", "value", "says"), [
-    ("steps", 25, "checksum mismatch"), ("episodes", 5, "checksum mismatch"), ("checksum", "crc32c:00000000",
-                                                                                  "checksum mismatch")])
+@pytest.mark.parametrize(
+    ("field", "value", "says"),
+    [
+        ("steps", 25, "checksum mismatch"),
+        ("episodes", 5, "checksum mismatch"),
+        ("checksum", "crc32c:00000000", "checksum mismatch"),
+    ],
+)
 def test_a_changed_manifest_fails_its_checksum(full_store, field: str, value: object, says: str) -> None:
     store, _ = full_store
     _edit_json(Path(store.location) / "zarr.json", lambda m: m["attributes"]["vlastore"].__setitem__(field, value))
@@ -464,8 +520,7 @@ def test_a_new_plan_never_inherits_shards_of_a_generation_whose_deletion_was_kil
     with store.writer("fixed", generation=2) as writer:
         writer.write_rows(np.arange(9), values["fixed"])
     # what a deletion killed midway leaves: the manifest no longer lists it, its zarr.json is gone, shards remain
-    store._save_manifest(_replace_families(store.manifest, {**store.manifest.families,
-                                                            "fixed": FamilyEntry(1, (1,))}))
+    store._save_manifest(_replace_families(store.manifest, {**store.manifest.families, "fixed": FamilyEntry(1, (1,))}))
     (Path(store.location) / "features/fixed/gen-0002/zarr.json").unlink()
     assert any(Path(store.location, "features/fixed/gen-0002/values/c").rglob("*"))
     report = verify_store(store.location)

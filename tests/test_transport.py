@@ -58,8 +58,13 @@ def assert_same(got: dict, expected: dict) -> None:
 
 @pytest.mark.parametrize("context", ["fork", "spawn"])
 def test_workers_deliver_the_batches_of_one_process(context: str) -> None:
-    loader = DataLoader(Batches(), batch_size=None, num_workers=2, multiprocessing_context=context,
-                        persistent_workers=context == "spawn")
+    loader = DataLoader(
+        Batches(),
+        batch_size=None,
+        num_workers=2,
+        multiprocessing_context=context,
+        persistent_workers=context == "spawn",
+    )
     for epoch in range(2):
         got = list(loader)
         assert len(got) == 16
@@ -113,8 +118,14 @@ def test_a_layout_travels_once_per_ring_and_numpy_backed_batches_skip_torch() ->
     transport._worker_ring = None
 
     def made(i: int, rows: int) -> VLABatch:
-        return VLABatch.of_arrays({"index": np.arange(rows) + i, "feature": np.full((rows, 4), i, np.uint16),
-                                   "is_pad": np.arange(rows) % 2 == 0}, bfloat16=["feature"])
+        return VLABatch.of_arrays(
+            {
+                "index": np.arange(rows) + i,
+                "feature": np.full((rows, 4), i, np.uint16),
+                "is_pad": np.arange(rows) % 2 == 0,
+            },
+            bfloat16=["feature"],
+        )
 
     first, second, other = (pack_batch(made(i, rows), VLABatch, in_worker=True) for i, rows in ((1, 4), (2, 4), (3, 5)))
     layout_of = {name: packed[1][3] for name, packed in (("first", first), ("second", second), ("other", other))}

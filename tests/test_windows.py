@@ -152,8 +152,12 @@ def test_the_short_form_is_the_plan_of_obs_and_action_deltas() -> None:
 
 
 @settings(max_examples=100, deadline=None)
-@given(steps=st.lists(st.integers(1, 25), min_size=1, max_size=6), fps=st.sampled_from(RATES),
-       multiples=deltas_st, data=st.data())
+@given(
+    steps=st.lists(st.integers(1, 25), min_size=1, max_size=6),
+    fps=st.sampled_from(RATES),
+    multiples=deltas_st,
+    data=st.data(),
+)
 def test_seconds_at_an_fps_read_the_same_steps_as_their_step_offsets(steps, fps, multiples, data) -> None:
     offsets = np.concatenate([[0], np.cumsum(steps)]).astype(np.int64)
     episodes, step_of = sample_table(np.asarray(steps), np.arange(len(steps)))

@@ -49,17 +49,32 @@ def plans(draw: st.DrawFn) -> dict:
     # cut the permuted rows into calls; each call goes to the writer of the rank owning... each row's rank
     cuts = sorted(draw(st.sets(st.integers(1, max(1, rows - 1)), max_size=max(0, rows - 1)))) if rows > 1 else []
     return {
-        "dtype": dtype, "form": form, "ragged": ragged, "items": items, "lengths": lengths,
-        "rows_per_shard": rows_per_shard, "compression": draw(st.sampled_from([None, "zstd"])), "world": world,
-        "order": list(order), "cuts": cuts, "as_list": draw(st.booleans()), "seed": draw(st.integers(0, 2**16)),
+        "dtype": dtype,
+        "form": form,
+        "ragged": ragged,
+        "items": items,
+        "lengths": lengths,
+        "rows_per_shard": rows_per_shard,
+        "compression": draw(st.sampled_from([None, "zstd"])),
+        "world": world,
+        "order": list(order),
+        "cuts": cuts,
+        "as_list": draw(st.booleans()),
+        "seed": draw(st.integers(0, 2**16)),
         "row_shape": draw(st.sampled_from([(3,), (2, 2)])),
     }
 
 
 def _make(path: Path, plan: dict) -> VLAStore:
     store = VLAStore.create(path, [EpisodeData(f"ep_{i}", steps=n) for i, n in enumerate(plan["items"])])
-    spec = FamilySpec(plan["row_shape"], plan["dtype"], ragged=plan["ragged"], compression=plan["compression"],
-                      rows_per_shard=plan["rows_per_shard"], vlm_reuse_count=1)
+    spec = FamilySpec(
+        plan["row_shape"],
+        plan["dtype"],
+        ragged=plan["ragged"],
+        compression=plan["compression"],
+        rows_per_shard=plan["rows_per_shard"],
+        vlm_reuse_count=1,
+    )
     store.add_family("f", spec, lengths=plan["lengths"])
     return store
 

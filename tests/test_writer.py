@@ -138,8 +138,10 @@ def test_nonfinite_rows_are_stored_when_allowed(store_path: Path) -> None:
 
 def _run_ranks(store_path: Path, tmp_path: Path, world_size: int) -> None:
     init_file = tmp_path / f"init-{world_size}"
-    procs = [FORK.Process(target=dist_main, args=(str(store_path), str(init_file), rank, world_size))
-             for rank in range(world_size)]
+    procs = [
+        FORK.Process(target=dist_main, args=(str(store_path), str(init_file), rank, world_size))
+        for rank in range(world_size)
+    ]
     for proc in procs:
         proc.start()
     for proc in procs:
@@ -166,8 +168,10 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None
     for family in ("fixed", "tokens"):
         with reference.writer(family) as writer:
             rows = writer.pending_rows()
-            writer.write_rows(rows, [as_value(values[family][r], "bfloat16" if family == "fixed" else "float16")
-                                     for r in rows.tolist()])
+            writer.write_rows(
+                rows,
+                [as_value(values[family][r], "bfloat16" if family == "fixed" else "float16") for r in rows.tolist()],
+            )
 
     crashed_path = tmp_path / "crashed.vla"
     plan_writer_store(crashed_path)
@@ -186,7 +190,8 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None
     assert crashed.written_shards("tokens").tolist() == [0, 1]
     # a kill inside write_once leaves its temporary file (named with host and pid): the resumed writer cleans it
     stale = (crashed.storage.root / crashed.shard_key("fixed", 5)).parent / (
-        f".0.{host_tag()}.{proc.pid}.deadbeef.partial")
+        f".0.{host_tag()}.{proc.pid}.deadbeef.partial"
+    )
     stale.parent.mkdir(parents=True)
     stale.write_bytes(b"half a shard")
 
@@ -194,8 +199,10 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None
         with crashed.writer(family) as writer:  # the resumed run: only what is missing
             rows = writer.pending_rows()
             assert rows.size and not crashed.coverage(family)[rows].any()
-            writer.write_rows(rows, [as_value(values[family][r], "bfloat16" if family == "fixed" else "float16")
-                                     for r in rows.tolist()])
+            writer.write_rows(
+                rows,
+                [as_value(values[family][r], "bfloat16" if family == "fixed" else "float16") for r in rows.tolist()],
+            )
             assert writer.rows_skipped == 0
 
     def shard_files(root: Path) -> dict[str, bytes]:
@@ -332,8 +339,11 @@ def _holes(store_path: Path, dtype: str, ragged: bool, compression: str | None) 
     store = VLAStore.create(store_path, episodes())
     shape = (4,) if ragged else (8,)
     lengths = np.random.default_rng(1).integers(1, 4, size=9) if ragged else None
-    store.add_family("f", spec_for(dtype, ragged=ragged, compression=compression,
-                                   rows_per_shard=6 if ragged else 4, row_shape=shape), lengths=lengths)
+    store.add_family(
+        "f",
+        spec_for(dtype, ragged=ragged, compression=compression, rows_per_shard=6 if ragged else 4, row_shape=shape),
+        lengths=lengths,
+    )
     values = ragged_rows(lengths, shape, dtype, seed=5) if ragged else random_rows((9, *shape), dtype, seed=5)
     kept = np.asarray([0, 2, 3, 5, 8])
     with store.writer("f") as writer:
@@ -341,11 +351,13 @@ def _holes(store_path: Path, dtype: str, ragged: bool, compression: str | None) 
     return store, values, kept
 
 
-@pytest.mark.parametrize(("dtype", "ragged", "compression"),
-                         [("bfloat16", False, None), ("float32", False, "zstd"), ("float16", True, None),
-                          ("float16", True, "zstd")])
-def test_a_rerun_fills_holes_by_replacing_the_shard_with_a_superset(store_path: Path, dtype: str, ragged: bool,
-                                                                    compression: str | None) -> None:
+@pytest.mark.parametrize(
+    ("dtype", "ragged", "compression"),
+    [("bfloat16", False, None), ("float32", False, "zstd"), ("float16", True, None), ("float16", True, "zstd")],
+)
+def test_a_rerun_fills_holes_by_replacing_the_shard_with_a_superset(
+    store_path: Path, dtype: str, ragged: bool, compression: str | None
+) -> None:
     """Holes were permanent: a shard written at close() with missing rows counted as done."""
     store, values, kept = _holes(store_path, dtype, ragged, compression)
     reference = VLAStore.create(store_path.with_name("reference.vla"), episodes())

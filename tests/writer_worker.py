@@ -51,4 +51,3 @@ def crash_main(store_path: str, ready: Connection) -> None:
     tokens.wait()
     ready.send(("READY", writer.shards_written))
     time.sleep(120)
-

@@ -36,9 +36,16 @@ STEPS = 500
 
 def _episodes(first: int, count: int, steps: int = STEPS) -> list[EpisodeData]:
     rng = np.random.default_rng(first)
-    return [EpisodeData(f"ep_{first + i:07d}", {"state": rng.normal(size=(steps, 7)).astype(np.float32),
-                                                  "action": rng.normal(size=(steps, 2)).astype(np.float32)})
-            for i in range(count)]
+    return [
+        EpisodeData(
+            f"ep_{first + i:07d}",
+            {
+                "state": rng.normal(size=(steps, 7)).astype(np.float32),
+                "action": rng.normal(size=(steps, 2)).astype(np.float32),
+            },
+        )
+        for i in range(count)
+    ]
 
 
 def _files(root: Path) -> dict[str, int]:
@@ -53,7 +60,7 @@ def _fill(store: VLAStore) -> None:
     writer = store.writer("f")
     rows = writer.pending_rows()
     for lo in range(0, len(rows), 65536):
-        part = rows[lo: lo + 65536]
+        part = rows[lo : lo + 65536]
         writer.write_rows(part, np.broadcast_to((part % 1000).astype(np.float16)[:, None], (len(part), 16)))
     writer.close()
 
@@ -89,10 +96,14 @@ def part1(base: Path, rows: int) -> None:
     b_full = sum(_files(big).values())
     print(f"part 1: store of {n * STEPS:,} rows ({n} episodes); append {k} episodes ({k * STEPS:,} rows, 1%)")
     print(f"  append into the store     {t_append:7.2f} s  {b_append / 1e6:8.2f} MB written")
-    print(f"  the 1% as a new store     {t_small:7.2f} s  {b_small / 1e6:8.2f} MB   append/new: time "
-          f"{t_append / t_small:.2f}x, bytes {b_append / b_small:.2f}x (goal <= 1.2x)")
-    print(f"  rebuild the whole store   {t_full:7.2f} s  {b_full / 1e6:8.2f} MB   append/rebuild: time "
-          f"{t_append / t_full:.3f}x, bytes {b_append / b_full:.3f}x")
+    print(
+        f"  the 1% as a new store     {t_small:7.2f} s  {b_small / 1e6:8.2f} MB   append/new: time "
+        f"{t_append / t_small:.2f}x, bytes {b_append / b_small:.2f}x (goal <= 1.2x)"
+    )
+    print(
+        f"  rebuild the whole store   {t_full:7.2f} s  {b_full / 1e6:8.2f} MB   append/rebuild: time "
+        f"{t_append / t_full:.3f}x, bytes {b_append / b_full:.3f}x"
+    )
     shutil.rmtree(big)
     shutil.rmtree(small)
 
@@ -125,15 +136,21 @@ def part2(base: Path, appends: int) -> None:
     grown_t = min(_open_and_batch(grown) for _ in range(3))
     fresh_t = min(_open_and_batch(fresh) for _ in range(3))
     print(f"part 2: {appends} appends of one episode onto 100 ({t_commits / appends * 1e3:.1f} ms per commit)")
-    print(f"  open:        after appends {grown_t[0] * 1e3:8.1f} ms, fresh {fresh_t[0] * 1e3:8.1f} ms "
-          f"({grown_t[0] / fresh_t[0]:.2f}x; goal <= 1.5x)")
-    print(f"  first batch: after appends {grown_t[1] * 1e3:8.1f} ms, fresh {fresh_t[1] * 1e3:8.1f} ms "
-          f"({grown_t[1] / fresh_t[1]:.2f}x; goal <= 1.5x)")
+    print(
+        f"  open:        after appends {grown_t[0] * 1e3:8.1f} ms, fresh {fresh_t[0] * 1e3:8.1f} ms "
+        f"({grown_t[0] / fresh_t[0]:.2f}x; goal <= 1.5x)"
+    )
+    print(
+        f"  first batch: after appends {grown_t[1] * 1e3:8.1f} ms, fresh {fresh_t[1] * 1e3:8.1f} ms "
+        f"({grown_t[1] / fresh_t[1]:.2f}x; goal <= 1.5x)"
+    )
     VLAStore.open(grown, writable=True).gc(retention_s=0, compact=True)
     compact_t = min(_open_and_batch(grown) for _ in range(3))
-    print(f"  after `vlastore gc` (series compacted, old commits gone): open {compact_t[0] * 1e3:.1f} ms "
-          f"({compact_t[0] / fresh_t[0]:.2f}x), first batch {compact_t[1] * 1e3:.1f} ms "
-          f"({compact_t[1] / fresh_t[1]:.2f}x)")
+    print(
+        f"  after `vlastore gc` (series compacted, old commits gone): open {compact_t[0] * 1e3:.1f} ms "
+        f"({compact_t[0] / fresh_t[0]:.2f}x), first batch {compact_t[1] * 1e3:.1f} ms "
+        f"({compact_t[1] / fresh_t[1]:.2f}x)"
+    )
 
 
 def main() -> None:

@@ -56,8 +56,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=60, help="steps per episode (default: %(default)s)")
     parser.add_argument("--hidden", type=int, default=256, help="tiny model hidden size (default: %(default)s)")
     parser.add_argument("--layers", type=int, default=4, help="tiny model layers (default: %(default)s)")
-    parser.add_argument("--image-size", type=int, default=112,
-                        help="images are resized to about this squared (default: %(default)s: 16 tokens each)")
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        default=112,
+        help="images are resized to about this squared (default: %(default)s: 16 tokens each)",
+    )
     parser.add_argument("--camera-size", default="240x320", help="stored PNG size HxW (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=8, help="items per forward (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
@@ -75,11 +79,14 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="vlastore-bench-features-"))
     try:
         h, w = (int(x) for x in args.camera_size.split("x"))
-        print(f"building tiny model (hidden {args.hidden}, {args.layers} layers) and "
-              f"{args.episodes} episodes x {args.steps} steps x 2 cameras of {h}x{w} PNG in {work}")
+        print(
+            f"building tiny model (hidden {args.hidden}, {args.layers} layers) and "
+            f"{args.episodes} episodes x {args.steps} steps x 2 cameras of {h}x{w} PNG in {work}"
+        )
         make_tiny_qwen2vl(work / "model", hidden=args.hidden, layers=args.layers, image_size=args.image_size)
-        make_tiny_episodes(work / "store.vla", work / "data", episodes=args.episodes,
-                           steps=(args.steps, args.steps), image_size=(h, w))
+        make_tiny_episodes(
+            work / "store.vla", work / "data", episodes=args.episodes, steps=(args.steps, args.steps), image_size=(h, w)
+        )
         source = DataFolder(work / "data")
         extractor = get_extractor("transformers-vl", model=str(work / "model"), device="cpu", dtype="float32")
 
@@ -101,23 +108,33 @@ def main(argv: list[str] | None = None) -> int:
 
     def line(name: str, rows: int, total: float, forward: float) -> str:
         outside = max(0.0, 1 - forward / total)
-        return (f"{name:<16} {rows:>6} rows  {total:7.2f} s  {rows / total:8.1f} rows/s  "
-                f"outside forward {100 * outside:5.1f}%")
+        return (
+            f"{name:<16} {rows:>6} rows  {total:7.2f} s  {rows / total:8.1f} rows/s  "
+            f"outside forward {100 * outside:5.1f}%"
+        )
 
     print()
     print(line("serial + .pt", baseline["rows"], baseline["total"], baseline["forward"]))
     print(line("vlastore", stats.rows, stats.seconds_total, stats.seconds_forward))
     other = stats.seconds_total - stats.seconds_forward - stats.seconds_wait_inputs - stats.seconds_write
-    print(f"  vlastore: waiting for inputs {stats.seconds_wait_inputs:.3f} s, "
-          f"writing rows {stats.seconds_write:.3f} s, other {other:.3f} s")
+    print(
+        f"  vlastore: waiting for inputs {stats.seconds_wait_inputs:.3f} s, "
+        f"writing rows {stats.seconds_write:.3f} s, other {other:.3f} s"
+    )
     base_outside = 1 - baseline["forward"] / baseline["total"]
     speedup = (stats.rows / stats.seconds_total) / (baseline["rows"] / baseline["total"])
-    print(f"ratios vs serial + .pt: rows/s x{speedup:.2f}, "
-          f"time outside forward x{stats.outside_forward_fraction / base_outside:.2f}")
-    print(f"target outside forward <= 5%: {'MET' if stats.outside_forward_fraction <= 0.05 else 'NOT MET'} "
-          f"({100 * stats.outside_forward_fraction:.1f}%)")
-    print(f"(torch threads {torch.get_num_threads()}, {os.cpu_count()} cores; on CPU the input thread competes "
-          "with the forward for cores, on a GPU it does not)")
+    print(
+        f"ratios vs serial + .pt: rows/s x{speedup:.2f}, "
+        f"time outside forward x{stats.outside_forward_fraction / base_outside:.2f}"
+    )
+    print(
+        f"target outside forward <= 5%: {'MET' if stats.outside_forward_fraction <= 0.05 else 'NOT MET'} "
+        f"({100 * stats.outside_forward_fraction:.1f}%)"
+    )
+    print(
+        f"(torch threads {torch.get_num_threads()}, {os.cpu_count()} cores; on CPU the input thread competes "
+        "with the forward for cores, on a GPU it does not)"
+    )
     return 0
 
 

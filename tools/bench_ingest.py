@@ -58,8 +58,11 @@ def build_cache(folder: Path, files: int, workers: int) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     have = set(os.listdir(folder))
     step = 2000
-    jobs = [(str(folder), s, min(s + step, files)) for s in range(0, files, step)
-            if not all(file_name(i) in have for i in range(s, min(s + step, files)))]
+    jobs = [
+        (str(folder), s, min(s + step, files))
+        for s in range(0, files, step)
+        if not all(file_name(i) in have for i in range(s, min(s + step, files)))
+    ]
     with mp.get_context("fork").Pool(workers) as pool:
         for _ in pool.imap_unordered(_make, jobs):
             pass
@@ -104,23 +107,35 @@ def child(args: argparse.Namespace) -> int:
     """One ingest run in this fresh process: prints seconds and peak RSS as JSON."""
     from vlastore.ingest import IngestOptions, ingest_pt_cache
 
-    options = IngestOptions(out=args.out, workers=args.workers, progress=False, verify=args.verify,
-                            full_scan=args.full_scan)
+    options = IngestOptions(
+        out=args.out, workers=args.workers, progress=False, verify=args.verify, full_scan=args.full_scan
+    )
     before = _cpu()
     t = time.perf_counter()
     report = ingest_pt_cache(args.child, options)
     seconds = time.perf_counter() - t
     after = _cpu()
-    ok = report.files_ingested == report.files_found and not report.problems and (
-        not args.verify or bool(report.verify and report.verify["ok"]))
-    print(json.dumps({
-        "seconds": seconds, "cpu": after[0] + after[1] - before[0] - before[1], "cpu_parent": after[0] - before[0],
-        "files": report.files_ingested, "ok": ok,
-        "rss_parent": peak_rss(),
-        "rss_worker": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
-        "source_bytes": report.source_bytes, "store_bytes": report.store_after["bytes"],
-        "store_files": report.store_after["files"],
-    }))
+    ok = (
+        report.files_ingested == report.files_found
+        and not report.problems
+        and (not args.verify or bool(report.verify and report.verify["ok"]))
+    )
+    print(
+        json.dumps(
+            {
+                "seconds": seconds,
+                "cpu": after[0] + after[1] - before[0] - before[1],
+                "cpu_parent": after[0] - before[0],
+                "files": report.files_ingested,
+                "ok": ok,
+                "rss_parent": peak_rss(),
+                "rss_worker": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
+                "source_bytes": report.source_bytes,
+                "store_bytes": report.store_after["bytes"],
+                "store_files": report.store_after["files"],
+            }
+        )
+    )
     return 0 if ok else 1
 
 
@@ -186,12 +201,18 @@ def main() -> int:
         reader = count / (time.perf_counter() - t)
 
         print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; ingest workers: {workers}")
-        print(f"{'contender':50s} {'files':>9s} {'s':>6s} {'files/s':>8s} {'vs base':>8s} {'CPU s':>6s} "
-              f"{'files/CPU-s':>11s} {'RSS parent':>10s} {'worker':>8s}")
-        print(f"{'torch.load(weights_only=True) loop, 1 process (base)':50s} {count:>9,} "
-              f"{count / baseline:>6.1f} {baseline:>8,.0f} {1:>7.2f}x")
-        print(f"{'vlastore safe .pt reader loop, 1 process':50s} {count:>9,} {count / reader:>6.1f} {reader:>8,.0f} "
-              f"{reader / baseline:>7.2f}x")
+        print(
+            f"{'contender':50s} {'files':>9s} {'s':>6s} {'files/s':>8s} {'vs base':>8s} {'CPU s':>6s} "
+            f"{'files/CPU-s':>11s} {'RSS parent':>10s} {'worker':>8s}"
+        )
+        print(
+            f"{'torch.load(weights_only=True) loop, 1 process (base)':50s} {count:>9,} "
+            f"{count / baseline:>6.1f} {baseline:>8,.0f} {1:>7.2f}x"
+        )
+        print(
+            f"{'vlastore safe .pt reader loop, 1 process':50s} {count:>9,} {count / reader:>6.1f} {reader:>8,.0f} "
+            f"{reader / baseline:>7.2f}x"
+        )
         contenders = [("ingest pt-cache (fast scan)", ()), ("ingest pt-cache --verify", ("--verify",))]
         if args.full_scan:
             contenders.append(("ingest pt-cache --full-scan", ("--full-scan",)))
@@ -201,11 +222,16 @@ def main() -> int:
                 r = last = ingest_once(folder, work / "store.vla", workers, *flags)
                 rate = n / r["seconds"]
                 worker = f"{r['rss_worker'] / 2**20:,.0f} MiB" if r["rss_worker"] else "-"  # written in-process
-                print(f"{name + f', {workers} workers':50s} {n:>9,} {r['seconds']:>6.1f} {rate:>8,.0f} "
-                      f"{rate / baseline:>7.2f}x {r['cpu']:>6.1f} {n / r['cpu']:>11,.0f} "
-                      f"{r['rss_parent'] / 2**20:>6,.0f} MiB {worker:>8s}", flush=True)
-        print(f"last source: {last['source_bytes'] / 2**20:,.1f} MiB; its store: {last['store_files']:,} files, "
-              f"{last['store_bytes'] / 2**20:,.1f} MiB")
+                print(
+                    f"{name + f', {workers} workers':50s} {n:>9,} {r['seconds']:>6.1f} {rate:>8,.0f} "
+                    f"{rate / baseline:>7.2f}x {r['cpu']:>6.1f} {n / r['cpu']:>11,.0f} "
+                    f"{r['rss_parent'] / 2**20:>6,.0f} MiB {worker:>8s}",
+                    flush=True,
+                )
+        print(
+            f"last source: {last['source_bytes'] / 2**20:,.1f} MiB; its store: {last['store_files']:,} files, "
+            f"{last['store_bytes'] / 2**20:,.1f} MiB"
+        )
     finally:
         if not args.keep and not args.dir:
             shutil.rmtree(work, ignore_errors=True)

@@ -54,12 +54,23 @@ def build(path: Path, rows: int, dim: int = 2048, reuse: int = 3, per_episode: i
     n_episodes = -(-rows // per_episode)
     items = np.full(n_episodes, per_episode, dtype=np.int64)
     items[-1] = rows - per_episode * (n_episodes - 1)
-    episodes = [EpisodeData(f"episode_{i:06d}", {"state": rng.standard_normal((n * reuse, 7)).astype(np.float32),
-                                                 "action": rng.standard_normal((n * reuse, 7)).astype(np.float32)})
-                for i, n in enumerate(items.tolist())]
+    episodes = [
+        EpisodeData(
+            f"episode_{i:06d}",
+            {
+                "state": rng.standard_normal((n * reuse, 7)).astype(np.float32),
+                "action": rng.standard_normal((n * reuse, 7)).astype(np.float32),
+            },
+        )
+        for i, n in enumerate(items.tolist())
+    ]
     store = VLAStore.create(path, episodes)
-    store.add_family("qwen_vl", FamilySpec((dim,), "bfloat16", vlm_reuse_count=reuse), items,
-                     producer=Producer("bench/random", fingerprint="bench000"))
+    store.add_family(
+        "qwen_vl",
+        FamilySpec((dim,), "bfloat16", vlm_reuse_count=reuse),
+        items,
+        producer=Producer("bench/random", fingerprint="bench000"),
+    )
     with store.writer("qwen_vl") as writer:
         for lo in range(0, rows, 16384):
             hi = min(rows, lo + 16384)
@@ -123,8 +134,9 @@ def batch_work(ds: VLADataset, root: Path, batch: int, turns: int, cache: str, s
 
 
 def endless(ds: VLADataset, seed: int) -> torch.utils.data.Sampler:
-    return torch.utils.data.RandomSampler(ds, replacement=True, num_samples=10**12,
-                                          generator=torch.Generator().manual_seed(seed))
+    return torch.utils.data.RandomSampler(
+        ds, replacement=True, num_samples=10**12, generator=torch.Generator().manual_seed(seed)
+    )
 
 
 def cpu_seconds(pids: list[int]) -> float:
@@ -170,8 +182,10 @@ def loader_rates(loaders: dict[str, Any], seconds: float, turn: float) -> dict[s
             cpu[name] += cpu_seconds(pids[name]) - c0
             main_cpu[name] += cpu_seconds(pids[name][:1]) - m0
     del iterators
-    return {name: (done[name] / spent[name], cpu[name] / batches[name] * 1e6, main_cpu[name] / batches[name] * 1e6)
-            for name in loaders}
+    return {
+        name: (done[name] / spent[name], cpu[name] / batches[name] * 1e6, main_cpu[name] / batches[name] * 1e6)
+        for name in loaders
+    }
 
 
 def read_every_row(ds: VLADataset) -> None:
@@ -189,16 +203,21 @@ def warm_worker(worker_id: int) -> None:
     read_every_row(info.dataset)
 
 
-def make_loaders(ds: VLADataset, batch: int, workers: int, pin: bool, seed: int,
-                 kinds: list[str], warm: bool) -> dict[str, Any]:
+def make_loaders(
+    ds: VLADataset, batch: int, workers: int, pin: bool, seed: int, kinds: list[str], warm: bool
+) -> dict[str, Any]:
     from torch.utils.data import DataLoader
 
     loaders: dict[str, Any] = {}
     common = {"batch_size": batch, "collate_fn": collate, "pin_memory": pin}
     if "inproc" in kinds:
         loaders["num_workers=0"] = DataLoader(ds, sampler=endless(ds, seed), **common)
-    with_workers = {"num_workers": workers, "persistent_workers": True, "worker_init_fn": warm_worker if warm else None,
-                    **common}
+    with_workers = {
+        "num_workers": workers,
+        "persistent_workers": True,
+        "worker_init_fn": warm_worker if warm else None,
+        **common,
+    }
     if "plain" in kinds:
         loaders[f"DataLoader(num_workers={workers})"] = DataLoader(ds, sampler=endless(ds, seed), **with_workers)
     if "vla" in kinds:
@@ -207,8 +226,9 @@ def make_loaders(ds: VLADataset, batch: int, workers: int, pin: bool, seed: int,
         except ImportError:
             pass
         else:
-            loaders[f"VLADataLoader(num_workers={workers})"] = VLADataLoader(ds, sampler=endless(ds, seed),
-                                                                             **with_workers)
+            loaders[f"VLADataLoader(num_workers={workers})"] = VLADataLoader(
+                ds, sampler=endless(ds, seed), **with_workers
+            )
     return loaders
 
 
@@ -218,17 +238,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--store", help="read this store (a family 'qwen_vl', series state/action) instead")
     parser.add_argument("--batch", type=int, nargs="+", default=[64, 256], help="(default: %(default)s)")
     parser.add_argument("--workers", type=int, default=2, help="(default: %(default)s)")
-    parser.add_argument("--seconds", type=float, default=8.0, help="time per loader and batch size "
-                        "(default: %(default)s)")
+    parser.add_argument(
+        "--seconds", type=float, default=8.0, help="time per loader and batch size (default: %(default)s)"
+    )
     parser.add_argument("--turn", type=float, default=1.0, help="seconds per turn (default: %(default)s)")
     parser.add_argument("--turns", type=int, default=15, help="batch-work turns (default: %(default)s)")
     parser.add_argument("--cache", choices=["warm", "cold"], default="warm", help="(default: %(default)s)")
     parser.add_argument("--pin-memory", action="store_true", help="pin_memory=True for every loader")
-    parser.add_argument("--loaders", nargs="+", default=["inproc", "plain", "vla"],
-                        choices=["inproc", "plain", "vla"], help="(default: all)")
+    parser.add_argument(
+        "--loaders",
+        nargs="+",
+        default=["inproc", "plain", "vla"],
+        choices=["inproc", "plain", "vla"],
+        help="(default: all)",
+    )
     parser.add_argument("--skip-loaders", action="store_true", help="batch work only")
-    parser.add_argument("--cold-workers", action="store_true", help="workers start without reading every row "
-                        "first (a first epoch: page faults and checksums in every worker)")
+    parser.add_argument(
+        "--cold-workers",
+        action="store_true",
+        help="workers start without reading every row first (a first epoch: page faults and checksums in every worker)",
+    )
     parser.add_argument("--verify", default="once", choices=["once", "always", "never"])
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -246,27 +275,36 @@ def main(argv: list[str] | None = None) -> int:
         ds = VLADataset(root, features=["qwen_vl"], n_obs_steps=N_OBS, horizon=HORIZON, verify=args.verify)
         touch(root, "warm")
         read_every_row(ds)  # every row read (and checked) once: the state of a second epoch
-        print(f"{ds!r}\nmachine: {os.cpu_count()} CPUs (this process may use {len(os.sched_getaffinity(0))}), "
-              f"torch {torch.__version__}, numpy {np.__version__}, verify={args.verify!r}")
+        print(
+            f"{ds!r}\nmachine: {os.cpu_count()} CPUs (this process may use {len(os.sched_getaffinity(0))}), "
+            f"torch {torch.__version__}, numpy {np.__version__}, verify={args.verify!r}"
+        )
         print(f"\nbatch work in one process ({args.cache} page cache, thread CPU time, median of {args.turns} turns)")
         print(f"  {'batch':>5}  {'gather us':>10}  {'whole us':>9}  {'rest us':>8}  {'rest / gather':>13}  load")
         for batch in args.batch:
             work = batch_work(ds, root, batch, args.turns, args.cache, args.seed)
-            print(f"  {batch:>5}  {work['gather']:>10.0f}  {work['whole']:>9.0f}  {work['rest']:>8.0f}  "
-                  f"{work['rest'] / work['gather']:>13.2f}  {os.getloadavg()[0]:.2f}", flush=True)
+            print(
+                f"  {batch:>5}  {work['gather']:>10.0f}  {work['whole']:>9.0f}  {work['rest']:>8.0f}  "
+                f"{work['rest'] / work['gather']:>13.2f}  {os.getloadavg()[0]:.2f}",
+                flush=True,
+            )
         if args.cache == "cold":
             touch(root, "warm")
         if args.skip_loaders:
             return 0
         workers_state = "cold workers" if args.cold_workers else "workers read every row first"
-        print(f"\nsamples/s through loaders (warm page cache, {workers_state}, persistent workers, "
-              f"pin_memory={args.pin_memory}, turns of {args.turn} s, {args.seconds} s each); CPU us per batch "
-              "of all processes and of the training process; 'idle' = the ratio CPU time allows on idle cores")
-        print(f"  {'':>10}  {'loader':<28} {'samples/s':>11}  {'x w=0':>6}  {'CPU all':>8}  {'CPU main':>8}"
-              f"  {'idle':>8}")
+        print(
+            f"\nsamples/s through loaders (warm page cache, {workers_state}, persistent workers, "
+            f"pin_memory={args.pin_memory}, turns of {args.turn} s, {args.seconds} s each); CPU us per batch "
+            "of all processes and of the training process; 'idle' = the ratio CPU time allows on idle cores"
+        )
+        print(
+            f"  {'':>10}  {'loader':<28} {'samples/s':>11}  {'x w=0':>6}  {'CPU all':>8}  {'CPU main':>8}  {'idle':>8}"
+        )
         for batch in args.batch:
-            loaders = make_loaders(ds, batch, args.workers, args.pin_memory, args.seed, args.loaders,
-                                   not args.cold_workers)
+            loaders = make_loaders(
+                ds, batch, args.workers, args.pin_memory, args.seed, args.loaders, not args.cold_workers
+            )
             load_before = os.getloadavg()[0]
             rates = loader_rates(loaders, args.seconds, args.turn)
             base, base_cpu, _ = rates.get("num_workers=0", (0.0, 0.0, 0.0))
@@ -275,8 +313,10 @@ def main(argv: list[str] | None = None) -> int:
                 # on idle cores: the processes' CPU spread over the cores, or the training process alone
                 ideal = cpu_us / min(args.workers + 1, os.cpu_count() or 1) if name != "num_workers=0" else cpu_us
                 bound = f"{base_cpu / max(ideal, main_us):.2f}x" if base_cpu else ""
-                print(f"  batch {batch:>4}  {name:<28} {rate:>11,.0f}  {ratio:>6}  {cpu_us:>8,.0f}  {main_us:>8,.0f}"
-                      f"  {bound:>8}")
+                print(
+                    f"  batch {batch:>4}  {name:<28} {rate:>11,.0f}  {ratio:>6}  {cpu_us:>8,.0f}  {main_us:>8,.0f}"
+                    f"  {bound:>8}"
+                )
             print(f"             load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after", flush=True)
             del loaders
     finally:

@@ -77,8 +77,12 @@ def build(root: Path, rows: int, dim: int, reuse: int, rows_per_episode: int, se
     if legacy:
         build_legacy(root, names, items, values, episodes)
     store = VLAStore.create(root / "store.vla", episodes)
-    store.add_family("qwen_vl", FamilySpec((dim,), "bfloat16", vlm_reuse_count=reuse), items,
-                     producer=Producer("bench/random", fingerprint="bench000"))
+    store.add_family(
+        "qwen_vl",
+        FamilySpec((dim,), "bfloat16", vlm_reuse_count=reuse),
+        items,
+        producer=Producer("bench/random", fingerprint="bench000"),
+    )
     with store.writer("qwen_vl") as writer:
         for lo in range(0, rows, 16384):
             hi = min(rows, lo + 16384)
@@ -112,8 +116,9 @@ def build_legacy(root: Path, names: list[str], items: np.ndarray, values: np.nda
 # ------------------------------------------------------------ random reads
 
 
-def interleaved(contenders: dict, batches: list[np.ndarray], seconds: float, size=len,
-                slice_seconds: float = 0.1) -> dict[str, float]:
+def interleaved(
+    contenders: dict, batches: list[np.ndarray], seconds: float, size=len, slice_seconds: float = 0.1
+) -> dict[str, float]:
     """Rate of each contender, contenders taking turns in slices of ``slice_seconds``.
 
     These machines are shared and their speed drifts within seconds: short turns give every
@@ -180,7 +185,8 @@ def random_reads(root: Path, data: dict, batch: int, seconds: float, seed: int, 
         for name, n in zip(data["names"], data["items"].tolist(), strict=True):
             paths.extend(str(root / "legacy" / f"{name}_vlm{i}.pt") for i in range(n))
         contenders["torch.load per file"] = lambda b: torch.stack(
-            [torch.load(paths[r], weights_only=True) for r in b.tolist()])
+            [torch.load(paths[r], weights_only=True) for r in b.tolist()]
+        )
     packed = np.load(root / "packed.npy", mmap_mode="r")
     touch_map(packed)
     contenders["np.memmap packed .npy"] = lambda b: torch.from_numpy(packed[b]).view(torch.bfloat16)
@@ -192,8 +198,9 @@ def random_reads(root: Path, data: dict, batch: int, seconds: float, seed: int, 
 
         env = lmdb.open(str(root / "lmdb"), readonly=True, lock=False)
         txn = env.begin()
-        contenders["LMDB"] = lambda b: torch.from_numpy(np.stack(
-            [np.frombuffer(txn.get(r.to_bytes(8, "big")), np.uint16) for r in b.tolist()])).view(torch.bfloat16)
+        contenders["LMDB"] = lambda b: torch.from_numpy(
+            np.stack([np.frombuffer(txn.get(r.to_bytes(8, "big")), np.uint16) for r in b.tolist()])
+        ).view(torch.bfloat16)
     store = VLAStore.open(root / "store.vla")
     if legacy:
         array = zarr.open_array(str(root / "store.vla" / store.values_path("qwen_vl")), mode="r")
@@ -203,8 +210,9 @@ def random_reads(root: Path, data: dict, batch: int, seconds: float, seed: int, 
         reader = FeatureReader(store, "qwen_vl", verify=mode)
         for lo in range(0, rows, 4096):  # pages faulted in (and, for "once", every row checked)
             reader.gather(np.arange(lo, min(rows, lo + 4096)))
-        contenders[f"vlastore verify={label}"] = lambda b, reader=reader: torch.from_numpy(
-            reader.gather(b)).view(torch.bfloat16)
+        contenders[f"vlastore verify={label}"] = lambda b, reader=reader: torch.from_numpy(reader.gather(b)).view(
+            torch.bfloat16
+        )
     results = interleaved(contenders, batches, seconds)
     if env is not None:
         env.close()
@@ -325,16 +333,19 @@ def dataloader_bench(root: Path, data: dict, reuse: int, batch: int, seconds: fl
     ds = VLADataset(root / "store.vla", features=["qwen_vl"], n_obs_steps=N_OBS, horizon=HORIZON)
 
     def sampler(dataset: torch.utils.data.Dataset) -> torch.utils.data.Sampler:
-        return torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=10**9,
-                                              generator=torch.Generator().manual_seed(0))
+        return torch.utils.data.RandomSampler(
+            dataset, replacement=True, num_samples=10**9, generator=torch.Generator().manual_seed(0)
+        )
 
     loaders = {
-        "legacy .pt + .npz": torch.utils.data.DataLoader(legacy, batch_size=batch, sampler=sampler(legacy),
-                                                         num_workers=2),
+        "legacy .pt + .npz": torch.utils.data.DataLoader(
+            legacy, batch_size=batch, sampler=sampler(legacy), num_workers=2
+        ),
         # ds.dataloader() is a VLADataLoader (vlastore/loader.py); torch_loader=True: torch's own
         "VLADataset": ds.dataloader(batch_size=batch, sampler=sampler(ds), num_workers=2),
-        "VLADataset, torch's DataLoader": ds.dataloader(batch_size=batch, sampler=sampler(ds), num_workers=2,
-                                                        torch_loader=True),
+        "VLADataset, torch's DataLoader": ds.dataloader(
+            batch_size=batch, sampler=sampler(ds), num_workers=2, torch_loader=True
+        ),
         "VLADataset, num_workers=0": ds.dataloader(batch_size=batch, sampler=sampler(ds)),
     }
     return loader_rates(loaders, seconds)
@@ -351,8 +362,9 @@ def ragged_bench(root: Path, n_rows: int, dim: int, seconds: float, seed: int) -
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     np.save(root / "ragged.npy", values)
     store = VLAStore.create(root / "ragged.vla", [EpisodeData("episode_0", steps=n_rows)])
-    store.add_family("tokens", FamilySpec((dim,), "bfloat16", ragged=True, vlm_reuse_count=1), [n_rows],
-                     lengths=lengths)
+    store.add_family(
+        "tokens", FamilySpec((dim,), "bfloat16", ragged=True, vlm_reuse_count=1), [n_rows], lengths=lengths
+    )
     with store.writer("tokens") as writer:
         for r in range(n_rows):
             writer.write_rows([r], [values[offsets[r] : offsets[r + 1]]])
@@ -362,16 +374,19 @@ def ragged_bench(root: Path, n_rows: int, dim: int, seconds: float, seed: int) -
     row_bytes = dim * 2
     contenders = {}
     # both sides hand out each row as one contiguous tensor (what a model's forward consumes)
-    contenders["np.memmap ragged"] = lambda b: [torch.from_numpy(np.array(
-        packed[offsets[r] : offsets[r + 1]])) for r in b.tolist()]
+    contenders["np.memmap ragged"] = lambda b: [
+        torch.from_numpy(np.array(packed[offsets[r] : offsets[r + 1]])) for r in b.tolist()
+    ]
     for mode in ("never", "once", "always"):
         reader = FeatureReader(store, "tokens", verify=mode)
         contenders[f"vlastore verify={mode}"] = lambda b, reader=reader: [
-            torch.from_numpy(np.ascontiguousarray(v)) for v in reader.rows(b)]
+            torch.from_numpy(np.ascontiguousarray(v)) for v in reader.rows(b)
+        ]
     warm = FeatureReader(store, "tokens", verify="once")
     warm.rows(np.arange(n_rows))
     contenders["vlastore verify=once, 2nd epoch"] = lambda b: [
-        torch.from_numpy(np.ascontiguousarray(v)) for v in warm.rows(b)]
+        torch.from_numpy(np.ascontiguousarray(v)) for v in warm.rows(b)
+    ]
     padded = FeatureReader(store, "tokens", verify="once")
     contenders["vlastore padded batch (once)"] = lambda b: torch.from_numpy(padded.gather_padded(b)[0])
     mb = interleaved(contenders, batches, seconds, size=lambda b: int(lengths[b].sum()) * row_bytes)
@@ -403,16 +418,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows-per-episode", type=int, default=100, help="(default: %(default)s)")
     parser.add_argument("--batch", type=int, default=32, help="batch size (default: %(default)s)")
     parser.add_argument("--seconds", type=float, default=3.0, help="time per contender (default: %(default)s)")
-    parser.add_argument("--ragged-rows", type=int, default=600,
-                        help="variable-length rows [L, dim], L in 64..320 (default: %(default)s, ~460 MB)")
-    parser.add_argument("--epochs", type=int, default=3,
-                        help="first-read epochs per contender, page cache warm; best kept (default: %(default)s)")
-    parser.add_argument("--cold-rows", type=int, default=20_000,
-                        help="rows read once with the page cache dropped, per contender (0: skip; default: "
-                             "%(default)s)")
-    parser.add_argument("--reads-only", action="store_true",
-                        help="only the feature reads against np.memmap: no .pt files, LMDB, zarr, DataLoader or "
-                             "variable-length rows (builds in seconds)")
+    parser.add_argument(
+        "--ragged-rows",
+        type=int,
+        default=600,
+        help="variable-length rows [L, dim], L in 64..320 (default: %(default)s, ~460 MB)",
+    )
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        default=3,
+        help="first-read epochs per contender, page cache warm; best kept (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--cold-rows",
+        type=int,
+        default=20_000,
+        help="rows read once with the page cache dropped, per contender (0: skip; default: %(default)s)",
+    )
+    parser.add_argument(
+        "--reads-only",
+        action="store_true",
+        help="only the feature reads against np.memmap: no .pt files, LMDB, zarr, DataLoader or "
+        "variable-length rows (builds in seconds)",
+    )
     parser.add_argument("--workdir", help="build here (kept) instead of a temporary folder (removed)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -430,30 +459,53 @@ def main(argv: list[str] | None = None) -> int:
         if legacy:
             pt_bytes = sum(f.stat().st_size for f in (root / "legacy").iterdir() if f.suffix == ".pt")
             extra = f", {pt_bytes / 1e6:,.0f} MB of .pt files"
-        print(f"built in {data['build_s']:.0f} s ({len(data['names']):,} episodes{extra} for "
-              f"{data['values'].nbytes / 1e6:,.0f} MB of payload)")
+        print(
+            f"built in {data['build_s']:.0f} s ({len(data['names']):,} episodes{extra} for "
+            f"{data['values'].nbytes / 1e6:,.0f} MB of payload)"
+        )
         print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}")
 
         first = first_reads(root, data, args.batch, args.epochs, args.seed, args.cold_rows)
-        show(f"first reads, batch {args.batch}: a fresh map / reader reads every row once, page cache warm "
-             f"(best of {args.epochs} epochs)", first["warm"], "items/s", ["np.memmap packed .npy"])
+        show(
+            f"first reads, batch {args.batch}: a fresh map / reader reads every row once, page cache warm "
+            f"(best of {args.epochs} epochs)",
+            first["warm"],
+            "items/s",
+            ["np.memmap packed .npy"],
+        )
         reads = random_reads(root, data, args.batch, args.seconds, args.seed, legacy)
-        show(f"random feature reads, batch {args.batch}, one process, page cache warm and pages pre-touched "
-             "(steady state)", reads, "items/s",
-             ["torch.load per file", "np.memmap packed .npy", "LMDB"] if legacy else ["np.memmap packed .npy"])
+        show(
+            f"random feature reads, batch {args.batch}, one process, page cache warm and pages pre-touched "
+            "(steady state)",
+            reads,
+            "items/s",
+            ["torch.load per file", "np.memmap packed .npy", "LMDB"] if legacy else ["np.memmap packed .npy"],
+        )
         if "cold" in first:
-            show(f"first reads, batch {args.batch}, page cache dropped before each contender "
-                 f"({min(args.cold_rows, args.rows):,} random rows)", first["cold"], "items/s",
-                 ["np.memmap packed .npy"])
+            show(
+                f"first reads, batch {args.batch}, page cache dropped before each contender "
+                f"({min(args.cold_rows, args.rows):,} random rows)",
+                first["cold"],
+                "items/s",
+                ["np.memmap packed .npy"],
+            )
         if legacy:
             loaders = dataloader_bench(root, data, args.reuse, args.batch, args.seconds * 2)
-            show(f"training samples through DataLoader(num_workers=2, batch_size={args.batch}), feature + "
-                 f"state x{N_OBS} + action x{HORIZON} (tools/bench_loader.py: the loaders alone, in detail)",
-                 loaders, "samples/s", ["legacy .pt + .npz", "VLADataset, num_workers=0"])
+            show(
+                f"training samples through DataLoader(num_workers=2, batch_size={args.batch}), feature + "
+                f"state x{N_OBS} + action x{HORIZON} (tools/bench_loader.py: the loaders alone, in detail)",
+                loaders,
+                "samples/s",
+                ["legacy .pt + .npz", "VLADataset, num_workers=0"],
+            )
             del data
             ragged = ragged_bench(root, args.ragged_rows, args.dim, args.seconds, args.seed)
-            show("variable-length rows [L, dim], L in 64..320, batches of 8 rows, each row as a contiguous tensor",
-                 ragged, "MB/s", ["np.memmap ragged"])
+            show(
+                "variable-length rows [L, dim], L in 64..320, batches of 8 rows, each row as a contiguous tensor",
+                ragged,
+                "MB/s",
+                ["np.memmap ragged"],
+            )
     finally:
         if not args.workdir:
             shutil.rmtree(root, ignore_errors=True)

@@ -60,8 +60,9 @@ def seconds_per_batch(make_epoch: Callable[[int], Iterable[Any]], epochs: int) -
     return (time.perf_counter() - t0) / batches, batches // epochs
 
 
-def race(torch_run: Callable[[int], Iterable[Any]], our_run: Callable[[int], Iterable[Any]], epochs: int,
-         rounds: int) -> tuple[float, float, int, int]:
+def race(
+    torch_run: Callable[[int], Iterable[Any]], our_run: Callable[[int], Iterable[Any]], epochs: int, rounds: int
+) -> tuple[float, float, int, int]:
     """Best seconds per batch of each; the contenders alternate (and swap order) every round so that a
     change of machine load hits both."""
     best_torch = best_ours = float("inf")
@@ -94,8 +95,9 @@ def main() -> None:
         torch_batches = BatchSampler(torch_sampler, size, drop_last=False)
         ours = ResumableSampler(n, size, shuffle=True, seed=0, rank=0, world_size=world)
 
-        def torch_epoch(epoch: int, sampler: DistributedSampler = torch_sampler,
-                        batches: BatchSampler = torch_batches) -> Iterable[Any]:
+        def torch_epoch(
+            epoch: int, sampler: DistributedSampler = torch_sampler, batches: BatchSampler = torch_batches
+        ) -> Iterable[Any]:
             sampler.set_epoch(epoch)
             return batches
 
@@ -104,11 +106,13 @@ def main() -> None:
             return sampler
 
         torch_loader = DataLoader(dataset, batch_size=size, sampler=torch_sampler, collate_fn=passthrough)
-        our_loader = ResumableDataLoader(dataset, batch_size=size, shuffle=True, seed=0, rank=0, world_size=world,
-                                         collate_fn=passthrough)
+        our_loader = ResumableDataLoader(
+            dataset, batch_size=size, shuffle=True, seed=0, rank=0, world_size=world, collate_fn=passthrough
+        )
 
-        def torch_loader_epoch(epoch: int, sampler: DistributedSampler = torch_sampler,
-                               loader: DataLoader = torch_loader) -> Iterable[Any]:
+        def torch_loader_epoch(
+            epoch: int, sampler: DistributedSampler = torch_sampler, loader: DataLoader = torch_loader
+        ) -> Iterable[Any]:
             sampler.set_epoch(epoch)
             return loader
 

@@ -51,8 +51,13 @@ def make_data(steps: int, columns: int, seed: int) -> tuple[np.ndarray, np.ndarr
 
 
 def numpy_axis0(x: np.ndarray, qs: list[float]) -> dict[str, Any]:
-    return {"q": np.quantile(x, qs, axis=0), "mean": x.mean(axis=0, dtype=np.float64),
-            "std": x.std(axis=0, dtype=np.float64), "min": x.min(axis=0), "max": x.max(axis=0)}
+    return {
+        "q": np.quantile(x, qs, axis=0),
+        "mean": x.mean(axis=0, dtype=np.float64),
+        "std": x.std(axis=0, dtype=np.float64),
+        "min": x.min(axis=0),
+        "max": x.max(axis=0),
+    }
 
 
 def numpy_columns(x: np.ndarray, qs: list[float]) -> dict[str, Any]:
@@ -81,8 +86,10 @@ def check(name: str, stats: Any, reference: dict[str, Any], qs: list[float]) -> 
     exact_mm = np.array_equal(stats.min, reference["min"]) and np.array_equal(stats.max, reference["max"])
     rel_mean = float(np.max(np.abs(stats.mean - reference["mean"]) / np.abs(reference["mean"])))
     rel_std = float(np.max(np.abs(stats.std - reference["std"]) / reference["std"]))
-    print(f"  {name}: quantiles equal np.quantile on the concatenated data: {exact}; min/max equal: {exact_mm}; "
-          f"mean rel. diff {rel_mean:.1e}, std rel. diff {rel_std:.1e}")
+    print(
+        f"  {name}: quantiles equal np.quantile on the concatenated data: {exact}; min/max equal: {exact_mm}; "
+        f"mean rel. diff {rel_mean:.1e}, std rel. diff {rel_std:.1e}"
+    )
 
 
 def main() -> None:
@@ -98,8 +105,10 @@ def main() -> None:
     t0 = time.perf_counter()
     x, offsets = make_data(args.steps, args.columns, args.seed)
     n_episodes = len(offsets) - 1
-    print(f"data: {args.steps:,} steps x {args.columns} float32 ({x.nbytes / 1e9:.2f} GB) in {n_episodes:,} episodes, "
-          f"built in {time.perf_counter() - t0:.1f} s; quantiles {qs}; best of {args.repeat}")
+    print(
+        f"data: {args.steps:,} steps x {args.columns} float32 ({x.nbytes / 1e9:.2f} GB) in {n_episodes:,} episodes, "
+        f"built in {time.perf_counter() - t0:.1f} s; quantiles {qs}; best of {args.repeat}"
+    )
     float(x.sum(dtype=np.float64))  # touch every page once
 
     rows: list[tuple[str, float]] = []

@@ -91,14 +91,16 @@ def plan_store(folder: Path, rows: int, dim: int, episode_rows: int = 500) -> VL
     """A store whose episodes hold ``episode_rows`` vlm rows each (3 steps per row)."""
     n_episodes = -(-rows // episode_rows)
     sizes = [episode_rows] * (n_episodes - 1) + [rows - episode_rows * (n_episodes - 1)]
-    store = VLAStore.create(folder / "bench.vla", [EpisodeData(f"episode_{i:06d}", steps=3 * n)
-                                                    for i, n in enumerate(sizes)])
+    store = VLAStore.create(
+        folder / "bench.vla", [EpisodeData(f"episode_{i:06d}", steps=3 * n) for i, n in enumerate(sizes)]
+    )
     store.add_family("qwen_vl", FamilySpec((dim,), "bfloat16", vlm_reuse_count=3))
     return store
 
 
-def bench_vlastore(bits: np.ndarray, folder: Path, batch: int, fsync: bool,
-                   write_behind: bool = False) -> tuple[float, float, VLAStore]:
+def bench_vlastore(
+    bits: np.ndarray, folder: Path, batch: int, fsync: bool, write_behind: bool = False
+) -> tuple[float, float, VLAStore]:
     import torch
 
     store = plan_store(folder, len(bits), bits.shape[1])
@@ -113,8 +115,9 @@ def bench_vlastore(bits: np.ndarray, folder: Path, batch: int, fsync: bool,
     return time.perf_counter() - start, time.process_time() - cpu, store
 
 
-def run_setting(bits: np.ndarray, base: Path, batch: int, repeat: int, fsync: bool,
-                report: dict[str, int] | None) -> tuple[dict[str, list[tuple[float, float]]], dict[str, int] | None]:
+def run_setting(
+    bits: np.ndarray, base: Path, batch: int, repeat: int, fsync: bool, report: dict[str, int] | None
+) -> tuple[dict[str, list[tuple[float, float]]], dict[str, int] | None]:
     """(wall s, CPU s) of every run of each contender."""
     times: dict[str, list[tuple[float, float]]] = {"np.save": [], "vlastore": [], "vlastore-sync": []}
     for i in range(repeat):
@@ -139,16 +142,21 @@ def show(times: dict[str, list[tuple[float, float]]], payload: int, fsync: bool)
     print(f"{'contender':<14} {'best s':>7} {'median s':>9} {'MiB/s':>7} {'CPU s':>6}   all runs (s)")
     for name, runs in times.items():
         wall = [w for w, _ in runs]
-        print(f"{name:<14} {min(wall):>7.2f} {float(np.median(wall)):>9.2f} {payload / 2**20 / min(wall):>7.0f} "
-              f"{float(np.median([c for _, c in runs])):>6.2f}   " + ", ".join(f"{x:.2f}" for x in wall))
+        print(
+            f"{name:<14} {min(wall):>7.2f} {float(np.median(wall)):>9.2f} {payload / 2**20 / min(wall):>7.0f} "
+            f"{float(np.median([c for _, c in runs])):>6.2f}   " + ", ".join(f"{x:.2f}" for x in wall)
+        )
     save = times["np.save"]
     for name in ("vlastore", "vlastore-sync"):
         rounds = [a[0] / b[0] for a, b in zip(save, times[name], strict=True)]
         cpu = [a[1] / b[1] for a, b in zip(save, times[name], strict=True)]
-        print(f"  {name} / np.save: " + ", ".join(f"{r:.2f}" for r in rounds)
-              + f" per round; median {float(np.median(rounds)):.2f}, best vs best "
-              f"{min(w for w, _ in save) / min(w for w, _ in times[name]):.2f}; CPU time (median) "
-              f"{float(np.median(cpu)):.2f}")
+        print(
+            f"  {name} / np.save: "
+            + ", ".join(f"{r:.2f}" for r in rounds)
+            + f" per round; median {float(np.median(rounds)):.2f}, best vs best "
+            f"{min(w for w, _ in save) / min(w for w, _ in times[name]):.2f}; CPU time (median) "
+            f"{float(np.median(cpu)):.2f}"
+        )
 
 
 def main() -> None:
@@ -158,8 +166,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1024, help="rows per write_rows call (default: %(default)s)")
     parser.add_argument("--repeat", type=int, default=3, help="rounds of each contender (default: 3)")
     parser.add_argument("--dir", default=None, help="folder to write in (default: a temporary folder)")
-    parser.add_argument("--fsync", choices=("no", "yes", "both"), default="both",
-                        help="fsync every file, on both sides (default: %(default)s: without, then with)")
+    parser.add_argument(
+        "--fsync",
+        choices=("no", "yes", "both"),
+        default="both",
+        help="fsync every file, on both sides (default: %(default)s: without, then with)",
+    )
     args = parser.parse_args()
 
     bits = make_rows(args.rows, args.dim)
@@ -180,14 +192,18 @@ def main() -> None:
     for fsync, times in results.items():
         show(times, payload, fsync)
     floor = {k: min(bench_floor(bits)[k] for _ in range(2)) for k in ("crc32c per row", "NaN/Inf check")}
-    print("\nwork a writer of this format adds to np.save, measured alone: "
-          + ", ".join(f"{k} {v:.2f} s" for k, v in floor.items()))
+    print(
+        "\nwork a writer of this format adds to np.save, measured alone: "
+        + ", ".join(f"{k} {v:.2f} s" for k, v in floor.items())
+    )
     disk = report["store_bytes"] / payload
     max_shard_files = -(-args.rows // 4096)
     fixed_files = report["store_files"] - report["shard_files"]
     print(f"bytes on disk / payload (store)    {disk:.4f}   (target <= 1.05; {report['store_bytes']:,} bytes)")
-    print(f"shard files                        {report['shard_files']}      (target <= ceil(rows / 4096) = "
-          f"{max_shard_files}; plus {fixed_files} metadata files whatever the size)")
+    print(
+        f"shard files                        {report['shard_files']}      (target <= ceil(rows / 4096) = "
+        f"{max_shard_files}; plus {fixed_files} metadata files whatever the size)"
+    )
 
 
 def _check(store: VLAStore, bits: np.ndarray) -> dict[str, int]:
@@ -202,6 +218,7 @@ def _check(store: VLAStore, bits: np.ndarray) -> dict[str, int]:
         "store_bytes": sum(p.stat().st_size for p in files),
         "store_files": len(files),
     }
+
 
 if __name__ == "__main__":
     main()

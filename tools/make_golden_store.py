@@ -130,8 +130,10 @@ def make_golden_v2(out: str | Path = DEFAULT_OUT_V2) -> VLAStore:
     out = Path(out)
     if out.exists():
         shutil.rmtree(out)
-    eps = [EpisodeData(n, {"state": s, "action": a}, task=t, fps=f, attrs={"operator": f"op{e}"})
-           for e, (n, s, a, t, f) in enumerate(zip(NAMES, values["state"], values["action"], TASKS, FPS, strict=True))]
+    eps = [
+        EpisodeData(n, {"state": s, "action": a}, task=t, fps=f, attrs={"operator": f"op{e}"})
+        for e, (n, s, a, t, f) in enumerate(zip(NAMES, values["state"], values["action"], TASKS, FPS, strict=True))
+    ]
     dropped = EpisodeData(DROPPED, {"state": np.ones((2, 3), np.float32), "action": np.ones((2, 2))})
     columns = {"state": ["x", "y", "gripper"], "action": ["dx", "dy"]}
     store = VLAStore.create(out, eps[:2], columns=columns, format_version=2)
@@ -141,16 +143,21 @@ def make_golden_v2(out: str | Path = DEFAULT_OUT_V2) -> VLAStore:
     store.add_family(
         "tokens",
         FamilySpec((4,), "float16", ragged=True, vlm_reuse_count=3, compression="zstd", rows_per_shard=8),
-        lengths=TOKEN_LENGTHS[:two_rows], producer=producer)
+        lengths=TOKEN_LENGTHS[:two_rows],
+        producer=producer,
+    )
     store.add_family(
         "geom",
         FamilySpec((2, 3), "float32", index_name="image", compression="zstd", rows_per_shard=2, has_keys=True),
-        items_per_episode=IMAGES_PER_EPISODE[:2], keys=values["geom_keys"][:3],
-        producer=Producer("golden/geometry", "rev1", "fp-geom"))
+        items_per_episode=IMAGES_PER_EPISODE[:2],
+        keys=values["geom_keys"][:3],
+        producer=Producer("golden/geometry", "rev1", "fp-geom"),
+    )
     geom_new = SegmentRows(np.asarray([0, IMAGES_PER_EPISODE[2]]), None, values["geom_keys"][3:])
-    store.add_episodes([dropped, eps[2]], rows={
-        "tokens": SegmentRows(np.asarray([1, 3]), np.asarray([2, *TOKEN_LENGTHS[two_rows:]])),
-        "geom": geom_new})
+    store.add_episodes(
+        [dropped, eps[2]],
+        rows={"tokens": SegmentRows(np.asarray([1, 3]), np.asarray([2, *TOKEN_LENGTHS[two_rows:]])), "geom": geom_new},
+    )
     store.remove_episodes([DROPPED])
     _write_v2(store, values)
     store.new_generation("vlm", Producer("golden/model", "rev2", "fp-0002", {"pooling": "mean"}))
@@ -175,8 +182,9 @@ def _write_v2(store: VLAStore, values: dict[str, object]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=None, help=f"where to write it (default: {DEFAULT_OUT}, or "
-                        f"{DEFAULT_OUT_V2} with --format 2)")
+    parser.add_argument(
+        "--out", default=None, help=f"where to write it (default: {DEFAULT_OUT}, or {DEFAULT_OUT_V2} with --format 2)"
+    )
     parser.add_argument("--format", type=int, choices=(1, 2), default=1, help="format version (default 1)")
     args = parser.parse_args()
     if args.format == 2:

@@ -7,6 +7,7 @@ torch < 2.11: not this project's CPU torch, so it is not a test dependency). The
 result without lerobot installed. The small file-size limits spread the 4 episodes over 4 data files in
 2 chunks; frames are flat colours, so the lossy AV1 video keeps them within a few levels.
 """
+
 import json
 import sys
 
@@ -22,8 +23,9 @@ features = {
     "next.reward": {"dtype": "float32", "shape": (1,), "names": None},
     "observation.images.front": {"dtype": "video", "shape": (48, 64, 3), "names": ["height", "width", "channels"]},
 }
-ds = LeRobotDataset.create("local/vlastore-fixture", fps=FPS, features=features, root=root, robot_type="so100",
-                           use_videos=True)
+ds = LeRobotDataset.create(
+    "local/vlastore-fixture", fps=FPS, features=features, root=root, robot_type="so100", use_videos=True
+)
 # small file limits so the episodes spread over several data and video files and two chunks
 ds.meta.info["data_files_size_in_mb"] = 0.0001
 ds.meta.info["video_files_size_in_mb"] = 0.0025
@@ -39,8 +41,15 @@ for ep, n in enumerate(LENGTHS):
         img = np.empty((48, 64, 3), np.uint8)
         img[:] = colour
         task = "place the cup" if (ep == 2 and i >= 3) else ("open the drawer" if ep == 3 else "pick the cup")
-        ds.add_frame({"observation.state": state, "action": action, "next.reward": np.array([i], np.float32),
-                      "observation.images.front": img, "task": task})
+        ds.add_frame(
+            {
+                "observation.state": state,
+                "action": action,
+                "next.reward": np.array([i], np.float32),
+                "observation.images.front": img,
+                "task": task,
+            }
+        )
         frames.append({"state": state.tolist(), "action": action.tolist(), "task": task, "colour": colour})
     ds.save_episode()
     truth["episodes"].append(frames)

@@ -140,15 +140,18 @@ def main(argv: list[str] | None = None) -> int:
             total += loss.item()
         # stage 2: the adapter trains too, so the cached features drift away from the model
         extractor.model.train()
-        picked = [items[(epoch * world * args.lora_items + rank * args.lora_items + i) % len(items)]
-                  for i in range(args.lora_items)]
+        picked = [
+            items[(epoch * world * args.lora_items + rank * args.lora_items + i) % len(items)]
+            for i in range(args.lora_items)
+        ]
         inputs = {k: v.to(extractor.device) for k, v in extractor.prepare(picked)["inputs"].items()}
         out = extractor._backbone(**inputs, use_cache=False, return_dict=True)
         mask = inputs["attention_mask"].unsqueeze(-1).float()
         pooled = (out.last_hidden_state.float() * mask).sum(1) / mask.sum(1)
         module = head.module if isinstance(head, nn.parallel.DistributedDataParallel) else head
-        target = torch.stack([actions[int(store.catalog.step_offsets[store.catalog.index(it.dataset)]) + it.step]
-                              for it in picked])
+        target = torch.stack(
+            [actions[int(store.catalog.step_offsets[store.catalog.index(it.dataset)]) + it.step] for it in picked]
+        )
         lora_loss = nn.functional.mse_loss(module(pooled), target)
         lora_opt.zero_grad()
         lora_loss.backward()
@@ -156,14 +159,19 @@ def main(argv: list[str] | None = None) -> int:
         lora_opt.step()
         extractor.model.eval()
         if rank == 0:
-            print(f"epoch {epoch}: policy loss {total / max(1, len(loader)):.4f}, lora loss {lora_loss.item():.4f}, "
-                  f"reading generation {generation}")
+            print(
+                f"epoch {epoch}: policy loss {total / max(1, len(loader)):.4f}, lora loss {lora_loss.item():.4f}, "
+                f"reading generation {generation}"
+            )
         if (epoch + 1) % args.rebuild_every == 0 and epoch + 1 < args.epochs:
-            result = rebuild_features(args.store, args.family, extractor, source,
-                                      batch_size=args.feature_batch_size, progress=rank == 0)
+            result = rebuild_features(
+                args.store, args.family, extractor, source, batch_size=args.feature_batch_size, progress=rank == 0
+            )
             if rank == 0:
-                print(f"  rebuilt {args.family}: generation {result.previous} -> {result.generation} "
-                      f"(adapter fingerprint {result.info.producer.fingerprint[:20]}...)")
+                print(
+                    f"  rebuilt {args.family}: generation {result.previous} -> {result.generation} "
+                    f"(adapter fingerprint {result.info.producer.fingerprint[:20]}...)"
+                )
     if created:
         shutdown()
     return 0

@@ -56,11 +56,7 @@ class Catalog:
         return name in self._index
 
     def __eq__(self, other: object) -> bool:
-        return (
-            isinstance(other, Catalog)
-            and self.names == other.names
-            and np.array_equal(self.steps, other.steps)
-        )
+        return isinstance(other, Catalog) and self.names == other.names and np.array_equal(self.steps, other.steps)
 
     @property
     def total_steps(self) -> int:

@@ -137,8 +137,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         try:
             probe(path)
         except (StoreNotFoundError, FormatError, OSError):
-            raise UserError(f"{path} exists and is not a vlastore store; pick another --out (nothing was "
-                            "changed; --force replaces only a vlastore store)") from None
+            raise UserError(
+                f"{path} exists and is not a vlastore store; pick another --out (nothing was "
+                "changed; --force replaces only a vlastore store)"
+            ) from None
         if not args.force:
             raise UserError(f"{path} already holds a vlastore store; pass --force to replace it, or pick another --out")
         try:
@@ -153,8 +155,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     feature = store.feature(fam, name, 0)
     tokens = store.feature("qwen_vl_tokens", name, 0)
     state = store.series("state", name, 0, 3)
-    print(f"\nread back: {fam}[({name!r}, vlm_idx=0)] -> {tuple(feature.shape)} {feature.dtype}, "
-          f"first values {feature[:4].float().tolist()}")
+    print(
+        f"\nread back: {fam}[({name!r}, vlm_idx=0)] -> {tuple(feature.shape)} {feature.dtype}, "
+        f"first values {feature[:4].float().tolist()}"
+    )
     print(f"           qwen_vl_tokens[({name!r}, vlm_idx=0)] -> {tuple(tokens.shape)} {tokens.dtype}")
     print(f"           state[{name!r}, steps 0:3] -> {state.shape} {state.dtype}")
     dataset, batch = demo_batch(store)
@@ -223,8 +227,10 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         print("OK: no corruption found, every planned row is stored")
         return 0
     n_missing = sum(m.rows for m in report.missing.values())
-    print(f"FAILED: {len(report.corrupt):,} corrupt item(s), {n_missing:,} missing row(s). Rewrite them: rerun "
-          "the ingestion or `vlastore build-features` (with --repair for corrupt rows)")
+    print(
+        f"FAILED: {len(report.corrupt):,} corrupt item(s), {n_missing:,} missing row(s). Rewrite them: rerun "
+        "the ingestion or `vlastore build-features` (with --repair for corrupt rows)"
+    )
     return 1
 
 
@@ -288,11 +294,20 @@ def _add_living_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("gc", help="delete old snapshots and every object no kept snapshot uses")
     p.add_argument("store", help="path of the store")
     p.add_argument("--keep", type=int, default=1, metavar="N", help="always keep the newest N commits (default 1)")
-    p.add_argument("--retention-hours", type=float, default=24.0, metavar="H",
-                   help="keep commits younger than this (default 24: readers opened in that time keep working)")
+    p.add_argument(
+        "--retention-hours",
+        type=float,
+        default=24.0,
+        metavar="H",
+        help="keep commits younger than this (default 24: readers opened in that time keep working)",
+    )
     p.add_argument("--dry-run", action="store_true", help="say what would be deleted; delete nothing")
-    p.add_argument("--no-compact", action="store_true", help="leave series made of many appends as they are (by "
-                   "default they are first rewritten as one segment: opening stays as fast as a fresh store's)")
+    p.add_argument(
+        "--no-compact",
+        action="store_true",
+        help="leave series made of many appends as they are (by "
+        "default they are first rewritten as one segment: opening stays as fast as a fresh store's)",
+    )
     p.set_defaults(func=_cmd_gc)
 
     p = sub.add_parser("upgrade", help="make a format-1 store a format-2 store (commits, appends); atomic")
@@ -313,8 +328,10 @@ def _cmd_rm(args: argparse.Namespace) -> int:
     store = _open_v2(args.store, writable=True)
     snapshot = store.remove_episodes(args.episodes)
     assert snapshot is not None
-    print(f"{args.store}: removed {len(args.episodes)} episode(s) in commit {snapshot.commit}; "
-          f"{len(store.catalog)} episodes left (space comes back at `vlastore gc`)")
+    print(
+        f"{args.store}: removed {len(args.episodes)} episode(s) in commit {snapshot.commit}; "
+        f"{len(store.catalog)} episodes left (space comes back at `vlastore gc`)"
+    )
     return 0
 
 
@@ -335,11 +352,14 @@ def _cmd_gc(args: argparse.Namespace) -> int:
     if args.keep < 1:
         raise UserError(f"--keep {args.keep}: keep at least the newest commit (1)")
     store = _open_v2(args.store, writable=True)
-    result = store.gc(retention_s=args.retention_hours * 3600, keep=args.keep, dry_run=args.dry_run,
-                      compact=not args.no_compact)
+    result = store.gc(
+        retention_s=args.retention_hours * 3600, keep=args.keep, dry_run=args.dry_run, compact=not args.no_compact
+    )
     verb = "would delete" if args.dry_run else "deleted"
-    print(f"{args.store}: {verb} {result['commits']} commit(s) and {result['objects']} object(s) "
-          f"({result['bytes']:,} bytes); kept commits {result['kept']}")
+    print(
+        f"{args.store}: {verb} {result['commits']} commit(s) and {result['objects']} object(s) "
+        f"({result['bytes']:,} bytes); kept commits {result['kept']}"
+    )
     return 0
 
 
@@ -387,8 +407,18 @@ def _failure(exc: BaseException, command: str) -> tuple[int, list[str]]:
 
     if isinstance(exc, StorageError):  # the object store: unreachable, missing bucket, failing after retries
         return 1, str(exc).splitlines()
-    if isinstance(exc, (UserError, StoreNotFoundError, NewerFormatError, FeatureMismatchError, ExtractorError,
-                        FileExistsError, SnapshotNotFoundError)):
+    if isinstance(
+        exc,
+        (
+            UserError,
+            StoreNotFoundError,
+            NewerFormatError,
+            FeatureMismatchError,
+            ExtractorError,
+            FileExistsError,
+            SnapshotNotFoundError,
+        ),
+    ):
         return 2, [str(exc)]
     if isinstance(exc, CommitConflictError):
         return 1, [str(exc)]
@@ -404,8 +434,10 @@ def _failure(exc: BaseException, command: str) -> tuple[int, list[str]]:
         return 1, [str(exc)]
     if isinstance(exc, OSError):
         return 1, _os_error_lines(exc)
-    return 1, [f"internal error: {type(exc).__name__}: {exc}",
-               "rerun with VLASTORE_DEBUG=1 for the traceback, and report it"]
+    return 1, [
+        f"internal error: {type(exc).__name__}: {exc}",
+        "rerun with VLASTORE_DEBUG=1 for the traceback, and report it",
+    ]
 
 
 class _UnretrievedFutures(logging.Filter):

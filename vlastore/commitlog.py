@@ -155,11 +155,13 @@ class CommitLog:
             except (FormatError, SnapshotNotFoundError) as exc:
                 out.append({"commit": number, "time": "", "changes": [], "error": str(exc)})
                 continue
-            out.append({
-                "commit": snapshot.commit,
-                "time": snapshot.time,
-                "episodes": snapshot.catalog.episodes,
-                "steps": snapshot.catalog.steps,
-                "changes": [c.summary() for c in snapshot.changes],
-            })
+            out.append(
+                {
+                    "commit": snapshot.commit,
+                    "time": snapshot.time,
+                    "episodes": snapshot.catalog.episodes,
+                    "steps": snapshot.catalog.steps,
+                    "changes": [c.summary() for c in snapshot.changes],
+                }
+            )
         return out

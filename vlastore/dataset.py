@@ -74,8 +74,9 @@ class Batch(dict):
     """``{key: (tensor as made, its numpy array, bfloat16?)}``: lets the transport skip torch's attribute calls."""
 
     @classmethod
-    def of_arrays(cls, arrays: Mapping[str, np.ndarray], bfloat16: Sequence[str] = (),
-                  episode_names: list[str] | None = None) -> Batch:
+    def of_arrays(
+        cls, arrays: Mapping[str, np.ndarray], bfloat16: Sequence[str] = (), episode_names: list[str] | None = None
+    ) -> Batch:
         """A batch of tensors sharing memory with ``arrays`` (``bfloat16`` keys: uint16 bits viewed as such)."""
         batch = cls()
         made: dict[str, tuple[torch.Tensor, np.ndarray, bool]] = {}
@@ -182,8 +183,17 @@ def _per_family(value: Any, families: Sequence[str], what: str) -> dict[str, Any
     return {f: value.get(f) for f in families}
 
 
-_CATALOG_STATE = ("episode_ids", "_plan", "_padding", "_series", "_names", "_task_index", "_task_texts", "_table",
-                  "_readers")
+_CATALOG_STATE = (
+    "episode_ids",
+    "_plan",
+    "_padding",
+    "_series",
+    "_names",
+    "_task_index",
+    "_task_texts",
+    "_table",
+    "_readers",
+)
 
 
 class VLADataset(Dataset):
@@ -278,8 +288,9 @@ class VLADataset(Dataset):
             raise ValueError(f"series {sorted(clash)} are both obs_keys and action_keys; a key can be only one")
         self.delta_steps = {k: list(v) for k, v in (delta_steps or {}).items()}
         self.delta_timestamps = {k: list(v) for k, v in (delta_timestamps or {}).items()}
-        self.window_keys = tuple(dict.fromkeys([*self.obs_keys, *self.action_keys, *self.delta_steps,
-                                                *self.delta_timestamps]))
+        self.window_keys = tuple(
+            dict.fromkeys([*self.obs_keys, *self.action_keys, *self.delta_steps, *self.delta_timestamps])
+        )
         for key in self.window_keys:
             if key not in self.store.manifest.series:
                 raise KeyError(
@@ -360,10 +371,18 @@ class VLADataset(Dataset):
             times = self._timestamps_array(self.timestamps)
         fps = self.fps
         if fps is not None and not np.isscalar(fps) and len(fps) != len(self.store.catalog):  # type: ignore[arg-type]
-            raise ValueError(f"fps has {len(fps)} values but the store has {len(self.store.catalog)} "  # type: ignore[arg-type]
-                             "episodes; give one fps, or one per catalog episode")
-        plan = WindowPlan.build(steps, self.delta_timestamps, fps=fps, timestamps=times,
-                                tolerance_s=self.tolerance_s, episodes=self.episode_ids)
+            raise ValueError(
+                f"fps has {len(fps)} values but the store has {len(self.store.catalog)} "  # type: ignore[arg-type]
+                "episodes; give one fps, or one per catalog episode"
+            )
+        plan = WindowPlan.build(
+            steps,
+            self.delta_timestamps,
+            fps=fps,
+            timestamps=times,
+            tolerance_s=self.tolerance_s,
+            episodes=self.episode_ids,
+        )
         episodes, candidate_steps = self._candidates()
         plan.check_grid(self.store.catalog.step_offsets, episodes, candidate_steps, self.store.catalog.names)
         return plan
@@ -416,9 +435,7 @@ class VLADataset(Dataset):
         for i, family in enumerate(self.features):
             gen = None if generations is None else generations[family]
             reader = FeatureReader(self.store, family, gen, verify=self.verify)
-            rows, vlm_idx = feature_rows(
-                reader.layout.episode_rows, episodes, steps, self._reuse(family)
-            )
+            rows, vlm_idx = feature_rows(reader.layout.episode_rows, episodes, steps, self._reuse(family))
             table[:, 3 + i] = vlm_idx
             table[:, 3 + n_families + i] = rows
             if check:
@@ -427,7 +444,10 @@ class VLADataset(Dataset):
                 fingerprint = reader.info.producer.fingerprint
                 log.info(
                     "features %s: %s/%s rows present (generation %d, fingerprint %s)",
-                    family, f"{int(present.sum()):,}", f"{len(present):,}", reader.generation,
+                    family,
+                    f"{int(present.sum()):,}",
+                    f"{len(present):,}",
+                    reader.generation,
                     (fingerprint[:8] + "...") if len(fingerprint) > 8 else (fingerprint or "unknown"),
                 )
                 keep &= self._check_missing(reader, present, rows)
@@ -465,8 +485,12 @@ class VLADataset(Dataset):
                 f"needs are not written: {examples}{more}; finish writing them, or pass on_missing='skip' to "
                 f"leave out the {int((~ok).sum()):,} samples that need them"
             )
-        log.warning("features %s: skipping %s samples whose rows are missing, e.g. %s",
-                    reader.family, f"{int((~ok).sum()):,}", examples)
+        log.warning(
+            "features %s: skipping %s samples whose rows are missing, e.g. %s",
+            reader.family,
+            f"{int((~ok).sum()):,}",
+            examples,
+        )
         return ok
 
     def refresh(self, expect_fingerprint: str | Mapping[str, str] | None = None) -> dict[str, tuple[int, int]]:
@@ -509,8 +533,12 @@ class VLADataset(Dataset):
         self._sync[0] += 1
         self._seen = int(self._sync[0])
         if len(self._table) != len(saved["_table"]):
-            log.info("refresh changed the number of samples from %d to %d (new or removed episodes, or rows); "
-                     "samplers that take len(dataset) per epoch follow", len(saved["_table"]), len(self._table))
+            log.info(
+                "refresh changed the number of samples from %d to %d (new or removed episodes, or rows); "
+                "samplers that take len(dataset) per epoch follow",
+                len(saved["_table"]),
+                len(self._table),
+            )
         return result
 
     reload = refresh
@@ -695,12 +723,22 @@ class VLADataset(Dataset):
 
     def _options(self) -> dict[str, Any]:
         return {
-            "features": self.features, "obs_keys": self.obs_keys, "action_keys": self.action_keys,
-            "n_obs_steps": self.n_obs_steps, "horizon": self.horizon, "on_missing": self.on_missing,
-            "vlm_reuse_count": dict(self._reuse_override), "series_in_ram": self.series_in_ram,
-            "expect_fingerprint": dict(self.expect_fingerprint), "verify": self.verify,
-            "delta_steps": self.delta_steps, "delta_timestamps": self.delta_timestamps, "fps": self.fps,
-            "timestamps": self.timestamps, "tolerance_s": self.tolerance_s, "batch_task": self.batch_task,
+            "features": self.features,
+            "obs_keys": self.obs_keys,
+            "action_keys": self.action_keys,
+            "n_obs_steps": self.n_obs_steps,
+            "horizon": self.horizon,
+            "on_missing": self.on_missing,
+            "vlm_reuse_count": dict(self._reuse_override),
+            "series_in_ram": self.series_in_ram,
+            "expect_fingerprint": dict(self.expect_fingerprint),
+            "verify": self.verify,
+            "delta_steps": self.delta_steps,
+            "delta_timestamps": self.delta_timestamps,
+            "fps": self.fps,
+            "timestamps": self.timestamps,
+            "tolerance_s": self.tolerance_s,
+            "batch_task": self.batch_task,
         }
 
     def subset(self, episodes: Sequence[str | int]) -> VLADataset:
@@ -728,8 +766,9 @@ class VLADataset(Dataset):
         """
         return _StatsView(self)
 
-    def series_stats(self, key: str, quantiles: Sequence[float] = DEFAULT_QUANTILES,
-                     method: str = "linear") -> SeriesStats:
+    def series_stats(
+        self, key: str, quantiles: Sequence[float] = DEFAULT_QUANTILES, method: str = "linear"
+    ) -> SeriesStats:
         """Exact statistics of series ``key`` over this dataset's episodes (quantiles as ``np.quantile``'s)."""
         if key not in self.store.manifest.series:
             raise KeyError(f"unknown series {key!r}; the store has {list(self.store.series_keys)}")
@@ -738,12 +777,19 @@ class VLADataset(Dataset):
             padding, padded = self._padding, self._series.get(key)
             # the series as stored is the padded copy less its copies
             values = self.store.series_all(key) if padding is None or padded is None else padded[~padding.is_pad]
-            self._stats[cache_key] = summarize(values, self.store.catalog.step_offsets, self.episode_ids,
-                                               quantiles, method, columns=self.store.columns(key))
+            self._stats[cache_key] = summarize(
+                values,
+                self.store.catalog.step_offsets,
+                self.episode_ids,
+                quantiles,
+                method,
+                columns=self.store.columns(key),
+            )
         return self._stats[cache_key]
 
-    def dataloader(self, batch_size: int = 32, resumable: bool = False, torch_loader: bool = False,
-                   **kwargs: Any) -> DataLoader:
+    def dataloader(
+        self, batch_size: int = 32, resumable: bool = False, torch_loader: bool = False, **kwargs: Any
+    ) -> DataLoader:
         """A DataLoader with :func:`collate` (other arguments as ``torch.utils.data.DataLoader``'s).
 
         By default a :class:`~vlastore.loader.VLADataLoader`: a ``DataLoader``
@@ -772,8 +818,10 @@ class VLADataset(Dataset):
     def __repr__(self) -> str:
         gens = ", ".join(f"{f}@gen{g}" for f, g in self.generations.items())
         windows = ", ".join(f"{k} x{self._plan.deltas(k).shape[-1]}" for k in self.window_keys)
-        return (f"VLADataset({self.store.location!r}: {len(self):,} samples from {len(self.episode_ids)} episodes, "
-                f"features [{gens}], windows [{windows}])")
+        return (
+            f"VLADataset({self.store.location!r}: {len(self):,} samples from {len(self.episode_ids)} episodes, "
+            f"features [{gens}], windows [{windows}])"
+        )
 
 
 class _StatsView(Mapping):
@@ -795,8 +843,9 @@ class _StatsView(Mapping):
         return f"<stats of {list(self)} over {len(self._dataset.episode_ids)} episodes>"
 
 
-def _open_store(location: Any, storage_options: Mapping[str, Any] | None,
-                cache_dir: str | os.PathLike[str] | None) -> VLAStore:
+def _open_store(
+    location: Any, storage_options: Mapping[str, Any] | None, cache_dir: str | os.PathLike[str] | None
+) -> VLAStore:
     options = dict(storage_options or {})
     if cache_dir is not None:
         options["cache_dir"] = os.fspath(cache_dir)

@@ -50,8 +50,9 @@ def make_demo_store(
     store = VLAStore.create(path, data, columns={"state": JOINTS, "action": JOINTS})
     items = vlm_items(store.catalog.steps, vlm_reuse_count)
     producer = Producer("demo/random-features", "v0", fingerprint="demo0000", params={"pooling": "mean"})
-    store.add_family("qwen_vl", FamilySpec((hidden,), "bfloat16", vlm_reuse_count=vlm_reuse_count), items,
-                     producer=producer)
+    store.add_family(
+        "qwen_vl", FamilySpec((hidden,), "bfloat16", vlm_reuse_count=vlm_reuse_count), items, producer=producer
+    )
     lengths = rng.integers(16, 48, size=int(items.sum()))
     store.add_family(
         "qwen_vl_tokens",

@@ -92,8 +92,16 @@ class FamilyHandle:
         writable: whether writers may write it (the store was opened writable).
     """
 
-    def __init__(self, storage: Storage, family: str, info: GenerationInfo, layout: FamilyLayout, catalog: Catalog,
-                 segments: Sequence[Segment], writable: bool = False) -> None:
+    def __init__(
+        self,
+        storage: Storage,
+        family: str,
+        info: GenerationInfo,
+        layout: FamilyLayout,
+        catalog: Catalog,
+        segments: Sequence[Segment],
+        writable: bool = False,
+    ) -> None:
         self.storage = storage
         self.family = family
         self.info = info
@@ -105,8 +113,10 @@ class FamilyHandle:
         self._starts = np.asarray([s.first_shard for s in self.segments], dtype=np.int64)
 
     def __repr__(self) -> str:
-        return (f"FamilyHandle({self.family!r}, generation {self.generation}, {self.layout.rows} rows, "
-                f"{len(self.segments)} segment(s), {self.storage.location!r})")
+        return (
+            f"FamilyHandle({self.family!r}, generation {self.generation}, {self.layout.rows} rows, "
+            f"{len(self.segments)} segment(s), {self.storage.location!r})"
+        )
 
     @property
     def generation(self) -> int:
@@ -223,9 +233,12 @@ def resolve_handle(source: FamilyHandle | HandleSource, family: str | None, gene
     """
     if isinstance(source, FamilyHandle):
         if (family is not None and family != source.family) or (
-                generation is not None and generation != source.generation):
-            raise ValueError(f"got the handle of {source.family!r} generation {source.generation} with family="
-                             f"{family!r}, generation={generation!r}; give one or the other")
+            generation is not None and generation != source.generation
+        ):
+            raise ValueError(
+                f"got the handle of {source.family!r} generation {source.generation} with family="
+                f"{family!r}, generation={generation!r}; give one or the other"
+            )
         return source
     if family is None:
         raise TypeError("give a family handle, or a store and a family name")
@@ -245,12 +258,15 @@ def read_generation_info(nodes: ZarrNodes, family: str, generation: int) -> Gene
     where = nodes.storage.where(meta_key(path))
     attrs = nodes.node_attrs(path)
     if GENERATION_KEY not in attrs:
-        raise FormatError(f"{where}: no '{GENERATION_KEY}' attribute (generation {generation} was never planned "
-                          "completely, or the file is damaged)")
+        raise FormatError(
+            f"{where}: no '{GENERATION_KEY}' attribute (generation {generation} was never planned "
+            "completely, or the file is damaged)"
+        )
     info = GenerationInfo.from_dict(attrs[GENERATION_KEY], where=where)
     if info.generation != generation:
-        raise FormatError(f"{where}: says generation {info.generation}, but it is generation {generation}; the "
-                          "store is damaged")
+        raise FormatError(
+            f"{where}: says generation {info.generation}, but it is generation {generation}; the store is damaged"
+        )
     return info
 
 
@@ -259,8 +275,9 @@ def _read_layout(nodes: ZarrNodes, family: str, info: GenerationInfo, episodes: 
     gen = info.generation
     storage = nodes.storage
     values_meta = meta_key(values_path(family, gen))
-    check_array_meta(nodes.read_json(values_meta), sharded_array_meta(info.spec, info.capacity),
-                     storage.where(values_meta))
+    check_array_meta(
+        nodes.read_json(values_meta), sharded_array_meta(info.spec, info.capacity), storage.where(values_meta)
+    )
     episode_rows = nodes.read_checked(generation_array_path(family, gen, "episode_rows"), (episodes + 1,), "int64")
     starts = lengths = None
     if info.spec.ragged:
@@ -276,8 +293,9 @@ def _read_layout(nodes: ZarrNodes, family: str, info: GenerationInfo, episodes: 
     return layout
 
 
-def open_family(nodes: ZarrNodes, family: str, generation: int, catalog: Catalog,
-                info: GenerationInfo | None = None) -> FamilyHandle:
+def open_family(
+    nodes: ZarrNodes, family: str, generation: int, catalog: Catalog, info: GenerationInfo | None = None
+) -> FamilyHandle:
     """The handle of an existing generation: its attributes and row tables read and checked.
 
     Raises:
@@ -285,8 +303,15 @@ def open_family(nodes: ZarrNodes, family: str, generation: int, catalog: Catalog
     """
     info = info if info is not None else read_generation_info(nodes, family, generation)
     layout = _read_layout(nodes, family, info, len(catalog))
-    return FamilyHandle(nodes.storage, family, info, layout, catalog,
-                        v1_segments(family, generation, layout.n_shards), writable=nodes.writable)
+    return FamilyHandle(
+        nodes.storage,
+        family,
+        info,
+        layout,
+        catalog,
+        v1_segments(family, generation, layout.n_shards),
+        writable=nodes.writable,
+    )
 
 
 def read_keys(nodes: ZarrNodes, handle: FamilyHandle) -> tuple[str, ...]:
@@ -339,12 +364,26 @@ def plan_generation(
         tables["keys"] = np.asarray(list(keys), dtype=str)
     for name, table in tables.items():
         nodes.write_small_array(generation_array_path(family, generation, name), table)
-    nodes.create_sharded_array(values_path(family, generation), layout.capacity, spec.row_shape, spec.storage_dtype,
-                               spec.rows_per_shard, spec.compression, attributes={"true_dtype": spec.dtype})
+    nodes.create_sharded_array(
+        values_path(family, generation),
+        layout.capacity,
+        spec.row_shape,
+        spec.storage_dtype,
+        spec.rows_per_shard,
+        spec.compression,
+        attributes={"true_dtype": spec.dtype},
+    )
     # the generation's attributes go last: they mark the plan as complete
     nodes.set_attribute(base, GENERATION_KEY, info.to_dict())
-    return FamilyHandle(nodes.storage, family, info, layout, catalog,
-                        v1_segments(family, generation, layout.n_shards), writable=nodes.writable)
+    return FamilyHandle(
+        nodes.storage,
+        family,
+        info,
+        layout,
+        catalog,
+        v1_segments(family, generation, layout.n_shards),
+        writable=nodes.writable,
+    )
 
 
 # ------------------------------------------------------------ format 2
@@ -363,12 +402,23 @@ class SegmentedLayout(FamilyLayout):
         FormatError: the tables break these rules.
     """
 
-    def __init__(self, spec: FamilySpec, episode_rows: np.ndarray, starts: np.ndarray, lengths: np.ndarray,
-                 shard_nrows: np.ndarray, where: str = "layout") -> None:
+    def __init__(
+        self,
+        spec: FamilySpec,
+        episode_rows: np.ndarray,
+        starts: np.ndarray,
+        lengths: np.ndarray,
+        shard_nrows: np.ndarray,
+        where: str = "layout",
+    ) -> None:
         self.spec = spec
         self.episode_rows = np.asarray(episode_rows, dtype=np.int64)
-        if self.episode_rows.ndim != 1 or self.episode_rows.size < 1 or self.episode_rows[0] != 0 or (
-                self.episode_rows.size > 1 and np.diff(self.episode_rows).min() < 0):
+        if (
+            self.episode_rows.ndim != 1
+            or self.episode_rows.size < 1
+            or self.episode_rows[0] != 0
+            or (self.episode_rows.size > 1 and np.diff(self.episode_rows).min() < 0)
+        ):
             raise FormatError(f"{where}: row counts per episode must be >= 0; the layout is damaged")
         self.rows = int(self.episode_rows[-1])
         self.rows_per_shard = rps = spec.rows_per_shard
@@ -379,15 +429,22 @@ class SegmentedLayout(FamilyLayout):
         self.n_shards = len(self._shard_nrows)
         self.capacity = int((self.n_shards - 1) * rps + self._shard_nrows[-1]) if self.n_shards else 0
         if self._stored.shape != (self.rows,) or self.lengths.shape != (self.rows,):
-            raise FormatError(f"{where}: {self._stored.size} starts and {self.lengths.size} lengths for "
-                              f"{self.rows} rows; the layout is damaged")
+            raise FormatError(
+                f"{where}: {self._stored.size} starts and {self.lengths.size} lengths for "
+                f"{self.rows} rows; the layout is damaged"
+            )
         if self.rows:
             ends = self._stored + self.lengths
-            if (self.lengths.min() < 1 or self._stored[0] < 0 or int(ends[-1]) > self.n_shards * rps
-                    or (self.rows > 1 and (self._stored[1:] < ends[:-1]).any())
-                    or (self._stored // rps != (ends - 1) // rps).any()):
-                raise FormatError(f"{where}: row positions overlap, go backwards or cross a shard; the layout "
-                                  "is damaged")
+            if (
+                self.lengths.min() < 1
+                or self._stored[0] < 0
+                or int(ends[-1]) > self.n_shards * rps
+                or (self.rows > 1 and (self._stored[1:] < ends[:-1]).any())
+                or (self._stored // rps != (ends - 1) // rps).any()
+            ):
+                raise FormatError(
+                    f"{where}: row positions overlap, go backwards or cross a shard; the layout is damaged"
+                )
             last = (ends - 1) // rps
             if (ends - last * rps > self._shard_nrows[last]).any():
                 raise FormatError(f"{where}: a row lies past the end of its segment; the layout is damaged")
@@ -436,9 +493,17 @@ class SegmentedLayout(FamilyLayout):
         return np.where(inside, r, -1)
 
 
-def v2_layout(spec: FamilySpec, segments: Sequence[Segment], seg_rows: Sequence[int], seg_capacity: Sequence[int],
-              row_start: np.ndarray, row_count: np.ndarray, local_starts: Sequence[np.ndarray] | None,
-              local_lengths: Sequence[np.ndarray] | None, where: str) -> tuple[FamilyLayout, np.ndarray]:
+def v2_layout(
+    spec: FamilySpec,
+    segments: Sequence[Segment],
+    seg_rows: Sequence[int],
+    seg_capacity: Sequence[int],
+    row_start: np.ndarray,
+    row_count: np.ndarray,
+    local_starts: Sequence[np.ndarray] | None,
+    local_lengths: Sequence[np.ndarray] | None,
+    where: str,
+) -> tuple[FamilyLayout, np.ndarray]:
     """The layout of one generation in a format-2 snapshot, and each row's physical row number.
 
     Physical rows are the segments' rows concatenated in order; episode ``e`` has physical
@@ -460,27 +525,41 @@ def v2_layout(spec: FamilySpec, segments: Sequence[Segment], seg_rows: Sequence[
         raise FormatError(f"{where}: negative row numbers; the layout is damaged")
     seg_of = np.searchsorted(phys_base, row_start, side="right") - 1
     nonempty = row_count > 0
-    if nonempty.any() and ((seg_of[nonempty] >= len(seg_rows_arr)) |
-                           (row_start[nonempty] + row_count[nonempty] > phys_base[seg_of[nonempty] + 1])).any():
+    if (
+        nonempty.any()
+        and (
+            (seg_of[nonempty] >= len(seg_rows_arr))
+            | (row_start[nonempty] + row_count[nonempty] > phys_base[seg_of[nonempty] + 1])
+        ).any()
+    ):
         raise FormatError(f"{where}: an episode's rows are not inside one segment; the layout is damaged")
     physical = np.repeat(row_start - episode_rows[:-1], row_count) + np.arange(total, dtype=np.int64)
     seg_caps = np.asarray(seg_capacity, dtype=np.int64)
-    shard_nrows = np.concatenate([np.minimum(rps, cap - np.arange(-(-cap // rps), dtype=np.int64) * rps)
-                                  for cap in seg_caps.tolist()] or [np.zeros(0, dtype=np.int64)]).astype(np.int64)
+    shard_nrows = np.concatenate(
+        [np.minimum(rps, cap - np.arange(-(-cap // rps), dtype=np.int64) * rps) for cap in seg_caps.tolist()]
+        or [np.zeros(0, dtype=np.int64)]
+    ).astype(np.int64)
     first_shard = np.asarray([s.first_shard for s in segments], dtype=np.int64)
     if spec.ragged:
         assert local_starts is not None and local_lengths is not None
-        stored = np.concatenate([first_shard[k] * rps + np.asarray(local_starts[k], dtype=np.int64)
-                                 for k in range(len(segments))] or [np.zeros(0, dtype=np.int64)])
-        lengths = np.concatenate([np.asarray(x, dtype=np.int64) for x in local_lengths] or
-                                 [np.zeros(0, dtype=np.int64)])
+        stored = np.concatenate(
+            [first_shard[k] * rps + np.asarray(local_starts[k], dtype=np.int64) for k in range(len(segments))]
+            or [np.zeros(0, dtype=np.int64)]
+        )
+        lengths = np.concatenate(
+            [np.asarray(x, dtype=np.int64) for x in local_lengths] or [np.zeros(0, dtype=np.int64)]
+        )
         starts, lens = stored[physical], lengths[physical]
     else:
         seg_phys = np.searchsorted(phys_base, physical, side="right") - 1
         starts = first_shard[seg_phys] * rps + physical - phys_base[seg_phys] if total else physical
         lens = np.ones(total, dtype=np.int64)
-    identity = (len(segments) == 1 and segments[0].first_shard == 0 and np.array_equal(physical, np.arange(total))
-                and total == int(seg_rows_arr[0]))
+    identity = (
+        len(segments) == 1
+        and segments[0].first_shard == 0
+        and np.array_equal(physical, np.arange(total))
+        and total == int(seg_rows_arr[0])
+    )
     if identity and not spec.ragged and int(seg_caps[0]) == total:
         return FamilyLayout(spec, episode_rows, where=where), physical
     if identity and spec.ragged and total and int(seg_caps[0]) == int(starts[-1] + lens[-1]):

@@ -167,8 +167,7 @@ def validate_name(name: object, what: str = "name") -> str:
         raise FormatError(f"{what} {name!r} contains a control character; remove it")
     if not _NAME_OK.match(name):
         raise FormatError(
-            f"{what} {name!r} has characters outside letters, digits and ._-+=@,:~ "
-            "(no spaces); rename it"
+            f"{what} {name!r} has characters outside letters, digits and ._-+=@,:~ (no spaces); rename it"
         )
     return name
 
@@ -223,8 +222,10 @@ def _int(data: dict[str, Any], key: str, where: str, lo: int, hi: int, default: 
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise FormatError(f"{where}: field {key!r} is {value!r}, not an integer; the metadata is damaged")
     if not lo <= int(value) <= hi:
-        raise FormatError(f"{where}: field {key!r} is {value}, outside {lo}..{hi}; the metadata is damaged "
-                          "or declares more than vlastore supports")
+        raise FormatError(
+            f"{where}: field {key!r} is {value}, outside {lo}..{hi}; the metadata is damaged "
+            "or declares more than vlastore supports"
+        )
     return int(value)
 
 
@@ -253,9 +254,7 @@ def storage_dtype(true_dtype: str) -> np.dtype:
     try:
         return np.dtype(TRUE_DTYPES[true_dtype])
     except KeyError:
-        raise FormatError(
-            f"unsupported feature dtype {true_dtype!r}; use one of {sorted(TRUE_DTYPES)}"
-        ) from None
+        raise FormatError(f"unsupported feature dtype {true_dtype!r}; use one of {sorted(TRUE_DTYPES)}") from None
 
 
 def row_nbytes(row_shape: tuple[int, ...], true_dtype: str) -> int:
@@ -428,9 +427,7 @@ class FamilySpec:
             raise FormatError(f"vlm_reuse_count must be >= 1, got {self.vlm_reuse_count}")
         validate_name(self.index_name, "index_name")
         if self.rows_per_shard == 0:
-            object.__setattr__(
-                self, "rows_per_shard", default_rows_per_shard(self.row_shape, self.dtype, self.ragged)
-            )
+            object.__setattr__(self, "rows_per_shard", default_rows_per_shard(self.row_shape, self.dtype, self.ragged))
         if not 1 <= self.rows_per_shard <= MAX_ROWS_PER_SHARD:
             raise FormatError(f"rows_per_shard must be in 1..{MAX_ROWS_PER_SHARD:,}, got {self.rows_per_shard}")
         if self.rows_per_shard * self.row_nbytes > MAX_SHARD_NBYTES:
@@ -461,11 +458,15 @@ class FamilySpec:
         """
         data = _dict(data, "the family spec", where)
         shape = data.get("row_shape")
-        if not isinstance(shape, list) or len(shape) > MAX_ROW_DIMS or any(
-            isinstance(d, bool) or not isinstance(d, int) or not 1 <= d <= MAX_ROW_NBYTES for d in shape
+        if (
+            not isinstance(shape, list)
+            or len(shape) > MAX_ROW_DIMS
+            or any(isinstance(d, bool) or not isinstance(d, int) or not 1 <= d <= MAX_ROW_NBYTES for d in shape)
         ):
-            raise FormatError(f"{where}: row_shape {shape!r} is not a list of up to {MAX_ROW_DIMS} positive "
-                              "integers; the metadata is damaged")
+            raise FormatError(
+                f"{where}: row_shape {shape!r} is not a list of up to {MAX_ROW_DIMS} positive "
+                "integers; the metadata is damaged"
+            )
         compression = data.get("compression")
         if compression not in COMPRESSIONS:
             raise FormatError(f"{where}: compression {compression!r} is not one of {COMPRESSIONS}")
@@ -500,14 +501,16 @@ class GenerationInfo:
 
     def to_dict(self) -> dict[str, Any]:
         """The generation attributes as written, with their ``checksum``."""
-        return seal({
-            "generation": self.generation,
-            "spec": self.spec.to_dict(),
-            "producer": self.producer.to_dict(),
-            "rows": self.rows,
-            "capacity": self.capacity,
-            "created": self.created,
-        })
+        return seal(
+            {
+                "generation": self.generation,
+                "spec": self.spec.to_dict(),
+                "producer": self.producer.to_dict(),
+                "rows": self.rows,
+                "capacity": self.capacity,
+                "created": self.created,
+            }
+        )
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "generation attributes") -> GenerationInfo:
@@ -523,11 +526,14 @@ class GenerationInfo:
         rows = _int(data, "rows", where, 0, MAX_ROWS)
         capacity = _int(data, "capacity", where, 0, MAX_ROWS)
         if not spec.ragged and capacity != rows:
-            raise FormatError(f"{where}: capacity {capacity} != rows {rows} in a fixed-shape family; the "
-                              "metadata is damaged")
+            raise FormatError(
+                f"{where}: capacity {capacity} != rows {rows} in a fixed-shape family; the metadata is damaged"
+            )
         if spec.ragged and capacity < rows:
-            raise FormatError(f"{where}: capacity {capacity} < rows {rows} in a ragged family (every row has "
-                              "at least one token row); the metadata is damaged")
+            raise FormatError(
+                f"{where}: capacity {capacity} < rows {rows} in a ragged family (every row has "
+                "at least one token row); the metadata is damaged"
+            )
         return cls(
             generation=_int(data, "generation", where, 1, MAX_GENERATION),
             spec=spec,
@@ -553,14 +559,20 @@ class FamilyEntry:
         data = _dict(data, "the family entry", where)
         current = _int(data, "current_generation", where, 1, MAX_GENERATION)
         generations = data.get("generations")
-        if not isinstance(generations, list) or not generations or any(
-            isinstance(g, bool) or not isinstance(g, int) or not 1 <= g <= MAX_GENERATION for g in generations
+        if (
+            not isinstance(generations, list)
+            or not generations
+            or any(isinstance(g, bool) or not isinstance(g, int) or not 1 <= g <= MAX_GENERATION for g in generations)
         ):
-            raise FormatError(f"{where}: generations {generations!r} is not a non-empty list of generation "
-                              f"numbers 1..{MAX_GENERATION}; the manifest is damaged")
+            raise FormatError(
+                f"{where}: generations {generations!r} is not a non-empty list of generation "
+                f"numbers 1..{MAX_GENERATION}; the manifest is damaged"
+            )
         if len(set(generations)) != len(generations) or current not in generations:
-            raise FormatError(f"{where}: generations {generations} repeat a number or lack the current one "
-                              f"({current}); the manifest is damaged")
+            raise FormatError(
+                f"{where}: generations {generations} repeat a number or lack the current one "
+                f"({current}); the manifest is damaged"
+            )
         return cls(current, tuple(generations))
 
 
@@ -576,11 +588,14 @@ class SeriesInfo:
     def from_dict(cls, data: dict[str, Any], where: str = "series") -> SeriesInfo:
         data = _dict(data, "the series entry", where)
         columns = data.get("columns")
-        if not isinstance(columns, list) or not 1 <= len(columns) <= MAX_SERIES_COLUMNS or not all(
-            isinstance(c, str) for c in columns
+        if (
+            not isinstance(columns, list)
+            or not 1 <= len(columns) <= MAX_SERIES_COLUMNS
+            or not all(isinstance(c, str) for c in columns)
         ):
-            raise FormatError(f"{where}: columns must be a list of 1..{MAX_SERIES_COLUMNS} strings; the "
-                              "manifest is damaged")
+            raise FormatError(
+                f"{where}: columns must be a list of 1..{MAX_SERIES_COLUMNS} strings; the manifest is damaged"
+            )
         dtype = data.get("dtype")
         if dtype not in SERIES_DTYPES:
             raise FormatError(f"{where}: dtype {dtype!r} is not one of {SERIES_DTYPES}; the manifest is damaged")
@@ -601,15 +616,17 @@ class Manifest:
 
     def to_dict(self) -> dict[str, Any]:
         """The manifest as written, with its ``checksum``."""
-        return seal({
-            "format_version": self.format_version,
-            "vlastore_version": self.vlastore_version,
-            "created": self.created,
-            "episodes": self.episodes,
-            "steps": self.steps,
-            "series": {k: v.to_dict() for k, v in self.series.items()},
-            "families": {k: v.to_dict() for k, v in self.families.items()},
-        })
+        return seal(
+            {
+                "format_version": self.format_version,
+                "vlastore_version": self.vlastore_version,
+                "created": self.created,
+                "episodes": self.episodes,
+                "steps": self.steps,
+                "series": {k: v.to_dict() for k, v in self.series.items()},
+                "families": {k: v.to_dict() for k, v in self.families.items()},
+            }
+        )
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "store") -> Manifest:
@@ -622,8 +639,10 @@ class Manifest:
             FormatError: naming ``where`` and what is wrong.
         """
         if not isinstance(data, dict):
-            raise FormatError(f"{where}: the manifest is a {type(data).__name__}, not a JSON object; not a "
-                              "vlastore store, or a damaged one")
+            raise FormatError(
+                f"{where}: the manifest is a {type(data).__name__}, not a JSON object; not a "
+                "vlastore store, or a damaged one"
+            )
         version = data.get("format_version")
         if isinstance(version, bool) or not isinstance(version, int):
             raise FormatError(f"{where}: manifest has no integer format_version; not a vlastore store")

@@ -117,12 +117,16 @@ class FamilyLayout:
             raise FormatError(f"{where}: episode_rows must be a 1-D integer array of episodes + 1 entries")
         self.episode_rows = self.episode_rows.astype(np.int64, copy=False)
         if self.episode_rows[0] != 0 or (self.episode_rows.size > 1 and np.diff(self.episode_rows).min() < 0):
-            raise FormatError(f"{where}: episode_rows must start at 0 and never decrease "
-                              f"(got {self.episode_rows[:4].tolist()}...); the array is damaged")
+            raise FormatError(
+                f"{where}: episode_rows must start at 0 and never decrease "
+                f"(got {self.episode_rows[:4].tolist()}...); the array is damaged"
+            )
         self.rows = int(self.episode_rows[-1])
         if self.rows > MAX_ROWS:
-            raise FormatError(f"{where}: episode_rows declares {self.rows:,} rows, more than vlastore supports "
-                              f"({MAX_ROWS:,}); the array is damaged")
+            raise FormatError(
+                f"{where}: episode_rows declares {self.rows:,} rows, more than vlastore supports "
+                f"({MAX_ROWS:,}); the array is damaged"
+            )
         self.rows_per_shard = spec.rows_per_shard
         self._starts: np.ndarray | None = None
         self._row_shards: np.ndarray | None = None
@@ -131,15 +135,23 @@ class FamilyLayout:
             if starts is None or lengths is None:
                 raise FormatError("a ragged family needs starts and lengths")
             starts_arr, lengths_arr = np.asarray(starts), np.asarray(lengths)
-            if starts_arr.shape != (self.rows,) or lengths_arr.shape != (self.rows,) or \
-                    starts_arr.dtype.kind not in "iu" or lengths_arr.dtype.kind not in "iu":
-                raise FormatError(f"{where}: starts {starts_arr.shape} and lengths {lengths_arr.shape} must be "
-                                  f"integers, one per row ({self.rows}); the arrays are damaged")
+            if (
+                starts_arr.shape != (self.rows,)
+                or lengths_arr.shape != (self.rows,)
+                or starts_arr.dtype.kind not in "iu"
+                or lengths_arr.dtype.kind not in "iu"
+            ):
+                raise FormatError(
+                    f"{where}: starts {starts_arr.shape} and lengths {lengths_arr.shape} must be "
+                    f"integers, one per row ({self.rows}); the arrays are damaged"
+                )
             self._starts = starts_arr.astype(np.int64, copy=False)
             self.lengths = lengths_arr.astype(np.int64, copy=False)
             if not packing_ok(self._starts, self.lengths, self.rows_per_shard):
-                raise FormatError(f"{where}: starts/lengths are not the packing of the rows' lengths into shards "
-                                  f"of {self.rows_per_shard} token rows; the arrays are damaged")
+                raise FormatError(
+                    f"{where}: starts/lengths are not the packing of the rows' lengths into shards "
+                    f"of {self.rows_per_shard} token rows; the arrays are damaged"
+                )
             self.capacity = int(self._starts[-1] + self.lengths[-1]) if self.rows else 0
             if self.capacity > MAX_ROWS:
                 raise FormatError(f"{where}: {self.capacity:,} token rows, more than vlastore supports ({MAX_ROWS:,})")

@@ -31,9 +31,24 @@ from .layout import pack_ragged
 from .nodes import ZarrNodes
 from .snapshot import GenerationState, Segment, Snapshot, object_id
 
-__all__ = ["CatalogData", "ArrayWriter", "SegmentRows", "read_catalog", "read_small", "read_row_map",
-           "read_keys_v2", "attrs_json", "write_catalog", "read_generation", "new_segment", "write_layout",
-           "pack_utf8", "unpack_utf8", "new_token", "check_meta_crc"]
+__all__ = [
+    "CatalogData",
+    "ArrayWriter",
+    "SegmentRows",
+    "read_catalog",
+    "read_small",
+    "read_row_map",
+    "read_keys_v2",
+    "attrs_json",
+    "write_catalog",
+    "read_generation",
+    "new_segment",
+    "write_layout",
+    "pack_utf8",
+    "unpack_utf8",
+    "new_token",
+    "check_meta_crc",
+]
 
 MAX_ATTRS_BYTES = 1 << 20
 """One episode's attributes (JSON) at most; more is refused at ingest."""
@@ -54,8 +69,13 @@ def pack_utf8(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
 
 def unpack_utf8(data: np.ndarray, offsets: np.ndarray, where: str) -> list[str]:
     """Inverse of :func:`pack_utf8`, checked (offsets ascend inside the bytes, valid UTF-8)."""
-    if offsets.ndim != 1 or offsets.size < 1 or offsets[0] != 0 or int(offsets[-1]) != data.size or (
-            offsets.size > 1 and np.diff(offsets).min() < 0):
+    if (
+        offsets.ndim != 1
+        or offsets.size < 1
+        or offsets[0] != 0
+        or int(offsets[-1]) != data.size
+        or (offsets.size > 1 and np.diff(offsets).min() < 0)
+    ):
         raise FormatError(f"{where}: offsets do not cut the bytes in order; damaged")
     raw = data.tobytes()
     try:
@@ -113,8 +133,14 @@ def read_small(nodes: ZarrNodes, path: str, shape: tuple[int, ...], dtype: str, 
         raise FormatError(f"{where}: shape and type {got}, expected {list(shape)} of {dtype}; damaged")
     codecs = [c.get("name") if isinstance(c, dict) else c for c in meta.get("codecs", [])]
     grid = meta.get("chunk_grid", {}).get("configuration", {}).get("chunk_shape")
-    if codecs == ["bytes", "zstd", "crc32c"] and isinstance(grid, list) and grid[1:] == list(shape[1:]) and \
-            isinstance(grid[0], int) and grid[0] >= 1 and shape:
+    if (
+        codecs == ["bytes", "zstd", "crc32c"]
+        and isinstance(grid, list)
+        and grid[1:] == list(shape[1:])
+        and isinstance(grid[0], int)
+        and grid[0] >= 1
+        and shape
+    ):
         data = nodes.read_small_fast(path, meta)  # zarr's bytes, read without its per-array overhead
     else:
         data = nodes.read_small_array(path)
@@ -149,16 +175,28 @@ class CatalogData:
 
     def take(self, keep: np.ndarray) -> CatalogData:
         idx = np.flatnonzero(keep)
-        return CatalogData([self.names[i] for i in idx.tolist()], self.episode_id[idx], self.steps[idx],
-                           self.step_start[idx], self.fps[idx], self.task[idx],
-                           [self.attrs[i] for i in idx.tolist()], list(self.tasks))
+        return CatalogData(
+            [self.names[i] for i in idx.tolist()],
+            self.episode_id[idx],
+            self.steps[idx],
+            self.step_start[idx],
+            self.fps[idx],
+            self.task[idx],
+            [self.attrs[i] for i in idx.tolist()],
+            list(self.tasks),
+        )
 
     def extend(self, other: CatalogData) -> CatalogData:
-        return CatalogData(self.names + other.names, np.concatenate([self.episode_id, other.episode_id]),
-                           np.concatenate([self.steps, other.steps]),
-                           np.concatenate([self.step_start, other.step_start]),
-                           np.concatenate([self.fps, other.fps]), np.concatenate([self.task, other.task]),
-                           self.attrs + other.attrs, list(other.tasks or self.tasks))
+        return CatalogData(
+            self.names + other.names,
+            np.concatenate([self.episode_id, other.episode_id]),
+            np.concatenate([self.steps, other.steps]),
+            np.concatenate([self.step_start, other.step_start]),
+            np.concatenate([self.fps, other.fps]),
+            np.concatenate([self.task, other.task]),
+            self.attrs + other.attrs,
+            list(other.tasks or self.tasks),
+        )
 
 
 _CATALOG_INT = ("episode_id", "steps", "step_start", "task")
@@ -233,8 +271,9 @@ class SegmentRows:
     keys: list[str] | None = None
 
 
-def new_segment(out: ArrayWriter, family: str, generation: int, spec: FamilySpec, first_shard: int,
-                rows: SegmentRows) -> Segment | None:
+def new_segment(
+    out: ArrayWriter, family: str, generation: int, spec: FamilySpec, first_shard: int, rows: SegmentRows
+) -> Segment | None:
     """Write a new segment (its empty ``values`` array and its tables); None when it has no rows."""
     total = int(np.asarray(rows.items, dtype=np.int64).sum())
     if total == 0:
@@ -261,8 +300,15 @@ def new_segment(out: ArrayWriter, family: str, generation: int, spec: FamilySpec
         out.small(f"{base}/key_offsets", key_offsets)
         tables = base
     values = f"{base}/values"
-    out.nodes.create_sharded_array(values, capacity, spec.row_shape, spec.storage_dtype, rps, spec.compression,
-                                   attributes={"true_dtype": spec.dtype})
+    out.nodes.create_sharded_array(
+        values,
+        capacity,
+        spec.row_shape,
+        spec.storage_dtype,
+        rps,
+        spec.compression,
+        attributes={"true_dtype": spec.dtype},
+    )
     out.record(values)
     return Segment(values, first_shard, -(-capacity // rps), total, capacity, tables)
 
@@ -274,16 +320,18 @@ def write_layout(out: ArrayWriter, family: str, generation: int, row_start: np.n
     return base
 
 
-def read_row_map(nodes: ZarrNodes, state: GenerationState, episodes: int,
-                 arrays: dict[str, str]) -> tuple[np.ndarray, np.ndarray]:
+def read_row_map(
+    nodes: ZarrNodes, state: GenerationState, episodes: int, arrays: dict[str, str]
+) -> tuple[np.ndarray, np.ndarray]:
     """``row_start``/``row_count`` of each catalog episode (physical rows)."""
     start = read_small(nodes, f"{state.layout}/row_start", (episodes,), "int64", arrays)
     count = read_small(nodes, f"{state.layout}/row_count", (episodes,), "int64", arrays)
     return start, count
 
 
-def read_generation(nodes: ZarrNodes, family: str, state: GenerationState, catalog: Catalog,
-                    arrays: dict[str, str]) -> FamilyHandle:
+def read_generation(
+    nodes: ZarrNodes, family: str, state: GenerationState, catalog: Catalog, arrays: dict[str, str]
+) -> FamilyHandle:
     """The handle of one generation of a format-2 snapshot, every table checked.
 
     Raises:
@@ -293,8 +341,11 @@ def read_generation(nodes: ZarrNodes, family: str, state: GenerationState, catal
     where = nodes.storage.where(f"features/{family}/gen-{state.generation:04d}")
     for segment in state.segments:
         check_meta_crc(nodes, segment.path, arrays)
-        check_array_meta(nodes.read_json(meta_key(segment.path)), sharded_array_meta(spec, segment.capacity),
-                         nodes.storage.where(meta_key(segment.path)))
+        check_array_meta(
+            nodes.read_json(meta_key(segment.path)),
+            sharded_array_meta(spec, segment.capacity),
+            nodes.storage.where(meta_key(segment.path)),
+        )
     row_start, row_count = read_row_map(nodes, state, len(catalog), arrays)
     local_starts = local_lengths = None
     if spec.ragged:
@@ -303,15 +354,29 @@ def read_generation(nodes: ZarrNodes, family: str, state: GenerationState, catal
             assert segment.tables is not None
             local_starts.append(read_small(nodes, f"{segment.tables}/starts", (segment.rows,), "int64", arrays))
             local_lengths.append(read_small(nodes, f"{segment.tables}/lengths", (segment.rows,), "int64", arrays))
-    layout, physical = v2_layout(spec, [HandleSegment(s.path, s.first_shard, s.shards) for s in state.segments],
-                                 [s.rows for s in state.segments], [s.capacity for s in state.segments],
-                                 row_start, row_count, local_starts, local_lengths, where)
+    layout, physical = v2_layout(
+        spec,
+        [HandleSegment(s.path, s.first_shard, s.shards) for s in state.segments],
+        [s.rows for s in state.segments],
+        [s.capacity for s in state.segments],
+        row_start,
+        row_count,
+        local_starts,
+        local_lengths,
+        where,
+    )
     if layout.rows != state.rows:
         raise FormatError(f"{where}: the layout has {layout.rows} rows, the commit says {state.rows}; damaged")
     info = GenerationInfo(state.generation, spec, state.producer, layout.rows, layout.capacity, state.created)
-    handle = FamilyHandle(nodes.storage, family, info, layout, catalog,
-                          [HandleSegment(s.path, s.first_shard, s.shards) for s in state.segments],
-                          writable=nodes.writable)
+    handle = FamilyHandle(
+        nodes.storage,
+        family,
+        info,
+        layout,
+        catalog,
+        [HandleSegment(s.path, s.first_shard, s.shards) for s in state.segments],
+        writable=nodes.writable,
+    )
     handle.physical_rows = physical  # type: ignore[attr-defined]
     return handle
 

@@ -101,8 +101,18 @@ class _PipeIter(_BaseDataLoaderIter):
                 results_in, results_out = context.Pipe(duplex=False)
                 process = context.Process(
                     target=_worker_loop,
-                    args=(self._dataset, index_in, results_out, worker_id, self._num_workers, self._base_seed,
-                          loader.worker_init_fn, self._auto_collation, self._collate_fn, self._drop_last),
+                    args=(
+                        self._dataset,
+                        index_in,
+                        results_out,
+                        worker_id,
+                        self._num_workers,
+                        self._base_seed,
+                        loader.worker_init_fn,
+                        self._auto_collation,
+                        self._collate_fn,
+                        self._drop_last,
+                    ),
                     daemon=True,
                 )
                 process.start()

@@ -59,8 +59,7 @@ class ZarrNodes:
     @property
     def group(self) -> zarr.Group:
         if self._group is None:
-            self._group = zarr.open_group(store=self._zarr_store(), mode="r+" if self.writable else "r",
-                                          zarr_format=3)
+            self._group = zarr.open_group(store=self._zarr_store(), mode="r+" if self.writable else "r", zarr_format=3)
         return self._group
 
     def _zarr_store(self) -> Store:
@@ -101,8 +100,10 @@ class ZarrNodes:
         _check_local_root(storage)
         if storage.version(meta_key("")) is None:
             if storage.exists(meta_key(EPISODES_GROUP)) and storage.exists(meta_key(FEATURES_GROUP)):
-                raise FormatError(f"{storage.where(meta_key(''))} (the root metadata, with the manifest) is missing; "
-                                  "the store is damaged: restore it from a copy")
+                raise FormatError(
+                    f"{storage.where(meta_key(''))} (the root metadata, with the manifest) is missing; "
+                    "the store is damaged: restore it from a copy"
+                )
             raise StoreNotFoundError(
                 f"{where} is not a vlastore store (no zarr.json); make one with `vlastore demo`, "
                 "`vlastore ingest ...` or vlastore.VLAStore.create"
@@ -119,8 +120,10 @@ class ZarrNodes:
             raise
         except Exception as exc:  # zarr's errors for a missing or damaged zarr.json
             if ours:
-                raise FormatError(f"{storage.where(meta_key(''))}: unreadable group metadata ({type(exc).__name__}: "
-                                  f"{exc}); the store is damaged, {_DAMAGED}") from None
+                raise FormatError(
+                    f"{storage.where(meta_key(''))}: unreadable group metadata ({type(exc).__name__}: "
+                    f"{exc}); the store is damaged, {_DAMAGED}"
+                ) from None
             raise StoreNotFoundError(
                 f"{where} is not a vlastore store (no zarr v3 group: {exc}); make one with "
                 "`vlastore demo`, `vlastore ingest ...` or vlastore.VLAStore.create"
@@ -128,10 +131,13 @@ class ZarrNodes:
         if MANIFEST_KEY not in nodes.group.attrs:
             if ours:
                 assert isinstance(attrs, dict)
-                raise FormatError(f"{storage.where(meta_key(''))}: the '{MANIFEST_KEY}' attribute is damaged (a near "
-                                  f"miss {sorted(attrs)!r}); {_DAMAGED}")
+                raise FormatError(
+                    f"{storage.where(meta_key(''))}: the '{MANIFEST_KEY}' attribute is damaged (a near "
+                    f"miss {sorted(attrs)!r}); {_DAMAGED}"
+                )
             raise StoreNotFoundError(
-                f"{where} is a zarr group but not a vlastore store (no '{MANIFEST_KEY}' attribute)")
+                f"{where} is a zarr group but not a vlastore store (no '{MANIFEST_KEY}' attribute)"
+            )
         return nodes
 
     def refresh(self) -> None:
@@ -258,7 +264,7 @@ class ZarrNodes:
         }
         codec = _zstd()
         for i in range(-(-shape[0] // rows)):
-            chunk = data[i * rows:(i + 1) * rows]
+            chunk = data[i * rows : (i + 1) * rows]
             if len(chunk) < rows:  # zarr stores edge chunks whole, padded with the fill value
                 chunk = np.concatenate([chunk, np.zeros((rows - len(chunk), *shape[1:]), dtype=data.dtype)])
             blob = bytes(codec.encode(np.ascontiguousarray(chunk).tobytes()))
@@ -284,8 +290,9 @@ class ZarrNodes:
             key = shard_key(path, i, len(shape))
             raw = self.storage.get(key)
             if raw is None or len(raw) < 4 or crc32c(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
-                raise FormatError(f"{self.storage.where(key)}: chunk {'missing' if raw is None else 'damaged'} "
-                                  f"(crc32c); {_DAMAGED}")
+                raise FormatError(
+                    f"{self.storage.where(key)}: chunk {'missing' if raw is None else 'damaged'} (crc32c); {_DAMAGED}"
+                )
             try:
                 body = codec.decode(raw[:-4])
             except Exception as exc:  # zstd's errors for a damaged frame
@@ -338,8 +345,10 @@ class ZarrNodes:
         except KeyError:
             raise FormatError(f"{where}: array missing; the store is damaged ({_DAMAGED})") from None
         except Exception as exc:  # zarr's parse errors of a damaged zarr.json
-            raise FormatError(f"{self.storage.where(meta_key(path))}: unreadable array metadata "
-                              f"({type(exc).__name__}: {exc}); the store is damaged ({_DAMAGED})") from None
+            raise FormatError(
+                f"{self.storage.where(meta_key(path))}: unreadable array metadata "
+                f"({type(exc).__name__}: {exc}); the store is damaged ({_DAMAGED})"
+            ) from None
         if not isinstance(arr, zarr.Array):
             raise FormatError(f"{where} is a group where an array belongs; the store is damaged")
         return arr
@@ -356,8 +365,9 @@ class ZarrNodes:
         except FormatError:
             raise
         except Exception as exc:  # zarr raises codec-specific errors for a crc mismatch or a short chunk
-            raise FormatError(f"{self.storage.where(path)}: a chunk is damaged ({type(exc).__name__}: {exc}); "
-                              f"{_DAMAGED}") from None
+            raise FormatError(
+                f"{self.storage.where(path)}: a chunk is damaged ({type(exc).__name__}: {exc}); {_DAMAGED}"
+            ) from None
 
     # ----------------------------------------------------------- checked reads
 
@@ -376,8 +386,10 @@ class ZarrNodes:
             for chunk in range(-(-shape[0] // small_chunk_rows(shape))):
                 key = shard_key(path, chunk, len(shape))
                 if not self.storage.exists(key):
-                    raise FormatError(f"{self.storage.where(path)}: chunk file {key[len(path) + 1 :]} is missing; "
-                                      f"the store is damaged ({_DAMAGED})")
+                    raise FormatError(
+                        f"{self.storage.where(path)}: chunk file {key[len(path) + 1 :]} is missing; "
+                        f"the store is damaged ({_DAMAGED})"
+                    )
 
     def read_checked(self, path: str, shape: tuple[int, ...], data_type: str) -> np.ndarray:
         """A small array whose ``zarr.json`` is first checked against the shape and type expected of it."""

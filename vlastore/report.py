@@ -43,8 +43,11 @@ def _family_info(store: VLAStore, family: str) -> dict[str, Any]:
         coverage = store.coverage(family)
         nbytes, files = store.storage.disk_usage(family_path(family))
     except (FormatError, ChecksumError, OSError) as exc:  # a damaged family: say so, show the others
-        return {"current_generation": entry.current_generation, "generations": list(entry.generations),
-                "error": str(exc)}
+        return {
+            "current_generation": entry.current_generation,
+            "generations": list(entry.generations),
+            "error": str(exc),
+        }
     spec = info.spec
     return {
         "current_generation": entry.current_generation,
@@ -120,8 +123,10 @@ def format_info(info: dict[str, Any]) -> str:
         lines.append(f"series      {key}: {len(s['columns'])} x {s['dtype']} [{cols}]")
     for name, f in info["families"].items():
         if "error" in f:
-            lines += [f"family      {name}: DAMAGED: {f['error']}",
-                      f"  run       vlastore verify {info['store']}   (lists everything damaged)"]
+            lines += [
+                f"family      {name}: DAMAGED: {f['error']}",
+                f"  run       vlastore verify {info['store']}   (lists everything damaged)",
+            ]
             continue
         shape = "x".join(str(d) for d in f["row_shape"])
         pct = 100.0 * f["rows_present"] / f["rows"] if f["rows"] else 100.0
@@ -199,14 +204,17 @@ class VerifyReport:
             "chunks_checked": self.chunks_checked,
             "coverage": {k: {"present": p, "rows": n} for k, (p, n) in self.coverage.items()},
             "corrupt": [c.__dict__ for c in self.corrupt],
-            "missing": {k: {"rows": m.rows, "planned": m.planned, "examples": [list(e) for e in m.examples]}
-                        for k, m in self.missing.items()},
+            "missing": {
+                k: {"rows": m.rows, "planned": m.planned, "examples": [list(e) for e in m.examples]}
+                for k, m in self.missing.items()
+            },
             "notes": list(self.notes),
         }
 
 
-def _rows_corrupt(report: VerifyReport, layout: FamilyLayout, family: str, names: Sequence[str], key: str,
-                  rows: Any, reason: str) -> None:
+def _rows_corrupt(
+    report: VerifyReport, layout: FamilyLayout, family: str, names: Sequence[str], key: str, rows: Any, reason: str
+) -> None:
     for row in rows:
         e, item = layout.address(int(row))
         report.corrupt.append(Corruption(key, family, names[e], item, reason, layout.spec.index_name))
@@ -220,9 +228,17 @@ def _chunk_ok(buf: np.ndarray, index: ShardIndex, chunk: int, compression: str |
     return True
 
 
-def _verify_shard(store: VLAStore, family: str, generation: int, shard: int, layout: FamilyLayout,
-                  names: Sequence[str], report: VerifyReport, present_rows: np.ndarray,
-                  damaged: np.ndarray) -> None:
+def _verify_shard(
+    store: VLAStore,
+    family: str,
+    generation: int,
+    shard: int,
+    layout: FamilyLayout,
+    names: Sequence[str],
+    report: VerifyReport,
+    present_rows: np.ndarray,
+    damaged: np.ndarray,
+) -> None:
     """Check one shard file; sets ``present_rows`` (stored) and ``damaged`` (reported corrupt) for its rows."""
     key = store.shard_key(family, shard, generation)
     rows = layout.shard_rows(shard)
@@ -265,19 +281,35 @@ def _verify_shard(store: VLAStore, family: str, generation: int, shard: int, lay
     bad = present & ~(whole & intact)
     damaged[rows[bad]] = True
     for row, is_whole in zip(rows[bad].tolist(), whole[bad].tolist(), strict=True):
-        _rows_corrupt(report, layout, family, names, key, [row],
-                      "crc32c mismatch" if is_whole else "row incomplete (some of its chunks are missing)")
+        _rows_corrupt(
+            report,
+            layout,
+            family,
+            names,
+            key,
+            [row],
+            "crc32c mismatch" if is_whole else "row incomplete (some of its chunks are missing)",
+        )
     covered = np.zeros(len(index.present), dtype=bool)  # chunks that belong to a planned row
     for f, n in zip(first.tolist(), lengths.tolist(), strict=True):
         covered[f : f + n] = True
     stray = index.present & ~covered
     if stray.any() and store.snapshot is None:  # format 2: rows of removed episodes stay until gc, unreachable
-        report.corrupt.append(Corruption(key, reason=f"chunks present where no row is planned "
-                                                       f"(chunks {np.flatnonzero(stray)[:5].tolist()})"))
+        report.corrupt.append(
+            Corruption(
+                key, reason=f"chunks present where no row is planned (chunks {np.flatnonzero(stray)[:5].tolist()})"
+            )
+        )
 
 
-def _verify_generation(store: VLAStore, family: str, generation: int, report: VerifyReport,
-                       names: Sequence[str], progress: Callable[[int], None]) -> None:
+def _verify_generation(
+    store: VLAStore,
+    family: str,
+    generation: int,
+    report: VerifyReport,
+    names: Sequence[str],
+    progress: Callable[[int], None],
+) -> None:
     label = family if generation == store.manifest.families[family].current_generation else f"{family}@{generation}"
     base = generation_path(family, generation)
     try:
@@ -350,8 +382,10 @@ def _verify_metadata_files(store: VLAStore, report: VerifyReport) -> None:
     listed = {generation_path(f, g) for f, e in store.manifest.families.items() for g in e.generations}
     unlisted = {node[0] for node in map(generation_node_of, keys) if node is not None} - listed
     for node in sorted(unlisted):
-        report.notes.append(f"{node}: not in the manifest (an interrupted plan, or a deletion that was killed); "
-                            "ignored by readers, removed by the next plan of that generation")
+        report.notes.append(
+            f"{node}: not in the manifest (an interrupted plan, or a deletion that was killed); "
+            "ignored by readers, removed by the next plan of that generation"
+        )
     for key in keys:
         if key.rsplit("/", 1)[-1] == META_NAME:
             _check_node_meta(store, key, unlisted, report)
@@ -371,8 +405,9 @@ def _verify_snapshot_metadata(store: VLAStore, report: VerifyReport) -> None:
             report.corrupt.append(Corruption(meta_key(path), reason=str(exc)))
 
 
-def verify_store(store: VLAStore | str | os.PathLike[str],
-                 progress: Callable[[int], None] | None = None) -> VerifyReport:
+def verify_store(
+    store: VLAStore | str | os.PathLike[str], progress: Callable[[int], None] | None = None
+) -> VerifyReport:
     """Check everything a reader trusts, and read every stored byte.
 
     Metadata: the manifest's and every generation's checksum, every ``zarr.json``
@@ -409,8 +444,10 @@ def verify_store(store: VLAStore | str | os.PathLike[str],
         return report
     root_meta = store.nodes.attrs.get(MANIFEST_KEY, {})
     if isinstance(root_meta, dict) and CHECKSUM_FIELD not in root_meta:
-        report.notes.append("the root manifest has no checksum (written before metadata checksums); it was "
-                            "cross-checked against the catalog and arrays instead")
+        report.notes.append(
+            "the root manifest has no checksum (written before metadata checksums); it was "
+            "cross-checked against the catalog and arrays instead"
+        )
     for path, problem in store.open_problems:
         report.corrupt.append(Corruption(path, reason=problem))
     if store.snapshot is not None:
@@ -438,8 +475,10 @@ def _note_unsealed(store: VLAStore, family: str, gen: int, report: VerifyReport)
     try:
         attrs = store.nodes.node_attrs(generation_path(family, gen)).get(GENERATION_KEY, {})
         if isinstance(attrs, dict) and CHECKSUM_FIELD not in attrs:
-            report.notes.append(f"{family} generation {gen}: attributes have no checksum (written before "
-                                "metadata checksums); cross-checked against the arrays instead")
+            report.notes.append(
+                f"{family} generation {gen}: attributes have no checksum (written before "
+                "metadata checksums); cross-checked against the arrays instead"
+            )
     except FormatError:
         pass
 

@@ -82,8 +82,6 @@ def rank_indices(
     return remaining[rank::world_size]
 
 
-
-
 class ResumableSampler(Sampler[list[int]]):
     """A batch sampler with ``state_dict()``/``load_state_dict()``; see the module doc.
 
@@ -187,7 +185,12 @@ class ResumableSampler(Sampler[list[int]]):
             log.warning(
                 "epoch %d: the last global batch holds %d samples for %d ranks, so rank %d gets one batch fewer "
                 "than rank 0; under DDP use torch.distributed.algorithms.Join, or tail='pad' (repeats %d samples) "
-                "or tail='drop'", self.epoch, last, self.world_size, self.rank, self.world_size - last,
+                "or tail='drop'",
+                self.epoch,
+                last,
+                self.world_size,
+                self.rank,
+                self.world_size - last,
             )
         return self._pass
 
@@ -240,9 +243,15 @@ class ResumableSampler(Sampler[list[int]]):
         """
         epoch, position = self._where()
         state: dict[str, Any] = {
-            "version": STATE_VERSION, "seed": self.seed, "shuffle": self.shuffle, "epoch": epoch,
-            "position": position, "num_samples": self.num_samples, "world_size": self.world_size,
-            "batch_size": self.batch_size, "tail": self.tail,
+            "version": STATE_VERSION,
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+            "epoch": epoch,
+            "position": position,
+            "num_samples": self.num_samples,
+            "world_size": self.world_size,
+            "batch_size": self.batch_size,
+            "tail": self.tail,
         }
         if position and self.shuffle:
             state["order_check"] = self._order(epoch)[:ORDER_CHECK].tolist()
@@ -258,8 +267,10 @@ class ResumableSampler(Sampler[list[int]]):
                 than the run that saved the state.
         """
         if state.get("version") != STATE_VERSION or "position" not in state:
-            raise ValueError(f"not a vlastore sampler state (version {state.get('version')!r}); "
-                             "pass what loader.state_dict() returned")
+            raise ValueError(
+                f"not a vlastore sampler state (version {state.get('version')!r}); "
+                "pass what loader.state_dict() returned"
+            )
         if int(state["num_samples"]) != self.num_samples:
             raise ValueError(
                 f"the state is for {state['num_samples']:,} samples but this dataset has {self.num_samples:,}; "
@@ -344,17 +355,21 @@ class ResumableDataLoader(DataLoader):
         if kwargs.pop("drop_last", False):
             raise ValueError("drop_last=True: use tail='drop' (the same for every rank and resumable)")
         if kwargs.get("in_order", True) is False:
-            raise ValueError("in_order=False hands out batches out of order: what was seen is then no prefix "
-                             "of the epoch and cannot be resumed; leave in_order=True")
+            raise ValueError(
+                "in_order=False hands out batches out of order: what was seen is then no prefix "
+                "of the epoch and cannot be resumed; leave in_order=True"
+            )
         kwargs.pop("sampler", None)
         if batch_sampler is None:
-            batch_sampler = ResumableSampler(len(dataset), 1 if batch_size is None else batch_size, shuffle, seed,
-                                             rank, world_size, tail)
+            batch_sampler = ResumableSampler(
+                len(dataset), 1 if batch_size is None else batch_size, shuffle, seed, rank, world_size, tail
+            )
         elif not isinstance(batch_sampler, ResumableSampler):
             raise TypeError(f"batch_sampler must be a ResumableSampler, got {type(batch_sampler).__name__}")
         elif batch_sampler.num_samples != len(dataset):
-            raise ValueError(f"batch_sampler is for {batch_sampler.num_samples} samples, the dataset has "
-                             f"{len(dataset)}")
+            raise ValueError(
+                f"batch_sampler is for {batch_sampler.num_samples} samples, the dataset has {len(dataset)}"
+            )
         elif batch_size is not None and batch_size != batch_sampler.batch_size:
             raise ValueError(f"batch_size={batch_size} but the batch_sampler's is {batch_sampler.batch_size}")
         batch_sampler._counted_by_loader = True

@@ -21,9 +21,24 @@ from typing import Any
 import numpy as np
 from crc32c import crc32c as _crc32c
 
-__all__ = ["ShardIndex", "RawShardBuilder", "encode_shard", "decode_index", "index_nbytes", "ChecksumError", "crc32c",
-           "zstd_decode_exact", "zstd_content_size", "CRC_BYTES", "crc_ok", "crc_mismatch", "RowCrcs", "row_crcs",
-           "run_intact", "CHUNK_RESIDUE"]
+__all__ = [
+    "ShardIndex",
+    "RawShardBuilder",
+    "encode_shard",
+    "decode_index",
+    "index_nbytes",
+    "ChecksumError",
+    "crc32c",
+    "zstd_decode_exact",
+    "zstd_content_size",
+    "CRC_BYTES",
+    "crc_ok",
+    "crc_mismatch",
+    "RowCrcs",
+    "row_crcs",
+    "run_intact",
+    "CHUNK_RESIDUE",
+]
 
 MISSING = np.uint64(0xFFFF_FFFF_FFFF_FFFF)
 CRC_BYTES = 4
@@ -143,8 +158,11 @@ class RowCrcs:
         flat = rows.reshape(-1).view(np.uint8)
         want = self.expected(crcs)
         span = _GROUP * self.nbytes
-        got = np.fromiter((_crc32c(flat[lo : lo + span]) for lo in range(0, flat.size, span)),  # type: ignore[arg-type]
-                          dtype=np.uint32, count=len(want))
+        got = np.fromiter(
+            (_crc32c(flat[lo : lo + span]) for lo in range(0, flat.size, span)),  # type: ignore[arg-type]
+            dtype=np.uint32,
+            count=len(want),
+        )
         return bool(np.array_equal(got, want))
 
 
@@ -299,8 +317,9 @@ class RawShardBuilder:
     Fill ``payload[c]`` (uint8, one row of chunk ``c``), then :meth:`finish`.
     """
 
-    def __init__(self, chunks_per_shard: int, n_chunks: int, chunk_nbytes: int,
-                 buffer: np.ndarray | None = None) -> None:
+    def __init__(
+        self, chunks_per_shard: int, n_chunks: int, chunk_nbytes: int, buffer: np.ndarray | None = None
+    ) -> None:
         self.chunks_per_shard = chunks_per_shard
         self.n_chunks = n_chunks
         self.chunk_nbytes = chunk_nbytes
@@ -339,9 +358,7 @@ class RawShardBuilder:
 def _put_index(out: np.ndarray, data_end: int, offsets: np.ndarray, nbytes: np.ndarray) -> None:
     index = np.stack([offsets, nbytes], axis=1).view(np.uint8).reshape(-1)
     out[data_end : data_end + index.size] = index
-    out[data_end + index.size :] = np.frombuffer(
-        crc32c(index).to_bytes(_CRC_BYTES, "little"), dtype=np.uint8
-    )
+    out[data_end + index.size :] = np.frombuffer(crc32c(index).to_bytes(_CRC_BYTES, "little"), dtype=np.uint8)
 
 
 @dataclass(frozen=True)
@@ -357,8 +374,9 @@ class ShardIndex:
     back to back in chunk order from offset 0 (what vlastore writes for raw
     families); 0 otherwise."""
 
-    def chunk_bytes(self, buf: np.ndarray | memoryview, chunk: int, compression: str | None,
-                    row_nbytes: int | None = None) -> np.ndarray:
+    def chunk_bytes(
+        self, buf: np.ndarray | memoryview, chunk: int, compression: str | None, row_nbytes: int | None = None
+    ) -> np.ndarray:
         """Payload of one chunk (crc checked, decompressed), as uint8.
 
         Raises:
@@ -384,8 +402,9 @@ class ShardIndex:
         return body
 
 
-def decode_index(tail: bytes | memoryview | np.ndarray, chunks_per_shard: int,
-                 data_nbytes: int | None = None) -> ShardIndex:
+def decode_index(
+    tail: bytes | memoryview | np.ndarray, chunks_per_shard: int, data_nbytes: int | None = None
+) -> ShardIndex:
     """Parse the index from the last :func:`index_nbytes` bytes of a shard file.
 
     Args:

@@ -165,8 +165,10 @@ class SeriesState:
     def from_dict(cls, data: Any, where: str, key: str) -> SeriesState:
         data = _dict(data, "the series entry", where)
         columns = data.get("columns")
-        if not isinstance(columns, list) or not 1 <= len(columns) <= MAX_SERIES_COLUMNS or not all(
-            isinstance(c, str) for c in columns
+        if (
+            not isinstance(columns, list)
+            or not 1 <= len(columns) <= MAX_SERIES_COLUMNS
+            or not all(isinstance(c, str) for c in columns)
         ):
             raise FormatError(f"{where}: columns must be a list of 1..{MAX_SERIES_COLUMNS} strings")
         dtype = data.get("dtype")
@@ -206,8 +208,14 @@ class Segment:
     tables: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"path": self.path, "first_shard": self.first_shard, "shards": self.shards, "rows": self.rows,
-                "capacity": self.capacity, "tables": self.tables}
+        return {
+            "path": self.path,
+            "first_shard": self.first_shard,
+            "shards": self.shards,
+            "rows": self.rows,
+            "capacity": self.capacity,
+            "tables": self.tables,
+        }
 
     @classmethod
     def from_dict(cls, data: Any, where: str, prefix: str) -> Segment:
@@ -290,8 +298,10 @@ class GenerationState:
             if segment.first_shard != shard:
                 raise FormatError(f"{where}: segment #{i} starts at shard {segment.first_shard}, expected {shard}")
             if segment.shards != -(-segment.capacity // rows_per_shard):
-                raise FormatError(f"{where}: segment #{i} has {segment.shards} shards for {segment.capacity} "
-                                  f"stored rows of {rows_per_shard} per shard")
+                raise FormatError(
+                    f"{where}: segment #{i} has {segment.shards} shards for {segment.capacity} "
+                    f"stored rows of {rows_per_shard} per shard"
+                )
             if (not self.spec.ragged and segment.rows != segment.capacity) or segment.rows > segment.capacity:
                 raise FormatError(f"{where}: segment #{i} has {segment.rows} rows in {segment.capacity} stored rows")
             if (self.spec.ragged or self.spec.has_keys) and segment.tables is None:
@@ -352,8 +362,13 @@ class CatalogRef:
     tasks: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        return {"path": self.path, "episodes": self.episodes, "steps": self.steps,
-                "tasks_path": self.tasks_path, "tasks": self.tasks}
+        return {
+            "path": self.path,
+            "episodes": self.episodes,
+            "steps": self.steps,
+            "tasks_path": self.tasks_path,
+            "tasks": self.tasks,
+        }
 
     @classmethod
     def from_dict(cls, data: Any, where: str) -> CatalogRef:
@@ -417,19 +432,21 @@ class Snapshot:
 
     def to_dict(self) -> dict[str, Any]:
         """The commit document as written, sealed with its checksum."""
-        return seal({
-            "format_version": self.format_version,
-            "commit": self.commit,
-            "parent": self.parent,
-            "time": self.time,
-            "vlastore_version": self.vlastore_version,
-            "changes": [c.to_dict() for c in self.changes],
-            "next_episode_id": self.next_episode_id,
-            "catalog": self.catalog.to_dict(),
-            "series": {k: v.to_dict() for k, v in sorted(self.series.items())},
-            "families": {k: v.to_dict() for k, v in sorted(self.families.items())},
-            "arrays": dict(sorted(self.arrays.items())),
-        })
+        return seal(
+            {
+                "format_version": self.format_version,
+                "commit": self.commit,
+                "parent": self.parent,
+                "time": self.time,
+                "vlastore_version": self.vlastore_version,
+                "changes": [c.to_dict() for c in self.changes],
+                "next_episode_id": self.next_episode_id,
+                "catalog": self.catalog.to_dict(),
+                "series": {k: v.to_dict() for k, v in sorted(self.series.items())},
+                "families": {k: v.to_dict() for k, v in sorted(self.families.items())},
+                "arrays": dict(sorted(self.arrays.items())),
+            }
+        )
 
     @classmethod
     def from_dict(cls, data: Any, where: str) -> Snapshot:
@@ -459,10 +476,14 @@ class Snapshot:
         changes = data.get("changes", [])
         if not isinstance(changes, list):
             raise FormatError(f"{where}: changes must be a list")
-        series = {validate_name(k, f"{where}: series key"): SeriesState.from_dict(v, f"{where} series {k!r}", k)
-                  for k, v in _dict(data.get("series", {}), "series", where).items()}
-        families = {validate_name(k, f"{where}: family name"): FamilyState.from_dict(v, f"{where} family {k!r}", k)
-                    for k, v in _dict(data.get("families", {}), "families", where).items()}
+        series = {
+            validate_name(k, f"{where}: series key"): SeriesState.from_dict(v, f"{where} series {k!r}", k)
+            for k, v in _dict(data.get("series", {}), "series", where).items()
+        }
+        families = {
+            validate_name(k, f"{where}: family name"): FamilyState.from_dict(v, f"{where} family {k!r}", k)
+            for k, v in _dict(data.get("families", {}), "families", where).items()
+        }
         arrays_raw = _dict(data.get("arrays", {}), "arrays", where)
         arrays = {}
         for path, checksum in arrays_raw.items():

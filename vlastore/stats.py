@@ -315,9 +315,14 @@ def summarize(
         subset = moments if chosen is None else moments.select(chosen)
     count, mean, var, low, high = merge_moments(subset)
     return SeriesStats(
-        count=count, mean=mean, std=np.sqrt(var), min=low, max=high,
+        count=count,
+        mean=mean,
+        std=np.sqrt(var),
+        min=low,
+        max=high,
         quantiles={q: np.asarray(v, dtype=np.float64) for q, v in found.items()},
-        method=method, columns=tuple(columns),
+        method=method,
+        columns=tuple(columns),
     )
 
 

@@ -89,8 +89,19 @@ from .writer import FamilyWriter
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["VLAStore", "EpisodeData", "SegmentRows", "utc_now", "probe", "remove_store", "upgrade_store", "Location",
-           "SnapshotNotFoundError", "CommitConflictError", "DEFAULT_FORMAT_VERSION"]
+__all__ = [
+    "VLAStore",
+    "EpisodeData",
+    "SegmentRows",
+    "utc_now",
+    "probe",
+    "remove_store",
+    "upgrade_store",
+    "Location",
+    "SnapshotNotFoundError",
+    "CommitConflictError",
+    "DEFAULT_FORMAT_VERSION",
+]
 
 DEFAULT_FORMAT_VERSION = 1
 """Format of stores made by :meth:`VLAStore.create` when not asked: still 1 until ``vlastore verify`` and the
@@ -223,8 +234,16 @@ def upgrade_store(location: Location, storage_options: dict[str, Any] | None = N
     out = ArrayWriter(nodes, 1)
     cat = store.catalog
     n = len(cat)
-    data = CatalogData(list(cat.names), np.arange(n, dtype=np.int64), cat.steps, cat.step_offsets[:-1],
-                       np.full(n, np.nan), np.full(n, -1, dtype=np.int64), ["{}"] * n, [])
+    data = CatalogData(
+        list(cat.names),
+        np.arange(n, dtype=np.int64),
+        cat.steps,
+        cat.step_offsets[:-1],
+        np.full(n, np.nan),
+        np.full(n, -1, dtype=np.int64),
+        ["{}"] * n,
+        [],
+    )
     cat_path, tasks_path = write_catalog(out, data)
     series = {}
     for key, info in store.manifest.series.items():
@@ -251,17 +270,39 @@ def upgrade_store(location: Location, storage_options: dict[str, Any] | None = N
             out.record(values)
             segment = SnapshotSegment(values, 0, layout.n_shards, layout.rows, layout.capacity, tables)
             layout_path = write_layout(out, family, gen, layout.episode_rows[:-1], np.diff(layout.episode_rows))
-            gens[gen] = GenerationState(gen, spec, handle.info.producer, handle.info.created, (segment,),
-                                        layout_path, layout.rows, layout.capacity)
+            gens[gen] = GenerationState(
+                gen,
+                spec,
+                handle.info.producer,
+                handle.info.created,
+                (segment,),
+                layout_path,
+                layout.rows,
+                layout.capacity,
+            )
         families[family] = FamilyState(entry.current_generation, gens)
-    snapshot = Snapshot(commit=1, parent=None, time=utc_now(), vlastore_version=__version__,
-                        changes=(Change("upgrade", {"from_format": 1}),), next_episode_id=n,
-                        catalog=CatalogRef(cat_path, n, cat.total_steps, tasks_path, 0), series=series,
-                        families=families, arrays=dict(out.arrays))
+    snapshot = Snapshot(
+        commit=1,
+        parent=None,
+        time=utc_now(),
+        vlastore_version=__version__,
+        changes=(Change("upgrade", {"from_format": 1}),),
+        next_episode_id=n,
+        catalog=CatalogRef(cat_path, n, cat.total_steps, tasks_path, 0),
+        series=series,
+        families=families,
+        arrays=dict(out.arrays),
+    )
     CommitLog(storage).write(snapshot)
-    nodes.set_root_attribute(MANIFEST_KEY, {"format_version": SNAPSHOT_FORMAT_VERSION,
-                                            "created": store.manifest.created, "store_id": out.token,
-                                            "upgraded": snapshot.time})
+    nodes.set_root_attribute(
+        MANIFEST_KEY,
+        {
+            "format_version": SNAPSHOT_FORMAT_VERSION,
+            "created": store.manifest.created,
+            "store_id": out.token,
+            "upgraded": snapshot.time,
+        },
+    )
     return 1
 
 
@@ -290,7 +331,8 @@ class VLAStore:
             raise NewerFormatError(
                 f"{self.storage.location} was written in vlastore format version {version} (by vlastore "
                 f"{root.get('vlastore_version', '?')}); this vlastore reads versions up to {SNAPSHOT_FORMAT_VERSION}. "
-                "Upgrade: pip install -U vlastore")
+                "Upgrade: pip install -U vlastore"
+            )
         self.format_version = SNAPSHOT_FORMAT_VERSION if version == SNAPSHOT_FORMAT_VERSION else 1
         self.snapshot: Snapshot | None = None
         """The commit this store object shows (format 2); None for a format-1 store."""
@@ -301,8 +343,10 @@ class VLAStore:
             self._adopt(self._log.read(snapshot) if snapshot is not None else self._log.head())
             return
         if snapshot not in (None, 0):
-            raise SnapshotNotFoundError(f"{self.storage.location} is a format-1 store: it has only snapshot 0 "
-                                        "(`vlastore upgrade` makes it a store with commits)")
+            raise SnapshotNotFoundError(
+                f"{self.storage.location} is a format-1 store: it has only snapshot 0 "
+                "(`vlastore upgrade` makes it a store with commits)"
+            )
         self.manifest = Manifest.from_dict(root, where=self.storage.location)
         try:
             self.catalog = self._read_catalog()
@@ -311,8 +355,10 @@ class VLAStore:
                 raise
             self.open_problems.append(("episodes", str(exc)))
             # stand-in names, so the families can still be checked (verify reports rows by number then)
-            self.catalog = Catalog([f"episode_{i}" for i in range(self.manifest.episodes)],
-                                   np.zeros(self.manifest.episodes, dtype=np.int64))
+            self.catalog = Catalog(
+                [f"episode_{i}" for i in range(self.manifest.episodes)],
+                np.zeros(self.manifest.episodes, dtype=np.int64),
+            )
         for key in self.manifest.series:
             try:
                 self._series_meta(key)
@@ -346,8 +392,10 @@ class VLAStore:
             episodes=len(self.catalog),
             steps=self.catalog.total_steps,
             series={k: SeriesInfo(v.columns, v.dtype) for k, v in snapshot.series.items()},
-            families={f: FamilyEntry(st.current_generation, tuple(sorted(st.generations)))
-                      for f, st in snapshot.families.items()},
+            families={
+                f: FamilyEntry(st.current_generation, tuple(sorted(st.generations)))
+                for f, st in snapshot.families.items()
+            },
         )
         self._reset_caches()
 
@@ -409,8 +457,13 @@ class VLAStore:
         return cls(nodes)
 
     @classmethod
-    def open(cls, location: Location, writable: bool = False,
-             storage_options: dict[str, Any] | None = None, snapshot: int | None = None) -> VLAStore:
+    def open(
+        cls,
+        location: Location,
+        writable: bool = False,
+        storage_options: dict[str, Any] | None = None,
+        snapshot: int | None = None,
+    ) -> VLAStore:
         """Open an existing store (read-only unless ``writable``).
 
         The manifest's checksum, the catalog and the series' metadata are checked
@@ -528,8 +581,10 @@ class VLAStore:
         except FormatError:
             raise
         except Exception as exc:  # zarr's codec errors on a damaged chunk
-            raise FormatError(f"{self.storage.where(series_path(key))}: a chunk is damaged ({type(exc).__name__}: "
-                              f"{exc}); run `vlastore verify`") from None
+            raise FormatError(
+                f"{self.storage.where(series_path(key))}: a chunk is damaged ({type(exc).__name__}: "
+                f"{exc}); run `vlastore verify`"
+            ) from None
 
     def series_all(self, key: str) -> np.ndarray:
         """One robot series for all episodes, concatenated along time (small: robot states)."""
@@ -540,8 +595,10 @@ class VLAStore:
     def _physical_series(self, snapshot: Snapshot, key: str) -> np.ndarray:
         """Every segment of a series concatenated (removed episodes' steps included)."""
         state = snapshot.series[key]
-        parts = [read_small(self.nodes, seg.path, (seg.rows, len(state.columns)), state.dtype, snapshot.arrays)
-                 for seg in state.segments]
+        parts = [
+            read_small(self.nodes, seg.path, (seg.rows, len(state.columns)), state.dtype, snapshot.arrays)
+            for seg in state.segments
+        ]
         return np.concatenate(parts) if parts else np.zeros((0, len(state.columns)), dtype=state.dtype)
 
     def _series_v2(self, key: str) -> np.ndarray:
@@ -692,8 +749,11 @@ class VLAStore:
                 )
             return self.generation(family)
         if self.snapshot is not None:
-            self._commit(lambda head, cat, out: self._add_family_v2(head, cat, out, family, spec, items_per_episode,
-                                                                    lengths, producer, keys))
+            self._commit(
+                lambda head, cat, out: self._add_family_v2(
+                    head, cat, out, family, spec, items_per_episode, lengths, producer, keys
+                )
+            )
             return self.generation(family)
         info = self._plan(family, 1, spec, items, lengths, producer, keys)
         families = dict(self.manifest.families)
@@ -720,8 +780,11 @@ class VLAStore:
         keys = self.keys(family, current.generation) if current.spec.has_keys else None
         if self.snapshot is not None:
             counts = np.diff(layout.episode_rows)
-            self._commit(lambda head, cat, out: self._new_generation_v2(head, cat, out, family, gen, counts, lengths,
-                                                                        producer, keys))
+            self._commit(
+                lambda head, cat, out: self._new_generation_v2(
+                    head, cat, out, family, gen, counts, lengths, producer, keys
+                )
+            )
             return self.generation(family, gen)
         info = self._plan(family, gen, current.spec, np.diff(layout.episode_rows), lengths, producer, keys)
         families = dict(self.manifest.families)
@@ -774,16 +837,20 @@ class VLAStore:
             return vlm_items(self.catalog.steps, spec.vlm_reuse_count)
         items = np.asarray(items_per_episode, dtype=np.int64)
         if items.shape != (len(self.catalog),):
-            raise FormatError(
-                f"items_per_episode has {items.size} entries; the store has {len(self.catalog)} episodes"
-            )
+            raise FormatError(f"items_per_episode has {items.size} entries; the store has {len(self.catalog)} episodes")
         return items
 
-    def _plan(self, family: str, gen: int, spec: FamilySpec, items: np.ndarray,
-              lengths: Sequence[int] | np.ndarray | None, producer: Producer,
-              keys: Sequence[str] | None) -> GenerationInfo:
-        handle = plan_generation(self.nodes, family, gen, spec, producer, utc_now(), items, lengths, keys,
-                                 self.catalog)
+    def _plan(
+        self,
+        family: str,
+        gen: int,
+        spec: FamilySpec,
+        items: np.ndarray,
+        lengths: Sequence[int] | np.ndarray | None,
+        producer: Producer,
+        keys: Sequence[str] | None,
+    ) -> GenerationInfo:
+        handle = plan_generation(self.nodes, family, gen, spec, producer, utc_now(), items, lengths, keys, self.catalog)
         self._infos[(family, gen)] = handle.info
         self._handles[(family, gen)] = handle
         return handle.info
@@ -829,8 +896,14 @@ class VLAStore:
             if self.snapshot is not None:
                 handle = self.handle(family, info.generation)
                 state = self.snapshot.families[family].generations[info.generation]
-                self._keys[cache_key] = tuple(read_keys_v2(self.nodes, state, handle.physical_rows,  # type: ignore[attr-defined]
-                                                           self.snapshot.arrays))
+                self._keys[cache_key] = tuple(
+                    read_keys_v2(
+                        self.nodes,
+                        state,
+                        handle.physical_rows,  # type: ignore[attr-defined]
+                        self.snapshot.arrays,
+                    )
+                )
             else:
                 self._keys[cache_key] = read_keys(self.nodes, self.handle(family, info.generation))
         return self._keys[cache_key]
@@ -861,9 +934,7 @@ class VLAStore:
             self._readers[key] = FeatureReader(handle, verify=verify)
         return self._readers[key]
 
-    def feature(
-        self, family: str, dataset: str | int, index: int, generation: int | None = None
-    ) -> torch.Tensor:
+    def feature(self, family: str, dataset: str | int, index: int, generation: int | None = None) -> torch.Tensor:
         """One feature row as a torch tensor of the family's dtype (bfloat16 bit-exact).
 
         Raises:
@@ -873,8 +944,14 @@ class VLAStore:
         row = self.row(family, dataset, index, generation)
         return self.reader(family, generation).tensor(row)
 
-    def writer(self, family: str, rank: int | None = None, world_size: int | None = None,
-               generation: int | None = None, **kwargs: Any) -> FamilyWriter:
+    def writer(
+        self,
+        family: str,
+        rank: int | None = None,
+        world_size: int | None = None,
+        generation: int | None = None,
+        **kwargs: Any,
+    ) -> FamilyWriter:
         """A :class:`vlastore.writer.FamilyWriter` owning shards ``s % world_size == rank``.
 
         ``rank``/``world_size`` default to torch.distributed's when a process group
@@ -884,7 +961,6 @@ class VLAStore:
         if not self.writable:
             raise PermissionError(f"{self.location} is open read-only; open it with writable=True to write rows")
         return FamilyWriter(self.handle(family, generation), rank=rank, world_size=world_size, **kwargs)
-
 
     # ------------------------------------------------------- format 2: commits
 
@@ -900,8 +976,15 @@ class VLAStore:
     def log(self) -> list[dict[str, Any]]:
         """Every commit, oldest first: ``{"commit", "time", "episodes", "steps", "changes"}``."""
         if self._log is None:
-            return [{"commit": 0, "time": self.manifest.created, "episodes": len(self.catalog),
-                     "steps": self.catalog.total_steps, "changes": ["format 1 store (no commits)"]}]
+            return [
+                {
+                    "commit": 0,
+                    "time": self.manifest.created,
+                    "episodes": len(self.catalog),
+                    "steps": self.catalog.total_steps,
+                    "changes": ["format 1 store (no commits)"],
+                }
+            ]
         return self._log.describe()
 
     def episode_info(self, episode: str | int) -> dict[str, Any]:
@@ -912,8 +995,12 @@ class VLAStore:
         cat = self._catdata
         t = int(cat.task[e])
         fps = float(cat.fps[e])
-        return {"task": cat.tasks[t] if t >= 0 else None, "task_index": t,
-                "fps": None if np.isnan(fps) else fps, "attrs": json.loads(cat.attrs[e])}
+        return {
+            "task": cat.tasks[t] if t >= 0 else None,
+            "task_index": t,
+            "fps": None if np.isnan(fps) else fps,
+            "attrs": json.loads(cat.attrs[e]),
+        }
 
     @property
     def tasks(self) -> tuple[str, ...]:
@@ -928,8 +1015,10 @@ class VLAStore:
 
     def _require_v2(self, what: str) -> CommitLog:
         if self._log is None:
-            raise FormatError(f"{self.location} is a format-1 store: {what} needs format 2; run "
-                              f"`vlastore upgrade {self.location}` first")
+            raise FormatError(
+                f"{self.location} is a format-1 store: {what} needs format 2; run "
+                f"`vlastore upgrade {self.location}` first"
+            )
         return self._log
 
     def _commit(self, apply: Any) -> Snapshot | None:
@@ -944,8 +1033,11 @@ class VLAStore:
             if head is None:
                 raise CommitConflictError(f"{self.location}: the commit log is empty; the store is damaged")
             # the snapshot this object shows is usually the head: its catalog is in memory already
-            cat = self._catdata if self.snapshot is not None and head.commit == self.snapshot.commit else \
-                read_catalog(self.nodes, head)
+            cat = (
+                self._catdata
+                if self.snapshot is not None and head.commit == self.snapshot.commit
+                else read_catalog(self.nodes, head)
+            )
             out = ArrayWriter(self.nodes, number)
             result = apply(head, cat, out)
             if result is None:
@@ -965,33 +1057,57 @@ class VLAStore:
         return snapshot
 
     @classmethod
-    def _create_v2(cls, storage: Any, episodes: list[EpisodeData], columns: Mapping[str, Sequence[str]] | None,
-                   allow_nonfinite: bool) -> VLAStore:
+    def _create_v2(
+        cls,
+        storage: Any,
+        episodes: list[EpisodeData],
+        columns: Mapping[str, Sequence[str]] | None,
+        allow_nonfinite: bool,
+    ) -> VLAStore:
         catalog = Catalog([e.name for e in episodes], [e.step_count() for e in episodes])
         del catalog  # names checked
         nodes = ZarrNodes.create(storage, attributes={})
         out = ArrayWriter(nodes, 1)
         keys = sorted({k for e in episodes for k in e.series})
-        empty = Snapshot(commit=1, parent=None, time=utc_now(), vlastore_version=__version__, changes=(),
-                         next_episode_id=0, catalog=CatalogRef("catalog/none", 0, 0), series={}, families={},
-                         arrays={})
-        cat, series, changes = _append_rows(empty, CatalogData.empty(), out, episodes, columns, allow_nonfinite,
-                                            keys=keys)
+        empty = Snapshot(
+            commit=1,
+            parent=None,
+            time=utc_now(),
+            vlastore_version=__version__,
+            changes=(),
+            next_episode_id=0,
+            catalog=CatalogRef("catalog/none", 0, 0),
+            series={},
+            families={},
+            arrays={},
+        )
+        cat, series, changes = _append_rows(
+            empty, CatalogData.empty(), out, episodes, columns, allow_nonfinite, keys=keys
+        )
         cat_path, tasks_path = write_catalog(out, cat)
         snapshot = dataclasses.replace(
-            empty, changes=(Change("create", {"episodes": len(episodes)}),), next_episode_id=len(episodes),
+            empty,
+            changes=(Change("create", {"episodes": len(episodes)}),),
+            next_episode_id=len(episodes),
             catalog=CatalogRef(cat_path, len(cat.names), int(cat.steps.sum()), tasks_path, len(cat.tasks)),
-            series=series, arrays=dict(out.arrays))
+            series=series,
+            arrays=dict(out.arrays),
+        )
         CommitLog(nodes.storage).write(snapshot)
         # the root attribute goes last: a crash before it leaves a folder that opens as "not a store"
-        nodes.set_root_attribute(MANIFEST_KEY, {"format_version": SNAPSHOT_FORMAT_VERSION, "created": snapshot.time,
-                                                "store_id": out.token})
+        nodes.set_root_attribute(
+            MANIFEST_KEY, {"format_version": SNAPSHOT_FORMAT_VERSION, "created": snapshot.time, "store_id": out.token}
+        )
         return cls(nodes)
 
-    def add_episodes(self, episodes: Sequence[EpisodeData], replace: bool = False,
-                     rows: Mapping[str, Mapping[int, SegmentRows] | SegmentRows] | None = None,
-                     columns: Mapping[str, Sequence[str]] | None = None,
-                     allow_nonfinite: bool = False) -> Snapshot | None:
+    def add_episodes(
+        self,
+        episodes: Sequence[EpisodeData],
+        replace: bool = False,
+        rows: Mapping[str, Mapping[int, SegmentRows] | SegmentRows] | None = None,
+        columns: Mapping[str, Sequence[str]] | None = None,
+        allow_nonfinite: bool = False,
+    ) -> Snapshot | None:
         """Append episodes in one commit (format 2).
 
         An episode already in the store with identical steps, series and metadata is skipped; with
@@ -1032,7 +1148,8 @@ class VLAStore:
                 if not replace:
                     raise FormatError(
                         f"episode {e.name!r} is already in {self.location} with different data ({diff}); "
-                        "give replace=True (vlastore ingest ... --replace) to swap it, or rename it")
+                        "give replace=True (vlastore ingest ... --replace) to swap it, or rename it"
+                    )
                 replaced.append(e)
                 new.append(e)
             if not new:
@@ -1054,8 +1171,9 @@ class VLAStore:
                     new_start = base + np.concatenate([[0], np.cumsum(items)[:-1]]).astype(np.int64)
                     row_start = np.concatenate([start[keep], new_start])
                     row_count = np.concatenate([count[keep], items])
-                    gens[gen] = _generation(state, segments, write_layout(out, family, gen, row_start, row_count),
-                                            int(row_count.sum()))
+                    gens[gen] = _generation(
+                        state, segments, write_layout(out, family, gen, row_start, row_count), int(row_count.sum())
+                    )
                 families[family] = FamilyState(fstate.current_generation, gens)
             cat_path, tasks_path = self._write_catalog(out, grown)
             changes = [Change("append", {"episodes": [e.name for e in new if e.name not in gone]})]
@@ -1063,9 +1181,9 @@ class VLAStore:
                 changes.append(Change("replace", {"episodes": sorted(gone)}))
             return changes, {
                 "next_episode_id": head.next_episode_id + len(new),
-                "catalog": CatalogRef(cat_path, len(grown.names), int(grown.steps.sum()), tasks_path,
-                                      len(grown.tasks)),
-                "series": series, "families": families,
+                "catalog": CatalogRef(cat_path, len(grown.names), int(grown.steps.sum()), tasks_path, len(grown.tasks)),
+                "series": series,
+                "families": families,
             }
 
         return self._commit(apply)
@@ -1075,8 +1193,9 @@ class VLAStore:
         self._written_catalog, self._written_path = data, paths[0]  # adopted without reading it back
         return paths
 
-    def _difference(self, head: Snapshot, cat: CatalogData, e: int, episode: EpisodeData,
-                    physical: dict[str, np.ndarray]) -> str | None:
+    def _difference(
+        self, head: Snapshot, cat: CatalogData, e: int, episode: EpisodeData, physical: dict[str, np.ndarray]
+    ) -> str | None:
         """What differs between stored episode ``e`` and ``episode`` (None: identical)."""
         steps = episode.step_count()
         if int(cat.steps[e]) != steps:
@@ -1087,7 +1206,7 @@ class VLAStore:
         for key in sorted(head.series):
             if key not in physical:
                 physical[key] = self._physical_series(head, key)
-            stored = physical[key][lo: lo + steps]
+            stored = physical[key][lo : lo + steps]
             given = np.asarray(episode.series[key]).reshape(steps, -1)
             if stored.shape != given.shape or not np.array_equal(stored, given.astype(stored.dtype), equal_nan=True):
                 return f"series {key!r} differs"
@@ -1110,8 +1229,10 @@ class VLAStore:
             present = set(cat.names)
             missing = [n for n in names if n not in present]
             if missing:
-                raise KeyError(f"{self.location} has no episode {missing[0]!r} ({len(missing)} of the names given "
-                               "are not there); nothing removed")
+                raise KeyError(
+                    f"{self.location} has no episode {missing[0]!r} ({len(missing)} of the names given "
+                    "are not there); nothing removed"
+                )
             gone = set(names)
             if not gone:
                 return None
@@ -1122,9 +1243,12 @@ class VLAStore:
                 gens = {}
                 for gen, state in fstate.generations.items():
                     start, count = read_row_map(self.nodes, state, len(cat.names), head.arrays)
-                    gens[gen] = _generation(state, state.segments,
-                                            write_layout(out, family, gen, start[keep], count[keep]),
-                                            int(count[keep].sum()))
+                    gens[gen] = _generation(
+                        state,
+                        state.segments,
+                        write_layout(out, family, gen, start[keep], count[keep]),
+                        int(count[keep].sum()),
+                    )
                 families[family] = FamilyState(fstate.current_generation, gens)
             cat_path, tasks_path = self._write_catalog(out, kept)
             return [Change("remove", {"episodes": sorted(gone)})], {
@@ -1134,8 +1258,18 @@ class VLAStore:
 
         return self._commit(apply)
 
-    def _add_family_v2(self, head: Snapshot, cat: CatalogData, out: ArrayWriter, family: str, spec: FamilySpec,
-                       items_per_episode: Any, lengths: Any, producer: Producer, keys: Any) -> Any:
+    def _add_family_v2(
+        self,
+        head: Snapshot,
+        cat: CatalogData,
+        out: ArrayWriter,
+        family: str,
+        spec: FamilySpec,
+        items_per_episode: Any,
+        lengths: Any,
+        producer: Producer,
+        keys: Any,
+    ) -> Any:
         if family in head.families:
             raise CommitConflictError(f"family {family!r} was added by another writer meanwhile; reopen the store")
         catalog = cat.catalog()
@@ -1146,22 +1280,31 @@ class VLAStore:
         else:
             items = np.asarray(items_per_episode, dtype=np.int64)
             if items.shape != (len(catalog),):
-                raise FormatError(f"items_per_episode has {items.size} entries; the store has {len(catalog)} "
-                                  "episodes")
+                raise FormatError(f"items_per_episode has {items.size} entries; the store has {len(catalog)} episodes")
         state = _plan_v2(out, family, 1, spec, producer, items, lengths, keys)
         families = {**head.families, family: FamilyState(1, {1: state})}
         return [Change("add_family", {"family": family, "generation": 1})], {"families": families}
 
-    def _new_generation_v2(self, head: Snapshot, cat: CatalogData, out: ArrayWriter, family: str, gen: int,
-                           counts: np.ndarray, lengths: Any, producer: Producer, keys: Any) -> Any:
+    def _new_generation_v2(
+        self,
+        head: Snapshot,
+        cat: CatalogData,
+        out: ArrayWriter,
+        family: str,
+        gen: int,
+        counts: np.ndarray,
+        lengths: Any,
+        producer: Producer,
+        keys: Any,
+    ) -> Any:
         fstate = head.families[family]
         if gen in fstate.generations or len(cat.names) != len(counts):
-            raise CommitConflictError(f"family {family!r} changed meanwhile (another writer); reopen the store and "
-                                      "plan the generation again")
+            raise CommitConflictError(
+                f"family {family!r} changed meanwhile (another writer); reopen the store and plan the generation again"
+            )
         spec = fstate.generations[fstate.current_generation].spec
         state = _plan_v2(out, family, gen, spec, producer, counts, lengths, keys)
-        families = {**head.families, family: FamilyState(fstate.current_generation,
-                                                         {**fstate.generations, gen: state})}
+        families = {**head.families, family: FamilyState(fstate.current_generation, {**fstate.generations, gen: state})}
         return [Change("new_generation", {"family": family, "generation": gen})], {"families": families}
 
     def _switch_v2(self, head: Snapshot, family: str, generation: int, dropped: set[int]) -> Any:
@@ -1170,8 +1313,8 @@ class VLAStore:
             raise KeyError(f"family {family!r} has no generation {generation}")
         gens = {g: s for g, s in fstate.generations.items() if g not in dropped or g == generation}
         return [Change("switch_generation", {"family": family, "generation": generation})], {
-            "families": {**head.families, family: FamilyState(generation, gens)}}
-
+            "families": {**head.families, family: FamilyState(generation, gens)}
+        }
 
     # -------------------------------------------------------------- compact
 
@@ -1194,21 +1337,22 @@ class VLAStore:
                 values = self._physical_series(head, key)[index]
                 out.small(path, values)
                 series[key] = SeriesState(state.columns, state.dtype, (SeriesSegment(path, len(values)),))
-            moved = CatalogData(cat.names, cat.episode_id, cat.steps, offsets[:-1], cat.fps, cat.task, cat.attrs,
-                                cat.tasks)
+            moved = CatalogData(
+                cat.names, cat.episode_id, cat.steps, offsets[:-1], cat.fps, cat.task, cat.attrs, cat.tasks
+            )
             cat_path, tasks_path = self._write_catalog(out, moved)
             return [Change("compact", {"series": sorted(series)})], {
                 "series": series,
-                "catalog": CatalogRef(cat_path, len(moved.names), int(moved.steps.sum()), tasks_path,
-                                      len(moved.tasks)),
+                "catalog": CatalogRef(cat_path, len(moved.names), int(moved.steps.sum()), tasks_path, len(moved.tasks)),
             }
 
         return self._commit(apply)
 
     # ------------------------------------------------------------- gc
 
-    def gc(self, retention_s: float = 24 * 3600, keep: int = 1, dry_run: bool = False,
-           compact: bool = False) -> dict[str, Any]:
+    def gc(
+        self, retention_s: float = 24 * 3600, keep: int = 1, dry_run: bool = False, compact: bool = False
+    ) -> dict[str, Any]:
         """Delete commits older than ``retention_s`` (always keeping the newest ``keep``) and every object no
         kept commit uses (format 2).
 
@@ -1230,7 +1374,7 @@ class VLAStore:
             return {"commits": 0, "objects": 0, "bytes": 0, "kept": []}
         head = numbers[-1]
         now = _dt.datetime.now(_dt.UTC)
-        kept = set(numbers[-max(1, keep):])
+        kept = set(numbers[-max(1, keep) :])
         for number in numbers:
             try:
                 snap = log_.read(number)
@@ -1257,8 +1401,12 @@ class VLAStore:
                 self.storage.delete(log_key(number))
             for key, _size in doomed:
                 self.storage.delete(key)
-        return {"commits": len(doomed_commits), "objects": len(doomed), "bytes": sum(s for _, s in doomed),
-                "kept": sorted(kept)}
+        return {
+            "commits": len(doomed_commits),
+            "objects": len(doomed),
+            "bytes": sum(s for _, s in doomed),
+            "kept": sorted(kept),
+        }
 
 
 class _Nothing(Exception):  # noqa: N818 - control flow: the change found nothing to do
@@ -1317,8 +1465,7 @@ def _used_arrays(snapshot: Snapshot, arrays: Mapping[str, str]) -> dict[str, str
                 folders.add(seg.path)
                 if seg.tables:
                     folders.add(seg.tables)
-    return {p: c for p, c in sorted(arrays.items())
-            if p in folders or any(p.startswith(f + "/") for f in folders)}
+    return {p: c for p, c in sorted(arrays.items()) if p in folders or any(p.startswith(f + "/") for f in folders)}
 
 
 def _generation(state: GenerationState, segments: tuple[Any, ...], layout: str, rows: int) -> GenerationState:
@@ -1327,20 +1474,38 @@ def _generation(state: GenerationState, segments: tuple[Any, ...], layout: str, 
     return dataclasses.replace(state, segments=tuple(segments), layout=layout, rows=rows, capacity=capacity)
 
 
-def _plan_v2(out: ArrayWriter, family: str, gen: int, spec: FamilySpec, producer: Producer, items: np.ndarray,
-             lengths: Any, keys: Any) -> GenerationState:
+def _plan_v2(
+    out: ArrayWriter,
+    family: str,
+    gen: int,
+    spec: FamilySpec,
+    producer: Producer,
+    items: np.ndarray,
+    lengths: Any,
+    keys: Any,
+) -> GenerationState:
     """A new generation: one segment with the rows of every catalog episode, and its layout."""
     items = np.asarray(items, dtype=np.int64)
     if spec.ragged != (lengths is not None):
-        raise FormatError("a ragged family needs the length of every row at planning time" if spec.ragged else
-                          "lengths are only for ragged families (FamilySpec(ragged=True))")
+        raise FormatError(
+            "a ragged family needs the length of every row at planning time"
+            if spec.ragged
+            else "lengths are only for ragged families (FamilySpec(ragged=True))"
+        )
     if spec.has_keys != (keys is not None):
-        raise FormatError(f"family {family!r}: spec.has_keys={spec.has_keys} but keys were "
-                          f"{'given' if keys is not None else 'not given'}")
+        raise FormatError(
+            f"family {family!r}: spec.has_keys={spec.has_keys} but keys were "
+            f"{'given' if keys is not None else 'not given'}"
+        )
     FamilyLayout.plan(spec, items, lengths)  # the same checks as format 1 (lengths per row, shard fit)
-    seg = new_segment(out, family, gen, spec, 0, SegmentRows(items, None if lengths is None else
-                                                             np.asarray(lengths), None if keys is None else
-                                                             list(keys)))
+    seg = new_segment(
+        out,
+        family,
+        gen,
+        spec,
+        0,
+        SegmentRows(items, None if lengths is None else np.asarray(lengths), None if keys is None else list(keys)),
+    )
     row_start = np.concatenate([[0], np.cumsum(items)[:-1]]).astype(np.int64)
     layout = write_layout(out, family, gen, row_start, items)
     segments = (seg,) if seg is not None else ()
@@ -1348,8 +1513,9 @@ def _plan_v2(out: ArrayWriter, family: str, gen: int, spec: FamilySpec, producer
     return _generation(state, segments, layout, int(items.sum()))
 
 
-def _rows_for(family: str, gen: int, spec: FamilySpec, new: Sequence[EpisodeData],
-              rows: Mapping[str, Any] | None) -> SegmentRows:
+def _rows_for(
+    family: str, gen: int, spec: FamilySpec, new: Sequence[EpisodeData], rows: Mapping[str, Any] | None
+) -> SegmentRows:
     given = (rows or {}).get(family)
     if isinstance(given, Mapping):
         given = given.get(gen)
@@ -1362,20 +1528,29 @@ def _rows_for(family: str, gen: int, spec: FamilySpec, new: Sequence[EpisodeData
         raise FormatError(
             f"family {family!r} needs the rows of the new episodes (it is ragged, has row keys, or has no "
             f"vlm_reuse_count): pass rows={{{family!r}: SegmentRows(items, lengths, keys)}}, or use the ingest "
-            "command that plans them")
+            "command that plans them"
+        )
     return SegmentRows(vlm_items(np.asarray([e.step_count() for e in new]), spec.vlm_reuse_count))
 
 
-def _append_rows(head: Snapshot, cat: CatalogData, out: ArrayWriter, new: Sequence[EpisodeData],
-                 columns: Mapping[str, Sequence[str]] | None, allow_nonfinite: bool,
-                 keys: Sequence[str]) -> tuple[CatalogData, dict[str, SeriesState], None]:
+def _append_rows(
+    head: Snapshot,
+    cat: CatalogData,
+    out: ArrayWriter,
+    new: Sequence[EpisodeData],
+    columns: Mapping[str, Sequence[str]] | None,
+    allow_nonfinite: bool,
+    keys: Sequence[str],
+) -> tuple[CatalogData, dict[str, SeriesState], None]:
     """New series segments and catalog entries for ``new`` (appended after ``cat``)."""
     steps = np.asarray([e.step_count() for e in new], dtype=np.int64)
     series: dict[str, SeriesState] = dict(head.series)
     extra = sorted({k for e in new for k in e.series} - set(keys))
     if extra:
-        raise FormatError(f"episode series {extra} are not in the store (it has {sorted(keys)}); every episode "
-                          "needs exactly the store's series")
+        raise FormatError(
+            f"episode series {extra} are not in the store (it has {sorted(keys)}); every episode "
+            "needs exactly the store's series"
+        )
     base = 0
     for key in keys:
         old = head.series.get(key)
@@ -1383,16 +1558,19 @@ def _append_rows(head: Snapshot, cat: CatalogData, out: ArrayWriter, new: Sequen
         stacked, info = _stack_series(new, key, cols, allow_nonfinite)
         if old is not None:
             if info.columns != old.columns:
-                raise FormatError(f"series {key!r}: columns {list(info.columns)} given, the store has "
-                                  f"{list(old.columns)}")
+                raise FormatError(
+                    f"series {key!r}: columns {list(info.columns)} given, the store has {list(old.columns)}"
+                )
             stacked = stacked.astype(old.dtype)
             base = old.rows
         path = f"{SERIES_SEGMENTS}/{key}/{out.oid('s')}"
         out.small(path, stacked)
         previous = old.segments if old is not None else ()
-        series[key] = SeriesState(info.columns if old is None else old.columns,
-                                  info.dtype if old is None else old.dtype,
-                                  (*previous, SeriesSegment(path, len(stacked))))
+        series[key] = SeriesState(
+            info.columns if old is None else old.columns,
+            info.dtype if old is None else old.dtype,
+            (*previous, SeriesSegment(path, len(stacked))),
+        )
     if not keys:  # no series: steps still get positions, past every earlier one
         base = int((cat.step_start + cat.steps).max()) if len(cat.names) else 0
     tasks = list(cat.tasks)

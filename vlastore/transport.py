@@ -44,8 +44,16 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["register", "pack_batch", "in_dataloader_worker", "unpack_pinned", "RING_SLOTS", "MAX_RING_SLOTS",
-           "MAX_SLOT_BYTES", "SLOT_ALIGN"]
+__all__ = [
+    "register",
+    "pack_batch",
+    "in_dataloader_worker",
+    "unpack_pinned",
+    "RING_SLOTS",
+    "MAX_RING_SLOTS",
+    "MAX_SLOT_BYTES",
+    "SLOT_ALIGN",
+]
 
 RING_SLOTS = 2
 """Slots of a worker's first ring: DataLoader's default prefetch (2 per worker); it doubles when that is short.
@@ -66,9 +74,18 @@ _TENSOR_ALIGN = 64  # tensors inside a slot start on cache lines (any dtype view
 _HEADER = SLOT_ALIGN  # slot states (int64 each) at the start of the ring: up to 512 slots
 _FREE, _BUSY = 0, 1
 
-_NUMPY_OF = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16,
-             torch.bfloat16: np.int16, torch.int64: np.int64, torch.int32: np.int32, torch.int16: np.int16,
-             torch.int8: np.int8, torch.uint8: np.uint8, torch.bool: np.bool_}
+_NUMPY_OF = {
+    torch.float32: np.float32,
+    torch.float64: np.float64,
+    torch.float16: np.float16,
+    torch.bfloat16: np.int16,
+    torch.int64: np.int64,
+    torch.int32: np.int32,
+    torch.int16: np.int16,
+    torch.int8: np.int8,
+    torch.uint8: np.uint8,
+    torch.bool: np.bool_,
+}
 _NUMPY = {str(d): np.dtype(n) for d, n in _NUMPY_OF.items()}
 _TORCH_NAME = {np.dtype(n).char: str(d) for d, n in _NUMPY_OF.items() if d != torch.bfloat16}
 
@@ -168,8 +185,12 @@ def _sources(batch: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], Signature
             dtype = "torch.bfloat16" if is_bf16 else _TORCH_NAME.get(array.dtype.char, "")
             if not dtype:
                 continue
-        elif (type(value) is torch.Tensor and value.device.type == "cpu" and value.dtype in _NUMPY_OF
-              and not value.requires_grad):
+        elif (
+            type(value) is torch.Tensor
+            and value.device.type == "cpu"
+            and value.dtype in _NUMPY_OF
+            and not value.requires_grad
+        ):
             dtype = str(value.dtype)
             tensor = value.contiguous()
             array = (tensor.view(torch.int16) if value.dtype == torch.bfloat16 else tensor).numpy()
@@ -199,8 +220,10 @@ class _Layout:
         views = self.views.get(slot)
         if views is None:
             area = ring.bytes[_HEADER + slot * ring.slot_nbytes :]
-            views = self.views[slot] = [(key, np.ndarray(shape, char, area, offset))
-                                        for (key, _dtype, shape, offset, _n), char in zip(self.entries, self.chars)]
+            views = self.views[slot] = [
+                (key, np.ndarray(shape, char, area, offset))
+                for (key, _dtype, shape, offset, _n), char in zip(self.entries, self.chars)
+            ]
         return views
 
 
@@ -294,8 +317,13 @@ def _unpack(
     ring = _attach(handle)
     if isinstance(layout, tuple):
         number, entries, used = layout
-        layout = ring.layouts[number] = ([(key, _NUMPY[dtype], shape, offset, dtype == "torch.bfloat16")
-                                          for key, dtype, shape, offset, _nbytes in entries], used)
+        layout = ring.layouts[number] = (
+            [
+                (key, _NUMPY[dtype], shape, offset, dtype == "torch.bfloat16")
+                for key, dtype, shape, offset, _nbytes in entries
+            ],
+            used,
+        )
     else:
         layout = ring.layouts[layout]
     views, used = layout

@@ -84,7 +84,8 @@ def window_indices(
 
 
 def seconds_to_steps(
-    deltas_s: Sequence[float] | np.ndarray, fps: float | Sequence[float] | np.ndarray,
+    deltas_s: Sequence[float] | np.ndarray,
+    fps: float | Sequence[float] | np.ndarray,
     tolerance_s: float = DEFAULT_TOLERANCE_S,
 ) -> np.ndarray:
     """Step offsets of time offsets at a frame rate: ``round(delta * fps)``, checked like LeRobot.
@@ -106,8 +107,10 @@ def seconds_to_steps(
     bad_rate = ~np.isfinite(rates) | (rates <= 0)
     if bad_rate.any():
         where = "" if rates.ndim == 0 else f" (episode #{int(np.flatnonzero(bad_rate)[0])})"
-        raise ValueError(f"fps must be a positive number, got {float(rates[bad_rate].reshape(-1)[0])}{where}; "
-                         "pass fps= for episodes whose store does not record it")
+        raise ValueError(
+            f"fps must be a positive number, got {float(rates[bad_rate].reshape(-1)[0])}{where}; "
+            "pass fps= for episodes whose store does not record it"
+        )
     if not np.isfinite(deltas).all():
         raise ValueError(f"delta_timestamps must be finite numbers of seconds, got {deltas.tolist()}")
     steps = np.rint(deltas[None, :] * rates.reshape(-1, 1))
@@ -127,8 +130,12 @@ def seconds_to_steps(
 
 
 def timestamp_window_indices(
-    step_offsets: np.ndarray, timestamps: np.ndarray, episodes: np.ndarray, steps: np.ndarray,
-    deltas_s: np.ndarray, tolerance_s: float = DEFAULT_TOLERANCE_S,
+    step_offsets: np.ndarray,
+    timestamps: np.ndarray,
+    episodes: np.ndarray,
+    steps: np.ndarray,
+    deltas_s: np.ndarray,
+    tolerance_s: float = DEFAULT_TOLERANCE_S,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Nearest step to ``timestamp[step] + delta`` for every ``(sample, delta)``, within the episode.
 
@@ -274,15 +281,7 @@ class WindowPlan:
         both = sorted(set(delta_steps) & set(delta_timestamps))
         if both:
             raise ValueError(f"keys {both} are in both delta_steps and delta_timestamps; give each key once")
-        step_lists: dict[str, np.ndarray] = {}
-        for key, deltas in delta_steps.items():
-            raw = np.asarray(deltas).reshape(-1)
-            if raw.size and not np.issubdtype(raw.dtype, np.integer):
-                as_int = np.rint(raw.astype(np.float64))
-                if not np.array_equal(as_int, raw):
-                    raise ValueError(f"delta_steps[{key!r}] must be whole steps, got {raw.tolist()}; "
-                                     "give offsets in seconds as delta_timestamps=")
-            step_lists[key] = raw.astype(np.int64)
+        step_lists = _whole_step_lists(delta_steps)
         time_lists = {k: np.asarray(v, dtype=np.float64).reshape(-1) for k, v in delta_timestamps.items()}
         for key, deltas in (*step_lists.items(), *time_lists.items()):
             if deltas.size == 0:
@@ -294,21 +293,7 @@ class WindowPlan:
             )
         per_episode = False
         if time_lists and timestamps is None:
-            rates = np.asarray(fps, dtype=np.float64)
-            if rates.ndim == 0:
-                converted = {k: seconds_to_steps(v, float(rates), tolerance_s) for k, v in time_lists.items()}
-            else:
-                per_episode = True
-                used = np.arange(len(rates)) if episodes is None else np.unique(np.asarray(episodes, np.int64))
-                converted = {}
-                for key, deltas in time_lists.items():
-                    table = np.zeros((len(rates), len(deltas)), dtype=np.int64)
-                    if used.size:
-                        try:
-                            table[used] = seconds_to_steps(deltas, rates[used], tolerance_s)
-                        except ValueError as err:
-                            raise ValueError(f"delta_timestamps[{key!r}]: {err}") from None
-                    converted[key] = table
+            converted, per_episode = _seconds_as_steps(time_lists, fps, tolerance_s, episodes)
             step_lists.update(converted)
             time_lists = {}
         n_episodes = next((len(v) for v in step_lists.values() if v.ndim == 2), 0)
@@ -472,7 +457,11 @@ class WindowPlan:
         return {key: blocks[b] for key, b in self.block_of.items()}
 
     def check_grid(
-        self, step_offsets: np.ndarray, episodes: np.ndarray, steps: np.ndarray, names: Sequence[str] | None = None,
+        self,
+        step_offsets: np.ndarray,
+        episodes: np.ndarray,
+        steps: np.ndarray,
+        names: Sequence[str] | None = None,
         chunk: int = 1 << 16,
     ) -> None:
         """Refuse samples whose time offsets fall in a gap of the timestamps (no step within tolerance).
@@ -488,8 +477,9 @@ class WindowPlan:
             _, _, off = timestamp_window_indices(step_offsets, self.timestamps, e, t, self.time_table, self.tolerance_s)
             if off.any():
                 i, w = (int(x) for x in np.argwhere(off)[0])
-                key = next(k for k, (kind, cols) in self.columns.items()
-                           if kind == "time" and cols.start <= w < cols.stop)
+                key = next(
+                    k for k, (kind, cols) in self.columns.items() if kind == "time" and cols.start <= w < cols.stop
+                )
                 episode = names[int(e[i])] if names is not None else f"#{int(e[i])}"
                 raise ValueError(
                     f"{int(off.sum()):,} windows ask for times with no step within tolerance_s={self.tolerance_s:g}, "
@@ -541,3 +531,42 @@ def split_episodes(n_episodes: int, val_fraction: float, seed: int = 0) -> tuple
         n_val = min(max(n_val, 1), n_episodes - 1)
     perm = np.random.default_rng(seed).permutation(n_episodes)
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+def _whole_step_lists(delta_steps: Mapping[str, Sequence[int] | np.ndarray]) -> dict[str, np.ndarray]:
+    """``{key: int64 offsets}``; float offsets must be whole numbers."""
+    step_lists: dict[str, np.ndarray] = {}
+    for key, deltas in delta_steps.items():
+        raw = np.asarray(deltas).reshape(-1)
+        if raw.size and not np.issubdtype(raw.dtype, np.integer):
+            as_int = np.rint(raw.astype(np.float64))
+            if not np.array_equal(as_int, raw):
+                raise ValueError(
+                    f"delta_steps[{key!r}] must be whole steps, got {raw.tolist()}; "
+                    "give offsets in seconds as delta_timestamps="
+                )
+        step_lists[key] = raw.astype(np.int64)
+    return step_lists
+
+
+def _seconds_as_steps(
+    time_lists: dict[str, np.ndarray],
+    fps: float | Sequence[float] | np.ndarray | None,
+    tolerance_s: float,
+    episodes: Sequence[int] | np.ndarray | None,
+) -> tuple[dict[str, np.ndarray], bool]:
+    """Offsets in seconds as steps: ``({key: [n] or [E, n] steps}, per_episode)`` (per episode: one fps each)."""
+    rates = np.asarray(fps, dtype=np.float64)
+    if rates.ndim == 0:
+        return {k: seconds_to_steps(v, float(rates), tolerance_s) for k, v in time_lists.items()}, False
+    used = np.arange(len(rates)) if episodes is None else np.unique(np.asarray(episodes, np.int64))
+    converted = {}
+    for key, deltas in time_lists.items():
+        table = np.zeros((len(rates), len(deltas)), dtype=np.int64)
+        if used.size:
+            try:
+                table[used] = seconds_to_steps(deltas, rates[used], tolerance_s)
+            except ValueError as err:
+                raise ValueError(f"delta_timestamps[{key!r}]: {err}") from None
+        converted[key] = table
+    return converted, True

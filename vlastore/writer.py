@@ -106,7 +106,12 @@ class _Pending:
     __slots__ = ("builder", "received", "first_row", "compressed_rows", "existing", "new_rows")
 
     def __init__(
-        self, builder: RawShardBuilder | None, n_rows: int, first_row: int, n_chunks: int, row_bytes: int,
+        self,
+        builder: RawShardBuilder | None,
+        n_rows: int,
+        first_row: int,
+        n_chunks: int,
+        row_bytes: int,
         existing: _Existing | None = None,
     ) -> None:
         self.builder = builder
@@ -244,8 +249,9 @@ class FamilyWriter:
             if not self.repair:  # its rows cannot be known: left alone; verify reports it, repair rewrites it
                 self._done.add(shard)
                 self.shards_unreadable.append((shard, str(exc)))
-                log.warning("family %r shard %d: %s; left alone (rerun with repair=True to rewrite it)",
-                            self.family, shard, exc)
+                log.warning(
+                    "family %r shard %d: %s; left alone (rerun with repair=True to rewrite it)", self.family, shard, exc
+                )
                 return
             self._existing[shard] = _Existing(np.zeros(len(rows), dtype=bool), storage.version(key))
             return
@@ -329,8 +335,10 @@ class FamilyWriter:
             if len(values) != len(rows):
                 raise FormatError(f"{len(values)} values for {len(rows)} rows")
             # check every value and every owner before buffering any, so a bad batch leaves no trace
-            checked = [self._check(row, as_storage_array(value, self.spec.dtype))
-                       for row, value in zip(rows.tolist(), values, strict=False)]
+            checked = [
+                self._check(row, as_storage_array(value, self.spec.dtype))
+                for row, value in zip(rows.tolist(), values, strict=False)
+            ]
             self._check_rows(rows)
             for row, value in zip(rows.tolist(), checked, strict=False):
                 self._put(row, value)
@@ -371,9 +379,7 @@ class FamilyWriter:
         return ascending
 
     def _check(self, row: int, value: np.ndarray) -> np.ndarray:
-        expected = (
-            (int(self.layout.lengths[row]), *self.spec.row_shape) if self.spec.ragged else self.spec.row_shape
-        )
+        expected = (int(self.layout.lengths[row]), *self.spec.row_shape) if self.spec.ragged else self.spec.row_shape
         if value.shape != expected:
             what = "planned length and row shape" if self.spec.ragged else "row_shape"
             raise FormatError(
@@ -421,8 +427,14 @@ class FamilyWriter:
             if self.spec.compression is None:
                 spare = self._spare_buffers.pop() if self._spare_buffers else None
                 builder = RawShardBuilder(self.layout.rows_per_shard, n_chunks, self.spec.row_nbytes, spare)
-            pending = _Pending(builder, len(rows), int(rows[0]) if len(rows) else 0, n_chunks, self.spec.row_nbytes,
-                               self._existing.get(shard))
+            pending = _Pending(
+                builder,
+                len(rows),
+                int(rows[0]) if len(rows) else 0,
+                n_chunks,
+                self.spec.row_nbytes,
+                self._existing.get(shard),
+            )
             self._pending[shard] = pending
         return pending
 
@@ -502,14 +514,16 @@ class FamilyWriter:
         while len(self._in_flight) >= in_flight:
             self._wait_oldest()
         if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1 if not self.fsync else _FSYNC_IN_FLIGHT,
-                                                thread_name_prefix="vlastore-writer")
+            self._executor = ThreadPoolExecutor(
+                max_workers=1 if not self.fsync else _FSYNC_IN_FLIGHT, thread_name_prefix="vlastore-writer"
+            )
         future = self._executor.submit(self._encode_and_write, shard, pending, present)
         self._in_flight.append((shard, future, pending))
 
     def _recycle(self, pending: _Pending) -> None:
-        if pending.builder is not None and len(self._spare_buffers) <= (_FSYNC_IN_FLIGHT if self.fsync else
-                                                                      _MAX_IN_FLIGHT):
+        if pending.builder is not None and len(self._spare_buffers) <= (
+            _FSYNC_IN_FLIGHT if self.fsync else _MAX_IN_FLIGHT
+        ):
             self._spare_buffers.append(pending.builder.buffer)
 
     def _encode_and_write(self, shard: int, pending: _Pending, present: np.ndarray) -> None:

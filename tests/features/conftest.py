@@ -1,6 +1,5 @@
 """Fixtures for the feature tests: a tiny random Qwen2-VL saved to disk, and small episodes with images."""
 
-
 from __future__ import annotations
 
 import os

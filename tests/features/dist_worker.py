@@ -25,16 +25,41 @@ def perturb(model: torch.nn.Module) -> None:
 def run(store: str, data: str, model: str, out: str) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    code = main(["build-features", store, "--data-root", data, "--model", model, "--rows-per-shard", "2",
-                 "--batch-size", "3", "-q", "--dtype", "float32", "--device", "cpu",
-                 "--stats-json", f"{out}/stats-{{rank}}.json"])
+    code = main(
+        [
+            "build-features",
+            store,
+            "--data-root",
+            data,
+            "--model",
+            model,
+            "--rows-per-shard",
+            "2",
+            "--batch-size",
+            "3",
+            "-q",
+            "--dtype",
+            "float32",
+            "--device",
+            "cpu",
+            "--stats-json",
+            f"{out}/stats-{{rank}}.json",
+        ]
+    )
     assert code == 0, code
     extractor = get_extractor("transformers-vl", model=model, device="cpu", dtype="float32")
     perturb(extractor.model)
     result = rebuild_features(store, "qwen_vl", extractor, DataFolder(data), batch_size=3, progress=False)
     with open(f"{out}/rebuild-{rank}.json", "w") as f:
-        json.dump({"generation": result.generation, "previous": result.previous, "rows": result.stats.rows,
-                   "fingerprint": result.stats.fingerprint}, f)
+        json.dump(
+            {
+                "generation": result.generation,
+                "previous": result.previous,
+                "rows": result.stats.rows,
+                "fingerprint": result.stats.fingerprint,
+            },
+            f,
+        )
     dist.destroy_process_group()
 
 

@@ -13,7 +13,9 @@ def patch_colors(images, instruction):
     for image in images:
         pixels = np.asarray(image, dtype=np.float32) / 255.0
         h, w = pixels.shape[0] // 2, pixels.shape[1] // 2
-        rows.append([pixels[i * h:(i + 1) * h, j * w:(j + 1) * w].mean(axis=(0, 1)) for i in (0, 1) for j in (0, 1)])
+        rows.append(
+            [pixels[i * h : (i + 1) * h, j * w : (j + 1) * w].mean(axis=(0, 1)) for i in (0, 1) for j in (0, 1)]
+        )
     return np.asarray(rows, dtype=np.float16).reshape(len(images), 12)
 
 

@@ -74,8 +74,9 @@ def test_build_writes_every_row_with_the_models_features(episodes, tiny_extracto
 def test_pooling_last_and_all_tokens(episodes, tiny_model_dir, tiny_extractor, pooling):
     store_path, data = episodes
     source = DataFolder(data)
-    extractor = TransformersVLExtractor(tiny_extractor.model, tiny_extractor.processor, pooling=pooling,
-                                        dtype="float32")
+    extractor = TransformersVLExtractor(
+        tiny_extractor.model, tiny_extractor.processor, pooling=pooling, dtype="float32"
+    )
     build_features(store_path, extractor, source, family=f"f_{pooling}", batch_size=4, progress=False)
     store = VLAStore.open(store_path)
     name = store.datasets[0]
@@ -97,9 +98,7 @@ def test_pooling_last_and_all_tokens(episodes, tiny_model_dir, tiny_extractor, p
 BATCHING_RTOL, BATCHING_ATOL = 1e-5, 1e-6
 
 
-def test_two_ranks_under_torchrun_equal_one_process_then_rebuild(
-    episodes, tiny_model_dir, tiny_extractor, tmp_path
-):
+def test_two_ranks_under_torchrun_equal_one_process_then_rebuild(episodes, tiny_model_dir, tiny_extractor, tmp_path):
     """`vlastore build-features` on 2 gloo ranks, then a 2-rank rebuild with the live model changed.
 
     Equal to one process up to float32 noise (batches differ); bit-identical where the batches are the same.
@@ -109,8 +108,18 @@ def test_two_ranks_under_torchrun_equal_one_process_then_rebuild(
     shutil.copytree(store_path, single)
     pristine = tmp_path / "pristine.vla"
     shutil.copytree(store_path, pristine)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                str(HERE / "dist_worker.py"), str(store_path), str(data), str(tiny_model_dir), str(tmp_path)]
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(HERE / "dist_worker.py"),
+        str(store_path),
+        str(data),
+        str(tiny_model_dir),
+        str(tmp_path),
+    ]
     done = subprocess.run(torchrun, env=_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     build_features(single, tiny_extractor, DataFolder(data), rows_per_shard=2, batch_size=4, progress=False)
@@ -141,8 +150,9 @@ def test_two_ranks_under_torchrun_equal_one_process_then_rebuild(
     torch.set_num_threads(1)
     try:
         for rank in (0, 1):
-            compute_rows(same, "qwen_vl", tiny_extractor, DataFolder(data), batch_size=3, rank=rank, world_size=2,
-                         progress=False)
+            compute_rows(
+                same, "qwen_vl", tiny_extractor, DataFolder(data), batch_size=3, rank=rank, world_size=2, progress=False
+            )
     finally:
         torch.set_num_threads(threads)
     for r, got in enumerate(_rows(pristine)):
@@ -165,8 +175,22 @@ def test_a_run_killed_with_sigkill_resumes_where_it_stopped(episodes, tmp_path):
     clean = tmp_path / "clean.vla"
     shutil.copytree(store_path, clean)
     # a plug-in extractor as slow as a small model, so the kill lands mid-run
-    cmd = [sys.executable, "-m", "vlastore", "build-features", str(store_path), "--data-root", str(data),
-           "--extractor", "features_plugins:slow_patch_colors", "--rows-per-shard", "2", "--batch-size", "1", "-q"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "vlastore",
+        "build-features",
+        str(store_path),
+        "--data-root",
+        str(data),
+        "--extractor",
+        "features_plugins:slow_patch_colors",
+        "--rows-per-shard",
+        "2",
+        "--batch-size",
+        "1",
+        "-q",
+    ]
     proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     values = store_path / "features" / "qwen_vl" / "gen-0001" / "values" / "c"
     deadline = time.monotonic() + 120
@@ -186,8 +210,9 @@ def test_a_run_killed_with_sigkill_resumes_where_it_stopped(episodes, tmp_path):
     extractor = get_extractor("features_plugins:slow_patch_colors")
     stats = build_features(store_path, extractor, DataFolder(data), progress=False)
     assert stats.rows_skipped == written and stats.rows == rows - written
-    build_features(clean, get_extractor("features_plugins:slow_patch_colors"), DataFolder(data), rows_per_shard=2,
-                   progress=False)
+    build_features(
+        clean, get_extractor("features_plugins:slow_patch_colors"), DataFolder(data), rows_per_shard=2, progress=False
+    )
     for a, b in zip(_rows(store_path), _rows(clean), strict=True):
         np.testing.assert_array_equal(a, b)
     assert features_plugins.patch_colors is not None
@@ -199,8 +224,11 @@ def test_existing_family_of_other_weights_is_refused(episodes, tiny_extractor):
     store = VLAStore.open(store_path, writable=True)
     from vlastore.format import FamilySpec, Producer
 
-    store.add_family("qwen_vl", FamilySpec((32,), "float32", vlm_reuse_count=3),
-                     producer=Producer("other", fingerprint="blake2b:0000", params=tiny_extractor.params()))
+    store.add_family(
+        "qwen_vl",
+        FamilySpec((32,), "float32", vlm_reuse_count=3),
+        producer=Producer("other", fingerprint="blake2b:0000", params=tiny_extractor.params()),
+    )
     with pytest.raises(FeatureMismatchError, match="rebuild"):
         build_features(store_path, tiny_extractor, source, progress=False)
 
@@ -228,16 +256,21 @@ def test_batch_size_backs_off_on_out_of_memory(episodes, tiny_extractor):
     store = VLAStore.open(store_path)
     assert store.coverage("qwen_vl").all()
     name = store.datasets[2]
-    torch.testing.assert_close(store.feature("qwen_vl", name, 3),
-                               _reference(tiny_extractor, DataFolder(data), name, 3).mean(0), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        store.feature("qwen_vl", name, 3),
+        _reference(tiny_extractor, DataFolder(data), name, 3).mean(0),
+        rtol=1e-4,
+        atol=1e-5,
+    )
 
 
 def test_cli_reports_a_missing_data_root_in_one_line(episodes, tiny_model_dir, tmp_path):
     from vlastore.cli import main
 
     store_path, _ = episodes
-    code = main(["build-features", str(store_path), "--data-root", str(tmp_path / "nope"),
-                 "--model", str(tiny_model_dir), "-q"])
+    code = main(
+        ["build-features", str(store_path), "--data-root", str(tmp_path / "nope"), "--model", str(tiny_model_dir), "-q"]
+    )
     assert code == 2
 
 
@@ -301,12 +334,21 @@ def test_a_rerun_fills_holes_and_repair_rewrites_corrupt_rows(episodes, tmp_path
     shard1.write_bytes(bytes(raw))
     report = verify_store(store_path)
     assert report.missing["qwen_vl"].rows == 2 and len(report.corrupt) == 1
-    stats = build_features(store_path, get_extractor("features_plugins:patch_colors"), DataFolder(data),
-                           progress=False)
+    stats = build_features(store_path, get_extractor("features_plugins:patch_colors"), DataFolder(data), progress=False)
     assert stats.rows == 2  # the holes, nothing else
     assert not verify_store(store_path).missing and len(verify_store(store_path).corrupt) == 1
-    code = main(["build-features", str(store_path), "--data-root", str(data), "--extractor",
-                 "features_plugins:patch_colors", "--repair", "-q"])
+    code = main(
+        [
+            "build-features",
+            str(store_path),
+            "--data-root",
+            str(data),
+            "--extractor",
+            "features_plugins:patch_colors",
+            "--repair",
+            "-q",
+        ]
+    )
     assert code == 0 and verify_store(store_path).ok
     for a, b in zip(_rows(store_path), complete, strict=True):
         np.testing.assert_array_equal(a, b)

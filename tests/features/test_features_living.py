@@ -26,5 +26,6 @@ def test_build_after_an_append_computes_only_the_new_rows(episodes, tmp_path):
     assert again.rows == new_rows and first.rows == store.layout("qwen_vl").rows - new_rows
     assert all(p.read_bytes() == b for p, b in files.items())  # no earlier shard rewritten
     rows = np.arange(store.layout("qwen_vl").rows)
-    np.testing.assert_array_equal(np.asarray(store.reader("qwen_vl").gather(rows)),
-                                  np.asarray(reference.reader("qwen_vl").gather(rows)))
+    np.testing.assert_array_equal(
+        np.asarray(store.reader("qwen_vl").gather(rows)), np.asarray(reference.reader("qwen_vl").gather(rows))
+    )

@@ -61,8 +61,11 @@ def test_rebuild_during_an_epoch_keeps_the_running_reader_and_the_next_epoch_see
     expected = live_extractor.compute(live_extractor.prepare([item]))[0]
     torch.testing.assert_close(training_view.feature("qwen_vl", name, 1), expected)
     info = training_view.generation("qwen_vl")
-    assert info.producer.fingerprint == live_extractor.fingerprint() != training_view.generation(
-        "qwen_vl", 1).producer.fingerprint
+    assert (
+        info.producer.fingerprint
+        == live_extractor.fingerprint()
+        != training_view.generation("qwen_vl", 1).producer.fingerprint
+    )
     assert info.producer.model == "tiny-lora"
 
 

@@ -40,8 +40,10 @@ def test_a_function_plugin_builds_a_family_the_same_way(episodes):
     item = DataFolder(data).item(store.datasets[0], 2, 6)
     import features_plugins
 
-    np.testing.assert_array_equal(store.feature("patches", store.datasets[0], 2).numpy(),
-                                  features_plugins.patch_colors(item.load_images(), item.instruction))
+    np.testing.assert_array_equal(
+        store.feature("patches", store.datasets[0], 2).numpy(),
+        features_plugins.patch_colors(item.load_images(), item.instruction),
+    )
     assert store.generation("patches").producer.model == "features_plugins:patch_colors"
 
 

@@ -94,8 +94,9 @@ def test_step_instruction_follows_task_index(lossless: tuple[Path, Written]) -> 
 def _reference(extractor, written: Written, episode: int, step: int) -> torch.Tensor:
     """The row computed directly from the frames that were encoded and the step's task."""
     images = [Image.fromarray(written.frames[c][episode][step]) for c in CAMERAS]
-    item = Item(f"episode_{episode:06d}", step // 3, step, (Path("a"), Path("b")),
-                TASKS[written.task_index[episode][step]])
+    item = Item(
+        f"episode_{episode:06d}", step // 3, step, (Path("a"), Path("b")), TASKS[written.task_index[episode][step]]
+    )
     inputs = extractor.processor(text=[extractor.text(item)], images=images, return_tensors="pt")
     with torch.no_grad():
         return extractor.model.model(**inputs).last_hidden_state[0].mean(0)
@@ -107,14 +108,16 @@ def test_build_features_from_videos(lossless: tuple[Path, Written], tiny_extract
     import shutil
 
     shutil.copytree(root.parent / "store.vla", store_path)
-    stats = build_features(store_path, tiny_extractor, LeRobotVideoSource(root), rows_per_shard=4, batch_size=3,
-                           progress=False)
+    stats = build_features(
+        store_path, tiny_extractor, LeRobotVideoSource(root), rows_per_shard=4, batch_size=3, progress=False
+    )
     store = VLAStore.open(store_path)
     assert store.coverage("qwen_vl").all() and stats.rows == sum(-(-n // 3) for n in LENGTHS)
     for episode, vlm_idx in [(0, 0), (0, 2), (1, 1), (2, 2)]:
         expected = _reference(tiny_extractor, written, episode, vlm_idx * 3)
-        torch.testing.assert_close(store.feature("qwen_vl", f"episode_{episode:06d}", vlm_idx), expected,
-                                   rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            store.feature("qwen_vl", f"episode_{episode:06d}", vlm_idx), expected, rtol=1e-4, atol=1e-5
+        )
 
 
 def _env() -> dict[str, str]:
@@ -127,19 +130,30 @@ def _env() -> dict[str, str]:
 def _cli_without_pyav(*args: str) -> subprocess.CompletedProcess[str]:
     """The command in a process where ``import av`` fails, as on a machine without the [video] extra."""
     code = "import sys; sys.modules['av'] = None; from vlastore.cli import main; sys.exit(main(sys.argv[1:]))"
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=_env(),
-                          timeout=240)
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=_env(), timeout=240)
 
 
-def test_cli_build_features_from_lerobot_root(lossless: tuple[Path, Written], tiny_model_dir: Path,
-                                              tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_build_features_from_lerobot_root(
+    lossless: tuple[Path, Written], tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     root, _ = lossless
     import shutil
 
     store = tmp_path / "store.vla"
     shutil.copytree(root.parent / "store.vla", store)
-    base = ["build-features", str(store), "--lerobot-root", str(root), "--model", str(tiny_model_dir),
-            "--device", "cpu", "--dtype", "float32", "-q"]
+    base = [
+        "build-features",
+        str(store),
+        "--lerobot-root",
+        str(root),
+        "--model",
+        str(tiny_model_dir),
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
+        "-q",
+    ]
     assert main([*base, "--cameras", CAMERAS[1], "--family", "wrist"]) == 0, capsys.readouterr().err
     assert VLAStore.open(store).coverage("wrist").all()
     capsys.readouterr()

@@ -232,13 +232,22 @@ def _progress_bar(total: int, rank: int, world_size: int, progress: bool, family
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="row", desc=f"{family} ({world_size} rank{'s' if world_size > 1 else ''})",
-                dynamic_ncols=True, disable=None)
+    return tqdm(
+        total=total,
+        unit="row",
+        desc=f"{family} ({world_size} rank{'s' if world_size > 1 else ''})",
+        dynamic_ncols=True,
+        disable=None,
+    )
 
 
 def plan_lengths(
-    store: VLAStore, extractor: FeatureExtractor, source: DataFolder, items_per_episode: np.ndarray,
-    vlm_reuse_count: int, batch_size: int = 32,
+    store: VLAStore,
+    extractor: FeatureExtractor,
+    source: DataFolder,
+    items_per_episode: np.ndarray,
+    vlm_reuse_count: int,
+    batch_size: int = 32,
 ) -> np.ndarray:
     """Token rows of every planned row of a ragged family, from the processor alone.
 
@@ -265,7 +274,10 @@ def check_producer(store: VLAStore, family: str, extractor: FeatureExtractor, fi
     current = store.generation(family)
     spec = extractor.spec(current.spec.vlm_reuse_count or 1)
     same_shape = (current.spec.row_shape, current.spec.dtype, current.spec.ragged) == (
-        spec.row_shape, spec.dtype, spec.ragged)
+        spec.row_shape,
+        spec.dtype,
+        spec.ragged,
+    )
     if not same_shape:
         raise FeatureMismatchError(
             f"family {family!r} holds rows {current.spec.row_shape} {current.spec.dtype}"
@@ -318,15 +330,23 @@ def build_features(
     else:
         spec = extractor.spec(vlm_reuse_count, rows_per_shard=rows_per_shard, compression=compression)
         info = _plan_family(store, family, spec, extractor, source, fingerprint, batch_size)
-    stats = compute_rows(store, family, extractor, source, info.generation, batch_size, rank, world_size, progress,
-                         repair=repair)
+    stats = compute_rows(
+        store, family, extractor, source, info.generation, batch_size, rank, world_size, progress, repair=repair
+    )
     stats.fingerprint = fingerprint
     barrier()
     return stats
 
 
-def _plan_family(store: VLAStore, family: str, spec: FamilySpec, extractor: FeatureExtractor, source: DataFolder,
-                 fingerprint: str, batch_size: int) -> GenerationInfo:
+def _plan_family(
+    store: VLAStore,
+    family: str,
+    spec: FamilySpec,
+    extractor: FeatureExtractor,
+    source: DataFolder,
+    fingerprint: str,
+    batch_size: int,
+) -> GenerationInfo:
     rank, _ = rank_world()
     from ..layout import vlm_items
 

@@ -42,8 +42,14 @@ def extractor_options(
     """
     options: dict[str, Any] = {}
     if extractor in BUILTIN_VL:
-        given = {"model": model, "adapter": adapter, "pooling": pooling, "layer": layer, "dtype": dtype,
-                 "device": device}
+        given = {
+            "model": model,
+            "adapter": adapter,
+            "pooling": pooling,
+            "layer": layer,
+            "dtype": dtype,
+            "device": device,
+        }
         options.update({k: v for k, v in given.items() if v is not None})
     for pair in extra or []:
         key, sep, value = pair.partition("=")
@@ -94,30 +100,51 @@ def run_build_features(
         if lerobot_root is not None:
             from .video import LeRobotVideoSource
 
-            source = LeRobotVideoSource(lerobot_root, cameras=cameras, instruction=instruction,
-                                        name_pattern=lerobot_name_pattern)
+            source = LeRobotVideoSource(
+                lerobot_root, cameras=cameras, instruction=instruction, name_pattern=lerobot_name_pattern
+            )
         elif data_root is not None:
-            source = DataFolder(Path(data_root), image_pattern=image_pattern,
-                                cameras=tuple(cameras) if cameras else None, instruction_file=instruction_file,
-                                instruction=instruction)
+            source = DataFolder(
+                Path(data_root),
+                image_pattern=image_pattern,
+                cameras=tuple(cameras) if cameras else None,
+                instruction_file=instruction_file,
+                instruction=instruction,
+            )
         else:
             raise ExtractorError("give the images: --data-root DATA or --lerobot-root ROOT")
         made = get_extractor(extractor, **kwargs)
         if rebuild:
-            result = rebuild_features(store, family, made, source, batch_size=batch_size,
-                                      keep_previous=keep_previous, progress=progress)
+            result = rebuild_features(
+                store, family, made, source, batch_size=batch_size, keep_previous=keep_previous, progress=progress
+            )
             stats = result.stats
         else:
-            stats = build_features(store, made, source, family=family, vlm_reuse_count=vlm_reuse_count,
-                                   batch_size=batch_size, rows_per_shard=rows_per_shard, compression=compression,
-                                   progress=progress, repair=repair)
+            stats = build_features(
+                store,
+                made,
+                source,
+                family=family,
+                vlm_reuse_count=vlm_reuse_count,
+                batch_size=batch_size,
+                rows_per_shard=rows_per_shard,
+                compression=compression,
+                progress=progress,
+                repair=repair,
+            )
         rank, _ = rank_world()
         logging.getLogger(__name__).info(stats.summary())
         if stats_json:
             path = stats_json.replace("{rank}", str(rank))
             with open(path, "w") as f:
-                json.dump({**{k: v for k, v in vars(stats).items()},
-                           "outside_forward_fraction": stats.outside_forward_fraction}, f, indent=2)
+                json.dump(
+                    {
+                        **{k: v for k, v in vars(stats).items()},
+                        "outside_forward_fraction": stats.outside_forward_fraction,
+                    },
+                    f,
+                    indent=2,
+                )
         return stats
     finally:
         if created_group:
@@ -150,21 +177,44 @@ def _cmd_build_features(args: argparse.Namespace) -> int:
         if folder is not None and not Path(folder).is_dir():
             raise UserError(f"{option} {folder}: no such folder")
     if args.repair and args.rebuild:
-        raise UserError("--repair rewrites corrupt rows of the current generation; --rebuild writes a new one "
-                        "from scratch: use one of them")
+        raise UserError(
+            "--repair rewrites corrupt rows of the current generation; --rebuild writes a new one "
+            "from scratch: use one of them"
+        )
     try:
-        options = extractor_options(args.extractor, model=args.model, adapter=args.adapter, pooling=args.pooling,
-                                    layer=args.layer, dtype=args.dtype, device=args.device, extra=args.option)
+        options = extractor_options(
+            args.extractor,
+            model=args.model,
+            adapter=args.adapter,
+            pooling=args.pooling,
+            layer=args.layer,
+            dtype=args.dtype,
+            device=args.device,
+            extra=args.option,
+        )
     except ValueError as exc:
         raise ExtractorError(str(exc)) from None
     stats = run_build_features(
-        args.store, args.data_root, extractor=args.extractor, options=options, family=args.family,
-        vlm_reuse_count=args.vlm_reuse_count, batch_size=args.batch_size, image_pattern=args.image_pattern,
-        cameras=args.cameras.split(",") if args.cameras else None, instruction_file=args.instruction_file,
-        instruction=args.instruction, rows_per_shard=args.rows_per_shard, compression=args.compression,
-        rebuild=args.rebuild, keep_previous=None if args.keep_all else args.keep_previous,
-        progress=not args.quiet, stats_json=args.stats_json, lerobot_root=args.lerobot_root,
-        lerobot_name_pattern=args.name_pattern, repair=args.repair,
+        args.store,
+        args.data_root,
+        extractor=args.extractor,
+        options=options,
+        family=args.family,
+        vlm_reuse_count=args.vlm_reuse_count,
+        batch_size=args.batch_size,
+        image_pattern=args.image_pattern,
+        cameras=args.cameras.split(",") if args.cameras else None,
+        instruction_file=args.instruction_file,
+        instruction=args.instruction,
+        rows_per_shard=args.rows_per_shard,
+        compression=args.compression,
+        rebuild=args.rebuild,
+        keep_previous=None if args.keep_all else args.keep_previous,
+        progress=not args.quiet,
+        stats_json=args.stats_json,
+        lerobot_root=args.lerobot_root,
+        lerobot_name_pattern=args.name_pattern,
+        repair=args.repair,
     )
     if not args.quiet:
         print(stats.summary(), file=sys.stderr)
@@ -184,49 +234,92 @@ def add_build_features_parser(sub: argparse._SubParsersAction) -> argparse.Argum
     p.add_argument("store", help="path of the store (its catalog names the episodes)")
     images = p.add_mutually_exclusive_group(required=True)
     images.add_argument("--data-root", help="folder with one sub-folder per episode (images, instruction)")
-    images.add_argument("--lerobot-root", metavar="ROOT",
-                        help="a LeRobot v3.0 dataset (the one `vlastore ingest lerobot` read): frames from its "
-                             "videos, decoded with PyAV (pip install 'vlastore[video]'), the task of each step as "
-                             "instruction; --cameras picks video keys")
-    p.add_argument("--name-pattern", default=None, metavar="PATTERN",
-                   help="with --lerobot-root: the --name-pattern `ingest lerobot` used (default: "
-                        "episode_{episode_index:06d})")
-    p.add_argument("--model", default="Qwen/Qwen2.5-VL-3B-Instruct",
-                   help="hub id or local folder (default: %(default)s)")
+    images.add_argument(
+        "--lerobot-root",
+        metavar="ROOT",
+        help="a LeRobot v3.0 dataset (the one `vlastore ingest lerobot` read): frames from its "
+        "videos, decoded with PyAV (pip install 'vlastore[video]'), the task of each step as "
+        "instruction; --cameras picks video keys",
+    )
+    p.add_argument(
+        "--name-pattern",
+        default=None,
+        metavar="PATTERN",
+        help="with --lerobot-root: the --name-pattern `ingest lerobot` used (default: episode_{episode_index:06d})",
+    )
+    p.add_argument(
+        "--model", default="Qwen/Qwen2.5-VL-3B-Instruct", help="hub id or local folder (default: %(default)s)"
+    )
     p.add_argument("--adapter", help="PEFT/LoRA adapter folder applied to --model (needs peft)")
-    p.add_argument("--extractor", default="transformers-vl",
-                   help="registered extractor id or module:function (default: %(default)s)")
+    p.add_argument(
+        "--extractor",
+        default="transformers-vl",
+        help="registered extractor id or module:function (default: %(default)s)",
+    )
     p.add_argument("--option", action="append", metavar="KEY=VALUE", help="extra extractor option (repeatable)")
     p.add_argument("--family", default="qwen_vl", help="feature family to write (default: %(default)s)")
-    p.add_argument("--pooling", choices=["mean", "last", "all"], default="mean",
-                   help="mean over tokens, last token, or all tokens as variable-length rows (default: %(default)s)")
+    p.add_argument(
+        "--pooling",
+        choices=["mean", "last", "all"],
+        default="mean",
+        help="mean over tokens, last token, or all tokens as variable-length rows (default: %(default)s)",
+    )
     p.add_argument("--layer", type=int, default=-1, help="hidden-state layer; -1 = last (default: %(default)s)")
-    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
-                   help="stored dtype (default: bfloat16 on GPU, float32 on CPU)")
+    p.add_argument(
+        "--dtype",
+        choices=["bfloat16", "float16", "float32"],
+        help="stored dtype (default: bfloat16 on GPU, float32 on CPU)",
+    )
     p.add_argument("--device", help="torch device (default: cuda:LOCAL_RANK when available, else cpu)")
-    p.add_argument("--vlm-reuse-count", type=_count(1), default=3,
-                   help="steps served by one row (default: %(default)s)")
-    p.add_argument("--batch-size", type=_count(1), default=8,
-                   help="items per forward; halved on out-of-memory (default: %(default)s)")
-    p.add_argument("--image-pattern", default="{camera}/{step:06d}.png",
-                   help="image path inside an episode folder (default: %(default)s)")
-    p.add_argument("--cameras", help="comma-separated camera folders (or LeRobot video keys), in model order "
-                   "(default: all, sorted; LeRobot: info.json's order)")
-    p.add_argument("--instruction-file", default="instruction.txt",
-                   help="per-episode instruction file, .txt or .json (default: %(default)s)")
+    p.add_argument(
+        "--vlm-reuse-count", type=_count(1), default=3, help="steps served by one row (default: %(default)s)"
+    )
+    p.add_argument(
+        "--batch-size",
+        type=_count(1),
+        default=8,
+        help="items per forward; halved on out-of-memory (default: %(default)s)",
+    )
+    p.add_argument(
+        "--image-pattern",
+        default="{camera}/{step:06d}.png",
+        help="image path inside an episode folder (default: %(default)s)",
+    )
+    p.add_argument(
+        "--cameras",
+        help="comma-separated camera folders (or LeRobot video keys), in model order "
+        "(default: all, sorted; LeRobot: info.json's order)",
+    )
+    p.add_argument(
+        "--instruction-file",
+        default="instruction.txt",
+        help="per-episode instruction file, .txt or .json (default: %(default)s)",
+    )
     p.add_argument("--instruction", help="one instruction for every episode (instead of the file)")
-    p.add_argument("--rows-per-shard", type=_count(0), default=0,
-                   help="rows per shard file for a new family (default: auto)")
-    p.add_argument("--compression", choices=["zstd"],
-                   help="compress a new family's shards (default: raw, memory-mapped)")
-    p.add_argument("--rebuild", action="store_true",
-                   help="write a new generation with the current weights, then switch readers to it")
-    p.add_argument("--keep-previous", type=_count(0), default=1,
-                   help="replaced generations kept after --rebuild (default: %(default)s)")
+    p.add_argument(
+        "--rows-per-shard", type=_count(0), default=0, help="rows per shard file for a new family (default: auto)"
+    )
+    p.add_argument(
+        "--compression", choices=["zstd"], help="compress a new family's shards (default: raw, memory-mapped)"
+    )
+    p.add_argument(
+        "--rebuild",
+        action="store_true",
+        help="write a new generation with the current weights, then switch readers to it",
+    )
+    p.add_argument(
+        "--keep-previous",
+        type=_count(0),
+        default=1,
+        help="replaced generations kept after --rebuild (default: %(default)s)",
+    )
     p.add_argument("--keep-all", action="store_true", help="keep every old generation after --rebuild")
-    p.add_argument("--repair", action="store_true",
-                   help="also recompute rows whose bytes fail their checksum (reads every shard first); missing "
-                        "rows are always computed on a rerun")
+    p.add_argument(
+        "--repair",
+        action="store_true",
+        help="also recompute rows whose bytes fail their checksum (reads every shard first); missing "
+        "rows are always computed on a rerun",
+    )
     p.add_argument("--stats-json", help="write this rank's timing stats here ({rank} is replaced)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     p.set_defaults(func=_cmd_build_features)

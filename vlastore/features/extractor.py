@@ -84,8 +84,12 @@ class FeatureExtractor:
 
     def spec(self, vlm_reuse_count: int, rows_per_shard: int = 0, compression: str | None = None) -> FamilySpec:
         return FamilySpec(
-            self.row_shape, self.dtype, ragged=self.ragged, vlm_reuse_count=vlm_reuse_count,
-            rows_per_shard=rows_per_shard, compression=compression,
+            self.row_shape,
+            self.dtype,
+            ragged=self.ragged,
+            vlm_reuse_count=vlm_reuse_count,
+            rows_per_shard=rows_per_shard,
+            compression=compression,
         )
 
     def lengths(self, items: Sequence[Item]) -> list[int]:
@@ -128,8 +132,10 @@ class FunctionExtractor(FeatureExtractor):
         return {"items": list(items), "images": [item.load_images() for item in items]}
 
     def compute(self, prepared: Any) -> Any:
-        rows = [_as_numpy(self.function(images, item.instruction))
-                for item, images in zip(prepared["items"], prepared["images"], strict=True)]
+        rows = [
+            _as_numpy(self.function(images, item.instruction))
+            for item, images in zip(prepared["items"], prepared["images"], strict=True)
+        ]
         return rows
 
 

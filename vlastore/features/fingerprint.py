@@ -64,7 +64,10 @@ def _is_adapter(name: str) -> bool:
 
 
 def state_dict_fingerprint(
-    state: Mapping[str, Any] | Iterable[tuple[str, Any]], rank: int = 0, world_size: int = 1, group: Any = None,
+    state: Mapping[str, Any] | Iterable[tuple[str, Any]],
+    rank: int = 0,
+    world_size: int = 1,
+    group: Any = None,
     threads: int | None = None,
 ) -> Fingerprint:
     """Fingerprint of a state dict.
@@ -101,8 +104,9 @@ def state_dict_fingerprint(
     base_hex = base.hexdigest()
     adapter_hex = adapter.hexdigest() if n_adapter else ""
     whole = hashlib.blake2b(f"{base_hex}+{adapter_hex}".encode(), digest_size=DIGEST_SIZE).hexdigest()
-    return Fingerprint(f"blake2b:{whole}", base=f"blake2b:{base_hex}",
-                       adapter=f"blake2b:{adapter_hex}" if adapter_hex else "")
+    return Fingerprint(
+        f"blake2b:{whole}", base=f"blake2b:{base_hex}", adapter=f"blake2b:{adapter_hex}" if adapter_hex else ""
+    )
 
 
 def model_fingerprint(model: Any, rank: int | None = None, world_size: int | None = None) -> Fingerprint:

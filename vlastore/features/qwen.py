@@ -32,14 +32,17 @@ def _image_text_processor_class() -> Any:
     from transformers.processing_utils import ProcessorMixin
 
     class ImageTextProcessor(Qwen2VLProcessor):
-        def __init__(self, image_processor: Any = None, tokenizer: Any = None, chat_template: Any = None,
-                     **kwargs: Any) -> None:
+        def __init__(
+            self, image_processor: Any = None, tokenizer: Any = None, chat_template: Any = None, **kwargs: Any
+        ) -> None:
             self.image_token = getattr(tokenizer, "image_token", "<|image_pad|>")
             self.video_token = getattr(tokenizer, "video_token", "<|video_pad|>")
             self.image_token_id = getattr(tokenizer, "image_token_id", None) or tokenizer.convert_tokens_to_ids(
-                self.image_token)
+                self.image_token
+            )
             self.video_token_id = getattr(tokenizer, "video_token_id", None) or tokenizer.convert_tokens_to_ids(
-                self.video_token)
+                self.video_token
+            )
             ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
 
     return ImageTextProcessor
@@ -67,8 +70,11 @@ def load_processor(model: str | os.PathLike[str], **kwargs: Any) -> Any:
 
 
 def load_model(
-    model: str | os.PathLike[str], adapter: str | os.PathLike[str] | None = None, torch_dtype: Any = None,
-    device: Any = None, **kwargs: Any,
+    model: str | os.PathLike[str],
+    adapter: str | os.PathLike[str] | None = None,
+    torch_dtype: Any = None,
+    device: Any = None,
+    **kwargs: Any,
 ) -> Any:
     """A vision-language model from a hub id or folder, with an optional PEFT/LoRA adapter, in eval mode."""
     import torch
@@ -184,8 +190,16 @@ class TransformersVLExtractor(FeatureExtractor):
         # weights stay in bfloat16 on GPU (autocast), float32 on CPU (exact)
         torch_dtype = torch.bfloat16 if on_gpu else torch.float32
         loaded = load_model(model, adapter=adapter, torch_dtype=torch_dtype, device=device, **extra)
-        return cls(loaded, processor, pooling=pooling, layer=layer, dtype=dtype, model_name=str(model),
-                   revision=revision or "", prompt=prompt)
+        return cls(
+            loaded,
+            processor,
+            pooling=pooling,
+            layer=layer,
+            dtype=dtype,
+            model_name=str(model),
+            revision=revision or "",
+            prompt=prompt,
+        )
 
     # ------------------------------------------------------------ manifest
 

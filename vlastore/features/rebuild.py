@@ -126,5 +126,3 @@ def _resumable_generation(store: VLAStore, family: str, fingerprint: str, params
     if info.producer.fingerprint == fingerprint and info.producer.params == params:
         return newest
     return None
-
-

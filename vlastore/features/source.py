@@ -61,8 +61,10 @@ class DataFolder:
         if self.cameras is not None:
             self.cameras = tuple(self.cameras)
         if not self.root.is_dir():
-            raise FileNotFoundError(f"data root {self.root} is not a folder; give --data-root the folder that "
-                                    "holds one sub-folder per dataset")
+            raise FileNotFoundError(
+                f"data root {self.root} is not a folder; give --data-root the folder that "
+                "holds one sub-folder per dataset"
+            )
 
     def episode_dir(self, dataset: str) -> Path:
         path = self.root / dataset
@@ -79,10 +81,13 @@ class DataFolder:
             return self.cameras
         if dataset not in self._cameras:
             folder = self.episode_dir(dataset)
-            found = tuple(sorted(
-                p.name for p in folder.iterdir()
-                if p.is_dir() and any(f.suffix.lower() in IMAGE_SUFFIXES for f in p.iterdir())
-            ))
+            found = tuple(
+                sorted(
+                    p.name
+                    for p in folder.iterdir()
+                    if p.is_dir() and any(f.suffix.lower() in IMAGE_SUFFIXES for f in p.iterdir())
+                )
+            )
             if not found:
                 raise FileNotFoundError(
                     f"dataset {dataset!r}: {folder} has no camera sub-folder with images; give --cameras or "
@@ -122,16 +127,27 @@ class DataFolder:
     def item(self, dataset: str, index: int, step: int) -> Item:
         return Item(dataset, int(index), int(step), self.image_paths(dataset, step), self.instruction_of(dataset))
 
-    def items(self, store: VLAStore, family: str, rows: Sequence[int] | np.ndarray,
-              generation: int | None = None, vlm_reuse_count: int | None = None) -> list[Item]:
+    def items(
+        self,
+        store: VLAStore,
+        family: str,
+        rows: Sequence[int] | np.ndarray,
+        generation: int | None = None,
+        vlm_reuse_count: int | None = None,
+    ) -> list[Item]:
         """Items of ``rows`` of a family: row ``(dataset, vlm_idx)`` shows step ``vlm_idx * vlm_reuse_count``."""
         layout = store.layout(family, generation)
         reuse = vlm_reuse_count or layout.spec.vlm_reuse_count or 1
         return items_for_rows(self, store.catalog.names, layout.episode_rows, rows, reuse)
 
 
-def items_for_rows(folder: DataFolder, names: Sequence[str], episode_rows: np.ndarray,
-                   rows: Sequence[int] | np.ndarray, vlm_reuse_count: int) -> list[Item]:
+def items_for_rows(
+    folder: DataFolder,
+    names: Sequence[str],
+    episode_rows: np.ndarray,
+    rows: Sequence[int] | np.ndarray,
+    vlm_reuse_count: int,
+) -> list[Item]:
     rows = np.asarray(rows, dtype=np.int64)
     episodes = np.searchsorted(episode_rows, rows, side="right") - 1
     return [

@@ -18,8 +18,13 @@ TINY_HIDDEN = 32
 """Hidden size of the tiny model's language model (the feature width)."""
 
 SPECIAL_TOKENS = [
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-    "<|image_pad|>", "<|video_pad|>",
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
 ]
 
 # the shape of Qwen2-VL's template, cut down to text and images
@@ -132,13 +137,18 @@ def make_tiny_qwen2vl(
     model = Qwen2VLForConditionalGeneration(config).eval()
     model.save_pretrained(path)
     pixels = image_size * image_size
-    image_processor = ImageProcessor(min_pixels=pixels, max_pixels=pixels, patch_size=14, merge_size=2,
-                                     temporal_patch_size=2)
+    image_processor = ImageProcessor(
+        min_pixels=pixels, max_pixels=pixels, patch_size=14, merge_size=2, temporal_patch_size=2
+    )
     try:
         from transformers import Qwen2VLVideoProcessor
 
-        processor = Qwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                                     video_processor=Qwen2VLVideoProcessor(), chat_template=TINY_CHAT_TEMPLATE)
+        processor = Qwen2VLProcessor(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            video_processor=Qwen2VLVideoProcessor(),
+            chat_template=TINY_CHAT_TEMPLATE,
+        )
     except ImportError:  # no torchvision: the image+text processor vlastore falls back to
         from .qwen import _image_text_processor_class
 

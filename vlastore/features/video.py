@@ -104,8 +104,10 @@ class VideoFrames:
                 raise VideoDecodeError(f"{path}: cannot be decoded ({exc})") from None
             if chosen is None or abs(chosen.time - timestamp) > self.tolerance_s:
                 near = "no frame" if chosen is None else f"the nearest frame is at {chosen.time:.4f} s"
-                raise VideoDecodeError(f"{path}: no frame at {timestamp:.4f} s ({near}; tolerance "
-                                       f"{self.tolerance_s:.4f} s); the video and meta/episodes disagree")
+                raise VideoDecodeError(
+                    f"{path}: no frame at {timestamp:.4f} s ({near}; tolerance "
+                    f"{self.tolerance_s:.4f} s); the video and meta/episodes disagree"
+                )
             return chosen.to_ndarray(format="rgb24")
 
     def _cursor(self, path: str) -> _Cursor:
@@ -135,8 +137,9 @@ class VideoFrames:
 
     def _seek(self, cursor: _Cursor, timestamp: float) -> None:
         target = max(0.0, timestamp - self.tolerance_s)
-        cursor.container.seek(int(target / cursor.stream.time_base), stream=cursor.stream, backward=True,
-                              any_frame=False)
+        cursor.container.seek(
+            int(target / cursor.stream.time_base), stream=cursor.stream, backward=True, any_frame=False
+        )
         cursor.frames = cursor.container.decode(cursor.stream)
         cursor.before = cursor.after = None
 
@@ -149,8 +152,12 @@ class VideoFrames:
     def _nearest(self, cursor: _Cursor, timestamp: float) -> Any:
         """Decode until a frame at or after ``timestamp``; the nearer of it and the one before."""
         earliest = cursor.before if cursor.before is not None else cursor.after
-        if (cursor.frames is None or earliest is None or timestamp < earliest.time - self.tolerance_s
-                or timestamp - cursor.after.time > AHEAD_S):
+        if (
+            cursor.frames is None
+            or earliest is None
+            or timestamp < earliest.time - self.tolerance_s
+            or timestamp - cursor.after.time > AHEAD_S
+        ):
             self._seek(cursor, timestamp)  # behind what was decoded, or far ahead: back to a key frame
         while cursor.after is None or cursor.after.time < timestamp:
             frame = self._next(cursor)
@@ -206,17 +213,26 @@ class LeRobotVideoSource(DataFolder):
         LeRobotFormatError: ``root`` is not a LeRobot v3.0 dataset.
     """
 
-    def __init__(self, root: str | os.PathLike[str], cameras: Sequence[str] | None = None,
-                 instruction: str | None = None, name_pattern: str | None = None,
-                 tolerance_s: float | None = None) -> None:
-        super().__init__(Path(root), image_pattern="", cameras=tuple(cameras) if cameras else None,
-                         instruction=instruction)
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        cameras: Sequence[str] | None = None,
+        instruction: str | None = None,
+        name_pattern: str | None = None,
+        tolerance_s: float | None = None,
+    ) -> None:
+        super().__init__(
+            Path(root), image_pattern="", cameras=tuple(cameras) if cameras else None, instruction=instruction
+        )
         self.meta = read_lerobot_meta(self.root, name_pattern or DEFAULT_NAME_PATTERN)
         videos = self.meta.video_keys
         if not videos:
             images = [k for k, f in self.meta.features.items() if f.kind == "image"]
-            more = f" (its images {images} are stored inside the Parquet files, which this source does not read)" \
-                if images else ""
+            more = (
+                f" (its images {images} are stored inside the Parquet files, which this source does not read)"
+                if images
+                else ""
+            )
             raise ExtractorError(f"{self.root}: the LeRobot dataset has no video feature{more}")
         unknown = [c for c in self.cameras or () if c not in videos]
         if unknown:
@@ -234,7 +250,8 @@ class LeRobotVideoSource(DataFolder):
             why = f"; meta/episodes problems: {[str(p) for p in self.meta.problems[:3]]}" if self.meta.problems else ""
             raise FileNotFoundError(
                 f"dataset {dataset!r}: no episode of that name in the LeRobot dataset {self.root} (names come "
-                f"from --name-pattern at ingest; give the same one to build-features){why}") from None
+                f"from --name-pattern at ingest; give the same one to build-features){why}"
+            ) from None
 
     def cameras_of(self, dataset: str) -> tuple[str, ...]:
         return self.video_cameras
@@ -244,8 +261,10 @@ class LeRobotVideoSource(DataFolder):
         paths = []
         for camera in self.video_cameras:
             if camera not in episode.videos:
-                raise FileNotFoundError(f"dataset {dataset!r}: meta/episodes gives no video of camera {camera!r} "
-                                        f"for LeRobot episode {episode.episode_index}")
+                raise FileNotFoundError(
+                    f"dataset {dataset!r}: meta/episodes gives no video of camera {camera!r} "
+                    f"for LeRobot episode {episode.episode_index}"
+                )
             paths.append(self.root / episode.videos[camera].path)
         return tuple(paths)
 
@@ -282,5 +301,12 @@ class LeRobotVideoSource(DataFolder):
             self._step_tasks[e.name] = by_index[e.episode_index].astype(np.int64)
 
     def item(self, dataset: str, index: int, step: int) -> Item:
-        return VideoFrameItem(dataset, int(index), int(step), self.image_paths(dataset, step),
-                              self.step_instruction(dataset, step), self.timestamps(dataset, step), self.decoder)
+        return VideoFrameItem(
+            dataset,
+            int(index),
+            int(step),
+            self.image_paths(dataset, step),
+            self.step_instruction(dataset, step),
+            self.timestamps(dataset, step),
+            self.decoder,
+        )

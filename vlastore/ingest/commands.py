@@ -44,43 +44,96 @@ def _size(text: str) -> int:
 
 def _common(p: argparse.ArgumentParser, features: bool) -> None:
     where = p.add_mutually_exclusive_group(required=True)
-    where.add_argument("--out", metavar="STORE", help="create this store (or finish the one an earlier run "
-                                                      "of this same command started)")
-    where.add_argument("--into", metavar="STORE", help="add to this existing store (e.g. made by `vlastore ingest "
-                                                       "robot`); episodes come from it" if features else
-                       "append the episodes to an existing store (one commit; episodes already there with the "
-                       "same data are skipped, with different data refused unless --replace)")
-    p.add_argument("--workers", type=int, default=0, metavar="N",
-                   help=f"worker processes (default: one per CPU core, here {_cores()})")
-    p.add_argument("--dry-run", action="store_true", help="scan and plan only: print episodes, rows, families, "
-                   "shapes, dtypes, problems and the estimated store size; write nothing")
+    where.add_argument(
+        "--out",
+        metavar="STORE",
+        help="create this store (or finish the one an earlier run of this same command started)",
+    )
+    where.add_argument(
+        "--into",
+        metavar="STORE",
+        help="add to this existing store (e.g. made by `vlastore ingest robot`); episodes come from it"
+        if features
+        else "append the episodes to an existing store (one commit; episodes already there with the "
+        "same data are skipped, with different data refused unless --replace)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        metavar="N",
+        help=f"worker processes (default: one per CPU core, here {_cores()})",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="scan and plan only: print episodes, rows, families, "
+        "shapes, dtypes, problems and the estimated store size; write nothing",
+    )
     p.add_argument("--strict", action="store_true", help="stop (exit 1) on any bad file instead of skipping it")
-    p.add_argument("--verify", action="store_true", help="after ingesting, compare every stored value bit-exactly "
-                   "with its source file")
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="after ingesting, compare every stored value bit-exactly with its source file",
+    )
     p.add_argument("--allow-nonfinite", action="store_true", help="store NaN/Inf values instead of skipping the file")
-    p.add_argument("--max-file-size", type=_size, default=None, metavar="SIZE", help="skip source files bigger "
-                   "than this, unread (default 1G; e.g. 4G)")
-    p.add_argument("--skip-outside-links", action="store_true", help="skip symbolic links (and HDF5 external links) "
-                   "that lead outside the source folder instead of reading them (they are listed either way)")
+    p.add_argument(
+        "--max-file-size",
+        type=_size,
+        default=None,
+        metavar="SIZE",
+        help="skip source files bigger than this, unread (default 1G; e.g. 4G)",
+    )
+    p.add_argument(
+        "--skip-outside-links",
+        action="store_true",
+        help="skip symbolic links (and HDF5 external links) "
+        "that lead outside the source folder instead of reading them (they are listed either way)",
+    )
     if features:
-        p.add_argument("--full-scan", action="store_true", help="read and check every file before writing anything "
-                       "(implied by --dry-run and --strict); by default, when file names give every key, a sample "
-                       "of files fixes shape and dtype and each file is checked as it is written")
-        p.add_argument("--repair", action="store_true", help="also rewrite rows that `vlastore verify` reports "
-                       "corrupt, from their source files (each shard replaced atomically)")
+        p.add_argument(
+            "--full-scan",
+            action="store_true",
+            help="read and check every file before writing anything "
+            "(implied by --dry-run and --strict); by default, when file names give every key, a sample "
+            "of files fixes shape and dtype and each file is checked as it is written",
+        )
+        p.add_argument(
+            "--repair",
+            action="store_true",
+            help="also rewrite rows that `vlastore verify` reports "
+            "corrupt, from their source files (each shard replaced atomically)",
+        )
     p.add_argument("--report-json", metavar="PATH", help="also write the final report as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
 
 def _feature_options(p: argparse.ArgumentParser, family: str) -> None:
-    p.add_argument("--family", default=family, help="feature family name (default: %(default)s); a payload with "
-                   "several tensors gives one family per tensor, named FAMILY_<key>")
-    p.add_argument("--layout", choices=("auto", "fixed", "ragged"), default="auto", help="fixed row shape, or "
-                   "variable-length rows [L, ...]; auto picks fixed when most files share one shape")
-    p.add_argument("--compression", choices=("none", "zstd"), default="none",
-                   help="compress rows (default none: raw rows are memory-mapped by the reader)")
-    p.add_argument("--rows-per-shard", type=int, default=0, metavar="N", help="rows per shard file (default: "
-                   "4096 for small rows, ~64 MiB per shard for big ones)")
+    p.add_argument(
+        "--family",
+        default=family,
+        help="feature family name (default: %(default)s); a payload with "
+        "several tensors gives one family per tensor, named FAMILY_<key>",
+    )
+    p.add_argument(
+        "--layout",
+        choices=("auto", "fixed", "ragged"),
+        default="auto",
+        help="fixed row shape, or variable-length rows [L, ...]; auto picks fixed when most files share one shape",
+    )
+    p.add_argument(
+        "--compression",
+        choices=("none", "zstd"),
+        default="none",
+        help="compress rows (default none: raw rows are memory-mapped by the reader)",
+    )
+    p.add_argument(
+        "--rows-per-shard",
+        type=int,
+        default=0,
+        metavar="N",
+        help="rows per shard file (default: 4096 for small rows, ~64 MiB per shard for big ones)",
+    )
     p.add_argument("--model", default="", help="model id that produced the features (stored in the manifest)")
     p.add_argument("--revision", default="", help="model revision")
     p.add_argument("--fingerprint", default="", help="hash of the weights that produced the features")
@@ -88,21 +141,40 @@ def _feature_options(p: argparse.ArgumentParser, family: str) -> None:
 
 def _robot_options(p: argparse.ArgumentParser, prefix: str = "") -> None:
     dest = prefix.replace("-", "_")
-    p.add_argument(f"--{prefix}format", dest=f"{dest}format", choices=("auto", "csv", "npz", "hdf5"), default="auto",
-                   help="robot data format (default: from the file names)")
-    p.add_argument(f"--{prefix}series", dest=f"{dest}series", action="append", metavar="KEY=PAT,..",
-                   help="group columns into series by name pattern, e.g. state='joint_*,gripper' "
-                        "(repeat; default: all numeric columns in series 'data')")
-    p.add_argument(f"--{prefix}dtype", dest=f"{dest}dtype", choices=("float32", "float64"), default="float32",
-                   help="dtype of the series (default: %(default)s; float64 keeps CSV values exactly); integer "
-                        "columns that float32 would round are stored as float64")
+    p.add_argument(
+        f"--{prefix}format",
+        dest=f"{dest}format",
+        choices=("auto", "csv", "npz", "hdf5"),
+        default="auto",
+        help="robot data format (default: from the file names)",
+    )
+    p.add_argument(
+        f"--{prefix}series",
+        dest=f"{dest}series",
+        action="append",
+        metavar="KEY=PAT,..",
+        help="group columns into series by name pattern, e.g. state='joint_*,gripper' "
+        "(repeat; default: all numeric columns in series 'data')",
+    )
+    p.add_argument(
+        f"--{prefix}dtype",
+        dest=f"{dest}dtype",
+        choices=("float32", "float64"),
+        default="float32",
+        help="dtype of the series (default: %(default)s; float64 keeps CSV values exactly); integer "
+        "columns that float32 would round are stored as float64",
+    )
 
 
 def _robot_parser(r: argparse.ArgumentParser) -> None:
     r.add_argument("path", help="folder of <episode>.csv or <episode>.npz files, or a robomimic .hdf5 file")
     _common(r, features=False)
-    r.add_argument("--replace", action="store_true", help="with --into: swap episodes already in the store whose "
-                   "data differ (their feature rows become missing until rebuilt)")
+    r.add_argument(
+        "--replace",
+        action="store_true",
+        help="with --into: swap episodes already in the store whose "
+        "data differ (their feature rows become missing until rebuilt)",
+    )
     r.add_argument("--task", help="task / instruction text of every episode (kept by format 2)")
     r.add_argument("--fps", type=float, help="frame rate of every episode (kept by format 2)")
     _format_option(r)
@@ -110,23 +182,46 @@ def _robot_parser(r: argparse.ArgumentParser) -> None:
 
 
 def _format_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--format-version", type=int, choices=(1, 2), default=1, help="format of a store made with --out: "
-                   "2 makes a living store (append with --into, episode metadata, snapshots); default %(default)s")
+    p.add_argument(
+        "--format-version",
+        type=int,
+        choices=(1, 2),
+        default=1,
+        help="format of a store made with --out: "
+        "2 makes a living store (append with --into, episode metadata, snapshots); default %(default)s",
+    )
 
 
 def _pt_cache_parser(c: argparse.ArgumentParser) -> None:
     c.add_argument("path", help="the cache folder")
     _common(c, features=True)
     _feature_options(c, "vl_features")
-    c.add_argument("--vlm-reuse-count", type=int, default=3, metavar="N",
-                   help="steps served by one feature row (default: %(default)s): rows per episode = "
-                        "ceil(steps / N); for a new store, steps = rows * N")
-    c.add_argument("--pattern", default=None, metavar="REGEX", help="file-name regex with groups (?P<dataset>) and "
-                   r"(?P<index>) (default: ^(?P<dataset>.+)_vlm(?P<index>\d+)\.pt$)")
-    c.add_argument("--mapping", metavar="CSV", help="file,dataset,vlm_idx rows for files whose name holds no key "
-                   "(hash-named files); files may also carry dataset/vlm_idx inside")
-    c.add_argument("--robot", metavar="PATH", help="robot data to ingest first into --out (same as running "
-                   "`vlastore ingest robot PATH --out STORE` before)")
+    c.add_argument(
+        "--vlm-reuse-count",
+        type=int,
+        default=3,
+        metavar="N",
+        help="steps served by one feature row (default: %(default)s): rows per episode = "
+        "ceil(steps / N); for a new store, steps = rows * N",
+    )
+    c.add_argument(
+        "--pattern",
+        default=None,
+        metavar="REGEX",
+        help="file-name regex with groups (?P<dataset>) and "
+        r"(?P<index>) (default: ^(?P<dataset>.+)_vlm(?P<index>\d+)\.pt$)",
+    )
+    c.add_argument(
+        "--mapping",
+        metavar="CSV",
+        help="file,dataset,vlm_idx rows for files whose name holds no key "
+        "(hash-named files); files may also carry dataset/vlm_idx inside",
+    )
+    c.add_argument(
+        "--robot",
+        metavar="PATH",
+        help="robot data to ingest first into --out (same as running `vlastore ingest robot PATH --out STORE` before)",
+    )
     _robot_options(c, "robot-")
 
 
@@ -134,8 +229,12 @@ def _vggt_parser(v: argparse.ArgumentParser) -> None:
     v.add_argument("path", help="data root: one folder of images per episode")
     _common(v, features=True)
     _feature_options(v, "vggt")
-    v.add_argument("--manifest", default="auto", metavar="PATH", help="manifest listing images per episode "
-                   "(default: manifest.json/.jsonl/.csv at the root when present)")
+    v.add_argument(
+        "--manifest",
+        default="auto",
+        metavar="PATH",
+        help="manifest listing images per episode (default: manifest.json/.jsonl/.csv at the root when present)",
+    )
     v.add_argument("--no-manifest", action="store_true", help="ignore any manifest: images ordered by name")
     v.add_argument("--robot", metavar="PATH", help="robot data to ingest first into --out")
     _robot_options(v, "robot-")
@@ -145,12 +244,20 @@ def _lerobot_parser(lr: argparse.ArgumentParser) -> None:
     lr.add_argument("path", help="the dataset folder (it holds meta/info.json, data/, videos/)")
     _common(lr, features=False)
     _format_option(lr)
-    lr.add_argument("--name-pattern", default="episode_{episode_index:06d}", metavar="PATTERN",
-                    help="store name of each episode (default: %(default)s)")
-    lr.add_argument("--dtype", choices=("float32", "float64"), default="float32",
-                    help="dtype of the series (default: %(default)s)")
-    lr.add_argument("--metadata-json", metavar="PATH", help="also write what the store format cannot hold yet "
-                    "(fps, tasks per episode, video segments, stats) as JSON")
+    lr.add_argument(
+        "--name-pattern",
+        default="episode_{episode_index:06d}",
+        metavar="PATTERN",
+        help="store name of each episode (default: %(default)s)",
+    )
+    lr.add_argument(
+        "--dtype", choices=("float32", "float64"), default="float32", help="dtype of the series (default: %(default)s)"
+    )
+    lr.add_argument(
+        "--metadata-json",
+        metavar="PATH",
+        help="also write what the store format cannot hold yet (fps, tasks per episode, video segments, stats) as JSON",
+    )
 
 
 def run_ingest(args: argparse.Namespace) -> int:
@@ -200,9 +307,17 @@ def _options(args: argparse.Namespace, **overrides: object) -> Any:
     from .source import MAX_FILE_BYTES
 
     options = IngestOptions(
-        out=args.out, into=args.into, workers=args.workers, dry_run=args.dry_run, strict=args.strict,
-        verify=args.verify, allow_nonfinite=args.allow_nonfinite, progress=not args.quiet,
-        max_file_bytes=args.max_file_size or MAX_FILE_BYTES, skip_outside_links=args.skip_outside_links)
+        out=args.out,
+        into=args.into,
+        workers=args.workers,
+        dry_run=args.dry_run,
+        strict=args.strict,
+        verify=args.verify,
+        allow_nonfinite=args.allow_nonfinite,
+        progress=not args.quiet,
+        max_file_bytes=args.max_file_size or MAX_FILE_BYTES,
+        skip_outside_links=args.skip_outside_links,
+    )
     options.replace = bool(getattr(args, "replace", False))
     options.format_version = int(getattr(args, "format_version", 1))
     for key, value in overrides.items():
@@ -217,8 +332,9 @@ def _run(args: argparse.Namespace) -> list[Any]:
 def _run_robot(args: argparse.Namespace) -> list[Any]:
     from .robot import ingest_robot
 
-    report = ingest_robot(args.path, _options(args), fmt=args.format, series=args.series, dtype=args.dtype,
-                          task=args.task, fps=args.fps)
+    report = ingest_robot(
+        args.path, _options(args), fmt=args.format, series=args.series, dtype=args.dtype, task=args.task, fps=args.fps
+    )
     _emit(args, report)
     return [report]
 
@@ -229,11 +345,17 @@ def _run_lerobot(args: argparse.Namespace) -> list[Any]:
     from .report import IngestUsageError
 
     if not os.path.isdir(args.path):
-        raise IngestUsageError(f"{args.path}: not a folder; give the LeRobot dataset folder (the one holding "
-                               "meta/info.json)")
+        raise IngestUsageError(
+            f"{args.path}: not a folder; give the LeRobot dataset folder (the one holding meta/info.json)"
+        )
     try:
-        report = ingest_lerobot(args.path, _options(args), name_pattern=args.name_pattern, dtype=args.dtype,
-                                metadata_json=args.metadata_json)
+        report = ingest_lerobot(
+            args.path,
+            _options(args),
+            name_pattern=args.name_pattern,
+            dtype=args.dtype,
+            metadata_json=args.metadata_json,
+        )
     except FormatError as exc:  # only the options are checked before reading: a usage mistake
         raise IngestUsageError(str(exc)) from None
     _emit(args, report)
@@ -243,11 +365,17 @@ def _run_lerobot(args: argparse.Namespace) -> list[Any]:
 def _feature_run_options(args: argparse.Namespace) -> Any:
     from ..format import Producer
 
-    return _options(args, layout=args.layout, full_scan=args.full_scan, repair=args.repair,
-                    compression=None if args.compression == "none" else args.compression,
-                    rows_per_shard=args.rows_per_shard,
-                    producer=Producer(args.model, args.revision, args.fingerprint,
-                                      params={"ingested_from": os.path.abspath(args.path)}))
+    return _options(
+        args,
+        layout=args.layout,
+        full_scan=args.full_scan,
+        repair=args.repair,
+        compression=None if args.compression == "none" else args.compression,
+        rows_per_shard=args.rows_per_shard,
+        producer=Producer(
+            args.model, args.revision, args.fingerprint, params={"ingested_from": os.path.abspath(args.path)}
+        ),
+    )
 
 
 def _robot_first(args: argparse.Namespace, options: Any) -> list[Any]:
@@ -258,10 +386,12 @@ def _robot_first(args: argparse.Namespace, options: Any) -> list[Any]:
     from .robot import ingest_robot
 
     if not args.out:
-        raise IngestUsageError("--robot needs --out STORE (the store it creates); with --into the store already has "
-                               "its robot data")
-    report = ingest_robot(args.robot, _options(args), fmt=args.robot_format, series=args.robot_series,
-                          dtype=args.robot_dtype)
+        raise IngestUsageError(
+            "--robot needs --out STORE (the store it creates); with --into the store already has its robot data"
+        )
+    report = ingest_robot(
+        args.robot, _options(args), fmt=args.robot_format, series=args.robot_series, dtype=args.robot_dtype
+    )
     print(report.format())
     if report.failure() is None:
         if args.dry_run:
@@ -279,8 +409,14 @@ def _run_pt_cache(args: argparse.Namespace) -> list[Any]:
     reports = _robot_first(args, options)
     if reports and reports[0].failure():
         return reports
-    report = ingest_pt_cache(args.path, options, family=args.family, vlm_reuse_count=args.vlm_reuse_count,
-                             pattern=args.pattern or NAME_PATTERN, mapping=args.mapping)
+    report = ingest_pt_cache(
+        args.path,
+        options,
+        family=args.family,
+        vlm_reuse_count=args.vlm_reuse_count,
+        pattern=args.pattern or NAME_PATTERN,
+        mapping=args.mapping,
+    )
     _emit(args, report)
     return [*reports, report]
 
@@ -311,10 +447,10 @@ class Source(NamedTuple):
 
 
 SOURCES: dict[str, Source] = {
-    "robot": Source("robot data (CSV/NPZ per episode, robomimic HDF5) -> catalog + series", _robot_parser,
-                    _run_robot),
-    "pt-cache": Source("a folder of VL feature .pt files ({dataset}_vlm{idx}.pt or hashed)", _pt_cache_parser,
-                       _run_pt_cache),
+    "robot": Source("robot data (CSV/NPZ per episode, robomimic HDF5) -> catalog + series", _robot_parser, _run_robot),
+    "pt-cache": Source(
+        "a folder of VL feature .pt files ({dataset}_vlm{idx}.pt or hashed)", _pt_cache_parser, _run_pt_cache
+    ),
     "vggt": Source("VGGT caches next to images (<image>.vggt_cache.pt) under a data root", _vggt_parser, _run_vggt),
     "lerobot": Source("a local LeRobot dataset (format v3.0) -> catalog + series", _lerobot_parser, _run_lerobot),
 }
@@ -323,12 +459,19 @@ SOURCES: dict[str, Source] = {
 
 def add_ingest_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add ``ingest`` and its :data:`SOURCES` to the ``vlastore`` parser."""
-    p = sub.add_parser("ingest", help="one-shot ingestion of robot data and .pt feature caches into a store",
-                       description="Ingest existing data into a vlastore store: scan and plan, then write in "
-                                   "parallel, resumable, with a final report.",
-                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "ingest",
+        help="one-shot ingestion of robot data and .pt feature caches into a store",
+        description="Ingest existing data into a vlastore store: scan and plan, then write in "
+        "parallel, resumable, with a final report.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sources = p.add_subparsers(dest="source", metavar="SOURCE", required=True)
     for name, source in SOURCES.items():
-        source.add_arguments(sources.add_parser(name, help=source.help, epilog=EPILOG,
-                                                formatter_class=argparse.RawDescriptionHelpFormatter))
+        source.add_arguments(
+            sources.add_parser(
+                name, help=source.help, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+            )
+        )
     return p

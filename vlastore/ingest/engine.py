@@ -50,13 +50,24 @@ from .workers import parallel_map, run_parts
 if TYPE_CHECKING:
     from .options import IngestOptions
 
-__all__ = ["Planned", "Placer", "plan_listed", "plan_named", "run", "outside_problems", "FAST_SCAN_NOTE",
-           "PARTS_PER_WORKER", "store_catalog"]
+__all__ = [
+    "Planned",
+    "Placer",
+    "plan_listed",
+    "plan_named",
+    "run",
+    "outside_problems",
+    "FAST_SCAN_NOTE",
+    "PARTS_PER_WORKER",
+    "store_catalog",
+]
 
 Placer = Callable[[list[ScannedFile]], tuple[list[Item], dict[tuple[str, int], str], list[Problem]]]
 
-FAST_SCAN_NOTE = ("fast scan: keys from file names, shape and dtype from a sample of files; each file is fully "
-                  "checked while it is written (--full-scan checks all before writing)")
+FAST_SCAN_NOTE = (
+    "fast scan: keys from file names, shape and dtype from a sample of files; each file is fully "
+    "checked while it is written (--full-scan checks all before writing)"
+)
 
 PARTS_PER_WORKER = 8
 """Parts of the shards per worker process: a slow worker (a busy core) leaves its later parts to the others."""
@@ -79,8 +90,14 @@ class Planned:
 
 
 def outside_problems(outside: list[tuple[str, str]]) -> list[Problem]:
-    return [Problem(p, "outside-source", f"{p}: symbolic link to {t}, outside the source folder; not read "
-                    "(--skip-outside-links)") for p, t in outside]
+    return [
+        Problem(
+            p,
+            "outside-source",
+            f"{p}: symbolic link to {t}, outside the source folder; not read (--skip-outside-links)",
+        )
+        for p, t in outside
+    ]
 
 
 def store_catalog(options: IngestOptions) -> tuple[list[str], np.ndarray] | None:
@@ -102,15 +119,31 @@ def plan_named(named: NameListing, options: IngestOptions, family: str, vlm_reus
         return None
     validate_name(family, "family name")
     shape, dtype = assumed
-    spec = FamilySpec(shape, dtype, ragged=False, index_name="vlm_idx", vlm_reuse_count=vlm_reuse_count,
-                      allow_nonfinite=options.allow_nonfinite, compression=options.compression,
-                      rows_per_shard=options.rows_per_shard, has_keys=False)
+    spec = FamilySpec(
+        shape,
+        dtype,
+        ragged=False,
+        index_name="vlm_idx",
+        vlm_reuse_count=vlm_reuse_count,
+        allow_nonfinite=options.allow_nonfinite,
+        compression=options.compression,
+        rows_per_shard=options.rows_per_shard,
+        has_keys=False,
+    )
     plan = FamilyPlan(family, ONLY_TENSOR, spec, named.catalog.items.copy(), sources)
     return Planned(named.catalog, [plan], named.problems, named.found, None, [FAST_SCAN_NOTE])
 
 
-def plan_listed(listing: Listing, place: Placer, options: IngestOptions, family: str, index_name: str,
-                vlm_reuse_count: int | None, keyed: bool, rows_by_count: bool = False) -> Planned:
+def plan_listed(
+    listing: Listing,
+    place: Placer,
+    options: IngestOptions,
+    family: str,
+    index_name: str,
+    vlm_reuse_count: int | None,
+    keyed: bool,
+    rows_by_count: bool = False,
+) -> Planned:
     """The plan of listed source files: a fast scan when names give every key, else every file read first."""
     paths, skipped = listing.paths, []
     if options.skip_outside_links and listing.outside:
@@ -129,9 +162,19 @@ def plan_listed(listing: Listing, place: Placer, options: IngestOptions, family:
         items, row_keys, problems = place(files)
     catalog = plan_catalog(items, store_catalog(options), vlm_reuse_count, rows_by_count)
     plans, family_problems = plan_families(
-        files, items, catalog, family, index_name=index_name, vlm_reuse_count=vlm_reuse_count,
-        layout=options.layout, allow_nonfinite=options.allow_nonfinite, compression=options.compression,
-        rows_per_shard=options.rows_per_shard, keyed=keyed, row_keys=row_keys)
+        files,
+        items,
+        catalog,
+        family,
+        index_name=index_name,
+        vlm_reuse_count=vlm_reuse_count,
+        layout=options.layout,
+        allow_nonfinite=options.allow_nonfinite,
+        compression=options.compression,
+        rows_per_shard=options.rows_per_shard,
+        keyed=keyed,
+        row_keys=row_keys,
+    )
     log = ProblemLog()
     log.extend(skipped + problems + family_problems)
     return Planned(catalog, plans, log, len(files) + len(skipped), sum(f.nbytes for f in files), notes)
@@ -154,8 +197,9 @@ def _sample_shape(paths: list[str], max_bytes: int) -> tuple[tuple[int, ...], st
     return shape, dtype
 
 
-def _fast_scan(paths: list[str], place: Placer, options: IngestOptions
-               ) -> tuple[list[ScannedFile], list[Item], dict[tuple[str, int], str], list[Problem]] | None:
+def _fast_scan(
+    paths: list[str], place: Placer, options: IngestOptions
+) -> tuple[list[ScannedFile], list[Item], dict[tuple[str, int], str], list[Problem]] | None:
     """Plan listed files without reading each, when their names give every key and a sample agrees on one shape.
 
     Returns None when a full scan is needed: a name gives no key (the key is
@@ -180,30 +224,43 @@ def _fast_scan(paths: list[str], place: Placer, options: IngestOptions
 # ----------------------------------------------------------------- run
 
 
-def run(source: str, kind: str, planned: Planned, options: IngestOptions, notes: list[str],
-        outside: list[tuple[str, str]], started: float) -> IngestReport:
+def run(
+    source: str,
+    kind: str,
+    planned: Planned,
+    options: IngestOptions,
+    notes: list[str],
+    outside: list[tuple[str, str]],
+    started: float,
+) -> IngestReport:
     """Write the plan into the store (unless a dry run) and report what was done.
 
     Raises:
         IngestError: ``--strict`` with problems, a failed write. IngestUsageError: the plan
             differs from the one of an earlier run that created the family.
     """
-    report = IngestReport(source=source, store=options.target, kind=kind, dry_run=options.dry_run,
-                          notes=notes + planned.notes)
+    report = IngestReport(
+        source=source, store=options.target, kind=kind, dry_run=options.dry_run, notes=notes + planned.notes
+    )
     report.outside_links = [f"{p} -> {t}" for p, t in outside]
     report.store_before = store_usage(options.target)
     report.store_after = dict(report.store_before)
     _report_plan(report, planned, options)
     if options.strict and report.problem_count:
-        raise IngestError(f"--strict: {report.problem_count} problem(s) in {source}; nothing written",
-                          report.problems, report)
+        raise IngestError(
+            f"--strict: {report.problem_count} problem(s) in {source}; nothing written", report.problems, report
+        )
     if options.dry_run or not planned.plans or not planned.catalog.names:
         report.seconds = time.perf_counter() - started
         return report
     store = _prepare_store(options, planned.catalog)
     _add_families(store, planned.plans, options)
-    job = WriteJob(store.location, [FamilyWork(p.name, p.entry, p.spec, p.sources) for p in planned.plans],
-                   max_file_bytes=options.max_file_bytes, repair=options.repair)
+    job = WriteJob(
+        store.location,
+        [FamilyWork(p.name, p.entry, p.spec, p.sources) for p in planned.plans],
+        max_file_bytes=options.max_file_bytes,
+        repair=options.repair,
+    )
     parts = _parts(store, planned.plans, options.n_workers)
     write_problems = _write(report, store, planned, job, options, parts)
     _finish_report(report, store, planned.plans, job)
@@ -254,7 +311,8 @@ def _add_families(store: VLAStore, plans: list[FamilyPlan], options: IngestOptio
             raise IngestUsageError(
                 f"{exc}. The plan of this run differs from the earlier run that created the family: the source "
                 "files or the options (--layout, --rows-per-shard, --vlm-reuse-count) changed. Rerun with the "
-                "same ones, or use --family NEW_NAME") from None
+                "same ones, or use --family NEW_NAME"
+            ) from None
 
 
 def _parts(store: VLAStore, plans: list[FamilyPlan], workers: int) -> int:
@@ -270,8 +328,9 @@ def _sorted(log: ProblemLog) -> ProblemLog:
     return log
 
 
-def _write(report: IngestReport, store: VLAStore, planned: Planned, job: WriteJob, options: IngestOptions,
-           parts: int) -> int:
+def _write(
+    report: IngestReport, store: VLAStore, planned: Planned, job: WriteJob, options: IngestOptions, parts: int
+) -> int:
     """Write every pending row; returns how many problems the workers found."""
     pending = 0
     for p in planned.plans:
@@ -305,8 +364,7 @@ def _finish_report(report: IngestReport, store: VLAStore, plans: list[FamilyPlan
     report.store_after = store_usage(store.location)
 
 
-def _holes(store: VLAStore, plan: FamilyPlan, present: np.ndarray, reported: set[str], job: WriteJob
-           ) -> list[Problem]:
+def _holes(store: VLAStore, plan: FamilyPlan, present: np.ndarray, reported: set[str], job: WriteJob) -> list[Problem]:
     """Why rows are missing from written shards (an earlier run skipped their files): their files read again.
 
     Rows of shards not written (left for a rerun after a transient error) are not skipped files.
@@ -321,9 +379,15 @@ def _holes(store: VLAStore, plan: FamilyPlan, present: np.ndarray, reported: set
         if path in reported:
             continue
         _, problem = load_value(path, plan.entry, plan.spec, int(layout.lengths[row]), job.max_file_bytes)
-        problems.append(problem or Problem(
-            path, "changed", f"{path}: was skipped when its shard was written by an earlier run and reads "
-            "fine now; rerun the same command to add it (or ingest into a new --family)"))
+        problems.append(
+            problem
+            or Problem(
+                path,
+                "changed",
+                f"{path}: was skipped when its shard was written by an earlier run and reads "
+                "fine now; rerun the same command to add it (or ingest into a new --family)",
+            )
+        )
         reported.add(path)
     return problems
 
@@ -333,5 +397,10 @@ def _verify(job: WriteJob, options: IngestOptions, parts: int, total: int) -> di
         results: list[PartResult] = run_parts(verify_part, job, parts, options.n_workers, "verify", bar.update)
     mismatches = sorted(m for r in results for m in r.mismatches)
     count = sum(r.mismatch_count for r in results)
-    return {"rows_checked": sum(r.rows_checked for r in results), "rows_missing": sum(r.rows_missing for r in results),
-            "mismatches": mismatches, "mismatch_count": count, "ok": count == 0}
+    return {
+        "rows_checked": sum(r.rows_checked for r in results),
+        "rows_missing": sum(r.rows_missing for r in results),
+        "mismatches": mismatches,
+        "mismatch_count": count,
+        "ok": count == 0,
+    }

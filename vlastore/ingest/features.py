@@ -38,8 +38,10 @@ def _link_notes(outside: list[tuple[str, str]], unlisted: list[str], source: str
     if outside:
         examples = ", ".join(f"{p} -> {t}" for p, t in outside[:3])
         what = "skipped (--skip-outside-links)" if skipped else "read; --skip-outside-links leaves them out"
-        notes.append(f"{len(outside):,} symbolic link(s) lead outside {source}, {what}: {examples}"
-                     + (", ..." if len(outside) > 3 else ""))
+        notes.append(
+            f"{len(outside):,} symbolic link(s) lead outside {source}, {what}: {examples}"
+            + (", ..." if len(outside) > 3 else "")
+        )
     if unlisted:
         notes.append(f"{len(unlisted):,} folder(s) could not be listed (e.g. {unlisted[0]})")
     return notes
@@ -94,8 +96,9 @@ def ingest_pt_cache(
             notes = _others_note(named.others) + _link_notes(named.outside, [], source, options.skip_outside_links)
             return run(source, "pt-cache", planned, options, notes, named.outside, started)
     listing = list_pt_files(folder)
-    notes = _others_note(listing.others) + _link_notes(listing.outside, listing.unlisted, source,
-                                                       options.skip_outside_links)
+    notes = _others_note(listing.others) + _link_notes(
+        listing.outside, listing.unlisted, source, options.skip_outside_links
+    )
 
     def place(files: list[ScannedFile]) -> tuple[list[Item], dict[tuple[str, int], str], list[Problem]]:
         items, problems = place_pt_cache(files, pattern, mapping_rows)
@@ -140,8 +143,7 @@ def ingest_vggt(
     def place(files: list[ScannedFile]) -> tuple[list[Item], dict[tuple[str, int], str], list[Problem]]:
         return place_vggt(files, root, rows)
 
-    planned: Planned = plan_listed(listing, place, options, family, "image_idx", None, keyed=True,
-                                   rows_by_count=True)
+    planned: Planned = plan_listed(listing, place, options, family, "image_idx", None, keyed=True, rows_by_count=True)
     return run(root, "vggt", planned, options, notes, listing.outside, started)
 
 
@@ -157,7 +159,9 @@ def _check_options(options: IngestOptions) -> None:
         try:
             VLAStore.open(options.into)
         except (StoreNotFoundError, FormatError) as exc:
-            raise IngestUsageError(f"--into {options.into}: {exc}; --into adds to an existing store (make one with "
-                                   "`vlastore ingest robot ... --out`, or use --out to create one)") from None
+            raise IngestUsageError(
+                f"--into {options.into}: {exc}; --into adds to an existing store (make one with "
+                "`vlastore ingest robot ... --out`, or use --out to create one)"
+            ) from None
     if options.repair and not options.into and not options.out:
         raise IngestUsageError("--repair needs the store to repair (--into STORE or the --out of the first run)")

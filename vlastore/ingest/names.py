@@ -68,14 +68,22 @@ class NameListing:
 class _NameScan:
     """One pass over the names of a folder (see the module docstring)."""
 
-    def __init__(self, folder: str, pattern: str, store: tuple[list[str], np.ndarray] | None, vlm_reuse_count: int,
-                 skip_outside_links: bool, index_name: str) -> None:
+    def __init__(
+        self,
+        folder: str,
+        pattern: str,
+        store: tuple[list[str], np.ndarray] | None,
+        vlm_reuse_count: int,
+        skip_outside_links: bool,
+        index_name: str,
+    ) -> None:
         self.folder = folder
         self.regex = re.compile(pattern)
         self.canonical = pattern == NAME_PATTERN  # only then is a file's name known from its row
         self.store = store
-        self.store_rows = None if store is None else dict(zip(store[0], vlm_items(store[1], vlm_reuse_count).tolist(),
-                                                              strict=True))
+        self.store_rows = (
+            None if store is None else dict(zip(store[0], vlm_items(store[1], vlm_reuse_count).tolist(), strict=True))
+        )
         self.vlm_reuse_count = vlm_reuse_count
         self.skip_outside_links = skip_outside_links
         self.index_name = index_name
@@ -119,8 +127,14 @@ class _NameScan:
                 if index.isdigit() and len(index) <= 18:
                     add(dataset, index, name)
                 else:
-                    self.problems.add(Problem(entry.path, "index-out-of-range", f"{entry.path}: index {index[:24]!r} "
-                                              "from the file name is not a whole number below 10^18; rename the file"))
+                    self.problems.add(
+                        Problem(
+                            entry.path,
+                            "index-out-of-range",
+                            f"{entry.path}: index {index[:24]!r} "
+                            "from the file name is not a whole number below 10^18; rename the file",
+                        )
+                    )
         finally:
             self.found, self.others = self.found + found, self.others + others
         return True
@@ -141,8 +155,14 @@ class _NameScan:
             return False
         self.outside.append((entry.path, target))
         if self.skip_outside_links:
-            self.problems.add(Problem(entry.path, "outside-source", f"{entry.path}: symbolic link to {target}, "
-                                      "outside the source folder; not read (--skip-outside-links)"))
+            self.problems.add(
+                Problem(
+                    entry.path,
+                    "outside-source",
+                    f"{entry.path}: symbolic link to {target}, "
+                    "outside the source folder; not read (--skip-outside-links)",
+                )
+            )
         return self.skip_outside_links
 
     def _add(self, dataset: str, digits: str, name: str) -> None:
@@ -186,10 +206,12 @@ class _NameScan:
 
     def _placement_problem(self, dataset: str, index: int, name: str, rows: int | None) -> None:
         """The problem :func:`~vlastore.ingest.plan.placement_problem` gives a file without a row."""
-        catalog = CatalogPlan([dataset], np.zeros(1, dtype=np.int64), np.array([rows or 0], dtype=np.int64),
-                              self.store is not None)
-        problem = placement_problem(self.path(name), dataset, index, None if rows is None else 0, catalog,
-                                    self.index_name)
+        catalog = CatalogPlan(
+            [dataset], np.zeros(1, dtype=np.int64), np.array([rows or 0], dtype=np.int64), self.store is not None
+        )
+        problem = placement_problem(
+            self.path(name), dataset, index, None if rows is None else 0, catalog, self.index_name
+        )
         if problem is not None:
             self.problems.add(problem)
 
@@ -230,22 +252,28 @@ class _NameScan:
             if kept != holder:
                 episode.renamed[index] = kept
             for name in names[1:]:
-                self.problems.add(duplicate_problem(self.path(name), dataset, index, self.path(kept),
-                                                    self.index_name))
+                self.problems.add(duplicate_problem(self.path(name), dataset, index, self.path(kept), self.index_name))
         episode.clashes = {}
 
     def _catalog(self) -> CatalogPlan:
         if self.store is not None:
             names, steps = self.store
-            return CatalogPlan(list(names), np.asarray(steps, dtype=np.int64),
-                               vlm_items(steps, self.vlm_reuse_count), True)
+            return CatalogPlan(
+                list(names), np.asarray(steps, dtype=np.int64), vlm_items(steps, self.vlm_reuse_count), True
+            )
         names = sorted(d for d, e in self.episodes.items() if e.usable and len(e.rows))
         rows = np.array([len(self.episodes[n].rows) for n in names], dtype=np.int64)
         return CatalogPlan(names, rows * self.vlm_reuse_count, rows, False)
 
 
-def scan_names(folder: str, pattern: str, store: tuple[list[str], np.ndarray] | None, vlm_reuse_count: int,
-               skip_outside_links: bool = False, index_name: str = "vlm_idx") -> NameListing | None:
+def scan_names(
+    folder: str,
+    pattern: str,
+    store: tuple[list[str], np.ndarray] | None,
+    vlm_reuse_count: int,
+    skip_outside_links: bool = False,
+    index_name: str = "vlm_idx",
+) -> NameListing | None:
     """Plan a cache folder from its file names; None when some name gives no key (a full scan is needed).
 
     Args:

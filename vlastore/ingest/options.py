@@ -49,8 +49,9 @@ class IngestOptions:
     @property
     def target(self) -> str:
         if (self.out is None) == (self.into is None):
-            raise IngestUsageError("give exactly one of --out STORE (create) and --into STORE (add to an existing "
-                                   "store)")
+            raise IngestUsageError(
+                "give exactly one of --out STORE (create) and --into STORE (add to an existing store)"
+            )
         return str(self.out or self.into)
 
     @property

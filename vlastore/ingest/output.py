@@ -39,7 +39,7 @@ def _stale_creations(path: Path) -> list[Path]:
             for entry in entries:
                 if not entry.name.startswith(prefix) or not entry.is_dir(follow_symlinks=False):
                     continue
-                pid = entry.name[len(prefix):].split("-", 1)[0]
+                pid = entry.name[len(prefix) :].split("-", 1)[0]
                 if pid.isdigit() and _alive(int(pid)):
                     continue  # another run of this command is building it right now
                 stale.append(Path(entry.path))
@@ -58,10 +58,16 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def open_or_create_store(out: str, episodes: list[EpisodeData], columns: dict[str, Any] | None = None,
-                         same: Callable[[VLAStore], bool] | None = None,
-                         other_store_hint: str = "", allow_nonfinite: bool = False,
-                         _retried: bool = False, format_version: int = 1) -> tuple[VLAStore, bool]:
+def open_or_create_store(
+    out: str,
+    episodes: list[EpisodeData],
+    columns: dict[str, Any] | None = None,
+    same: Callable[[VLAStore], bool] | None = None,
+    other_store_hint: str = "",
+    allow_nonfinite: bool = False,
+    _retried: bool = False,
+    format_version: int = 1,
+) -> tuple[VLAStore, bool]:
     """Open ``out`` if an earlier run of the same ingestion made it, else create it atomically.
 
     The store is built in a hidden sibling folder and renamed into place, so a
@@ -98,8 +104,16 @@ def open_or_create_store(out: str, episodes: list[EpisodeData], columns: dict[st
         if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not os.path.lexists(path) or _retried:
             raise
         # another run of this command renamed its store into place first: use it if it is the same
-        return open_or_create_store(out, episodes, columns, same, other_store_hint, allow_nonfinite, _retried=True,
-                                    format_version=format_version)
+        return open_or_create_store(
+            out,
+            episodes,
+            columns,
+            same,
+            other_store_hint,
+            allow_nonfinite,
+            _retried=True,
+            format_version=format_version,
+        )
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

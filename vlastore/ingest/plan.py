@@ -124,8 +124,14 @@ class NamedRows(RowSources):
     (``ep_vlm007.pt``, or every file under another ``--pattern``).
     """
 
-    def __init__(self, folder: str, episodes: Sequence[str], episode_rows: np.ndarray, has_source: np.ndarray,
-                 renamed: dict[int, str]) -> None:
+    def __init__(
+        self,
+        folder: str,
+        episodes: Sequence[str],
+        episode_rows: np.ndarray,
+        has_source: np.ndarray,
+        renamed: dict[int, str],
+    ) -> None:
         self.folder = folder
         self.episodes = episodes
         self.episode_rows = episode_rows
@@ -141,8 +147,10 @@ class NamedRows(RowSources):
         prefixes, renamed, folder = self._prefixes, self.renamed, self.folder
         if not renamed:
             return [f"{prefixes[e]}{i}.pt" for e, i in zip(episode.tolist(), index.tolist(), strict=True)]
-        return [os.path.join(folder, renamed[row]) if row in renamed else f"{prefixes[e]}{i}.pt"
-                for row, e, i in zip(rows.tolist(), episode.tolist(), index.tolist(), strict=True)]
+        return [
+            os.path.join(folder, renamed[row]) if row in renamed else f"{prefixes[e]}{i}.pt"
+            for row, e, i in zip(rows.tolist(), episode.tolist(), index.tolist(), strict=True)
+        ]
 
     def file_ids(self, rows: np.ndarray) -> np.ndarray:
         return rows
@@ -239,8 +247,12 @@ def _fits(core: tuple[int, ...], row_shape: tuple[int, ...], ragged: bool) -> in
     return core[0] if len(core) == len(row_shape) + 1 and core[1:] == row_shape else 0
 
 
-def plan_catalog(items: list[Item], store_catalog: tuple[list[str], np.ndarray] | None, vlm_reuse_count: int | None,
-                 rows_by_count: bool) -> CatalogPlan:
+def plan_catalog(
+    items: list[Item],
+    store_catalog: tuple[list[str], np.ndarray] | None,
+    vlm_reuse_count: int | None,
+    rows_by_count: bool,
+) -> CatalogPlan:
     """Episodes and rows per episode.
 
     Args:
@@ -320,8 +332,11 @@ def plan_families(
     for item in placed.values():
         sf = files[item.file]
         if not sf.tensors:
-            problems.append(Problem(sf.path, "no-tensor", f"{sf.path}: holds no float tensor "
-                                    f"(metadata only: {sorted(sf.meta)[:6]})"))
+            problems.append(
+                Problem(
+                    sf.path, "no-tensor", f"{sf.path}: holds no float tensor (metadata only: {sorted(sf.meta)[:6]})"
+                )
+            )
     paths = [f.path for f in files]
     keys = _row_keys(placed, catalog, row_keys) if keyed else None
     plans: list[FamilyPlan] = []
@@ -329,19 +344,29 @@ def plan_families(
         name = family if len(entries) == 1 else f"{family}_{entry}"
         validate_name(name, "family name")
         members = [(row, item, pick_entry(files[item.file].tensors, entry)) for row, item in sorted(placed.items())]
-        shape_plan = _FamilyShape(name, entry, [(row, item, info) for row, item, info in members if info is not None],
-                                  layout, allow_nonfinite)
+        shape_plan = _FamilyShape(
+            name, entry, [(row, item, info) for row, item, info in members if info is not None], layout, allow_nonfinite
+        )
         row_file, lengths, family_problems = shape_plan.rows(files, int(catalog.items.sum()))
         problems += family_problems
-        spec = FamilySpec(shape_plan.row_shape, shape_plan.dtype, ragged=shape_plan.ragged, index_name=index_name,
-                          vlm_reuse_count=vlm_reuse_count, allow_nonfinite=allow_nonfinite, compression=compression,
-                          rows_per_shard=_shard_rows(shape_plan, lengths, rows_per_shard), has_keys=keyed)
+        spec = FamilySpec(
+            shape_plan.row_shape,
+            shape_plan.dtype,
+            ragged=shape_plan.ragged,
+            index_name=index_name,
+            vlm_reuse_count=vlm_reuse_count,
+            allow_nonfinite=allow_nonfinite,
+            compression=compression,
+            rows_per_shard=_shard_rows(shape_plan, lengths, rows_per_shard),
+            has_keys=keyed,
+        )
         plans.append(FamilyPlan(name, entry, spec, catalog.items.copy(), FileTable(row_file, paths), lengths, keys))
     return plans, problems
 
 
-def place_rows(files: Sequence[ScannedFile], items: list[Item], catalog: CatalogPlan, index_name: str
-               ) -> tuple[dict[int, Item], list[Problem]]:
+def place_rows(
+    files: Sequence[ScannedFile], items: list[Item], catalog: CatalogPlan, index_name: str
+) -> tuple[dict[int, Item], list[Problem]]:
     """Row -> the item placed there, in priority then path order; a problem for every item left out."""
     problems: list[Problem] = []
     episode_pos = {name: e for e, name in enumerate(catalog.names)}
@@ -358,8 +383,7 @@ def place_rows(files: Sequence[ScannedFile], items: list[Item], catalog: Catalog
         if problem is None:
             row = int(episode_rows[e]) + item.index  # type: ignore[index]
             if row in placed:
-                problem = duplicate_problem(sf.path, item.episode, item.index, files[placed[row].file].path,
-                                            index_name)
+                problem = duplicate_problem(sf.path, item.episode, item.index, files[placed[row].file].path, index_name)
             else:
                 placed[row] = item
         if problem is not None:
@@ -367,35 +391,54 @@ def place_rows(files: Sequence[ScannedFile], items: list[Item], catalog: Catalog
     return placed, problems
 
 
-def placement_problem(path: str, episode: str, index: int, e: int | None, catalog: CatalogPlan,
-                      index_name: str) -> Problem | None:
+def placement_problem(
+    path: str, episode: str, index: int, e: int | None, catalog: CatalogPlan, index_name: str
+) -> Problem | None:
     """Why a file keyed ``(episode, index)`` has no row in ``catalog`` (``e``: the episode's position), or None."""
     if e is None and not usable_name(episode):
-        return Problem(path, "bad-name", f"{path}: episode name {episode!r} is not usable in a store (letters, "
-                       "digits and ._-+=@,:~ only); rename it or fix --pattern")
+        return Problem(
+            path,
+            "bad-name",
+            f"{path}: episode name {episode!r} is not usable in a store (letters, "
+            "digits and ._-+=@,:~ only); rename it or fix --pattern",
+        )
     if e is None:
-        return Problem(path, "unknown-episode", f"{path}: episode {episode!r} is not in the store's catalog; "
-                       "ingest its robot data first or leave the file out")
+        return Problem(
+            path,
+            "unknown-episode",
+            f"{path}: episode {episode!r} is not in the store's catalog; "
+            "ingest its robot data first or leave the file out",
+        )
     n = int(catalog.items[e])
     if 0 <= index < n:
         return None
-    hint = "check --vlm-reuse-count" if catalog.from_store else (
-        "the other files of the episode make such an index implausible (a misnamed file?); rename it, or "
-        "ingest into a store whose catalog gives the episode's steps (--into)")
-    return Problem(path, "index-out-of-range", f"{path}: {index_name}={index} but episode {episode!r} has {n} rows "
-                   f"({index_name} 0..{n - 1}); {hint}")
+    hint = (
+        "check --vlm-reuse-count"
+        if catalog.from_store
+        else (
+            "the other files of the episode make such an index implausible (a misnamed file?); rename it, or "
+            "ingest into a store whose catalog gives the episode's steps (--into)"
+        )
+    )
+    return Problem(
+        path,
+        "index-out-of-range",
+        f"{path}: {index_name}={index} but episode {episode!r} has {n} rows ({index_name} 0..{n - 1}); {hint}",
+    )
 
 
 def duplicate_problem(path: str, episode: str, index: int, kept: str, index_name: str) -> Problem:
-    return Problem(path, "duplicate-key", f"{path}: ({episode!r}, {index_name}={index}) is also given by {kept}, "
-                   "which is kept")
+    return Problem(
+        path, "duplicate-key", f"{path}: ({episode!r}, {index_name}={index}) is also given by {kept}, which is kept"
+    )
 
 
 class _FamilyShape:
     """Row shape, dtype and layout of one family, from the files that hold its entry (the most common wins)."""
 
-    def __init__(self, name: str, entry: str, members: list[tuple[int, Item, Any]], layout: str,
-                 allow_nonfinite: bool) -> None:
+    def __init__(
+        self, name: str, entry: str, members: list[tuple[int, Item, Any]], layout: str, allow_nonfinite: bool
+    ) -> None:
         self.name = name
         self.entry = entry
         self.members = members
@@ -427,14 +470,18 @@ class _FamilyShape:
         what = f"[L, {', '.join(map(str, self.row_shape))}]" if self.ragged else str(list(self.row_shape))
         n = _fits(core, self.row_shape, self.ragged)
         if not n:
-            return 0, Problem(path, "wrong-shape", f"{label}: shape {list(shape)}, but family {self.name!r} holds "
-                              f"{what} rows")
+            return 0, Problem(
+                path, "wrong-shape", f"{label}: shape {list(shape)}, but family {self.name!r} holds {what} rows"
+            )
         if dtype != self.dtype:
-            return 0, Problem(path, "wrong-dtype", f"{label}: dtype {dtype}, but family {self.name!r} is "
-                              f"{self.dtype}; convert the file or ingest it into another family")
+            return 0, Problem(
+                path,
+                "wrong-dtype",
+                f"{label}: dtype {dtype}, but family {self.name!r} is "
+                f"{self.dtype}; convert the file or ingest it into another family",
+            )
         if not finite and not self.allow_nonfinite:
-            return 0, Problem(path, "nonfinite", f"{label}: holds NaN or Inf; fix the source or pass "
-                              "--allow-nonfinite")
+            return 0, Problem(path, "nonfinite", f"{label}: holds NaN or Inf; fix the source or pass --allow-nonfinite")
         return n, None
 
 
@@ -445,8 +492,7 @@ def _shard_rows(shape: _FamilyShape, lengths: np.ndarray | None, rows_per_shard:
     return rows_per_shard
 
 
-def _row_keys(placed: dict[int, Item], catalog: CatalogPlan, row_keys: dict[tuple[str, int], str] | None
-              ) -> list[str]:
+def _row_keys(placed: dict[int, Item], catalog: CatalogPlan, row_keys: dict[tuple[str, int], str] | None) -> list[str]:
     """The key of every row: the placed file's, else the one listed for a row without a file (a manifest)."""
     episode_pos = {name: e for e, name in enumerate(catalog.names)}
     episode_rows = np.concatenate([[0], np.cumsum(catalog.items)]).astype(np.int64)

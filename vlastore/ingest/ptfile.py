@@ -108,8 +108,17 @@ def _parse(reader: Reader, eager: bool, tkey: tuple[int, int, int] | None = None
         raise
     except SourceError:
         raise
-    except (struct.error, ValueError, IndexError, OverflowError, UnicodeDecodeError, RecursionError, MemoryError,
-            TypeError, KeyError) as exc:
+    except (
+        struct.error,
+        ValueError,
+        IndexError,
+        OverflowError,
+        UnicodeDecodeError,
+        RecursionError,
+        MemoryError,
+        TypeError,
+        KeyError,
+    ) as exc:
         raise PtFileError("corrupt", f"{where}: malformed file ({type(exc).__name__}: {str(exc)[:200]})") from None
 
 
@@ -131,8 +140,11 @@ def read_pt(path: str | os.PathLike[str], max_bytes: int = MAX_FILE_BYTES) -> An
     fd, size = open_regular(path)
     if size > max_bytes:
         os.close(fd)
-        raise PtFileError("too-large", f"{path}: {size:,} bytes, more than the {max_bytes:,}-byte limit for one "
-                                       "source file; raise it with --max-file-size if the file is genuine")
+        raise PtFileError(
+            "too-large",
+            f"{path}: {size:,} bytes, more than the {max_bytes:,}-byte limit for one "
+            "source file; raise it with --max-file-size if the file is genuine",
+        )
     if size <= SMALL_FILE_BYTES:
         return parse_pt(_read_fd(fd, size, path), str(path))
     # the reader owns the descriptor from here and closes it once no tensor needs it
@@ -198,23 +210,34 @@ def _torch_fallback(buf: bytes, entries: dict[str, Entry], where: str, why: str)
         names = pickle_globals(pkl)
     except Exception:  # noqa: BLE001
         raise PtFileError("corrupt", f"{where}: data.pkl is not a valid pickle") from None
-    unknown = sorted(f"{m}.{n}" for m, n in names - set(ALLOWED) - TORCH_ONLY
-                     if not (m == "torch" and (n in STORAGES or n in TORCH_DTYPES)))
+    unknown = sorted(
+        f"{m}.{n}"
+        for m, n in names - set(ALLOWED) - TORCH_ONLY
+        if not (m == "torch" and (n in STORAGES or n in TORCH_DTYPES))
+    )
     if unknown:
-        raise PtFileError("unsafe-pickle", f"{where}: loading it would run pickled code ({', '.join(unknown[:3])}); "
-                                           "not loaded. Re-save it with torch.save of plain tensors/dicts if you "
-                                           "trust it")
+        raise PtFileError(
+            "unsafe-pickle",
+            f"{where}: loading it would run pickled code ({', '.join(unknown[:3])}); "
+            "not loaded. Re-save it with torch.save of plain tensors/dicts if you "
+            "trust it",
+        )
     import torch
 
     try:
         obj = torch.load(io.BytesIO(buf), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise PtFileError("unsafe-pickle", f"{where}: loading it would run pickled code ({why}; torch weights_only "
-                                           f"refused: {first[:200]}); not loaded") from None
+        raise PtFileError(
+            "unsafe-pickle",
+            f"{where}: loading it would run pickled code ({why}; torch weights_only "
+            f"refused: {first[:200]}); not loaded",
+        ) from None
     except Exception as exc:  # noqa: BLE001
-        raise PtFileError("corrupt", f"{where}: unreadable by torch.load(weights_only=True) either "
-                                     f"({type(exc).__name__}: {str(exc)[:200]})") from None
+        raise PtFileError(
+            "corrupt",
+            f"{where}: unreadable by torch.load(weights_only=True) either ({type(exc).__name__}: {str(exc)[:200]})",
+        ) from None
     return _from_torch(obj, len(buf), where)
 
 
@@ -227,8 +250,10 @@ def _from_torch(obj: Any, limit: int, where: str, depth: int = 0) -> Any:
         if obj.layout != torch.strided:
             raise PtFileError("no-tensor", f"{where}: a {obj.layout} tensor; only dense tensors are features")
         if obj.numel() * obj.element_size() > limit:  # an expanded view would be copied without bound
-            raise PtFileError("corrupt", f"{where}: a tensor view of {obj.numel():,} elements in a file of "
-                                         f"{limit:,} bytes (expanded tensor)")
+            raise PtFileError(
+                "corrupt",
+                f"{where}: a tensor view of {obj.numel():,} elements in a file of {limit:,} bytes (expanded tensor)",
+            )
         tensor = obj.detach().cpu().contiguous()
         name = str(tensor.dtype).removeprefix("torch.")
         if name == "bfloat16":
@@ -279,8 +304,9 @@ class _Template:
 
     __slots__ = ("names", "recipe", "_picks", "_same", "_expected", "_prefixes", "_crcs", "_ranges")
 
-    def __init__(self, buf: bytes, entries: dict[str, Entry], used: list[str], recipe: Any,
-                 directory: list[tuple[int, int, int]]) -> None:
+    def __init__(
+        self, buf: bytes, entries: dict[str, Entry], used: list[str], recipe: Any, directory: list[tuple[int, int, int]]
+    ) -> None:
         self.names = used
         spans = [(directory[0][0], len(buf))]  # the central directory and the end record ...
         holes = []  # ... but for these
@@ -337,8 +363,9 @@ class _Template:
         pick = self._picks.get(entry, False)
         if pick is False:
             found = _pick(self.recipe, entry)
-            pick = self._picks[entry] = None if found is None else (
-                self._ranges[self.names.index(found[0])][0], *found[1:])
+            pick = self._picks[entry] = (
+                None if found is None else (self._ranges[self.names.index(found[0])][0], *found[1:])
+            )
         if pick is None or not self._matches(buf):
             return None
         record, start, stop, shape, dtype = pick
@@ -403,10 +430,12 @@ def _pick(recipe: Any, entry: str | None) -> tuple[str, int, int, tuple[int, ...
     if recipe[0] == "tensor":
         found = recipe if entry in (None, "") else None
     else:
-        features = {k: v for k, v in recipe[2].items() if v[0] == "tensor" and v[5] in FEATURE_DTYPES
-                    and math.prod(v[3]) > 1}
-        found = (next(iter(features.values())) if len(features) == 1 else None) if entry is None else \
-            features.get(entry)
+        features = {
+            k: v for k, v in recipe[2].items() if v[0] == "tensor" and v[5] in FEATURE_DTYPES and math.prod(v[3]) > 1
+        }
+        found = (
+            (next(iter(features.values())) if len(features) == 1 else None) if entry is None else features.get(entry)
+        )
     if found is None:
         return None
     _, record, offset, shape, np_dtype, dtype = found
@@ -435,8 +464,10 @@ def _recipe(obj: Any) -> Any:
         return ("tensor", obj.origin[0], obj.origin[1], obj.array.shape, obj.array.dtype, obj.dtype)
     if isinstance(obj, dict):
         parts = {k: _recipe(v) if isinstance(v, RawTensor) else ("value", v) for k, v in obj.items()}
-        if any(p is None or (p[0] == "value" and not isinstance(p[1], (str, int, float, bool, type(None))))
-               for p in parts.values()):
+        if any(
+            p is None or (p[0] == "value" and not isinstance(p[1], (str, int, float, bool, type(None))))
+            for p in parts.values()
+        ):
             return None
         return ("dict", type(obj), parts)
     return None

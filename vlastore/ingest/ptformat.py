@@ -77,8 +77,12 @@ STORAGES: dict[str, tuple[str, np.dtype]] = {
     "ByteStorage": ("uint8", np.dtype("u1")),
     "BoolStorage": ("bool", np.dtype("?")),
 }
-TORCH_DTYPES = {name: name for name, _ in STORAGES.values()} | {"float": "float32", "half": "float16",
-                                                                  "long": "int64", "int": "int32"}
+TORCH_DTYPES = {name: name for name, _ in STORAGES.values()} | {
+    "float": "float32",
+    "half": "float16",
+    "long": "int64",
+    "int": "int32",
+}
 
 EOCD = b"PK\x05\x06"
 _EOCD64 = b"PK\x06\x06"
@@ -116,8 +120,15 @@ class RawTensor:
 
     __slots__ = ("_array", "dtype", "_shape", "_load", "origin")
 
-    def __init__(self, array: np.ndarray | None, dtype: str, origin: tuple[str, int] | None = None, *,
-                 shape: tuple[int, ...] | None = None, load: Callable[[], np.ndarray] | None = None) -> None:
+    def __init__(
+        self,
+        array: np.ndarray | None,
+        dtype: str,
+        origin: tuple[str, int] | None = None,
+        *,
+        shape: tuple[int, ...] | None = None,
+        load: Callable[[], np.ndarray] | None = None,
+    ) -> None:
         self._array = array
         self.dtype = dtype
         self._shape = None if array is not None else tuple(shape or ())  # an array knows its own
@@ -172,8 +183,11 @@ class Reader:
 
     def read(self, offset: int, length: int) -> Any:
         if offset < 0 or length < 0 or offset + length > self.size:
-            raise PtFileError("truncated", f"{self.where}: needs bytes {offset:,}..{offset + length:,} but the file "
-                                           f"has {self.size:,} (truncated copy?)")
+            raise PtFileError(
+                "truncated",
+                f"{self.where}: needs bytes {offset:,}..{offset + length:,} but the file "
+                f"has {self.size:,} (truncated copy?)",
+            )
         if self.view is not None:
             return self.view[offset : offset + length]
         assert self.fd is not None
@@ -224,8 +238,9 @@ def _central_directory(reader: Reader) -> tuple[int, int, int]:
     where, size = reader.where, reader.size
     if size < 22:
         head = reader.read(0, min(size, 4))
-        raise PtFileError("truncated" if bytes(head) == LOCAL else "not-zip",
-                          f"{where}: {size} bytes, not a zip archive")
+        raise PtFileError(
+            "truncated" if bytes(head) == LOCAL else "not-zip", f"{where}: {size} bytes, not a zip archive"
+        )
     tail_start = max(0, size - 22 - _MAX_COMMENT)
     tail = bytes(reader.read(tail_start, size - tail_start))
     end = tail.rfind(EOCD)
@@ -237,18 +252,24 @@ def _central_directory(reader: Reader) -> tuple[int, int, int]:
         raise PtFileError("not-zip", f"{where}: not a zip archive (not written by torch.save >= 1.6)")
     (_, count_disk, count, cd_size, cd_offset, comment) = _EOCD_STRUCT.unpack_from(tail, end)
     if end + 22 + comment != len(tail):
-        raise PtFileError("truncated" if end + 22 + comment > len(tail) else "corrupt",
-                          f"{where}: the zip end record does not end the file (truncated or appended to?)")
+        raise PtFileError(
+            "truncated" if end + 22 + comment > len(tail) else "corrupt",
+            f"{where}: the zip end record does not end the file (truncated or appended to?)",
+        )
     if 0xFFFF in (count_disk, count) or 0xFFFFFFFF in (cd_size, cd_offset):
         count, cd_size, cd_offset = _zip64_end(reader, tail_start + end)
     if cd_offset + cd_size > tail_start + end or count * 46 > cd_size:
-        raise PtFileError("truncated", f"{where}: central directory ({count} entries at byte {cd_offset:,}) does not "
-                                       "fit in the file (truncated copy?)")
+        raise PtFileError(
+            "truncated",
+            f"{where}: central directory ({count} entries at byte {cd_offset:,}) does not "
+            "fit in the file (truncated copy?)",
+        )
     return count, cd_size, cd_offset
 
 
-def _directory_entry(directory: bytes, pos: int, cd_offset: int, where: str
-                     ) -> tuple[tuple[int, ...], str, bytes, int, int]:
+def _directory_entry(
+    directory: bytes, pos: int, cd_offset: int, where: str
+) -> tuple[tuple[int, ...], str, bytes, int, int]:
     """``(fields, name, extra, position in the file, position of the next entry)`` of the entry at ``pos``."""
     if pos + 46 > len(directory):
         raise PtFileError("corrupt", f"{where}: central directory ends inside an entry")
@@ -261,8 +282,9 @@ def _directory_entry(directory: bytes, pos: int, cd_offset: int, where: str
     return fields, name, extra, cd_offset + pos, pos + 46 + nlen + xlen + clen
 
 
-def _stored_record(reader: Reader, fields: tuple[int, ...], name: str, short: str, extra: bytes,
-                   entry_pos: int) -> Entry:
+def _stored_record(
+    reader: Reader, fields: tuple[int, ...], name: str, short: str, extra: bytes, entry_pos: int
+) -> Entry:
     """The record of a central directory entry, refused unless stored plainly, whole and inside the file."""
     where = reader.where
     (_, flags, method, crc, csize, usize, _, _, _, local) = fields
@@ -271,11 +293,13 @@ def _stored_record(reader: Reader, fields: tuple[int, ...], name: str, short: st
     if flags & 1:
         raise PtFileError("corrupt", f"{where}: record {name!r} is encrypted, which torch.save never does")
     if method != 0:  # never inflate: a few compressed bytes can claim gigabytes
-        raise PtFileError("corrupt", f"{where}: record {name!r} is compressed (method {method}), which torch.save "
-                                     "never does; refused without inflating it")
+        raise PtFileError(
+            "corrupt",
+            f"{where}: record {name!r} is compressed (method {method}), which torch.save "
+            "never does; refused without inflating it",
+        )
     if csize != usize:
-        raise PtFileError("corrupt", f"{where}: stored record {name!r} declares {usize:,} bytes but holds "
-                                     f"{csize:,}")
+        raise PtFileError("corrupt", f"{where}: stored record {name!r} declares {usize:,} bytes but holds {csize:,}")
     header = reader.read(local, 30)
     (lsig, _, lmethod, lnlen, lxlen) = LOCAL_HEADER.unpack_from(header, 0)
     if lsig != LOCAL or lmethod != method:
@@ -337,8 +361,15 @@ class _Storage:
 
     __slots__ = ("dtype", "np_dtype", "numel", "record", "_data", "_fetch")
 
-    def __init__(self, dtype: str, np_dtype: np.dtype, numel: int, record: str,
-                 data: Any = None, fetch: Callable[[], Any] | None = None) -> None:
+    def __init__(
+        self,
+        dtype: str,
+        np_dtype: np.dtype,
+        numel: int,
+        record: str,
+        data: Any = None,
+        fetch: Callable[[], Any] | None = None,
+    ) -> None:
         self.dtype = dtype
         self.np_dtype = np_dtype
         self.numel = numel
@@ -359,13 +390,18 @@ class _Storage:
         return self._data
 
 
-def _rebuild_tensor(storage: _Storage, offset: int, size: tuple[int, ...], stride: tuple[int, ...],
-                    *_: Any) -> RawTensor:
+def _rebuild_tensor(
+    storage: _Storage, offset: int, size: tuple[int, ...], stride: tuple[int, ...], *_: Any
+) -> RawTensor:
     if not isinstance(storage, _Storage):
         raise pickle.UnpicklingError("tensor rebuilt from something that is not a storage")
     # every number comes from the (untrusted) pickle: check them before numpy sees them
-    if not (isinstance(offset, int) and isinstance(size, tuple) and isinstance(stride, tuple)
-            and all(isinstance(v, int) for v in (*size, *stride))):
+    if not (
+        isinstance(offset, int)
+        and isinstance(size, tuple)
+        and isinstance(stride, tuple)
+        and all(isinstance(v, int) for v in (*size, *stride))
+    ):
         raise pickle.UnpicklingError("tensor size, stride and offset must be integers")
     if offset < 0 or min((*size, *stride), default=0) < 0 or len(size) != len(stride) or len(size) > 32:
         raise pickle.UnpicklingError("negative tensor size, stride or offset, or too many dimensions")
@@ -429,16 +465,18 @@ ALLOWED: dict[tuple[str, str], Any] = {
     ("numpy._core.multiarray", "scalar"): _np_scalar,
 }
 
-TORCH_ONLY = frozenset({
-    # rebuilt by torch.load(weights_only=True), not by this module: tensor subclasses, newer dtypes, devices
-    ("torch._utils", "_rebuild_tensor_v3"),
-    ("torch._utils", "_rebuild_parameter_with_state"),
-    ("torch._tensor", "_rebuild_from_type_v2"),
-    ("torch.nn.parameter", "Parameter"),
-    ("torch", "device"),
-    ("torch", "UntypedStorage"),
-    ("_codecs", "encode"),
-})
+TORCH_ONLY = frozenset(
+    {
+        # rebuilt by torch.load(weights_only=True), not by this module: tensor subclasses, newer dtypes, devices
+        ("torch._utils", "_rebuild_tensor_v3"),
+        ("torch._utils", "_rebuild_parameter_with_state"),
+        ("torch._tensor", "_rebuild_from_type_v2"),
+        ("torch.nn.parameter", "Parameter"),
+        ("torch", "device"),
+        ("torch", "UntypedStorage"),
+        ("_codecs", "encode"),
+    }
+)
 
 
 class SafeUnpickler(pickle.Unpickler):
@@ -459,8 +497,14 @@ class SafeUnpickler(pickle.Unpickler):
         raise UnsafeGlobal(f"{module}.{name}")
 
     def persistent_load(self, pid: Any) -> Any:
-        if not (isinstance(pid, tuple) and len(pid) in (5, 6) and pid[0] == "storage"
-                and isinstance(pid[1], _StorageType) and isinstance(pid[4], int) and pid[4] >= 0):
+        if not (
+            isinstance(pid, tuple)
+            and len(pid) in (5, 6)
+            and pid[0] == "storage"
+            and isinstance(pid[1], _StorageType)
+            and isinstance(pid[4], int)
+            and pid[4] >= 0
+        ):
             raise UnsafeGlobal(f"persistent id {pid!r:.80}")
         return self._storage(pid[1], str(pid[2]), pid)
 
@@ -487,8 +531,10 @@ def check_memo(pkl: bytes, start: int = 0) -> None:
             return
         if kind > 0:
             if code == _LONG_BINPUT and int.from_bytes(pkl[i : i + 4], "little") > n:
-                raise PtFileError("corrupt", f"pickle memo index {int.from_bytes(pkl[i : i + 4], 'little'):,} in a "
-                                             f"pickle of {n:,} bytes")
+                raise PtFileError(
+                    "corrupt",
+                    f"pickle memo index {int.from_bytes(pkl[i : i + 4], 'little'):,} in a pickle of {n:,} bytes",
+                )
             i += kind
         elif kind == _LEN1:
             i += 1 + (pkl[i] if i < n else 0)
@@ -526,8 +572,9 @@ def pickle_globals(pkl: bytes) -> set[tuple[str, str]]:
     return found
 
 
-def _unpickle(pkl: Any, where: str, storage: Callable[[_StorageType, str, Any], _Storage],
-              stream: io.BytesIO | None = None) -> Any:
+def _unpickle(
+    pkl: Any, where: str, storage: Callable[[_StorageType, str, Any], _Storage], stream: io.BytesIO | None = None
+) -> Any:
     """Run the restricted unpickler; malformed pickles become ``corrupt``, unknown globals raise ``UnsafeGlobal``."""
     try:
         if stream is None:
@@ -537,8 +584,9 @@ def _unpickle(pkl: Any, where: str, storage: Callable[[_StorageType, str, Any], 
     except (UnsafeGlobal, PtFileError):
         raise
     except Exception as exc:  # noqa: BLE001 - any malformed pickle is a bad file, never a crash
-        raise PtFileError("corrupt", f"{where}: data.pkl does not unpickle ({type(exc).__name__}: "
-                                     f"{str(exc)[:200]})") from None
+        raise PtFileError(
+            "corrupt", f"{where}: data.pkl does not unpickle ({type(exc).__name__}: {str(exc)[:200]})"
+        ) from None
 
 
 def zip_object(reader: Reader, entries: dict[str, Entry], eager: bool) -> Any:
@@ -548,8 +596,9 @@ def zip_object(reader: Reader, entries: dict[str, Entry], eager: bool) -> Any:
     if pkl_entry is None:
         raise PtFileError("not-zip", f"{where}: a zip archive without data.pkl, not written by torch.save")
     if pkl_entry.size > _MAX_PICKLE_BYTES:
-        raise PtFileError("too-large", f"{where}: data.pkl of {pkl_entry.size:,} bytes; a tensor file's is a few "
-                                       "hundred")
+        raise PtFileError(
+            "too-large", f"{where}: data.pkl of {pkl_entry.size:,} bytes; a tensor file's is a few hundred"
+        )
     pkl = reader.record(pkl_entry)
     byteorder = entries.get("byteorder")
     swap = byteorder is not None and bytes(reader.record(byteorder)).strip() == b"big" and sys.byteorder == "little"
@@ -560,8 +609,11 @@ def zip_object(reader: Reader, entries: dict[str, Entry], eager: bool) -> Any:
             raise PtFileError("corrupt", f"{where}: the file has no storage record data/{key}")
         numel = pid[4]
         if numel * kind.np_dtype.itemsize != entry.size:
-            raise PtFileError("corrupt", f"{where}: storage data/{key} declares {numel:,} {kind.dtype} elements but "
-                                         f"its record holds {entry.size:,} bytes")
+            raise PtFileError(
+                "corrupt",
+                f"{where}: storage data/{key} declares {numel:,} {kind.dtype} elements but "
+                f"its record holds {entry.size:,} bytes",
+            )
 
         def fetch() -> Any:
             data = reader.record(entry)
@@ -605,8 +657,9 @@ def legacy_object(buf: bytes, where: str) -> Any:
         obj = _unpickle(buf, where, storage, stream)
         keys = load()
     except UnsafeGlobal as exc:
-        raise PtFileError("unsafe-pickle", f"{where}: loading it would run pickled code (global {exc}); not loaded"
-                          ) from None
+        raise PtFileError(
+            "unsafe-pickle", f"{where}: loading it would run pickled code (global {exc}); not loaded"
+        ) from None
     except PtFileError:
         raise
     except Exception as exc:  # noqa: BLE001
@@ -624,20 +677,23 @@ def _legacy_header(load: Callable[[], Any], where: str) -> bool:
         load()  # protocol version
         sys_info = load()
     except UnsafeGlobal as exc:
-        raise PtFileError("unsafe-pickle", f"{where}: loading it would run pickled code (global {exc}); not loaded"
-                          ) from None
+        raise PtFileError(
+            "unsafe-pickle", f"{where}: loading it would run pickled code (global {exc}); not loaded"
+        ) from None
     except PtFileError:
         raise
     except Exception as exc:  # noqa: BLE001
-        raise PtFileError("not-zip", f"{where}: neither a zip archive nor a pre-1.6 torch file "
-                                     f"({type(exc).__name__})") from None
+        raise PtFileError(
+            "not-zip", f"{where}: neither a zip archive nor a pre-1.6 torch file ({type(exc).__name__})"
+        ) from None
     if magic != _LEGACY_MAGIC or not isinstance(sys_info, dict):
         raise PtFileError("not-zip", f"{where}: a pickle, but not a torch.save file")
     return sys_info.get("little_endian") is False
 
 
-def _legacy_storages(buf: bytes, pos: int, keys: list[Any], storages: dict[str, _Storage], big: bool,
-                     where: str) -> None:
+def _legacy_storages(
+    buf: bytes, pos: int, keys: list[Any], storages: dict[str, _Storage], big: bool, where: str
+) -> None:
     """Attach to each storage its bytes, which follow the pickles as ``(element count, bytes)`` in ``keys`` order."""
     view = memoryview(buf)
     for key in keys:
@@ -647,9 +703,11 @@ def _legacy_storages(buf: bytes, pos: int, keys: list[Any], storages: dict[str, 
         numel = int.from_bytes(buf[pos : pos + 8], "big" if big else "little", signed=True)
         nbytes = numel * st.np_dtype.itemsize
         if numel != st.numel or pos + 8 + nbytes > len(buf):
-            raise PtFileError("truncated" if numel == st.numel else "corrupt",
-                              f"{where}: storage {key!r} declares {numel:,} elements; {st.numel:,} expected and "
-                              f"{len(buf) - pos - 8:,} bytes left")
+            raise PtFileError(
+                "truncated" if numel == st.numel else "corrupt",
+                f"{where}: storage {key!r} declares {numel:,} elements; {st.numel:,} expected and "
+                f"{len(buf) - pos - 8:,} bytes left",
+            )
         data: Any = view[pos + 8 : pos + 8 + nbytes]
         if big and sys.byteorder == "little":
             data = np.frombuffer(data, st.np_dtype.newbyteorder(">")).astype(st.np_dtype).tobytes()

@@ -11,8 +11,18 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["Problem", "ProblemLog", "IngestError", "IngestUsageError", "IngestReport", "REASONS", "MAX_PROBLEMS_LISTED",
-           "human_bytes", "describe_failure", "printable"]
+__all__ = [
+    "Problem",
+    "ProblemLog",
+    "IngestError",
+    "IngestUsageError",
+    "IngestReport",
+    "REASONS",
+    "MAX_PROBLEMS_LISTED",
+    "human_bytes",
+    "describe_failure",
+    "printable",
+]
 
 MAX_PROBLEMS_LISTED = 10_000
 """Problems listed one by one in a report; beyond, they are counted by reason (a million bad files cost no memory)."""
@@ -86,8 +96,7 @@ class ProblemLog:
 class IngestError(RuntimeError):
     """Ingestion stopped on a data problem: ``--strict`` with problems, nothing usable, a failed worker (exit 1)."""
 
-    def __init__(self, message: str, problems: list[Problem] | None = None,
-                 report: IngestReport | None = None) -> None:
+    def __init__(self, message: str, problems: list[Problem] | None = None, report: IngestReport | None = None) -> None:
         super().__init__(message)
         self.problems = problems or []
         self.report = report
@@ -120,8 +129,10 @@ def describe_failure(exc: BaseException, where: str = "") -> str:
     message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     if type(exc).__name__ in ("OwnershipError", "IngestError", "FormatError", "ChecksumError"):
         return f"{where}{': ' if where else ''}{message}"
-    return (f"{where}{': ' if where else ''}{type(exc).__name__}: {message[:300]} (unexpected: set VLASTORE_DEBUG=1 "
-            "for a traceback and report it)")
+    return (
+        f"{where}{': ' if where else ''}{type(exc).__name__}: {message[:300]} (unexpected: set VLASTORE_DEBUG=1 "
+        "for a traceback and report it)"
+    )
 
 
 def printable(text: str) -> str:
@@ -210,14 +221,18 @@ class IngestReport:
     def failure(self) -> str | None:
         """Why this run counts as failed (``vlastore ingest`` exits 1), with the fix; None when it did its job."""
         if self.verify is not None and not self.verify["ok"]:
-            return (f"verify failed: {len(self.verify['mismatches']):,} stored value(s) differ from their source; "
-                    "see the MISMATCH lines")
+            return (
+                f"verify failed: {len(self.verify['mismatches']):,} stored value(s) differ from their source; "
+                "see the MISMATCH lines"
+            )
         transient = [p for p in self.problems if p.reason == "transient-error"]
         count = len(transient) + self.problems_unlisted.get("transient-error", 0)
         if count:
             example = f" (e.g. {transient[0].path})" if transient else ""
-            return printable(f"{count:,} file(s) could not be read because of I/O errors that may pass{example}; "
-                             "rerun the same command to retry them: finished shards are kept")
+            return printable(
+                f"{count:,} file(s) could not be read because of I/O errors that may pass{example}; "
+                "rerun the same command to retry them: finished shards are kept"
+            )
         if (self.files_usable if self.dry_run else self.files_ingested) == 0:
             return printable(f"nothing {'would be' if self.dry_run else 'was'} ingested: {self._why_nothing()}")
         return None
@@ -226,9 +241,9 @@ class IngestReport:
         if not self.files_found:
             return {
                 "pt-cache": f"no .pt files in {self.source}; give the folder that holds the {{dataset}}_vlm{{idx}}.pt "
-                            "files",
+                "files",
                 "vggt": f"no *.vggt_cache.pt files under {self.source}; give the data root that holds one folder of "
-                        "images (and their caches) per episode",
+                "images (and their caches) per episode",
             }.get(self.kind, f"no source files found in {self.source}")
         if not self.problem_count:
             return f"no file gave a usable row for {self.store}"
@@ -237,19 +252,22 @@ class IngestReport:
         examples = examples if len(examples) < 120 else examples[:117] + "..."
         hint = {
             "unmatched-name": "have names that do not match the pattern {dataset}_vlm{idx}.pt and hold no "
-                              "dataset/vlm_idx metadata: give --mapping CSV (columns file,dataset,vlm_idx) or "
-                              "--pattern REGEX",
+            "dataset/vlm_idx metadata: give --mapping CSV (columns file,dataset,vlm_idx) or "
+            "--pattern REGEX",
             "no-mapping-row": "are not in the --mapping CSV and hold no dataset/vlm_idx metadata: add rows "
-                              "file,dataset,vlm_idx for them",
+            "file,dataset,vlm_idx for them",
             "unknown-episode": f"belong to episodes that are not in the catalog of {self.store}: ingest their robot "
-                               "data first, or use --out NEW_STORE for a feature-only store",
+            "data first, or use --out NEW_STORE for a feature-only store",
             "index-out-of-range": "have indexes past their episode's rows: check --vlm-reuse-count (or the names)",
             "no-tensor": "hold no float tensor",
             "bad-series": "do not parse as robot data or disagree with the other episodes",
         }.get(reason, f"were skipped as {reason} ({REASONS.get(reason, '')})")
         others = self.problem_count - count
-        return (f"{count:,} file(s) {hint} (e.g. {examples})"
-                + (f"; {others:,} more skipped for other reasons" if others else "") + "; see the problems above")
+        return (
+            f"{count:,} file(s) {hint} (e.g. {examples})"
+            + (f"; {others:,} more skipped for other reasons" if others else "")
+            + "; see the problems above"
+        )
 
     def write_json(self, path: str | os.PathLike[str]) -> None:
         """Write the report as JSON to a regular file (a FIFO there is refused, not waited on)."""
@@ -272,8 +290,9 @@ class IngestReport:
 
     def format(self, max_problems: int = 20) -> str:
         """Human-readable report (plan for a dry run, results otherwise)."""
-        lines = [f"{'DRY RUN: nothing written. ' if self.dry_run else ''}{self.kind} ingest of {self.source}"
-                 f" -> {self.store}"]
+        lines = [
+            f"{'DRY RUN: nothing written. ' if self.dry_run else ''}{self.kind} ingest of {self.source} -> {self.store}"
+        ]
         lines.append(f"  source files: {self.files_found:,} ({human_bytes(self.source_bytes)})")
         lines.append(f"  episodes: {self.episodes:,}, steps: {self.steps:,}")
         if self.episode_rows:
@@ -285,27 +304,35 @@ class IngestReport:
             shown = ", ".join(columns[:8]) + (f", ... ({len(columns)} columns)" if len(columns) > 8 else "")
             lines.append(f"  series {key}: {shown}")
         for name, fam in self.families.items():
-            shape = "[L, " + ", ".join(map(str, fam["row_shape"])) + "]" if fam["ragged"] else str(
-                list(fam["row_shape"]))
-            line = (f"  family {name}: {fam['rows']:,} rows of {shape} {fam['dtype']}, "
-                    f"{fam['rows_with_source']:,} with a source file")
+            shape = (
+                "[L, " + ", ".join(map(str, fam["row_shape"])) + "]" if fam["ragged"] else str(list(fam["row_shape"]))
+            )
+            line = (
+                f"  family {name}: {fam['rows']:,} rows of {shape} {fam['dtype']}, "
+                f"{fam['rows_with_source']:,} with a source file"
+            )
             if "rows_present" in fam:
                 line += f", {fam['rows_present']:,} stored ({fam['coverage']:.1%} coverage)"
             lines.append(line)
         if self.dry_run:
             what = "added to the store" if self.store_before["files"] else "of the new store"
-            lines.append(f"  estimated size {what}: {human_bytes(self.estimated_bytes)} in about "
-                         f"{self.estimated_files:,} files")
+            lines.append(
+                f"  estimated size {what}: {human_bytes(self.estimated_bytes)} in about {self.estimated_files:,} files"
+            )
         else:
             rate = self.files_ingested / self.seconds if self.seconds else 0.0
             line = f"  files ingested: {self.files_ingested:,}, skipped: {self.files_skipped:,}"
             if self.families:
-                line += (f"; rows written now: {self.rows_written:,}, already done by an earlier run: "
-                         f"{self.rows_already_done:,}")
+                line += (
+                    f"; rows written now: {self.rows_written:,}, already done by an earlier run: "
+                    f"{self.rows_already_done:,}"
+                )
             lines.append(line)
-            lines.append(f"  store before: {human_bytes(self.store_before['bytes'])} in {self.store_before['files']:,} "
-                         f"files; after: {human_bytes(self.store_after['bytes'])} in "
-                         f"{self.store_after['files']:,} files")
+            lines.append(
+                f"  store before: {human_bytes(self.store_before['bytes'])} in {self.store_before['files']:,} "
+                f"files; after: {human_bytes(self.store_after['bytes'])} in "
+                f"{self.store_after['files']:,} files"
+            )
             lines.append(f"  time: {self.seconds:.1f} s ({rate:,.0f} files/s)")
         for note in self.notes:
             lines.append(f"  note: {note}")
@@ -321,8 +348,10 @@ class IngestReport:
             lines.append("  problems: none")
         if self.verify is not None:
             v = self.verify
-            lines.append(f"  verify: {v['rows_checked']:,} rows compared bit-exactly with their sources, "
-                         f"{len(v['mismatches'])} mismatches -> {'OK' if v['ok'] else 'FAILED'}")
+            lines.append(
+                f"  verify: {v['rows_checked']:,} rows compared bit-exactly with their sources, "
+                f"{len(v['mismatches'])} mismatches -> {'OK' if v['ok'] else 'FAILED'}"
+            )
             for m in v["mismatches"][:max_problems]:
                 lines.append(f"    MISMATCH {m}")
         return printable("\n".join(lines))

@@ -36,8 +36,16 @@ from .robotfiles import (
 from .source import file_size, outside_root
 from .workers import parallel_map
 
-__all__ = ["RobotEpisode", "read_csv_episode", "read_npz_episode", "read_robomimic", "ingest_robot",
-           "parse_series_spec", "DEFAULT_SERIES", "DEFAULT_DTYPE"]
+__all__ = [
+    "RobotEpisode",
+    "read_csv_episode",
+    "read_npz_episode",
+    "read_robomimic",
+    "ingest_robot",
+    "parse_series_spec",
+    "DEFAULT_SERIES",
+    "DEFAULT_DTYPE",
+]
 
 
 def _read_one(args: tuple[str, str, list[tuple[str, list[str]]], str | None, int]) -> RobotEpisode:
@@ -65,8 +73,9 @@ def _list_source(source: str, kind: str) -> _Listing:
     return _Listing(sorted(paths), sorted(outside))
 
 
-def _read_source(source: str, kind: str, groups: list[tuple[str, list[str]]], dtype: str | None,
-                 options: IngestOptions, what: str) -> tuple[list[RobotEpisode], list[str], list[Problem], list[str]]:
+def _read_source(
+    source: str, kind: str, groups: list[tuple[str, list[str]]], dtype: str | None, options: IngestOptions, what: str
+) -> tuple[list[RobotEpisode], list[str], list[Problem], list[str]]:
     """Episodes, notes, problems outside any episode, and links leading outside the source."""
     if kind == "hdf5":
         return read_robomimic(source, dtype, options.max_file_bytes, options.skip_outside_links)
@@ -76,22 +85,37 @@ def _read_source(source: str, kind: str, groups: list[tuple[str, list[str]]], dt
     paths = listing.paths
     if options.skip_outside_links and outside:
         paths = [p for p in paths if p not in outside]
-        problems = [Problem(p, "outside-source", f"{p}: symbolic link to {t}, outside the source folder; not read "
-                            "(--skip-outside-links)") for p, t in listing.outside]
+        problems = [
+            Problem(
+                p,
+                "outside-source",
+                f"{p}: symbolic link to {t}, outside the source folder; not read (--skip-outside-links)",
+            )
+            for p, t in listing.outside
+        ]
     with tqdm(total=len(paths), unit="file", desc=what, disable=not options.progress or None) as bar:
-        episodes = list(parallel_map(_read_one, [(p, kind, groups, dtype, options.max_file_bytes) for p in paths],
-                                     options.n_workers, bar.update))
+        episodes = list(
+            parallel_map(
+                _read_one,
+                [(p, kind, groups, dtype, options.max_file_bytes) for p in paths],
+                options.n_workers,
+                bar.update,
+            )
+        )
     return episodes, [], problems, [f"{p} -> {t}" for p, t in listing.outside]
 
 
 def _detect(source: str, fmt: str) -> str:
     if not os.path.exists(source):
-        raise IngestUsageError(f"{source}: no such file or folder; give a folder of per-episode CSV/NPZ files or a "
-                               "robomimic .hdf5 file")
+        raise IngestUsageError(
+            f"{source}: no such file or folder; give a folder of per-episode CSV/NPZ files or a robomimic .hdf5 file"
+        )
     if fmt != "auto":
         if (fmt == "hdf5") == os.path.isdir(source):
-            raise IngestUsageError(f"{source}: --format {fmt} needs " + ("a .hdf5 file" if fmt == "hdf5" else
-                                                                         "a folder of per-episode files"))
+            raise IngestUsageError(
+                f"{source}: --format {fmt} needs "
+                + ("a .hdf5 file" if fmt == "hdf5" else "a folder of per-episode files")
+            )
         return fmt
     if not os.path.isdir(source):
         if source.endswith(HDF5_SUFFIXES):
@@ -102,8 +126,9 @@ def _detect(source: str, fmt: str) -> str:
     return "csv" if csvs >= npzs else "npz"
 
 
-def _check(episodes: list[RobotEpisode], allow_nonfinite: bool, dtype: str | None = None
-           ) -> tuple[list[RobotEpisode], list[Problem]]:
+def _check(
+    episodes: list[RobotEpisode], allow_nonfinite: bool, dtype: str | None = None
+) -> tuple[list[RobotEpisode], list[Problem]]:
     """Episodes that agree with the majority on series keys and column names, finite unless allowed."""
     problems = [Problem(e.path, *e.problem) for e in episodes if e.problem]
     good = [e for e in episodes if not e.problem]
@@ -126,13 +151,24 @@ def _check(episodes: list[RobotEpisode], allow_nonfinite: bool, dtype: str | Non
     for e in good:
         sig = tuple((k, tuple(c)) for k, (c, _) in sorted(e.columns.items()))
         if sig != majority:
-            problems.append(Problem(e.path, "bad-series", f"{e.path}: columns differ from the other episodes' "
-                                    f"({[k for k, _ in sig]} vs {[k for k, _ in majority]})"))
+            problems.append(
+                Problem(
+                    e.path,
+                    "bad-series",
+                    f"{e.path}: columns differ from the other episodes' "
+                    f"({[k for k, _ in sig]} vs {[k for k, _ in majority]})",
+                )
+            )
             continue
         if not allow_nonfinite and any(not np.isfinite(a).all() for _, a in e.columns.values() if a.dtype.kind == "f"):
             wide = " (or values beyond float32's range: pass --dtype float64)" if dtype == "float32" else ""
-            problems.append(Problem(e.path, "nonfinite", f"{e.path}: holds NaN/Inf or empty cells{wide}; fix it or "
-                                    "pass --allow-nonfinite"))
+            problems.append(
+                Problem(
+                    e.path,
+                    "nonfinite",
+                    f"{e.path}: holds NaN/Inf or empty cells{wide}; fix it or pass --allow-nonfinite",
+                )
+            )
             continue
         kept.append(e)
     return kept, problems
@@ -178,21 +214,29 @@ def ingest_robot(
     report.notes += notes
     report.outside_links = outside
     if outside:
-        what = "skipped (--skip-outside-links)" if options.skip_outside_links else \
-            "read; --skip-outside-links leaves them out"
-        report.notes.append(f"{len(outside):,} link(s) lead outside {source if kind != 'hdf5' else 'its folder'}, "
-                            f"{what}: {', '.join(outside[:3])}" + (", ..." if len(outside) > 3 else ""))
+        what = (
+            "skipped (--skip-outside-links)"
+            if options.skip_outside_links
+            else "read; --skip-outside-links leaves them out"
+        )
+        report.notes.append(
+            f"{len(outside):,} link(s) lead outside {source if kind != 'hdf5' else 'its folder'}, "
+            f"{what}: {', '.join(outside[:3])}" + (", ..." if len(outside) > 3 else "")
+        )
     report.files_found = 1 if kind == "hdf5" else len(episodes) + len(file_problems)
     report.source_bytes = file_size(source) if kind == "hdf5" else sum(e.nbytes for e in episodes)
     kept, problems = _check(episodes, options.allow_nonfinite, dtype)
     report.problems = file_problems + problems
     dropped = Counter(c for e in kept for c in e.dropped)
     if dropped:
-        report.notes.append("columns not stored (text, or claimed by no --series pattern): "
-                            + ", ".join(f"{c} ({n} files)" for c, n in dropped.most_common(10)))
+        report.notes.append(
+            "columns not stored (text, or claimed by no --series pattern): "
+            + ", ".join(f"{c} ({n} files)" for c, n in dropped.most_common(10))
+        )
     if options.strict and report.problems:
-        raise IngestError(f"--strict: {len(report.problems)} problem(s) in {source}; nothing written",
-                          report.problems, report)
+        raise IngestError(
+            f"--strict: {len(report.problems)} problem(s) in {source}; nothing written", report.problems, report
+        )
     if kept:
         report.series = {k: list(c) for k, (c, _) in sorted(kept[0].columns.items())}
     report.episodes = len(kept)
@@ -216,8 +260,11 @@ def ingest_robot(
     if options.verify:  # against a fresh read of the source files, not the copy in memory
         again, _, _, _ = _read_source(source, kind, groups, dtype, options, "verify")
         by_name = {e.name: e for e in again}
-        fresh = [EpisodeData(e.name, {k: a for k, (_, a) in by_name[e.name].columns.items()}) for e in kept
-                 if e.name in by_name and not by_name[e.name].problem]
+        fresh = [
+            EpisodeData(e.name, {k: a for k, (_, a) in by_name[e.name].columns.items()})
+            for e in kept
+            if e.name in by_name and not by_name[e.name].problem
+        ]
         report.verify = _verify_series(store, fresh)
         if len(fresh) < len(kept):
             report.verify["mismatches"].append(f"{len(kept) - len(fresh)} episode(s) no longer read from the source")
@@ -226,20 +273,23 @@ def ingest_robot(
     return report
 
 
-def _append(into: str, data: list[EpisodeData], columns: dict[str, list[str]], options: IngestOptions,
-            report: IngestReport) -> VLAStore:
+def _append(
+    into: str, data: list[EpisodeData], columns: dict[str, list[str]], options: IngestOptions, report: IngestReport
+) -> VLAStore:
     """``--into``: the episodes appended in one commit (identical ones skipped, different ones refused or replaced)."""
     try:
         store = VLAStore.open(into, writable=True)
     except (StoreNotFoundError, NewerFormatError) as exc:
         raise IngestUsageError(f"--into {into}: {exc}") from None
     if store.snapshot is None:
-        raise IngestUsageError(f"--into {into} is a format-1 store (write-once); run `vlastore upgrade {into}` "
-                               "first, then append")
+        raise IngestUsageError(
+            f"--into {into} is a format-1 store (write-once); run `vlastore upgrade {into}` first, then append"
+        )
     before = set(store.catalog.names)
     try:
-        snapshot = store.add_episodes(data, replace=options.replace, columns=columns,
-                                      allow_nonfinite=options.allow_nonfinite)
+        snapshot = store.add_episodes(
+            data, replace=options.replace, columns=columns, allow_nonfinite=options.allow_nonfinite
+        )
     except FormatError as exc:
         raise IngestError(f"--into {into}: {exc}; nothing appended", [], report) from None
     added = [e.name for e in data if e.name not in before]
@@ -247,21 +297,31 @@ def _append(into: str, data: list[EpisodeData], columns: dict[str, list[str]], o
     if snapshot is None:
         report.notes.append(f"every episode is already in {into} with the same data: nothing to do")
     else:
-        report.notes.append(f"commit {snapshot.commit}: {len(added)} episode(s) appended"
-                            + (f", up to {len(replaced)} replaced or skipped as identical" if replaced else ""))
+        report.notes.append(
+            f"commit {snapshot.commit}: {len(added)} episode(s) appended"
+            + (f", up to {len(replaced)} replaced or skipped as identical" if replaced else "")
+        )
         families = list(store.families)
         if families and added:
-            report.notes.append(f"feature rows of the new episodes are missing until built: {', '.join(families)} "
-                                f"(vlastore build-features / ingest pt-cache|vggt --into {into})")
+            report.notes.append(
+                f"feature rows of the new episodes are missing until built: {', '.join(families)} "
+                f"(vlastore build-features / ingest pt-cache|vggt --into {into})"
+            )
     return store
 
 
-def _create(target: str, data: list[EpisodeData], columns: dict[str, list[str]], options: IngestOptions,
-            report: IngestReport) -> VLAStore:
+def _create(
+    target: str, data: list[EpisodeData], columns: dict[str, list[str]], options: IngestOptions, report: IngestReport
+) -> VLAStore:
     store, created = open_or_create_store(
-        target, data, columns, same=lambda s: _same_series(s, data),
+        target,
+        data,
+        columns,
+        same=lambda s: _same_series(s, data),
         other_store_hint=f"Pick a new --out (or remove {target} first to replace it)",
-        allow_nonfinite=options.allow_nonfinite, format_version=options.format_version)
+        allow_nonfinite=options.allow_nonfinite,
+        format_version=options.format_version,
+    )
     if not created:
         report.notes.append("the store already holds exactly this robot data (an earlier run finished): nothing to do")
     return store

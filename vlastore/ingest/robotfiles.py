@@ -28,8 +28,16 @@ from ..format import FormatError, validate_name
 from .report import IngestUsageError, Problem
 from .source import MAX_FILE_BYTES, SourceError, file_size, open_source, outside_root, retrying
 
-__all__ = ["RobotEpisode", "read_csv_episode", "read_npz_episode", "read_robomimic", "parse_series_spec",
-           "DEFAULT_SERIES", "DEFAULT_DTYPE", "HDF5_SUFFIXES"]
+__all__ = [
+    "RobotEpisode",
+    "read_csv_episode",
+    "read_npz_episode",
+    "read_robomimic",
+    "parse_series_spec",
+    "DEFAULT_SERIES",
+    "DEFAULT_DTYPE",
+    "HDF5_SUFFIXES",
+]
 
 DEFAULT_SERIES = "data"
 """Series key of the columns no ``--series`` pattern claims."""
@@ -88,8 +96,9 @@ def _cast(arr: np.ndarray, dtype: str | None) -> np.ndarray:
         return arr.astype(dtype)
 
 
-def _group(names: list[str], table: np.ndarray, series: list[tuple[str, list[str]]],
-           dtype: str | None) -> tuple[dict[str, tuple[list[str], np.ndarray]], list[str]]:
+def _group(
+    names: list[str], table: np.ndarray, series: list[tuple[str, list[str]]], dtype: str | None
+) -> tuple[dict[str, tuple[list[str], np.ndarray]], list[str]]:
     """Split named columns into series by pattern (first match wins); all go to ``data`` without patterns."""
     if not series:
         groups = {DEFAULT_SERIES: list(range(len(names)))}
@@ -128,12 +137,17 @@ def _read_episode(reader: Any, path: str, *args: Any) -> RobotEpisode:
     except MemoryError:
         return RobotEpisode(name, path, problem=("too-large", f"{path}: does not fit in memory"))
     except Exception as exc:  # noqa: BLE001 - one bad file is one skipped file, whatever it raises
-        return RobotEpisode(name, path, problem=("bad-series", f"{path}: cannot read it ({type(exc).__name__}: "
-                                                               f"{str(exc)[:200]})"))
+        return RobotEpisode(
+            name, path, problem=("bad-series", f"{path}: cannot read it ({type(exc).__name__}: {str(exc)[:200]})")
+        )
 
 
-def read_csv_episode(path: str, series: list[tuple[str, list[str]]] | None = None, dtype: str | None = DEFAULT_DTYPE,
-                     max_bytes: int = MAX_FILE_BYTES) -> RobotEpisode:
+def read_csv_episode(
+    path: str,
+    series: list[tuple[str, list[str]]] | None = None,
+    dtype: str | None = DEFAULT_DTYPE,
+    max_bytes: int = MAX_FILE_BYTES,
+) -> RobotEpisode:
     """Numeric columns of a UTF-8 CSV with a header; text columns are reported in ``dropped``.
 
     Never raises for a bad file: the episode's ``problem`` says what is wrong.
@@ -141,8 +155,9 @@ def read_csv_episode(path: str, series: list[tuple[str, list[str]]] | None = Non
     return _read_episode(_read_csv, path, series or [], dtype, max_bytes)
 
 
-def _read_csv(episode: RobotEpisode, series: list[tuple[str, list[str]]], dtype: str | None,
-              max_bytes: int) -> RobotEpisode:
+def _read_csv(
+    episode: RobotEpisode, series: list[tuple[str, list[str]]], dtype: str | None, max_bytes: int
+) -> RobotEpisode:
     path = episode.path
     # one float per numeric cell as it is read: memory in proportion to the numbers, not to Python lists of rows
     with io.TextIOWrapper(open_source(path, max_bytes), encoding="utf-8", newline="") as f:
@@ -150,8 +165,7 @@ def _read_csv(episode: RobotEpisode, series: list[tuple[str, list[str]]], dtype:
             reader = csv.reader(f)
             header = [h.strip() for h in next(reader, [])]
             if not header:
-                episode.problem = ("bad-series", f"{path}: empty CSV; one header row then one row per step is "
-                                                 "expected")
+                episode.problem = ("bad-series", f"{path}: empty CSV; one header row then one row per step is expected")
                 return episode
             if (twice := _repeated(header)) is not None:
                 episode.problem = ("bad-series", f"{path}: the header names column {twice!r} twice; rename one")
@@ -162,8 +176,10 @@ def _read_csv(episode: RobotEpisode, series: list[tuple[str, list[str]]], dtype:
                 if not row:
                     continue
                 if len(row) != len(header):
-                    episode.problem = ("bad-series", f"{path} line {line}: {len(row)} fields, the header has "
-                                                     f"{len(header)}")
+                    episode.problem = (
+                        "bad-series",
+                        f"{path} line {line}: {len(row)} fields, the header has {len(header)}",
+                    )
                     return episode
                 steps += 1
                 for j, cell in enumerate(row):
@@ -186,8 +202,12 @@ def _read_csv(episode: RobotEpisode, series: list[tuple[str, list[str]]], dtype:
     return episode
 
 
-def read_npz_episode(path: str, series: list[tuple[str, list[str]]] | None = None, dtype: str | None = DEFAULT_DTYPE,
-                     max_bytes: int = MAX_FILE_BYTES) -> RobotEpisode:
+def read_npz_episode(
+    path: str,
+    series: list[tuple[str, list[str]]] | None = None,
+    dtype: str | None = DEFAULT_DTYPE,
+    max_bytes: int = MAX_FILE_BYTES,
+) -> RobotEpisode:
     """An NPZ converted from a CSV: 1-D arrays are named columns; 2-D ``[steps, k]`` arrays are series of their own.
 
     ``data`` + ``columns`` (a 2-D table and its column names) is read as the CSV it came from.
@@ -210,8 +230,11 @@ def _npz_arrays(path: str, max_bytes: int) -> tuple[dict[str, np.ndarray], list[
             members = [m for m in archive.infolist() if m.filename.endswith(".npy")]
             declared = sum(m.file_size for m in members)
             if declared > max_bytes:
-                raise SourceError("too-large", f"{path}: its arrays declare {declared:,} bytes in all, more than the "
-                                               f"{max_bytes:,}-byte limit (--max-file-size)")
+                raise SourceError(
+                    "too-large",
+                    f"{path}: its arrays declare {declared:,} bytes in all, more than the "
+                    f"{max_bytes:,}-byte limit (--max-file-size)",
+                )
             for member in members:
                 key = member.filename[:-4]
                 if key in arrays or key in skipped:
@@ -229,9 +252,12 @@ def _npz_arrays(path: str, max_bytes: int) -> tuple[dict[str, np.ndarray], list[
                     header_bytes = f.tell()  # the header reader stops right after the header
                     nbytes = math.prod(shape) * dt.itemsize
                     if header_bytes + nbytes != member.file_size:
-                        raise SourceError("bad-series", f"{path}: array {key!r} declares shape {list(shape)} of {dt} "
-                                                        f"({nbytes:,} bytes) but its member holds "
-                                                        f"{member.file_size - header_bytes:,}")
+                        raise SourceError(
+                            "bad-series",
+                            f"{path}: array {key!r} declares shape {list(shape)} of {dt} "
+                            f"({nbytes:,} bytes) but its member holds "
+                            f"{member.file_size - header_bytes:,}",
+                        )
                     data = f.read(nbytes)
                 if len(data) != nbytes:
                     raise SourceError("truncated", f"{path}: array {key!r} ends early")
@@ -239,8 +265,9 @@ def _npz_arrays(path: str, max_bytes: int) -> tuple[dict[str, np.ndarray], list[
     return arrays, skipped
 
 
-def _read_npz(episode: RobotEpisode, series: list[tuple[str, list[str]]], dtype: str | None,
-              max_bytes: int) -> RobotEpisode:
+def _read_npz(
+    episode: RobotEpisode, series: list[tuple[str, list[str]]], dtype: str | None, max_bytes: int
+) -> RobotEpisode:
     path = episode.path
     arrays, episode.dropped = _npz_arrays(path, max_bytes)
     names: list[str] = []
@@ -279,8 +306,9 @@ def _read_npz(episode: RobotEpisode, series: list[tuple[str, list[str]]], dtype:
     return episode
 
 
-def read_robomimic(path: str, dtype: str | None = DEFAULT_DTYPE, max_bytes: int = MAX_FILE_BYTES,
-                   skip_outside_links: bool = False) -> tuple[list[RobotEpisode], list[str], list[Problem], list[str]]:
+def read_robomimic(
+    path: str, dtype: str | None = DEFAULT_DTYPE, max_bytes: int = MAX_FILE_BYTES, skip_outside_links: bool = False
+) -> tuple[list[RobotEpisode], list[str], list[Problem], list[str]]:
     """Episodes ``data/demo_N`` of a robomimic HDF5 file: ``actions``, ``states``, ``rewards``,
     ``dones`` and ``obs/<key>`` (as series ``obs.<key>``) with at most 2 dimensions.
 
@@ -315,8 +343,18 @@ def read_robomimic(path: str, dtype: str | None = DEFAULT_DTYPE, max_bytes: int 
         with f:
             data = reader.child(f, "data")
             if not isinstance(data, h5py.Group):
-                return [], notes, [Problem(path, "bad-series", f"{path}: no 'data' group; a robomimic file holds "
-                                                               "data/demo_N/{actions,states,obs}")], outside
+                return (
+                    [],
+                    notes,
+                    [
+                        Problem(
+                            path,
+                            "bad-series",
+                            f"{path}: no 'data' group; a robomimic file holds data/demo_N/{{actions,states,obs}}",
+                        )
+                    ],
+                    outside,
+                )
             demos = sorted(data.keys(), key=lambda k: (int(m.group()) if (m := re.search(r"\d{1,18}", k)) else -1, k))
             for demo in demos:
                 episode = RobotEpisode(demo, f"{path}:data/{demo}")
@@ -325,12 +363,18 @@ def read_robomimic(path: str, dtype: str | None = DEFAULT_DTYPE, max_bytes: int 
                 except SourceError as exc:
                     episode.problem = (exc.reason, f"{episode.path}: {exc}")
                 except Exception as exc:  # noqa: BLE001 - a damaged demo is one skipped episode
-                    episode.problem = ("bad-series", f"{episode.path}: cannot read it ({type(exc).__name__}: "
-                                                     f"{str(exc)[:160]})")
+                    episode.problem = (
+                        "bad-series",
+                        f"{episode.path}: cannot read it ({type(exc).__name__}: {str(exc)[:160]})",
+                    )
                 episodes.append(episode)
     except Exception as exc:  # noqa: BLE001 - a damaged file is one skipped file
-        return [], notes, [Problem(path, "bad-series", f"{path}: cannot read it ({type(exc).__name__}: "
-                                                       f"{str(exc)[:160]})")], outside
+        return (
+            [],
+            notes,
+            [Problem(path, "bad-series", f"{path}: cannot read it ({type(exc).__name__}: {str(exc)[:160]})")],
+            outside,
+        )
     finally:
         reader.close()
         raw.close()
@@ -362,8 +406,10 @@ class _Hdf5Reader:
             if outside_root(target, self.folder) is not None or not os.path.realpath(target).startswith(self.folder):
                 self.outside.append(where)
                 if self.skip_outside:
-                    raise SourceError("outside-source", f"external link {where} leads outside {self.folder}; not "
-                                                        "read (--skip-outside-links)")
+                    raise SourceError(
+                        "outside-source",
+                        f"external link {where} leads outside {self.folder}; not read (--skip-outside-links)",
+                    )
             raw = retrying(lambda: open_source(target, sys.maxsize))
             self._files.append(raw)
             ext = h5py.File(raw, "r")
@@ -394,14 +440,19 @@ class _Hdf5Reader:
     def _check_dataset(self, ds: Any, key: str) -> None:
         declared = ds.size * ds.dtype.itemsize
         if declared > self.max_bytes:
-            raise SourceError("too-large", f"{key}: declares shape {list(ds.shape)} ({declared:,} bytes), more than "
-                                           f"the {self.max_bytes:,}-byte limit (--max-file-size)")
-        for name in [e[0] for e in (ds.external or [])] + [v.file_name for v in (
-                ds.virtual_sources() if ds.is_virtual else [])]:
+            raise SourceError(
+                "too-large",
+                f"{key}: declares shape {list(ds.shape)} ({declared:,} bytes), more than "
+                f"the {self.max_bytes:,}-byte limit (--max-file-size)",
+            )
+        for name in [e[0] for e in (ds.external or [])] + [
+            v.file_name for v in (ds.virtual_sources() if ds.is_virtual else [])
+        ]:
             target = os.path.join(os.path.dirname(os.path.abspath(self.path)), name)
             if not os.path.isfile(target):  # HDF5 opens these itself: a FIFO would hang it
-                raise SourceError("not-a-regular-file", f"{key}: its data lives in {name!r}, which is not a regular "
-                                                        "file")
+                raise SourceError(
+                    "not-a-regular-file", f"{key}: its data lives in {name!r}, which is not a regular file"
+                )
             if outside_root(target, self.folder) is not None or not os.path.realpath(target).startswith(self.folder):
                 self.outside.append(f"{self.path}:{ds.name} -> {name}")
                 if self.skip_outside:
@@ -409,8 +460,9 @@ class _Hdf5Reader:
             return  # external or virtual storage: the file's storage size says nothing
         stored = ds.id.get_storage_size()
         if declared > 64 * stored + (1 << 20):  # mostly never written: reading it would make up fill values
-            raise SourceError("bad-series", f"{key}: declares shape {list(ds.shape)} ({declared:,} bytes) but stores "
-                                            f"{stored:,} bytes")
+            raise SourceError(
+                "bad-series", f"{key}: declares shape {list(ds.shape)} ({declared:,} bytes) but stores {stored:,} bytes"
+            )
 
     def close(self) -> None:
         for f in reversed(self._files):  # each HDF5 file before the file object under it

@@ -176,8 +176,9 @@ def read_mapping(path: str | os.PathLike[str]) -> dict[str, tuple[str, int]]:
             col_ds = next((header.index(c) for c in DATASET_FIELDS if c in header), None)
             col_idx = next((header.index(c) for c in INDEX_FIELDS if c in header), None)
             if col_file is None or col_ds is None or col_idx is None:
-                raise IngestError(f"{path}: a mapping CSV needs a header with columns file,dataset,vlm_idx; "
-                                  f"found {header[:10]}")
+                raise IngestError(
+                    f"{path}: a mapping CSV needs a header with columns file,dataset,vlm_idx; found {header[:10]}"
+                )
             out: dict[str, tuple[str, int]] = {}
             for line, row in enumerate(reader, start=2):
                 if not row:
@@ -188,8 +189,9 @@ def read_mapping(path: str | os.PathLike[str]) -> dict[str, tuple[str, int]]:
                         raise ValueError(index)
                     out[os.path.basename(row[col_file].strip())] = (row[col_ds].strip(), int(index))
                 except (ValueError, IndexError):
-                    raise IngestError(f"{path} line {line}: cannot read {row[:4]!r}; vlm_idx must be an integer "
-                                      "from 0 to 10^18") from None
+                    raise IngestError(
+                        f"{path} line {line}: cannot read {row[:4]!r}; vlm_idx must be an integer from 0 to 10^18"
+                    ) from None
         except (UnicodeDecodeError, csv.Error) as exc:
             raise IngestError(f"{path}: not a UTF-8 CSV file ({str(exc)[:120]})") from None
     return out
@@ -197,8 +199,9 @@ def read_mapping(path: str | os.PathLike[str]) -> dict[str, tuple[str, int]]:
 
 def _meta_key(meta: dict[str, Any]) -> tuple[str, int] | None:
     dataset = next((meta[f] for f in DATASET_FIELDS if isinstance(meta.get(f), str)), None)
-    index = next((meta[f] for f in INDEX_FIELDS if isinstance(meta.get(f), int) and not isinstance(meta[f], bool)),
-                 None)
+    index = next(
+        (meta[f] for f in INDEX_FIELDS if isinstance(meta.get(f), int) and not isinstance(meta[f], bool)), None
+    )
     if dataset is None or index is None or not 0 <= index <= MAX_INDEX:
         return None
     return dataset, int(index)
@@ -228,8 +231,14 @@ def place_pt_cache(
             if index.isdigit() and len(index) <= 18:
                 items.append(Item(i, match["dataset"] or "", int(index), priority=0))
             else:
-                problems.append(Problem(sf.path, "index-out-of-range", f"{sf.path}: index {index[:24]!r} from the "
-                                        "file name is not a whole number below 10^18; rename the file"))
+                problems.append(
+                    Problem(
+                        sf.path,
+                        "index-out-of-range",
+                        f"{sf.path}: index {index[:24]!r} from the "
+                        "file name is not a whole number below 10^18; rename the file",
+                    )
+                )
         elif mapping is not None and name in mapping:
             items.append(Item(i, mapping[name][0], mapping[name][1], priority=1))
         elif sf.problem is None and (key := _meta_key(sf.meta)) is not None:
@@ -237,12 +246,24 @@ def place_pt_cache(
         elif sf.problem is not None:
             problems.append(Problem(sf.path, *sf.problem))
         elif mapping is not None:
-            problems.append(Problem(sf.path, "no-mapping-row", f"{sf.path}: not in the mapping file, its name does not "
-                                    "match the pattern and it holds no dataset/vlm_idx metadata"))
+            problems.append(
+                Problem(
+                    sf.path,
+                    "no-mapping-row",
+                    f"{sf.path}: not in the mapping file, its name does not "
+                    "match the pattern and it holds no dataset/vlm_idx metadata",
+                )
+            )
         else:
-            problems.append(Problem(sf.path, "unmatched-name", f"{sf.path}: name does not match {pattern!r} (i.e. "
-                                    "{dataset}_vlm{idx}.pt) and the file holds no dataset/vlm_idx metadata; give "
-                                    "--mapping CSV (file,dataset,vlm_idx) or --pattern"))
+            problems.append(
+                Problem(
+                    sf.path,
+                    "unmatched-name",
+                    f"{sf.path}: name does not match {pattern!r} (i.e. "
+                    "{dataset}_vlm{idx}.pt) and the file holds no dataset/vlm_idx metadata; give "
+                    "--mapping CSV (file,dataset,vlm_idx) or --pattern",
+                )
+            )
     return items, problems
 
 
@@ -308,8 +329,9 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, list[str]]:
         try:
             records = _manifest_csv(f, path) if path.suffix == ".csv" else _manifest_json(f.read(), path)
         except (OSError, ValueError, TypeError, AttributeError, RecursionError, csv.Error) as exc:
-            raise IngestError(f"{path}: cannot read the manifest ({str(exc)[:200]}); fix it or pass --no-manifest"
-                              ) from None
+            raise IngestError(
+                f"{path}: cannot read the manifest ({str(exc)[:200]}); fix it or pass --no-manifest"
+            ) from None
     out: dict[str, list[str]] = defaultdict(list)
     for episode, image in records:
         image = image.replace("\\", "/")
@@ -339,8 +361,11 @@ def _manifest_csv(f: io.TextIOWrapper, path: Path) -> list[tuple[str | None, str
 
 def _manifest_json(text: str, path: Path) -> list[tuple[str | None, str]]:
     """``(episode or None, image)`` records of a JSON or JSONL manifest (a mapping, records or image paths)."""
-    data: Any = [json.loads(line) for line in text.splitlines() if line.strip()] \
-        if path.suffix == ".jsonl" else json.loads(text)
+    data: Any = (
+        [json.loads(line) for line in text.splitlines() if line.strip()]
+        if path.suffix == ".jsonl"
+        else json.loads(text)
+    )
     if isinstance(data, dict):
         data = data.get("episodes", data)
     if isinstance(data, dict):
@@ -383,14 +408,26 @@ def place_vggt(
                 episode, index = position[image]
                 items.append(Item(i, episode, index, key=image))
             else:
-                problems.append(Problem(files[i].path, "no-mapping-row", f"{files[i].path}: image {image!r} is not in "
-                                        "the manifest; add it, or pass --no-manifest to order images by name"))
+                problems.append(
+                    Problem(
+                        files[i].path,
+                        "no-mapping-row",
+                        f"{files[i].path}: image {image!r} is not in "
+                        "the manifest; add it, or pass --no-manifest to order images by name",
+                    )
+                )
         return items, row_keys, problems
     per_episode: dict[str, list[tuple[int, str]]] = defaultdict(list)
     for i, image in images:
         if "/" not in image:
-            problems.append(Problem(files[i].path, "unmatched-name", f"{files[i].path}: not inside an episode folder "
-                                    "of the data root (expected <root>/<episode>/.../<image>.vggt_cache.pt)"))
+            problems.append(
+                Problem(
+                    files[i].path,
+                    "unmatched-name",
+                    f"{files[i].path}: not inside an episode folder "
+                    "of the data root (expected <root>/<episode>/.../<image>.vggt_cache.pt)",
+                )
+            )
             continue
         per_episode[image.split("/", 1)[0]].append((i, image))
     for episode, members in per_episode.items():

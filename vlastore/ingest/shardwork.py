@@ -34,8 +34,17 @@ from .report import MAX_PROBLEMS_LISTED, Problem, ProblemLog
 from .scan import values_finite
 from .source import MAX_FILE_BYTES, SourceError, file_size, retrying
 
-__all__ = ["FamilyWork", "WriteJob", "PartResult", "Progress", "RowReader", "load_value", "write_part",
-           "verify_part", "nonfinite_rows"]
+__all__ = [
+    "FamilyWork",
+    "WriteJob",
+    "PartResult",
+    "Progress",
+    "RowReader",
+    "load_value",
+    "write_part",
+    "verify_part",
+    "nonfinite_rows",
+]
 
 
 @dataclass
@@ -83,8 +92,9 @@ class PartResult:
 class Progress:
     """A part's way to report rows done and to learn that the run is being stopped (Ctrl-C)."""
 
-    def __init__(self, add: Callable[[int], None] = lambda n: None, stopped: Callable[[], bool] = lambda: False
-                 ) -> None:
+    def __init__(
+        self, add: Callable[[int], None] = lambda n: None, stopped: Callable[[], bool] = lambda: False
+    ) -> None:
         self.add = add
         self.stopped = stopped
 
@@ -96,8 +106,9 @@ class Stopped(Exception):
 # ----------------------------------------------------------------- one row
 
 
-def load_value(path: str, entry: str, spec: FamilySpec, length: int, max_bytes: int = MAX_FILE_BYTES
-               ) -> tuple[np.ndarray | None, Problem | None]:
+def load_value(
+    path: str, entry: str, spec: FamilySpec, length: int, max_bytes: int = MAX_FILE_BYTES
+) -> tuple[np.ndarray | None, Problem | None]:
     """The row stored for ``entry`` of ``path``, in storage dtype and row shape; or why it cannot be.
 
     Every check of the scan is made again here, so a file that went bad after
@@ -131,12 +142,14 @@ def _label(path: str, entry: str) -> str:
 
 
 def _nonfinite_problem(path: str, entry: str) -> Problem:
-    return Problem(path, "nonfinite", f"{_label(path, entry)}: holds NaN or Inf; fix the source or pass "
-                   "--allow-nonfinite")
+    return Problem(
+        path, "nonfinite", f"{_label(path, entry)}: holds NaN or Inf; fix the source or pass --allow-nonfinite"
+    )
 
 
-def _load_value(path: str, entry: str, spec: FamilySpec, length: int, max_bytes: int
-                ) -> tuple[np.ndarray | None, Problem | None]:
+def _load_value(
+    path: str, entry: str, spec: FamilySpec, length: int, max_bytes: int
+) -> tuple[np.ndarray | None, Problem | None]:
     tensors, _ = tensor_entries(read_pt(path, max_bytes))
     tensor = pick_entry(tensors, entry)
     label = _label(path, entry)
@@ -145,8 +158,9 @@ def _load_value(path: str, entry: str, spec: FamilySpec, length: int, max_bytes:
         return None, Problem(path, "no-tensor", f"{label}: holds {what}")
     shape, numel, core = _expected(tuple(spec.row_shape), spec.ragged, length)
     if tensor.numel != numel or core_shape(tensor.shape) != core:
-        return None, Problem(path, "wrong-shape", f"{label}: shape {list(tensor.shape)}, but the family holds "
-                             f"{list(shape)} rows here")
+        return None, Problem(
+            path, "wrong-shape", f"{label}: shape {list(tensor.shape)}, but the family holds {list(shape)} rows here"
+        )
     if tensor.dtype != spec.dtype:
         return None, Problem(path, "wrong-dtype", f"{label}: dtype {tensor.dtype}, but the family is {spec.dtype}")
     array = tensor.array  # read only now that the declared shape and dtype are the family's
@@ -198,8 +212,11 @@ class RowReader:
         fit = self._fits.get((shape, dtype))
         if fit is None:
             spec = self.spec
-            fit = self._fits[(shape, dtype)] = (dtype == spec.dtype and core_shape(shape) == core_shape(
-                spec.row_shape) and math.prod(shape) == math.prod(spec.row_shape))
+            fit = self._fits[(shape, dtype)] = (
+                dtype == spec.dtype
+                and core_shape(shape) == core_shape(spec.row_shape)
+                and math.prod(shape) == math.prod(spec.row_shape)
+            )
         return fit
 
 
@@ -322,8 +339,9 @@ class _ShardWriter:
         values: list[np.ndarray] = []
         problems: list[Problem] = []
         for row, path in zip(rows.tolist(), paths, strict=True):
-            value, problem = load_value(path, self.work.entry, self.work.spec, int(lengths[row]),
-                                        self.job.max_file_bytes)
+            value, problem = load_value(
+                path, self.work.entry, self.work.spec, int(lengths[row]), self.job.max_file_bytes
+            )
             self.result.source_bytes += file_size(path)
             if value is None:
                 problems.append(problem)  # type: ignore[arg-type]
@@ -432,8 +450,9 @@ class _ShardChecker:
         differ = _rows_differ(got, batch.data[: batch.n])
         for i in np.flatnonzero(differ).tolist():
             row = int(read[i])
-            self.result.mismatch(f"{self.work.name} row {self.reader.describe(row)}: stored bytes differ from "
-                                 f"{paths[int(position[i])]}")
+            self.result.mismatch(
+                f"{self.work.name} row {self.reader.describe(row)}: stored bytes differ from {paths[int(position[i])]}"
+            )
 
     def _check_row(self, row: int) -> None:
         from ..reader import MissingRowError
@@ -449,11 +468,15 @@ class _ShardChecker:
             self.result.mismatch(f"{work.name} row {reader.describe(row)}: {exc}")
             return
         path = work.sources.paths(np.array([row]))[0]
-        source, problem = load_value(path, work.entry, work.spec, int(reader.layout.lengths[row]),
-                                     self.job.max_file_bytes)
+        source, problem = load_value(
+            path, work.entry, work.spec, int(reader.layout.lengths[row]), self.job.max_file_bytes
+        )
         self.result.rows_checked += 1
         if problem is not None:
             self.result.mismatch(f"{work.name} row {reader.describe(row)}: {problem.message}")
-        elif source is None or source.shape != stored.shape or np.ascontiguousarray(source).tobytes() != \
-                np.ascontiguousarray(stored).tobytes():
+        elif (
+            source is None
+            or source.shape != stored.shape
+            or np.ascontiguousarray(source).tobytes() != np.ascontiguousarray(stored).tobytes()
+        ):
             self.result.mismatch(f"{work.name} row {reader.describe(row)}: stored bytes differ from {path}")

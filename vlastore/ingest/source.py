@@ -76,13 +76,16 @@ def classify_os_error(path: str | os.PathLike[str], exc: OSError) -> SourceError
     code = exc.errno
     text = exc.strerror or str(exc)
     if code in TRANSIENT_ERRNOS:
-        return SourceError("transient-error", f"{where}: {text} (errno {errno.errorcode.get(code, code)}); "
-                                              "rerun the same command to retry")
+        return SourceError(
+            "transient-error",
+            f"{where}: {text} (errno {errno.errorcode.get(code, code)}); rerun the same command to retry",
+        )
     if code == errno.ELOOP:
         return SourceError("symlink-loop", f"{where}: a loop of symbolic links")
     if code == errno.ENOENT and os.path.islink(where):
-        return SourceError("dangling-symlink", f"{where}: symbolic link to {_link_target(where)!r}, which does "
-                                               "not exist")
+        return SourceError(
+            "dangling-symlink", f"{where}: symbolic link to {_link_target(where)!r}, which does not exist"
+        )
     if code in (errno.EISDIR, errno.ENXIO, errno.ENODEV):
         return SourceError("not-a-regular-file", f"{where}: not a regular file ({text})")
     return SourceError("unreadable", f"{where}: {text}")
@@ -96,8 +99,13 @@ def _link_target(path: str) -> str:
 
 
 def _kind(mode: int) -> str:
-    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+    for test, name in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ):
         if test(mode):
             return name
     return "not a regular file"
@@ -132,8 +140,11 @@ def open_regular(path: str | os.PathLike[str], follow_symlinks: bool = True) -> 
 
 
 def _too_large(path: str | os.PathLike[str], size: int, limit: int) -> SourceError:
-    return SourceError("too-large", f"{os.fspath(path)}: {size:,} bytes, more than the {limit:,}-byte limit for one "
-                                    "source file; raise it with --max-file-size if the file is genuine")
+    return SourceError(
+        "too-large",
+        f"{os.fspath(path)}: {size:,} bytes, more than the {limit:,}-byte limit for one "
+        "source file; raise it with --max-file-size if the file is genuine",
+    )
 
 
 def read_whole(path: str | os.PathLike[str], max_bytes: int = MAX_FILE_BYTES) -> bytes:
@@ -169,8 +180,11 @@ def pread_exact(fd: int, offset: int, length: int, path: str) -> bytes:
         while got < length:
             chunk = os.pread(fd, min(length - got, 1 << 26), offset + got)
             if not chunk:
-                raise SourceError("truncated", f"{path}: ends at byte {offset + got:,}, before the "
-                                               f"{length:,} bytes expected at {offset:,} (truncated or changing?)")
+                raise SourceError(
+                    "truncated",
+                    f"{path}: ends at byte {offset + got:,}, before the "
+                    f"{length:,} bytes expected at {offset:,} (truncated or changing?)",
+                )
             parts.append(chunk)
             got += len(chunk)
     except OSError as exc:

@@ -71,8 +71,9 @@ def die_with_parent(parent: int) -> None:
 
 def _pool(workers: int, initargs: tuple[Any, ...] = ()) -> ProcessPoolExecutor:
     """A pool forked from the calling (main) thread, so PR_SET_PDEATHSIG follows the process that lives on."""
-    return ProcessPoolExecutor(workers, mp_context=_context(), initializer=_init_worker,
-                               initargs=(os.getpid(), *initargs))
+    return ProcessPoolExecutor(
+        workers, mp_context=_context(), initializer=_init_worker, initargs=(os.getpid(), *initargs)
+    )
 
 
 def _init_worker(parent: int, *state: Any) -> None:
@@ -84,12 +85,15 @@ def _init_worker(parent: int, *state: Any) -> None:
 
 
 def _died(what: str) -> IngestError:
-    return IngestError(f"{what} failed: a worker process died (killed, or out of memory?); rerun the same command: "
-                       "finished shards are kept")
+    return IngestError(
+        f"{what} failed: a worker process died (killed, or out of memory?); rerun the same command: "
+        "finished shards are kept"
+    )
 
 
-def parallel_map(func: Callable[[Any], Any], items: list[Any], workers: int,
-                 progress: Callable[[int], None] | None = None) -> Iterator[Any]:
+def parallel_map(
+    func: Callable[[Any], Any], items: list[Any], workers: int, progress: Callable[[int], None] | None = None
+) -> Iterator[Any]:
     """``map(func, items)`` in order, over ``workers`` processes (in-process for one).
 
     Raises:
@@ -115,8 +119,9 @@ def parallel_map(func: Callable[[Any], Any], items: list[Any], workers: int,
 # ----------------------------------------------------------------- parts
 
 
-def run_parts(part: Part, job: WriteJob, parts: int, workers: int, mode: str,
-              progress: Callable[[int], None]) -> list[PartResult]:
+def run_parts(
+    part: Part, job: WriteJob, parts: int, workers: int, mode: str, progress: Callable[[int], None]
+) -> list[PartResult]:
     """Run ``part(store, job, i, parts, ...)`` for every ``i`` over ``workers`` processes; their results.
 
     ``progress`` gets the rows done as the parts report them. ``mode`` names the work
@@ -137,8 +142,7 @@ def run_parts(part: Part, job: WriteJob, parts: int, workers: int, mode: str,
     return results
 
 
-def _run_inline(part: Part, job: WriteJob, parts: int, mode: str, progress: Callable[[int], None]
-                ) -> list[PartResult]:
+def _run_inline(part: Part, job: WriteJob, parts: int, mode: str, progress: Callable[[int], None]) -> list[PartResult]:
     _WORKER.clear()
     _WORKER.update(job=job, progress=Progress(progress))
     try:
@@ -152,8 +156,9 @@ def _run_inline(part: Part, job: WriteJob, parts: int, mode: str, progress: Call
         _WORKER.clear()
 
 
-def _run_pool(part: Part, job: WriteJob, parts: int, workers: int, mode: str, progress: Callable[[int], None]
-              ) -> list[PartResult]:
+def _run_pool(
+    part: Part, job: WriteJob, parts: int, workers: int, mode: str, progress: Callable[[int], None]
+) -> list[PartResult]:
     ctx = _context()
     counter = ctx.Value("q", 0)
     stop = ctx.Event()

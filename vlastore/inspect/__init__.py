@@ -23,6 +23,4 @@ from .plots import *  # noqa: F403
 from .tables import *  # noqa: F403
 from .values import *  # noqa: F403
 
-__all__ = [
-    *_common.__all__, *tables.__all__, *values.__all__, *episodes.__all__, *drift.__all__, *plots.__all__
-]
+__all__ = [*_common.__all__, *tables.__all__, *values.__all__, *episodes.__all__, *drift.__all__, *plots.__all__]

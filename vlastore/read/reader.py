@@ -77,8 +77,13 @@ class FeatureReader:
             process (default), or ``"never"``.
     """
 
-    def __init__(self, source: FamilyHandle | HandleSource, family: str | None = None,
-                 generation: int | None = None, verify: str = "once") -> None:
+    def __init__(
+        self,
+        source: FamilyHandle | HandleSource,
+        family: str | None = None,
+        generation: int | None = None,
+        verify: str = "once",
+    ) -> None:
         if verify not in VERIFY_MODES:
             raise ValueError(f"verify={verify!r}: use one of {VERIFY_MODES}")
         self.handle = resolve_handle(source, family, generation)
@@ -96,8 +101,12 @@ class FeatureReader:
         # raw families on local files map all their shards into one address range (see arena.py); its row
         # map is O(rows), so a family with more rows than ARENA_MAX_ROWS (or a store claiming so) reads
         # shard by shard
-        self.use_arena = (self.local and self.spec.compression is None and _arena.available()
-                          and (self.spec.ragged or self.layout.rows <= ARENA_MAX_ROWS))
+        self.use_arena = (
+            self.local
+            and self.spec.compression is None
+            and _arena.available()
+            and (self.spec.ragged or self.layout.rows <= ARENA_MAX_ROWS)
+        )
         self._reset()
 
     def _reset(self) -> None:
@@ -119,8 +128,10 @@ class FeatureReader:
 
     def __repr__(self) -> str:
         path = "mmap" if self.local and self.spec.compression is None else "general"
-        return (f"FeatureReader({self.family!r}, generation {self.generation}, {self.layout.rows} rows, "
-                f"{path} path, verify={self.verify!r})")
+        return (
+            f"FeatureReader({self.family!r}, generation {self.generation}, {self.layout.rows} rows, "
+            f"{path} path, verify={self.verify!r})"
+        )
 
     def close(self) -> None:
         """Drop the maps of this reader (views handed out keep theirs alive)."""
@@ -242,13 +253,16 @@ class FeatureReader:
         firsts = (self.layout.start_of(rows) - base).tolist()
         lengths = self.layout.lengths[rows].tolist()
         if isinstance(entry, StridedShard):
-            return [self._strided_row(entry, shard, f, n, r)
-                    for r, f, n in zip(rows.tolist(), firsts, lengths, strict=True)]
+            return [
+                self._strided_row(entry, shard, f, n, r) for r, f, n in zip(rows.tolist(), firsts, lengths, strict=True)
+            ]
         assert isinstance(entry, IndexedShard)
         present = entry.index.present
         # rows up to the first one with a chunk missing are read (and checked) before that one is reported
-        stop = next((k for k, (f, n) in enumerate(zip(firsts, lengths, strict=True)) if not present[f : f + n].all()),
-                    len(firsts))
+        stop = next(
+            (k for k, (f, n) in enumerate(zip(firsts, lengths, strict=True)) if not present[f : f + n].all()),
+            len(firsts),
+        )
         chunks = [c for f, n in zip(firsts[:stop], lengths[:stop], strict=True) for c in range(f, f + n)]
         try:
             raws = entry.raw_chunks(chunks) if chunks else []

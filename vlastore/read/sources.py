@@ -42,8 +42,17 @@ from ..shardcodec import (
 )
 from . import arena as _arena
 
-__all__ = ["Shard", "StridedShard", "IndexedShard", "ShardSource", "ArenaSource", "MapSource", "RangedSource",
-           "shard_verifier", "register_verifier"]
+__all__ = [
+    "Shard",
+    "StridedShard",
+    "IndexedShard",
+    "ShardSource",
+    "ArenaSource",
+    "MapSource",
+    "RangedSource",
+    "shard_verifier",
+    "register_verifier",
+]
 
 
 class Shard:
@@ -63,8 +72,9 @@ _WHOLE_BATCH = 8
 (one crc32c call per 64 rows); fewer are checked one by one."""
 
 
-def first_corrupt(payload: np.ndarray, crcs: np.ndarray, positions: np.ndarray, todo: np.ndarray | None,
-                  gathered: np.ndarray | None) -> tuple[int | None, bool]:
+def first_corrupt(
+    payload: np.ndarray, crcs: np.ndarray, positions: np.ndarray, todo: np.ndarray | None, gathered: np.ndarray | None
+) -> tuple[int | None, bool]:
     """Check the rows at ``positions[todo]`` of ``payload`` (a ``(records, row_nbytes)`` uint8 matrix) against
     ``crcs``; ``todo`` None: all of them. ``gathered``: the rows at ``positions`` as already copied out
     (C-contiguous), or None.
@@ -103,8 +113,7 @@ class StridedShard(Shard):
         self.payload = body[:, : stride - CRC_BYTES]
         self.crcs = body[:, stride - CRC_BYTES :].view("<u4")[:, 0]
         # each payload as one opaque element: numpy gathers those with one memcpy per row
-        self.records = np.ndarray((n,), dtype=np.dtype((np.void, stride - CRC_BYTES)), buffer=buf,
-                                  strides=(stride,))
+        self.records = np.ndarray((n,), dtype=np.dtype((np.void, stride - CRC_BYTES)), buffer=buf, strides=(stride,))
         # present chunks sit back to back in chunk order, so a chunk's position is offset // stride
         pos = np.full(len(index.present), -1, dtype=np.int64)
         pos[index.present] = (index.offsets[index.present] // np.uint64(stride)).astype(np.int64)
@@ -148,8 +157,9 @@ class IndexedShard(Shard):
 
     __slots__ = ("fetch",)
 
-    def __init__(self, index: ShardIndex, where: str,
-                 fetch: Callable[[Sequence[tuple[int, int]]], list[np.ndarray]]) -> None:
+    def __init__(
+        self, index: ShardIndex, where: str, fetch: Callable[[Sequence[tuple[int, int]]], list[np.ndarray]]
+    ) -> None:
         super().__init__(index, where)
         self.fetch = fetch
         """``fetch(ranges)``: the bytes of each ``[start, end)`` as uint8 (one request per run of adjacent ranges)."""
@@ -219,8 +229,10 @@ class ShardSource(abc.ABC):
 
     def _check_size(self, size: int, where: str) -> None:
         if size < self.n_index:
-            raise ChecksumError(f"{where}: {size} bytes, too short for the index of {self.n_index} bytes; the "
-                                "shard is corrupt, rewrite it")
+            raise ChecksumError(
+                f"{where}: {size} bytes, too short for the index of {self.n_index} bytes; the "
+                "shard is corrupt, rewrite it"
+            )
 
     def _mapped(self, buf: np.ndarray, where: str) -> Shard:
         """A shard over its mapped bytes: strided when it is raw and laid out as vlastore writes it."""
@@ -320,8 +332,9 @@ class ArenaSource(ShardSource):
             self.gpos[rows] = np.where(pos >= 0, shard * self.arena.records_per_slot + pos, len(self.records))
         return entry
 
-    def first_bad(self, rows: np.ndarray, records: np.ndarray, verify: str,
-                  gathered: np.ndarray | None = None) -> int | None:
+    def first_bad(
+        self, rows: np.ndarray, records: np.ndarray, verify: str, gathered: np.ndarray | None = None
+    ) -> int | None:
         """crc32c of the arena records of ``rows`` (verify="once": only rows this process has not checked yet);
         the index into ``rows`` of the first corrupt one, or None. ``gathered``: as :meth:`StridedShard.first_bad`."""
         payload, crcs, row_ok = self.record_payload, self.record_crcs, self.row_ok

@@ -98,8 +98,10 @@ def open_storage(location: Location, storage_options: dict[str, Any] | None = No
         ValueError: a URL scheme vlastore cannot reach, or options for a location that takes none.
     """
     if storage_options and not (isinstance(location, str) and location.startswith("s3://")):
-        raise ValueError(f"storage_options are for s3:// locations; {location!r} takes none (open the Storage "
-                         "yourself and pass it instead)")
+        raise ValueError(
+            f"storage_options are for s3:// locations; {location!r} takes none (open the Storage "
+            "yourself and pass it instead)"
+        )
     if isinstance(location, Storage):
         return location
     if isinstance(location, SeamStore):
@@ -112,8 +114,10 @@ def open_storage(location: Location, storage_options: dict[str, Any] | None = No
     if text.startswith("s3://"):
         return _object_storage(text, {**options_from_env(), **(storage_options or {})})
     if "://" in text and not text.startswith("file://"):
-        raise ValueError(f"{text}: vlastore reaches local folders, file:// and s3:// URLs; for another kind of "
-                         "location, open a zarr Store (or a vlastore Storage) for it and pass that")
+        raise ValueError(
+            f"{text}: vlastore reaches local folders, file:// and s3:// URLs; for another kind of "
+            "location, open a zarr Store (or a vlastore Storage) for it and pass that"
+        )
     return LocalStorage(text.removeprefix("file://"))
 
 

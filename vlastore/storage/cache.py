@@ -201,8 +201,18 @@ class CachedStorage(Storage):
         return self._verifiers[best] if best else self.verify
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_rebuild, (self.remote, str(self.cache_dir), self.max_bytes, self.verify, self.prefetch_threads,
-                           self.on_full, self.lock_timeout_s))
+        return (
+            _rebuild,
+            (
+                self.remote,
+                str(self.cache_dir),
+                self.max_bytes,
+                self.verify,
+                self.prefetch_threads,
+                self.on_full,
+                self.lock_timeout_s,
+            ),
+        )
 
     # ------------------------------------------------------------- per process
 
@@ -770,7 +780,21 @@ class _FileLock:
         os.close(self.fd)
 
 
-def _rebuild(remote: Storage, cache_dir: str, max_bytes: int, verify: Verify | None, prefetch_threads: int,
-             on_full: str, lock_timeout_s: float) -> CachedStorage:
-    return CachedStorage(remote, cache_dir, max_bytes, verify=verify, prefetch_threads=prefetch_threads,
-                         on_full=on_full, lock_timeout_s=lock_timeout_s)
+def _rebuild(
+    remote: Storage,
+    cache_dir: str,
+    max_bytes: int,
+    verify: Verify | None,
+    prefetch_threads: int,
+    on_full: str,
+    lock_timeout_s: float,
+) -> CachedStorage:
+    return CachedStorage(
+        remote,
+        cache_dir,
+        max_bytes,
+        verify=verify,
+        prefetch_threads=prefetch_threads,
+        on_full=on_full,
+        lock_timeout_s=lock_timeout_s,
+    )

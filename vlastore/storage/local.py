@@ -82,8 +82,14 @@ def _within(real: str, root_real: str) -> bool:
 
 
 def _kind(mode: int) -> str:
-    for test, name in ((stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "FIFO"), (stat.S_ISLNK, "symbolic link"),
-                       (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device")):
+    for test, name in (
+        (stat.S_ISDIR, "directory"),
+        (stat.S_ISFIFO, "FIFO"),
+        (stat.S_ISLNK, "symbolic link"),
+        (stat.S_ISSOCK, "socket"),
+        (stat.S_ISCHR, "character device"),
+        (stat.S_ISBLK, "block device"),
+    ):
         if test(mode):
             return name
     return "special file"
@@ -132,8 +138,9 @@ def open_regular(path: str | os.PathLike[str], root_real: str | None = None) -> 
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)
-        raise UnsafeFileError(f"{path} is not a regular file (a {_kind(st.st_mode)}); the store is damaged or "
-                              "was tampered with")
+        raise UnsafeFileError(
+            f"{path} is not a regular file (a {_kind(st.st_mode)}); the store is damaged or was tampered with"
+        )
     return fd
 
 
@@ -358,8 +365,9 @@ class LocalStorage(Storage):
         try:
             os.replace(tmp, path)
         except FileNotFoundError:
-            raise TemporaryFileLost(f"the temporary file {tmp} of {path} was removed by another process while "
-                                    "this one wrote it") from None
+            raise TemporaryFileLost(
+                f"the temporary file {tmp} of {path} was removed by another process while this one wrote it"
+            ) from None
         finally:
             tmp.unlink(missing_ok=True)
         if self.fsync:
@@ -410,8 +418,9 @@ class LocalStorage(Storage):
                 try:
                     os.replace(tmp, path)
                 except FileNotFoundError:
-                    raise TemporaryFileLost(f"the temporary file {tmp} of {path} was removed by another process "
-                                            "while this one wrote it") from None
+                    raise TemporaryFileLost(
+                        f"the temporary file {tmp} of {path} was removed by another process while this one wrote it"
+                    ) from None
             if self.fsync:
                 _fsync_dir(path.parent)
         finally:
@@ -525,8 +534,9 @@ class LocalStorage(Storage):
 # ---------------------------------------------------------------- zarr-python
 
 
-def _safe_get(path: Path, root_real: str, prototype: BufferPrototype,
-              byte_range: ByteRequest | None) -> ZarrBuffer | None:
+def _safe_get(
+    path: Path, root_real: str, prototype: BufferPrototype, byte_range: ByteRequest | None
+) -> ZarrBuffer | None:
     fd = open_regular(path, root_real)
     if fd is None:
         return None
@@ -561,16 +571,18 @@ class SafeLocalStore(LocalStore):
     def with_read_only(self, read_only: bool = False) -> SafeLocalStore:
         return SafeLocalStore(self.root, read_only=read_only)
 
-    async def get(self, key: str, prototype: BufferPrototype | None = None,
-                  byte_range: ByteRequest | None = None) -> ZarrBuffer | None:
+    async def get(
+        self, key: str, prototype: BufferPrototype | None = None, byte_range: ByteRequest | None = None
+    ) -> ZarrBuffer | None:
         if prototype is None:
             prototype = default_buffer_prototype()
         if not self._is_open:
             await self._open()
         return await asyncio.to_thread(_safe_get, self.root / key, self.root_real, prototype, byte_range)
 
-    async def get_partial_values(self, prototype: BufferPrototype,
-                                 key_ranges: Iterable[tuple[str, ByteRequest | None]]) -> list[ZarrBuffer | None]:
+    async def get_partial_values(
+        self, prototype: BufferPrototype, key_ranges: Iterable[tuple[str, ByteRequest | None]]
+    ) -> list[ZarrBuffer | None]:
         return [await self.get(key, prototype, byte_range) for key, byte_range in key_ranges]
 
     async def _set(self, key: str, value: ZarrBuffer, exclusive: bool = False) -> None:
@@ -637,8 +649,10 @@ def remove_store_files(root: Path) -> int:
                 foreign.append(str(rel))
     if foreign:
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
-        raise UnsafeFileError(f"{root} holds files that are not part of a vlastore store ({shown}); nothing was "
-                              "deleted. Move them away, or choose another path")
+        raise UnsafeFileError(
+            f"{root} holds files that are not part of a vlastore store ({shown}); nothing was "
+            "deleted. Move them away, or choose another path"
+        )
     for path in files:
         path.unlink()
     for path in sorted(dirs, key=lambda p: len(p.parts), reverse=True):

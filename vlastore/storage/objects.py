@@ -106,8 +106,17 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
-_TRANSIENT_CODES = {"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "RequestTimeTooSkewed",
-                    "ConditionalRequestConflict", "OperationAborted", "Throttling", "ThrottlingException"}
+_TRANSIENT_CODES = {
+    "InternalError",
+    "ServiceUnavailable",
+    "SlowDown",
+    "RequestTimeout",
+    "RequestTimeTooSkewed",
+    "ConditionalRequestConflict",
+    "OperationAborted",
+    "Throttling",
+    "ThrottlingException",
+}
 
 
 @dataclass(frozen=True)
@@ -215,9 +224,7 @@ class ObjectStorage(Storage):
             from botocore import UNSIGNED
             from botocore.config import Config
         except ImportError:
-            raise ImportError(
-                f"{self.location}: object storage needs botocore; pip install 'vlastore[s3]'"
-            ) from None
+            raise ImportError(f"{self.location}: object storage needs botocore; pip install 'vlastore[s3]'") from None
         s = self.settings
         config = Config(
             region_name=s.region,
@@ -437,7 +444,7 @@ class ObjectStorage(Storage):
     def list(self, prefix: str = "") -> Iterator[tuple[str, int]]:
         """``(key, size)`` under ``prefix``; objects whose names are not valid keys are skipped with a warning."""
         for full, size in self._list_full(prefix):
-            key = full[len(self._root):]
+            key = full[len(self._root) :]
             try:
                 check_key(key)
             except ValueError as exc:  # anything can be uploaded to a bucket; callers get only keys they can use
@@ -612,8 +619,9 @@ class ObjectStorage(Storage):
 class _Download:
     """One :meth:`ObjectStorage.download`: the state its retried requests share (bytes written, crc, size)."""
 
-    def __init__(self, storage: ObjectStorage, key: str, out: IO[bytes] | Callable[[ObjectInfo], IO[bytes]],
-                 version: str | None) -> None:
+    def __init__(
+        self, storage: ObjectStorage, key: str, out: IO[bytes] | Callable[[ObjectInfo], IO[bytes]], version: str | None
+    ) -> None:
         self.storage = storage
         self.key = key
         self.full = storage._full(key)
@@ -659,7 +667,8 @@ class _Download:
                 raise FileNotFoundError(f"{where}: no such object") from None
             if status == 412:
                 raise VersionMismatchError(
-                    f"{where} changed while it was being read (ETag no longer {self.version})") from None
+                    f"{where} changed while it was being read (ETag no longer {self.version})"
+                ) from None
             if status == 416 and self.written == 0:  # bytes=0- of an empty object
                 return None
             raise

@@ -97,7 +97,7 @@ def parse_s3_url(url: str) -> tuple[str, str]:
     """
     if not isinstance(url, str) or not url.startswith("s3://"):
         raise ValueError(f"{url!r} is not an object storage URL; write s3://bucket/prefix")
-    bucket, _, prefix = url[len("s3://"):].partition("/")
+    bucket, _, prefix = url[len("s3://") :].partition("/")
     if not _BUCKET_OK.match(bucket):
         raise ValueError(
             f"{url!r}: bucket name {bucket!r} is not valid (3-63 characters: lower-case letters, digits, '.', '-')"

@@ -39,16 +39,18 @@ def _to_matrix(array: Any, width: int, key: str) -> np.ndarray:
 
     rows = len(array)
     values = array.storage if isinstance(array.type, pa.ExtensionType) else array
-    while pa.types.is_list(values.type) or pa.types.is_large_list(values.type) or \
-            pa.types.is_fixed_size_list(values.type):
+    while (
+        pa.types.is_list(values.type) or pa.types.is_large_list(values.type) or pa.types.is_fixed_size_list(values.type)
+    ):
         if values.null_count:
             raise ValueError(f"column {key!r} has empty (null) cells")
         if not pa.types.is_fixed_size_list(values.type) and len(values):
             lengths = pc.list_value_length(values)
             low, high = pc.min(lengths).as_py(), pc.max(lengths).as_py()
             if low != high:
-                raise ValueError(f"column {key!r} holds lists of {low} to {high} values; info.json's shape needs "
-                                 "one length")
+                raise ValueError(
+                    f"column {key!r} holds lists of {low} to {high} values; info.json's shape needs one length"
+                )
         values = values.flatten()
         if isinstance(values.type, pa.ExtensionType):
             values = values.storage
@@ -58,8 +60,9 @@ def _to_matrix(array: Any, width: int, key: str) -> np.ndarray:
         raise ValueError(f"column {key!r} has empty (null) cells")
     flat = values.to_numpy(zero_copy_only=False)
     if flat.size != rows * width:
-        raise ValueError(f"column {key!r} holds {flat.size // max(rows, 1)} values per frame; info.json's shape says "
-                         f"{width}")
+        raise ValueError(
+            f"column {key!r} holds {flat.size // max(rows, 1)} values per frame; info.json's shape says {width}"
+        )
     return flat.reshape(rows, width)
 
 
@@ -75,8 +78,9 @@ class _Gathered:
     problem: tuple[str, str] | None = None
 
 
-def _read_data_file(root: Path, rel: str, episodes: dict[int, LeRobotEpisode], numeric: list[LeRobotFeature],
-                    listed: set[int]) -> tuple[dict[int, _Gathered], list[str], int, tuple[str, str] | None]:
+def _read_data_file(
+    root: Path, rel: str, episodes: dict[int, LeRobotEpisode], numeric: list[LeRobotFeature], listed: set[int]
+) -> tuple[dict[int, _Gathered], list[str], int, tuple[str, str] | None]:
     """Numeric columns of the episodes one data file holds.
 
     Returns ``(gathered by episode index, notes, file bytes, file problem)``: a file problem means none of
@@ -105,8 +109,9 @@ def _read_data_file(root: Path, rel: str, episodes: dict[int, LeRobotEpisode], n
     return gather.gathered, gather.notes(listed), nbytes, None
 
 
-def _wanted_columns(have: set[str], numeric: list[LeRobotFeature], rel: str
-                    ) -> tuple[list[str], tuple[str, str] | None]:
+def _wanted_columns(
+    have: set[str], numeric: list[LeRobotFeature], rel: str
+) -> tuple[list[str], tuple[str, str] | None]:
     """Columns to read besides ``episode_index`` (numeric features, then bookkeeping), or why the file is unusable."""
     if "episode_index" not in have:
         return [], ("bad-series", f"{rel}: no episode_index column; not a v3.0 data file")
@@ -116,8 +121,9 @@ def _wanted_columns(have: set[str], numeric: list[LeRobotFeature], rel: str
     return [f.key for f in numeric] + [c for c in BOOKKEEPING_COLUMNS if c in have and c != "episode_index"], None
 
 
-def _batch_columns(batch: Any, numeric: list[LeRobotFeature], wanted: list[str]
-                   ) -> tuple[dict[str, np.ndarray], str | None]:
+def _batch_columns(
+    batch: Any, numeric: list[LeRobotFeature], wanted: list[str]
+) -> tuple[dict[str, np.ndarray], str | None]:
     """The numeric features (``[rows, width]``) and ``index``/``frame_index`` of a batch, or the first failure."""
     columns: dict[str, np.ndarray] = {}
     try:
@@ -183,8 +189,10 @@ class _FileGather:
         if failure is not None:
             return ("bad-series", f"{self.rel}: {failure}")
         if g.rows + rows > self.episodes[ep].length:
-            return ("bad-series", f"{self.rel}: episode {ep} has more than the {self.episodes[ep].length} frames "
-                                  "meta/episodes gives it")
+            return (
+                "bad-series",
+                f"{self.rel}: episode {ep} has more than the {self.episodes[ep].length} frames meta/episodes gives it",
+            )
         return None
 
     def notes(self, listed: set[int]) -> list[str]:
@@ -193,38 +201,53 @@ class _FileGather:
         elsewhere = sorted(ep for ep in self.foreign if ep in listed)
         unlisted = sorted(ep for ep in self.foreign if ep not in listed)
         if elsewhere:
-            notes.append(f"{self.rel}: rows of episode(s) {elsewhere[:10]} that meta/episodes places in another file "
-                         "were ignored")
+            notes.append(
+                f"{self.rel}: rows of episode(s) {elsewhere[:10]} that meta/episodes places in another file "
+                "were ignored"
+            )
         if unlisted:
-            notes.append(f"{self.rel}: {sum(self.foreign[e] for e in unlisted)} rows of episode(s) {unlisted[:10]} "
-                         "that meta/episodes does not list were ignored")
+            notes.append(
+                f"{self.rel}: {sum(self.foreign[e] for e in unlisted)} rows of episode(s) {unlisted[:10]} "
+                "that meta/episodes does not list were ignored"
+            )
         return notes
 
 
-def _finish(episode: LeRobotEpisode, g: _Gathered, numeric: list[LeRobotFeature], rel: str,
-            allow_nonfinite: bool) -> tuple[dict[str, np.ndarray] | None, tuple[str, str] | None]:
+def _finish(
+    episode: LeRobotEpisode, g: _Gathered, numeric: list[LeRobotFeature], rel: str, allow_nonfinite: bool
+) -> tuple[dict[str, np.ndarray] | None, tuple[str, str] | None]:
     """Concatenate and check one episode: frame count, ``index`` and ``frame_index`` against meta/episodes."""
     if g.problem is not None:
         return None, g.problem
     if g.rows != episode.length:
-        return None, ("bad-series", f"{rel}: episode {episode.episode_index} has {g.rows} frames, meta/episodes "
-                                    f"says {episode.length}")
+        return None, (
+            "bad-series",
+            f"{rel}: episode {episode.episode_index} has {g.rows} frames, meta/episodes says {episode.length}",
+        )
     if g.index:
         index = np.concatenate(g.index)
         if not np.array_equal(index, np.arange(episode.dataset_from_index, episode.dataset_to_index)):
-            return None, ("bad-series", f"{rel}: episode {episode.episode_index}: the index column runs "
-                                        f"{index[0]}..{index[-1]}, meta/episodes says dataset_from_index "
-                                        f"{episode.dataset_from_index} .. dataset_to_index {episode.dataset_to_index}")
+            return None, (
+                "bad-series",
+                f"{rel}: episode {episode.episode_index}: the index column runs "
+                f"{index[0]}..{index[-1]}, meta/episodes says dataset_from_index "
+                f"{episode.dataset_from_index} .. dataset_to_index {episode.dataset_to_index}",
+            )
     if g.frame and not np.array_equal(np.concatenate(g.frame), np.arange(episode.length)):
-        return None, ("bad-series", f"{rel}: episode {episode.episode_index}: frame_index is not "
-                                    f"0..{episode.length - 1} in order")
+        return None, (
+            "bad-series",
+            f"{rel}: episode {episode.episode_index}: frame_index is not 0..{episode.length - 1} in order",
+        )
     series = {f.key: np.concatenate(g.parts[f.key]) for f in numeric}
     if not allow_nonfinite:
         for key, values in series.items():
             if values.dtype.kind == "f" and not np.isfinite(values).all():
                 row = int(np.argwhere(~np.isfinite(values))[0][0])
-                return None, ("nonfinite", f"{rel}: episode {episode.episode_index} {key!r} holds NaN/Inf (frame "
-                                           f"{row}); fix it or pass --allow-nonfinite")
+                return None, (
+                    "nonfinite",
+                    f"{rel}: episode {episode.episode_index} {key!r} holds NaN/Inf (frame "
+                    f"{row}); fix it or pass --allow-nonfinite",
+                )
     return series, None
 
 
@@ -264,8 +287,10 @@ def read_lerobot(
     for f in numeric:
         key = series_key_for(f.key)
         if key in series_keys.values():
-            raise LeRobotFormatError(f"features {[k for k, v in series_keys.items() if v == key] + [f.key]} all map "
-                                     f"to the series key {key!r}; rename one in meta/info.json")
+            raise LeRobotFormatError(
+                f"features {[k for k, v in series_keys.items() if v == key] + [f.key]} all map "
+                f"to the series key {key!r}; rename one in meta/info.json"
+            )
         series_keys[f.key] = key
     columns = {series_keys[f.key]: f.columns(series_keys[f.key]) for f in numeric}
     problems = list(meta.problems)
@@ -291,8 +316,7 @@ def read_lerobot(
             bar.update()
             if failure is not None:
                 for episode in episodes.values():
-                    problems.append(Problem(rel, failure[0], f"{failure[1]} (episode {episode.episode_index} "
-                                                             "skipped)"))
+                    problems.append(Problem(rel, failure[0], f"{failure[1]} (episode {episode.episode_index} skipped)"))
                 continue
             files_read += 1
             for index, episode in episodes.items():
@@ -323,19 +347,38 @@ def read_lerobot(
             task_index[episode.name] = np.zeros(episode.length, dtype=np.int64)
         stored = {series_keys[k]: (v.astype(dtype) if dtype else v) for k, v in series.items()}
         # episode metadata (kept by format 2): the first task is the episode's task, all of them in attrs
-        data.append(EpisodeData(episode.name, stored, steps=episode.length,
-                                task=episode.tasks[0] if episode.tasks else None, fps=float(meta.fps),
-                                attrs={"tasks": list(episode.tasks)} if len(episode.tasks) > 1 else None))
-    return LeRobotImport(meta, data, columns, series_keys, timestamps, task_index, problems, notes,
-                         files_found=len(by_file), files_read=files_read, source_bytes=nbytes)
+        data.append(
+            EpisodeData(
+                episode.name,
+                stored,
+                steps=episode.length,
+                task=episode.tasks[0] if episode.tasks else None,
+                fps=float(meta.fps),
+                attrs={"tasks": list(episode.tasks)} if len(episode.tasks) > 1 else None,
+            )
+        )
+    return LeRobotImport(
+        meta,
+        data,
+        columns,
+        series_keys,
+        timestamps,
+        task_index,
+        problems,
+        notes,
+        files_found=len(by_file),
+        files_read=files_read,
+        source_bytes=nbytes,
+    )
 
 
 def _natural(path: str) -> tuple[Any, ...]:
     return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", path))
 
 
-def read_column(root: str | os.PathLike[str], rel: str, key: str,
-                episodes: dict[int, LeRobotEpisode]) -> dict[int, np.ndarray]:
+def read_column(
+    root: str | os.PathLike[str], rel: str, key: str, episodes: dict[int, LeRobotEpisode]
+) -> dict[int, np.ndarray]:
     """One numeric scalar column (e.g. ``task_index``) of the episodes a data file holds, checked like
     :func:`read_lerobot` checks them: ``{episode_index: [steps]}``.
 

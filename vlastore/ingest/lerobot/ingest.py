@@ -61,18 +61,23 @@ def ingest_lerobot(
     report.estimated_bytes = sum(a.nbytes for e in imported.episodes for a in e.series.values())
     report.estimated_files = 8 + 2 * len(imported.columns)
     if options.strict and report.problems:
-        raise IngestError(f"--strict: {len(report.problems)} problem(s) in {root}; nothing written",
-                          report.problems, report)
+        raise IngestError(
+            f"--strict: {len(report.problems)} problem(s) in {root}; nothing written", report.problems, report
+        )
     if options.dry_run:
         report.seconds = time.perf_counter() - started
         return report
     if not imported.episodes:
         raise IngestError(f"{root}: no usable episode; see the problems below", report.problems, report)
     try:
-        store, created = open_or_create_store(target, imported.episodes, imported.columns,
-                                              same=lambda s: _verify(s, imported.episodes)["ok"],
-                                              allow_nonfinite=options.allow_nonfinite,
-                                              format_version=options.format_version)
+        store, created = open_or_create_store(
+            target,
+            imported.episodes,
+            imported.columns,
+            same=lambda s: _verify(s, imported.episodes)["ok"],
+            allow_nonfinite=options.allow_nonfinite,
+            format_version=options.format_version,
+        )
     except FormatError as exc:  # the data, checked above, is what the store refused: a data problem
         raise IngestError(f"{target}: {exc}", report.problems, report) from None
     if not created:
@@ -100,11 +105,13 @@ def _json_default(value: Any) -> Any:
 def _pending_note(imported: LeRobotImport) -> str:
     n_tasks = len(imported.tasks)
     cams = imported.video_keys
-    return (f"stored: catalog, series {sorted(imported.columns)}; kept only in --metadata-json until the store "
-            f"format has per-episode metadata: fps {imported.fps:g}, {n_tasks} task string(s) and each episode's "
-            f"tasks, video segments of {len(cams)} camera(s){' ' + str(cams) if cams else ''}, "
-            f"{'stats.json, ' if imported.meta.stats else ''}robot_type, LeRobot episode indices. Videos are not "
-            "decoded: add image features with vlastore build-features STORE --lerobot-root ROOT")
+    return (
+        f"stored: catalog, series {sorted(imported.columns)}; kept only in --metadata-json until the store "
+        f"format has per-episode metadata: fps {imported.fps:g}, {n_tasks} task string(s) and each episode's "
+        f"tasks, video segments of {len(cams)} camera(s){' ' + str(cams) if cams else ''}, "
+        f"{'stats.json, ' if imported.meta.stats else ''}robot_type, LeRobot episode indices. Videos are not "
+        "decoded: add image features with vlastore build-features STORE --lerobot-root ROOT"
+    )
 
 
 def _verify(store: VLAStore, data: list[EpisodeData], expected: int | None = None) -> dict[str, Any]:
@@ -112,8 +119,12 @@ def _verify(store: VLAStore, data: list[EpisodeData], expected: int | None = Non
     mismatches = []
     checked = 0
     if set(store.series_keys) != ({k for e in data for k in e.series} or set(store.series_keys)):
-        return {"rows_checked": 0, "rows_missing": 0, "ok": False,
-                "mismatches": [f"series {sorted(store.series_keys)} differ from the source's"]}
+        return {
+            "rows_checked": 0,
+            "rows_missing": 0,
+            "ok": False,
+            "mismatches": [f"series {sorted(store.series_keys)} differ from the source's"],
+        }
     position = {name: i for i, name in enumerate(store.datasets)}
     stored_all = {key: store.series_all(key) for key in store.series_keys}  # one read per series, not per episode
     for episode in data:

@@ -18,9 +18,23 @@ from ...store import EpisodeData
 from ..report import IngestError, Problem
 
 __all__ = [
-    "LeRobotFeature", "VideoSegment", "LeRobotEpisode", "LeRobotMeta", "LeRobotImport", "LeRobotFormatError",
-    "series_key_for", "check_name_pattern", "episode_name", "DEFAULT_NAME_PATTERN", "BOOKKEEPING_COLUMNS",
-    "INFO_PATH", "STATS_PATH", "TASKS_PATH", "EPISODES_DIR", "DEFAULT_DATA_PATH", "DEFAULT_VIDEO_PATH",
+    "LeRobotFeature",
+    "VideoSegment",
+    "LeRobotEpisode",
+    "LeRobotMeta",
+    "LeRobotImport",
+    "LeRobotFormatError",
+    "series_key_for",
+    "check_name_pattern",
+    "episode_name",
+    "DEFAULT_NAME_PATTERN",
+    "BOOKKEEPING_COLUMNS",
+    "INFO_PATH",
+    "STATS_PATH",
+    "TASKS_PATH",
+    "EPISODES_DIR",
+    "DEFAULT_DATA_PATH",
+    "DEFAULT_VIDEO_PATH",
 ]
 
 INFO_PATH = "meta/info.json"
@@ -33,8 +47,20 @@ DEFAULT_NAME_PATTERN = "episode_{episode_index:06d}"
 """Store name of LeRobot episode ``i`` (``str.format`` with ``{episode_index}``)."""
 BOOKKEEPING_COLUMNS = ("episode_index", "index", "frame_index")
 """Checked against the catalog, not stored: the catalog already says episode and step."""
-NUMERIC_DTYPES = ("bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
-                  "float16", "float32", "float64")
+NUMERIC_DTYPES = (
+    "bool",
+    "int8",
+    "int16",
+    "int32",
+    "int64",
+    "uint8",
+    "uint16",
+    "uint32",
+    "uint64",
+    "float16",
+    "float32",
+    "float64",
+)
 _NOT_NAME = re.compile(r"[^A-Za-z0-9._\-+=@,:~]")
 
 
@@ -70,8 +96,11 @@ class LeRobotFeature:
         return [series_key] if self.width == 1 else [f"{series_key}_{i}" for i in range(self.width)]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"dtype": self.dtype, "shape": list(self.shape), "names": None if self.names is None else
-                list(self.names)}
+        return {
+            "dtype": self.dtype,
+            "shape": list(self.shape),
+            "names": None if self.names is None else list(self.names),
+        }
 
 
 @dataclass(frozen=True)
@@ -134,8 +163,10 @@ class LeRobotMeta:
         for episode in self.episodes:
             if episode.name == name:
                 return episode
-        raise KeyError(f"no LeRobot episode named {name!r} in {self.root} (episode names are made by the name "
-                       f"pattern, default {DEFAULT_NAME_PATTERN!r}; use the one the store was ingested with)")
+        raise KeyError(
+            f"no LeRobot episode named {name!r} in {self.root} (episode names are made by the name "
+            f"pattern, default {DEFAULT_NAME_PATTERN!r}; use the one the store was ingested with)"
+        )
 
 
 @dataclass
@@ -186,8 +217,10 @@ class LeRobotImport:
     def videos(self) -> dict[str, dict[str, VideoSegment]]:
         """Camera key -> episode name -> its video file and time range."""
         kept = {e.name for e in self.episodes}
-        return {key: {e.name: e.videos[key] for e in self.meta.episodes if e.name in kept and key in e.videos}
-                for key in self.video_keys}
+        return {
+            key: {e.name: e.videos[key] for e in self.meta.episodes if e.name in kept and key in e.videos}
+            for key in self.video_keys
+        }
 
     def step_tasks(self, name: str) -> list[str]:
         """The task string of every step of episode ``name``."""
@@ -205,9 +238,14 @@ class LeRobotImport:
             "series_keys": dict(self.series_keys),
             "tasks": {str(i): t for i, t in sorted(self.tasks.items())},
             "episodes": {
-                e.name: {"episode_index": e.episode_index, "length": e.length, "tasks": list(e.tasks),
-                         "videos": {k: v.to_dict() for k, v in e.videos.items()}}
-                for e in self.meta.episodes if e.name in kept
+                e.name: {
+                    "episode_index": e.episode_index,
+                    "length": e.length,
+                    "tasks": list(e.tasks),
+                    "videos": {k: v.to_dict() for k, v in e.videos.items()},
+                }
+                for e in self.meta.episodes
+                if e.name in kept
             },
             "stats": self.meta.stats,
         }
@@ -232,15 +270,19 @@ def check_template(template: Any, what: str, fields: set[str]) -> str:
     if not isinstance(template, str) or not template:
         raise LeRobotFormatError(f"meta/info.json: {what} must be a non-empty string, got {template!r}")
     try:
-        parts = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(template)
-                 if name is not None]
+        parts = [
+            (name, spec, conversion)
+            for _, name, spec, conversion in string.Formatter().parse(template)
+            if name is not None
+        ]
     except ValueError as exc:
         raise LeRobotFormatError(f"meta/info.json: {what} {template!r} is not a format string ({exc})") from None
     for name, spec, conversion in parts:
         # a width such as {chunk_index:03d} is fine; {chunk_index:999999999d} would allocate a huge string
         if name not in fields or conversion is not None or not re.fullmatch(r"(0?\d{1,2})?d?", spec or ""):
-            raise LeRobotFormatError(f"meta/info.json: {what} {template!r} may only use {sorted(fields)} "
-                                     "(with a width such as :03d)")
+            raise LeRobotFormatError(
+                f"meta/info.json: {what} {template!r} may only use {sorted(fields)} (with a width such as :03d)"
+            )
     return template
 
 
@@ -296,8 +338,9 @@ def episode_name(pattern: str, index: int) -> str:
     try:
         name = pattern.format(episode_index=index)
     except (KeyError, IndexError, ValueError, AttributeError) as exc:
-        raise FormatError(f"--name-pattern {pattern!r}: {exc!r}; use {{episode_index}} (e.g. "
-                          f"{DEFAULT_NAME_PATTERN!r})") from None
+        raise FormatError(
+            f"--name-pattern {pattern!r}: {exc!r}; use {{episode_index}} (e.g. {DEFAULT_NAME_PATTERN!r})"
+        ) from None
     return validate_name(name, "episode name (from --name-pattern)")
 
 
@@ -312,8 +355,10 @@ def check_name_pattern(pattern: str) -> str:
     except ValueError as exc:
         raise FormatError(f"--name-pattern {pattern!r}: {exc}") from None
     if used != ["episode_index"]:
-        raise FormatError(f"--name-pattern {pattern!r}: use {{episode_index}} exactly once and no other field "
-                          f"(e.g. {DEFAULT_NAME_PATTERN!r} or 'pick_cup_{{episode_index}}')")
+        raise FormatError(
+            f"--name-pattern {pattern!r}: use {{episode_index}} exactly once and no other field "
+            f"(e.g. {DEFAULT_NAME_PATTERN!r} or 'pick_cup_{{episode_index}}')"
+        )
     if episode_name(pattern, 0) == episode_name(pattern, 1):
         raise FormatError(f"--name-pattern {pattern!r} gives every episode the same name")
     return pattern

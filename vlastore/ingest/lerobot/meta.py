@@ -31,8 +31,15 @@ from .layout import (
     parse_features,
 )
 
-__all__ = ["read_lerobot_meta", "open_regular", "open_parquet", "file_problem", "display_path", "MAX_JSON_BYTES",
-           "BATCH_ROWS"]
+__all__ = [
+    "read_lerobot_meta",
+    "open_regular",
+    "open_parquet",
+    "file_problem",
+    "display_path",
+    "MAX_JSON_BYTES",
+    "BATCH_ROWS",
+]
 
 MAX_JSON_BYTES = 64 << 20
 BATCH_ROWS = 65536
@@ -67,8 +74,9 @@ def _read_json(path: Path, what: str, required: bool = True) -> Any:
     except FileNotFoundError:
         if not required:
             return None
-        raise LeRobotFormatError(f"{path}: missing; is {path.parent.parent} a LeRobot dataset in the v3.0 format "
-                                 f"(it holds {what})?") from None
+        raise LeRobotFormatError(
+            f"{path}: missing; is {path.parent.parent} a LeRobot dataset in the v3.0 format (it holds {what})?"
+        ) from None
     except OSError as exc:
         raise LeRobotFormatError(f"{path}: cannot be read ({exc.strerror or exc})") from None
     if len(raw) > MAX_JSON_BYTES:
@@ -131,19 +139,22 @@ def _read_tasks(root: Path) -> dict[int, str]:
         names = pf.schema_arrow.names
         text = next((c for c in ("task", "__index_level_0__") if c in names), None)
         if text is None:
-            strings = [f.name for f in pf.schema_arrow
-                       if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)]
+            strings = [
+                f.name for f in pf.schema_arrow if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)
+            ]
             text = strings[0] if len(strings) == 1 else None
         if "task_index" not in names or text is None:
-            raise LeRobotFormatError(f"{TASKS_PATH}: columns {names}; a 'task_index' column and one column of task "
-                                     "strings are expected")
+            raise LeRobotFormatError(
+                f"{TASKS_PATH}: columns {names}; a 'task_index' column and one column of task strings are expected"
+            )
         tasks: dict[int, str] = {}
         try:
             for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=["task_index", text]):
                 for index, task in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist(), strict=True):
                     if not isinstance(index, int) or not isinstance(task, str) or index in tasks:
-                        raise LeRobotFormatError(f"{TASKS_PATH}: bad or duplicate row (task_index {index!r}, "
-                                                 f"task {task!r})")
+                        raise LeRobotFormatError(
+                            f"{TASKS_PATH}: bad or duplicate row (task_index {index!r}, task {task!r})"
+                        )
                     tasks[index] = task
         except (pa.ArrowException, OSError) as exc:
             raise LeRobotFormatError(f"{TASKS_PATH}: cannot be read ({exc})") from None
@@ -154,8 +165,9 @@ def _episode_files(root: Path) -> list[Path]:
     """``meta/episodes/chunk-NNN/file-NNN.parquet`` in (chunk, file) order; other entries are ignored."""
     base = root / EPISODES_DIR
     if not base.is_dir():
-        raise LeRobotFormatError(f"{base}: missing; a v3.0 dataset keeps one row per episode in "
-                                 f"{EPISODES_DIR}/chunk-*/file-*.parquet")
+        raise LeRobotFormatError(
+            f"{base}: missing; a v3.0 dataset keeps one row per episode in {EPISODES_DIR}/chunk-*/file-*.parquet"
+        )
     found = []
     for chunk in os.scandir(base):
         m = _CHUNK_DIR.match(chunk.name)
@@ -168,8 +180,15 @@ def _episode_files(root: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-_EPISODE_COLUMNS = ("episode_index", "tasks", "length", "data/chunk_index", "data/file_index",
-                    "dataset_from_index", "dataset_to_index")
+_EPISODE_COLUMNS = (
+    "episode_index",
+    "tasks",
+    "length",
+    "data/chunk_index",
+    "data/file_index",
+    "dataset_from_index",
+    "dataset_to_index",
+)
 
 
 def _int(value: Any, what: str, low: int = 0) -> int:
@@ -178,12 +197,12 @@ def _int(value: Any, what: str, low: int = 0) -> int:
     return value
 
 
-def _read_episodes(root: Path, info: dict[str, Any], video_keys: list[str], name_pattern: str,
-                   problems: list[Problem]) -> tuple[list[LeRobotEpisode], int]:
+def _read_episodes(
+    root: Path, info: dict[str, Any], video_keys: list[str], name_pattern: str, problems: list[Problem]
+) -> tuple[list[LeRobotEpisode], int]:
     import pyarrow as pa
 
-    data_template = check_template(info.get("data_path", DEFAULT_DATA_PATH), "data_path",
-                                    {"chunk_index", "file_index"})
+    data_template = check_template(info.get("data_path", DEFAULT_DATA_PATH), "data_path", {"chunk_index", "file_index"})
     video_template = info.get("video_path") or DEFAULT_VIDEO_PATH
     if video_keys:
         video_template = check_template(video_template, "video_path", {"video_key", "chunk_index", "file_index"})
@@ -205,46 +224,71 @@ def _read_episodes(root: Path, info: dict[str, Any], video_keys: list[str], name
             have = set(pf.schema_arrow.names)
             missing = [c for c in _EPISODE_COLUMNS if c not in have and c != "tasks"]
             if missing:
-                problems.append(Problem(where, "bad-series", f"{where}: no column(s) {missing}; not a v3.0 "
-                                        "episodes table"))
+                problems.append(
+                    Problem(where, "bad-series", f"{where}: no column(s) {missing}; not a v3.0 episodes table")
+                )
                 continue
-            video_cols = [f"videos/{k}/{c}" for k in video_keys
-                          for c in ("chunk_index", "file_index", "from_timestamp", "to_timestamp")
-                          if f"videos/{k}/{c}" in have]
+            video_cols = [
+                f"videos/{k}/{c}"
+                for k in video_keys
+                for c in ("chunk_index", "file_index", "from_timestamp", "to_timestamp")
+                if f"videos/{k}/{c}" in have
+            ]
             columns = [c for c in _EPISODE_COLUMNS if c in have] + video_cols
             try:
                 for batch in pf.iter_batches(batch_size=4096, columns=columns):
                     for row in batch.to_pylist():
-                        episode = _episode_row(row, root, data_template, video_template, video_keys, name_pattern,
-                                               path, problems)
+                        episode = _episode_row(
+                            row, root, data_template, video_template, video_keys, name_pattern, path, problems
+                        )
                         if episode is None:
                             continue
                         if episode.episode_index in episodes or episode.name in names:
-                            problems.append(Problem(where, "bad-series", f"{where}: episode "
-                                                    f"{episode.episode_index} is listed twice; the second row is "
-                                                    "ignored"))
+                            problems.append(
+                                Problem(
+                                    where,
+                                    "bad-series",
+                                    f"{where}: episode "
+                                    f"{episode.episode_index} is listed twice; the second row is "
+                                    "ignored",
+                                )
+                            )
                             continue
                         episodes[episode.episode_index] = episode
                         names[episode.name] = episode.episode_index
             except (pa.ArrowException, OSError) as exc:
-                problems.append(Problem(where, "corrupt", f"{where}: cannot be read "
-                                        f"({str(exc).splitlines()[0][:200]})"))
+                problems.append(
+                    Problem(where, "corrupt", f"{where}: cannot be read ({str(exc).splitlines()[0][:200]})")
+                )
     return [episodes[i] for i in sorted(episodes)], nbytes
 
 
-def _episode_row(row: dict[str, Any], root: Path, data_template: str, video_template: str, video_keys: list[str],
-                 name_pattern: str, path: Path, problems: list[Problem]) -> LeRobotEpisode | None:
+def _episode_row(
+    row: dict[str, Any],
+    root: Path,
+    data_template: str,
+    video_template: str,
+    video_keys: list[str],
+    name_pattern: str,
+    path: Path,
+    problems: list[Problem],
+) -> LeRobotEpisode | None:
     where = display_path(path, root)
     try:
         index = _int(row.get("episode_index"), "episode_index")
         length = _int(row.get("length"), "length", 1)
-        chunk, file = _int(row.get("data/chunk_index"), "data/chunk_index"), _int(row.get("data/file_index"),
-                                                                                  "data/file_index")
-        start, stop = _int(row.get("dataset_from_index"), "dataset_from_index"), _int(row.get("dataset_to_index"),
-                                                                                      "dataset_to_index")
+        chunk, file = (
+            _int(row.get("data/chunk_index"), "data/chunk_index"),
+            _int(row.get("data/file_index"), "data/file_index"),
+        )
+        start, stop = (
+            _int(row.get("dataset_from_index"), "dataset_from_index"),
+            _int(row.get("dataset_to_index"), "dataset_to_index"),
+        )
         if stop - start != length:
-            raise ValueError(f"dataset_from_index {start} .. dataset_to_index {stop} is {stop - start} frames, "
-                             f"length says {length}")
+            raise ValueError(
+                f"dataset_from_index {start} .. dataset_to_index {stop} is {stop - start} frames, length says {length}"
+            )
         episode_tasks = row.get("tasks")
         if episode_tasks is None:
             episode_tasks = []
@@ -253,8 +297,9 @@ def _episode_row(row: dict[str, Any], root: Path, data_template: str, video_temp
         data_path = fill_path(data_template, "data_path", chunk_index=chunk, file_index=file)
         videos = {}
         for key in video_keys:
-            cols: list[Any] = [row.get(f"videos/{key}/{c}") for c in ("chunk_index", "file_index", "from_timestamp",
-                                                             "to_timestamp")]
+            cols: list[Any] = [
+                row.get(f"videos/{key}/{c}") for c in ("chunk_index", "file_index", "from_timestamp", "to_timestamp")
+            ]
             if any(c is None for c in cols):
                 continue  # this camera has no video for this episode: reported by the video source if asked for
             v_chunk, v_file = _int(cols[0], f"videos/{key}/chunk_index"), _int(cols[1], f"videos/{key}/file_index")
@@ -285,18 +330,18 @@ def read_lerobot_meta(root: str | os.PathLike[str], name_pattern: str = DEFAULT_
     _require_pyarrow()
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"{root}: not a folder; give the LeRobot dataset folder (the one holding "
-                                f"{INFO_PATH})")
+        raise FileNotFoundError(f"{root}: not a folder; give the LeRobot dataset folder (the one holding {INFO_PATH})")
     check_name_pattern(name_pattern)
     info = _read_json(root / INFO_PATH, "fps, features and the file layout")
     if not isinstance(info, dict):
         raise LeRobotFormatError(f"{root / INFO_PATH}: a JSON object is expected")
     version = str(info.get("codebase_version", ""))
     if not re.match(r"^v3\.\d+$", version):
-        hint = (" Convert it first with lerobot's convert_dataset_v21_to_v30 script." if version.startswith("v2")
-                else "")
-        raise LeRobotFormatError(f"{root / INFO_PATH}: codebase_version {version or 'missing'!r}; only the v3.x "
-                                 f"on-disk format (meta/episodes/, data/chunk-*/file-*.parquet) is read.{hint}")
+        hint = " Convert it first with lerobot's convert_dataset_v21_to_v30 script." if version.startswith("v2") else ""
+        raise LeRobotFormatError(
+            f"{root / INFO_PATH}: codebase_version {version or 'missing'!r}; only the v3.x "
+            f"on-disk format (meta/episodes/, data/chunk-*/file-*.parquet) is read.{hint}"
+        )
     fps = info.get("fps")
     if isinstance(fps, bool) or not isinstance(fps, int | float) or not math.isfinite(fps) or fps <= 0:
         raise LeRobotFormatError(f"{root / INFO_PATH}: fps is {fps!r}; a positive number is expected")
@@ -318,5 +363,17 @@ def read_lerobot_meta(root: str | os.PathLike[str], name_pattern: str = DEFAULT_
     for path in (root / INFO_PATH, root / TASKS_PATH, root / STATS_PATH):
         with contextlib.suppress(OSError):
             nbytes += path.stat().st_size
-    return LeRobotMeta(root, version, float(fps), robot_type if isinstance(robot_type, str) else None, features,
-                       tasks, episodes, stats if isinstance(stats, dict) else None, info, problems, notes, nbytes)
+    return LeRobotMeta(
+        root,
+        version,
+        float(fps),
+        robot_type if isinstance(robot_type, str) else None,
+        features,
+        tasks,
+        episodes,
+        stats if isinstance(stats, dict) else None,
+        info,
+        problems,
+        notes,
+        nbytes,
+    )
