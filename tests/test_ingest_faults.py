@@ -180,7 +180,9 @@ def test_sigkill_then_rerun_equals_an_uninterrupted_run(
 
 
 def test_ctrl_c_stops_workers_without_tracebacks_and_resumes(tmp_path: Path, cache: Path, clean_stores: dict) -> None:
-    for attempt in range(5):  # a run may end before a shard is seen (a fast machine): then run again
+    # A run may end before a shard is seen, or finish its last shard as the interrupt lands (a fast
+    # machine): then it runs again. A Ctrl-C that never stops a run fails all 5 attempts.
+    for attempt in range(5):
         out = tmp_path / f"s{attempt}.vla"
         proc = subprocess.Popen(
             [sys.executable, "-m", "vlastore", *_pt_args(cache), "--out", str(out)],
@@ -189,15 +191,17 @@ def test_ctrl_c_stops_workers_without_tracebacks_and_resumes(tmp_path: Path, cac
             stderr=subprocess.PIPE,
             start_new_session=True,
         )
-        while proc.poll() is None and not 0 < len(shards(out)) < TOTAL_SHARDS:
+        while proc.poll() is None and not 0 < len(shards(out)) < TOTAL_SHARDS // 2:
             time.sleep(0.002)
-        if proc.poll() is None:
+        if proc.poll() is not None:
+            proc.communicate()
+            continue
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal sends: the whole process group
+        err = proc.communicate(timeout=60)[1].decode()
+        if proc.returncode != 0:
             break
-        proc.communicate()
     else:
-        pytest.fail("the ingest ended before any shard could be seen, 5 times: no moment to interrupt it")
-    os.killpg(proc.pid, signal.SIGINT)  # what a terminal sends: the whole process group
-    err = proc.communicate(timeout=60)[1].decode()
+        pytest.fail("no run of the ingest was interrupted by Ctrl-C in 5 attempts")
     assert proc.returncode == 130 and no_traceback(err) and len(err.strip().splitlines()) <= 3, err
     assert main([*_pt_args(cache), "--out", str(out)]) == 0
     assert_same_store(out, clean_stores["raw"])
