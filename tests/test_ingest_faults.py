@@ -106,8 +106,19 @@ def shards(store: Path, family: str = "vl_features") -> list[Path]:
     return [p for p in values.rglob("*") if p.is_file() and not p.name.endswith(".partial")] if values.exists() else []
 
 
-def settled(store: Path) -> None:
-    """After a kill -9 of the parent, no worker may still be writing (they die with it)."""
+def settled(store: Path, proc: subprocess.Popen | None = None) -> None:
+    """After a kill -9 of the parent, no worker may still be writing (they die with it).
+
+    With ``proc`` (started in a session of its own): first wait until every process of its group
+    is gone; the workers of a forkserver pool learn of the parent's death a moment later.
+    """
+    deadline = time.monotonic() + 30
+    while proc is not None and time.monotonic() < deadline:
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.01)
     time.sleep(0.4)
     before = snapshot(store) if store.exists() else {}
     time.sleep(0.4)
@@ -171,12 +182,16 @@ def test_sigkill_then_rerun_equals_an_uninterrupted_run(
     before = snapshot(cache)
     proc = kill_when([*_pt_args(cache, *extra), "--out", str(killed)], when(killed, TOTAL_SHARDS))
     assert proc.returncode == -signal.SIGKILL
-    settled(killed)
+    settled(killed, proc)
     assert main([*_pt_args(cache, *extra), "--out", str(killed)]) == 0
     assert_same_store(killed, clean_stores["zstd" if "zstd" in extra else "raw"])
     assert len(shards(killed)) == TOTAL_SHARDS and VLAStore.open(killed).coverage("vl_features").all()
     assert os.listdir(tmp_path) == ["killed.vla"]  # no hidden build folder left
     assert snapshot(cache) == before
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def test_ctrl_c_stops_workers_without_tracebacks_and_resumes(tmp_path: Path, cache: Path, clean_stores: dict) -> None:
@@ -190,6 +205,7 @@ def test_ctrl_c_stops_workers_without_tracebacks_and_resumes(tmp_path: Path, cac
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             start_new_session=True,
+            preexec_fn=_default_sigint,  # a background job (CI) may have inherited SIGINT ignored
         )
         while proc.poll() is None and not 0 < len(shards(out)) < TOTAL_SHARDS // 2:
             time.sleep(0.002)
@@ -219,8 +235,9 @@ def test_sigkill_of_robot_ingest_then_rerun_equals_an_uninterrupted_run(tmp_path
     def ready(p: subprocess.Popen) -> bool:
         return (bool(children(p.pid)) or creating()) if point == "reading" else creating()
 
-    assert kill_when([*args, "--out", str(killed)], ready).returncode == -signal.SIGKILL
-    settled(tmp_path)
+    proc = kill_when([*args, "--out", str(killed)], ready)
+    assert proc.returncode == -signal.SIGKILL
+    settled(tmp_path, proc)
     assert main([*args, "--out", str(killed)]) == 0
     assert main([*args, "--out", str(clean)]) == 0
     assert_same_store(killed, clean)
