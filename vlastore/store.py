@@ -1453,18 +1453,7 @@ def _collectable(key: str, folders: set[str], head: int) -> bool:
 
 def _used_arrays(snapshot: Snapshot, arrays: Mapping[str, str]) -> dict[str, str]:
     """The array checksums a snapshot needs: those under the folders it references."""
-    folders = {snapshot.catalog.path}
-    if snapshot.catalog.tasks_path:
-        folders.add(snapshot.catalog.tasks_path)
-    for state in snapshot.series.values():
-        folders.update(s.path for s in state.segments)
-    for family in snapshot.families.values():
-        for generation in family.generations.values():
-            folders.add(generation.layout)
-            for seg in generation.segments:
-                folders.add(seg.path)
-                if seg.tables:
-                    folders.add(seg.tables)
+    folders = _snapshot_folders(snapshot)
     return {p: c for p, c in sorted(arrays.items()) if p in folders or any(p.startswith(f + "/") for f in folders)}
 
 
