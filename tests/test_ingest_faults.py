@@ -554,10 +554,10 @@ def test_unusable_hdf5_file_exits_1_with_its_reason(tmp_path: Path, kind: str) -
 # ----------------------------------------------------------------- bad inputs: names, usage, nothing to ingest
 
 
-def _robot_store(tmp_path: Path) -> Path:
+def _robot_store(tmp_path: Path, *options: str) -> Path:
     robot_csvs(tmp_path / "csv", {"ep_a": 9, "ep_b": 7})
     store = tmp_path / "s.vla"
-    assert main(["ingest", "robot", str(tmp_path / "csv"), "--out", str(store), "-q"]) == 0
+    assert main(["ingest", "robot", str(tmp_path / "csv"), "--out", str(store), "-q", *options]) == 0
     return store
 
 
@@ -572,11 +572,23 @@ def test_out_onto_an_existing_store_is_a_usage_mistake_naming_into(tmp_path: Pat
 
 
 def test_robot_into_a_format_1_store_is_a_usage_mistake(tmp_path: Path, capsys) -> None:  # noqa: ANN001
-    store = _robot_store(tmp_path)
+    store = _robot_store(tmp_path, "--format-version", "1")
     capsys.readouterr()
     assert main(["ingest", "robot", str(tmp_path / "csv"), "--into", str(store), "-q"]) == 2
     err = capsys.readouterr().err
     assert "format-1" in err and f"vlastore upgrade {store}" in err  # appending needs format 2
+
+
+def test_a_living_store_made_by_ingest_takes_appends(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    """Issue 11: `ingest robot --out` then `--into` with new episodes (drop the option once 2 is the default)."""
+    store = _robot_store(tmp_path, "--format-version", "2")
+    robot_csvs(tmp_path / "more", {"ep_c": 4})
+    assert main(["ingest", "robot", str(tmp_path / "more"), "--into", str(store), "-q"]) == 0
+    opened = VLAStore.open(store)
+    assert opened.format_version == 2 and opened.datasets == ("ep_a", "ep_b", "ep_c")
+    assert opened.series(opened.series_keys[0], "ep_c").shape[0] == 4
+    assert main(["rm", str(store), "ep_a"]) == 0 and main(["verify", "-q", str(store)]) == 0
+    assert VLAStore.open(store).datasets == ("ep_b", "ep_c")
 
 
 @pytest.mark.parametrize("case", ["unknown episodes", "hash names without mapping", "empty folder"])

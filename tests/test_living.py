@@ -352,7 +352,8 @@ def test_verify_and_cli_on_a_living_store(tmp_path: Path, capsys: pytest.Capture
     robot_csvs(tmp_path / "day2", {"ep_c": 4}, seed=1)
     shutil.copy(tmp_path / "day1" / "ep_b.csv", tmp_path / "day2" / "ep_b.csv")  # recorded again, unchanged
     store = tmp_path / "s.vla"
-    assert main(["ingest", "robot", str(tmp_path / "day1"), "--out", str(store), "-q"]) == 0
+    day1 = ["ingest", "robot", str(tmp_path / "day1"), "--out", str(store), "-q", "--format-version", "1"]
+    assert main(day1) == 0
     assert main(["ingest", "robot", str(tmp_path / "day2"), "--into", str(store), "-q"]) == 2  # format 1: upgrade
     assert "upgrade" in capsys.readouterr().err
     assert main(["upgrade", str(store)]) == 0
@@ -584,3 +585,49 @@ def test_compact_rewrites_series_as_one_segment_and_reads_the_same(tmp_path: Pat
         assert np.array_equal(again.series_all(key), values)
     result = VLAStore.open(tmp_path / "s.vla", writable=True).gc(retention_s=0)
     assert result["objects"] > 0 and VLAStore.open(tmp_path / "s.vla").datasets == again.datasets
+
+
+def test_an_empty_living_store_opens_and_takes_appends(tmp_path: Path) -> None:
+    """An empty episode list planned one step_start too many: the store it made did not open."""
+    create(tmp_path / "s.vla", [])
+    store = VLAStore.open(tmp_path / "s.vla", writable=True)
+    assert store.datasets == ()
+    store.add_episodes([EpisodeData("e0", steps=3)])  # a store made without series takes episodes without them
+    assert VLAStore.open(tmp_path / "s.vla").datasets == ("e0",)
+
+
+def test_a_refused_living_store_writes_nothing(tmp_path: Path) -> None:
+    state = np.zeros((4, 3), np.float32)
+    state[2, 1] = np.nan
+    path = tmp_path / "s.vla"
+    with pytest.raises(FormatError, match="is nan"):
+        VLAStore.create(path, [EpisodeData("e0", {"state": state})], format_version=2)
+    with pytest.raises(FormatError, match="task must be a string"):
+        VLAStore.create(path, [EpisodeData("e0", {"state": np.zeros((4, 3), np.float32)}, task=3)], format_version=2)  # type: ignore[arg-type]
+    assert not path.exists()
+
+
+def test_verify_of_a_living_store_names_a_damaged_catalog_commit_and_segment(tmp_path: Path) -> None:
+    from vlastore.report import verify_store
+
+    eps = episodes((6, 4, 5))
+    store = create(tmp_path / "s.vla", eps[:2])
+    store.add_family("f", FIXED)
+    fill(store)
+    store.add_episodes(eps[2:])
+    fill(store)
+    root = tmp_path / "s.vla"
+    assert verify_store(str(root)).ok
+    old = sorted((root / "_log").glob("0*.json"))[0]
+    old.write_bytes(old.read_bytes().replace(b'"commit":1', b'"commit":9'))
+    segment = store.snapshot.series["state"].segments[0].path
+    chunk = next(p for p in (root / segment).rglob("*") if p.is_file() and p.name != "zarr.json")
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    chunk.write_bytes(bytes(data))
+    catalog = store.snapshot.catalog.path
+    (root / catalog / "steps" / "c" / "0").write_bytes(b"garbage")
+    report = verify_store(str(root))
+    where = [c.where for c in report.corrupt]
+    assert catalog in where and segment in where and "_log/00000000000000000001.json" in where
+    assert report.coverage["f"][0] > 0  # the families were still checked, with stand-in names

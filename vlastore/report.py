@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from .commitlog import CommitLog, SnapshotNotFoundError
 from .format import (
     CHECKSUM_FIELD,
     FEATURES_GROUP,
@@ -26,9 +27,10 @@ from .format import (
 )
 from .integrity import check_group_meta
 from .layout import FamilyLayout
-from .living import check_meta_crc
+from .living import check_meta_crc, read_small
 from .nodes import ZarrNodes
 from .shardcodec import ChecksumError, ShardIndex, decode_index, index_nbytes
+from .snapshot import log_key
 from .storage import LocalStorage, StoreNotFoundError, UnsafeFileError, open_storage
 from .store import VLAStore
 
@@ -392,17 +394,55 @@ def _verify_metadata_files(store: VLAStore, report: VerifyReport) -> None:
 
 
 def _verify_snapshot_metadata(store: VLAStore, report: VerifyReport) -> None:
-    """Format 2: every array the snapshot uses has the ``zarr.json`` whose crc32c the commit recorded, and no
-    file of the store is a link or special file."""
+    """Format 2: every commit in the log parses and passes its checksum; every array a commit uses has the
+    ``zarr.json`` whose crc32c that commit recorded; no file of the store is a link or special file."""
     assert store.snapshot is not None
+    log = CommitLog(store.storage)
     if isinstance(store.storage, LocalStorage):
         for where, reason in store.storage.unsafe_entries():
             report.corrupt.append(Corruption(where, reason=reason))
-    for path in store.snapshot.arrays:
+    commits = [store.snapshot]
+    for number in log.numbers():
+        if number == store.snapshot.commit:
+            continue
         try:
-            check_meta_crc(store.nodes, path, store.snapshot.arrays)
+            commits.append(log.read(number))
+        except SnapshotNotFoundError:  # removed by a gc since listed
+            continue
         except (FormatError, OSError) as exc:
-            report.corrupt.append(Corruption(meta_key(path), reason=str(exc)))
+            report.corrupt.append(Corruption(log_key(number), reason=f"commit: {exc}"))
+    checked: set[tuple[str, str]] = set()  # (array, crc): commits share most arrays
+    for snapshot in commits:
+        for path, crc in snapshot.arrays.items():
+            if (path, crc) in checked:
+                continue
+            checked.add((path, crc))
+            try:
+                check_meta_crc(store.nodes, path, snapshot.arrays)
+            except (FormatError, OSError) as exc:
+                where = meta_key(path)
+                if not any(c.where == where for c in report.corrupt):
+                    report.corrupt.append(Corruption(where, reason=f"{exc} (commit {snapshot.commit})"))
+
+
+def _verify_series(store: VLAStore, report: VerifyReport) -> None:
+    """Read every stored step of every series (crc32c of each chunk); format 2 names the damaged segment."""
+    problems = {path for path, _ in store.open_problems}
+    for key in store.series_keys:
+        if series_path(key) in problems:
+            continue
+        if store.snapshot is None:
+            try:
+                store.series_all(key)
+            except (FormatError, OSError) as exc:
+                report.corrupt.append(Corruption(series_path(key), reason=f"unreadable: {exc}"))
+            continue
+        state = store.snapshot.series[key]
+        for seg in state.segments:
+            try:
+                read_small(store.nodes, seg.path, (seg.rows, len(state.columns)), state.dtype, store.snapshot.arrays)
+            except (FormatError, OSError) as exc:
+                report.corrupt.append(Corruption(seg.path, reason=f"series {key!r} unreadable: {exc}"))
 
 
 def verify_store(
@@ -410,9 +450,11 @@ def verify_store(
 ) -> VerifyReport:
     """Check everything a reader trusts, and read every stored byte.
 
-    Metadata: the manifest's and every generation's checksum, every ``zarr.json``
-    against the manifest, the catalog and row tables; data: crc32c of every
-    feature chunk, catalog and series arrays. Planned rows not stored are
+    Metadata: format 1: the manifest's and every generation's checksum, every
+    ``zarr.json`` against the manifest; format 2: every commit's checksum and the
+    ``zarr.json`` crc32c of every array a commit uses; both: the catalog and row
+    tables. Data: crc32c of every feature chunk (every segment), catalog and
+    series arrays (every series segment). Planned rows not stored are
     reported as missing. Never raises for a damaged store: each problem is one
     entry of the report (a store whose root manifest is unreadable cannot be
     checked further: that is the one entry).
@@ -454,15 +496,10 @@ def verify_store(
         _verify_snapshot_metadata(store, report)
     else:
         _verify_metadata_files(store, report)
-    catalog_ok = not any(path == "episodes" for path, _ in store.open_problems)
+    catalog = "episodes" if store.snapshot is None else store.snapshot.catalog.path
+    catalog_ok = not any(path == catalog for path, _ in store.open_problems)
     names = store.catalog.names if catalog_ok else tuple(f"episode #{i}" for i in range(store.manifest.episodes))
-    for key in store.series_keys:
-        if any(path == series_path(key) for path, _ in store.open_problems):
-            continue
-        try:
-            store.series_all(key)
-        except (FormatError, OSError) as exc:
-            report.corrupt.append(Corruption(series_path(key), reason=f"unreadable: {exc}"))
+    _verify_series(store, report)
     for family in store.families:
         for gen in store.manifest.families[family].generations:
             _verify_generation(store, family, gen, report, names, tick)

@@ -104,9 +104,10 @@ __all__ = [
 ]
 
 DEFAULT_FORMAT_VERSION = 1
-"""Format of stores made by :meth:`VLAStore.create` when not asked: still 1 until ``vlastore verify`` and the
-tools that read format-1 paths directly handle format 2; ``format_version=2`` (or ``vlastore upgrade``) makes a
-living store."""
+"""Format of stores made when not asked (:meth:`VLAStore.create`, ``vlastore ingest ... --out``): still 1 until
+the tests that read format-1 paths directly are moved to the API (issue 11); every creation path already takes
+this one constant, so making 2 the default is this line. ``format_version=2`` / ``--format-version 2`` makes a
+living store (commits, appends, removes, snapshots)."""
 
 
 def utc_now() -> str:
@@ -340,7 +341,19 @@ class VLAStore:
         if self.format_version == SNAPSHOT_FORMAT_VERSION:
             self._root = root
             self._log = CommitLog(self.storage)
-            self._adopt(self._log.read(snapshot) if snapshot is not None else self._log.head())
+            shown = self._log.read(snapshot) if snapshot is not None else self._log.head()
+            try:
+                self._adopt(shown)
+            except FormatError as exc:
+                if strict:
+                    raise
+                self.open_problems.append((shown.catalog.path, str(exc)))
+                # stand-in names, so the series and families can still be checked (verify reports rows by number)
+                n, zero = shown.catalog.episodes, np.zeros(shown.catalog.episodes, np.int64)
+                names = [f"episode_{i}" for i in range(n)]
+                stand_in = CatalogData(names, zero, zero, zero, np.full(n, np.nan), zero - 1, ["{}"] * n)
+                self._written_path = shown.catalog.path  # _adopt takes the stand-in instead of reading the catalog
+                self._adopt(shown, stand_in)
             return
         if snapshot not in (None, 0):
             raise SnapshotNotFoundError(
@@ -1066,8 +1079,6 @@ class VLAStore:
     ) -> VLAStore:
         catalog = Catalog([e.name for e in episodes], [e.step_count() for e in episodes])
         del catalog  # names checked
-        nodes = ZarrNodes.create(storage, attributes={})
-        out = ArrayWriter(nodes, 1)
         keys = sorted({k for e in episodes for k in e.series})
         empty = Snapshot(
             commit=1,
@@ -1081,9 +1092,10 @@ class VLAStore:
             families={},
             arrays={},
         )
-        cat, series, changes = _append_rows(
-            empty, CatalogData.empty(), out, episodes, columns, allow_nonfinite, keys=keys
-        )
+        checked = _prepare_rows(empty, CatalogData.empty(), episodes, columns, allow_nonfinite, keys=keys)
+        nodes = ZarrNodes.create(storage, attributes={})  # every check passed: a refused store writes nothing
+        out = ArrayWriter(nodes, 1)
+        cat, series, _ = _write_rows(checked, out)
         cat_path, tasks_path = write_catalog(out, cat)
         snapshot = dataclasses.replace(
             empty,
@@ -1532,8 +1544,30 @@ def _append_rows(
     keys: Sequence[str],
 ) -> tuple[CatalogData, dict[str, SeriesState], None]:
     """New series segments and catalog entries for ``new`` (appended after ``cat``)."""
+    return _write_rows(_prepare_rows(head, cat, new, columns, allow_nonfinite, keys), out)
+
+
+@dataclass
+class _NewRows:
+    """Episodes to append, every check passed, nothing written yet (see :func:`_prepare_rows`)."""
+
+    head: Snapshot
+    cat: CatalogData
+    added: CatalogData
+    stacked: dict[str, tuple[np.ndarray, SeriesInfo]]
+    """Series key -> the new steps of every episode, stacked, and the series' columns and dtype."""
+
+
+def _prepare_rows(
+    head: Snapshot,
+    cat: CatalogData,
+    new: Sequence[EpisodeData],
+    columns: Mapping[str, Sequence[str]] | None,
+    allow_nonfinite: bool,
+    keys: Sequence[str],
+) -> _NewRows:
+    """Check ``new`` and stack its series, writing nothing: a refused episode leaves no object behind."""
     steps = np.asarray([e.step_count() for e in new], dtype=np.int64)
-    series: dict[str, SeriesState] = dict(head.series)
     extra = sorted({k for e in new for k in e.series} - set(keys))
     if extra:
         raise FormatError(
@@ -1541,25 +1575,19 @@ def _append_rows(
             "needs exactly the store's series"
         )
     base = 0
+    stacked: dict[str, tuple[np.ndarray, SeriesInfo]] = {}
     for key in keys:
         old = head.series.get(key)
         cols = columns if columns is not None or old is None else {key: old.columns}
-        stacked, info = _stack_series(new, key, cols, allow_nonfinite)
+        data, info = _stack_series(new, key, cols, allow_nonfinite)
         if old is not None:
             if info.columns != old.columns:
                 raise FormatError(
                     f"series {key!r}: columns {list(info.columns)} given, the store has {list(old.columns)}"
                 )
-            stacked = stacked.astype(old.dtype)
+            data, info = data.astype(old.dtype), SeriesInfo(old.columns, old.dtype)
             base = old.rows
-        path = f"{SERIES_SEGMENTS}/{key}/{out.oid('s')}"
-        out.small(path, stacked)
-        previous = old.segments if old is not None else ()
-        series[key] = SeriesState(
-            info.columns if old is None else old.columns,
-            info.dtype if old is None else old.dtype,
-            (*previous, SeriesSegment(path, len(stacked))),
-        )
+        stacked[key] = (data, info)
     if not keys:  # no series: steps still get positions, past every earlier one
         base = int((cat.step_start + cat.steps).max()) if len(cat.names) else 0
     tasks = list(cat.tasks)
@@ -1579,13 +1607,25 @@ def _append_rows(
         [e.name for e in new],
         head.next_episode_id + np.arange(len(new), dtype=np.int64),
         steps,
-        base + np.concatenate([[0], np.cumsum(steps)[:-1]]).astype(np.int64),
+        base + np.cumsum(steps) - steps,  # each episode starts where the one before it ends
         np.asarray([np.nan if e.fps is None else float(e.fps) for e in new], dtype=np.float64),
         np.asarray(task_ids, dtype=np.int64),
         [attrs_json(e.attrs, e.name) for e in new],
         tasks,
     )
-    return cat.extend(added), series, None
+    return _NewRows(head, cat, added, stacked)
+
+
+def _write_rows(rows: _NewRows, out: ArrayWriter) -> tuple[CatalogData, dict[str, SeriesState], None]:
+    """Write the series segments of checked episodes; returns the grown catalog and the series of the commit."""
+    series: dict[str, SeriesState] = dict(rows.head.series)
+    for key, (data, info) in rows.stacked.items():
+        path = f"{SERIES_SEGMENTS}/{key}/{out.oid('s')}"
+        out.small(path, data)
+        old = rows.head.series.get(key)
+        previous = old.segments if old is not None else ()
+        series[key] = SeriesState(info.columns, info.dtype, (*previous, SeriesSegment(path, len(data))))
+    return rows.cat.extend(rows.added), series, None
 
 
 def _replace_families(manifest: Manifest, families: dict[str, FamilyEntry]) -> Manifest:

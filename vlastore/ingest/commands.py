@@ -186,15 +186,16 @@ def _format_option(p: argparse.ArgumentParser) -> None:
         "--format-version",
         type=int,
         choices=(1, 2),
-        default=1,
-        help="format of a store made with --out: "
-        "2 makes a living store (append with --into, episode metadata, snapshots); default %(default)s",
+        default=None,
+        help="format of a store made with --out: 2 is a living store (append with --into, rm, "
+        "episode metadata, snapshots); 1 (default for now) is the older write-once format",
     )
 
 
 def _pt_cache_parser(c: argparse.ArgumentParser) -> None:
     c.add_argument("path", help="the cache folder")
     _common(c, features=True)
+    _format_option(c)
     _feature_options(c, "vl_features")
     c.add_argument(
         "--vlm-reuse-count",
@@ -228,6 +229,7 @@ def _pt_cache_parser(c: argparse.ArgumentParser) -> None:
 def _vggt_parser(v: argparse.ArgumentParser) -> None:
     v.add_argument("path", help="data root: one folder of images per episode")
     _common(v, features=True)
+    _format_option(v)
     _feature_options(v, "vggt")
     v.add_argument(
         "--manifest",
@@ -319,7 +321,8 @@ def _options(args: argparse.Namespace, **overrides: object) -> Any:
         skip_outside_links=args.skip_outside_links,
     )
     options.replace = bool(getattr(args, "replace", False))
-    options.format_version = int(getattr(args, "format_version", 1))
+    if getattr(args, "format_version", None) is not None:  # else the library's default (DEFAULT_FORMAT_VERSION)
+        options.format_version = int(args.format_version)
     for key, value in overrides.items():
         setattr(options, key, value)
     return options

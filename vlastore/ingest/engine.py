@@ -296,7 +296,7 @@ def _prepare_store(options: IngestOptions, catalog: CatalogPlan) -> VLAStore:
     if options.into:
         return VLAStore.open(options.into, writable=True)
     episodes = [EpisodeData(n, steps=int(s)) for n, s in zip(catalog.names, catalog.steps.tolist(), strict=True)]
-    store, _ = open_or_create_store(str(options.out), episodes)
+    store, _ = open_or_create_store(str(options.out), episodes, format_version=options.format_version)
     return store
 
 

@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field
 
 from ..format import Producer
+from ..store import DEFAULT_FORMAT_VERSION
 from .report import IngestUsageError
 from .source import MAX_FILE_BYTES
 
@@ -35,8 +36,9 @@ class IngestOptions:
     progress: bool = True
     full_scan: bool = False
     """Read every file before writing (implied by ``dry_run`` and ``strict``); else names and a sample plan."""
-    format_version: int = 1
-    """Format of a store made with ``--out``: 2 makes a living store (appends, episode metadata)."""
+    format_version: int = DEFAULT_FORMAT_VERSION
+    """Format of a store made with ``--out`` (default: the library's ``DEFAULT_FORMAT_VERSION``): 2 is a living
+    store (appends, episode metadata), 1 the older write-once format."""
     replace: bool = False
     """``ingest robot --into``: swap episodes already in the store whose data differ (else they are refused)."""
     repair: bool = False

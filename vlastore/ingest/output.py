@@ -12,7 +12,7 @@ from typing import Any
 
 from ..format import FormatError
 from ..storage import StoreNotFoundError
-from ..store import EpisodeData, VLAStore
+from ..store import DEFAULT_FORMAT_VERSION, EpisodeData, VLAStore
 from .report import IngestUsageError
 
 __all__ = ["open_or_create_store", "store_usage"]
@@ -66,7 +66,7 @@ def open_or_create_store(
     other_store_hint: str = "",
     allow_nonfinite: bool = False,
     _retried: bool = False,
-    format_version: int = 1,
+    format_version: int = DEFAULT_FORMAT_VERSION,
 ) -> tuple[VLAStore, bool]:
     """Open ``out`` if an earlier run of the same ingestion made it, else create it atomically.
 
@@ -80,7 +80,9 @@ def open_or_create_store(
         IngestUsageError: ``out`` holds another store (different episodes or data) or is not a store.
     """
     if str(out).startswith("s3://"):
-        return _open_or_create_remote(str(out), episodes, columns, same, other_store_hint, allow_nonfinite)
+        return _open_or_create_remote(
+            str(out), episodes, columns, same, other_store_hint, allow_nonfinite, format_version
+        )
     path = Path(out)
     try:
         occupied = os.path.lexists(path) and (not path.is_dir() or path.is_symlink() or any(path.iterdir()))
@@ -147,6 +149,7 @@ def _open_or_create_remote(
     same: Callable[[VLAStore], bool] | None,
     other_store_hint: str,
     allow_nonfinite: bool,
+    format_version: int,
 ) -> tuple[VLAStore, bool]:
     """``--out s3://...``: object storage has no rename, but the manifest is written last, so a prefix
     without it is not a store; a killed creation leaves objects that the message says to remove."""
@@ -160,7 +163,10 @@ def _open_or_create_remote(
                 f"--out {out} holds objects but no vlastore store (a creation killed before its "
                 "end?); remove that prefix, or pick a new --out"
             ) from None
-        return VLAStore.create(out, episodes, columns=columns, allow_nonfinite=allow_nonfinite), True
+        store = VLAStore.create(
+            out, episodes, columns=columns, allow_nonfinite=allow_nonfinite, format_version=format_version
+        )
+        return store, True
     except FormatError:
         raise IngestUsageError(f"--out {out} exists and is not a readable vlastore store; pick a new --out") from None
     return _same_store(out, store, episodes, same, other_store_hint), False
