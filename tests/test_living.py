@@ -462,11 +462,11 @@ GC = """
 from vlastore.store import VLAStore
 store = VLAStore.open({path!r}, writable=True)
 print("go", flush=True)
-store.gc(retention_s=0, keep=2)
+store.gc(retention_s=0, keep=2, compact=True)
 """
 
 
-@pytest.mark.parametrize("delay", [0.0, 0.3])
+@pytest.mark.parametrize("delay", [0.0, 0.3, 0.6])
 def test_sigkill_during_gc_leaves_every_kept_commit_whole(tmp_path: Path, delay: float) -> None:
     from vlastore.report import verify_store
 
@@ -485,12 +485,18 @@ def test_sigkill_during_gc_leaves_every_kept_commit_whole(tmp_path: Path, delay:
     time.sleep(delay)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    for number in (head - 1, head):  # the two kept commits read whole
+    now = VLAStore.open(path).snapshot_id
+    assert now in (head, head + 1)  # the compaction commit made, or not
+    for number in (now - 1, now):  # the two kept commits read whole
         old = VLAStore.open(path, snapshot=number)
         assert old.coverage("f").all() and len(old.series_all("state")) == old.catalog.total_steps
+        assert [np.asarray(old.feature("f", n, 0)).tolist() for n in old.datasets] == [
+            value(n, 0).tolist() for n in old.datasets
+        ]
     assert verify_store(str(path)).ok
-    VLAStore.open(path, writable=True).gc(retention_s=0, keep=2)  # a rerun finishes
-    assert [c["commit"] for c in VLAStore.open(path).log()] == [head - 1, head]
+    VLAStore.open(path, writable=True).gc(retention_s=0, keep=2, compact=True)  # a rerun finishes
+    final = VLAStore.open(path).snapshot_id
+    assert [c["commit"] for c in VLAStore.open(path).log()] == [final - 1, final]
 
 
 def test_small_arrays_written_directly_are_what_zarr_writes_and_reads(tmp_path: Path) -> None:
@@ -631,3 +637,47 @@ def test_verify_of_a_living_store_names_a_damaged_catalog_commit_and_segment(tmp
     where = [c.where for c in report.corrupt]
     assert catalog in where and segment in where and "_log/00000000000000000001.json" in where
     assert report.coverage["f"][0] > 0  # the families were still checked, with stand-in names
+
+
+@pytest.mark.parametrize("spec", [FIXED, RAGGED], ids=["fixed", "ragged"])
+def test_gc_compacts_only_feature_shards_holding_removed_rows(tmp_path: Path, spec: FamilySpec) -> None:
+    path = tmp_path / "s.vla"
+    eps = episodes((8, 8, 8, 8, 8, 8))
+    create(path, eps)
+    store = VLAStore.open(path, writable=True)
+    ragged = spec.ragged
+    if ragged:
+        rows = ragged_rows(eps)
+        store.add_family("f", spec, items_per_episode=rows.items, lengths=rows.lengths)
+    else:
+        store.add_family("f", spec)
+    fill(store)
+    hole = store.layout("f").rows - 1  # a row never written: it must stay missing
+    shard_of_hole = int(store.layout("f").shard_of(np.asarray([hole]))[0])
+    (path / store.shard_key("f", shard_of_hole)).unlink()
+    store = VLAStore.open(path, writable=True)
+    kept_shards = shard_files(path)
+    rows = store.layout("f").episode_rows
+    coverage = {n: store.coverage("f")[rows[i] : rows[i + 1]] for i, n in enumerate(store.datasets)}
+    store.remove_episodes([eps[1].name])
+    bytes_before = sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and "/values/c/" in str(p))
+    store.gc(retention_s=0, compact=True)
+    after = VLAStore.open(path)
+    assert after.datasets == tuple(e.name for e in eps if e is not eps[1])
+    bytes_after = sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and "/values/c/" in str(p))
+    assert bytes_after < bytes_before  # the removed rows' space came back
+    layout = after.layout("f")
+    cov = after.coverage("f")
+    width = 3 if ragged else 4
+    for i, name in enumerate(after.datasets):
+        lo, hi = int(layout.episode_rows[i]), int(layout.episode_rows[i + 1])
+        assert np.array_equal(cov[lo:hi], coverage[name])  # missing rows stay missing
+        for item in np.flatnonzero(cov[lo:hi]).tolist():
+            got = np.asarray(after.feature("f", name, item).float())
+            assert np.array_equal(got[0] if ragged else got, value(name, item, width))  # rows keep their values
+    untouched = {k: v for k, v in shard_files(path).items() if k in kept_shards}
+    assert untouched and all(kept_shards[k] == v for k, v in untouched.items())  # kept shards never rewritten
+    from vlastore.report import verify_store
+
+    assert not verify_store(str(path)).corrupt  # only the hole is missing
+    assert fill(VLAStore.open(path, writable=True)) >= 1  # the hole is still there to fill

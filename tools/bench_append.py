@@ -147,7 +147,7 @@ def part2(base: Path, appends: int) -> None:
     VLAStore.open(grown, writable=True).gc(retention_s=0, compact=True)
     compact_t = min(_open_and_batch(grown) for _ in range(3))
     print(
-        f"  after `vlastore gc` (series compacted, old commits gone): open {compact_t[0] * 1e3:.1f} ms "
+        f"  after `vlastore gc` (segments compacted, old commits gone): open {compact_t[0] * 1e3:.1f} ms "
         f"({compact_t[0] / fresh_t[0]:.2f}x), first batch {compact_t[1] * 1e3:.1f} ms "
         f"({compact_t[1] / fresh_t[1]:.2f}x)"
     )

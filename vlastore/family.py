@@ -71,7 +71,9 @@ class Segment:
     first_shard: int
     """Global number of the array's shard 0."""
     shards: int
-    """How many shards the array holds."""
+    """How many shards of the array it uses."""
+    offset: int = 0
+    """The array's shard number of the segment's first shard (format 2: compaction keeps part of an array)."""
 
 
 def v1_segments(family: str, generation: int, n_shards: int) -> tuple[Segment, ...]:
@@ -147,16 +149,22 @@ class FamilyHandle:
     def shard_key(self, shard: int) -> str:
         """Storage key of global shard ``shard``."""
         segment, local = self.locate(shard)
-        return shard_key(segment.path, local, self._ndim)
+        return shard_key(segment.path, local + segment.offset, self._ndim)
 
     def written_shards(self) -> np.ndarray:
         """Global numbers of the shards whose files exist (complete: shards are written atomically), ascending."""
         found: list[int] = []
-        for segment in self.segments:
-            for key, _size in self.storage.list(segment.path):
-                local = shard_of_key(segment.path, key, self._ndim)  # anything else under the array is ignored
-                if local is not None and local < segment.shards:
-                    found.append(segment.first_shard + local)
+        by_array: dict[str, list[Segment]] = {}
+        for segment in self.segments:  # several segments may use parts of one array: list it once
+            by_array.setdefault(segment.path, []).append(segment)
+        for path, parts in by_array.items():
+            for key, _size in self.storage.list(path):
+                local = shard_of_key(path, key, self._ndim)  # anything else under the array is ignored
+                if local is None:
+                    continue
+                for segment in parts:
+                    if 0 <= local - segment.offset < segment.shards:
+                        found.append(segment.first_shard + local - segment.offset)
         return np.array(sorted(set(found)), dtype=np.int64)
 
     def shard_index(self, shard: int) -> ShardIndex | None:
@@ -507,7 +515,8 @@ def v2_layout(
     """The layout of one generation in a format-2 snapshot, and each row's physical row number.
 
     Physical rows are the segments' rows concatenated in order; episode ``e`` has physical
-    rows ``row_start[e] : row_start[e] + row_count[e]``, all in one segment. When the rows
+    rows ``row_start[e] : row_start[e] + row_count[e]`` (after a compaction they may run on into the next
+    segment: its physical order is kept). When the rows
     of the catalog are exactly the stored rows from 0 (a store never appended to or
     pruned), the plain :class:`FamilyLayout` is used (the fast paths of fixed families).
 
@@ -523,16 +532,9 @@ def v2_layout(
     total = int(episode_rows[-1])
     if row_count.size and (row_count.min() < 0 or row_start.min() < 0):
         raise FormatError(f"{where}: negative row numbers; the layout is damaged")
-    seg_of = np.searchsorted(phys_base, row_start, side="right") - 1
     nonempty = row_count > 0
-    if (
-        nonempty.any()
-        and (
-            (seg_of[nonempty] >= len(seg_rows_arr))
-            | (row_start[nonempty] + row_count[nonempty] > phys_base[seg_of[nonempty] + 1])
-        ).any()
-    ):
-        raise FormatError(f"{where}: an episode's rows are not inside one segment; the layout is damaged")
+    if nonempty.any() and (row_start[nonempty] + row_count[nonempty] > phys_base[-1]).any():
+        raise FormatError(f"{where}: an episode's rows lie past the segments' rows; the layout is damaged")
     physical = np.repeat(row_start - episode_rows[:-1], row_count) + np.arange(total, dtype=np.int64)
     seg_caps = np.asarray(seg_capacity, dtype=np.int64)
     shard_nrows = np.concatenate(
@@ -557,6 +559,7 @@ def v2_layout(
     identity = (
         len(segments) == 1
         and segments[0].first_shard == 0
+        and segments[0].offset == 0
         and np.array_equal(physical, np.arange(total))
         and total == int(seg_rows_arr[0])
     )

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import secrets
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -25,10 +25,11 @@ from crc32c import crc32c
 from .catalog import Catalog
 from .family import FamilyHandle, v2_layout
 from .family import Segment as HandleSegment
-from .format import FamilySpec, FormatError, GenerationInfo, meta_key
+from .format import FamilySpec, FormatError, GenerationInfo, meta_key, shard_key
 from .integrity import check_array_meta, sharded_array_meta
 from .layout import pack_ragged
 from .nodes import ZarrNodes
+from .shardcodec import CRC_BYTES, MISSING, ChecksumError, crc_ok, decode_index, index_nbytes
 from .snapshot import GenerationState, Segment, Snapshot, object_id
 
 __all__ = [
@@ -48,6 +49,7 @@ __all__ = [
     "unpack_utf8",
     "new_token",
     "check_meta_crc",
+    "compact_generation",
 ]
 
 MAX_ATTRS_BYTES = 1 << 20
@@ -339,24 +341,31 @@ def read_generation(
     """
     spec = state.spec
     where = nodes.storage.where(f"features/{family}/gen-{state.generation:04d}")
+    checked: set[str] = set()
     for segment in state.segments:
-        check_meta_crc(nodes, segment.path, arrays)
-        check_array_meta(
-            nodes.read_json(meta_key(segment.path)),
-            sharded_array_meta(spec, segment.capacity),
-            nodes.storage.where(meta_key(segment.path)),
-        )
+        if segment.path not in checked:  # parts of one array (after a compaction): checked once
+            _check_segment_array(nodes, spec, segment, state.segments, arrays)
+            checked.add(segment.path)
     row_start, row_count = read_row_map(nodes, state, len(catalog), arrays)
     local_starts = local_lengths = None
     if spec.ragged:
         local_starts, local_lengths = [], []
+        tables: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         for segment in state.segments:
             assert segment.tables is not None
-            local_starts.append(read_small(nodes, f"{segment.tables}/starts", (segment.rows,), "int64", arrays))
-            local_lengths.append(read_small(nodes, f"{segment.tables}/lengths", (segment.rows,), "int64", arrays))
+            if segment.tables not in tables:
+                n = segment.array_rows
+                tables[segment.tables] = (
+                    read_small(nodes, f"{segment.tables}/starts", (n,), "int64", arrays),
+                    read_small(nodes, f"{segment.tables}/lengths", (n,), "int64", arrays),
+                )
+            starts, lengths = tables[segment.tables]
+            rows = slice(segment.row_offset, segment.row_offset + segment.rows)
+            local_starts.append(starts[rows] - segment.offset * spec.rows_per_shard)
+            local_lengths.append(lengths[rows])
     layout, physical = v2_layout(
         spec,
-        [HandleSegment(s.path, s.first_shard, s.shards) for s in state.segments],
+        [HandleSegment(s.path, s.first_shard, s.shards, s.offset) for s in state.segments],
         [s.rows for s in state.segments],
         [s.capacity for s in state.segments],
         row_start,
@@ -374,18 +383,45 @@ def read_generation(
         info,
         layout,
         catalog,
-        [HandleSegment(s.path, s.first_shard, s.shards) for s in state.segments],
+        [HandleSegment(s.path, s.first_shard, s.shards, s.offset) for s in state.segments],
         writable=nodes.writable,
     )
     handle.physical_rows = physical  # type: ignore[attr-defined]
     return handle
 
 
+def _check_segment_array(
+    nodes: ZarrNodes, spec: FamilySpec, segment: Segment, segments: Sequence[Segment], arrays: dict[str, str]
+) -> None:
+    """A segment's ``values`` array is the one the commit recorded, of the spec's type, and holds every part of it
+    the snapshot uses (a short last shard only at the array's end)."""
+    raw = check_meta_crc(nodes, segment.path, arrays)
+    where = nodes.storage.where(meta_key(segment.path))
+    parts = [s for s in segments if s.path == segment.path]
+    rps = spec.rows_per_shard
+    if len(parts) == 1 and segment.offset == 0:
+        capacity = segment.capacity
+    else:
+        try:
+            shape = json.loads(raw).get("shape")
+            capacity = int(shape[0])
+        except (ValueError, TypeError, AttributeError, IndexError, UnicodeDecodeError):
+            raise FormatError(f"{where}: zarr.json has no shape; damaged") from None
+        for part in parts:
+            end = part.offset * rps + part.capacity
+            if end > capacity or (part.capacity % rps and end != capacity):
+                raise FormatError(f"{where}: a segment uses stored rows up to {end} of {capacity}; damaged")
+    check_array_meta(nodes.read_json(meta_key(segment.path)), sharded_array_meta(spec, capacity), where)
+
+
 def read_keys_v2(nodes: ZarrNodes, state: GenerationState, physical: np.ndarray, arrays: dict[str, str]) -> list[str]:
     keys: list[str] = []
+    tables: dict[str, list[str]] = {}
     for segment in state.segments:
         assert segment.tables is not None
-        keys.extend(_utf8(nodes, segment.tables, "key", segment.rows, arrays))
+        if segment.tables not in tables:
+            tables[segment.tables] = _utf8(nodes, segment.tables, "key", segment.array_rows, arrays)
+        keys.extend(tables[segment.tables][segment.row_offset : segment.row_offset + segment.rows])
     return [keys[p] for p in physical.tolist()]
 
 
@@ -402,3 +438,251 @@ def attrs_json(attrs: dict[str, Any] | None, name: str) -> str:
     if len(text.encode()) > MAX_ATTRS_BYTES:
         raise FormatError(f"episode {name!r}: attrs take more than {MAX_ATTRS_BYTES} bytes as JSON")
     return text
+
+
+# --------------------------------------------------------------- compaction
+
+
+@dataclass
+class _Rewrite:
+    """Rows of one generation being copied into a new array: where each comes from and goes to."""
+
+    old_start: list[np.ndarray] = field(default_factory=list)
+    """Global stored start of each copied row in the generation (old shard space)."""
+    new_start: list[np.ndarray] = field(default_factory=list)
+    """Its stored start in the new array."""
+    lengths: list[np.ndarray] = field(default_factory=list)
+    physical: list[np.ndarray] = field(default_factory=list)
+    """Its old physical row (for its row key)."""
+
+
+def _segment_rows(
+    nodes: ZarrNodes, spec: FamilySpec, segment: Segment, arrays: dict[str, str], cache: dict[Any, Any]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Stored start of each of a segment's rows, counted from the segment's first shard, and its length."""
+    if not spec.ragged:
+        return np.arange(segment.rows, dtype=np.int64), np.ones(segment.rows, dtype=np.int64)
+    assert segment.tables is not None
+    if segment.tables not in cache:
+        n = segment.array_rows
+        cache[segment.tables] = (
+            read_small(nodes, f"{segment.tables}/starts", (n,), "int64", arrays),
+            read_small(nodes, f"{segment.tables}/lengths", (n,), "int64", arrays),
+        )
+    starts, lengths = cache[segment.tables]
+    rows = slice(segment.row_offset, segment.row_offset + segment.rows)
+    return starts[rows] - segment.offset * spec.rows_per_shard, lengths[rows]
+
+
+def _shards_to_rewrite(
+    spec: FamilySpec, segments: Sequence[Segment], row_shard: np.ndarray, live: np.ndarray, merge_small: bool
+) -> np.ndarray:
+    """Bool per global shard: rewrite it (it holds rows no episode reaches, or it is one of a run of small
+    segments that many appends left: each a partial shard)."""
+    total = sum(s.shards for s in segments)
+    rewrite = np.zeros(total, dtype=bool)
+    rewrite[np.unique(row_shard[~live])] = True
+    if merge_small:
+        small = [s.shards == 1 and s.capacity < spec.rows_per_shard for s in segments]
+        i = 0
+        while i < len(segments):
+            j = i
+            while j < len(segments) and small[j]:
+                j += 1
+            if j - i >= 2:
+                rewrite[segments[i].first_shard : segments[j - 1].first_shard + 1] = True
+            i = max(j, i + 1)
+    return rewrite
+
+
+def compact_generation(
+    out: ArrayWriter,
+    family: str,
+    state: GenerationState,
+    row_start: np.ndarray,
+    row_count: np.ndarray,
+    arrays: dict[str, str],
+    merge_small: bool = True,
+) -> tuple[tuple[Segment, ...], np.ndarray] | None:
+    """Rewrite the shards of a generation that hold rows no catalog episode reaches (and runs of small segments)
+    into one new array; every other shard stays where it is, as part of its array.
+
+    Rows keep their bytes (chunks are copied as stored, crc32c checked), missing rows stay missing (a row
+    with a missing or damaged chunk is left out: it is missing in the new array, and a writer fills it).
+    The physical order of the rows the catalog reaches is kept, so each episode's rows stay one run.
+
+    Returns:
+        The new segments and each episode's new ``row_start`` (``row_count`` is unchanged), or None when
+        nothing needs rewriting.
+    """
+    spec, nodes = state.spec, out.nodes
+    rps = spec.rows_per_shard
+    segments = state.segments
+    if not segments:
+        return None
+    cache: dict[Any, Any] = {}
+    parts = [_segment_rows(nodes, spec, s, arrays, cache) for s in segments]
+    stored = np.concatenate([s.first_shard * rps + p[0] for s, p in zip(segments, parts, strict=True)])
+    lengths = np.concatenate([p[1] for p in parts])
+    episode_rows = np.concatenate([[0], np.cumsum(row_count)]).astype(np.int64)
+    physical = np.repeat(row_start - episode_rows[:-1], row_count) + np.arange(int(episode_rows[-1]), dtype=np.int64)
+    live = np.zeros(len(stored), dtype=bool)
+    live[physical] = True
+    rewrite = _shards_to_rewrite(spec, segments, stored // rps, live, merge_small)
+    if not rewrite.any():
+        return None
+    # every global shard, in order: kept runs become parts of their old array, rewritten runs parts of the new one
+    shard_lo = np.searchsorted(stored, np.arange(len(rewrite) + 1, dtype=np.int64) * rps, side="left")
+    seg_of_shard = np.repeat(np.arange(len(segments)), [s.shards for s in segments])
+    phys_base = np.concatenate([[0], np.cumsum([s.rows for s in segments])]).astype(np.int64)
+    new_path = f"features/{family}/gen-{state.generation:04d}/{out.oid('s')}"
+    job = _Rewrite()
+    pieces: list[Segment] = []
+    first, array_shard, array_rows = 0, 0, 0
+    g = 0
+    while g < len(rewrite):
+        end = g + 1
+        # a kept run stays inside one array; a rewritten run may span segments (its rows go to one new array)
+        while (
+            end < len(rewrite) and rewrite[end] == rewrite[g] and (rewrite[g] or seg_of_shard[end] == seg_of_shard[g])
+        ):
+            end += 1
+        lo, hi = int(shard_lo[g]), int(shard_lo[end])
+        if not rewrite[g]:
+            seg = segments[int(seg_of_shard[g])]
+            local0 = g - seg.first_shard
+            last = seg.first_shard + seg.shards == end
+            capacity = seg.capacity - local0 * rps if last else (end - g) * rps
+            pieces.append(
+                Segment(
+                    seg.path,
+                    first,
+                    end - g,
+                    hi - lo,
+                    capacity,
+                    seg.tables,
+                    seg.offset + local0,
+                    seg.row_offset + lo - int(phys_base[int(seg_of_shard[g])]) if seg.tables else 0,
+                    seg.array_rows if seg.tables else None,
+                )
+            )
+            first += end - g
+        else:
+            rows = lo + np.flatnonzero(live[lo:hi])
+            if rows.size:
+                lens = lengths[rows]
+                local = pack_ragged(lens, rps) if spec.ragged else np.arange(rows.size, dtype=np.int64)
+                capacity = int(local[-1] + lens[-1])
+                shards = -(-capacity // rps)
+                job.old_start.append(stored[rows])
+                job.new_start.append(array_shard * rps + local)
+                job.lengths.append(lens)
+                job.physical.append(rows)
+                tables = new_path if (spec.ragged or spec.has_keys) else None
+                pieces.append(
+                    Segment(f"{new_path}/values", first, shards, rows.size, capacity, tables, array_shard, array_rows)
+                )
+                first += shards
+                array_shard += shards
+                array_rows += rows.size
+        g = end
+    if job.old_start:
+        _write_rewrite(out, family, state, segments, new_path, job, arrays, cache)
+        pieces = [
+            replace(p, table_rows=array_rows if p.tables else None) if p.path == f"{new_path}/values" else p
+            for p in pieces
+        ]
+    new_index = np.cumsum(live) - 1
+    new_start = np.where(row_count > 0, new_index[np.minimum(row_start, max(len(live) - 1, 0))], 0)
+    return tuple(pieces), new_start.astype(np.int64)
+
+
+def _write_rewrite(
+    out: ArrayWriter,
+    family: str,
+    state: GenerationState,
+    segments: Sequence[Segment],
+    new_path: str,
+    job: _Rewrite,
+    arrays: dict[str, str],
+    cache: dict[Any, Any],
+) -> None:
+    """The new array of a compaction: its tables, metadata and shard files (chunks copied as they are)."""
+    spec, nodes = state.spec, out.nodes
+    rps = spec.rows_per_shard
+    old_start, new_start = np.concatenate(job.old_start), np.concatenate(job.new_start)
+    lengths, physical = np.concatenate(job.lengths), np.concatenate(job.physical)
+    if spec.ragged:
+        out.small(f"{new_path}/starts", new_start)
+        out.small(f"{new_path}/lengths", lengths)
+    if spec.has_keys:
+        keys: list[str] = []
+        for seg in segments:
+            assert seg.tables is not None
+            if ("keys", seg.tables) not in cache:
+                cache[("keys", seg.tables)] = _utf8(nodes, seg.tables, "key", seg.array_rows, arrays)
+            keys.extend(cache[("keys", seg.tables)][seg.row_offset : seg.row_offset + seg.rows])
+        key_bytes, key_offsets = pack_utf8([keys[p] for p in physical.tolist()])
+        out.small(f"{new_path}/key_utf8", key_bytes)
+        out.small(f"{new_path}/key_offsets", key_offsets)
+    values = f"{new_path}/values"
+    capacity = int(new_start[-1] + lengths[-1])
+    attributes = {"true_dtype": spec.dtype}
+    nodes.create_sharded_array(values, capacity, spec.row_shape, spec.storage_dtype, rps, spec.compression, attributes)
+    out.record(values)
+    ndim = 1 + len(spec.row_shape)
+    n_index = index_nbytes(rps)
+    seg_first = np.asarray([s.first_shard for s in segments], dtype=np.int64)
+    pending: dict[int, list[tuple[int, np.ndarray]]] = {}
+    old_shards = old_start // rps
+    cuts = np.flatnonzero(np.diff(old_shards)) + 1
+    for lo, hi in zip([0, *cuts.tolist()], [*cuts.tolist(), len(old_shards)], strict=True):
+        shard = int(old_shards[lo])
+        seg = segments[int(np.searchsorted(seg_first, shard, side="right")) - 1]
+        data = nodes.storage.get(shard_key(seg.path, shard - seg.first_shard + seg.offset, ndim))
+        index = None
+        if data is not None and len(data) >= n_index:
+            buf = np.frombuffer(data, dtype=np.uint8)
+            try:
+                index = decode_index(buf[-n_index:], rps, buf.size - n_index)
+            except ChecksumError:
+                index = None  # a damaged shard: its rows are missing in the copy (verify names it)
+        if index is not None:
+            for r in range(lo, hi):
+                chunks = _intact_chunks(buf, index, int(old_start[r]) - shard * rps, int(lengths[r]))
+                if chunks is not None:
+                    target = int(new_start[r])
+                    for j, chunk in enumerate(chunks):
+                        pending.setdefault((target + j) // rps, []).append(((target + j) % rps, chunk))
+        done = [s for s in pending if s < int(new_start[hi - 1]) // rps]  # new shards no later row can reach
+        for s in done:
+            nodes.storage.put(shard_key(values, s, ndim), _assemble_shard(pending.pop(s), rps))
+    for s in sorted(pending):
+        nodes.storage.put(shard_key(values, s, ndim), _assemble_shard(pending[s], rps))
+
+
+def _intact_chunks(buf: np.ndarray, index: Any, first: int, count: int) -> list[np.ndarray] | None:
+    """The stored bytes (payload and crc32c) of ``count`` chunks from ``first``; None unless all are there, intact."""
+    chunks = []
+    for c in range(first, first + count):
+        if not index.present[c]:
+            return None
+        off, nb = int(index.offsets[c]), int(index.nbytes[c])
+        raw = buf[off : off + nb]
+        if raw.size != nb or not crc_ok(raw):
+            return None
+        chunks.append(raw)
+    return chunks
+
+
+def _assemble_shard(chunks: list[tuple[int, np.ndarray]], rps: int) -> bytes:
+    """A shard file of chunks given as stored bytes: back to back in chunk order, then the index and its crc."""
+    chunks.sort(key=lambda c: c[0])
+    offsets = np.full(rps, MISSING, dtype="<u8")
+    nbytes = np.full(rps, MISSING, dtype="<u8")
+    pos = 0
+    for c, raw in chunks:
+        offsets[c], nbytes[c] = pos, raw.size
+        pos += raw.size
+    index = np.stack([offsets, nbytes], axis=1).tobytes()
+    return b"".join([*(raw.tobytes() for _, raw in chunks), index, crc32c(index).to_bytes(CRC_BYTES, "little")])

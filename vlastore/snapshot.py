@@ -198,6 +198,13 @@ class Segment:
     ``tables``: the folder with ``starts``/``lengths`` (ragged, per physical row,
     local to the segment) and ``key_utf8``/``key_offsets`` (row keys); None when
     the family needs neither.
+
+    A segment may use only part of its array (written by compaction, which keeps
+    the shards of an array that hold no removed rows and rewrites the others):
+    ``offset`` is the array's shard number of the segment's first shard, and its
+    rows are rows ``row_offset .. row_offset + rows - 1`` of the array's tables,
+    which hold ``table_rows`` rows (ragged starts there count from the array's
+    start). The defaults (0, 0, ``rows``) are the whole array, and are not written.
     """
 
     path: str
@@ -206,9 +213,17 @@ class Segment:
     rows: int = 0
     capacity: int = 0
     tables: str | None = None
+    offset: int = 0
+    row_offset: int = 0
+    table_rows: int | None = None
+
+    @property
+    def array_rows(self) -> int:
+        """Rows of the array's tables (``rows`` unless the segment uses part of its array)."""
+        return self.rows if self.table_rows is None else self.table_rows
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "path": self.path,
             "first_shard": self.first_shard,
             "shards": self.shards,
@@ -216,19 +231,31 @@ class Segment:
             "capacity": self.capacity,
             "tables": self.tables,
         }
+        if self.offset or self.row_offset or self.table_rows is not None:
+            out.update(offset=self.offset, row_offset=self.row_offset, table_rows=self.array_rows)
+        return out
 
     @classmethod
     def from_dict(cls, data: Any, where: str, prefix: str) -> Segment:
         data = _dict(data, "a segment", where)
         tables = data.get("tables")
-        return cls(
+        segment = cls(
             check_object_path(data.get("path"), where, prefix),
             _int(data, "first_shard", where, 0, MAX_ROWS),
             _int(data, "shards", where, 0, MAX_ROWS),
             _int(data, "rows", where, 0, MAX_ROWS),
             _int(data, "capacity", where, 0, MAX_ROWS),
             None if tables is None else check_object_path(tables, where, prefix),
+            _int(data, "offset", where, 0, MAX_ROWS, default=0),
+            _int(data, "row_offset", where, 0, MAX_ROWS, default=0),
+            _int(data, "table_rows", where, 0, MAX_ROWS, default=None),
         )
+        if segment.row_offset + segment.rows > segment.array_rows:
+            raise FormatError(
+                f"{where}: rows {segment.row_offset}..{segment.row_offset + segment.rows} outside the "
+                f"{segment.array_rows} rows of its array; the commit is damaged"
+            )
+        return segment
 
 
 @dataclass(frozen=True)

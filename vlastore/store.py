@@ -52,6 +52,7 @@ from .living import (
     CatalogData,
     SegmentRows,
     attrs_json,
+    compact_generation,
     new_segment,
     pack_utf8,
     read_catalog,
@@ -1330,35 +1331,68 @@ class VLAStore:
 
     # -------------------------------------------------------------- compact
 
-    def compact(self) -> Snapshot | None:
-        """Rewrite every series with more than one segment as one segment of the catalog's episodes (one commit).
+    def compact(self, features: bool = True, merge_small: bool = True) -> Snapshot | None:
+        """Compact the snapshot's data in one commit; returns None when nothing needed it.
 
-        Series are small (robot states), so this copies them: opening and reading a store after many
-        appends then costs what a fresh store does, and steps of removed episodes become unreferenced
-        (``gc`` deletes them). Feature shards are not touched. Returns None when nothing needed it.
+        * Series with more than one segment are rewritten as one segment of the catalog's episodes (series
+          are small robot states): steps of removed episodes become unreferenced.
+        * With ``features``, every family generation's shards that hold rows no catalog episode reaches
+          (removed or replaced episodes) are rewritten into one new array, and with ``merge_small`` also runs
+          of small segments (each a partial shard, as many appends leave them). Shards holding none of
+          those stay where they are: the new commit uses them as parts of their old arrays. Rows keep their
+          bytes; missing rows stay missing. A writer still filling an old snapshot's rows meanwhile may see
+          them missing in the new commit (they are written again).
+
+        ``gc`` then deletes what no kept commit uses, so the space of removed rows comes back.
         """
 
         def apply(head: Snapshot, cat: CatalogData, out: ArrayWriter) -> Any:
-            if all(len(state.segments) <= 1 for state in head.series.values()):
-                return None
-            offsets = np.concatenate([[0], np.cumsum(cat.steps)]).astype(np.int64)
-            index = np.repeat(cat.step_start - offsets[:-1], cat.steps) + np.arange(int(offsets[-1]), dtype=np.int64)
-            series = {}
-            for key, state in head.series.items():
-                path = f"{SERIES_SEGMENTS}/{key}/{out.oid('s')}"
-                values = self._physical_series(head, key)[index]
-                out.small(path, values)
-                series[key] = SeriesState(state.columns, state.dtype, (SeriesSegment(path, len(values)),))
-            moved = CatalogData(
-                cat.names, cat.episode_id, cat.steps, offsets[:-1], cat.fps, cat.task, cat.attrs, cat.tasks
-            )
-            cat_path, tasks_path = self._write_catalog(out, moved)
-            return [Change("compact", {"series": sorted(series)})], {
-                "series": series,
-                "catalog": CatalogRef(cat_path, len(moved.names), int(moved.steps.sum()), tasks_path, len(moved.tasks)),
-            }
+            changes: list[Change] = []
+            fields: dict[str, Any] = {}
+            if any(len(state.segments) > 1 for state in head.series.values()):
+                changes.append(self._compact_series(head, cat, out, fields))
+            if features:
+                families, compacted = self._compact_families(head, out, merge_small)
+                if compacted:
+                    fields["families"] = families
+                    changes.append(Change("compact", {"families": compacted}))
+            return (changes, fields) if changes else None
 
         return self._commit(apply)
+
+    def _compact_series(self, head: Snapshot, cat: CatalogData, out: ArrayWriter, fields: dict[str, Any]) -> Change:
+        offsets = np.concatenate([[0], np.cumsum(cat.steps)]).astype(np.int64)
+        index = np.repeat(cat.step_start - offsets[:-1], cat.steps) + np.arange(int(offsets[-1]), dtype=np.int64)
+        series = {}
+        for key, state in head.series.items():
+            path = f"{SERIES_SEGMENTS}/{key}/{out.oid('s')}"
+            values = self._physical_series(head, key)[index]
+            out.small(path, values)
+            series[key] = SeriesState(state.columns, state.dtype, (SeriesSegment(path, len(values)),))
+        moved = CatalogData(cat.names, cat.episode_id, cat.steps, offsets[:-1], cat.fps, cat.task, cat.attrs, cat.tasks)
+        cat_path, tasks_path = self._write_catalog(out, moved)
+        fields["series"] = series
+        fields["catalog"] = CatalogRef(cat_path, len(moved.names), int(moved.steps.sum()), tasks_path, len(moved.tasks))
+        return Change("compact", {"series": sorted(series)})
+
+    def _compact_families(
+        self, head: Snapshot, out: ArrayWriter, merge_small: bool
+    ) -> tuple[dict[str, FamilyState], list[str]]:
+        families: dict[str, FamilyState] = {}
+        compacted: list[str] = []
+        for family, fstate in head.families.items():
+            gens = dict(fstate.generations)
+            for gen, state in fstate.generations.items():
+                start, count = read_row_map(self.nodes, state, head.catalog.episodes, head.arrays)
+                result = compact_generation(out, family, state, start, count, head.arrays, merge_small)
+                if result is None:
+                    continue
+                segments, new_start = result
+                layout = write_layout(out, family, gen, new_start, count)
+                gens[gen] = _generation(state, segments, layout, int(count.sum()))
+                compacted.append(f"{family}/{gen}")
+            families[family] = FamilyState(fstate.current_generation, gens)
+        return families, compacted
 
     # ------------------------------------------------------------- gc
 
@@ -1370,9 +1404,10 @@ class VLAStore:
 
         Commits go first, then objects, so a kill at any point leaves every kept commit whole. Objects
         written for commits newer than the head seen here (a committer in flight) are never touched.
-        With ``compact``, series made of many segments are first rewritten as one (:meth:`compact`).
-        Shards holding rows of removed episodes are not compacted yet: their segment stays while any
-        kept commit uses it.
+        With ``compact``, the head is first compacted (:meth:`compact`: series made of many segments
+        rewritten as one, feature shards holding rows of removed episodes and runs of small segments
+        rewritten into a new array), so the shards it replaced are deleted once no kept commit uses them.
+        Shard files of an array that kept commits use only in part are deleted one by one.
 
         Returns:
             ``{"commits": deleted, "objects": deleted, "bytes": freed, "kept": [commit numbers]}``.
@@ -1397,16 +1432,12 @@ class VLAStore:
                 kept.add(number)
         first_kept = min(kept)
         kept = {n for n in numbers if n >= first_kept}  # a suffix: a reader can always move forward
-        folders: set[str] = set()
-        for number in sorted(kept):
-            snap = log_.read(number)
-            folders |= set(_used_arrays(snap, {p: "" for p in snap.arrays}))
-            folders |= _snapshot_folders(snap)
+        folders, parts = _kept_objects([log_.read(number) for number in sorted(kept)])
         doomed_commits = [n for n in numbers if n not in kept]
         doomed: list[tuple[str, int]] = []
         for prefix in ("catalog", "tasks", SERIES_SEGMENTS, "features"):
             for key, size in self.storage.list(prefix):
-                if _collectable(key, folders, head):
+                if _collectable(key, folders, head, parts):
                     doomed.append((key, size))
         if not dry_run:
             for number in doomed_commits:
@@ -1447,12 +1478,41 @@ def _snapshot_folders(snapshot: Snapshot) -> set[str]:
     return folders
 
 
-def _collectable(key: str, folders: set[str], head: int) -> bool:
-    """Whether gc may delete ``key``: inside a format-2 object (or a generation folder) no kept commit uses,
-    written for a commit no newer than ``head``. Group metadata and anything else is left alone."""
-    if any(key == f or key.startswith(f + "/") for f in folders):
+def _kept_objects(snapshots: Sequence[Snapshot]) -> tuple[set[str], dict[str, list[tuple[int, int]]]]:
+    """The folders and arrays kept commits use, and for each values array the shards they use
+    (``(first array shard, shards)`` per segment)."""
+    folders: set[str] = set()
+    parts: dict[str, list[tuple[int, int]]] = {}
+    for snap in snapshots:
+        folders |= set(_used_arrays(snap, {p: "" for p in snap.arrays}))
+        folders |= _snapshot_folders(snap)
+        for fstate in snap.families.values():
+            for state in fstate.generations.values():
+                for seg in state.segments:
+                    parts.setdefault(seg.path, []).append((seg.offset, seg.shards))
+    return folders, parts
+
+
+def _unused_shard(key: str, array: str, parts: Mapping[str, list[tuple[int, int]]]) -> bool:
+    """Whether ``key`` is a shard file of values array ``array`` that no kept segment uses (after a compaction
+    kept commits may use only some shards of an array)."""
+    used = parts.get(array)
+    rest = key[len(array) + 1 :].split("/")
+    if used is None or len(rest) < 2 or rest[0] != "c" or not rest[1].isdigit() or any(p != "0" for p in rest[2:]):
         return False
+    shard = int(rest[1])
+    return not any(first <= shard < first + count for first, count in used)
+
+
+def _collectable(key: str, folders: set[str], head: int, used: Mapping[str, list[tuple[int, int]]]) -> bool:
+    """Whether gc may delete ``key``: inside a format-2 object (or a generation folder) no kept commit uses,
+    written for a commit no newer than ``head``, or a shard file of a kept array that no kept segment uses.
+    Group metadata and anything else is left alone."""
     parts = key.split("/")
+    for i in range(len(parts), 0, -1):  # the key's folders, innermost first: a set lookup each
+        folder = "/".join(parts[:i])
+        if folder in folders:
+            return _unused_shard(key, folder, used)
     for i, part in enumerate(parts):
         match = _OBJECT_PART.match(part)
         if match:
