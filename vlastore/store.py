@@ -84,7 +84,7 @@ from .snapshot import Segment as SnapshotSegment
 from .stats import DEFAULT_QUANTILES, FeatureStats, feature_stats, series_stats
 from .storage import LocalStorage, Location, open_storage
 from .storage.local import remove_store_files
-from .storedstats import pick, read_stored, with_stats
+from .storedstats import pick, prune_cache, read_stored, with_stats
 from .version import __version__
 from .writer import FamilyWriter
 
@@ -327,6 +327,8 @@ class VLAStore:
         self.storage = nodes.storage
         self.writable = nodes.writable
         self.open_problems: list[tuple[str, str]] = []
+        self._segment_cache: dict[str, np.ndarray] = {}
+        """Format 2: series segments read for the statistics of a commit, kept for the next one (immutable)."""
         """With ``strict=False`` (vlastore verify): (path, problem) of what failed its check at open."""
         self._reset_caches()
         root = nodes.attrs[MANIFEST_KEY]
@@ -1087,7 +1089,13 @@ class VLAStore:
             # statistics of the new snapshot, stored with it (the head's when it shows the same episodes)
             written = self._written_catalog if draft.catalog.path == getattr(self, "_written_path", None) else None
             draft = with_stats(
-                self.nodes, head, cat, dataclasses.replace(draft, arrays={**head.arrays, **out.arrays}), written, out
+                self.nodes,
+                head,
+                cat,
+                dataclasses.replace(draft, arrays={**head.arrays, **out.arrays}),
+                written,
+                out,
+                self._segment_cache,
             )
             arrays = _used_arrays(draft, {**head.arrays, **out.arrays})
             return dataclasses.replace(draft, arrays=arrays)
@@ -1099,6 +1107,7 @@ class VLAStore:
             self._adopt(exc.head)
             return None
         self._adopt(snapshot, self._written_catalog)
+        prune_cache(self._segment_cache, snapshot)
         return snapshot
 
     @classmethod

@@ -36,7 +36,16 @@ from .nodes import ZarrNodes
 from .snapshot import Snapshot, StatsRef
 from .stats import SeriesStats, summarize
 
-__all__ = ["STORED_QUANTILES", "STORED_METHOD", "with_stats", "read_stored", "pick", "stats_array", "values_crc"]
+__all__ = [
+    "STORED_QUANTILES",
+    "STORED_METHOD",
+    "with_stats",
+    "prune_cache",
+    "read_stored",
+    "pick",
+    "stats_array",
+    "values_crc",
+]
 
 STORED_QUANTILES = (0.01, 0.1, 0.5, 0.9, 0.99)
 """Quantiles stored with a commit: LeRobot's ``q01 q10 q50 q90 q99`` (others are computed on demand)."""
@@ -65,13 +74,20 @@ def values_crc(array: np.ndarray) -> str:
     return f"crc32c:{crc32c(np.ascontiguousarray(array, dtype='<f8').tobytes()):08x}"
 
 
-def _visible(nodes: ZarrNodes, snapshot: Snapshot, cat: CatalogData, key: str) -> np.ndarray:
-    """The series of the snapshot's episodes in catalog order (its segments read and checked)."""
+def _visible(
+    nodes: ZarrNodes, snapshot: Snapshot, cat: CatalogData, key: str, cache: dict[str, np.ndarray] | None
+) -> np.ndarray:
+    """The series of the snapshot's episodes in catalog order (its segments read and checked, or from ``cache``:
+    segments are immutable, so one read serves every later commit of the same process)."""
     state = snapshot.series[key]
-    parts = [
-        read_small(nodes, seg.path, (seg.rows, len(state.columns)), state.dtype, snapshot.arrays)
-        for seg in state.segments
-    ]
+    parts = []
+    for seg in state.segments:
+        part = None if cache is None else cache.get(seg.path)
+        if part is None:
+            part = read_small(nodes, seg.path, (seg.rows, len(state.columns)), state.dtype, snapshot.arrays)
+            if cache is not None:
+                cache[seg.path] = part
+        parts.append(part)
     physical = np.concatenate(parts) if parts else np.zeros((0, len(state.columns)), dtype=state.dtype)
     offsets = np.concatenate([[0], np.cumsum(cat.steps)]).astype(np.int64)
     if len(physical) == offsets[-1] and np.array_equal(cat.step_start, offsets[:-1]):
@@ -98,6 +114,7 @@ def with_stats(
     draft: Snapshot,
     cat: CatalogData | None,
     out: ArrayWriter,
+    cache: dict[str, np.ndarray] | None = None,
 ) -> Snapshot:
     """``draft`` (a commit about to be made) with the statistics of its series over its catalog.
 
@@ -110,6 +127,8 @@ def with_stats(
         draft: the new commit, its ``arrays`` holding every array it may read (parent's and new ones).
         cat: the draft's catalog when this process has it in memory (None: read from the store).
         out: the commit's writer.
+        cache: series segments already read (path -> array), filled with those read here; the caller keeps
+            it between commits (``prune_cache``).
     """
     if cat is None:
         cat = head_cat if head is not None and draft.catalog.path == head.catalog.path else None
@@ -121,12 +140,19 @@ def with_stats(
     path = f"stats/{out.oid('s')}"
     crcs = {}
     for key in sorted(draft.series):
-        values = _visible(nodes, draft, cat, key)
+        values = _visible(nodes, draft, cat, key, cache)
         qs = STORED_QUANTILES if offsets[-1] else ()  # no steps: nothing to take quantiles of (NaN rows)
         array = stats_array(summarize(values, offsets, None, qs, STORED_METHOD), STORED_QUANTILES)
         out.small(f"{path}/{key}", array)
         crcs[key] = values_crc(array)
     return dataclasses.replace(draft, stats=StatsRef(path, STORED_QUANTILES, STORED_METHOD, crcs))
+
+
+def prune_cache(cache: dict[str, np.ndarray], snapshot: Snapshot) -> None:
+    """Keep in ``cache`` only the series segments ``snapshot`` uses (what the next commit reads)."""
+    used = {seg.path for state in snapshot.series.values() for seg in state.segments}
+    for path in [p for p in cache if p not in used]:
+        del cache[path]
 
 
 def read_stored(nodes: ZarrNodes, snapshot: Snapshot, key: str) -> tuple[np.ndarray, StatsRef] | None:
