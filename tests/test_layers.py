@@ -32,7 +32,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("vlastore.family", "vlastore.commitlog"),  # one generation of one family; the commit log of format 2
     ("vlastore.living",),  # format 2: the arrays a commit names, written and read checked
     ("vlastore.read", "vlastore.writer"),
-    ("vlastore.stats", "vlastore.sampler", "vlastore.transport", "vlastore.loader"),
+    ("vlastore.stats", "vlastore.storedstats", "vlastore.sampler", "vlastore.transport", "vlastore.loader"),
     ("vlastore.store",),  # the manifest; makes handles, readers and writers
     ("vlastore.reader", "vlastore.report", "vlastore.dataset"),
     ("vlastore.demo",),

@@ -9,15 +9,21 @@ error of a mean enters a variance squared). The tests allow 4x and 16x those bou
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from helpers import episodes as make_episodes
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from reader_stores import DTYPES, STEPS, make_store
 
-from vlastore.format import FamilySpec, Producer
+from vlastore.dataset import VLADataset
+from vlastore.format import FamilySpec, FormatError, Producer
 from vlastore.stats import (
+    DEFAULT_QUANTILES,
     EpisodeMoments,
     feature_stats,
     merge_moments,
@@ -25,6 +31,9 @@ from vlastore.stats import (
     series_stats,
     summarize,
 )
+from vlastore.store import EpisodeData, VLAStore, upgrade_store
+
+GOLDEN_V2 = Path(__file__).parent / "data" / "golden-v2.vla"
 
 EPS = np.finfo(np.float64).eps
 
@@ -230,3 +239,197 @@ def test_feature_stats_skip_missing_rows_and_follow_episodes(tmp_path) -> None:
 def test_the_store_answers_stats_itself(known) -> None:
     stats = known.store.stats("action", ["episode_002"], quantiles=(0.5,))
     np.testing.assert_array_equal(stats["q50"], np.quantile(known.store.series("action", "episode_002"), [0.5], 0)[0])
+
+
+# ------------------------------------------------------------- stored with commits (format 2)
+
+STORED_QS = (0.01, 0.1, 0.5, 0.9, 0.99)
+
+
+def visible(store: VLAStore, key: str) -> np.ndarray:
+    """A snapshot's series of its episodes, one episode at a time (the reference: no stored statistics used)."""
+    return np.concatenate([store.series(key, name) for name in store.datasets])
+
+
+def assert_stored_are_exact(store: VLAStore) -> None:
+    """Stored statistics: numpy's on the concatenated visible data, and bit for bit what on-demand computes."""
+    assert store.snapshot is not None and store.snapshot.stats is not None
+    for key in store.series_keys:
+        stored = store.stats(key, quantiles=STORED_QS)
+        assert_matches_numpy(stored, visible(store, key), STORED_QS)
+        computed = store.stats(key, list(store.datasets), quantiles=STORED_QS)  # a subset of all: on demand
+        for name in ("mean", "std", "min", "max"):
+            np.testing.assert_array_equal(getattr(stored, name), getattr(computed, name))
+        assert stored.count == computed.count and stored.columns == store.columns(key)
+
+
+def test_stored_stats_follow_create_append_replace_remove_and_compact(tmp_path: Path) -> None:
+    eps = make_episodes((7, 5, 9, 3, 4, 6))
+    path = tmp_path / "s.vla"
+    store = VLAStore.create(path, eps[:3], format_version=2)
+    assert_stored_are_exact(store)
+    store = VLAStore.open(path, writable=True)
+    store.add_episodes(eps[3:5])
+    changed = EpisodeData(eps[1].name, {k: v * 10 + 3 for k, v in eps[1].series.items()})
+    store.add_episodes([changed, eps[5]], replace=True)
+    store.remove_episodes([eps[0].name])
+    before_compact = store.snapshot.stats
+    store.compact()
+    assert store.snapshot.stats == before_compact  # same episodes, same order: the parent's entry is kept
+    history = {n: VLAStore.open(path, snapshot=n) for n in range(1, store.snapshot_id + 1)}
+    assert [len(s.datasets) for s in history.values()] == [3, 5, 6, 5, 5]
+    for snap in history.values():  # snapshot N's statistics are those of snapshot N's episodes
+        assert_stored_are_exact(snap)
+    assert history[3].stats("state")["max"].max() > 5 > history[2].stats("state")["max"].max()  # replaced x10+3
+
+
+def test_stored_stats_are_read_not_computed_and_ds_stats_uses_them(tmp_path: Path) -> None:
+    eps = make_episodes((6, 4, 8))
+    path = tmp_path / "s.vla"
+    VLAStore.create(path, eps, format_version=2)
+    ds = VLADataset(path, features=[], n_obs_steps=1, horizon=1)
+    expected = {key: ds.store.stats(key) for key in ds.store.series_keys}
+    for seg in (path / "seriesdata").rglob("c"):  # series chunks gone: only stored statistics can answer
+        shutil.rmtree(seg)
+    fresh = VLAStore.open(path)
+    for key, stats in expected.items():
+        got = fresh.stats(key)
+        assert list(got.quantiles) == [0.01, 0.99]
+        np.testing.assert_array_equal(got["q99"], stats["q99"])
+    ds_stats = ds.stats["state"]
+    np.testing.assert_array_equal(ds_stats["q01"], expected["state"]["q01"])
+    np.testing.assert_array_equal(ds_stats.mean, expected["state"].mean)
+    with pytest.raises(FormatError):  # a quantile not stored, or a subset: computed from the (missing) data
+        fresh.stats("state", quantiles=(0.25,))
+
+
+def test_ds_subset_and_split_compute_theirs(tmp_path: Path) -> None:
+    eps = make_episodes((6, 4, 8, 5))
+    VLAStore.create(tmp_path / "s.vla", eps, format_version=2)
+    ds = VLADataset(tmp_path / "s.vla", features=[], n_obs_steps=1, horizon=1)
+    train, val = ds.split(0.5, seed=1)
+    for part in (train, val, ds.subset([eps[2].name])):
+        data = np.concatenate([e.series["state"] for e in eps if e.name in part.episode_names])
+        assert_matches_numpy(part.stats["state"], data, DEFAULT_QUANTILES)
+
+
+def _rewrite(path: Path, array: str, values: np.ndarray) -> None:
+    from vlastore.nodes import ZarrNodes
+    from vlastore.storage import open_storage
+
+    ZarrNodes.open(open_storage(path), writable=True).write_small_fast(array, values)
+
+
+def test_corrupted_stored_stats_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "s.vla"
+    store = VLAStore.create(path, make_episodes((6, 4)), format_version=2)
+    ref = store.snapshot.stats
+    stored = path / ref.path / "state"
+    # 1. another value, written as a valid array (chunk crc and zarr.json as vlastore writes them)
+    array = np.asarray(store.stats("state", quantiles=STORED_QS)["q99"])
+    good = VLAStore.open(path)
+    from vlastore.storedstats import read_stored
+
+    values, _ = read_stored(good.nodes, good.snapshot, "state")
+    edited = values.copy()
+    edited[-1] = array + 1
+    _rewrite(path, f"{ref.path}/state", edited)
+    with pytest.raises(FormatError, match="do not match their checksum"):
+        VLAStore.open(path).stats("state")
+    # 2. a flipped byte in the chunk
+    _rewrite(path, f"{ref.path}/state", values)
+    assert VLAStore.open(path).stats("state")["q99"].tolist() == array.tolist()
+    chunk = next(p for p in stored.rglob("*") if p.is_file() and p.name != "zarr.json")
+    raw = bytearray(chunk.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(raw))
+    with pytest.raises(FormatError, match="damaged"):
+        VLAStore.open(path).stats("state")
+    # 3. another shape or type (zarr.json no longer the commit's)
+    _rewrite(path, f"{ref.path}/state", values.astype(np.float32))
+    with pytest.raises(FormatError, match="checksum mismatch"):
+        VLAStore.open(path).stats("state")
+
+
+def test_golden_v2_has_no_stored_stats_and_computes_them(tmp_path: Path) -> None:
+    golden = VLAStore.open(GOLDEN_V2)
+    assert golden.snapshot is not None and golden.snapshot.stats is None
+    for key in golden.series_keys:
+        assert_matches_numpy(golden.stats(key), visible(golden, key), DEFAULT_QUANTILES)
+    copy = tmp_path / "g.vla"
+    shutil.copytree(GOLDEN_V2, copy)
+    store = VLAStore.open(copy, writable=True)
+    store.remove_episodes([store.datasets[0]])  # the next change of episodes stores them
+    assert_stored_are_exact(store)
+
+
+def test_v1_stays_on_demand_and_unwritten_then_upgrade_stores_them(tmp_path: Path) -> None:
+    path = tmp_path / "v1.vla"
+    store = VLAStore.create(path, make_episodes((5, 7, 3)), format_version=1)
+    files = sorted(p.relative_to(path) for p in path.rglob("*"))
+    assert_matches_numpy(store.stats("state"), visible(store, "state"), DEFAULT_QUANTILES)
+    assert sorted(p.relative_to(path) for p in path.rglob("*")) == files
+    assert upgrade_store(path) == 1
+    assert_stored_are_exact(VLAStore.open(path))
+
+
+def test_gc_keeps_the_stats_of_kept_commits_only(tmp_path: Path) -> None:
+    eps = make_episodes((5, 4, 6))
+    path = tmp_path / "s.vla"
+    store = VLAStore.create(path, eps[:2], format_version=2)
+    store = VLAStore.open(path, writable=True)
+    first = store.snapshot.stats.path
+    store.add_episodes(eps[2:])
+    store.gc(retention_s=0, keep=1)
+    assert not any(p.is_file() for p in (path / first).rglob("*"))
+    assert_stored_are_exact(VLAStore.open(path))
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_any_split_into_commits_gives_the_stats_of_one_create(tmp_path_factory, data) -> None:
+    """Create + appends (+ removes of extra episodes) in any split: the statistics of one create of the result."""
+    steps = data.draw(st.lists(st.integers(0, 6), min_size=1, max_size=6))
+    if not sum(steps):
+        steps[0] = 1
+    eps = make_episodes(tuple(steps), seed=data.draw(st.integers(0, 3)))
+    extra = make_episodes((3, 2), seed=9, prefix="extra")
+    cuts = sorted(data.draw(st.sets(st.integers(1, len(eps)), max_size=3)))
+    root = tmp_path_factory.mktemp("split")
+    store = VLAStore.create(root / "s.vla", eps[: cuts[0] if cuts else len(eps)] + extra[:1], format_version=2)
+    store = VLAStore.open(root / "s.vla", writable=True)
+    for i, (lo, hi) in enumerate(zip(cuts, [*cuts[1:], len(eps)])):
+        store.add_episodes(eps[lo:hi] + (extra[1:] if i == 0 else []))
+    if not cuts:
+        store.add_episodes(extra[1:])
+    store.remove_episodes([e.name for e in extra])
+    whole = VLAStore.create(root / "one.vla", eps, format_version=2)
+    assert store.datasets == whole.datasets
+    for key in whole.series_keys:
+        a, b = store.stats(key, quantiles=STORED_QS), whole.stats(key, quantiles=STORED_QS)
+        assert a.count == b.count
+        for name in ("min", "max"):
+            np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+        for q in STORED_QS:
+            np.testing.assert_array_equal(a.quantiles[q], b.quantiles[q])
+        np.testing.assert_allclose(a.mean, b.mean, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(a.std, b.std, rtol=1e-12, atol=1e-12)
+
+
+def test_store_feature_stats_are_kept_until_rows_are_written(tmp_path: Path) -> None:
+    store = VLAStore.create(tmp_path / "f.vla", make_episodes((6, 4)), format_version=2)
+    store = VLAStore.open(tmp_path / "f.vla", writable=True)
+    store.add_family("f", FamilySpec((2,), "float32", vlm_reuse_count=2, rows_per_shard=2))
+    rows = store.layout("f").rows
+    values = np.arange(rows * 2, dtype=np.float64).reshape(rows, 2) ** 1.5
+    with store.writer("f") as writer:
+        writer.write_rows([0, 1], values[:2].astype(np.float32))
+    first = store.feature_stats("f")
+    assert store.feature_stats("f") is first and (first.rows, first.count) == (2, 2)
+    with store.writer("f") as writer:
+        writer.write_rows(list(range(2, rows)), values[2:].astype(np.float32))
+    full = store.feature_stats("f")
+    data = values.astype(np.float32).astype(np.float64)
+    assert full.rows == rows
+    np.testing.assert_allclose(full.mean, data.mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(full.std, data.std(axis=0), rtol=1e-9)

@@ -17,13 +17,21 @@ contender's cost), then times, all in one process, best of ``--repeat``:
 Exactness: vlastore's quantiles, min and max against numpy's on the concatenated data
 (bit equality), and the largest relative difference of mean and std.
 
+``--store-steps N`` (format 2, statistics stored with every commit): creates a store of N
+steps x ``--columns`` in a temporary folder, appends ``--append`` episodes ``--appends``
+times, and reports the time of each commit and the part of it spent on the statistics
+(reading the visible series, summarising it, writing the small arrays), then the time of
+``store.stats(key)`` read back from the commit.
+
     python tools/bench_stats.py --steps 10000000 --columns 20
+    python tools/bench_stats.py --steps 0 --store-steps 2000000 --columns 20 --append 10 --appends 3
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,7 +41,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import vlastore.store as store_module  # noqa: E402
 from vlastore.stats import EpisodeMoments, summarize  # noqa: E402
+from vlastore.store import EpisodeData, VLAStore  # noqa: E402
 
 
 def make_data(steps: int, columns: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -92,6 +102,61 @@ def check(name: str, stats: Any, reference: dict[str, Any], qs: list[float]) -> 
     )
 
 
+def bench_store(steps: int, columns: int, append: int, appends: int, seed: int) -> None:
+    """Commit times of a format-2 store and the share of the statistics stored with each commit."""
+    spent: list[float] = []
+    original = store_module.with_stats
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            spent.append(time.perf_counter() - t0)
+
+    store_module.with_stats = timed  # type: ignore[assignment]
+    x, offsets = make_data(steps, columns, seed)
+    extra, extra_offsets = make_data(append * appends * 350, columns, seed + 1)
+
+    def cut(values: np.ndarray, offs: np.ndarray, lo: int, hi: int, prefix: str) -> list[EpisodeData]:
+        return [
+            EpisodeData(f"{prefix}{e:06d}", {"state": values[offs[e] : offs[e + 1]]})
+            for e in range(lo, min(hi, len(offs) - 1))
+        ]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "s.vla"
+        eps = cut(x, offsets, 0, len(offsets) - 1, "ep")
+        t0 = time.perf_counter()
+        store = VLAStore.create(path, eps, format_version=2)
+        total = time.perf_counter() - t0
+        print(f"\nformat 2 store: {steps:,} steps x {columns} float32 in {len(eps):,} episodes")
+        print(
+            f"  create                          {total:8.2f} s, statistics {spent[-1]:6.2f} s ({spent[-1] / total:.0%})"
+        )
+        store = VLAStore.open(path, writable=True)
+        for i in range(appends):
+            new = cut(extra, extra_offsets, i * append, (i + 1) * append, "new")
+            t0 = time.perf_counter()
+            store.add_episodes(new)
+            total = time.perf_counter() - t0
+            n = sum(e.step_count() for e in new)
+            print(
+                f"  append {len(new)} episodes ({n:,} steps) {total:8.2f} s, statistics {spent[-1]:6.2f} s "
+                f"({spent[-1] / total:.0%})"
+            )
+        t0 = time.perf_counter()
+        store.remove_episodes([store.datasets[0]])
+        total = time.perf_counter() - t0
+        print(
+            f"  remove 1 episode                {total:8.2f} s, statistics {spent[-1]:6.2f} s ({spent[-1] / total:.0%})"
+        )
+        t0 = time.perf_counter()
+        VLAStore.open(path).stats("state")
+        print(f"  open + store.stats('state') read from the commit: {time.perf_counter() - t0:.4f} s")
+    store_module.with_stats = original  # type: ignore[assignment]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=10_000_000)
@@ -100,7 +165,14 @@ def main() -> None:
     parser.add_argument("--subset", type=float, default=0.1, help="fraction of episodes in the subset")
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--store-steps", type=int, default=0, help="also time commits of a format-2 store this big")
+    parser.add_argument("--append", type=int, default=10, help="episodes per append (with --store-steps)")
+    parser.add_argument("--appends", type=int, default=3, help="appends (with --store-steps)")
     args = parser.parse_args()
+    if args.store_steps:
+        bench_store(args.store_steps, args.columns, args.append, args.appends, args.seed)
+    if not args.steps:
+        return
     qs = list(args.quantiles)
     t0 = time.perf_counter()
     x, offsets = make_data(args.steps, args.columns, args.seed)

@@ -773,6 +773,14 @@ class VLADataset(Dataset):
         if key not in self.store.manifest.series:
             raise KeyError(f"unknown series {key!r}; the store has {list(self.store.series_keys)}")
         cache_key = (key, tuple(float(q) for q in quantiles), method)
+        stored = self.store.snapshot is not None and self.store.snapshot.stats is not None
+        if (
+            cache_key not in self._stats
+            and stored
+            and np.array_equal(self.episode_ids, np.arange(len(self.store.catalog)))
+        ):
+            # every episode of the store: the statistics stored with its commit (format 2), else computed
+            self._stats[cache_key] = self.store.stats(key, quantiles=tuple(quantiles), method=method)
         if cache_key not in self._stats:
             padding, padded = self._padding, self._series.get(key)
             # the series as stored is the padded copy less its copies

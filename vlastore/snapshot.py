@@ -57,6 +57,7 @@ __all__ = [
     "GenerationState",
     "FamilyState",
     "CatalogRef",
+    "StatsRef",
     "Change",
     "Snapshot",
     "SERIES_DTYPES_V2",
@@ -375,6 +376,72 @@ class FamilyState:
         return cls(current, generations)
 
 
+# -------------------------------------------------------------------- stats
+
+
+_CRC = re.compile(r"^crc32c:[0-9a-f]{8}\Z")
+QUANTILE_METHODS = (
+    "inverted_cdf",
+    "averaged_inverted_cdf",
+    "closest_observation",
+    "interpolated_inverted_cdf",
+    "hazen",
+    "weibull",
+    "linear",
+    "median_unbiased",
+    "normal_unbiased",
+    "lower",
+    "higher",
+    "midpoint",
+    "nearest",
+)
+"""``np.quantile``'s methods: the only values a commit's ``stats.method`` may hold."""
+
+
+@dataclass(frozen=True)
+class StatsRef:
+    """The statistics stored with a commit: of every series over the snapshot's episodes (``stats/s<id>/<key>``).
+
+    Each ``<key>`` array is float64 ``[5 + len(quantiles), columns]``: rows count, mean, std, min, max,
+    then one row per quantile (in ``quantiles``' order, ``np.quantile(..., method=method)``).
+    ``values``: per key, crc32c of the array's values (little-endian float64, C order), so a stored
+    value that was changed is refused even where its chunk's own crc was recomputed.
+    """
+
+    path: str
+    quantiles: tuple[float, ...]
+    method: str
+    values: dict[str, str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "quantiles": list(self.quantiles),
+            "method": self.method,
+            "values": dict(sorted(self.values.items())),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> StatsRef:
+        data = _dict(data, "the stats entry", where)
+        qs = data.get("quantiles")
+        if (
+            not isinstance(qs, list)
+            or len(qs) > 64
+            or not all(isinstance(q, (int, float)) and not isinstance(q, bool) and 0 <= q <= 1 for q in qs)
+        ):
+            raise FormatError(f"{where}: quantiles must be a list of at most 64 probabilities in [0, 1]")
+        method = data.get("method")
+        if method not in QUANTILE_METHODS:
+            raise FormatError(f"{where}: method {method!r} is not one of np.quantile's")
+        values = _dict(data.get("values"), "values", where)
+        for key, crc in values.items():
+            validate_name(key, f"{where}: series key")
+            if not isinstance(crc, str) or not _CRC.match(crc):
+                raise FormatError(f"{where}: checksum {crc!r} of {key!r} is not crc32c:<8 hex digits>")
+        return cls(check_object_path(data.get("path"), where, "stats"), tuple(float(q) for q in qs), method, values)
+
+
 # ------------------------------------------------------------------ catalog
 
 
@@ -456,24 +523,27 @@ class Snapshot:
     arrays: dict[str, str]
     """Every array path this snapshot uses -> ``crc32c:<hex>`` of its ``zarr.json``."""
     format_version: int = SNAPSHOT_FORMAT_VERSION
+    stats: StatsRef | None = None
+    """Statistics of the series over this snapshot's episodes (None: a commit written without them)."""
 
     def to_dict(self) -> dict[str, Any]:
         """The commit document as written, sealed with its checksum."""
-        return seal(
-            {
-                "format_version": self.format_version,
-                "commit": self.commit,
-                "parent": self.parent,
-                "time": self.time,
-                "vlastore_version": self.vlastore_version,
-                "changes": [c.to_dict() for c in self.changes],
-                "next_episode_id": self.next_episode_id,
-                "catalog": self.catalog.to_dict(),
-                "series": {k: v.to_dict() for k, v in sorted(self.series.items())},
-                "families": {k: v.to_dict() for k, v in sorted(self.families.items())},
-                "arrays": dict(sorted(self.arrays.items())),
-            }
-        )
+        document: dict[str, Any] = {
+            "format_version": self.format_version,
+            "commit": self.commit,
+            "parent": self.parent,
+            "time": self.time,
+            "vlastore_version": self.vlastore_version,
+            "changes": [c.to_dict() for c in self.changes],
+            "next_episode_id": self.next_episode_id,
+            "catalog": self.catalog.to_dict(),
+            "series": {k: v.to_dict() for k, v in sorted(self.series.items())},
+            "families": {k: v.to_dict() for k, v in sorted(self.families.items())},
+            "arrays": dict(sorted(self.arrays.items())),
+        }
+        if self.stats is not None:  # absent, not null, when there are none: commits as written before
+            document["stats"] = self.stats.to_dict()
+        return seal(document)
 
     @classmethod
     def from_dict(cls, data: Any, where: str) -> Snapshot:
@@ -530,6 +600,7 @@ class Snapshot:
             families=families,
             arrays=arrays,
             format_version=version,
+            stats=None if data.get("stats") is None else StatsRef.from_dict(data["stats"], f"{where} stats"),
         )
 
     # ------------------------------------------------------------ helpers
@@ -539,6 +610,8 @@ class Snapshot:
         paths = {self.catalog.path, *self.arrays}
         if self.catalog.tasks_path:
             paths.add(self.catalog.tasks_path)
+        if self.stats is not None:
+            paths.add(self.stats.path)
         for state in self.series.values():
             paths.update(s.path for s in state.segments)
         for family in self.families.values():

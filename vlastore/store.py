@@ -78,12 +78,14 @@ from .snapshot import (
     SeriesSegment,
     SeriesState,
     Snapshot,
+    StatsRef,
     log_key,
 )
 from .snapshot import Segment as SnapshotSegment
-from .stats import series_stats
+from .stats import DEFAULT_QUANTILES, FeatureStats, feature_stats, series_stats
 from .storage import LocalStorage, Location, open_storage
 from .storage.local import remove_store_files
+from .storedstats import pick, prune_cache, read_stored, with_stats
 from .version import __version__
 from .writer import FamilyWriter
 
@@ -295,6 +297,8 @@ def upgrade_store(location: Location, storage_options: dict[str, Any] | None = N
         families=families,
         arrays=dict(out.arrays),
     )
+    snapshot = with_stats(nodes, None, None, snapshot, data, out)
+    snapshot = dataclasses.replace(snapshot, arrays=dict(out.arrays))
     CommitLog(storage).write(snapshot)
     nodes.set_root_attribute(
         MANIFEST_KEY,
@@ -325,6 +329,8 @@ class VLAStore:
         self.storage = nodes.storage
         self.writable = nodes.writable
         self.open_problems: list[tuple[str, str]] = []
+        self._segment_cache: dict[str, np.ndarray] = {}
+        """Format 2: series segments read for the statistics of a commit, kept for the next one (immutable)."""
         """With ``strict=False`` (vlastore verify): (path, problem) of what failed its check at open."""
         self._reset_caches()
         root = nodes.attrs[MANIFEST_KEY]
@@ -388,6 +394,8 @@ class VLAStore:
         self._keys: dict[tuple[str, int], tuple[str, ...]] = {}
         self._key_index: dict[tuple[str, int], dict[str, int]] = {}
         self._series_cache: dict[str, np.ndarray] = {}
+        self._stored_stats: dict[str, tuple[np.ndarray, StatsRef] | None] = {}
+        self._feature_stats: dict[tuple[Any, ...], tuple[bytes, FeatureStats]] = {}
 
     def _adopt(self, snapshot: Snapshot, catalog: CatalogData | None = None) -> None:
         """Show ``snapshot`` (format 2): its catalog read and checked (or the one this process just wrote for
@@ -631,8 +639,42 @@ class VLAStore:
         return self.manifest.series[key].columns
 
     def stats(self, key: str, episodes: Sequence[str | int] | None = None, **kwargs: Any) -> Any:
-        """Exact statistics of series ``key`` (see :func:`vlastore.stats.series_stats`)."""
+        """Exact statistics of series ``key`` (see :func:`vlastore.stats.series_stats`).
+
+        Over the whole store (``episodes=None``), format 2: read from the statistics stored with the
+        snapshot's commit (count, mean, std, min, max, q01 q10 q50 q90 q99; checked against the commit,
+        a mismatch raises FormatError); other quantiles, subsets, format-1 stores and commits written
+        without statistics: computed from the data.
+        """
+        self._series_key(key)
+        if episodes is None and self.snapshot is not None and set(kwargs) <= {"quantiles", "method"}:
+            if key not in self._stored_stats:
+                self._stored_stats[key] = read_stored(self.nodes, self.snapshot, key)
+            stored = self._stored_stats[key]
+            if stored is not None:
+                array, ref = stored
+                quantiles, method = kwargs.get("quantiles", DEFAULT_QUANTILES), kwargs.get("method", "linear")
+                found = pick(array, ref, quantiles, method, self.columns(key))
+                if found is not None:
+                    return found
         return series_stats(self, key, episodes, **kwargs)
+
+    def feature_stats(
+        self, family: str, generation: int | None = None, episodes: Sequence[str | int] | None = None
+    ) -> FeatureStats:
+        """Mean/std/min/max per dimension of a feature family over the rows written (float64; missing rows are
+        left out and counted: ``.rows`` rows, ``.count`` vectors). Computed on demand
+        (:func:`vlastore.stats.feature_stats`) and kept while the snapshot and the rows written stay the same.
+        """
+        gen = self._generation_number(family, generation)
+        present = np.packbits(self.coverage(family, gen)).tobytes()
+        chosen = None if episodes is None else tuple(self.catalog.resolve(e) for e in episodes)
+        cache_key = (family, gen, chosen)
+        cached = self._feature_stats.get(cache_key)
+        if cached is None or cached[0] != present:
+            cached = (present, feature_stats(self, family, gen, None if chosen is None else list(chosen)))
+            self._feature_stats[cache_key] = cached
+        return cached[1]
 
     # -------------------------------------------------------------- families
 
@@ -1058,6 +1100,17 @@ class VLAStore:
                 raise _Nothing(head)
             changes, fields = result
             draft = head.evolve(number, utc_now(), changes, vlastore_version=__version__, **fields)
+            # statistics of the new snapshot, stored with it (the head's when it shows the same episodes)
+            written = self._written_catalog if draft.catalog.path == getattr(self, "_written_path", None) else None
+            draft = with_stats(
+                self.nodes,
+                head,
+                cat,
+                dataclasses.replace(draft, arrays={**head.arrays, **out.arrays}),
+                written,
+                out,
+                self._segment_cache,
+            )
             arrays = _used_arrays(draft, {**head.arrays, **out.arrays})
             return dataclasses.replace(draft, arrays=arrays)
 
@@ -1068,6 +1121,7 @@ class VLAStore:
             self._adopt(exc.head)
             return None
         self._adopt(snapshot, self._written_catalog)
+        prune_cache(self._segment_cache, snapshot)
         return snapshot
 
     @classmethod
@@ -1106,6 +1160,8 @@ class VLAStore:
             series=series,
             arrays=dict(out.arrays),
         )
+        snapshot = with_stats(nodes, None, None, snapshot, cat, out)
+        snapshot = dataclasses.replace(snapshot, arrays=dict(out.arrays))
         CommitLog(nodes.storage).write(snapshot)
         # the root attribute goes last: a crash before it leaves a folder that opens as "not a store"
         nodes.set_root_attribute(
@@ -1435,7 +1491,7 @@ class VLAStore:
         folders, parts = _kept_objects([log_.read(number) for number in sorted(kept)])
         doomed_commits = [n for n in numbers if n not in kept]
         doomed: list[tuple[str, int]] = []
-        for prefix in ("catalog", "tasks", SERIES_SEGMENTS, "features"):
+        for prefix in ("catalog", "tasks", SERIES_SEGMENTS, "features", "stats"):
             for key, size in self.storage.list(prefix):
                 if _collectable(key, folders, head, parts):
                     doomed.append((key, size))
@@ -1466,6 +1522,8 @@ def _snapshot_folders(snapshot: Snapshot) -> set[str]:
     folders = {snapshot.catalog.path}
     if snapshot.catalog.tasks_path:
         folders.add(snapshot.catalog.tasks_path)
+    if snapshot.stats is not None:
+        folders.add(snapshot.stats.path)
     for state in snapshot.series.values():
         folders.update(s.path for s in state.segments)
     for family in snapshot.families.values():
