@@ -273,3 +273,49 @@ def test_every_sampler_path_prefetches_ahead_of_the_workers(
     fixed = [k for k in remote_store if k.startswith("features/fixed/")]
     assert len(list((ds.store.storage.root / "objects").iterdir())) == len(fixed)  # type: ignore[attr-defined]
     assert_same(list(local), [first, *it])  # and the batches are those of the same store on local disk
+
+
+def rows_of_shard_0_trusted(ds: VLADataset) -> bool:
+    """Whether the reader counts every row of shard 0 of "fixed" as checked (arena or per-shard map)."""
+    reader = ds._readers["fixed"]
+    arena = reader._arena
+    if arena is not None and arena.row_ok is not None:
+        return bool(arena.row_ok[: reader.layout.rows_per_shard].all())
+    return bool(reader._shards[0].verified.all())
+
+
+def test_a_shard_verified_on_arrival_is_not_checked_again_unless_its_file_changed(
+    remote_store: list[str], s3_url: str, proxy_options: dict[str, str], tmp_path: Path
+) -> None:
+    """The stamp written after the verify on arrival lets a reader skip its per-row crc32c; a copy replaced
+    (a new inode) or written again in place (a new mtime) is not trusted."""
+    ds = VLADataset(s3_url, features=["fixed"], storage_options=proxy_options, cache_dir=tmp_path / "cache")
+    cache = ds.store.storage
+    assert isinstance(cache, CachedStorage)
+    ds.__getitems__([0])  # maps the shard of sample 0 (downloaded and verified on arrival)
+    assert rows_of_shard_0_trusted(ds)  # every row of the shard, not only the one read
+    key = next(k for k in remote_store if k.startswith("features/fixed/"))
+    (path,) = [p for p in (cache.root / "objects").iterdir()]
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert cache.verified_on_arrival(key, fd)
+    finally:
+        os.close(fd)
+    copy = path.with_name("copy")
+    copy.write_bytes(path.read_bytes())
+    os.replace(copy, path)  # same bytes, another file: no longer the one verified
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert not cache.verified_on_arrival(key, fd)
+    finally:
+        os.close(fd)
+    fresh = VLADataset(s3_url, features=["fixed"], storage_options=proxy_options, cache_dir=tmp_path / "cache")
+    fresh.__getitems__([0])
+    assert not rows_of_shard_0_trusted(fresh)  # checked as read, row by row
+    with open(path, "r+b") as f:  # written again in place: the mtime moves
+        f.write(f.read(1))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert not cache.verified_on_arrival(key, fd)
+    finally:
+        os.close(fd)

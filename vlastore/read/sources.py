@@ -265,7 +265,8 @@ class MapSource(ShardSource):
         where = self.handle.storage.where(key)
         self._check_size(buf.size, where)
         entry = self._mapped(buf, where)
-        if getattr(buf.base, "verified", False):  # a node-cache copy checked whole on arrival: not again
+        mapped = getattr(buf.base, "obj", buf.base)  # np.frombuffer holds a memoryview of the map
+        if getattr(mapped, "verified", False):  # a node-cache copy checked whole on arrival: not again
             entry.verified[:] = True
         return entry
 
