@@ -239,3 +239,83 @@ def test_shards_in_the_readers_arena_stay_pinned_until_released(
     assert os.pread(fd, 16, 0) == (remote.get(c) or b"")[:16]
     os.close(fd)
     assert len(list((cache.root / "objects").iterdir())) == 2
+
+
+@pytest.mark.parametrize("how", ["resumable", "distributed", "batch_sampler"])
+def test_every_sampler_path_prefetches_ahead_of_the_workers(
+    local_store: Path,
+    remote_store: list[str],
+    s3_url: str,
+    proxy_options: dict[str, str],
+    tmp_path: Path,
+    how: str,
+) -> None:
+    """The resumable sampler, a DistributedSampler and a batch sampler of one's own all hand the shards of the
+    batches ahead to the cache's prefetch (in the training process), while a real worker reads one batch."""
+    from torch.utils.data import BatchSampler, DistributedSampler, SequentialSampler
+
+    ds = VLADataset(s3_url, features=["fixed"], storage_options=proxy_options, cache_dir=tmp_path / "cache")
+    one_worker = {"num_workers": 1, "prefetch_factor": 1, "multiprocessing_context": "fork", "prefetch_batches": 100}
+    if how == "resumable":
+        loader = ds.dataloader(batch_size=1, resumable=True, shuffle=False, **one_worker)
+        local = VLADataset(local_store, features=["fixed"]).dataloader(batch_size=1, resumable=True, shuffle=False)
+    elif how == "distributed":
+        sampler = DistributedSampler(ds, num_replicas=2, rank=1, shuffle=False)
+        loader = ds.dataloader(batch_size=1, sampler=sampler, **one_worker)
+        local = VLADataset(local_store, features=["fixed"]).dataloader(batch_size=1, sampler=sampler)
+    else:
+        own = BatchSampler(SequentialSampler(range(len(ds))), 1, drop_last=False)
+        loader = ds.dataloader(batch_sampler=own, **one_worker)
+        local = VLADataset(local_store, features=["fixed"]).dataloader(batch_sampler=own)
+    it = iter(loader)
+    first = next(it)  # the worker has read at most two batches of one sample (one shard)
+    ds.store.storage.close()  # type: ignore[attr-defined]  # waits for the downloads under way
+    fixed = [k for k in remote_store if k.startswith("features/fixed/")]
+    assert len(list((ds.store.storage.root / "objects").iterdir())) == len(fixed)  # type: ignore[attr-defined]
+    assert_same(list(local), [first, *it])  # and the batches are those of the same store on local disk
+
+
+def rows_of_shard_0_trusted(ds: VLADataset) -> bool:
+    """Whether the reader counts every row of shard 0 of "fixed" as checked (arena or per-shard map)."""
+    reader = ds._readers["fixed"]
+    arena = reader._arena
+    if arena is not None and arena.row_ok is not None:
+        return bool(arena.row_ok[: reader.layout.rows_per_shard].all())
+    return bool(reader._shards[0].verified.all())
+
+
+def test_a_shard_verified_on_arrival_is_not_checked_again_unless_its_file_changed(
+    remote_store: list[str], s3_url: str, proxy_options: dict[str, str], tmp_path: Path
+) -> None:
+    """The stamp written after the verify on arrival lets a reader skip its per-row crc32c; a copy replaced
+    (a new inode) or written again in place (a new mtime) is not trusted."""
+    ds = VLADataset(s3_url, features=["fixed"], storage_options=proxy_options, cache_dir=tmp_path / "cache")
+    cache = ds.store.storage
+    assert isinstance(cache, CachedStorage)
+    ds.__getitems__([0])  # maps the shard of sample 0 (downloaded and verified on arrival)
+    assert rows_of_shard_0_trusted(ds)  # every row of the shard, not only the one read
+    key = next(k for k in remote_store if k.startswith("features/fixed/"))
+    (path,) = [p for p in (cache.root / "objects").iterdir()]
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert cache.verified_on_arrival(key, fd)
+    finally:
+        os.close(fd)
+    copy = path.with_name("copy")
+    copy.write_bytes(path.read_bytes())
+    os.replace(copy, path)  # same bytes, another file: no longer the one verified
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert not cache.verified_on_arrival(key, fd)
+    finally:
+        os.close(fd)
+    fresh = VLADataset(s3_url, features=["fixed"], storage_options=proxy_options, cache_dir=tmp_path / "cache")
+    fresh.__getitems__([0])
+    assert not rows_of_shard_0_trusted(fresh)  # checked as read, row by row
+    with open(path, "r+b") as f:  # written again in place: the mtime moves
+        f.write(f.read(1))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert not cache.verified_on_arrival(key, fd)
+    finally:
+        os.close(fd)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -812,14 +813,21 @@ class VLADataset(Dataset):
         an epoch is split over ranks).
         """
         kwargs.setdefault("collate_fn", collate)
-        if hasattr(self.store.storage, "prefetch") and not resumable and kwargs.get("batch_sampler") is None:
-            kwargs = _with_lookahead(self, batch_size, kwargs)  # node cache: prefetch what comes next
-            batch_size = None  # type: ignore[assignment]  # the batch sampler makes the batches
+        ahead = int(kwargs.pop("prefetch_batches", PREFETCH_BATCHES))
+        cached = hasattr(self.store.storage, "prefetch")  # a node cache: prefetch what the sampler needs next
         if resumable or isinstance(kwargs.get("batch_sampler"), ResumableSampler):
             if "batch_sampler" not in kwargs:
                 kwargs["batch_size"] = batch_size
-            return (ResumableDataLoader if torch_loader else ResumableVLADataLoader)(self, **kwargs)
-        if batch_size is None:
+            loader = (ResumableDataLoader if torch_loader else ResumableVLADataLoader)(self, **kwargs)
+            if cached:
+                loader.resumable_sampler.set_prefetch(partial(_prefetch_hint, self), ahead)
+            return loader
+        if cached and kwargs.get("batch_sampler") is not None:
+            kwargs["batch_sampler"] = LookaheadBatchSampler(self, kwargs["batch_sampler"], ahead)
+        elif cached:
+            kwargs = _with_lookahead(self, batch_size, kwargs, ahead)
+            batch_size = None  # type: ignore[assignment]  # the batch sampler makes the batches
+        if batch_size is None or kwargs.get("batch_sampler") is not None:  # a batch sampler makes the batches
             return (DataLoader if torch_loader else VLADataLoader)(self, **kwargs)
         return (DataLoader if torch_loader else VLADataLoader)(self, batch_size=batch_size, **kwargs)
 
@@ -883,16 +891,21 @@ class LookaheadBatchSampler(torch.utils.data.Sampler[list[int]]):
         queued: set[tuple[str, int]] = set()  # shards handed to prefetch this epoch
         for batch in self.batch_sampler:
             window.append(batch)
-            try:
-                self.dataset.prefetch(batch, queued)
-            except Exception as exc:  # noqa: BLE001 - prefetch is a hint; the read of the batch reports errors
-                log.warning("prefetch failed: %s", exc)
+            _prefetch_hint(self.dataset, batch, queued)
             if len(window) > self.ahead:
                 yield window.popleft()
         yield from window
 
 
-def _with_lookahead(dataset: VLADataset, batch_size: int, kwargs: dict[str, Any]) -> dict[str, Any]:
+def _prefetch_hint(dataset: VLADataset, indices: Sequence[int] | np.ndarray, queued: set[tuple[str, int]]) -> None:
+    """``dataset.prefetch(indices, queued)``, a hint: a failure is logged (the read of the batch reports it)."""
+    try:
+        dataset.prefetch(indices, queued)
+    except Exception as exc:  # noqa: BLE001 - prefetch is a hint; the read of the batch reports errors
+        log.warning("prefetch failed: %s", exc)
+
+
+def _with_lookahead(dataset: VLADataset, batch_size: int, kwargs: dict[str, Any], ahead: int) -> dict[str, Any]:
     """DataLoader arguments with the batches made here, through a :class:`LookaheadBatchSampler`."""
     from torch.utils.data import BatchSampler, RandomSampler, SequentialSampler
 
@@ -905,5 +918,5 @@ def _with_lookahead(dataset: VLADataset, batch_size: int, kwargs: dict[str, Any]
     elif shuffle:
         raise ValueError("sampler= and shuffle=True: give one (as torch's DataLoader says)")
     batches = BatchSampler(sampler, batch_size, bool(kwargs.pop("drop_last", False)))
-    kwargs["batch_sampler"] = LookaheadBatchSampler(dataset, batches, kwargs.pop("prefetch_batches", PREFETCH_BATCHES))
+    kwargs["batch_sampler"] = LookaheadBatchSampler(dataset, batches, ahead)
     return kwargs

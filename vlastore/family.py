@@ -177,15 +177,19 @@ class FamilyHandle:
         tail = self.storage.get_range(self.shard_key(shard), -index_nbytes(rps))
         return None if tail is None else decode_index(tail, rps)
 
+    def _index_or_none(self, shard: int) -> ShardIndex | None:
+        try:
+            return self.shard_index(shard)
+        except (ChecksumError, UnsafeFileError):  # unreadable: its rows count as absent (verify says why)
+            return None
+
     def coverage(self) -> np.ndarray:
         """Bool per row: is it stored? (A row is stored when its first chunk is.)"""
         layout = self.layout
         present = np.zeros(layout.rows, dtype=bool)
-        for shard in self.written_shards().tolist():
-            try:
-                index = self.shard_index(shard)
-            except (ChecksumError, UnsafeFileError):  # unreadable: its rows count as absent (verify says why)
-                continue
+        shards = self.written_shards().tolist()
+        # one small read per shard: on object storage they overlap (a round trip each, not one after another)
+        for shard, index in zip(shards, self.storage.parallel_map(self._index_or_none, shards), strict=True):
             if index is None:
                 continue
             rows = layout.shard_rows(shard)

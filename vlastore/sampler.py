@@ -39,7 +39,7 @@ from epoch to epoch when shuffling), so every batch on every rank is full.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sized
+from collections.abc import Callable, Iterator, Sized
 from typing import Any
 
 import numpy as np
@@ -131,6 +131,17 @@ class ResumableSampler(Sampler[list[int]]):
         self._pass_batches = 0
         self._delivered = 0
         self._cached: tuple[tuple[int, int, bool], np.ndarray] | None = None
+        self._prefetch: Callable[[np.ndarray, set[Any]], object] | None = None
+        self._ahead = 0
+
+    def set_prefetch(self, prefetch: Callable[[np.ndarray, set[Any]], object] | None, ahead: int) -> None:
+        """Tell ``prefetch(indices, seen)`` the samples of the batch ``ahead`` batches after each one yielded
+        (and of the first ``ahead`` batches as a pass starts), so what they read can be fetched meanwhile;
+        ``seen`` is a set new each pass, for ``prefetch`` to note what it already asked for. The batches
+        yielded, their order and the state are unchanged. ``VLADataset.dataloader`` sets
+        ``VLADataset.prefetch`` on a node cache."""
+        self._prefetch = prefetch
+        self._ahead = max(0, int(ahead))
 
     # ------------------------------------------------------------------ order
 
@@ -211,7 +222,14 @@ class ResumableSampler(Sampler[list[int]]):
         token = self._pass if self._counted_by_loader else self._begin()
         mine = self._mine(self._pass_start)
         step = self.batch_size
+        prefetch, ahead = self._prefetch, self._ahead * step
+        seen: set[Any] = set()
+        if prefetch is not None:
+            for lo in range(0, min(ahead, len(mine)), step):
+                prefetch(mine[lo : lo + step], seen)
         for lo in range(0, len(mine), step):
+            if prefetch is not None and lo + ahead < len(mine):
+                prefetch(mine[lo + ahead : lo + ahead + step], seen)
             if not self._counted_by_loader:
                 if token != self._pass:
                     raise self._stale()

@@ -12,9 +12,10 @@ cache of whole objects over a remote storage).
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterator, Sequence
+import builtins
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 import numpy as np
 
@@ -36,6 +37,8 @@ __all__ = [
 ]
 
 Buffer: TypeAlias = bytes | bytearray | memoryview | np.ndarray
+_T = TypeVar("_T")
+_R = TypeVar("_R")
 """Bytes to write: anything with the buffer protocol (a C-contiguous numpy array is written as its bytes)."""
 
 
@@ -227,6 +230,12 @@ class Storage(abc.ABC):
             total += size
             count += 1
         return total, count
+
+    def parallel_map(self, fn: Callable[[_T], _R], items: Sequence[_T]) -> builtins.list[_R]:
+        """``[fn(item) for item in items]``, with independent requests at once where that pays (object storage:
+        up to ``max_connections`` in flight; a local disk: one after the other). ``fn`` makes a few small
+        requests of its own (an index, a ``zarr.json``); the first exception it raises is raised here."""
+        return [fn(item) for item in items]
 
     def where(self, key: str) -> str:
         """How to name ``key`` in a message (a file path for local storage)."""

@@ -48,10 +48,18 @@ for the whole folder)::
     <cache_dir>/<store id>/objects/<key hash>-<version hash>
     <cache_dir>/<store id>/tmp/<random>.part   downloads in progress
     <cache_dir>/<store id>/locks/<key hash>.lock
+    <cache_dir>/<store id>/verified/<key hash>-<version hash>   stamp: passed the verify on arrival
+
+- **checked once per node**: a download that passed the caller's verify gets a stamp naming the file's
+  inode, size and mtime (written atomically after the rename). A process that maps the file and finds the
+  stamp matching (:meth:`CachedStorage.verified_on_arrival`) skips its own per-row crc32c check; a file
+  replaced or written again in place (a new inode or mtime) no longer matches, and is checked as it is read.
+  Last use, for LRU eviction, is kept in the atime, so the mtime stays the one the stamp names.
 """
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import errno
 import fcntl
@@ -69,7 +77,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
@@ -84,6 +92,9 @@ log = logging.getLogger(__name__)
 
 Verify = Callable[[str, np.ndarray], None]
 """``verify(key, data)`` raises if the downloaded object (a read-only uint8 array) is corrupt."""
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
 
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
 
@@ -106,6 +117,9 @@ class _Entry:
 class _PinnedMap(mmap.mmap):
     """A private map whose file stays share-locked (pinned against eviction) while the map lives."""
 
+    verified = False
+    """The file is the one verified on arrival, unchanged since (see :meth:`CachedStorage.verified_on_arrival`)."""
+
 
 def _boot_id() -> str:
     try:
@@ -114,8 +128,23 @@ def _boot_id() -> str:
         return "unknown"
 
 
+def _stamp_path(path: Path) -> Path:
+    """``<store id>/verified/<name>`` for the cached file ``<store id>/objects/<name>``."""
+    return path.parent.parent / "verified" / path.name
+
+
 def _digest(text: str, n: int = 32) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:n]
+
+
+def _touch(fd: int, st: os.stat_result) -> None:
+    """Mark the file used now, for LRU eviction: in its atime, so that its mtime stays the one its verified
+    stamp names (a file written again in place gets a new mtime, and its stamp no longer holds)."""
+    os.utime(fd, ns=(time.time_ns(), st.st_mtime_ns))
+
+
+def _stamp_text(st: os.stat_result) -> str:
+    return f"{st.st_ino} {st.st_size} {st.st_mtime_ns}\n"
 
 
 def _try_lock(fd: int, kind: int) -> bool:
@@ -172,7 +201,7 @@ class CachedStorage(Storage):
         self.lock_timeout_s = float(lock_timeout_s)
         endpoint = getattr(getattr(remote, "settings", None), "endpoint", None) or ""
         self.root = self.cache_dir / _digest(f"{remote.location}|{endpoint}", 24)
-        for sub in ("objects", "tmp", "locks"):
+        for sub in ("objects", "tmp", "locks", "verified"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         location_file = self.root / "location"
         if not location_file.exists():
@@ -322,15 +351,15 @@ class CachedStorage(Storage):
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode) or st.st_size != size:
                 raise StorageError(f"cache file {path} is not a regular file of {size} bytes; remove it")
-            fcntl.flock(fd, fcntl.LOCK_SH)
+            fcntl.flock(fd, fcntl.LOCK_SH)  # waits out an evictor that holds it for an instant
             try:
                 now = os.stat(path)
             except FileNotFoundError:
                 now = None
             if now is None or (now.st_ino, now.st_dev) != (st.st_ino, st.st_dev):
-                os.close(fd)
+                os.close(fd)  # evicted while we waited: this inode is on its way out
                 return None
-            os.utime(fd)
+            _touch(fd, st)
             return fd
         except BaseException:
             os.close(fd)
@@ -345,27 +374,15 @@ class CachedStorage(Storage):
             os.close(fd)
 
     def _map_pinned(self, path: Path, size: int) -> np.ndarray | None:
-        try:
-            fd = os.open(path, _OPEN_FLAGS)
-        except FileNotFoundError:
+        fd = self._pinned_fd(path, size)
+        if fd is None:
             return None
         try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or st.st_size != size:
-                raise StorageError(f"cache file {path} is not a regular file of {size} bytes; remove it")
-            fcntl.flock(fd, fcntl.LOCK_SH)  # waits out an evictor that holds it for an instant
-            try:
-                now = os.stat(path)
-            except FileNotFoundError:
-                now = None
-            if now is None or (now.st_ino, now.st_dev) != (st.st_ino, st.st_dev):
-                os.close(fd)  # evicted while we waited: this inode is on its way out
-                return None
-            os.utime(fd)  # last use, for LRU eviction
             if size == 0:
                 os.close(fd)
                 return np.empty(0, dtype=np.uint8)
             mapped = _PinnedMap(fd, size, access=mmap.ACCESS_COPY)
+            mapped.verified = self._stamped(path, fd)
         except BaseException:
             os.close(fd)
             raise
@@ -479,10 +496,13 @@ class CachedStorage(Storage):
             slot["file"].truncate()
             slot["file"].close()
             slot["entry"] = entry
-            self._verify_file(key, slot["fd"], entry)
+            checked = self._verify_file(key, slot["fd"], entry)
             final = self._object_path(key, entry)
             os.rename(slot["tmp"], final)
-            os.utime(final)
+            st = os.fstat(slot["fd"])  # the same inode, now under its final name
+            _touch(slot["fd"], st)
+            if checked:
+                self._write_stamp(final, st)
             self._entries[key] = entry
             return final, entry
         except _NoRoom as full:
@@ -515,7 +535,8 @@ class CachedStorage(Storage):
                 return f"the disk is full ({again.strerror})"
         return reserved if reserved is not None else "everything in it is in use (mapped)"
 
-    def _verify_file(self, key: str, fd: int, entry: _Entry) -> None:
+    def _verify_file(self, key: str, fd: int, entry: _Entry) -> bool:
+        """Raise unless the download is whole and passes the key's verify; whether a verify ran."""
         size = os.fstat(fd).st_size
         if size != entry.size:
             raise StorageError(
@@ -523,7 +544,7 @@ class CachedStorage(Storage):
             )
         verify = self._verify_for(key)
         if verify is None or size == 0:
-            return
+            return False
         view = mmap.mmap(fd, size, access=mmap.ACCESS_READ)
         data = np.frombuffer(view, dtype=np.uint8)
         data.flags.writeable = False
@@ -536,6 +557,45 @@ class CachedStorage(Storage):
             del data
             with contextlib.suppress(BufferError):  # a traceback may still hold the array: the GC unmaps it then
                 view.close()
+        return True
+
+    # ------------------------------------------------------- verified stamps
+
+    def _write_stamp(self, final: Path, st: os.stat_result) -> None:
+        """Record that the file ``final`` (inode, size, mtime as ``st``) passed the verify on arrival, so no
+        process of the node checks it again; written after the rename, atomically (a process killed before
+        leaves no stamp, and the file is then checked as it is read)."""
+        stamp = _stamp_path(final)
+        tmp = stamp.with_name(f".{stamp.name}.{uuid.uuid4().hex}")
+        try:
+            tmp.write_text(_stamp_text(st))
+            os.replace(tmp, stamp)
+        except OSError as exc:  # no stamp: readers check the rows themselves
+            log.debug("no verified stamp for %s: %s", final, exc)
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+    def _stamped(self, path: Path, fd: int) -> bool:
+        """Whether the open file ``fd`` (the cached copy at ``path``) is the very file verified on arrival:
+        the stamp names its inode, size and mtime, so a file replaced or written again does not match."""
+        try:
+            sfd = os.open(_stamp_path(path), _OPEN_FLAGS)
+        except OSError:
+            return False
+        try:
+            if not stat.S_ISREG(os.fstat(sfd).st_mode):
+                return False
+            text = os.read(sfd, 128).decode("ascii", "replace")
+        finally:
+            os.close(sfd)
+        return text == _stamp_text(os.fstat(fd))
+
+    def verified_on_arrival(self, key: str, fd: int) -> bool:
+        """Whether ``fd`` (from :meth:`open_fd`) is the cached copy of ``key`` that was verified whole when it
+        arrived (a shard's index and every chunk's crc32c), unchanged since: its reader need not check its
+        rows again. False when unsure (no stamp, another file, another version)."""
+        entry = self._entries.get(key)
+        return entry is not None and self._stamped(self._object_path(key, entry), fd)
 
     # --------------------------------------------------------------- eviction
 
@@ -590,7 +650,7 @@ class CachedStorage(Storage):
                 if self._remove_if_unlocked(path):  # its downloader died
                     continue
             else:
-                candidates.append((st.st_mtime, path, used))
+                candidates.append((st.st_atime, path, used))  # last use (see _touch)
             total += used
         if total + need <= self.max_bytes and not evict_all:
             return True
@@ -600,6 +660,8 @@ class CachedStorage(Storage):
                 break
             if self._remove_if_unlocked(path):
                 total -= used
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(_stamp_path(path))
         return total + need <= self.max_bytes
 
     @staticmethod
@@ -635,7 +697,7 @@ class CachedStorage(Storage):
             except FileNotFoundError:
                 stale = any((self.root / "objects").iterdir())
             if stale:
-                for sub in ("objects", "tmp"):
+                for sub in ("objects", "tmp", "verified"):
                     for path in (self.root / sub).iterdir():
                         self._remove_if_unlocked(path)
             tmp_marker = self.root / f"boot_id.{uuid.uuid4().hex}"
@@ -720,6 +782,9 @@ class CachedStorage(Storage):
             if all(part is not None for part in out):
                 return out  # type: ignore[return-value]
         return self.remote.get_ranges(key, ranges)
+
+    def parallel_map(self, fn: Callable[[_T], _R], items: Sequence[_T]) -> builtins.list[_R]:
+        return self.remote.parallel_map(fn, items)
 
     def size(self, key: str) -> int | None:
         entry = self._entries.get(key)

@@ -55,6 +55,7 @@ What this module adds over the raw client:
 from __future__ import annotations
 
 import base64
+import builtins
 import logging
 import os
 import random
@@ -89,6 +90,8 @@ if TYPE_CHECKING:
 __all__ = ["ObjectStorage", "ObjectInfo", "S3Settings", "STORAGE_OPTIONS", "parse_s3_url"]
 
 T = TypeVar("T")
+_T = TypeVar("_T")
+_R = TypeVar("_R")
 log = logging.getLogger(__name__)
 
 _CRC_META = "vlastore-crc32c"  # hex crc32c of the whole object, written by every put of this module
@@ -139,6 +142,7 @@ class _ProcessState:
     pid: int
     client: Any
     executor: ThreadPoolExecutor | None = None
+    meta_executor: ThreadPoolExecutor | None = None  # parallel_map's (its calls may use executor's)
     zarr_store: Any = None
     bucket_ok: bool = False  # a HEAD of the bucket said it exists
 
@@ -375,6 +379,19 @@ class ObjectStorage(Storage):
             return body
 
         return self._retry("reading a range of", key, request)
+
+    def parallel_map(self, fn: Callable[[_T], _R], items: Sequence[_T]) -> builtins.list[_R]:
+        """``fn`` over ``items`` in threads of their own (a pool apart from :meth:`get_ranges`'s, so ``fn`` may
+        call it): the round trips of many small reads overlap instead of adding up."""
+        if len(items) <= 1:
+            return [fn(item) for item in items]
+        state = self._process()
+        with self._state_lock:
+            if state.meta_executor is None:
+                state.meta_executor = ThreadPoolExecutor(
+                    self.settings.max_connections, thread_name_prefix="vlastore-s3-meta"
+                )
+        return list(state.meta_executor.map(fn, items))
 
     def get_ranges(self, key: str, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
         ranges = [(int(a), int(b)) for a, b in ranges]
