@@ -161,9 +161,9 @@ class FamilyWriter:
         generation: with a store: the generation to write (default: the current one).
         fsync: fsync every shard file before linking it into place (with ``write_behind``, up to
             ``_FSYNC_IN_FLIGHT`` shards are written and fsynced at once, so the waits for the disk overlap).
-        write_behind: checksum and write complete shards in a background
-            thread (the default: it overlaps the file write with the next
-            rows, 0.41 vs 0.27 of ``np.save``'s speed in tools/bench_write.py);
+        write_behind: write rows into shard files from a background thread
+            while the caller checksums the next block, and finish complete
+            shards (index, fsync, link) in background threads (the default);
             errors (e.g. :class:`OwnershipError`) then surface at the next
             call, :meth:`wait` or :meth:`close`, and again at every call after.
         repair: also read every owned shard whole and check the crc32c of each
