@@ -761,8 +761,18 @@ def test_concurrency_a_writer_whose_temporary_file_vanished_gets_a_clear_error(t
         return tmp
 
     storage._write_temp = write_temp_then_lose_it  # type: ignore[method-assign]
+    # raw shards on local files are filled in place (Storage.begin_put): that temporary file vanishes too
+    begin = storage.begin_put
+
+    def begin_then_lose_it(key):
+        started = begin(key)
+        subprocess.run(["rm", "-f", str(started.tmp)], check=True)
+        return started
+
+    storage.begin_put = begin_then_lose_it  # type: ignore[method-assign]
     with pytest.raises(OwnershipError, match="was removed by another process"):
         writer.write_rows(np.arange(4), as_value(values["fixed"][:4], "bfloat16"))
+    assert not list(tmp_path.rglob("*.partial"))
     CASES["concurrency"] += 1
 
 

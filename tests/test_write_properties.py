@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from unittest.mock import patch
 
 import numpy as np
 import torch
@@ -12,6 +13,7 @@ from helpers import random_rows
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from vlastore import writer as writer_module
 from vlastore.format import FamilySpec
 from vlastore.store import EpisodeData, VLAStore
 
@@ -134,3 +136,15 @@ def test_any_split_into_calls_and_ranks_reads_back_bit_equal_and_writes_the_same
             got = reader.gather(np.arange(layout.rows))
             assert got.dtype.isnative and got.tobytes() == np.asarray(values).tobytes()
         assert _shards(store) == _shards(reference)
+
+        # raw shards are filled in their files (Storage.begin_put); the in-memory path (object storage, or more
+        # than _MAX_DIRECT shards at once) writes the same bytes
+        in_memory = _make(Path(tmp) / "in-memory.vla", plan)
+        with patch.object(writer_module, "_MAX_DIRECT", 0), in_memory.writer("f", rank=0, world_size=1) as writer:
+            rows = np.arange(layout.rows)
+            if plan["ragged"]:
+                writer.write_rows(rows, [values[r] for r in rows.tolist()])
+            elif len(rows):
+                writer.write_rows(rows, values)
+        assert _shards(in_memory) == _shards(reference)
+        assert not list(Path(tmp).rglob("*.partial"))

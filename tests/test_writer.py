@@ -419,3 +419,27 @@ def test_giving_only_rows_already_on_disk_rewrites_nothing(store_path: Path) -> 
         writer.write_rows(kept, values[kept])
         assert (writer.rows_written, writer.rows_skipped, writer.shards_written) == (0, len(kept), 0)
     assert snapshot(store_path) == before
+
+
+@pytest.mark.parametrize("write_behind", [False, True])
+def test_a_shard_filled_in_its_file_with_rows_missing_is_written_compacted(tmp_path: Path, write_behind: bool) -> None:
+    """Raw shards on local files are filled in place; one closed with holes is rebuilt like the in-memory path."""
+    from unittest.mock import patch
+
+    from vlastore import writer as writer_module
+
+    files = []
+    for direct in (True, False):
+        store = VLAStore.create(tmp_path / f"holes-{direct}.vla", episodes())
+        store.add_family("f", spec_for("float32"))  # shards of 4 rows
+        values = random_rows((9, 8), "float32", seed=7)
+        limit = patch.object(writer_module, "_MAX_DIRECT", 64 if direct else 0)
+        with limit, store.writer("f", write_behind=write_behind) as writer:
+            writer.write_rows([0, 2, 3, 5, 8], values[[0, 2, 3, 5, 8]])
+            assert (next(iter(writer._pending.values())).direct is not None) == direct
+        assert store.coverage("f").tolist() == [True, False, True, True, False, True, False, False, True]
+        reader = VLAStore.open(store.location).reader("f")
+        np.testing.assert_array_equal(reader.gather([0, 2, 3, 5, 8]), values[[0, 2, 3, 5, 8]])
+        assert not list(Path(store.location).rglob("*.partial"))
+        files.append({k: v for k, v in snapshot(store.location).items() if "/values/c/" in k})
+    assert files[0] == files[1] and len(files[0]) == 3

@@ -10,7 +10,9 @@ then, in one process and on the same disk, alternately:
 * ``vlastore``: ``FamilyWriter.write_rows`` fed torch bfloat16 batches of
   ``--batch`` rows, into a fresh store (NaN/Inf check, crc32c per row, shard
   index, atomic write-once shard files), with the default ``write_behind=True``
-  (complete shards are checksummed and written by a background thread);
+  (rows go straight into the shard's temporary file, one copy, with a background
+  thread writing one block while the caller checksums the next; complete shards
+  are linked into place, and fsynced with ``--fsync yes``, by background threads);
 * ``vlastore-sync``: the same with ``write_behind=False`` (all in the caller's thread).
 
 ``--fsync no``: nothing is fsynced (page cache speed, until the kernel's dirty-page

@@ -38,6 +38,8 @@ __all__ = [
     "row_crcs",
     "run_intact",
     "CHUNK_RESIDUE",
+    "raw_chunks",
+    "raw_index",
 ]
 
 MISSING = np.uint64(0xFFFF_FFFF_FFFF_FFFF)
@@ -215,6 +217,32 @@ def run_intact(stored: np.ndarray, stride: int) -> bool:
     return bool(_crc32c(flat) == _run_crc(stride, chunks))  # type: ignore[arg-type]
 
 
+def raw_chunks(rows: np.ndarray) -> list[memoryview | bytes]:
+    """The bytes of raw chunks holding ``rows`` (a C-contiguous ``(n, row_nbytes)`` uint8 matrix), as buffers to
+    write one after the other: ``[row_0, crc_0, row_1, crc_1, ...]``, the rows as views (nothing copied) and
+    their crc32c little-endian, one crc32c call per row and no other Python object made per row but its view."""
+    n, nbytes = rows.shape
+    flat = memoryview(rows.reshape(-1))  # type: ignore[arg-type]  # numpy arrays export the buffer protocol
+    views = [flat[i * nbytes : (i + 1) * nbytes] for i in range(n)]
+    crcs = np.fromiter(map(_crc32c, views), dtype=_U4, count=n).tobytes()
+    out: list[memoryview | bytes] = [b""] * (2 * n)
+    out[0::2] = views
+    out[1::2] = [crcs[i : i + _CRC_BYTES] for i in range(0, n * _CRC_BYTES, _CRC_BYTES)]
+    return out
+
+
+def raw_index(chunks_per_shard: int, chunks: np.ndarray, stride: int) -> np.ndarray:
+    """The index (crc32c included) of a raw shard holding ``chunks`` (ascending chunk numbers) back to back from
+    offset 0, ``stride`` bytes each: the last :func:`index_nbytes` bytes of its file."""
+    offsets = np.full(chunks_per_shard, MISSING, dtype="<u8")
+    nbytes = np.full(chunks_per_shard, MISSING, dtype="<u8")
+    offsets[chunks] = np.arange(len(chunks), dtype=np.uint64) * np.uint64(stride)
+    nbytes[chunks] = stride
+    out = np.empty(index_nbytes(chunks_per_shard), dtype=np.uint8)
+    _put_index(out, 0, offsets, nbytes)
+    return out
+
+
 def index_nbytes(chunks_per_shard: int) -> int:
     return chunks_per_shard * 16 + _CRC_BYTES
 
@@ -346,12 +374,7 @@ class RawShardBuilder:
             self._crc = body[:, self.chunk_nbytes :]
         crcs = np.fromiter(map(_crc32c, self.payload[:n]), dtype="<u4", count=n)  # no wrapper: 1 call per row
         self._crc[:n] = crcs.view(np.uint8).reshape(n, _CRC_BYTES)
-        offsets = np.full(self.chunks_per_shard, MISSING, dtype="<u8")
-        nbytes = np.full(self.chunks_per_shard, MISSING, dtype="<u8")
-        chunks = np.flatnonzero(present)
-        offsets[chunks] = np.arange(n, dtype=np.uint64) * np.uint64(self.stride)
-        nbytes[chunks] = self.stride
-        _put_index(out, n * self.stride, offsets, nbytes)
+        out[n * self.stride :] = raw_index(self.chunks_per_shard, np.flatnonzero(present), self.stride)
         return out
 
 

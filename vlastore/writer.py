@@ -27,14 +27,18 @@ from .format import FormatError
 from .layout import as_row_numbers
 from .ranks import resolve_rank
 from .shardcodec import (
+    CRC_BYTES,
     ChecksumError,
     RawShardBuilder,
     ShardIndex,
     decode_index,
     encode_shard,
     index_nbytes,
+    raw_chunks,
+    raw_index,
 )
 from .storage import AlreadyExistsError, TemporaryFileLost, UnsafeFileError, VersionMismatchError
+from .storage.base import FileInProgress
 
 __all__ = ["FamilyWriter", "OwnershipError", "as_storage_array"]
 
@@ -45,6 +49,11 @@ _FSYNC_IN_FLIGHT = 4
 """With fsync=True: shards written at once, by as many threads. Each fsync waits for the disk (a journal commit),
 so one after the other their waits add up: 16 files of 16 MB took 3.1-3.5 s fsynced one by one and 0.5-1.0 s
 from 6 threads in 2 of 3 rounds here (the disk is shared; tools/bench_write.py --fsync yes measures the writer)."""
+_MAX_DIRECT = 64
+"""Shards filled in place in their files at once (one open file each); further shards fill a buffer in memory."""
+_COPY_BLOCK = 256
+"""Rows per write into a shard file: with write_behind, one block's crc32c are computed while the file takes the
+block before (the copy releases the GIL), so the two overlap on two cores."""
 
 
 class OwnershipError(RuntimeError):
@@ -101,9 +110,10 @@ class _Existing:
 
 
 class _Pending:
-    """Rows of one shard received so far, written straight into the shard's bytes."""
+    """Rows of one shard received so far: in its file being written (``direct``: raw shards on local files,
+    each row copied once, from the caller's array into the file), else in the shard's bytes in memory."""
 
-    __slots__ = ("builder", "received", "first_row", "compressed_rows", "existing", "new_rows")
+    __slots__ = ("builder", "received", "first_row", "compressed_rows", "existing", "new_rows", "direct")
 
     def __init__(
         self,
@@ -113,8 +123,10 @@ class _Pending:
         n_chunks: int,
         row_bytes: int,
         existing: _Existing | None = None,
+        direct: FileInProgress | None = None,
     ) -> None:
         self.builder = builder
+        self.direct = direct
         self.existing = existing
         # rows already intact in the shard file count as received: they are copied in when it is rewritten
         self.received = np.zeros(n_rows, dtype=bool) if existing is None else existing.rows_ok.copy()
@@ -122,7 +134,7 @@ class _Pending:
         self.first_row = first_row
         # compressed families keep rows until the shard is encoded
         self.compressed_rows: np.ndarray | None = (
-            None if builder is not None else np.zeros((n_chunks, row_bytes), dtype=np.uint8)
+            None if builder is not None or direct is not None else np.zeros((n_chunks, row_bytes), dtype=np.uint8)
         )
 
     def payload(self) -> np.ndarray:
@@ -149,9 +161,9 @@ class FamilyWriter:
         generation: with a store: the generation to write (default: the current one).
         fsync: fsync every shard file before linking it into place (with ``write_behind``, up to
             ``_FSYNC_IN_FLIGHT`` shards are written and fsynced at once, so the waits for the disk overlap).
-        write_behind: checksum and write complete shards in a background
-            thread (the default: it overlaps the file write with the next
-            rows, 0.41 vs 0.27 of ``np.save``'s speed in tools/bench_write.py);
+        write_behind: write rows into shard files from a background thread
+            while the caller checksums the next block, and finish complete
+            shards (index, fsync, link) in background threads (the default);
             errors (e.g. :class:`OwnershipError`) then surface at the next
             call, :meth:`wait` or :meth:`close`, and again at every call after.
         repair: also read every owned shard whole and check the crc32c of each
@@ -218,6 +230,7 @@ class FamilyWriter:
         self._closed = False
         self._failed: BaseException | None = None
         self._spare_buffers: list[np.ndarray] = []  # shard buffers whose file is written, for reuse
+        self._copier: ThreadPoolExecutor | None = None  # with write_behind: writes rows into shard files
 
     def _inspect(self, shard: int) -> None:
         """Classify a written owned shard: complete (done), or holding rows still pending (holes, corruption)."""
@@ -423,8 +436,11 @@ class FamilyWriter:
         if pending is None:
             rows = self.layout.shard_rows(shard)
             n_chunks = self.layout.shard_nrows(shard)
-            builder = None
-            if self.spec.compression is None:
+            builder = direct = None
+            existing = self._existing.get(shard)
+            if self.spec.compression is None and existing is None and self._direct_count() < _MAX_DIRECT:
+                direct = self.storage.begin_put(self.handle.shard_key(shard))
+            if self.spec.compression is None and direct is None:
                 spare = self._spare_buffers.pop() if self._spare_buffers else None
                 builder = RawShardBuilder(self.layout.rows_per_shard, n_chunks, self.spec.row_nbytes, spare)
             pending = _Pending(
@@ -433,7 +449,8 @@ class FamilyWriter:
                 int(rows[0]) if len(rows) else 0,
                 n_chunks,
                 self.spec.row_nbytes,
-                self._existing.get(shard),
+                existing,
+                direct,
             )
             self._pending[shard] = pending
         return pending
@@ -452,7 +469,7 @@ class FamilyWriter:
             raise FormatError(f"family {self.family!r}: row {self._describe(row)} was given twice")
         first = int(self.layout.start_of(np.asarray([row]))[0]) - shard * self.layout.rows_per_shard
         n = int(self.layout.lengths[row])
-        pending.payload()[first : first + n] = np.ascontiguousarray(value).view(np.uint8).reshape(n, -1)
+        self._store(pending, first, None, np.ascontiguousarray(value).view(np.uint8).reshape(n, -1))
         pending.received[k] = True
         pending.new_rows += 1
         self.rows_written += 1
@@ -481,15 +498,50 @@ class FamilyWriter:
         data = np.ascontiguousarray(batch).view(np.uint8).reshape(len(rows), -1)
         first, last = int(chunks[0]), int(chunks[-1])
         if last - first + 1 == len(chunks):  # strictly ascending and spanning len(chunks): consecutive
-            pending.payload()[first : last + 1] = data  # one block copy
+            self._store(pending, first, None, data)  # one block copy
             pending.received[k[0] : k[0] + len(k)] = True
         else:
-            pending.payload()[chunks] = data
+            self._store(pending, first, chunks, data)
             pending.received[k] = True
         pending.new_rows += len(rows)
         self.rows_written += len(rows)
         if pending.received.all():
             self._flush(shard)
+
+    def _direct_count(self) -> int:
+        return sum(1 for p in self._pending.values() if p.direct is not None)
+
+    def _store(self, pending: _Pending, first: int, chunks: np.ndarray | None, data: np.ndarray) -> None:
+        """Put the chunks ``data`` (uint8, one per row, C-contiguous) at chunks ``first, first + 1, ...`` (``chunks``
+        None) or at ``chunks`` (ascending) of the shard; returns once they are copied (the caller may reuse
+        ``data``)."""
+        if pending.direct is None:
+            if chunks is None:
+                pending.payload()[first : first + len(data)] = data
+            else:
+                pending.payload()[chunks] = data
+            return
+        runs = [(first, 0, len(data))]
+        if chunks is not None:  # runs of adjacent chunks: one write each
+            cuts = (np.flatnonzero(np.diff(chunks) != 1) + 1).tolist()
+            runs = [(int(chunks[lo]), lo, hi) for lo, hi in zip([0, *cuts], [*cuts, len(chunks)], strict=True)]
+        stride = self.spec.row_nbytes + CRC_BYTES
+        write = pending.direct.write_at
+        if not self.write_behind:
+            for chunk, lo, hi in runs:
+                write(chunk * stride, raw_chunks(data[lo:hi]))
+            return
+        if self._copier is None:
+            self._copier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlastore-copy")
+        futures = [
+            self._copier.submit(write, (chunk + a - lo) * stride, raw_chunks(data[a : min(hi, a + _COPY_BLOCK)]))
+            for chunk, lo, hi in runs
+            for a in range(lo, hi, _COPY_BLOCK)
+        ]
+        errors = [f.exception() for f in futures]  # every write done (or failed) before data is let go
+        for error in errors:
+            if error is not None:
+                raise error
 
     def _flush(self, shard: int) -> None:
         pending = self._pending.pop(shard)
@@ -527,17 +579,44 @@ class FamilyWriter:
             self._spare_buffers.append(pending.builder.buffer)
 
     def _encode_and_write(self, shard: int, pending: _Pending, present: np.ndarray) -> None:
+        try:
+            self._encode_and_write_now(shard, pending, present)
+        finally:
+            if pending.direct is not None:
+                pending.direct.discard()  # after a commit: nothing; after an error: the temporary file goes
+
+    def _finish_direct(self, pending: _Pending, present: np.ndarray) -> np.ndarray | None:
+        """A shard filled in its file: the index appended (None: the file is complete, to be committed), or,
+        with rows missing (present chunks must be compacted to the front), the shard's bytes built in memory."""
+        direct = pending.direct
+        assert direct is not None
+        rps, stride = self.layout.rows_per_shard, self.spec.row_nbytes + CRC_BYTES
+        if present.all():
+            direct.write_at(len(present) * stride, [raw_index(rps, np.arange(len(present)), stride)])
+            return None
+        builder = RawShardBuilder(rps, len(present), self.spec.row_nbytes)
+        direct.read_at(0, builder.buffer[: len(present) * stride])
+        direct.discard()
+        return builder.finish(present)
+
+    def _encode_and_write_now(self, shard: int, pending: _Pending, present: np.ndarray) -> None:
         key = self.handle.shard_key(shard)
         version = None
+        data = None
         if pending.existing is not None:
             version = self._copy_existing(shard, key, pending)
-        if pending.builder is not None:
+        if pending.direct is not None:
+            data = self._finish_direct(pending, present)
+        elif pending.builder is not None:
             data = pending.builder.finish(present)
         else:
             chunks = np.flatnonzero(present)
             data = encode_shard(pending.payload()[chunks], chunks, self.layout.rows_per_shard, self.spec.compression)
         try:
-            if version is None:
+            if data is None:
+                assert pending.direct is not None
+                pending.direct.commit_if_absent()
+            elif version is None:
                 self.storage.put_if_absent(key, data)
             else:
                 self.storage.put_if_version(key, data, version)
@@ -663,14 +742,22 @@ class FamilyWriter:
             self.wait()
         finally:
             self._closed = True
+            self._drop_pending()
             self._shutdown()
+
+    def _drop_pending(self) -> None:
+        """Forget the rows of shards not written (their temporary files go)."""
+        for pending in self._pending.values():
+            if pending.direct is not None:
+                pending.direct.discard()
+        self._pending.clear()
 
     def abort(self) -> None:
         """Drop buffered rows without writing them (they stay pending for a rerun).
 
         Complete shards already handed to the background thread are still written.
         """
-        self._pending.clear()
+        self._drop_pending()
         try:
             self.wait()
         except BaseException as exc:  # abort runs while another error propagates: do not mask it
@@ -683,6 +770,9 @@ class FamilyWriter:
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
+        if self._copier is not None:
+            self._copier.shutdown(wait=True)
+            self._copier = None
 
     def __enter__(self) -> FamilyWriter:
         return self

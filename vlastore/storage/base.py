@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Storage",
+    "FileInProgress",
     "Buffer",
     "StorageError",
     "AlreadyExistsError",
@@ -128,6 +129,34 @@ def coalesce_ranges(ranges: Sequence[tuple[int, int]], gap: int = 0) -> list[tup
         else:
             runs.append((start, end, [i]))
     return runs
+
+
+class FileInProgress(abc.ABC):
+    """A new object written in place, piece by piece, then put into place at once (:meth:`Storage.begin_put`).
+
+    Until :meth:`commit_if_absent` nothing is visible under the key; :meth:`discard` removes what was written.
+    """
+
+    @abc.abstractmethod
+    def write_at(self, offset: int, buffers: Sequence[Buffer]) -> None:
+        """Write ``buffers`` one after the other from byte ``offset`` (may run in another thread)."""
+
+    @abc.abstractmethod
+    def read_at(self, offset: int, out: np.ndarray) -> None:
+        """Fill ``out`` (C-contiguous uint8) with the bytes from ``offset`` (zeros where nothing was written)."""
+
+    @abc.abstractmethod
+    def commit_if_absent(self) -> None:
+        """Put the object in place, as :meth:`Storage.put_if_absent` would, and forget the temporary.
+
+        Raises:
+            AlreadyExistsError: the key exists (another writer was first).
+            TemporaryFileLost: the temporary was removed by another process meanwhile.
+        """
+
+    @abc.abstractmethod
+    def discard(self) -> None:
+        """Drop what was written (nothing appears under the key); a no-op after commit or discard."""
 
 
 class Storage(abc.ABC):
@@ -272,6 +301,13 @@ class Storage(abc.ABC):
         Raises:
             FileNotFoundError: the object does not exist.
         """
+        return None
+
+    def begin_put(self, key: str) -> FileInProgress | None:
+        """A new object for ``key`` filled in place (local files: a temporary file written with ``pwritev``, so
+        the bytes are copied once, straight from the caller's buffers into the page cache), where the storage
+        has such files; None otherwise: the caller builds the bytes in memory and calls :meth:`put_if_absent`
+        (object storage, which takes whole objects)."""
         return None
 
     # ------------------------------------------------------------------ zarr

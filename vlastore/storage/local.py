@@ -41,6 +41,7 @@ from ..format import META_NAME, FormatError, chunk_array_parts
 from .base import (
     AlreadyExistsError,
     Buffer,
+    FileInProgress,
     Storage,
     TemporaryFileLost,
     VersionMismatchError,
@@ -383,23 +384,39 @@ class LocalStorage(Storage):
         path = self._path(key)
         tmp = self._write_temp(path, data)
         try:
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                raise AlreadyExistsError(f"{path} exists (another writer wrote it)") from None
-            except FileNotFoundError:
-                raise TemporaryFileLost(
-                    f"the temporary file {tmp} of {path} was removed by another process while this one wrote "
-                    "it (a second writer for the same shards, or a cleanup of the folder)"
-                ) from None
-            except OSError:  # filesystems without hard links: check, then rename
-                if os.path.lexists(path):
-                    raise AlreadyExistsError(f"{path} exists (another writer wrote it)") from None
-                os.replace(tmp, path)
-            if self.fsync:
-                _fsync_dir(path.parent)
+            self._link_new(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
+
+    def _link_new(self, tmp: Path, path: Path) -> None:
+        """Hard-link a written temporary file to ``path`` unless something is there (the caller removes ``tmp``)."""
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            raise AlreadyExistsError(f"{path} exists (another writer wrote it)") from None
+        except FileNotFoundError:
+            raise TemporaryFileLost(
+                f"the temporary file {tmp} of {path} was removed by another process while this one wrote "
+                "it (a second writer for the same shards, or a cleanup of the folder)"
+            ) from None
+        except OSError:  # filesystems without hard links: check, then rename
+            if os.path.lexists(path):
+                raise AlreadyExistsError(f"{path} exists (another writer wrote it)") from None
+            os.replace(tmp, path)
+        if self.fsync:
+            _fsync_dir(path.parent)
+
+    def begin_put(self, key: str) -> _LocalFileInProgress:
+        """A temporary file beside ``key`` (named like :meth:`put_if_absent`'s, so :meth:`cleanup` removes it
+        once its process is dead), filled with ``pwritev`` and hard-linked into place on commit."""
+        path = self._path(key)
+        root_real = self.root_real
+        check_inside(path.parent, root_real)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        check_inside(path.parent, root_real)
+        tmp = self._temp_path(path)
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0o644)
+        return _LocalFileInProgress(self, path, tmp, fd)
 
     def put_if_version(self, key: str, data: Buffer, version: str) -> str:
         """Replace the file if it still has ``version`` (``inode:size:mtime``); readers see the old or the new file.
@@ -529,6 +546,57 @@ class LocalStorage(Storage):
         if self._zarr is None:
             self._zarr = SafeLocalStore(self.root)
         return self._zarr
+
+
+_IOV_MAX = min(1024, os.sysconf("SC_IOV_MAX")) if hasattr(os, "sysconf") else 1024
+
+
+class _LocalFileInProgress(FileInProgress):
+    """A temporary file of a :class:`LocalStorage`, written with ``pwritev`` and linked into place on commit."""
+
+    def __init__(self, storage: LocalStorage, path: Path, tmp: Path, fd: int) -> None:
+        self.storage = storage
+        self.path = path
+        self.tmp = tmp
+        self.fd = fd
+
+    def write_at(self, offset: int, buffers: Sequence[Buffer]) -> None:
+        # the writer hands over byte memoryviews and bytes (one pair per row): no conversion per buffer then
+        views = [b if isinstance(b, (memoryview, bytes)) else _as_bytes_view(b) for b in buffers]
+        for lo in range(0, len(views), _IOV_MAX):
+            part = views[lo : lo + _IOV_MAX]
+            want = sum(map(len, part))
+            done = os.pwritev(self.fd, part, offset)
+            if done < want:  # a short write (signals, huge requests): the rest one buffer at a time
+                rest = memoryview(b"".join(part))[done:]
+                while rest:
+                    n = os.pwrite(self.fd, rest, offset + done)
+                    rest, done = rest[n:], done + n
+            offset += want
+
+    def read_at(self, offset: int, out: np.ndarray) -> None:
+        view = _as_bytes_view(out)
+        done = 0
+        while done < view.nbytes:
+            n = os.preadv(self.fd, [view[done:]], offset + done)
+            if n == 0:  # past the end: never written
+                view[done:] = bytes(view.nbytes - done)
+                break
+            done += n
+
+    def commit_if_absent(self) -> None:
+        try:
+            if self.storage.fsync:
+                os.fsync(self.fd)
+            self.storage._link_new(self.tmp, self.path)
+        finally:
+            self.discard()
+
+    def discard(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        self.tmp.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------- zarr-python
