@@ -157,7 +157,7 @@ class _Attached:
 
     def lease(self, slot: int, used: int) -> Any:
         """The slot's bytes as a buffer whose end frees the slot (every tensor made on it keeps it alive)."""
-        buffer = (ctypes.c_char * max(used, 1)).from_buffer(memoryview(self.bytes), _HEADER + slot * self.slot_nbytes)
+        buffer = (ctypes.c_char * max(used, 1)).from_buffer(self.bytes.data, _HEADER + slot * self.slot_nbytes)
         self.leases[slot] = weakref.ref(buffer, self.release[slot])
         return buffer
 
