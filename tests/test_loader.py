@@ -134,7 +134,7 @@ def test_iterable_datasets_and_no_workers_take_torch_s_own_path() -> None:
     assert_equal_batches(expected, list(VLADataLoader(Numbers(), batch_size=3)))
 
 
-def test_a_batch_object_arrives_as_itself_and_owns_its_memory() -> None:
+def test_a_batch_object_arrives_as_itself_and_keeps_its_values_while_held() -> None:
     class Batches(Dataset):
         def __len__(self) -> int:
             return 12
@@ -144,10 +144,11 @@ def test_a_batch_object_arrives_as_itself_and_owns_its_memory() -> None:
                 {"x": np.full((2, 5), i, np.float32), "bits": np.full(3, i, np.uint16)}, bfloat16=["bits"]
             )
 
-    for batch_index, batch in enumerate(VLADataLoader(Batches(), batch_size=None, num_workers=2, prefetch_factor=8)):
+    kept = list(VLADataLoader(Batches(), batch_size=None, num_workers=2, prefetch_factor=8))
+    for batch_index, batch in enumerate(kept):  # every batch kept: none of their slots was reused
         assert type(batch) is Batch and batch["bits"].dtype == torch.bfloat16
         assert torch.equal(batch["x"], torch.full((2, 5), float(batch_index)))
-        assert not batch["x"].is_shared()  # copied out of the ring: the worker may reuse the slot
+        assert torch.equal(batch["bits"].view(torch.int16), torch.full((3,), batch_index, dtype=torch.int16))
 
 
 def test_prefetch_defaults_to_four_and_can_be_set() -> None:

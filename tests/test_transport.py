@@ -142,3 +142,18 @@ def test_a_layout_travels_once_per_ring_and_numpy_backed_batches_skip_torch() ->
     changed["feature"] = torch.zeros(4, 4, dtype=torch.bfloat16)
     function, args = pack_batch(changed, VLABatch, in_worker=True)
     assert torch.equal(function(*args)["feature"], changed["feature"])
+
+
+def test_a_batch_is_a_view_of_its_slot_until_its_last_tensor_is_freed() -> None:
+    transport._worker_ring = None
+    function, args = pack_batch(make_batch(2), Batch, in_worker=True)
+    slot = args[2]
+    batch = function(*args)
+    states = np.asarray(transport._worker_ring.states)
+    assert states[slot] == 1  # leased to the batch: no copy was made, the worker may not reuse the slot
+    feature = batch["feature"]
+    del batch
+    assert states[slot] == 1  # one tensor still holds it
+    assert torch.equal(feature, make_batch(2)["feature"])
+    del feature
+    assert states[slot] == 0

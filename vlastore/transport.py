@@ -11,22 +11,26 @@ Here each worker process owns a *ring*: slots in one shared-memory tensor, made
 once and handed to the training process once (torch passes its file
 descriptor). A batch is copied into a free slot and only a small descriptor
 (slot, and per tensor its key, dtype, shape and offset) is pickled. The training
-process copies the slot into memory of its own (one memcpy, numpy's: torch's
-``copy_`` would wake its thread pool), makes the batch's tensors as views of it
-and marks the slot free again. Batches therefore own their memory: the ring
-never depends on what the training loop keeps.
+process makes the batch's tensors as views of the slot, without a copy: the
+slot is *leased* to the batch and marked free again when the last of its
+tensors is freed (a weak reference to the slot's buffer, which every tensor
+keeps alive). A training loop holds a batch or two, so the ring keeps its
+size; one that keeps every batch makes the ring grow, then its batches go the
+ordinary way (below). For a loader that pins memory the slot is copied into
+page-locked memory instead (the one copy a pin would make) and freed at once.
 
 Ordering. Slot states live in the ring's header. The worker marks a slot busy,
 fills it and sends the descriptor; the pipe (a kernel round trip, a lock on each
 side) orders the worker's writes before the training process's copy. The
-training process marks the slot free only after its copy, behind a full memory
-barrier (a lock released and taken again: a release followed by an acquire),
-so that on weakly ordered CPUs (aarch64) the worker cannot see the slot free
-while the copy still reads it; x86 never reorders a store before earlier loads.
+training process marks the slot free only when the batch's tensors are gone (or
+its copy is done), behind a full memory barrier (a lock released and taken
+again: a release followed by an acquire), so that on weakly ordered CPUs
+(aarch64) the worker cannot see the slot free while the training process still
+reads it; x86 never reorders a store before earlier loads.
 The worker reuses a slot only after reading it free.
 
 A worker whose slots are all waiting (a loader that prefetches more batches
-than the ring has slots) makes a ring with twice the slots, up to
+than the ring has slots, or a loop that keeps batches) makes a ring with twice the slots, up to
 :data:`MAX_RING_SLOTS`; a batch bigger than a slot makes a ring with bigger
 slots; a batch over :data:`MAX_SLOT_BYTES`, or one arriving when the ring cannot
 grow, goes the ordinary way. Nothing ever waits on the ring.
@@ -34,9 +38,11 @@ grow, goes the ordinary way. Nothing ever waits on the ring.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import threading
 import uuid
+import weakref
 from collections.abc import Callable, Mapping
 from multiprocessing.reduction import ForkingPickler
 from typing import Any
@@ -135,6 +141,25 @@ class _Attached:
         self.states = self.bytes[: slots * 8].view(np.int64)
         self.slot_nbytes = slot_nbytes
         self.layouts: dict[int, tuple[list[tuple[str, np.dtype, tuple[int, ...], int, bool]], int]] = {}
+        # slot -> a weak reference to the buffer its batch's tensors hold (ctypes: numpy keeps a ctypes
+        # exporter as the arrays' base, where it would see through a memoryview to the ring itself)
+        self.leases: list[weakref.ref[Any] | None] = [None] * slots
+        self.release = [self._releaser(slot) for slot in range(slots)]
+
+    def _releaser(self, slot: int) -> Callable[[Any], None]:
+        # (the fence is bound now: a batch freed at interpreter exit may outlive this module's globals)
+        def release(_gone: Any, fence: Callable[[], None] = _fence) -> None:
+            self.leases[slot] = None  # the last tensor of the slot's batch is gone: the worker may reuse it
+            fence()
+            self.states[slot] = 0  # _FREE
+
+        return release
+
+    def lease(self, slot: int, used: int) -> Any:
+        """The slot's bytes as a buffer whose end frees the slot (every tensor made on it keeps it alive)."""
+        buffer = (ctypes.c_char * max(used, 1)).from_buffer(self.bytes.data, _HEADER + slot * self.slot_nbytes)
+        self.leases[slot] = weakref.ref(buffer, self.release[slot])
+        return buffer
 
 
 _rings: dict[str, _Attached] = {}
@@ -291,7 +316,7 @@ def _attach(handle: Any) -> _Attached:
         key, tensor, slots, slot_nbytes = handle
         pid = int(key.split("-", 1)[0])
         for old in [k for k, ring in _rings.items() if ring.pid == pid or not _alive(ring.pid)]:
-            del _rings[old]  # that worker made a new ring (its old slots were all read before), or is gone
+            del _rings[old]  # that worker made a new ring, or is gone (batches still on its slots keep them mapped)
         ring = _rings[key] = _Attached(pid, tensor, slots, slot_nbytes)
         return ring
 
@@ -327,14 +352,15 @@ def _unpack(
     else:
         layout = ring.layouts[layout]
     views, used = layout
-    start = _HEADER + slot * ring.slot_nbytes
+    own: Any
     if getattr(_local, "pinned", False):  # straight into page-locked memory: pin_memory() then copies nothing
+        start = _HEADER + slot * ring.slot_nbytes
         own = torch.empty(max(used, 1), dtype=torch.uint8, pin_memory=True).numpy()
-    else:
-        own = np.empty(max(used, 1), dtype=np.uint8)
-    np.copyto(own[:used], ring.bytes[start : start + used])  # the one copy (numpy's, in this thread)
-    _fence()
-    ring.states[slot] = _FREE
+        np.copyto(own[:used], ring.bytes[start : start + used])  # the one copy (numpy's, in this thread)
+        _fence()
+        ring.states[slot] = _FREE
+    else:  # no copy: the batch's tensors are views of the slot, freed with the last of them
+        own = ring.lease(slot, used)
     items: dict[str, Any] = dict(others)
     from_numpy = torch.from_numpy
     for key, dtype, shape, offset, is_bf16 in views:
