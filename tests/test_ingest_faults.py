@@ -571,12 +571,23 @@ def test_out_onto_an_existing_store_is_a_usage_mistake_naming_into(tmp_path: Pat
     assert main(["ingest", "pt-cache", str(tmp_path / "cache"), "--into", str(store), "-q"]) == 0
 
 
-def test_robot_into_a_format_1_store_is_a_usage_mistake(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+def test_robot_into_a_format_1_store_upgrades_it_then_appends(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    """A store made by an older vlastore (format 1) takes appends: the first change upgrades it in place."""
     store = _robot_store(tmp_path, "--format-version", "1")
+    before = VLAStore.open(store)
+    robot_csvs(tmp_path / "more", {"ep_c": 4})
     capsys.readouterr()
-    assert main(["ingest", "robot", str(tmp_path / "csv"), "--into", str(store), "-q"]) == 2
-    err = capsys.readouterr().err
-    assert "format-1" in err and f"vlastore upgrade {store}" in err  # appending needs format 2
+    assert main(["ingest", "robot", str(tmp_path / "more"), "--into", str(store)]) == 0
+    assert "upgraded from format 1" in capsys.readouterr().out
+    after = VLAStore.open(store)
+    assert after.format_version == 2 and after.datasets == (*before.datasets, "ep_c")
+    old = VLAStore.open(store, snapshot=0)  # what a run that trained on the format-1 store recorded
+    assert old.datasets == before.datasets
+    key = before.series_keys[0]
+    for name in before.datasets:
+        np.testing.assert_array_equal(old.series(key, name), before.series(key, name))
+    assert main(["rm", str(store), "nope"]) == 2 and main(["rm", str(store), "ep_a"]) == 0
+    assert VLAStore.open(store).datasets == ("ep_b", "ep_c") and main(["verify", "-q", str(store)]) == 0
 
 
 def test_a_living_store_made_by_ingest_takes_appends(tmp_path: Path, capsys) -> None:  # noqa: ANN001

@@ -296,6 +296,21 @@ def test_v1_upgrade_reads_the_same_then_appends(tmp_path: Path) -> None:
     }
     v2.add_episodes([new], rows=rows)
     assert VLAStore.open(path).datasets == (*v1.datasets, "appended")
+    assert VLAStore.open(path, snapshot=0).datasets == v1.datasets  # what a run on the format-1 store recorded
+
+
+def test_the_first_change_of_a_format_1_store_upgrades_it(tmp_path: Path) -> None:
+    path = tmp_path / "g.vla"
+    shutil.copytree(GOLDEN_V1, path)
+    v1 = VLAStore.open(path, writable=True)
+    names = v1.datasets
+    v1.remove_episodes([names[0]])  # no `vlastore upgrade` first: the change does it, then commits on top
+    assert v1.format_version == 2 and v1.datasets == names[1:] and v1.snapshot_id == 2
+    assert [e["changes"][0].split()[0] for e in VLAStore.open(path).log()] == ["upgrade", "remove"]
+    assert VLAStore.open(path, snapshot=0).datasets == names
+    from vlastore.report import verify_store
+
+    assert not verify_store(str(path)).corrupt  # (golden-v1 has a row never written, on purpose)
 
 
 UPGRADER = """
@@ -354,9 +369,10 @@ def test_verify_and_cli_on_a_living_store(tmp_path: Path, capsys: pytest.Capture
     store = tmp_path / "s.vla"
     day1 = ["ingest", "robot", str(tmp_path / "day1"), "--out", str(store), "-q", "--format-version", "1"]
     assert main(day1) == 0
-    assert main(["ingest", "robot", str(tmp_path / "day2"), "--into", str(store), "-q"]) == 2  # format 1: upgrade
-    assert "upgrade" in capsys.readouterr().err
+    assert main(["gc", str(store)]) == 0 and "nothing to collect" in capsys.readouterr().out  # format 1: untouched
+    assert VLAStore.open(store).format_version == 1
     assert main(["upgrade", str(store)]) == 0
+    assert main(["upgrade", str(store)]) == 0 and "already" in capsys.readouterr().out
     assert main(["ingest", "robot", str(tmp_path / "day2"), "--into", str(store), "-q"]) == 0
     assert VLAStore.open(store).datasets == ("ep_a", "ep_b", "ep_c")  # ep_b identical: skipped
     robot_csvs(tmp_path / "day3", {"ep_b": 5}, seed=7)

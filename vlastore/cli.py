@@ -315,17 +315,25 @@ def _add_living_parsers(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_upgrade)
 
 
-def _open_v2(path: str, writable: bool) -> VLAStore:
+def _open_for_change(path: str) -> VLAStore:
     from .store import VLAStore
 
-    store = VLAStore.open(path, writable=writable)
-    if store.snapshot is None and writable:
-        raise UserError(f"{path} is a format-1 store (write-once): run `vlastore upgrade {path}` first")
+    store = VLAStore.open(path, writable=True)
+    if store.upgrade():
+        print(f"{path}: upgraded from format 1 to format 2 (its content is commit 1) to take the change")
     return store
 
 
 def _cmd_rm(args: argparse.Namespace) -> int:
-    store = _open_v2(args.store, writable=True)
+    from .store import VLAStore
+
+    absent = sorted(set(args.episodes) - set(VLAStore.open(args.store).catalog.names))
+    if absent:
+        raise UserError(
+            f"{args.store} has no episode {absent[0]!r} ({len(absent)} of the names given are not there); "
+            "nothing removed"
+        )
+    store = _open_for_change(args.store)
     snapshot = store.remove_episodes(args.episodes)
     assert snapshot is not None
     print(
@@ -351,7 +359,12 @@ def _cmd_log(args: argparse.Namespace) -> int:
 def _cmd_gc(args: argparse.Namespace) -> int:
     if args.keep < 1:
         raise UserError(f"--keep {args.keep}: keep at least the newest commit (1)")
-    store = _open_v2(args.store, writable=True)
+    from .store import VLAStore
+
+    store = VLAStore.open(args.store, writable=True)
+    if store.snapshot is None:
+        print(f"{args.store} is a format-1 store (write-once): nothing to collect")
+        return 0
     result = store.gc(
         retention_s=args.retention_hours * 3600, keep=args.keep, dry_run=args.dry_run, compact=not args.no_compact
     )

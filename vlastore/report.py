@@ -485,7 +485,7 @@ def verify_store(
         report.corrupt.append(Corruption(META_NAME, reason=f"root manifest: {exc}"))
         return report
     root_meta = store.nodes.attrs.get(MANIFEST_KEY, {})
-    if isinstance(root_meta, dict) and CHECKSUM_FIELD not in root_meta:
+    if store.snapshot is None and isinstance(root_meta, dict) and CHECKSUM_FIELD not in root_meta:  # format 2: commits
         report.notes.append(
             "the root manifest has no checksum (written before metadata checksums); it was "
             "cross-checked against the catalog and arrays instead"

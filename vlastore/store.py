@@ -230,7 +230,11 @@ def upgrade_store(location: Location, storage_options: dict[str, Any] | None = N
     Raises:
         StoreNotFoundError: no store there. FormatError: the store is damaged (run ``vlastore verify``).
     """
-    store = VLAStore.open(location, writable=True, storage_options=storage_options)
+    return _upgrade(VLAStore.open(location, writable=True, storage_options=storage_options))
+
+
+def _upgrade(store: VLAStore) -> int | None:
+    """:func:`upgrade_store` on a store opened writable (the object itself still shows format 1 after it)."""
     if store.snapshot is not None:
         return None
     nodes, storage = store.nodes, store.storage
@@ -348,7 +352,7 @@ class VLAStore:
         if self.format_version == SNAPSHOT_FORMAT_VERSION:
             self._root = root
             self._log = CommitLog(self.storage)
-            shown = self._log.read(snapshot) if snapshot is not None else self._log.head()
+            shown = self._log.head() if snapshot is None else self._read_snapshot(snapshot)
             try:
                 self._adopt(shown)
             except FormatError as exc:
@@ -531,7 +535,7 @@ class VLAStore:
         generation). Format 2: the newest commit, or commit ``snapshot``; objects of the old snapshot stay
         readable until gc."""
         if self._log is not None:
-            target = self._log.read(snapshot) if snapshot is not None else self._log.head()
+            target = self._log.head() if snapshot is None else self._read_snapshot(snapshot)
             if self.snapshot is None or target.commit != self.snapshot.commit:
                 self._adopt(target)
             return
@@ -539,6 +543,15 @@ class VLAStore:
             raise SnapshotNotFoundError(f"{self.location} is a format-1 store: it has only snapshot 0")
         self.nodes.refresh()
         self.manifest = Manifest.from_dict(self.nodes.attrs[MANIFEST_KEY], where=self.location)
+
+    def _read_snapshot(self, snapshot: int) -> Snapshot:
+        """Commit ``snapshot``; 0 (what a format-1 store shows) is the commit that upgraded it, when there is one."""
+        assert self._log is not None
+        if snapshot == 0:
+            first = self._log.read(1)
+            if any(change.op == "upgrade" for change in first.changes):
+                return first
+        return self._log.read(snapshot)
 
     def _require_writable(self) -> None:
         if not self.writable:
@@ -1069,7 +1082,27 @@ class VLAStore:
             return np.full(len(self.catalog), -1, dtype=np.int64)
         return self._catdata.task
 
+    def upgrade(self) -> bool:
+        """Make this format-1 store a format-2 store in place (as ``vlastore upgrade``; atomic) and show it.
+
+        The first change of a format-1 store (append, remove, replace) does this itself: a store made by an
+        older vlastore keeps reading unchanged until then. Its content becomes commit 1, which
+        ``open(path, snapshot=0)`` also opens, so a run that recorded snapshot 0 reopens the same data.
+
+        Returns:
+            True when the store was upgraded, False when it already was format 2.
+        """
+        self._require_writable()
+        if self._log is not None:
+            return False
+        _upgrade(self)
+        self.nodes.refresh()
+        VLAStore.__init__(self, self.nodes)
+        return True
+
     def _require_v2(self, what: str) -> CommitLog:
+        if self._log is None and what == "this change" and self.writable:
+            self.upgrade()
         if self._log is None:
             raise FormatError(
                 f"{self.location} is a format-1 store: {what} needs format 2; run "

@@ -281,10 +281,8 @@ def _append(
         store = VLAStore.open(into, writable=True)
     except (StoreNotFoundError, NewerFormatError) as exc:
         raise IngestUsageError(f"--into {into}: {exc}") from None
-    if store.snapshot is None:
-        raise IngestUsageError(
-            f"--into {into} is a format-1 store (write-once); run `vlastore upgrade {into}` first, then append"
-        )
+    if store.upgrade():
+        report.notes.append(f"{into} was upgraded from format 1 to format 2 (its content is commit 1) to take appends")
     before = set(store.catalog.names)
     try:
         snapshot = store.add_episodes(
