@@ -348,3 +348,29 @@ def test_nonfinite_bfloat16_rows_are_those_with_nan_or_inf_as_float32(bits: list
     batch = np.array(bits, dtype=np.uint16)
     as_float32 = (batch.astype(np.uint32) << 16).view(np.float32)  # bfloat16 is the top half of a float32
     assert nonfinite_rows(batch, "bfloat16").tolist() == (~np.isfinite(as_float32).all(axis=1)).tolist()
+
+
+def test_pt_cache_into_an_appended_store_copies_only_the_new_episodes_rows(tmp_path: Path) -> None:
+    """Issue 11: after `ingest robot --into`, the family has missing rows for the new episode; `ingest
+    pt-cache --into` fills those and leaves every existing row and shard file as it was."""
+    robot_csvs(tmp_path / "day1", {"ep_a": 9, "ep_b": 7})
+    out = tmp_path / "s.vla"
+    first = make_pt_cache(tmp_path / "cache1", {"ep_a": 3, "ep_b": 3})
+    day1 = ["ingest", "pt-cache", str(tmp_path / "cache1"), "--robot", str(tmp_path / "day1"), "--out", str(out)]
+    assert main([*day1, "-q", "--format-version", "2"]) == 0
+    robot_csvs(tmp_path / "day2", {"ep_c": 6}, seed=1)
+    assert main(["ingest", "robot", str(tmp_path / "day2"), "--into", str(out), "-q"]) == 0
+    store = VLAStore.open(out)
+    rows = store.layout("vl_features").episode_rows.tolist()
+    assert rows == [0, 3, 6, 8]  # ep_c planned: ceil(6 / 3) rows, missing until written
+    assert store.coverage("vl_features").tolist() == [True] * 6 + [False] * 2
+    shards = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and "/values/" in str(p)}
+    second = make_pt_cache(tmp_path / "cache2", {"ep_a": 3, "ep_b": 3, "ep_c": 2}, seed=5)  # other values
+    assert main(["ingest", "pt-cache", str(tmp_path / "cache2"), "--into", str(out), "-q"]) == 0
+    store = VLAStore.open(out)
+    assert store.coverage("vl_features").all()
+    for (name, idx), value in first.items():  # existing rows kept (not overwritten by the second cache)
+        assert torch.equal(store.feature("vl_features", name, idx), value[0])
+    for idx in range(2):
+        assert torch.equal(store.feature("vl_features", "ep_c", idx), second[("ep_c", idx)][0])
+    assert all(p.read_bytes() == data for p, data in shards.items())  # no existing shard file rewritten
