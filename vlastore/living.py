@@ -350,19 +350,11 @@ def read_generation(
     local_starts = local_lengths = None
     if spec.ragged:
         local_starts, local_lengths = [], []
-        tables: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        tables: dict[Any, Any] = {}
         for segment in state.segments:
-            assert segment.tables is not None
-            if segment.tables not in tables:
-                n = segment.array_rows
-                tables[segment.tables] = (
-                    read_small(nodes, f"{segment.tables}/starts", (n,), "int64", arrays),
-                    read_small(nodes, f"{segment.tables}/lengths", (n,), "int64", arrays),
-                )
-            starts, lengths = tables[segment.tables]
-            rows = slice(segment.row_offset, segment.row_offset + segment.rows)
-            local_starts.append(starts[rows] - segment.offset * spec.rows_per_shard)
-            local_lengths.append(lengths[rows])
+            starts, lengths = _segment_rows(nodes, spec, segment, arrays, tables)
+            local_starts.append(starts)
+            local_lengths.append(lengths)
     layout, physical = v2_layout(
         spec,
         [HandleSegment(s.path, s.first_shard, s.shards, s.offset) for s in state.segments],
