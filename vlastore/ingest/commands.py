@@ -187,8 +187,9 @@ def _format_option(p: argparse.ArgumentParser) -> None:
         type=int,
         choices=(1, 2),
         default=None,
-        help="format of a store made with --out: 2 is a living store (append with --into, rm, "
-        "episode metadata, snapshots); 1 (default for now) is the older write-once format",
+        help="format of a store made with --out: 2 is a living store (commits, snapshots, episode "
+        "metadata); 1 (default for now) is the older layout, made format 2 in place by its first "
+        "--into or rm",
     )
 
 
