@@ -189,3 +189,45 @@ def test_build_features_on_s3(s3_url: str, s3_options: dict[str, str], tmp_path:
     store = VLAStore.open(s3_url, storage_options=s3_options)
     assert store.coverage("qwen_vl").all()
     assert store.generation("qwen_vl").producer.model == str(model)
+
+
+def test_a_living_store_on_s3_appends_removes_reopens_snapshots_and_collects(
+    s3_url: str, s3_options: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 11 on object storage: the format-2 operations through conditional puts, not local links."""
+    from vlastore.family import FamilySpec
+    from vlastore.store import EpisodeData, SnapshotNotFoundError
+
+    def episode(i: int, steps: int) -> EpisodeData:
+        return EpisodeData(f"e{i}", {"state": np.arange(steps * 3, dtype=np.float32).reshape(steps, 3) + 100 * i})
+
+    def fill(store: VLAStore) -> int:
+        writer = store.writer("f")
+        rows = writer.pending_rows()
+        for row in rows.tolist():
+            writer.write_rows([row], np.full((1, 4), row, np.float32))
+        writer.close()
+        return len(rows)
+
+    VLAStore.create(s3_url, [episode(0, 4), episode(1, 3)], format_version=2, storage_options=s3_options)
+    store = VLAStore.open(s3_url, writable=True, storage_options=s3_options)
+    store.add_family("f", FamilySpec((4,), "float32", vlm_reuse_count=2, rows_per_shard=2))
+    assert fill(store) == 4
+    store.add_episodes([episode(2, 5)])
+    assert fill(store) == 3  # only the new episode's rows: ceil(5 / 2)
+    store.remove_episodes(["e0"])
+    head = VLAStore.open(s3_url, storage_options=s3_options)
+    assert head.datasets == ("e1", "e2") and head.coverage("f").all()
+    np.testing.assert_array_equal(head.series("state", "e2"), episode(2, 5).series["state"])
+    first = VLAStore.open(s3_url, snapshot=1, storage_options=s3_options)
+    assert first.datasets == ("e0", "e1")
+    np.testing.assert_array_equal(first.series("state", "e0"), episode(0, 4).series["state"])
+    assert [entry["changes"][0].split()[0] for entry in head.log()][-2:] == ["append", "remove"]
+    store.gc(retention_s=0, compact=True)
+    with pytest.raises(SnapshotNotFoundError):
+        VLAStore.open(s3_url, snapshot=1, storage_options=s3_options)
+    after = VLAStore.open(s3_url, storage_options=s3_options)
+    assert after.datasets == ("e1", "e2") and after.coverage("f").all()
+    np.testing.assert_array_equal(after.series("state", "e1"), episode(1, 3).series["state"])
+    code, _, err = run(capsys, "verify", "-q", s3_url, *flags(s3_options))
+    assert code == 0, err
