@@ -697,3 +697,18 @@ def test_gc_compacts_only_feature_shards_holding_removed_rows(tmp_path: Path, sp
 
     assert not verify_store(str(path)).corrupt  # only the hole is missing
     assert fill(VLAStore.open(path, writable=True)) >= 1  # the hole is still there to fill
+
+
+def test_a_format_1_store_upgraded_by_another_process_is_not_upgraded_again(tmp_path: Path) -> None:
+    """Two appenders opened a format-1 store; the first change upgrades it; the second must not start over
+    (an upgrade begins by clearing `_log/`: the first one's commits would be lost)."""
+    path = tmp_path / "g.vla"
+    shutil.copytree(GOLDEN_V1, path)
+    a = VLAStore.open(path, writable=True)
+    b = VLAStore.open(path, writable=True)
+    names = a.datasets
+    a.remove_episodes([names[0]])
+    b.remove_episodes([names[1]])  # b still shows format 1: it adopts a's upgrade, then commits on top
+    head = VLAStore.open(path)
+    assert head.datasets == names[2:]
+    assert [e["changes"][0].split()[0] for e in head.log()] == ["upgrade", "remove", "remove"]

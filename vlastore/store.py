@@ -1095,10 +1095,14 @@ class VLAStore:
         self._require_writable()
         if self._log is not None:
             return False
-        _upgrade(self)
-        self.nodes.refresh()
+        self.nodes.refresh()  # another process may have upgraded it since this one opened it: never twice
+        root = self.nodes.attrs[MANIFEST_KEY]
+        upgraded_here = not (isinstance(root, dict) and root.get("format_version") == SNAPSHOT_FORMAT_VERSION)
+        if upgraded_here:
+            _upgrade(self)
+            self.nodes.refresh()
         VLAStore.__init__(self, self.nodes)
-        return True
+        return upgraded_here
 
     def _require_v2(self, what: str) -> CommitLog:
         if self._log is None and what == "this change" and self.writable:
