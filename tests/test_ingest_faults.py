@@ -19,6 +19,7 @@ import errno
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -577,8 +578,10 @@ def test_robot_into_a_format_1_store_upgrades_it_then_appends(tmp_path: Path, ca
     before = VLAStore.open(store)
     robot_csvs(tmp_path / "more", {"ep_c": 4})
     capsys.readouterr()
+    shutil.copy(tmp_path / "csv" / "ep_b.csv", tmp_path / "more" / "ep_b.csv")  # recorded again, unchanged
     assert main(["ingest", "robot", str(tmp_path / "more"), "--into", str(store)]) == 0
-    assert "upgraded from format 1" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "upgraded from format 1" in out and "1 episode(s) appended, 1 already there with the same data" in out
     after = VLAStore.open(store)
     assert after.format_version == 2 and after.datasets == (*before.datasets, "ep_c")
     old = VLAStore.open(store, snapshot=0)  # what a run that trained on the format-1 store recorded

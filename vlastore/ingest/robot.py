@@ -291,13 +291,15 @@ def _append(
     except FormatError as exc:
         raise IngestError(f"--into {into}: {exc}; nothing appended", [], report) from None
     added = [e.name for e in data if e.name not in before]
-    replaced = [e.name for e in data if e.name in before] if snapshot is not None else []
     if snapshot is None:
         report.notes.append(f"every episode is already in {into} with the same data: nothing to do")
     else:
+        replaced = {n for c in snapshot.changes if c.op == "replace" for n in c.details.get("episodes", [])}
+        identical = len(data) - len(added) - len(replaced)
         report.notes.append(
             f"commit {snapshot.commit}: {len(added)} episode(s) appended"
-            + (f", up to {len(replaced)} replaced or skipped as identical" if replaced else "")
+            + (f", {len(replaced)} replaced" if replaced else "")
+            + (f", {identical} already there with the same data (skipped)" if identical else "")
         )
         families = list(store.families)
         if families and added:
