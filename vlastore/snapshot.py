@@ -605,9 +605,9 @@ class Snapshot:
 
     # ------------------------------------------------------------ helpers
 
-    def referenced_paths(self) -> set[str]:
-        """Every object folder this snapshot needs (gc keeps these for retained commits)."""
-        paths = {self.catalog.path, *self.arrays}
+    def folders(self) -> set[str]:
+        """Every object folder this snapshot's catalog, statistics, series and families live in."""
+        paths = {self.catalog.path}
         if self.catalog.tasks_path:
             paths.add(self.catalog.tasks_path)
         if self.stats is not None:
@@ -620,6 +620,10 @@ class Snapshot:
                 paths.update(s.path for s in generation.segments)
                 paths.update(s.tables for s in generation.segments if s.tables)
         return paths
+
+    def referenced_paths(self) -> set[str]:
+        """Every object folder this snapshot needs (gc keeps these for retained commits): its folders and arrays."""
+        return self.folders() | set(self.arrays)
 
     def evolve(self, commit: int, time: str, changes: Iterable[Change], **fields: Any) -> Snapshot:
         """The next snapshot: this one with ``fields`` replaced, numbered ``commit``, parent = this one."""

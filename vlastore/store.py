@@ -1555,24 +1555,6 @@ _OBJECT_PART = re.compile(r"^[cstl](\d{8,20})-[0-9a-f]{6}\Z")
 _GEN_PART = re.compile(r"^gen-\d{4,7}\Z")
 
 
-def _snapshot_folders(snapshot: Snapshot) -> set[str]:
-    folders = {snapshot.catalog.path}
-    if snapshot.catalog.tasks_path:
-        folders.add(snapshot.catalog.tasks_path)
-    if snapshot.stats is not None:
-        folders.add(snapshot.stats.path)
-    for state in snapshot.series.values():
-        folders.update(s.path for s in state.segments)
-    for family in snapshot.families.values():
-        for generation in family.generations.values():
-            folders.add(generation.layout)
-            for seg in generation.segments:
-                folders.add(seg.path)
-                if seg.tables:
-                    folders.add(seg.tables)
-    return folders
-
-
 def _kept_objects(snapshots: Sequence[Snapshot]) -> tuple[set[str], dict[str, list[tuple[int, int]]]]:
     """The folders and arrays kept commits use, and for each values array the shards they use
     (``(first array shard, shards)`` per segment)."""
@@ -1580,7 +1562,7 @@ def _kept_objects(snapshots: Sequence[Snapshot]) -> tuple[set[str], dict[str, li
     parts: dict[str, list[tuple[int, int]]] = {}
     for snap in snapshots:
         folders |= set(_used_arrays(snap, {p: "" for p in snap.arrays}))
-        folders |= _snapshot_folders(snap)
+        folders |= snap.folders()
         for fstate in snap.families.values():
             for state in fstate.generations.values():
                 for seg in state.segments:
@@ -1620,7 +1602,7 @@ def _collectable(key: str, folders: set[str], head: int, used: Mapping[str, list
 
 def _used_arrays(snapshot: Snapshot, arrays: Mapping[str, str]) -> dict[str, str]:
     """The array checksums a snapshot needs: those under the folders it references."""
-    folders = _snapshot_folders(snapshot)
+    folders = snapshot.folders()
     return {p: c for p, c in sorted(arrays.items()) if p in folders or any(p.startswith(f + "/") for f in folders)}
 
 
