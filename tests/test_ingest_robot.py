@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from ingest_helpers import robot_csvs, tree_hashes
 
 from vlastore.cli import main
@@ -186,3 +187,71 @@ def test_integer_columns_become_float32_only_when_exact(tmp_path: Path) -> None:
     assert store.series("small", "ep_a").dtype == np.float32
     assert store.series("frame", "ep_b").dtype == np.float64
     assert store.series("frame", "ep_b")[:, 0].tolist() == [(1 << 30) + 1 + i for i in range(4)]
+
+
+def _timed_csvs(folder: Path, steps: dict[str, int], fps: float, column: str = "timestamp") -> dict[str, np.ndarray]:
+    """CSV episodes with a per-step time column (seconds, recorded at ``fps`` from an odd start) and 3 values."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(7)
+    tables = {}
+    for n, (name, length) in enumerate(steps.items()):
+        times = 1_700_000_000.123 + n * 100 + np.arange(length) / fps  # wall-clock seconds: float32 would round
+        table = np.column_stack([times, rng.normal(size=(length, 3))])
+        lines = [f"{column},joint_0,joint_1,act_0"] + [",".join(repr(float(v)) for v in row) for row in table]
+        (folder / f"{name}.csv").write_text("\n".join(lines) + "\n")
+        tables[name] = table
+    return tables
+
+
+@pytest.mark.parametrize(
+    "series",
+    [[], ["--series", "state=*"], ["--series", "state=joint_*", "--series", "action=act_*"]],
+    ids=["no patterns", "wildcard", "patterns"],
+)
+def test_a_timestamp_column_is_kept_exactly_as_the_timestamp_series(tmp_path: Path, series: list[str]) -> None:
+    tables = _timed_csvs(tmp_path / "csv", {"ep_a": 9, "ep_b": 6}, fps=10.0, column="Timestamp")
+    out = tmp_path / "s.vla"
+    assert main(["ingest", "robot", str(tmp_path / "csv"), "--out", str(out), "--verify", "-q", *series]) == 0
+    store = VLAStore.open(out)
+    assert "timestamp" in store.series_keys and store.columns("timestamp") == ("Timestamp",)
+    for key in store.series_keys:
+        if key != "timestamp":  # never mixed into the data, whatever the patterns
+            assert "Timestamp" not in store.columns(key)
+    for name, table in tables.items():
+        stored = store.series("timestamp", name)
+        assert stored.dtype == np.float64 and stored[:, 0].tobytes() == table[:, 0].tobytes()
+
+
+def test_a_pattern_naming_the_time_column_exactly_puts_it_where_asked(tmp_path: Path) -> None:
+    _timed_csvs(tmp_path / "csv", {"ep_a": 5}, fps=10.0)
+    out = tmp_path / "s.vla"
+    args = ["--series", "clock=timestamp", "--series", "state=joint_*"]
+    assert main(["ingest", "robot", str(tmp_path / "csv"), "--out", str(out), "-q", *args]) == 0
+    store = VLAStore.open(out)
+    assert set(store.series_keys) == {"clock", "state"} and store.columns("clock") == ("timestamp",)
+
+
+def test_delta_timestamps_use_the_recorded_fps_or_the_timestamp_series(tmp_path: Path) -> None:
+    from vlastore.dataset import VLADataset
+
+    steps = {"ep_a": 12, "ep_b": 7}
+    _timed_csvs(tmp_path / "csv", steps, fps=10.0)
+    series = ["--series", "state=joint_*", "--series", "action=act_*", "--format-version", "2", "-q"]
+    with_fps, without = tmp_path / "fps.vla", tmp_path / "times.vla"
+    assert main(["ingest", "robot", str(tmp_path / "csv"), "--out", str(with_fps), "--fps", "10", *series]) == 0
+    assert main(["ingest", "robot", str(tmp_path / "csv"), "--out", str(without), *series]) == 0
+    seconds = {"state": [-0.2, -0.1, 0.0], "action": [0.0, 0.1, 0.3]}
+    kw = {"features": [], "obs_keys": (), "action_keys": ()}
+
+    def samples(ds: VLADataset) -> list[dict]:
+        return [ds[i] for i in range(len(ds))]
+
+    explicit = samples(VLADataset(with_fps, delta_timestamps=seconds, fps=10, **kw))
+    for implicit in (
+        samples(VLADataset(with_fps, delta_timestamps=seconds, **kw)),  # the fps each episode recorded
+        samples(VLADataset(without, delta_timestamps=seconds, **kw)),  # the timestamp series
+    ):
+        assert len(implicit) == len(explicit) == sum(steps.values())
+        for got, want in zip(implicit, explicit):
+            for key in ("state", "action", "state_is_pad", "action_is_pad"):
+                assert torch.equal(got[key], want[key]), key

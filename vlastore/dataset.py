@@ -27,6 +27,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from . import transport
+from .format import TIMESTAMP_SERIES
 from .loader import ResumableVLADataLoader, VLADataLoader
 from .read.sources import register_verifier
 from .reader import FeatureReader, MissingRowError, to_tensor
@@ -212,9 +213,11 @@ class VLADataset(Dataset):
             e.g. ``[-4, -2, 0]``), overriding the short form for that key; a
             key not in ``obs_keys``/``action_keys`` is read too.
         delta_timestamps: ``{key: offsets in seconds}`` as LeRobot's, through
-            ``timestamps`` when given, else ``fps``.
-        fps: frame rate of every episode, or one per catalog episode (until
-            the store records it).
+            ``timestamps`` when given, else ``fps``; with neither, through the fps
+            every episode has recorded (``ingest --fps``, LeRobot import), else the
+            store's ``timestamp`` series.
+        fps: frame rate of every episode, or one per catalog episode (default:
+            the recorded ones).
         timestamps: per-step times in seconds: the name of a one-column
             series, or an array ``[total_steps]``.
         tolerance_s: how far a delta may be from a multiple of ``1/fps`` (or a
@@ -368,9 +371,11 @@ class VLADataset(Dataset):
             elif key in self.action_keys:
                 steps[key] = action_deltas(horizon)
         times = None
-        if self.timestamps is not None and self.delta_timestamps:
-            times = self._timestamps_array(self.timestamps)
-        fps = self.fps
+        fps, timestamps = self.fps, self.timestamps
+        if self.delta_timestamps and fps is None and timestamps is None:
+            fps, timestamps = self._stored_time_base()
+        if timestamps is not None and self.delta_timestamps:
+            times = self._timestamps_array(timestamps)
         if fps is not None and not np.isscalar(fps) and len(fps) != len(self.store.catalog):  # type: ignore[arg-type]
             raise ValueError(
                 f"fps has {len(fps)} values but the store has {len(self.store.catalog)} "  # type: ignore[arg-type]
@@ -387,6 +392,21 @@ class VLADataset(Dataset):
         episodes, candidate_steps = self._candidates()
         plan.check_grid(self.store.catalog.step_offsets, episodes, candidate_steps, self.store.catalog.names)
         return plan
+
+    def _stored_time_base(self) -> tuple[Sequence[float] | None, str | None]:
+        """What the store knows of time, for ``delta_timestamps`` given without ``fps``/``timestamps``.
+
+        Every episode's recorded fps (format 2 keeps it from ingest) comes first, as LeRobot
+        turns seconds into steps by fps; else the per-step ``timestamp`` series (ingest keeps a
+        ``timestamp`` column, LeRobot import its ``timestamp`` feature); else neither, and the
+        window plan says what to give.
+        """
+        recorded = self.store.episode_fps()
+        if len(recorded) and np.isfinite(recorded).all() and (recorded > 0).all():
+            return recorded.tolist(), None
+        if TIMESTAMP_SERIES in self.store.manifest.series:
+            return None, TIMESTAMP_SERIES
+        return None, None
 
     def _timestamps_array(self, timestamps: str | np.ndarray) -> np.ndarray:
         total = self.store.catalog.total_steps

@@ -18,6 +18,7 @@ from crc32c import crc32c as _crc32c
 
 __all__ = [
     "FORMAT_VERSION",
+    "TIMESTAMP_SERIES",
     "MANIFEST_KEY",
     "GENERATION_KEY",
     "TRUE_DTYPES",
@@ -78,6 +79,9 @@ GENERATION_KEY = "vlastore_generation"
 
 EPISODES_GROUP = "episodes"
 SERIES_GROUP = "series"
+
+TIMESTAMP_SERIES = "timestamp"
+"""Series key of per-step times in seconds (LeRobot's name): ingest keeps a ``timestamp`` column there."""
 FEATURES_GROUP = "features"
 
 FIXED_SHARD_ROWS = 4096

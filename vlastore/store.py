@@ -1082,6 +1082,12 @@ class VLAStore:
             return np.full(len(self.catalog), -1, dtype=np.int64)
         return self._catdata.task
 
+    def episode_fps(self) -> np.ndarray:
+        """Recorded fps of every catalog episode (NaN: unknown; format 1 records none)."""
+        if self.snapshot is None:
+            return np.full(len(self.catalog), np.nan)
+        return np.asarray(self._catdata.fps, dtype=np.float64)
+
     def upgrade(self) -> bool:
         """Make this format-1 store a format-2 store in place (as ``vlastore upgrade``; atomic) and show it.
 

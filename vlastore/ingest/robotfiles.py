@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from ..format import FormatError, validate_name
+from ..format import TIMESTAMP_SERIES, FormatError, validate_name
 from .report import IngestUsageError, Problem
 from .source import MAX_FILE_BYTES, SourceError, file_size, open_source, outside_root, retrying
 
@@ -37,6 +37,7 @@ __all__ = [
     "DEFAULT_SERIES",
     "DEFAULT_DTYPE",
     "HDF5_SUFFIXES",
+    "TIMESTAMP_SERIES",
 ]
 
 DEFAULT_SERIES = "data"
@@ -46,6 +47,9 @@ DEFAULT_DTYPE = "float32"
 """Series are stored as float32 unless ``--dtype float64`` is asked for (integers too, when float32 holds them)."""
 
 HDF5_SUFFIXES = (".hdf5", ".h5", ".he5")
+
+_TIMESTAMP_COLUMNS = frozenset({"timestamp", "timestamps"})
+"""Column names (any case) kept as the ``timestamp`` series: per-step times are metadata, never a data column."""
 
 _NPY_VERSIONS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 
@@ -99,22 +103,35 @@ def _cast(arr: np.ndarray, dtype: str | None) -> np.ndarray:
 def _group(
     names: list[str], table: np.ndarray, series: list[tuple[str, list[str]]], dtype: str | None
 ) -> tuple[dict[str, tuple[list[str], np.ndarray]], list[str]]:
-    """Split named columns into series by pattern (first match wins); all go to ``data`` without patterns."""
+    """Split named columns into series by pattern (first match wins); all go to ``data`` without patterns.
+
+    A ``timestamp``/``timestamps`` column (any case) becomes the one-column float64 series
+    ``timestamp`` (exact seconds; float32 would round them within minutes of recording),
+    unless a pattern names it exactly: a wildcard such as ``state=*`` never mixes the
+    time into the data.
+    """
+    named = {p for _, patterns in series for p in patterns}
+    times = [i for i, name in enumerate(names) if name.lower() in _TIMESTAMP_COLUMNS and name not in named]
+    rest = [i for i in range(len(names)) if i not in times[:1]]
     if not series:
-        groups = {DEFAULT_SERIES: list(range(len(names)))}
+        groups = {DEFAULT_SERIES: rest}
     else:
         groups = {key: [] for key, _ in series}
-        for i, name in enumerate(names):
+        for i in rest:
             for key, patterns in series:
-                if any(fnmatch.fnmatchcase(name, p) for p in patterns):
+                if any(fnmatch.fnmatchcase(names[i], p) for p in patterns):
                     groups[key].append(i)
                     break
-    claimed = {i for cols in groups.values() for i in cols}
+    claimed = {i for cols in groups.values() for i in cols} | set(times[:1])
     dropped = [n for i, n in enumerate(names) if i not in claimed]
     out = {}
     for key, cols in groups.items():
         if cols:
             out[key] = ([names[i] for i in cols], _cast(table[:, cols], dtype))
+    if times and TIMESTAMP_SERIES not in out:
+        out[TIMESTAMP_SERIES] = ([names[times[0]]], table[:, times[:1]].astype(np.float64))
+    elif times:  # a --series key is called 'timestamp' too: the user's series wins, the time column is noted
+        dropped.append(names[times[0]])
     return out, dropped
 
 
