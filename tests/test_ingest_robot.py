@@ -255,3 +255,67 @@ def test_delta_timestamps_use_the_recorded_fps_or_the_timestamp_series(tmp_path:
         for got, want in zip(implicit, explicit):
             for key in ("state", "action", "state_is_pad", "action_is_pad"):
                 assert torch.equal(got[key], want[key]), key
+
+
+def test_per_episode_task_fps_and_attributes_are_kept(tmp_path: Path) -> None:
+    """A task column and ``<episode>.json`` give each episode its own metadata; --task/--fps fill the rest."""
+    src = tmp_path / "csv"
+    _timed_csvs(src, {"ep_a": 4, "ep_b": 3, "ep_c": 3}, fps=10.0)
+    # ep_a: a text task column (changing once); ep_b: a sidecar; ep_c: neither (the command's --task/--fps)
+    lines = (src / "ep_a.csv").read_text().splitlines()
+    tasks = ["pick the cup", "pick the cup", "place it", "place it"]
+    rows = [lines[0] + ",instruction"] + [f"{line},{t}" for line, t in zip(lines[1:], tasks)]
+    (src / "ep_a.csv").write_text("\n".join(rows) + "\n")
+    (src / "ep_b.json").write_text(json.dumps({"task": "open the drawer", "fps": 15, "operator": "kim", "ok": True}))
+    out = tmp_path / "s.vla"
+    args = ["--format-version", "2", "--task", "default task", "--fps", "30", "-q"]
+    report = tmp_path / "r.json"
+    assert main(["ingest", "robot", str(src), "--out", str(out), "--report-json", str(report), *args]) == 0
+    assert not any("instruction" in n for n in json.loads(report.read_text())["notes"])  # kept, not 'not stored'
+    store = VLAStore.open(out)
+    a, b, c = (store.episode_info(n) for n in ("ep_a", "ep_b", "ep_c"))
+    assert a["task"] == "pick the cup" and a["attrs"] == {"tasks": ["pick the cup", "place it"]} and a["fps"] == 30
+    assert (b["task"], b["fps"], b["attrs"]) == ("open the drawer", 15.0, {"operator": "kim", "ok": True})
+    assert (c["task"], c["fps"], c["attrs"]) == ("default task", 30.0, {})
+    assert "instruction" not in store.columns("data")
+
+
+@pytest.mark.parametrize(
+    "sidecar",
+    ["{not json", "[1, 2]", '{"task": 3}', '{"fps": -1}', '{"fps": "fast"}', '{"fps": true}'],
+)
+def test_a_bad_episode_json_skips_that_episode_with_a_reason(tmp_path: Path, sidecar: str) -> None:
+    src = tmp_path / "csv"
+    _timed_csvs(src, {"ep_a": 4, "ep_b": 3}, fps=10.0)
+    (src / "ep_b.json").write_text(sidecar)
+    out, report = tmp_path / "s.vla", tmp_path / "r.json"
+    assert main(["ingest", "robot", str(src), "--out", str(out), "--report-json", str(report), "-q"]) == 0
+    assert VLAStore.open(out).datasets == ("ep_a",)
+    problems = json.loads(report.read_text())["problems"]
+    assert [p["reason"] for p in problems] == ["bad-metadata"] and "ep_b.json" in problems[0]["message"]
+    assert main(["ingest", "robot", str(src), "--out", str(tmp_path / "t.vla"), "--strict", "-q"]) == 1
+
+
+def test_an_episode_json_that_is_not_a_regular_file_is_never_opened(tmp_path: Path) -> None:
+    import os
+
+    src = tmp_path / "csv"
+    _timed_csvs(src, {"ep_a": 4, "ep_b": 3}, fps=10.0)
+    os.mkfifo(src / "ep_b.json")  # opening a FIFO for reading would block the run forever
+    out, report = tmp_path / "s.vla", tmp_path / "r.json"
+    assert main(["ingest", "robot", str(src), "--out", str(out), "--report-json", str(report), "-q"]) == 0
+    assert VLAStore.open(out).datasets == ("ep_a",)
+    assert [p["reason"] for p in json.loads(report.read_text())["problems"]] == ["not-a-regular-file"]
+
+
+def test_an_npz_task_array_is_the_episodes_task(tmp_path: Path) -> None:
+    src = tmp_path / "npz"
+    src.mkdir()
+    state = np.arange(12, dtype=np.float32).reshape(4, 3)
+    np.savez(src / "ep_a.npz", state=state, task=np.array("stack the blocks"))
+    np.savez(src / "ep_b.npz", state=state + 1)
+    out = tmp_path / "s.vla"
+    assert main(["ingest", "robot", str(src), "--out", str(out), "--format-version", "2", "-q"]) == 0
+    store = VLAStore.open(out)
+    assert store.episode_info("ep_a")["task"] == "stack the blocks" and store.episode_info("ep_b")["task"] is None
+    assert store.series("state", "ep_b").tolist() == (state + 1).tolist()

@@ -175,8 +175,14 @@ def _robot_parser(r: argparse.ArgumentParser) -> None:
         help="with --into: swap episodes already in the store whose "
         "data differ (their feature rows become missing until rebuilt)",
     )
-    r.add_argument("--task", help="task / instruction text of every episode (kept by format 2)")
-    r.add_argument("--fps", type=float, help="frame rate of every episode (kept by format 2)")
+    r.add_argument(
+        "--task",
+        help="task / instruction text of every episode without its own (a task/instruction column or "
+        "<episode>.json gives an episode its own; kept by format 2)",
+    )
+    r.add_argument(
+        "--fps", type=float, help="frame rate of every episode without its own (<episode>.json; kept by format 2)"
+    )
     _format_option(r)
     _robot_options(r)
 

@@ -50,6 +50,7 @@ REASONS: dict[str, str] = {
     "index-out-of-range": "index beyond the episode's rows",
     "bad-name": "episode name not usable as a store name",
     "bad-series": "robot data file that cannot be parsed or is inconsistent",
+    "bad-metadata": "its <episode>.json is not a JSON object with a text 'task' and a positive 'fps'",
     "changed": "file changed between the scan and the write, or since an earlier run skipped it",
 }
 """Reason code -> what it means; every skipped file carries one."""

@@ -244,7 +244,16 @@ def ingest_robot(
     report.episode_rows = {e.name: n for e, n in zip(kept, steps, strict=True)}
     report.steps = sum(steps)
     report.files_usable = (1 if kind == "hdf5" else len(kept)) if kept else 0
-    data = [EpisodeData(e.name, {k: a for k, (_, a) in e.columns.items()}, task=task, fps=fps) for e in kept]
+    data = [
+        EpisodeData(
+            e.name,
+            {k: a for k, (_, a) in e.columns.items()},
+            task=e.task or task,
+            fps=e.fps or fps,
+            attrs=e.attrs or None,
+        )
+        for e in kept
+    ]
     columns = {k: c for k, c in report.series.items()}
     report.estimated_bytes = sum(a.nbytes for e in data for a in e.series.values())
     report.estimated_files = 8 + 2 * len(columns)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import fnmatch
 import io
+import json
 import math
 import os
 import re
@@ -49,6 +50,15 @@ DEFAULT_DTYPE = "float32"
 HDF5_SUFFIXES = (".hdf5", ".h5", ".he5")
 
 _TIMESTAMP_COLUMNS = frozenset({"timestamp", "timestamps"})
+
+_TASK_COLUMNS = frozenset({"task", "instruction", "language_instruction"})
+"""Text columns (any case) holding the episode's task / instruction (the first value is the episode's task)."""
+
+MAX_METADATA_BYTES = 1 << 20
+"""Largest ``<episode>.json`` read (episode metadata is small; a bigger file is refused, unread)."""
+
+_METADATA_KEYS = ("task", "fps")
+"""Keys of ``<episode>.json`` that are the episode's task and fps; every other key is a free attribute."""
 """Column names (any case) kept as the ``timestamp`` series: per-step times are metadata, never a data column."""
 
 _NPY_VERSIONS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
@@ -65,6 +75,19 @@ class RobotEpisode:
     problem: tuple[str, str] | None = None
     dropped: list[str] = field(default_factory=list)
     nbytes: int = 0
+    task: str | None = None
+    """From a task/instruction text column or the ``task`` of ``<episode>.json``."""
+    fps: float | None = None
+    attrs: dict[str, Any] = field(default_factory=dict)
+    """Free attributes: ``<episode>.json`` without ``task``/``fps``; ``tasks`` when a task column changes."""
+
+    def set_tasks(self, texts: list[str]) -> None:
+        """The first non-empty text is the episode's task; all distinct ones go to ``attrs["tasks"]`` when several."""
+        distinct = list(dict.fromkeys(t for t in texts if t))
+        if distinct:
+            self.task = distinct[0]
+        if len(distinct) > 1:
+            self.attrs["tasks"] = distinct
 
 
 def parse_series_spec(specs: list[str] | None) -> list[tuple[str, list[str]]]:
@@ -148,7 +171,10 @@ def _read_episode(reader: Any, path: str, *args: Any) -> RobotEpisode:
     """Run ``reader`` with retries; any failure is the episode's problem, never an exception."""
     name = os.path.splitext(os.path.basename(path))[0]
     try:
-        return retrying(lambda: reader(RobotEpisode(name, path, nbytes=file_size(path)), *args))
+        episode = retrying(lambda: reader(RobotEpisode(name, path, nbytes=file_size(path)), *args))
+        if episode.problem is None:
+            retrying(lambda: _read_metadata(episode))
+        return episode
     except SourceError as exc:
         return RobotEpisode(name, path, problem=(exc.reason, str(exc)), nbytes=file_size(path))
     except MemoryError:
@@ -157,6 +183,38 @@ def _read_episode(reader: Any, path: str, *args: Any) -> RobotEpisode:
         return RobotEpisode(
             name, path, problem=("bad-series", f"{path}: cannot read it ({type(exc).__name__}: {str(exc)[:200]})")
         )
+
+
+def _read_metadata(episode: RobotEpisode) -> None:
+    """``<episode>.json`` next to the episode's file, when there is one: task, fps and free attributes.
+
+    Raises:
+        SourceError: ``bad-metadata`` for a file that is not a JSON object with a text ``task`` and a
+            positive ``fps`` (the episode is skipped: ingesting it without its task would be silently
+            wrong); ``not-a-regular-file``/``too-large`` as for data files.
+    """
+    path = os.path.splitext(episode.path)[0] + ".json"
+    if not os.path.lexists(path):
+        return
+    with open_source(path, MAX_METADATA_BYTES) as f:
+        raw = f.read(MAX_METADATA_BYTES + 1)
+    try:
+        meta = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise SourceError("bad-metadata", f"{path}: not UTF-8 JSON ({str(exc)[:160]}); fix or remove it") from None
+    if not isinstance(meta, dict):
+        raise SourceError("bad-metadata", f"{path}: holds a JSON {type(meta).__name__}; write an object {{...}}")
+    task, fps = meta.get("task"), meta.get("fps")
+    if task is not None and not isinstance(task, str):
+        raise SourceError("bad-metadata", f"{path}: 'task' is {task!r}; write the task text as a string")
+    bad_fps = isinstance(fps, bool) or not isinstance(fps, int | float) or not math.isfinite(fps) or fps <= 0
+    if fps is not None and bad_fps:
+        raise SourceError("bad-metadata", f"{path}: 'fps' is {fps!r}; write a positive number of frames per second")
+    if task:
+        episode.task = task
+    if fps is not None:
+        episode.fps = float(fps)
+    episode.attrs.update({k: v for k, v in meta.items() if k not in _METADATA_KEYS})
 
 
 def read_csv_episode(
@@ -188,6 +246,9 @@ def _read_csv(
                 episode.problem = ("bad-series", f"{path}: the header names column {twice!r} twice; rename one")
                 return episode
             columns: list[array | None] = [array("d") for _ in header]
+            task_columns = [j for j, h in enumerate(header) if h.lower() in _TASK_COLUMNS]
+            texts: set[str] = set()
+            first: list[str] = []
             steps = 0
             for line, row in enumerate(reader, start=2):
                 if not row:
@@ -199,6 +260,10 @@ def _read_csv(
                     )
                     return episode
                 steps += 1
+                for j in task_columns[:1]:  # bounded: the distinct texts, not one per step
+                    if (text := row[j].strip()) and text not in texts:
+                        texts.add(text)
+                        first.append(text)
                 for j, cell in enumerate(row):
                     values = columns[j]
                     if values is not None:
@@ -215,7 +280,11 @@ def _read_csv(
     for j, values in enumerate(c for c in columns if c is not None):
         table[:, j] = np.frombuffer(values, dtype=np.float64)
     episode.columns, more = _group(names, table, series, dtype)
-    episode.dropped = [h for h, c in zip(header, columns, strict=True) if c is None] + more
+    task_text = task_columns[0] if task_columns and columns[task_columns[0]] is None else None
+    if task_text is not None:  # a numeric 'task' column (an index) stays a data column
+        episode.set_tasks(first)
+    episode.dropped = [h for j, (h, c) in enumerate(zip(header, columns, strict=True)) if c is None and j != task_text]
+    episode.dropped += more
     return episode
 
 
@@ -298,7 +367,10 @@ def _read_npz(
         columns += list(data.T)
     own: dict[str, tuple[list[str], np.ndarray]] = {}
     for key, arr in arrays.items():
-        if arr.dtype.kind not in "biuf":
+        if arr.dtype.kind in "US" and key.lower() in _TASK_COLUMNS and episode.task is None:
+            texts = arr.reshape(-1).tolist()
+            episode.set_tasks([t.decode("utf-8", "replace") if isinstance(t, bytes) else str(t) for t in texts])
+        elif arr.dtype.kind not in "biuf":
             episode.dropped.append(key)
         elif arr.ndim == 1:
             names.append(key)
