@@ -319,3 +319,27 @@ def test_an_npz_task_array_is_the_episodes_task(tmp_path: Path) -> None:
     store = VLAStore.open(out)
     assert store.episode_info("ep_a")["task"] == "stack the blocks" and store.episode_info("ep_b")["task"] is None
     assert store.series("state", "ep_b").tolist() == (state + 1).tolist()
+
+
+@pytest.mark.parametrize("fps", ["-5", "0", "nan", "inf"])
+def test_an_unusable_fps_is_a_usage_mistake_and_writes_nothing(tmp_path: Path, fps: str) -> None:
+    _timed_csvs(tmp_path / "csv", {"ep_a": 4}, fps=10.0)
+    out = tmp_path / "s.vla"
+    assert main(["ingest", "robot", str(tmp_path / "csv"), "--out", str(out), "--fps", fps, "-q"]) == 2
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("fps", [-1.0, 0, float("nan"), True, "30"])
+def test_the_api_refuses_an_unusable_fps(tmp_path: Path, fps: object) -> None:
+    from vlastore.format import FormatError
+    from vlastore.store import EpisodeData
+
+    episode = EpisodeData("ep", {"state": np.zeros((3, 2), np.float32)}, fps=fps)  # type: ignore[arg-type]
+    with pytest.raises(FormatError, match="fps"):
+        VLAStore.create(tmp_path / "s.vla", [episode], format_version=2)
+    store = VLAStore.create(
+        tmp_path / "t.vla", [EpisodeData("a", {"state": np.zeros((3, 2), np.float32)})], format_version=2
+    )
+    with pytest.raises(FormatError, match="fps"):
+        store.add_episodes([episode])
+    assert VLAStore.open(tmp_path / "t.vla").datasets == ("a",)

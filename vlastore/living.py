@@ -14,6 +14,7 @@ only caller.
 from __future__ import annotations
 
 import json
+import math
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -41,6 +42,8 @@ __all__ = [
     "read_row_map",
     "read_keys_v2",
     "attrs_json",
+    "fps_value",
+    "fps_value",
     "write_catalog",
     "read_generation",
     "new_segment",
@@ -415,6 +418,17 @@ def read_keys_v2(nodes: ZarrNodes, state: GenerationState, physical: np.ndarray,
             tables[segment.tables] = _utf8(nodes, segment.tables, "key", segment.array_rows, arrays)
         keys.extend(tables[segment.tables][segment.row_offset : segment.row_offset + segment.rows])
     return [keys[p] for p in physical.tolist()]
+
+
+def fps_value(fps: float | None, name: str) -> float:
+    """An episode's fps as stored: NaN when unknown, else a finite positive number (checked)."""
+    if fps is None:
+        return math.nan
+    if isinstance(fps, bool) or not isinstance(fps, int | float | np.integer | np.floating):
+        raise FormatError(f"episode {name!r}: fps must be a number, got {type(fps).__name__}")
+    if not math.isfinite(fps) or fps <= 0:
+        raise FormatError(f"episode {name!r}: fps is {fps}; give a positive number of frames per second, or None")
+    return float(fps)
 
 
 def attrs_json(attrs: dict[str, Any] | None, name: str) -> str:

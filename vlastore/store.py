@@ -53,6 +53,7 @@ from .living import (
     SegmentRows,
     attrs_json,
     compact_generation,
+    fps_value,
     new_segment,
     pack_utf8,
     read_catalog,
@@ -1751,7 +1752,7 @@ def _prepare_rows(
         head.next_episode_id + np.arange(len(new), dtype=np.int64),
         steps,
         base + np.cumsum(steps) - steps,  # each episode starts where the one before it ends
-        np.asarray([np.nan if e.fps is None else float(e.fps) for e in new], dtype=np.float64),
+        np.asarray([fps_value(e.fps, e.name) for e in new], dtype=np.float64),
         np.asarray(task_ids, dtype=np.int64),
         [attrs_json(e.attrs, e.name) for e in new],
         tasks,

@@ -8,6 +8,7 @@ read by :mod:`vlastore.ingest.robotfiles`.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections import Counter
@@ -203,6 +204,8 @@ def ingest_robot(
     target = options.target
     if options.workers < 0:
         raise IngestUsageError(f"--workers {options.workers}: give a number of processes >= 1 (0: one per core)")
+    if fps is not None and not (math.isfinite(fps) and fps > 0):
+        raise IngestUsageError(f"--fps {fps}: give a positive number of frames per second")
     if dtype not in (None, "float32", "float64"):
         raise IngestUsageError(f"--dtype {dtype}: give float32 or float64")
     report = IngestReport(source=source, store=target, kind="robot", dry_run=options.dry_run)
