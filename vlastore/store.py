@@ -1261,7 +1261,7 @@ class VLAStore:
                 if not replace:
                     raise FormatError(
                         f"episode {e.name!r} is already in {self.location} with different data ({diff}); "
-                        "give replace=True (vlastore ingest ... --replace) to swap it, or rename it"
+                        "pass --replace (add_episodes(..., replace=True) in Python) to swap it, or rename it"
                     )
                 replaced.append(e)
                 new.append(e)
