@@ -79,10 +79,10 @@ GENERATION_KEY = "vlastore_generation"
 
 EPISODES_GROUP = "episodes"
 SERIES_GROUP = "series"
+FEATURES_GROUP = "features"
 
 TIMESTAMP_SERIES = "timestamp"
 """Series key of per-step times in seconds (LeRobot's name): ingest keeps a ``timestamp`` column there."""
-FEATURES_GROUP = "features"
 
 FIXED_SHARD_ROWS = 4096
 """Default rows per shard for small fixed-shape rows (one file per 4,096 rows)."""

@@ -43,7 +43,6 @@ __all__ = [
     "read_keys_v2",
     "attrs_json",
     "fps_value",
-    "fps_value",
     "write_catalog",
     "read_generation",
     "new_segment",

@@ -8,7 +8,6 @@ read by :mod:`vlastore.ingest.robotfiles`.
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections import Counter
@@ -19,6 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..format import FormatError, NewerFormatError, validate_name
+from ..living import fps_value
 from ..storage import StoreNotFoundError
 from ..store import EpisodeData, VLAStore
 from .options import IngestOptions
@@ -204,8 +204,10 @@ def ingest_robot(
     target = options.target
     if options.workers < 0:
         raise IngestUsageError(f"--workers {options.workers}: give a number of processes >= 1 (0: one per core)")
-    if fps is not None and not (math.isfinite(fps) and fps > 0):
-        raise IngestUsageError(f"--fps {fps}: give a positive number of frames per second")
+    try:
+        fps_value(fps, "every episode")
+    except FormatError:
+        raise IngestUsageError(f"--fps {fps}: give a positive number of frames per second") from None
     if dtype not in (None, "float32", "float64"):
         raise IngestUsageError(f"--dtype {dtype}: give float32 or float64")
     report = IngestReport(source=source, store=target, kind="robot", dry_run=options.dry_run)

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from ..format import TIMESTAMP_SERIES, FormatError, validate_name
+from ..living import fps_value
 from .report import IngestUsageError, Problem
 from .source import MAX_FILE_BYTES, SourceError, file_size, open_source, outside_root, retrying
 
@@ -38,7 +39,6 @@ __all__ = [
     "DEFAULT_SERIES",
     "DEFAULT_DTYPE",
     "HDF5_SUFFIXES",
-    "TIMESTAMP_SERIES",
 ]
 
 DEFAULT_SERIES = "data"
@@ -50,6 +50,7 @@ DEFAULT_DTYPE = "float32"
 HDF5_SUFFIXES = (".hdf5", ".h5", ".he5")
 
 _TIMESTAMP_COLUMNS = frozenset({"timestamp", "timestamps"})
+"""Column names (any case) kept as the ``timestamp`` series: per-step times are metadata, never a data column."""
 
 _TASK_COLUMNS = frozenset({"task", "instruction", "language_instruction"})
 """Text columns (any case) holding the episode's task / instruction (the first value is the episode's task)."""
@@ -59,7 +60,6 @@ MAX_METADATA_BYTES = 1 << 20
 
 _METADATA_KEYS = ("task", "fps")
 """Keys of ``<episode>.json`` that are the episode's task and fps; every other key is a free attribute."""
-"""Column names (any case) kept as the ``timestamp`` series: per-step times are metadata, never a data column."""
 
 _NPY_VERSIONS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 
@@ -134,8 +134,8 @@ def _group(
     time into the data.
     """
     named = {p for _, patterns in series for p in patterns}
-    times = [i for i, name in enumerate(names) if name.lower() in _TIMESTAMP_COLUMNS and name not in named]
-    rest = [i for i in range(len(names)) if i not in times[:1]]
+    time = next((i for i, n in enumerate(names) if n.lower() in _TIMESTAMP_COLUMNS and n not in named), None)
+    rest = [i for i in range(len(names)) if i != time]
     if not series:
         groups = {DEFAULT_SERIES: rest}
     else:
@@ -145,16 +145,16 @@ def _group(
                 if any(fnmatch.fnmatchcase(names[i], p) for p in patterns):
                     groups[key].append(i)
                     break
-    claimed = {i for cols in groups.values() for i in cols} | set(times[:1])
+    claimed = {i for cols in groups.values() for i in cols} | ({time} if time is not None else set())
     dropped = [n for i, n in enumerate(names) if i not in claimed]
     out = {}
     for key, cols in groups.items():
         if cols:
             out[key] = ([names[i] for i in cols], _cast(table[:, cols], dtype))
-    if times and TIMESTAMP_SERIES not in out:
-        out[TIMESTAMP_SERIES] = ([names[times[0]]], table[:, times[:1]].astype(np.float64))
-    elif times:  # a --series key is called 'timestamp' too: the user's series wins, the time column is noted
-        dropped.append(names[times[0]])
+    if time is not None and TIMESTAMP_SERIES not in out:
+        out[TIMESTAMP_SERIES] = ([names[time]], table[:, [time]].astype(np.float64))
+    elif time is not None:  # a --series key is called 'timestamp' too: the user's series wins, the time is noted
+        dropped.append(names[time])
     return out, dropped
 
 
@@ -207,9 +207,12 @@ def _read_metadata(episode: RobotEpisode) -> None:
     task, fps = meta.get("task"), meta.get("fps")
     if task is not None and not isinstance(task, str):
         raise SourceError("bad-metadata", f"{path}: 'task' is {task!r}; write the task text as a string")
-    bad_fps = isinstance(fps, bool) or not isinstance(fps, int | float) or not math.isfinite(fps) or fps <= 0
-    if fps is not None and bad_fps:
-        raise SourceError("bad-metadata", f"{path}: 'fps' is {fps!r}; write a positive number of frames per second")
+    try:
+        fps_value(fps, episode.name)  # the store's own check, here so that a bad file skips only its episode
+    except FormatError:
+        raise SourceError(
+            "bad-metadata", f"{path}: 'fps' is {fps!r}; write a positive number of frames per second"
+        ) from None
     if task:
         episode.task = task
     if fps is not None:
@@ -247,8 +250,7 @@ def _read_csv(
                 return episode
             columns: list[array | None] = [array("d") for _ in header]
             task_columns = [j for j, h in enumerate(header) if h.lower() in _TASK_COLUMNS]
-            texts: set[str] = set()
-            first: list[str] = []
+            texts: dict[str, None] = {}  # distinct task texts in order: bounded by them, not by the steps
             steps = 0
             for line, row in enumerate(reader, start=2):
                 if not row:
@@ -260,10 +262,8 @@ def _read_csv(
                     )
                     return episode
                 steps += 1
-                for j in task_columns[:1]:  # bounded: the distinct texts, not one per step
-                    if (text := row[j].strip()) and text not in texts:
-                        texts.add(text)
-                        first.append(text)
+                for j in task_columns[:1]:
+                    texts.setdefault(row[j].strip())
                 for j, cell in enumerate(row):
                     values = columns[j]
                     if values is not None:
@@ -282,7 +282,7 @@ def _read_csv(
     episode.columns, more = _group(names, table, series, dtype)
     task_text = task_columns[0] if task_columns and columns[task_columns[0]] is None else None
     if task_text is not None:  # a numeric 'task' column (an index) stays a data column
-        episode.set_tasks(first)
+        episode.set_tasks(list(texts))
     episode.dropped = [h for j, (h, c) in enumerate(zip(header, columns, strict=True)) if c is None and j != task_text]
     episode.dropped += more
     return episode
